@@ -1,0 +1,405 @@
+//! Layer kernels as explicit forward/backward pairs over flat row-major buffers.
+//!
+//! Shapes are passed as plain sizes; a batch of `b` rows with `d` columns is `&[f32]` of
+//! length `b·d`. Backward functions *accumulate* parameter gradients (so several passes can
+//! share one gradient buffer) and *overwrite* input gradients.
+
+use crate::gemm::{matmul, Layout};
+use rayon::prelude::*;
+
+/// Rows per rayon task for element-wise kernels; small batches stay on one thread.
+const ROWS_PER_TASK: usize = 256;
+
+/// `y[b×o] = x[b×i] · w[i×o] + bias[o]`.
+pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], b: usize, i: usize, o: usize) {
+    for row in y[..b * o].chunks_exact_mut(o) {
+        row.copy_from_slice(&bias[..o]);
+    }
+    matmul(b, i, o, x, Layout::Normal, w, Layout::Normal, y, true);
+}
+
+/// Gradients of [`linear_forward`]: `dw += xᵀ·dy`, `dbias += Σ dy`, and `dx = dy·wᵀ` when asked.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    dbias: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    b: usize,
+    i: usize,
+    o: usize,
+) {
+    matmul(i, b, o, x, Layout::Transposed, dy, Layout::Normal, dw, true);
+    for row in dy[..b * o].chunks_exact(o) {
+        for (g, d) in dbias.iter_mut().zip(row) {
+            *g += d;
+        }
+    }
+    if let Some(dx) = dx {
+        matmul(b, o, i, dy, Layout::Normal, w, Layout::Transposed, dx, false);
+    }
+}
+
+/// In-place ReLU.
+pub fn relu_forward(x: &mut [f32]) {
+    for v in x {
+        *v = v.max(0.0);
+    }
+}
+
+/// `d *= (y > 0)`, where `y` is the ReLU output.
+pub fn relu_backward(d: &mut [f32], y: &[f32]) {
+    for (g, &v) in d.iter_mut().zip(y) {
+        if v <= 0.0 {
+            *g = 0.0;
+        }
+    }
+}
+
+/// Guards the division for all-zero rows (e.g. an item row that has never been trained).
+const NORM_EPS: f32 = 1e-12;
+
+/// Row-wise L2 normalisation: `y = x / ‖x‖`; keeps `‖x‖` per row in `norms` for the backward pass.
+pub fn l2norm_forward(y: &mut [f32], norms: &mut [f32], x: &[f32], d: usize) {
+    let rows = norms.len();
+    y[..rows * d]
+        .par_chunks_mut(d * ROWS_PER_TASK)
+        .zip(norms.par_chunks_mut(ROWS_PER_TASK))
+        .zip(x[..rows * d].par_chunks(d * ROWS_PER_TASK))
+        .for_each(|((y, n), x)| {
+            for ((yr, nr), xr) in y.chunks_exact_mut(d).zip(n.iter_mut()).zip(x.chunks_exact(d)) {
+                let norm = xr.iter().map(|v| v * v).sum::<f32>().sqrt().max(NORM_EPS);
+                *nr = norm;
+                let inv = 1.0 / norm;
+                for (a, b) in yr.iter_mut().zip(xr) {
+                    *a = b * inv;
+                }
+            }
+        });
+}
+
+/// `dx = (dy − y·(y·dy)) / ‖x‖`, row-wise.
+pub fn l2norm_backward(dx: &mut [f32], dy: &[f32], y: &[f32], norms: &[f32], d: usize) {
+    let rows = norms.len();
+    dx[..rows * d]
+        .par_chunks_mut(d * ROWS_PER_TASK)
+        .zip(dy[..rows * d].par_chunks(d * ROWS_PER_TASK))
+        .zip(y[..rows * d].par_chunks(d * ROWS_PER_TASK))
+        .zip(norms.par_chunks(ROWS_PER_TASK))
+        .for_each(|(((dx, dy), y), n)| {
+            for (((dxr, dyr), yr), &nr) in
+                dx.chunks_exact_mut(d).zip(dy.chunks_exact(d)).zip(y.chunks_exact(d)).zip(n)
+            {
+                let dot: f32 = dyr.iter().zip(yr).map(|(a, b)| a * b).sum();
+                let inv = 1.0 / nr;
+                for ((g, &a), &b) in dxr.iter_mut().zip(dyr).zip(yr) {
+                    *g = (a - b * dot) * inv;
+                }
+            }
+        });
+}
+
+/// Inputs of the sampled / full softmax cross-entropy over `1 + N` candidates per row.
+///
+/// Row `r`'s logits are: the positive `u_r·p_r/τ − c_r`; its own negatives `u_r·n_{r,j}/τ − c_{r,j}`;
+/// the candidates shared by the whole batch `u_r·s_j/τ − c_j`. A shared candidate whose id equals
+/// the row's positive id is masked out (an "accidental hit"), which also makes full softmax a
+/// special case: every item is a shared candidate with zero correction.
+pub struct SoftmaxInputs<'a> {
+    /// `[b×d]` user vectors.
+    pub user: &'a [f32],
+    /// `[b×d]` positive item vectors.
+    pub pos: &'a [f32],
+    /// `[b]` correction subtracted from each positive logit (log Q, or 0).
+    pub pos_corr: &'a [f32],
+    /// Item id of each row's positive, to mask accidental hits.
+    pub pos_ids: &'a [u32],
+    /// `[b×n×d]` per-row negatives, `[b×n]` corrections and `[b×n]` ids (`n` may be 0).
+    pub row_negs: &'a [f32],
+    pub row_corr: &'a [f32],
+    pub row_ids: &'a [u32],
+    pub n_row: usize,
+    /// `[s×d]` shared candidates, `[s]` corrections and ids (`s` may be 0).
+    pub shared: &'a [f32],
+    pub shared_corr: &'a [f32],
+    pub shared_ids: &'a [u32],
+    pub temperature: f32,
+    pub d: usize,
+}
+
+/// Reused buffers for [`softmax_loss`] (the `[b×s]` logits dominate memory).
+#[derive(Default)]
+pub struct SoftmaxScratch {
+    logits: Vec<f32>,
+    row_logits: Vec<f32>,
+    pos_logits: Vec<f32>,
+}
+
+/// Gradients written by [`softmax_loss`], all w.r.t. the mean loss over the batch.
+pub struct SoftmaxGrads<'a> {
+    pub user: &'a mut [f32],
+    pub pos: &'a mut [f32],
+    pub row_negs: &'a mut [f32],
+    pub shared: &'a mut [f32],
+}
+
+/// Softmax cross-entropy with the positive as the label; returns the mean loss and fills `g`.
+pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScratch) -> f32 {
+    let d = x.d;
+    let b = x.pos_corr.len();
+    let s = x.shared_corr.len();
+    let nr = x.n_row;
+    let inv_t = 1.0 / x.temperature;
+    scratch.logits.resize(b * s, 0.0);
+    scratch.row_logits.resize(b * nr, 0.0);
+    scratch.pos_logits.resize(b, 0.0);
+    if s > 0 {
+        matmul(b, d, s, x.user, Layout::Normal, x.shared, Layout::Transposed, &mut scratch.logits, false);
+    }
+    let chunk = ROWS_PER_TASK.min(b.max(1));
+    let n_chunks = b.div_ceil(chunk);
+    let lg_parts = split_rows(&mut scratch.logits, s * chunk, n_chunks);
+    let rl_parts = split_rows(&mut scratch.row_logits, nr * chunk, n_chunks);
+    let gu_parts = split_rows(&mut *g.user, d * chunk, n_chunks);
+    let gp_parts = split_rows(&mut *g.pos, d * chunk, n_chunks);
+    let gn_parts = split_rows(&mut *g.row_negs, nr * d * chunk, n_chunks);
+    let loss_sum: f64 = lg_parts
+        .into_par_iter()
+        .zip(rl_parts)
+        .zip(scratch.pos_logits.par_chunks_mut(chunk))
+        .zip(gu_parts)
+        .zip(gp_parts)
+        .zip(gn_parts)
+        .enumerate()
+        .map(|(ci, (((((lg, rl), pl), gu), gp), gn))| {
+            let r0 = ci * chunk;
+            let rows = pl.len();
+            let mut loss = 0.0f64;
+            for k in 0..rows {
+                let r = r0 + k;
+                let u = &x.user[r * d..(r + 1) * d];
+                let p = &x.pos[r * d..(r + 1) * d];
+                let pos_logit = dot(u, p) * inv_t - x.pos_corr[r];
+                let mut max = pos_logit;
+                let rl_row = &mut rl[k * nr..(k + 1) * nr];
+                for j in 0..nr {
+                    let id = x.row_ids[r * nr + j];
+                    let v = if id == x.pos_ids[r] {
+                        f32::NEG_INFINITY
+                    } else {
+                        let n = &x.row_negs[(r * nr + j) * d..(r * nr + j + 1) * d];
+                        dot(u, n) * inv_t - x.row_corr[r * nr + j]
+                    };
+                    rl_row[j] = v;
+                    max = max.max(v);
+                }
+                let lg_row = &mut lg[k * s..(k + 1) * s];
+                for j in 0..s {
+                    let v = if x.shared_ids[j] == x.pos_ids[r] {
+                        f32::NEG_INFINITY
+                    } else {
+                        lg_row[j] * inv_t - x.shared_corr[j]
+                    };
+                    lg_row[j] = v;
+                    max = max.max(v);
+                }
+                let mut z = (pos_logit - max).exp();
+                for v in rl_row.iter().chain(lg_row.iter()) {
+                    z += (v - max).exp();
+                }
+                let log_z = max + z.ln();
+                loss += (log_z - pos_logit) as f64;
+                // dL/dlogit = softmax − onehot, then scaled by 1/(b·τ) for the mean and the temperature.
+                let scale = inv_t / b as f32;
+                let gpos = ((pos_logit - log_z).exp() - 1.0) * scale;
+                pl[k] = gpos;
+                let gu_row = &mut gu[k * d..(k + 1) * d];
+                let gp_row = &mut gp[k * d..(k + 1) * d];
+                for t in 0..d {
+                    gu_row[t] = gpos * p[t];
+                    gp_row[t] = gpos * u[t];
+                }
+                for j in 0..nr {
+                    let gj = (rl_row[j] - log_z).exp() * scale;
+                    let n = &x.row_negs[(r * nr + j) * d..(r * nr + j + 1) * d];
+                    let gn_row = &mut gn[(k * nr + j) * d..(k * nr + j + 1) * d];
+                    for t in 0..d {
+                        gu_row[t] += gj * n[t];
+                        gn_row[t] = gj * u[t];
+                    }
+                }
+                for v in lg_row.iter_mut() {
+                    *v = (*v - log_z).exp() * scale;
+                }
+            }
+            loss
+        })
+        .sum();
+    if s > 0 {
+        // The shared part of dL/du and all of dL/dshared come from two products over the
+        // probability matrix now held in `logits`.
+        matmul(b, s, d, &scratch.logits, Layout::Normal, x.shared, Layout::Normal, g.user, true);
+        matmul(s, b, d, &scratch.logits, Layout::Transposed, x.user, Layout::Normal, g.shared, false);
+    }
+    (loss_sum / b.max(1) as f64) as f32
+}
+
+/// Cuts `v` into exactly `n` consecutive pieces of `stride` values (the last may be shorter,
+/// any may be empty), so buffers with a zero-width part still zip with the others.
+fn split_rows(v: &mut [f32], stride: usize, n: usize) -> Vec<&mut [f32]> {
+    let mut out = Vec::with_capacity(n);
+    let mut rest = v;
+    for _ in 0..n {
+        let take = stride.min(rest.len());
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(take);
+        out.push(head);
+        rest = tail;
+    }
+    out
+}
+
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn rand_vec(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.normal()).collect()
+    }
+
+    /// Central difference of `f` along every coordinate of `x`, in f64 for the step.
+    fn numeric_grad(x: &mut [f32], f: &mut dyn FnMut(&[f32]) -> f64) -> Vec<f32> {
+        let h = 1e-2f32;
+        (0..x.len())
+            .map(|i| {
+                let orig = x[i];
+                x[i] = orig + h;
+                let up = f(x);
+                x[i] = orig - h;
+                let down = f(x);
+                x[i] = orig;
+                ((up - down) / (2.0 * h as f64)) as f32
+            })
+            .collect()
+    }
+
+    fn assert_close(analytic: &[f32], numeric: &[f32], what: &str) {
+        let scale = numeric.iter().map(|v| v.abs()).fold(1e-3, f32::max);
+        for (i, (a, n)) in analytic.iter().zip(numeric).enumerate() {
+            assert!((a - n).abs() <= 2e-2 * scale, "{what}[{i}]: analytic {a} vs numeric {n}");
+        }
+    }
+
+    #[test]
+    fn linear_gradients_match_finite_differences() {
+        let (b, i, o) = (5, 4, 3);
+        let mut rng = Rng::new(1);
+        let mut x = rand_vec(&mut rng, b * i);
+        let mut w = rand_vec(&mut rng, i * o);
+        let bias = rand_vec(&mut rng, o);
+        let r = rand_vec(&mut rng, b * o); // loss = Σ r ⊙ y
+        let loss = |x: &[f32], w: &[f32]| {
+            let mut y = vec![0.0; b * o];
+            linear_forward(&mut y, x, w, &bias, b, i, o);
+            y.iter().zip(&r).map(|(a, c)| (a * c) as f64).sum::<f64>()
+        };
+        let (mut dx, mut dw, mut db) = (vec![0.0; b * i], vec![0.0; i * o], vec![0.0; o]);
+        linear_backward(Some(&mut dx), &mut dw, &mut db, &r, &x, &w, b, i, o);
+        let wc = w.clone();
+        assert_close(&dx, &numeric_grad(&mut x, &mut |x| loss(x, &wc)), "dx");
+        let xc = x.clone();
+        assert_close(&dw, &numeric_grad(&mut w, &mut |w| loss(&xc, w)), "dw");
+        let want_db: Vec<f32> = (0..o).map(|j| (0..b).map(|k| r[k * o + j]).sum()).collect();
+        assert_close(&db, &want_db, "dbias");
+    }
+
+    #[test]
+    fn relu_and_l2norm_gradients_match_finite_differences() {
+        let (b, d) = (4, 6);
+        let mut rng = Rng::new(2);
+        let mut x = rand_vec(&mut rng, b * d);
+        let r = rand_vec(&mut rng, b * d);
+        let loss = |x: &[f32]| {
+            let mut h = x.to_vec();
+            relu_forward(&mut h);
+            let mut y = vec![0.0; b * d];
+            let mut n = vec![0.0; b];
+            l2norm_forward(&mut y, &mut n, &h, d);
+            y.iter().zip(&r).map(|(a, c)| (a * c) as f64).sum::<f64>()
+        };
+        let mut h = x.clone();
+        relu_forward(&mut h);
+        let (mut y, mut n) = (vec![0.0; b * d], vec![0.0; b]);
+        l2norm_forward(&mut y, &mut n, &h, d);
+        for row in y.chunks(d) {
+            let len: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!((len - 1.0).abs() < 1e-5 || len == 0.0);
+        }
+        let mut dh = vec![0.0; b * d];
+        l2norm_backward(&mut dh, &r, &y, &n, d);
+        relu_backward(&mut dh, &h);
+        // Keep finite differences away from the ReLU kink.
+        for v in x.iter_mut() {
+            if v.abs() < 0.05 {
+                *v = 0.3;
+            }
+        }
+        assert_close(&dh, &numeric_grad(&mut x, &mut |x| loss(x)), "dx");
+    }
+
+    #[test]
+    fn softmax_gradients_match_finite_differences_with_masks_and_corrections() {
+        let (b, d, nr, s) = (3, 4, 2, 5);
+        let mut rng = Rng::new(3);
+        let mut user = rand_vec(&mut rng, b * d);
+        let mut pos = rand_vec(&mut rng, b * d);
+        let mut negs = rand_vec(&mut rng, b * nr * d);
+        let mut shared = rand_vec(&mut rng, s * d);
+        let pos_corr = rand_vec(&mut rng, b);
+        let row_corr = rand_vec(&mut rng, b * nr);
+        let shared_corr = rand_vec(&mut rng, s);
+        let pos_ids = vec![1, 2, 3];
+        let row_ids = vec![9, 2, 8, 7, 6, 5]; // row 0's second negative is not its positive; row 1's first is not either
+        let row_ids = {
+            let mut r = row_ids;
+            r[2] = 2; // row 1 draws its own positive: masked
+            r
+        };
+        let shared_ids = vec![1, 10, 3, 11, 12]; // rows 0 and 2 hit their positive among shared ones
+        let t = 0.5;
+        let run = |user: &[f32], pos: &[f32], negs: &[f32], shared: &[f32], grads: bool| {
+            let x = SoftmaxInputs {
+                user, pos, pos_corr: &pos_corr, pos_ids: &pos_ids, row_negs: negs, row_corr: &row_corr,
+                row_ids: &row_ids, n_row: nr, shared, shared_corr: &shared_corr, shared_ids: &shared_ids,
+                temperature: t, d,
+            };
+            let (mut gu, mut gp, mut gn, mut gs) =
+                (vec![0.0; b * d], vec![0.0; b * d], vec![0.0; b * nr * d], vec![0.0; s * d]);
+            let l = softmax_loss(
+                &x,
+                SoftmaxGrads { user: &mut gu, pos: &mut gp, row_negs: &mut gn, shared: &mut gs },
+                &mut SoftmaxScratch::default(),
+            );
+            let _ = grads;
+            (l, gu, gp, gn, gs)
+        };
+        let (_, gu, gp, gn, gs) = run(&user, &pos, &negs, &shared, true);
+        let (p, n, sh) = (pos.clone(), negs.clone(), shared.clone());
+        assert_close(&gu, &numeric_grad(&mut user, &mut |u| run(u, &p, &n, &sh, false).0 as f64), "user");
+        let uu = user.clone();
+        assert_close(&gp, &numeric_grad(&mut pos, &mut |p| run(&uu, p, &n, &sh, false).0 as f64), "pos");
+        let pp = pos.clone();
+        assert_close(&gn, &numeric_grad(&mut negs, &mut |n| run(&uu, &pp, n, &sh, false).0 as f64), "negs");
+        // The masked negative must get no gradient.
+        assert!(gn[(nr) * d..(nr + 1) * d].iter().all(|v| *v == 0.0));
+        let nn = negs.clone();
+        assert_close(&gs, &numeric_grad(&mut shared, &mut |s| run(&uu, &pp, &nn, s, false).0 as f64), "shared");
+    }
+}

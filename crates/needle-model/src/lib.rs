@@ -1,0 +1,24 @@
+//! needle's model engine: two-tower layers as explicit forward/backward passes over contiguous
+//! f32 buffers, with embedding tables kept outside the dense graph.
+//!
+//! Every layer is a pair of functions, `*_forward` and `*_backward`, over flat row-major
+//! buffers; matrix products go through [`gemm::matmul`]. Tests check every backward pass
+//! against finite differences.
+
+pub mod checkpoint;
+pub mod embedding;
+pub mod gemm;
+pub mod layers;
+pub mod rng;
+pub mod youtubednn;
+
+use std::path::PathBuf;
+
+/// Errors from loading or saving model parameters.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: bad checkpoint: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+}
