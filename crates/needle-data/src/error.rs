@@ -103,7 +103,10 @@ pub enum DataError {
     },
 
     /// A dataset grew beyond what `u32` keys can address.
-    #[error("too many {what}: more than {} cannot be indexed with u32 keys", u32::MAX)]
+    #[error(
+        "too many {what}: more than {} cannot be indexed with u32 keys",
+        u32::MAX
+    )]
     TooLarge {
         /// What overflowed ("users", "items", "events", ...).
         what: &'static str,

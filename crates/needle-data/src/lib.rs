@@ -1,1 +1,24 @@
+//! Data layer of needle: loading interaction logs (MovieLens, CSV), interning raw ids to dense
+//! keys, side features, vocabularies, time-ordered splits and dataset download.
+//!
+//! Everything here is deterministic and panic-free on any input, so data problems surface as
+//! [`DataError`]s with file and line rather than crashes deep inside training.
 
+pub mod csv;
+pub mod dataset;
+pub mod download;
+pub mod error;
+pub mod movielens;
+pub mod source;
+pub mod split;
+mod text;
+pub mod vocab;
+
+pub use crate::csv::{load_csv, Column, FeatureColumn, InteractionsSchema, Schema};
+pub use crate::dataset::{Dataset, Event, Feature, LoadOptions, LoadReport};
+pub use crate::download::{download, extract_zip, verify_md5};
+pub use crate::error::{DataError, Result};
+pub use crate::movielens::{load_ml100k, load_ml1m};
+pub use crate::source::{load, resolve_data_dir, DatasetName, DatasetSource};
+pub use crate::split::{split, Sequences, Split, SplitStrategy};
+pub use crate::vocab::Vocab;

@@ -301,7 +301,8 @@ impl Interner {
         if let Some(&k) = self.map.get(raw) {
             return Ok(k);
         }
-        let k = u32::try_from(self.ids.len()).map_err(|_| DataError::TooLarge { what: self.what })?;
+        let k =
+            u32::try_from(self.ids.len()).map_err(|_| DataError::TooLarge { what: self.what })?;
         self.ids.push(raw.to_owned());
         self.map.insert(raw.into(), k);
         Ok(k)

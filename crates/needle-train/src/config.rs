@@ -1,0 +1,191 @@
+//! The training configuration, read from TOML (see `configs/`). Every field has a default so
+//! a config names only what it changes; unknown keys are errors so typos do not pass silently.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub data: DataConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub train: TrainParams,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SplitKind {
+    /// Per user: last event → test, the one before → validation, the rest → train.
+    LeaveLastOut,
+    /// Global timestamp thresholds: the newest events form validation and test.
+    GlobalTime,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// A built-in dataset: "ml-1m" or "ml-100k".
+    pub dataset: Option<String>,
+    /// Or a TOML schema describing a CSV/TSV log (relative to the working directory).
+    pub schema: Option<PathBuf>,
+    #[serde(default = "default_split")]
+    pub split: SplitKind,
+    #[serde(default = "default_fraction")]
+    pub valid_fraction: f64,
+    #[serde(default = "default_fraction")]
+    pub test_fraction: f64,
+    #[serde(default)]
+    pub skip_bad_rows: bool,
+}
+
+fn default_split() -> SplitKind {
+    SplitKind::LeaveLastOut
+}
+fn default_fraction() -> f64 {
+    0.1
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// Items ranked by their number of training events, the same for every user.
+    Popularity,
+    Youtubednn,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub kind: ModelKind,
+    /// Item embedding width.
+    pub dim: usize,
+    /// Hidden layer widths of the user MLP (the output layer is added to match the item vector).
+    pub hidden: Vec<usize>,
+    /// Categorical user features fed to the user tower; "user_id" means the user's own id.
+    pub user_features: Vec<String>,
+    pub feature_dim: usize,
+    /// A multi-valued item feature pooled into the item vector (e.g. "genres").
+    pub item_feature: Option<String>,
+    pub item_feature_dim: usize,
+    pub example_age: bool,
+    /// Longest history the user tower reads; older events are dropped.
+    pub max_seq_len: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            kind: ModelKind::Youtubednn,
+            dim: 64,
+            hidden: vec![256],
+            user_features: vec!["gender".into(), "age".into(), "occupation".into(), "zip".into()],
+            feature_dim: 16,
+            item_feature: None,
+            item_feature_dim: 16,
+            example_age: true,
+            max_seq_len: 50,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossKind {
+    /// Softmax over every item (fine when the catalogue has thousands of items).
+    Full,
+    /// `negatives` items drawn by popularity^0.75, log-Q corrected.
+    Sampled,
+    /// The other positives of the batch as negatives, log-Q corrected.
+    InBatch,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SparseOptimizer {
+    /// Adam moments per element, updated only on touched rows.
+    Adam,
+    /// One accumulator per row: a quarter of Adam's state, for very large tables.
+    RowwiseAdagrad,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainParams {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Learning rate of the dense layers.
+    pub lr: f32,
+    /// Learning rate of the embedding tables.
+    pub embedding_lr: f32,
+    pub loss: LossKind,
+    /// Sampled negatives (per row, or per batch when `shared_negatives`).
+    pub negatives: usize,
+    pub shared_negatives: bool,
+    /// Logits are cosine / temperature.
+    pub temperature: f32,
+    /// Cap on training samples per user (0 = no cap), so heavy users do not dominate.
+    pub max_samples_per_user: usize,
+    pub sparse_optimizer: SparseOptimizer,
+    pub seed: u64,
+    /// Worker threads (0 = all cores).
+    pub threads: usize,
+    /// Stop after this many epochs without a better validation HR@10 (0 = never stop early).
+    pub patience: usize,
+    /// Users sampled for the per-epoch validation (0 = all).
+    pub valid_users: usize,
+}
+
+impl Default for TrainParams {
+    fn default() -> Self {
+        TrainParams {
+            epochs: 20,
+            batch_size: 1024,
+            lr: 1e-3,
+            embedding_lr: 1e-3,
+            loss: LossKind::Full,
+            negatives: 100,
+            shared_negatives: true,
+            temperature: 0.05,
+            max_samples_per_user: 0,
+            sparse_optimizer: SparseOptimizer::Adam,
+            seed: 42,
+            threads: 0,
+            patience: 3,
+            valid_users: 0,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the values that the types alone cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.data.dataset.is_some() == self.data.schema.is_some() {
+            return Err("[data] needs exactly one of `dataset` (ml-1m, ml-100k) or `schema`".into());
+        }
+        let m = &self.model;
+        if m.kind == ModelKind::Youtubednn {
+            if m.dim == 0 || m.max_seq_len == 0 || m.feature_dim == 0 {
+                return Err("[model] dim, feature_dim and max_seq_len must be > 0".into());
+            }
+            if m.hidden.contains(&0) {
+                return Err("[model] hidden widths must be > 0".into());
+            }
+        }
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return Err("[train] batch_size must be > 0".into());
+        }
+        if !(t.temperature > 0.0 && t.temperature.is_finite()) {
+            return Err("[train] temperature must be a positive number".into());
+        }
+        if !(t.lr > 0.0 && t.embedding_lr > 0.0) {
+            return Err("[train] lr and embedding_lr must be > 0".into());
+        }
+        if t.loss == LossKind::Sampled && t.negatives == 0 {
+            return Err("[train] loss = \"sampled\" needs negatives > 0".into());
+        }
+        Ok(())
+    }
+}

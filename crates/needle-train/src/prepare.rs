@@ -1,0 +1,195 @@
+//! From a loaded dataset and its time-ordered split to what the towers consume: vocabularies
+//! built from training events only (so nothing about later events leaks into the model),
+//! histories as item rows, targets, feature rows and popularity counts.
+
+use crate::config::ModelConfig;
+use crate::TrainError;
+use needle_data::{Dataset, Split, Vocab};
+use needle_eval::Lists;
+use needle_model::youtubednn::ItemBags;
+
+/// The name under which a user's own id can be listed among the user features.
+pub const USER_ID_FEATURE: &str = "user_id";
+
+/// Model-ready view of one dataset split; all per-user arrays are indexed by dataset user key.
+pub struct Prepared {
+    pub items: Vocab,
+    pub users: Vocab,
+    pub user_feature_names: Vec<String>,
+    pub user_feature_vocabs: Vec<Vocab>,
+    /// `[dataset users × features]` value rows (0 = unknown).
+    pub user_feats: Vec<u32>,
+    pub item_feature: Option<(String, Vocab)>,
+    pub item_bags: ItemBags,
+    /// Training histories (item rows, time order) and their timestamps.
+    pub train: Lists,
+    pub train_ts: Vec<i64>,
+    /// Validation and test targets as item rows (0 when the item never occurs in training).
+    pub valid: Lists,
+    pub test: Lists,
+    /// Training events per item row.
+    pub item_counts: Vec<u64>,
+    pub train_min_ts: i64,
+    pub train_max_ts: i64,
+    /// Raw user ids, by dataset user key.
+    pub user_raw: Vec<String>,
+}
+
+impl Prepared {
+    pub fn n_users(&self) -> usize {
+        self.user_raw.len()
+    }
+
+    /// Item table rows, padding row included.
+    pub fn n_item_rows(&self) -> usize {
+        self.item_counts.len()
+    }
+
+    /// The user's known history when predicting `stage`'s target: the training events, plus
+    /// the validation target when predicting the test target.
+    pub fn history(&self, user: usize, stage: Stage) -> impl Iterator<Item = u32> + '_ {
+        let extra: &[u32] = if stage == Stage::Test { self.valid.get(user) } else { &[] };
+        self.train.get(user).iter().chain(extra).copied()
+    }
+
+    pub fn targets(&self, stage: Stage) -> &Lists {
+        match stage {
+            Stage::Valid => &self.valid,
+            Stage::Test => &self.test,
+        }
+    }
+}
+
+/// Which held-out events a prediction is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Valid,
+    Test,
+}
+
+pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepared, TrainError> {
+    let n_users = ds.user_ids.len();
+    let mut items = Vocab::new();
+    let mut key_to_row = vec![0u32; ds.item_ids.len()];
+    let mut train = Lists::new();
+    let mut train_ts = Vec::with_capacity(split.train.total());
+    let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
+    for u in 0..n_users {
+        let keys = split.train.items_of(u);
+        for &k in keys {
+            if key_to_row[k as usize] == 0 {
+                key_to_row[k as usize] = items.insert(&ds.item_ids[k as usize]);
+            }
+        }
+        train.push(keys.iter().map(|&k| key_to_row[k as usize]));
+        for &t in split.train.ts_of(u) {
+            min_ts = min_ts.min(t);
+            max_ts = max_ts.max(t);
+            train_ts.push(t);
+        }
+    }
+    if items.len() <= 1 {
+        return Err(TrainError::Data("the training split holds no events".into()));
+    }
+    let map_targets = |seqs: &needle_data::split::Sequences| {
+        let mut l = Lists::new();
+        for u in 0..n_users {
+            l.push(seqs.items_of(u).iter().map(|&k| key_to_row[k as usize]));
+        }
+        l
+    };
+    let valid = map_targets(&split.valid);
+    let test = map_targets(&split.test);
+    let mut item_counts = vec![0u64; items.len()];
+    for &r in &train.items {
+        item_counts[r as usize] += 1;
+    }
+
+    let mut users = Vocab::new();
+    for u in 0..n_users {
+        if !train.get(u).is_empty() {
+            users.insert(&ds.user_ids[u]);
+        }
+    }
+    let nf = model.user_features.len();
+    let mut user_feature_vocabs = Vec::with_capacity(nf);
+    let mut user_feats = vec![0u32; n_users * nf];
+    for (f, name) in model.user_features.iter().enumerate() {
+        if name == USER_ID_FEATURE {
+            for u in 0..n_users {
+                user_feats[u * nf + f] = users.get(&ds.user_ids[u]).unwrap_or(0);
+            }
+            user_feature_vocabs.push(users.clone());
+            continue;
+        }
+        let feat = ds.user_feature(name).ok_or_else(|| {
+            let known: Vec<&str> = ds.user_features.iter().map(|f| f.name.as_str()).collect();
+            TrainError::Config(format!(
+                "user feature `{name}` is not in dataset {} (it has: {}, and `{USER_ID_FEATURE}`)",
+                ds.name,
+                known.join(", ")
+            ))
+        })?;
+        // Multi-valued user features contribute their first value.
+        let first = |u: usize| feat.of(u).first().and_then(|&k| feat.values.get(k as usize));
+        let mut vocab = Vocab::new();
+        for u in (0..n_users).filter(|&u| !train.get(u).is_empty()) {
+            if let Some(raw) = first(u) {
+                vocab.insert(raw);
+            }
+        }
+        for u in 0..n_users {
+            user_feats[u * nf + f] = first(u).and_then(|raw| vocab.get(raw)).unwrap_or(0);
+        }
+        user_feature_vocabs.push(vocab);
+    }
+
+    let (item_feature, item_bags) = match &model.item_feature {
+        None => (None, ItemBags::default()),
+        Some(name) => {
+            let feat = ds.item_feature(name).ok_or_else(|| {
+                let known: Vec<&str> = ds.item_features.iter().map(|f| f.name.as_str()).collect();
+                TrainError::Config(format!(
+                    "item feature `{name}` is not in dataset {} (it has: {})",
+                    ds.name,
+                    known.join(", ")
+                ))
+            })?;
+            let mut vocab = Vocab::new();
+            let mut row_keys: Vec<Vec<u32>> = vec![Vec::new(); items.len()];
+            for (key, &row) in key_to_row.iter().enumerate() {
+                if row == 0 {
+                    continue;
+                }
+                for &vk in feat.of(key) {
+                    if let Some(raw) = feat.values.get(vk as usize) {
+                        row_keys[row as usize].push(vocab.insert(raw));
+                    }
+                }
+            }
+            let mut bags = ItemBags { offsets: vec![0], keys: Vec::new() };
+            for k in row_keys {
+                bags.keys.extend(k);
+                bags.offsets.push(bags.keys.len() as u32);
+            }
+            (Some((name.clone(), vocab)), bags)
+        }
+    };
+    Ok(Prepared {
+        items,
+        users,
+        user_feature_names: model.user_features.clone(),
+        user_feature_vocabs,
+        user_feats,
+        item_feature,
+        item_bags,
+        train,
+        train_ts,
+        valid,
+        test,
+        item_counts,
+        train_min_ts: if min_ts == i64::MAX { 0 } else { min_ts },
+        train_max_ts: if max_ts == i64::MIN { 0 } else { max_ts },
+        user_raw: ds.user_ids.clone(),
+    })
+}

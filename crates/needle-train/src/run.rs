@@ -1,0 +1,195 @@
+//! A run directory: everything needed to evaluate, recall with or serve a trained model.
+//!
+//! ```text
+//! runs/NAME/
+//!   model.toml          config, tower shapes, vocabulary sizes, data fingerprint, training summary
+//!   model.safetensors   parameters
+//!   vocab/*.tsv         raw id ↔ row for items, users and every categorical feature
+//!   train_log.jsonl     one line per epoch
+//! ```
+
+use crate::config::{Config, ModelKind};
+use crate::model::Model;
+use crate::prepare::{prepare, Prepared};
+use crate::trainer::{EpochLog, Trained};
+use crate::TrainError;
+use needle_data::{Dataset, LoadOptions, Split, SplitStrategy, Vocab};
+use needle_model::checkpoint::{load_youtubednn, save_youtubednn};
+use needle_model::youtubednn::TowerSpec;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Bumped whenever the layout of a run directory changes incompatibly.
+pub const RUN_FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    pub epochs_run: usize,
+    pub best_epoch: usize,
+    pub seconds: f64,
+    pub samples_per_epoch: usize,
+    pub samples_per_sec: f64,
+    pub peak_rss_mb: Option<f64>,
+    pub threads: usize,
+}
+
+/// The contents of `model.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub format: u32,
+    pub kind: ModelKind,
+    pub dataset: String,
+    pub data_fingerprint: String,
+    pub items: usize,
+    pub users: usize,
+    pub spec: Option<TowerSpec>,
+    pub training: TrainingSummary,
+    pub config: Config,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |e| TrainError::Io { path: path.to_owned(), source: e }
+}
+
+/// Loads and splits the dataset a config names.
+pub fn load_data(cfg: &Config, data_dir: Option<&Path>) -> Result<(Dataset, Split), TrainError> {
+    let source = match (&cfg.data.dataset, &cfg.data.schema) {
+        (Some(name), None) => {
+            let name = match name.as_str() {
+                "ml-1m" => needle_data::DatasetName::Ml1m,
+                "ml-100k" => needle_data::DatasetName::Ml100k,
+                other => return Err(TrainError::Config(format!("unknown dataset `{other}` (known: ml-1m, ml-100k)"))),
+            };
+            needle_data::DatasetSource::MovieLens(name)
+        }
+        (None, Some(schema)) => needle_data::DatasetSource::Csv { schema: schema.clone() },
+        _ => return Err(TrainError::Config("[data] needs exactly one of `dataset` or `schema`".into())),
+    };
+    let opts = LoadOptions { skip_bad_rows: cfg.data.skip_bad_rows };
+    let ds = needle_data::load(&source, data_dir, &opts)?;
+    let strategy = match cfg.data.split {
+        crate::config::SplitKind::LeaveLastOut => SplitStrategy::LeaveLastOut,
+        crate::config::SplitKind::GlobalTime => SplitStrategy::GlobalTime {
+            valid_fraction: cfg.data.valid_fraction,
+            test_fraction: cfg.data.test_fraction,
+        },
+    };
+    let split = needle_data::split::split(&ds, &strategy)?;
+    Ok((ds, split))
+}
+
+fn vocab_files(p: &Prepared) -> Vec<(String, &Vocab)> {
+    let mut v = vec![("items".to_string(), &p.items), ("users".to_string(), &p.users)];
+    for (n, voc) in p.user_feature_names.iter().zip(&p.user_feature_vocabs) {
+        v.push((format!("user_feat.{n}"), voc));
+    }
+    if let Some((n, voc)) = &p.item_feature {
+        v.push((format!("item_feat.{n}"), voc));
+    }
+    v
+}
+
+/// Writes a trained model and everything needed to use it into `dir`.
+pub fn save_run(dir: &Path, cfg: &Config, ds: &Dataset, p: &Prepared, t: &Trained, threads: usize) -> Result<RunInfo, TrainError> {
+    std::fs::create_dir_all(dir.join("vocab")).map_err(io(dir))?;
+    for (name, vocab) in vocab_files(p) {
+        vocab.save(&dir.join("vocab").join(format!("{name}.tsv")))?;
+    }
+    let spec = match &t.model {
+        Model::Youtubednn(m) => {
+            save_youtubednn(m, &dir.join("model.safetensors"))?;
+            Some(m.spec.clone())
+        }
+        Model::Popularity { .. } => None,
+    };
+    let info = RunInfo {
+        format: RUN_FORMAT,
+        kind: cfg.model.kind,
+        dataset: ds.name.clone(),
+        data_fingerprint: ds.fingerprint(),
+        items: p.items.len() - 1,
+        users: p.users.len() - 1,
+        spec,
+        training: TrainingSummary {
+            epochs_run: t.epochs.len(),
+            best_epoch: t.best_epoch,
+            seconds: t.seconds,
+            samples_per_epoch: t.samples_per_epoch,
+            samples_per_sec: t.samples_per_sec,
+            peak_rss_mb: crate::trainer::peak_rss_mb(),
+            threads,
+        },
+        config: cfg.clone(),
+    };
+    let text = toml::to_string_pretty(&info).map_err(|e| TrainError::Config(e.to_string()))?;
+    let path = dir.join("model.toml");
+    std::fs::write(&path, text).map_err(io(&path))?;
+    Ok(info)
+}
+
+/// Appends one epoch record to `train_log.jsonl`.
+pub fn append_log(dir: &Path, rec: &EpochLog) -> Result<(), TrainError> {
+    use std::io::Write;
+    let path = dir.join("train_log.jsonl");
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+    let line = serde_json::to_string(rec).map_err(|e| TrainError::Config(e.to_string()))?;
+    writeln!(f, "{line}").map_err(io(&path))
+}
+
+/// A run loaded back: its manifest, the re-prepared data and the model.
+pub struct LoadedRun {
+    pub dir: PathBuf,
+    pub info: RunInfo,
+    pub dataset: Dataset,
+    pub prepared: Prepared,
+    pub model: Model,
+}
+
+/// Reads `dir/model.toml`, reloads and re-splits the data (checking that it is the data the
+/// model was trained on) and loads the parameters.
+pub fn load_run(dir: &Path, data_dir: Option<&Path>) -> Result<LoadedRun, TrainError> {
+    let path = dir.join("model.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => TrainError::Config(format!(
+            "{} is not a run directory (no model.toml); train one with `needle train --config ... --out {}`",
+            dir.display(),
+            dir.display()
+        )),
+        _ => TrainError::Io { path: path.clone(), source: e },
+    })?;
+    let info: RunInfo = toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+    if info.format != RUN_FORMAT {
+        return Err(TrainError::Config(format!(
+            "{}: run format {} is not supported (this build reads format {RUN_FORMAT})",
+            path.display(),
+            info.format
+        )));
+    }
+    let (dataset, split) = load_data(&info.config, data_dir)?;
+    let fp = dataset.fingerprint();
+    if fp != info.data_fingerprint {
+        return Err(TrainError::Config(format!(
+            "the data found now (fingerprint {fp}) is not the data this model was trained on ({}); point --data-dir at the original copy",
+            info.data_fingerprint
+        )));
+    }
+    let prepared = prepare(&dataset, &split, &info.config.model)?;
+    for (name, vocab) in vocab_files(&prepared) {
+        let saved = Vocab::load(&dir.join("vocab").join(format!("{name}.tsv")))?;
+        if saved.len() != vocab.len() || saved.iter().zip(vocab.iter()).any(|(a, b)| a != b) {
+            return Err(TrainError::Config(format!("vocabulary {name} of {} does not match the data", dir.display())));
+        }
+    }
+    let model = match (&info.kind, &info.spec) {
+        (ModelKind::Popularity, _) => {
+            Model::Popularity { counts: prepared.item_counts.iter().map(|&c| c as f32).collect() }
+        }
+        (ModelKind::Youtubednn, Some(spec)) => {
+            Model::Youtubednn(load_youtubednn(spec.clone(), &dir.join("model.safetensors"))?)
+        }
+        (ModelKind::Youtubednn, None) => {
+            return Err(TrainError::Config(format!("{}: youtubednn run without a [spec] table", path.display())))
+        }
+    };
+    Ok(LoadedRun { dir: dir.to_owned(), info, dataset, prepared, model })
+}

@@ -1,0 +1,398 @@
+//! The training loop: YouTubeDNN samples, negatives, forward/backward, optimizer steps,
+//! per-epoch validation with early stopping.
+
+use crate::config::{Config, LossKind, ModelKind, SparseOptimizer};
+use crate::model::{evaluate, Model};
+use crate::optim::{DenseAdam, SparseState};
+use crate::prepare::{Prepared, Stage};
+use crate::sampler::AliasSampler;
+use crate::TrainError;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use needle_model::layers::{softmax_loss, SoftmaxGrads, SoftmaxInputs, SoftmaxScratch};
+use needle_model::rng::Rng;
+use needle_model::youtubednn::{CategoricalSpec, Grads, ItemActs, TowerSpec, UserActs, UserBatch, YoutubeDnn};
+use serde::Serialize;
+use std::time::Instant;
+
+/// One epoch's record, written to `train_log.jsonl`.
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub loss: f64,
+    pub valid_hr10: f64,
+    pub valid_ndcg10: f64,
+    pub seconds: f64,
+    pub samples_per_sec: f64,
+}
+
+/// What a finished training run reports.
+pub struct Trained {
+    pub model: Model,
+    pub epochs: Vec<EpochLog>,
+    pub best_epoch: usize,
+    pub seconds: f64,
+    pub samples_per_sec: f64,
+    pub samples_per_epoch: usize,
+}
+
+/// A training sample: predict the item at `pos` of `user`'s training history from the items before it.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub user: u32,
+    pub pos: u32,
+}
+
+/// Every training event after the user's first is a target; with `cap > 0` at most `cap` per
+/// user, chosen at random (seeded) so that heavy users do not dominate the loss.
+pub fn build_samples(p: &Prepared, cap: usize, rng: &mut Rng) -> Vec<Sample> {
+    let mut out = Vec::with_capacity(p.train.items.len());
+    let mut pos: Vec<u32> = Vec::new();
+    for u in 0..p.n_users() {
+        let n = p.train.get(u).len();
+        if n < 2 {
+            continue;
+        }
+        pos.clear();
+        pos.extend(1..n as u32);
+        if cap > 0 && pos.len() > cap {
+            rng.shuffle(&mut pos);
+            pos.truncate(cap);
+            pos.sort_unstable();
+        }
+        out.extend(pos.iter().map(|&q| Sample { user: u as u32, pos: q }));
+    }
+    out
+}
+
+/// Builds the tower spec from the config and prepared vocabularies.
+pub fn tower_spec(cfg: &Config, p: &Prepared) -> TowerSpec {
+    let m = &cfg.model;
+    TowerSpec {
+        items: p.n_item_rows(),
+        dim: m.dim,
+        max_seq_len: m.max_seq_len,
+        user_features: p
+            .user_feature_names
+            .iter()
+            .zip(&p.user_feature_vocabs)
+            .map(|(n, v)| CategoricalSpec { name: n.clone(), rows: v.len(), dim: m.feature_dim })
+            .collect(),
+        item_feature: p
+            .item_feature
+            .as_ref()
+            .map(|(n, v)| CategoricalSpec { name: n.clone(), rows: v.len(), dim: m.item_feature_dim }),
+        hidden: m.hidden.clone(),
+        example_age: m.example_age,
+    }
+}
+
+/// Reused per-step buffers: nothing is allocated per sample or per step once warm.
+#[derive(Default)]
+struct Step {
+    batch: UserBatch,
+    pos_ids: Vec<u32>,
+    pos_corr: Vec<f32>,
+    neg_ids: Vec<u32>,
+    neg_corr: Vec<f32>,
+    shared_ids: Vec<u32>,
+    shared_corr: Vec<f32>,
+    user: UserActs,
+    pos: ItemActs,
+    neg: ItemActs,
+    shared: ItemActs,
+    gu: Vec<f32>,
+    gp: Vec<f32>,
+    gn: Vec<f32>,
+    gs: Vec<f32>,
+    scratch: SoftmaxScratch,
+}
+
+/// Everything the optimizer keeps between steps.
+struct Optim {
+    item: SparseState,
+    user_feats: Vec<SparseState>,
+    item_feat: Option<SparseState>,
+    layers: Vec<(DenseAdam, DenseAdam)>,
+    t: u64,
+}
+
+impl Optim {
+    fn new(m: &YoutubeDnn, kind: SparseOptimizer) -> Self {
+        let sparse = |e| match kind {
+            SparseOptimizer::Adam => SparseState::adam(e),
+            SparseOptimizer::RowwiseAdagrad => SparseState::rowwise_adagrad(e),
+        };
+        Optim {
+            item: sparse(&m.item_emb),
+            user_feats: m.user_feat_emb.iter().map(sparse).collect(),
+            item_feat: m.item_feat_emb.as_ref().map(sparse),
+            layers: m.layers.iter().map(|l| (DenseAdam::new(l.w.len()), DenseAdam::new(l.b.len()))).collect(),
+            t: 0,
+        }
+    }
+
+    fn step(&mut self, m: &mut YoutubeDnn, g: &Grads, lr: f32, emb_lr: f32) {
+        self.t += 1;
+        let t = self.t;
+        self.item.step(&mut m.item_emb, &g.item, emb_lr, t);
+        for ((st, table), grad) in self.user_feats.iter_mut().zip(&mut m.user_feat_emb).zip(&g.user_feats) {
+            st.step(table, grad, emb_lr, t);
+        }
+        if let (Some(st), Some(table), Some(grad)) = (&mut self.item_feat, &mut m.item_feat_emb, &g.item_feat) {
+            st.step(table, grad, emb_lr, t);
+        }
+        for ((sw, sb), (layer, (gw, gb))) in self.layers.iter_mut().zip(m.layers.iter_mut().zip(&g.layers)) {
+            sw.step(&mut layer.w, gw, lr, t);
+            sb.step(&mut layer.b, gb, lr, t);
+        }
+    }
+}
+
+/// A model under training with its sampler, optimizer and buffers; [`Trainer::step`] runs one batch.
+pub struct Trainer<'a> {
+    pub model: YoutubeDnn,
+    p: &'a Prepared,
+    cfg: &'a Config,
+    sampler: AliasSampler,
+    /// `ln` of each item's unigram frequency among training targets (for in-batch log-Q).
+    log_unigram: Vec<f32>,
+    grads: Grads,
+    optim: Optim,
+    step: Step,
+    age_span: f32,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(cfg: &'a Config, p: &'a Prepared, rng: &mut Rng) -> Result<Self, TrainError> {
+        let model = YoutubeDnn::new(tower_spec(cfg, p), p.item_bags.clone(), rng);
+        let weights: Vec<f64> = p.item_counts.iter().map(|&c| (c as f64).powf(0.75)).collect();
+        let sampler = AliasSampler::new(&weights).ok_or_else(|| TrainError::Data("no item has a training event".into()))?;
+        let total: u64 = p.item_counts.iter().sum();
+        let log_unigram =
+            p.item_counts.iter().map(|&c| if c > 0 { (c as f64 / total as f64).ln() as f32 } else { 0.0 }).collect();
+        let grads = model.new_grads();
+        let optim = Optim::new(&model, cfg.train.sparse_optimizer);
+        Ok(Trainer {
+            model,
+            p,
+            cfg,
+            sampler,
+            log_unigram,
+            grads,
+            optim,
+            step: Step::default(),
+            age_span: (p.train_max_ts - p.train_min_ts).max(1) as f32,
+        })
+    }
+
+    /// One optimizer step on `samples`; returns the batch's mean loss.
+    pub fn step(&mut self, samples: &[Sample], rng: &mut Rng) -> f32 {
+        let m = &self.model;
+        let p = self.p;
+        let t = &self.cfg.train;
+        let s = &mut self.step;
+        let l = m.spec.max_seq_len;
+        let nf = m.spec.user_features.len();
+        let b = samples.len();
+        let d = m.spec.out_dim();
+        s.batch.reset(b, l, nf);
+        s.pos_ids.clear();
+        for (i, smp) in samples.iter().enumerate() {
+            let u = smp.user as usize;
+            let seq = p.train.get(u);
+            let pos = smp.pos as usize;
+            let h = &seq[pos.saturating_sub(l)..pos];
+            s.batch.hist[i * l..i * l + h.len()].copy_from_slice(h);
+            s.batch.hist_len[i] = h.len() as u32;
+            s.batch.feats[i * nf..(i + 1) * nf].copy_from_slice(&p.user_feats[u * nf..(u + 1) * nf]);
+            let ts = p.train_ts[p.train.offsets[u] as usize + pos];
+            s.batch.age[i] = (p.train_max_ts - ts) as f32 / self.age_span;
+            s.pos_ids.push(seq[pos]);
+        }
+        s.neg_ids.clear();
+        s.neg_corr.clear();
+        s.shared_ids.clear();
+        s.shared_corr.clear();
+        let mut n_row = 0;
+        match t.loss {
+            LossKind::Full => {
+                s.pos_corr.clear();
+                s.pos_corr.resize(b, 0.0);
+                s.shared_ids.extend(1..p.n_item_rows() as u32);
+                s.shared_corr.resize(s.shared_ids.len(), 0.0);
+            }
+            LossKind::InBatch => {
+                let ln_b = (b as f32).ln();
+                s.pos_corr.clear();
+                s.pos_corr.extend(s.pos_ids.iter().map(|&i| self.log_unigram[i as usize] + ln_b));
+                s.shared_ids.extend_from_slice(&s.pos_ids);
+                s.shared_corr.extend_from_slice(&s.pos_corr);
+            }
+            LossKind::Sampled => {
+                let ln_n = (t.negatives as f32).ln();
+                s.pos_corr.clear();
+                s.pos_corr.extend(s.pos_ids.iter().map(|&i| self.sampler.log_q(i) + ln_n));
+                let (ids, corr) = if t.shared_negatives {
+                    (&mut s.shared_ids, &mut s.shared_corr)
+                } else {
+                    n_row = t.negatives;
+                    (&mut s.neg_ids, &mut s.neg_corr)
+                };
+                let draws = if t.shared_negatives { t.negatives } else { t.negatives * b };
+                for _ in 0..draws {
+                    let j = self.sampler.sample(rng);
+                    ids.push(j);
+                    corr.push(self.sampler.log_q(j) + ln_n);
+                }
+            }
+        }
+        m.user_forward(&s.batch, &mut s.user);
+        m.item_forward(&s.pos_ids, &mut s.pos);
+        m.item_forward(&s.neg_ids, &mut s.neg);
+        m.item_forward(&s.shared_ids, &mut s.shared);
+        s.gu.resize(b * d, 0.0);
+        s.gp.resize(b * d, 0.0);
+        s.gn.resize(s.neg_ids.len() * d, 0.0);
+        s.gs.resize(s.shared_ids.len() * d, 0.0);
+        let loss = softmax_loss(
+            &SoftmaxInputs {
+                user: &s.user.out,
+                pos: &s.pos.out,
+                pos_corr: &s.pos_corr,
+                pos_ids: &s.pos_ids,
+                row_negs: &s.neg.out,
+                row_corr: &s.neg_corr,
+                row_ids: &s.neg_ids,
+                n_row,
+                shared: &s.shared.out,
+                shared_corr: &s.shared_corr,
+                shared_ids: &s.shared_ids,
+                temperature: t.temperature,
+                d,
+            },
+            SoftmaxGrads { user: &mut s.gu, pos: &mut s.gp, row_negs: &mut s.gn, shared: &mut s.gs },
+            &mut s.scratch,
+        );
+        self.grads.zero();
+        m.user_backward(&s.batch, &mut s.user, &s.gu, &mut self.grads);
+        m.item_backward(&s.pos_ids, &mut s.pos, &s.gp, &mut self.grads);
+        m.item_backward(&s.neg_ids, &mut s.neg, &s.gn, &mut self.grads);
+        m.item_backward(&s.shared_ids, &mut s.shared, &s.gs, &mut self.grads);
+        self.optim.step(&mut self.model, &self.grads, t.lr, t.embedding_lr);
+        loss
+    }
+}
+
+/// Peak resident memory of this process in MB (Linux), for the results table.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn progress_bar(len: u64, show: bool) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(len), if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} samples  {msg}  ETA {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Trains the configured model; `show_progress` draws a progress bar on stderr.
+pub fn train(cfg: &Config, p: &Prepared, show_progress: bool, log: &mut dyn FnMut(&EpochLog)) -> Result<Trained, TrainError> {
+    let start = Instant::now();
+    if cfg.model.kind == ModelKind::Popularity {
+        let counts = p.item_counts.iter().map(|&c| c as f32).collect();
+        return Ok(Trained {
+            model: Model::Popularity { counts },
+            epochs: Vec::new(),
+            best_epoch: 0,
+            seconds: start.elapsed().as_secs_f64(),
+            samples_per_sec: 0.0,
+            samples_per_epoch: p.train.items.len(),
+        });
+    }
+    let t = &cfg.train;
+    let root = Rng::new(t.seed);
+    let samples = build_samples(p, t.max_samples_per_user, &mut root.fork(1));
+    if samples.is_empty() {
+        return Err(TrainError::Data("no training samples: every user has fewer than 2 training events".into()));
+    }
+    let mut trainer = Trainer::new(cfg, p, &mut root.fork(2))?;
+    let valid_subset: Option<Vec<usize>> = (t.valid_users > 0).then(|| {
+        let mut users: Vec<usize> = (0..p.n_users()).filter(|&u| !p.valid.get(u).is_empty()).collect();
+        root.fork(3).shuffle(&mut users);
+        users.truncate(t.valid_users);
+        users
+    });
+    let mut order = samples.clone();
+    let mut epochs = Vec::new();
+    let (mut best, mut best_epoch, mut since_best) = (None::<YoutubeDnn>, 0usize, 0usize);
+    let mut best_hr = f64::NEG_INFINITY;
+    let mut train_secs = 0.0;
+    let mut trained_samples = 0usize;
+    for epoch in 1..=t.epochs {
+        let mut rng = root.fork(100 + epoch as u64);
+        rng.shuffle(&mut order);
+        let bar = progress_bar(order.len() as u64, show_progress);
+        bar.set_prefix(format!("epoch {epoch}/{}", t.epochs));
+        let e_start = Instant::now();
+        let (mut loss_sum, mut steps) = (0.0f64, 0usize);
+        let mut ema = f64::NAN;
+        for (i, chunk) in order.chunks(t.batch_size).enumerate() {
+            let loss = trainer.step(chunk, &mut rng) as f64;
+            if !loss.is_finite() {
+                return Err(TrainError::Diverged { epoch, step: i });
+            }
+            loss_sum += loss;
+            steps += 1;
+            ema = if ema.is_nan() { loss } else { 0.98 * ema + 0.02 * loss };
+            bar.inc(chunk.len() as u64);
+            if i % 20 == 0 {
+                let rate = bar.position() as f64 / e_start.elapsed().as_secs_f64().max(1e-9);
+                bar.set_message(format!("loss {ema:.4}  {rate:.0} samples/s"));
+            }
+        }
+        let secs = e_start.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        train_secs += secs;
+        trained_samples += order.len();
+        let model = Model::Youtubednn(trainer.model.clone());
+        let r = evaluate(&model, p, Stage::Valid, &[10], false, valid_subset.as_deref());
+        let hr = r.get(10).map_or(0.0, |a| a.hit_rate);
+        let rec = EpochLog {
+            epoch,
+            loss: loss_sum / steps.max(1) as f64,
+            valid_hr10: hr,
+            valid_ndcg10: r.get(10).map_or(0.0, |a| a.ndcg),
+            seconds: secs,
+            samples_per_sec: order.len() as f64 / secs,
+        };
+        log(&rec);
+        epochs.push(rec);
+        let Model::Youtubednn(m) = model else { unreachable!("built above") };
+        if hr > best_hr {
+            best_hr = hr;
+            best_epoch = epoch;
+            best = Some(m);
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if t.patience > 0 && since_best >= t.patience {
+                break;
+            }
+        }
+    }
+    let model = best.unwrap_or(trainer.model);
+    Ok(Trained {
+        model: Model::Youtubednn(model),
+        epochs,
+        best_epoch,
+        seconds: start.elapsed().as_secs_f64(),
+        samples_per_sec: trained_samples as f64 / train_secs.max(1e-9),
+        samples_per_epoch: samples.len(),
+    })
+}

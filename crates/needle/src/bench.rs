@@ -1,0 +1,146 @@
+//! `needle bench train`: training throughput measured side by side in one process.
+
+use crate::commands::read_config_str;
+use anyhow::Result;
+use needle_data::Vocab;
+use needle_eval::Lists;
+use needle_model::rng::Rng;
+use needle_model::youtubednn::ItemBags;
+use needle_train::config::{LossKind, ModelConfig, TrainParams};
+use needle_train::prepare::{prepare, Prepared};
+use needle_train::run::load_data;
+use needle_train::trainer::{build_samples, Trainer};
+use needle_train::Config;
+use std::path::Path;
+use std::time::Instant;
+
+const DEFAULT_CONFIG: &str = include_str!("../../../configs/ml-1m/youtubednn.toml");
+
+/// torch-rechub's YouTubeDNN example settings: embedding 16, user MLP 128-64-16, user id and
+/// profile features, 3 popularity negatives per sample, batch 2048, history 50.
+fn reference_config(base: &Config) -> Config {
+    let mut c = base.clone();
+    c.model = ModelConfig {
+        dim: 16,
+        hidden: vec![128, 64],
+        user_features: ["user_id", "gender", "age", "occupation", "zip"].map(String::from).to_vec(),
+        feature_dim: 16,
+        example_age: false,
+        max_seq_len: 50,
+        ..ModelConfig::default()
+    };
+    c.train = TrainParams {
+        batch_size: 2048,
+        loss: LossKind::Sampled,
+        negatives: 3,
+        shared_negatives: false,
+        ..TrainParams::default()
+    };
+    c
+}
+
+struct Timing {
+    median_ms: f64,
+    samples_per_sec: f64,
+}
+
+/// Times `steps` optimizer steps after 3 warm-up steps; reports the median step.
+fn time_steps(cfg: &Config, p: &Prepared, steps: usize) -> Result<Timing> {
+    let mut rng = Rng::new(cfg.train.seed);
+    let mut samples = build_samples(p, cfg.train.max_samples_per_user, &mut rng);
+    rng.shuffle(&mut samples);
+    let mut trainer = Trainer::new(cfg, p, &mut rng)?;
+    let b = cfg.train.batch_size;
+    let mut times = Vec::with_capacity(steps);
+    let mut batches = samples.chunks_exact(b).cycle();
+    for i in 0..steps + 3 {
+        let batch = batches.next().ok_or_else(|| anyhow::anyhow!("fewer samples than one batch"))?;
+        let t0 = Instant::now();
+        let loss = trainer.step(batch, &mut rng);
+        anyhow::ensure!(loss.is_finite(), "loss diverged during the benchmark");
+        if i >= 3 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    Ok(Timing { median_ms: median * 1e3, samples_per_sec: b as f64 / median })
+}
+
+/// A synthetic log over `rows` items: Zipf-like popularity, 60 events per user.
+fn synthetic(rows: usize, users: usize, rng: &mut Rng) -> Prepared {
+    let per_user = 60;
+    let mut train = Lists::new();
+    let mut counts = vec![0u64; rows + 1];
+    let mut ts = Vec::with_capacity(users * per_user);
+    for _ in 0..users {
+        let mut seq = Vec::with_capacity(per_user);
+        for t in 0..per_user {
+            // Power law over ranks: a few items are hot, most of the table is cold.
+            let r = ((rows as f64).powf(rng.uniform() as f64) as usize).clamp(1, rows);
+            seq.push(r as u32);
+            counts[r] += 1;
+            ts.push(t as i64);
+        }
+        train.push(seq);
+    }
+    let mut empty = Lists::new();
+    (0..users).for_each(|_| empty.push([]));
+    Prepared {
+        items: Vocab::new(),
+        users: Vocab::new(),
+        user_feature_names: Vec::new(),
+        user_feature_vocabs: Vec::new(),
+        user_feats: Vec::new(),
+        item_feature: None,
+        item_bags: ItemBags::default(),
+        train,
+        train_ts: ts,
+        valid: empty.clone(),
+        test: empty,
+        item_counts: counts,
+        train_min_ts: 0,
+        train_max_ts: per_user as i64,
+        user_raw: (0..users).map(|u| u.to_string()).collect(),
+    }
+}
+
+pub fn train(data_dir: Option<&Path>, steps: usize, small: bool) -> Result<()> {
+    let steps = steps.max(1);
+    let default = read_config_str(DEFAULT_CONFIG, "configs/ml-1m/youtubednn.toml")?;
+    let reference = reference_config(&default);
+    let (ds, split) = load_data(&default, data_dir)?;
+    println!("training step benchmark, {} threads, median of {steps} steps\n", rayon::current_num_threads());
+    println!("| workload | item rows | batch | ms / step | samples / s |");
+    println!("|---|---|---|---|---|");
+    let p_ref = prepare(&ds, &split, &reference.model)?;
+    let t = time_steps(&reference, &p_ref, steps)?;
+    println!(
+        "| ML-1M, reference settings (emb 16, MLP 128-64-16, 3 sampled negatives/sample) | {} | {} | {:.2} | {:.0} |",
+        p_ref.n_item_rows(),
+        reference.train.batch_size,
+        t.median_ms,
+        t.samples_per_sec
+    );
+    let p_def = prepare(&ds, &split, &default.model)?;
+    let t = time_steps(&default, &p_def, steps)?;
+    println!(
+        "| ML-1M, default config (emb 64, MLP 256-64, full softmax) | {} | {} | {:.2} | {:.0} |",
+        p_def.n_item_rows(),
+        default.train.batch_size,
+        t.median_ms,
+        t.samples_per_sec
+    );
+    let mut synth = reference.clone();
+    synth.model.user_features.clear();
+    let sizes: &[usize] = if small { &[10_000] } else { &[10_000, 10_000_000] };
+    for &rows in sizes {
+        let p = synthetic(rows, 20_000, &mut Rng::new(7));
+        let t = time_steps(&synth, &p, steps)?;
+        println!(
+            "| synthetic, reference settings without user features | {rows} | {} | {:.2} | {:.0} |",
+            synth.train.batch_size, t.median_ms, t.samples_per_sec
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The subcommands: thin glue over the library crates, with errors phrased for people.
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use needle_data::DatasetName;
+use needle_train::model::{evaluate, recall as recall_top_k};
+use needle_train::prepare::prepare;
+use needle_train::run::{append_log, load_data, load_run, save_run};
+use needle_train::{trainer, Config, Stage};
+use std::io::Write;
+use std::path::Path;
+use std::str::FromStr;
+
+/// Sizes the global thread pool once; 0 means all cores.
+pub fn init_threads(n: usize) -> Result<usize> {
+    let mut b = rayon::ThreadPoolBuilder::new();
+    if n > 0 {
+        b = b.num_threads(n);
+    }
+    b.build_global().context("could not start the thread pool")?;
+    Ok(rayon::current_num_threads())
+}
+
+pub fn read_config(path: &Path) -> Result<Config> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+    read_config_str(&text, &path.display().to_string())
+}
+
+/// Parses and validates a config; `origin` names it in errors.
+pub fn read_config_str(text: &str, origin: &str) -> Result<Config> {
+    let cfg: Config = toml::from_str(text).with_context(|| format!("config {origin} is not valid"))?;
+    cfg.validate().map_err(|e| anyhow::anyhow!("config {origin}: {e}"))?;
+    Ok(cfg)
+}
+
+fn write_metrics(dir: &Path, report: &needle_eval::Report) -> Result<()> {
+    let path = dir.join("metrics.json");
+    let text = serde_json::to_string_pretty(&report.to_json())?;
+    std::fs::write(&path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+    let curve = dir.join("hit_curve.json");
+    std::fs::write(&curve, serde_json::to_string(&report.hit_curve)? + "\n")
+        .with_context(|| format!("cannot write {}", curve.display()))
+}
+
+pub fn train(
+    config: &Path,
+    data_dir: Option<&Path>,
+    out: &Path,
+    download: bool,
+    force: bool,
+    quiet: bool,
+    threads: Option<usize>,
+) -> Result<()> {
+    let cfg = read_config(config)?;
+    let threads = init_threads(threads.unwrap_or(cfg.train.threads))?;
+    if out.join("model.toml").exists() && !force {
+        bail!("{} already holds a run; pass --force to replace it", out.display());
+    }
+    if download {
+        if let Some(name) = &cfg.data.dataset {
+            let name = DatasetName::from_str(name).map_err(anyhow::Error::msg)?;
+            let root = needle_data::resolve_data_dir(data_dir);
+            if needle_data::source::find_dataset_dir(&name, &root).is_none() {
+                fetch(name.as_str(), &root)?;
+            }
+        }
+    }
+    let (ds, split) = load_data(&cfg, data_dir)?;
+    eprintln!(
+        "data: {} — {} events, {} users, {} items{}",
+        ds.name,
+        ds.events.len(),
+        ds.user_ids.len(),
+        ds.item_ids.len(),
+        match ds.report.skipped_total() {
+            0 => String::new(),
+            n => format!(", {n} bad rows skipped"),
+        }
+    );
+    let p = prepare(&ds, &split, &cfg.model)?;
+    eprintln!(
+        "split: {} train events, {} validation and {} test targets; {} items and {} users in the vocabulary; {threads} threads",
+        p.train.items.len(),
+        p.valid.items.len(),
+        p.test.items.len(),
+        p.items.len() - 1,
+        p.users.len() - 1
+    );
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let log_path = out.join("train_log.jsonl");
+    if log_path.exists() {
+        std::fs::remove_file(&log_path).with_context(|| format!("cannot replace {}", log_path.display()))?;
+    }
+    let mut log_err = None;
+    let trained = trainer::train(&cfg, &p, !quiet, &mut |rec| {
+        eprintln!(
+            "epoch {:>3}  loss {:.4}  valid HR@10 {:.4}  NDCG@10 {:.4}  {:.1}s  {:.0} samples/s",
+            rec.epoch, rec.loss, rec.valid_hr10, rec.valid_ndcg10, rec.seconds, rec.samples_per_sec
+        );
+        if let Err(e) = append_log(out, rec) {
+            log_err.get_or_insert(e);
+        }
+    })?;
+    if let Some(e) = log_err {
+        return Err(e.into());
+    }
+    let info = save_run(out, &cfg, &ds, &p, &trained, threads)?;
+    eprintln!(
+        "trained in {:.1}s (best epoch {} of {}), {:.0} samples/s, peak RSS {}; saved {}",
+        info.training.seconds,
+        info.training.best_epoch,
+        info.training.epochs_run,
+        info.training.samples_per_sec,
+        info.training.peak_rss_mb.map_or("n/a".into(), |m| format!("{m:.0} MB")),
+        out.display()
+    );
+    let report = evaluate(&trained.model, &p, Stage::Test, &[10, 50, 100], false, None);
+    println!("test, full corpus, known items excluded:\n{}", needle_eval::format_table(&report));
+    write_metrics(out, &report)
+}
+
+pub fn eval(run: &Path, data_dir: Option<&Path>, keep_seen: bool, ks: &[usize]) -> Result<()> {
+    if ks.is_empty() || ks.contains(&0) {
+        bail!("--k needs positive cut-offs, e.g. --k 10,50,100");
+    }
+    let r = load_run(run, data_dir)?;
+    let report = evaluate(&r.model, &r.prepared, Stage::Test, ks, keep_seen, None);
+    println!(
+        "{} ({:?}), test, full corpus, known items {}:\n{}",
+        run.display(),
+        r.info.kind,
+        if keep_seen { "kept" } else { "excluded" },
+        needle_eval::format_table(&report)
+    );
+    write_metrics(run, &report)
+}
+
+pub fn recall(run: &Path, data_dir: Option<&Path>, users: &str, k: usize, keep_seen: bool) -> Result<()> {
+    if k == 0 {
+        bail!("--k must be at least 1");
+    }
+    let r = load_run(run, data_dir)?;
+    let p = &r.prepared;
+    let selected: Vec<usize> = if users.trim() == "all" {
+        (0..p.n_users()).collect()
+    } else {
+        let index: std::collections::HashMap<&str, usize> =
+            p.user_raw.iter().enumerate().map(|(i, s)| (s.as_str(), i)).collect();
+        users
+            .split(',')
+            .map(|raw| {
+                let raw = raw.trim();
+                index.get(raw).copied().with_context(|| format!("unknown user id `{raw}` (not in dataset {})", r.dataset.name))
+            })
+            .collect::<Result<_>>()?
+    };
+    // The user's known history is train + validation; the test target is never an input.
+    let (ids, _) = recall_top_k(&r.model, p, &selected, Stage::Test, k, keep_seen);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for (row, &u) in selected.iter().enumerate() {
+        write!(out, "{}\t", p.user_raw[u])?;
+        let mut first = true;
+        for &it in ids[row * k..(row + 1) * k].iter().take_while(|&&i| i != u32::MAX) {
+            if !first {
+                out.write_all(b",")?;
+            }
+            first = false;
+            out.write_all(p.items.raw(it).unwrap_or("?").as_bytes())?;
+        }
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn fetch(name: &str, to: &Path) -> Result<()> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("downloading {name}"));
+    let dir = needle_data::download(name, to, &mut |done, total| {
+        if let Some(t) = total {
+            bar.set_length(t);
+        }
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    eprintln!("{name}: checksum verified, extracted to {}", dir.display());
+    Ok(())
+}
+
+pub fn download(name: &str, to: &Path) -> Result<()> {
+    fetch(name, to)
+}
