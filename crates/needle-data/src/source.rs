@@ -10,13 +10,16 @@ use crate::dataset::{Dataset, LoadOptions};
 use crate::error::Result;
 use crate::movielens::{load_ml100k, load_ml1m, missing};
 
-/// Built-in datasets. Serialized as "ml-1m" / "ml-100k" so configs read naturally.
+/// Built-in datasets. Serialized as "ml-1m" / "ml-100k" so configs read naturally
+/// (explicit renames: plain kebab-case would give "ml1m" since digits do not start a word).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "kebab-case")]
 pub enum DatasetName {
     /// MovieLens-1M (1,000,209 ratings).
+    #[serde(rename = "ml-1m", alias = "ml1m")]
     Ml1m,
     /// MovieLens-100k (100,000 ratings).
+    #[serde(rename = "ml-100k", alias = "ml100k")]
     Ml100k,
 }
 

@@ -233,6 +233,17 @@ fn dataset_name_serde_kebab() {
     assert_eq!(c.d, DatasetName::Ml100k);
     let c: C = toml::from_str("d = \"ml-1m\"").unwrap();
     assert_eq!(c.d, DatasetName::Ml1m);
+    #[derive(serde::Serialize)]
+    struct S {
+        d: DatasetName,
+    }
+    let out = toml::to_string(&S {
+        d: DatasetName::Ml1m,
+    })
+    .unwrap();
+    assert_eq!(out.trim(), "d = \"ml-1m\"");
+    assert_eq!("ml-100k".parse::<DatasetName>(), Ok(DatasetName::Ml100k));
+    assert_eq!(DatasetName::Ml100k.to_string(), "ml-100k");
 }
 
 fn ml100k_dir() -> tempfile::TempDir {
@@ -475,7 +486,7 @@ impl Lcg {
         let len = (self.next() % 120) as usize;
         (0..len)
             .map(|_| {
-                if self.next() % 16 == 0 {
+                if self.next() & 15 == 0 {
                     self.next() as u8
                 } else {
                     ALPHABET[(self.next() as usize) % ALPHABET.len()]
