@@ -19,7 +19,10 @@ pub struct Lists {
 
 impl Lists {
     pub fn new() -> Self {
-        Lists { offsets: vec![0], items: Vec::new() }
+        Lists {
+            offsets: vec![0],
+            items: Vec::new(),
+        }
     }
 
     /// Appends one list.
@@ -56,7 +59,9 @@ impl PartialOrd for Scored {
 impl Ord for Scored {
     /// "Greater" means ranked higher: larger score, then smaller item row (a stable tie-break).
     fn cmp(&self, other: &Self) -> Ordering {
-        self.0.total_cmp(&other.0).then_with(|| other.1.cmp(&self.1))
+        self.0
+            .total_cmp(&other.0)
+            .then_with(|| other.1.cmp(&self.1))
     }
 }
 
@@ -94,16 +99,32 @@ pub fn select_top_k(scores: &[f32], k: usize, ids: &mut Vec<u32>, vals: &mut Vec
 /// items qualify). Item row 0 (padding) and each user's `exclude` list never appear.
 ///
 /// `user_vecs` is `[users × d]`; `item_vecs` is `[items × d]`, row = item row.
-pub fn top_k(user_vecs: &[f32], item_vecs: &[f32], d: usize, k: usize, exclude: Option<&Lists>) -> (Vec<u32>, Vec<f32>) {
-    let n_users = if d == 0 { 0 } else { user_vecs.len() / d };
-    let n_items = if d == 0 { 0 } else { item_vecs.len() / d };
+pub fn top_k(
+    user_vecs: &[f32],
+    item_vecs: &[f32],
+    d: usize,
+    k: usize,
+    exclude: Option<&Lists>,
+) -> (Vec<u32>, Vec<f32>) {
+    let n_users = user_vecs.len().checked_div(d).unwrap_or(0);
+    let n_items = item_vecs.len().checked_div(d).unwrap_or(0);
     let mut out_ids = vec![u32::MAX; n_users * k];
     let mut out_scores = vec![f32::NEG_INFINITY; n_users * k];
     let mut scores = vec![0.0f32; USER_BLOCK * n_items];
     for b0 in (0..n_users).step_by(USER_BLOCK) {
         let bn = USER_BLOCK.min(n_users - b0);
         let block = &mut scores[..bn * n_items];
-        matmul(bn, d, n_items, &user_vecs[b0 * d..(b0 + bn) * d], Layout::Normal, item_vecs, Layout::Transposed, block, false);
+        matmul(
+            bn,
+            d,
+            n_items,
+            &user_vecs[b0 * d..(b0 + bn) * d],
+            Layout::Normal,
+            item_vecs,
+            Layout::Transposed,
+            block,
+            false,
+        );
         block
             .par_chunks_mut(n_items)
             .zip(out_ids[b0 * k..(b0 + bn) * k].par_chunks_mut(k))
@@ -176,7 +197,13 @@ impl Report {
 /// Scores ranked lists (`[users × kmax]`, as from [`top_k`]) against each user's targets.
 /// Users with no target are skipped.
 pub fn score(ranked: &[u32], kmax: usize, targets: &Lists, ks: &[usize], n_items: usize) -> Report {
-    let mut at: Vec<AtK> = ks.iter().map(|&k| AtK { k, ..Default::default() }).collect();
+    let mut at: Vec<AtK> = ks
+        .iter()
+        .map(|&k| AtK {
+            k,
+            ..Default::default()
+        })
+        .collect();
     let mut hit_curve = vec![0.0f64; kmax];
     let mut users = 0usize;
     for u in 0..targets.len() {
@@ -186,7 +213,12 @@ pub fn score(ranked: &[u32], kmax: usize, targets: &Lists, ks: &[usize], n_items
         }
         users += 1;
         let row = &ranked[u * kmax..(u + 1) * kmax];
-        let ranks: Vec<usize> = row.iter().enumerate().filter(|(_, id)| t.contains(id)).map(|(r, _)| r).collect();
+        let ranks: Vec<usize> = row
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| t.contains(id))
+            .map(|(r, _)| r)
+            .collect();
         if let Some(&first) = ranks.first() {
             for h in hit_curve.iter_mut().skip(first) {
                 *h += 1.0;
@@ -199,7 +231,9 @@ pub fn score(ranked: &[u32], kmax: usize, targets: &Lists, ks: &[usize], n_items
                 continue;
             }
             let dcg: f64 = hits.iter().map(|&r| 1.0 / ((r + 2) as f64).log2()).sum();
-            let idcg: f64 = (0..t.len().min(a.k)).map(|r| 1.0 / ((r + 2) as f64).log2()).sum();
+            let idcg: f64 = (0..t.len().min(a.k))
+                .map(|r| 1.0 / ((r + 2) as f64).log2())
+                .sum();
             a.hit_rate += 1.0;
             a.recall += hits.len() as f64 / t.len() as f64;
             a.precision += hits.len() as f64 / a.k as f64;
@@ -216,13 +250,21 @@ pub fn score(ranked: &[u32], kmax: usize, targets: &Lists, ks: &[usize], n_items
         a.mrr /= n;
     }
     hit_curve.iter_mut().for_each(|h| *h /= n);
-    Report { users, items: n_items, at, hit_curve }
+    Report {
+        users,
+        items: n_items,
+        at,
+        hit_curve,
+    }
 }
 
 /// Prints a report as an aligned text table.
 pub fn format_table(r: &Report) -> String {
     let mut s = format!("users {}  items {}\n", r.users, r.items);
-    s.push_str(&format!("{:>6} {:>9} {:>9} {:>9} {:>10} {:>9}\n", "K", "HR", "Recall", "NDCG", "Precision", "MRR"));
+    s.push_str(&format!(
+        "{:>6} {:>9} {:>9} {:>9} {:>10} {:>9}\n",
+        "K", "HR", "Recall", "NDCG", "Precision", "MRR"
+    ));
     for a in &r.at {
         s.push_str(&format!(
             "{:>6} {:>9.4} {:>9.4} {:>9.4} {:>10.5} {:>9.4}\n",
@@ -250,7 +292,15 @@ mod tests {
         for i in 0..nu {
             let mut all: Vec<(f32, u32)> = (1..ni as u32)
                 .filter(|j| !ex.get(i).contains(j))
-                .map(|j| (needle_model::layers::dot(&u[i * d..(i + 1) * d], &v[j as usize * d..(j as usize + 1) * d]), j))
+                .map(|j| {
+                    (
+                        needle_model::layers::dot(
+                            &u[i * d..(i + 1) * d],
+                            &v[j as usize * d..(j as usize + 1) * d],
+                        ),
+                        j,
+                    )
+                })
                 .collect();
             all.sort_by(|a, b| b.0.total_cmp(&a.0));
             let want: Vec<u32> = all[..k].iter().map(|x| x.1).collect();

@@ -23,8 +23,18 @@ pub fn save_youtubednn(model: &YoutubeDnn, path: &Path) -> Result<(), ModelError
         .collect();
     if model.item_feat_emb.is_some() {
         let b = &model.item_bags;
-        owned.push(("item_bags.offsets".into(), Dtype::U32, vec![b.offsets.len()], u32_bytes(&b.offsets)));
-        owned.push(("item_bags.keys".into(), Dtype::U32, vec![b.keys.len()], u32_bytes(&b.keys)));
+        owned.push((
+            "item_bags.offsets".into(),
+            Dtype::U32,
+            vec![b.offsets.len()],
+            u32_bytes(&b.offsets),
+        ));
+        owned.push((
+            "item_bags.keys".into(),
+            Dtype::U32,
+            vec![b.keys.len()],
+            u32_bytes(&b.keys),
+        ));
     }
     let views = owned
         .iter()
@@ -32,30 +42,59 @@ pub fn save_youtubednn(model: &YoutubeDnn, path: &Path) -> Result<(), ModelError
             TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v))
         })
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ModelError::Checkpoint { path: path.to_owned(), reason: e.to_string() })?;
+        .map_err(|e| ModelError::Checkpoint {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     // Write to a temporary name first so an interrupted save never leaves a torn checkpoint.
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::tensor::serialize_to_file(views, None, &tmp)
-        .map_err(|e| ModelError::Checkpoint { path: path.to_owned(), reason: e.to_string() })?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::Io { path: path.to_owned(), source: e })
+    safetensors::tensor::serialize_to_file(views, None, &tmp).map_err(|e| {
+        ModelError::Checkpoint {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::Io {
+        path: path.to_owned(),
+        source: e,
+    })
 }
 
 /// Reads a YouTubeDNN model saved by [`save_youtubednn`], checking every shape against `spec`.
 pub fn load_youtubednn(spec: TowerSpec, path: &Path) -> Result<YoutubeDnn, ModelError> {
-    let bytes = std::fs::read(path).map_err(|e| ModelError::Io { path: path.to_owned(), source: e })?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| ModelError::Checkpoint { path: path.to_owned(), reason: e.to_string() })?;
+    let bytes = std::fs::read(path).map_err(|e| ModelError::Io {
+        path: path.to_owned(),
+        source: e,
+    })?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Checkpoint {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
     let tensors: HashMap<String, TensorView> = st.tensors().into_iter().collect();
-    let bad = |reason: String| ModelError::Checkpoint { path: path.to_owned(), reason };
+    let bad = |reason: String| ModelError::Checkpoint {
+        path: path.to_owned(),
+        reason,
+    };
     let get_u32 = |name: &str| -> Result<Vec<u32>, ModelError> {
-        let t = tensors.get(name).ok_or_else(|| bad(format!("missing tensor {name}")))?;
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| bad(format!("missing tensor {name}")))?;
         if t.dtype() != Dtype::U32 {
-            return Err(bad(format!("tensor {name} has dtype {:?}, expected U32", t.dtype())));
+            return Err(bad(format!(
+                "tensor {name} has dtype {:?}, expected U32",
+                t.dtype()
+            )));
         }
-        Ok(t.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
     };
     let item_bags = if spec.item_feature.is_some() {
-        let bags = ItemBags { offsets: get_u32("item_bags.offsets")?, keys: get_u32("item_bags.keys")? };
+        let bags = ItemBags {
+            offsets: get_u32("item_bags.offsets")?,
+            keys: get_u32("item_bags.keys")?,
+        };
         let rows = spec.item_feature.as_ref().map_or(0, |f| f.rows) as u32;
         let sorted = bags.offsets.windows(2).all(|w| w[0] <= w[1]);
         if bags.offsets.len() != spec.items + 1
@@ -70,9 +109,15 @@ pub fn load_youtubednn(spec: TowerSpec, path: &Path) -> Result<YoutubeDnn, Model
         ItemBags::default()
     };
     let mut model = YoutubeDnn::new(spec, item_bags, &mut crate::rng::Rng::new(0));
-    let names: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
+    let names: Vec<(String, Vec<usize>)> = model
+        .tensors()
+        .into_iter()
+        .map(|(n, s, _)| (n, s))
+        .collect();
     for ((name, shape), dst) in names.iter().zip(model.tensors_mut()) {
-        let t = tensors.get(name).ok_or_else(|| bad(format!("missing tensor {name}")))?;
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| bad(format!("missing tensor {name}")))?;
         if t.dtype() != Dtype::F32 || t.shape() != shape.as_slice() {
             return Err(bad(format!(
                 "tensor {name} is {:?}{:?}, the model config expects F32{:?}",
@@ -99,12 +144,23 @@ mod tests {
             items: 5,
             dim: 4,
             max_seq_len: 3,
-            user_features: vec![CategoricalSpec { name: "g".into(), rows: 3, dim: 2 }],
-            item_feature: Some(CategoricalSpec { name: "genres".into(), rows: 4, dim: 2 }),
+            user_features: vec![CategoricalSpec {
+                name: "g".into(),
+                rows: 3,
+                dim: 2,
+            }],
+            item_feature: Some(CategoricalSpec {
+                name: "genres".into(),
+                rows: 4,
+                dim: 2,
+            }),
             hidden: vec![8],
             example_age: true,
         };
-        let bags = ItemBags { offsets: vec![0, 0, 1, 3, 3, 4], keys: vec![1, 2, 3, 1] };
+        let bags = ItemBags {
+            offsets: vec![0, 0, 1, 3, 3, 4],
+            keys: vec![1, 2, 3, 1],
+        };
         let model = YoutubeDnn::new(spec.clone(), bags, &mut crate::rng::Rng::new(9));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.safetensors");

@@ -11,7 +11,15 @@ use rayon::prelude::*;
 const ROWS_PER_TASK: usize = 256;
 
 /// `y[b×o] = x[b×i] · w[i×o] + bias[o]`.
-pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], b: usize, i: usize, o: usize) {
+pub fn linear_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    b: usize,
+    i: usize,
+    o: usize,
+) {
     for row in y[..b * o].chunks_exact_mut(o) {
         row.copy_from_slice(&bias[..o]);
     }
@@ -38,7 +46,17 @@ pub fn linear_backward(
         }
     }
     if let Some(dx) = dx {
-        matmul(b, o, i, dy, Layout::Normal, w, Layout::Transposed, dx, false);
+        matmul(
+            b,
+            o,
+            i,
+            dy,
+            Layout::Normal,
+            w,
+            Layout::Transposed,
+            dx,
+            false,
+        );
     }
 }
 
@@ -69,7 +87,11 @@ pub fn l2norm_forward(y: &mut [f32], norms: &mut [f32], x: &[f32], d: usize) {
         .zip(norms.par_chunks_mut(ROWS_PER_TASK))
         .zip(x[..rows * d].par_chunks(d * ROWS_PER_TASK))
         .for_each(|((y, n), x)| {
-            for ((yr, nr), xr) in y.chunks_exact_mut(d).zip(n.iter_mut()).zip(x.chunks_exact(d)) {
+            for ((yr, nr), xr) in y
+                .chunks_exact_mut(d)
+                .zip(n.iter_mut())
+                .zip(x.chunks_exact(d))
+            {
                 let norm = xr.iter().map(|v| v * v).sum::<f32>().sqrt().max(NORM_EPS);
                 *nr = norm;
                 let inv = 1.0 / norm;
@@ -89,8 +111,11 @@ pub fn l2norm_backward(dx: &mut [f32], dy: &[f32], y: &[f32], norms: &[f32], d: 
         .zip(y[..rows * d].par_chunks(d * ROWS_PER_TASK))
         .zip(norms.par_chunks(ROWS_PER_TASK))
         .for_each(|(((dx, dy), y), n)| {
-            for (((dxr, dyr), yr), &nr) in
-                dx.chunks_exact_mut(d).zip(dy.chunks_exact(d)).zip(y.chunks_exact(d)).zip(n)
+            for (((dxr, dyr), yr), &nr) in dx
+                .chunks_exact_mut(d)
+                .zip(dy.chunks_exact(d))
+                .zip(y.chunks_exact(d))
+                .zip(n)
             {
                 let dot: f32 = dyr.iter().zip(yr).map(|(a, b)| a * b).sum();
                 let inv = 1.0 / nr;
@@ -156,7 +181,17 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
     scratch.row_logits.resize(b * nr, 0.0);
     scratch.pos_logits.resize(b, 0.0);
     if s > 0 {
-        matmul(b, d, s, x.user, Layout::Normal, x.shared, Layout::Transposed, &mut scratch.logits, false);
+        matmul(
+            b,
+            d,
+            s,
+            x.user,
+            Layout::Normal,
+            x.shared,
+            Layout::Transposed,
+            &mut scratch.logits,
+            false,
+        );
     }
     let chunk = ROWS_PER_TASK.min(b.max(1));
     let n_chunks = b.div_ceil(chunk);
@@ -184,26 +219,23 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
                 let pos_logit = dot(u, p) * inv_t - x.pos_corr[r];
                 let mut max = pos_logit;
                 let rl_row = &mut rl[k * nr..(k + 1) * nr];
-                for j in 0..nr {
-                    let id = x.row_ids[r * nr + j];
-                    let v = if id == x.pos_ids[r] {
+                for (j, out) in rl_row.iter_mut().enumerate() {
+                    let c = r * nr + j;
+                    *out = if x.row_ids[c] == x.pos_ids[r] {
                         f32::NEG_INFINITY
                     } else {
-                        let n = &x.row_negs[(r * nr + j) * d..(r * nr + j + 1) * d];
-                        dot(u, n) * inv_t - x.row_corr[r * nr + j]
+                        dot(u, &x.row_negs[c * d..(c + 1) * d]) * inv_t - x.row_corr[c]
                     };
-                    rl_row[j] = v;
-                    max = max.max(v);
+                    max = max.max(*out);
                 }
                 let lg_row = &mut lg[k * s..(k + 1) * s];
-                for j in 0..s {
-                    let v = if x.shared_ids[j] == x.pos_ids[r] {
+                for ((v, &id), &corr) in lg_row.iter_mut().zip(x.shared_ids).zip(x.shared_corr) {
+                    *v = if id == x.pos_ids[r] {
                         f32::NEG_INFINITY
                     } else {
-                        lg_row[j] * inv_t - x.shared_corr[j]
+                        *v * inv_t - corr
                     };
-                    lg_row[j] = v;
-                    max = max.max(v);
+                    max = max.max(*v);
                 }
                 let mut z = (pos_logit - max).exp();
                 for v in rl_row.iter().chain(lg_row.iter()) {
@@ -240,8 +272,28 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
     if s > 0 {
         // The shared part of dL/du and all of dL/dshared come from two products over the
         // probability matrix now held in `logits`.
-        matmul(b, s, d, &scratch.logits, Layout::Normal, x.shared, Layout::Normal, g.user, true);
-        matmul(s, b, d, &scratch.logits, Layout::Transposed, x.user, Layout::Normal, g.shared, false);
+        matmul(
+            b,
+            s,
+            d,
+            &scratch.logits,
+            Layout::Normal,
+            x.shared,
+            Layout::Normal,
+            g.user,
+            true,
+        );
+        matmul(
+            s,
+            b,
+            d,
+            &scratch.logits,
+            Layout::Transposed,
+            x.user,
+            Layout::Normal,
+            g.shared,
+            false,
+        );
     }
     (loss_sum / b.max(1) as f64) as f32
 }
@@ -293,7 +345,10 @@ mod tests {
     fn assert_close(analytic: &[f32], numeric: &[f32], what: &str) {
         let scale = numeric.iter().map(|v| v.abs()).fold(1e-3, f32::max);
         for (i, (a, n)) in analytic.iter().zip(numeric).enumerate() {
-            assert!((a - n).abs() <= 2e-2 * scale, "{what}[{i}]: analytic {a} vs numeric {n}");
+            assert!(
+                (a - n).abs() <= 2e-2 * scale,
+                "{what}[{i}]: analytic {a} vs numeric {n}"
+            );
         }
     }
 
@@ -376,15 +431,34 @@ mod tests {
         let t = 0.5;
         let run = |user: &[f32], pos: &[f32], negs: &[f32], shared: &[f32], grads: bool| {
             let x = SoftmaxInputs {
-                user, pos, pos_corr: &pos_corr, pos_ids: &pos_ids, row_negs: negs, row_corr: &row_corr,
-                row_ids: &row_ids, n_row: nr, shared, shared_corr: &shared_corr, shared_ids: &shared_ids,
-                temperature: t, d,
+                user,
+                pos,
+                pos_corr: &pos_corr,
+                pos_ids: &pos_ids,
+                row_negs: negs,
+                row_corr: &row_corr,
+                row_ids: &row_ids,
+                n_row: nr,
+                shared,
+                shared_corr: &shared_corr,
+                shared_ids: &shared_ids,
+                temperature: t,
+                d,
             };
-            let (mut gu, mut gp, mut gn, mut gs) =
-                (vec![0.0; b * d], vec![0.0; b * d], vec![0.0; b * nr * d], vec![0.0; s * d]);
+            let (mut gu, mut gp, mut gn, mut gs) = (
+                vec![0.0; b * d],
+                vec![0.0; b * d],
+                vec![0.0; b * nr * d],
+                vec![0.0; s * d],
+            );
             let l = softmax_loss(
                 &x,
-                SoftmaxGrads { user: &mut gu, pos: &mut gp, row_negs: &mut gn, shared: &mut gs },
+                SoftmaxGrads {
+                    user: &mut gu,
+                    pos: &mut gp,
+                    row_negs: &mut gn,
+                    shared: &mut gs,
+                },
                 &mut SoftmaxScratch::default(),
             );
             let _ = grads;
@@ -392,14 +466,30 @@ mod tests {
         };
         let (_, gu, gp, gn, gs) = run(&user, &pos, &negs, &shared, true);
         let (p, n, sh) = (pos.clone(), negs.clone(), shared.clone());
-        assert_close(&gu, &numeric_grad(&mut user, &mut |u| run(u, &p, &n, &sh, false).0 as f64), "user");
+        assert_close(
+            &gu,
+            &numeric_grad(&mut user, &mut |u| run(u, &p, &n, &sh, false).0 as f64),
+            "user",
+        );
         let uu = user.clone();
-        assert_close(&gp, &numeric_grad(&mut pos, &mut |p| run(&uu, p, &n, &sh, false).0 as f64), "pos");
+        assert_close(
+            &gp,
+            &numeric_grad(&mut pos, &mut |p| run(&uu, p, &n, &sh, false).0 as f64),
+            "pos",
+        );
         let pp = pos.clone();
-        assert_close(&gn, &numeric_grad(&mut negs, &mut |n| run(&uu, &pp, n, &sh, false).0 as f64), "negs");
+        assert_close(
+            &gn,
+            &numeric_grad(&mut negs, &mut |n| run(&uu, &pp, n, &sh, false).0 as f64),
+            "negs",
+        );
         // The masked negative must get no gradient.
         assert!(gn[(nr) * d..(nr + 1) * d].iter().all(|v| *v == 0.0));
         let nn = negs.clone();
-        assert_close(&gs, &numeric_grad(&mut shared, &mut |s| run(&uu, &pp, &nn, s, false).0 as f64), "shared");
+        assert_close(
+            &gs,
+            &numeric_grad(&mut shared, &mut |s| run(&uu, &pp, &nn, s, false).0 as f64),
+            "shared",
+        );
     }
 }

@@ -5,7 +5,9 @@
 //! Item tower: item embedding (‖ mean of a multi-valued item feature such as genres) → L2 norm.
 
 use crate::embedding::{bag_mean_backward, bag_mean_forward, Embedding, SparseGrad};
-use crate::layers::{l2norm_backward, l2norm_forward, linear_backward, linear_forward, relu_backward, relu_forward};
+use crate::layers::{
+    l2norm_backward, l2norm_forward, linear_backward, linear_forward, relu_backward, relu_forward,
+};
 use crate::rng::Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -43,7 +45,9 @@ impl TowerSpec {
 
     /// Width of the user MLP input.
     pub fn input_dim(&self) -> usize {
-        self.dim + self.user_features.iter().map(|f| f.dim).sum::<usize>() + usize::from(self.example_age)
+        self.dim
+            + self.user_features.iter().map(|f| f.dim).sum::<usize>()
+            + usize::from(self.example_age)
     }
 
     fn layer_dims(&self) -> Vec<(usize, usize)> {
@@ -171,27 +175,57 @@ impl YoutubeDnn {
     /// Fresh parameters: embeddings N(0, 0.1²)… scaled by width, He-uniform hidden layers.
     pub fn new(spec: TowerSpec, item_bags: ItemBags, rng: &mut Rng) -> Self {
         let item_emb = Embedding::new(spec.items, spec.dim, 1.0 / (spec.dim as f32).sqrt(), rng);
-        let user_feat_emb =
-            spec.user_features.iter().map(|f| Embedding::new(f.rows, f.dim, 1.0 / (f.dim as f32).sqrt(), rng)).collect();
-        let item_feat_emb =
-            spec.item_feature.as_ref().map(|f| Embedding::new(f.rows, f.dim, 1.0 / (f.dim as f32).sqrt(), rng));
+        let user_feat_emb = spec
+            .user_features
+            .iter()
+            .map(|f| Embedding::new(f.rows, f.dim, 1.0 / (f.dim as f32).sqrt(), rng))
+            .collect();
+        let item_feat_emb = spec
+            .item_feature
+            .as_ref()
+            .map(|f| Embedding::new(f.rows, f.dim, 1.0 / (f.dim as f32).sqrt(), rng));
         let layers = spec
             .layer_dims()
             .into_iter()
             .map(|(i, o)| {
                 let a = (6.0 / i as f32).sqrt();
-                Dense { inp: i, out: o, w: (0..i * o).map(|_| (rng.uniform() * 2.0 - 1.0) * a).collect(), b: vec![0.0; o] }
+                Dense {
+                    inp: i,
+                    out: o,
+                    w: (0..i * o)
+                        .map(|_| (rng.uniform() * 2.0 - 1.0) * a)
+                        .collect(),
+                    b: vec![0.0; o],
+                }
             })
             .collect();
-        YoutubeDnn { spec, item_emb, user_feat_emb, item_feat_emb, item_bags, layers }
+        YoutubeDnn {
+            spec,
+            item_emb,
+            user_feat_emb,
+            item_feat_emb,
+            item_bags,
+            layers,
+        }
     }
 
     pub fn new_grads(&self) -> Grads {
         Grads {
             item: SparseGrad::new(self.item_emb.rows, self.item_emb.dim),
-            user_feats: self.user_feat_emb.iter().map(|e| SparseGrad::new(e.rows, e.dim)).collect(),
-            item_feat: self.item_feat_emb.as_ref().map(|e| SparseGrad::new(e.rows, e.dim)),
-            layers: self.layers.iter().map(|l| (vec![0.0; l.w.len()], vec![0.0; l.b.len()])).collect(),
+            user_feats: self
+                .user_feat_emb
+                .iter()
+                .map(|e| SparseGrad::new(e.rows, e.dim))
+                .collect(),
+            item_feat: self
+                .item_feat_emb
+                .as_ref()
+                .map(|e| SparseGrad::new(e.rows, e.dim)),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| (vec![0.0; l.w.len()], vec![0.0; l.b.len()]))
+                .collect(),
         }
     }
 
@@ -200,30 +234,33 @@ impl YoutubeDnn {
         let w = self.spec.input_dim();
         let l = self.spec.max_seq_len;
         let nf = self.spec.user_features.len();
-        x0[..batch.n * w].par_chunks_mut(w * ROWS_PER_TASK).enumerate().for_each(|(ci, chunk)| {
-            let r0 = ci * ROWS_PER_TASK;
-            let rows = chunk.len() / w;
-            bag_mean_forward(
-                chunk,
-                w,
-                &self.item_emb,
-                &batch.hist[r0 * l..(r0 + rows) * l],
-                &batch.hist_len[r0..r0 + rows],
-                l,
-            );
-            for k in 0..rows {
-                let row = &mut chunk[k * w..(k + 1) * w];
-                let mut off = self.spec.dim;
-                for (f, table) in self.user_feat_emb.iter().enumerate() {
-                    let id = batch.feats[(r0 + k) * nf + f];
-                    row[off..off + table.dim].copy_from_slice(table.row(id));
-                    off += table.dim;
+        x0[..batch.n * w]
+            .par_chunks_mut(w * ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                let r0 = ci * ROWS_PER_TASK;
+                let rows = chunk.len() / w;
+                bag_mean_forward(
+                    chunk,
+                    w,
+                    &self.item_emb,
+                    &batch.hist[r0 * l..(r0 + rows) * l],
+                    &batch.hist_len[r0..r0 + rows],
+                    l,
+                );
+                for k in 0..rows {
+                    let row = &mut chunk[k * w..(k + 1) * w];
+                    let mut off = self.spec.dim;
+                    for (f, table) in self.user_feat_emb.iter().enumerate() {
+                        let id = batch.feats[(r0 + k) * nf + f];
+                        row[off..off + table.dim].copy_from_slice(table.row(id));
+                        off += table.dim;
+                    }
+                    if self.spec.example_age {
+                        row[off] = batch.age[r0 + k];
+                    }
                 }
-                if self.spec.example_age {
-                    row[off] = batch.age[r0 + k];
-                }
-            }
-        });
+            });
     }
 
     /// User tower forward pass; the result is in `acts.out`.
@@ -245,11 +282,22 @@ impl YoutubeDnn {
         let d = self.spec.out_dim();
         acts.out.resize(n * d, 0.0);
         acts.norms.resize(n, 0.0);
-        l2norm_forward(&mut acts.out, &mut acts.norms, acts.zs.last().expect("at least one layer"), d);
+        l2norm_forward(
+            &mut acts.out,
+            &mut acts.norms,
+            acts.zs.last().expect("at least one layer"),
+            d,
+        );
     }
 
     /// Accumulates the user tower's gradients given `dout = dL/d(acts.out)`.
-    pub fn user_backward(&self, batch: &UserBatch, acts: &mut UserActs, dout: &[f32], grads: &mut Grads) {
+    pub fn user_backward(
+        &self,
+        batch: &UserBatch,
+        acts: &mut UserActs,
+        dout: &[f32],
+        grads: &mut Grads,
+    ) {
         let n = batch.n;
         let d = self.spec.out_dim();
         acts.dz.resize(n * d, 0.0);
@@ -259,7 +307,17 @@ impl YoutubeDnn {
             let x = if li == 0 { &acts.x0 } else { &acts.zs[li - 1] };
             acts.dz_prev.resize(n * layer.inp, 0.0);
             let (gw, gb) = &mut grads.layers[li];
-            linear_backward(Some(&mut acts.dz_prev), gw, gb, &acts.dz, x, &layer.w, n, layer.inp, layer.out);
+            linear_backward(
+                Some(&mut acts.dz_prev),
+                gw,
+                gb,
+                &acts.dz,
+                x,
+                &layer.w,
+                n,
+                layer.inp,
+                layer.out,
+            );
             if li > 0 {
                 relu_backward(&mut acts.dz_prev, &acts.zs[li - 1]);
             }
@@ -268,7 +326,14 @@ impl YoutubeDnn {
         // acts.dz now holds dL/dx0.
         let w = self.spec.input_dim();
         let l = self.spec.max_seq_len;
-        bag_mean_backward(&mut grads.item, &acts.dz, w, &batch.hist, &batch.hist_len[..n], l);
+        bag_mean_backward(
+            &mut grads.item,
+            &acts.dz,
+            w,
+            &batch.hist,
+            &batch.hist_len[..n],
+            l,
+        );
         let nf = self.spec.user_features.len();
         let mut off = self.spec.dim;
         for (f, g) in grads.user_feats.iter_mut().enumerate() {
@@ -289,25 +354,28 @@ impl YoutubeDnn {
         let d = self.spec.out_dim();
         let de = self.spec.dim;
         acts.raw.resize(m * d, 0.0);
-        acts.raw.par_chunks_mut(d * ROWS_PER_TASK).zip(ids.par_chunks(ROWS_PER_TASK)).for_each(|(raw, ids)| {
-            for (row, &id) in raw.chunks_exact_mut(d).zip(ids) {
-                row[..de].copy_from_slice(self.item_emb.row(id));
-                if let Some(fe) = &self.item_feat_emb {
-                    let out = &mut row[de..];
-                    out.fill(0.0);
-                    let bag = self.item_bags.of(id);
-                    for &k in bag {
-                        for (a, v) in out.iter_mut().zip(fe.row(k)) {
-                            *a += v;
+        acts.raw
+            .par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(ids.par_chunks(ROWS_PER_TASK))
+            .for_each(|(raw, ids)| {
+                for (row, &id) in raw.chunks_exact_mut(d).zip(ids) {
+                    row[..de].copy_from_slice(self.item_emb.row(id));
+                    if let Some(fe) = &self.item_feat_emb {
+                        let out = &mut row[de..];
+                        out.fill(0.0);
+                        let bag = self.item_bags.of(id);
+                        for &k in bag {
+                            for (a, v) in out.iter_mut().zip(fe.row(k)) {
+                                *a += v;
+                            }
+                        }
+                        if !bag.is_empty() {
+                            let inv = 1.0 / bag.len() as f32;
+                            out.iter_mut().for_each(|a| *a *= inv);
                         }
                     }
-                    if !bag.is_empty() {
-                        let inv = 1.0 / bag.len() as f32;
-                        out.iter_mut().for_each(|a| *a *= inv);
-                    }
                 }
-            }
-        });
+            });
         acts.out.resize(m * d, 0.0);
         acts.norms.resize(m, 0.0);
         l2norm_forward(&mut acts.out, &mut acts.norms, &acts.raw, d);
@@ -347,12 +415,24 @@ impl YoutubeDnn {
 
     /// Named views of every parameter, in a fixed order (for checkpoints and optimizers).
     pub fn tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
-        let mut t = vec![("item_emb".to_string(), vec![self.item_emb.rows, self.item_emb.dim], &self.item_emb.weights[..])];
+        let mut t = vec![(
+            "item_emb".to_string(),
+            vec![self.item_emb.rows, self.item_emb.dim],
+            &self.item_emb.weights[..],
+        )];
         for (f, e) in self.spec.user_features.iter().zip(&self.user_feat_emb) {
-            t.push((format!("user_feat.{}", f.name), vec![e.rows, e.dim], &e.weights[..]));
+            t.push((
+                format!("user_feat.{}", f.name),
+                vec![e.rows, e.dim],
+                &e.weights[..],
+            ));
         }
         if let (Some(f), Some(e)) = (&self.spec.item_feature, &self.item_feat_emb) {
-            t.push((format!("item_feat.{}", f.name), vec![e.rows, e.dim], &e.weights[..]));
+            t.push((
+                format!("item_feat.{}", f.name),
+                vec![e.rows, e.dim],
+                &e.weights[..],
+            ));
         }
         for (i, l) in self.layers.iter().enumerate() {
             t.push((format!("mlp.{i}.weight"), vec![l.inp, l.out], &l.w[..]));
@@ -385,18 +465,31 @@ mod tests {
             items: 6,
             dim: 3,
             max_seq_len: 4,
-            user_features: vec![CategoricalSpec { name: "g".into(), rows: 3, dim: 2 }],
-            item_feature: Some(CategoricalSpec { name: "genres".into(), rows: 4, dim: 2 }),
+            user_features: vec![CategoricalSpec {
+                name: "g".into(),
+                rows: 3,
+                dim: 2,
+            }],
+            item_feature: Some(CategoricalSpec {
+                name: "genres".into(),
+                rows: 4,
+                dim: 2,
+            }),
             hidden: vec![7],
             example_age: true,
         };
-        let bags = ItemBags { offsets: vec![0, 0, 1, 3, 3, 4, 6], keys: vec![1, 2, 3, 1, 1, 3] };
+        let bags = ItemBags {
+            offsets: vec![0, 0, 1, 3, 3, 4, 6],
+            keys: vec![1, 2, 3, 1, 1, 3],
+        };
         // Finite differences are meaningless where a ReLU input lies within the step of zero;
         // with this seed every hidden pre-activation is clear of the kink (seed 11 is not).
         let model = YoutubeDnn::new(spec, bags, &mut Rng::new(5));
         let mut batch = UserBatch::default();
         batch.reset(3, 4, 1);
-        batch.hist.copy_from_slice(&[1, 2, 3, 0, 5, 5, 0, 0, 4, 0, 0, 0]);
+        batch
+            .hist
+            .copy_from_slice(&[1, 2, 3, 0, 5, 5, 0, 0, 4, 0, 0, 0]);
         batch.hist_len.copy_from_slice(&[3, 2, 1]);
         batch.feats.copy_from_slice(&[1, 2, 0]);
         batch.age.copy_from_slice(&[0.1, 0.5, 0.9]);
@@ -404,11 +497,23 @@ mod tests {
     }
 
     /// loss = Σ r ⊙ user vectors + Σ q ⊙ item vectors; returns (loss, grads).
-    fn loss_and_grads(model: &YoutubeDnn, batch: &UserBatch, items: &[u32], r: &[f32], q: &[f32]) -> (f64, Grads) {
+    fn loss_and_grads(
+        model: &YoutubeDnn,
+        batch: &UserBatch,
+        items: &[u32],
+        r: &[f32],
+        q: &[f32],
+    ) -> (f64, Grads) {
         let (mut ua, mut ia) = (UserActs::default(), ItemActs::default());
         model.user_forward(batch, &mut ua);
         model.item_forward(items, &mut ia);
-        let loss = ua.out.iter().zip(r).chain(ia.out.iter().zip(q)).map(|(a, b)| (a * b) as f64).sum();
+        let loss = ua
+            .out
+            .iter()
+            .zip(r)
+            .chain(ia.out.iter().zip(q))
+            .map(|(a, b)| (a * b) as f64)
+            .sum();
         let mut g = model.new_grads();
         model.user_backward(batch, &mut ua, r, &mut g);
         model.item_backward(items, &mut ia, q, &mut g);
@@ -432,15 +537,17 @@ mod tests {
             }
             v
         };
-        let mut analytic = vec![dense(&g.item, 6), dense(&g.user_feats[0], 3), dense(g.item_feat.as_ref().unwrap(), 4)];
+        let mut analytic = vec![
+            dense(&g.item, 6),
+            dense(&g.user_feats[0], 3),
+            dense(g.item_feat.as_ref().unwrap(), 4),
+        ];
         for (w, b) in &g.layers {
             analytic.push(w.clone());
             analytic.push(b.clone());
         }
-        let n_tensors = model.tensors_mut().len();
-        for t in 0..n_tensors {
-            let len = model.tensors_mut()[t].len();
-            for i in 0..len {
+        for (t, analytic_t) in analytic.iter().enumerate() {
+            for (i, &ana) in analytic_t.iter().enumerate() {
                 let orig = model.tensors_mut()[t][i];
                 model.tensors_mut()[t][i] = orig + 1e-2;
                 let up = loss_and_grads(&model, &batch, &items, &r, &q).0;
@@ -448,14 +555,16 @@ mod tests {
                 let down = loss_and_grads(&model, &batch, &items, &r, &q).0;
                 model.tensors_mut()[t][i] = orig;
                 let num = ((up - down) / 2e-2) as f32;
-                let ana = analytic[t][i];
                 // Row 0 is padding: it gets no gradient by design, whatever its value.
                 let padding_row = t < 3 && i < [3, 2, 2][t];
                 if padding_row {
                     assert_eq!(ana, 0.0);
                     continue;
                 }
-                assert!((num - ana).abs() < 2e-2 * (1.0 + num.abs()), "tensor {t}[{i}]: numeric {num} vs analytic {ana}");
+                assert!(
+                    (num - ana).abs() < 2e-2 * (1.0 + num.abs()),
+                    "tensor {t}[{i}]: numeric {num} vs analytic {ana}"
+                );
             }
         }
     }
@@ -466,7 +575,11 @@ mod tests {
         let mut ua = UserActs::default();
         model.user_forward(&batch, &mut ua);
         let d = model.spec.out_dim();
-        for row in ua.out.chunks(d).chain(model.all_item_vectors().chunks(d).skip(1)) {
+        for row in ua
+            .out
+            .chunks(d)
+            .chain(model.all_item_vectors().chunks(d).skip(1))
+        {
             let n: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
             assert!((n - 1.0).abs() < 1e-5, "{n}");
         }

@@ -80,7 +80,12 @@ impl Default for ModelConfig {
             kind: ModelKind::Youtubednn,
             dim: 64,
             hidden: vec![256],
-            user_features: vec!["gender".into(), "age".into(), "occupation".into(), "zip".into()],
+            user_features: vec![
+                "gender".into(),
+                "age".into(),
+                "occupation".into(),
+                "zip".into(),
+            ],
             feature_dim: 16,
             item_feature: None,
             item_feature_dim: 16,
@@ -162,7 +167,9 @@ impl Config {
     /// Checks the values that the types alone cannot.
     pub fn validate(&self) -> Result<(), String> {
         if self.data.dataset.is_some() == self.data.schema.is_some() {
-            return Err("[data] needs exactly one of `dataset` (ml-1m, ml-100k) or `schema`".into());
+            return Err(
+                "[data] needs exactly one of `dataset` (ml-1m, ml-100k) or `schema`".into(),
+            );
         }
         let m = &self.model;
         if m.kind == ModelKind::Youtubednn {

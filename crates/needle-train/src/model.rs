@@ -8,8 +8,10 @@ use needle_model::youtubednn::{UserActs, UserBatch, YoutubeDnn};
 pub enum Model {
     /// Score = training count; expressed as a 1-d two-tower model (user vector `[1]`, item
     /// vector `[count]`) so it runs through exactly the same retrieval and metrics.
-    Popularity { counts: Vec<f32> },
-    Youtubednn(YoutubeDnn),
+    Popularity {
+        counts: Vec<f32>,
+    },
+    Youtubednn(Box<YoutubeDnn>),
 }
 
 /// Users whose vectors are computed in one pass.
@@ -52,7 +54,13 @@ impl Model {
 
 /// Fills `batch` with the newest `max_seq_len` known items of each user and their features;
 /// example age is 0, as at serving time.
-pub fn fill_user_batch(m: &YoutubeDnn, p: &Prepared, users: &[usize], stage: Stage, batch: &mut UserBatch) {
+pub fn fill_user_batch(
+    m: &YoutubeDnn,
+    p: &Prepared,
+    users: &[usize],
+    stage: Stage,
+    batch: &mut UserBatch,
+) {
     let l = m.spec.max_seq_len;
     let nf = m.spec.user_features.len();
     batch.reset(users.len(), l, nf);
@@ -66,7 +74,14 @@ pub fn fill_user_batch(m: &YoutubeDnn, p: &Prepared, users: &[usize], stage: Sta
 }
 
 /// Exact top-K over the full corpus for `users`, excluding their known items unless `keep_seen`.
-pub fn recall(model: &Model, p: &Prepared, users: &[usize], stage: Stage, k: usize, keep_seen: bool) -> (Vec<u32>, Vec<f32>) {
+pub fn recall(
+    model: &Model,
+    p: &Prepared,
+    users: &[usize],
+    stage: Stage,
+    k: usize,
+    keep_seen: bool,
+) -> (Vec<u32>, Vec<f32>) {
     let uv = model.user_vectors(p, users, stage);
     let iv = model.item_vectors();
     let exclude = (!keep_seen).then(|| {
@@ -80,11 +95,24 @@ pub fn recall(model: &Model, p: &Prepared, users: &[usize], stage: Stage, k: usi
 }
 
 /// Evaluates `stage`'s targets for every user that has one (or the given subset).
-pub fn evaluate(model: &Model, p: &Prepared, stage: Stage, ks: &[usize], keep_seen: bool, subset: Option<&[usize]>) -> Report {
+pub fn evaluate(
+    model: &Model,
+    p: &Prepared,
+    stage: Stage,
+    ks: &[usize],
+    keep_seen: bool,
+    subset: Option<&[usize]>,
+) -> Report {
     let targets = p.targets(stage);
     let users: Vec<usize> = match subset {
-        Some(s) => s.iter().copied().filter(|&u| !targets.get(u).is_empty()).collect(),
-        None => (0..p.n_users()).filter(|&u| !targets.get(u).is_empty()).collect(),
+        Some(s) => s
+            .iter()
+            .copied()
+            .filter(|&u| !targets.get(u).is_empty())
+            .collect(),
+        None => (0..p.n_users())
+            .filter(|&u| !targets.get(u).is_empty())
+            .collect(),
     };
     let kmax = ks.iter().copied().max().unwrap_or(10);
     let (ranked, _) = recall(model, p, &users, stage, kmax, keep_seen);

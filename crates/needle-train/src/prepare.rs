@@ -2,7 +2,7 @@
 //! built from training events only (so nothing about later events leaks into the model),
 //! histories as item rows, targets, feature rows and popularity counts.
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, ModelKind};
 use crate::TrainError;
 use needle_data::{Dataset, Split, Vocab};
 use needle_eval::Lists;
@@ -48,7 +48,11 @@ impl Prepared {
     /// The user's known history when predicting `stage`'s target: the training events, plus
     /// the validation target when predicting the test target.
     pub fn history(&self, user: usize, stage: Stage) -> impl Iterator<Item = u32> + '_ {
-        let extra: &[u32] = if stage == Stage::Test { self.valid.get(user) } else { &[] };
+        let extra: &[u32] = if stage == Stage::Test {
+            self.valid.get(user)
+        } else {
+            &[]
+        };
         self.train.get(user).iter().chain(extra).copied()
     }
 
@@ -89,7 +93,9 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
         }
     }
     if items.len() <= 1 {
-        return Err(TrainError::Data("the training split holds no events".into()));
+        return Err(TrainError::Data(
+            "the training split holds no events".into(),
+        ));
     }
     let map_targets = |seqs: &needle_data::split::Sequences| {
         let mut l = Lists::new();
@@ -111,10 +117,17 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
             users.insert(&ds.user_ids[u]);
         }
     }
-    let nf = model.user_features.len();
+    // Popularity reads no features; do not require the default ones to exist in the data.
+    let no_features: Vec<String> = Vec::new();
+    let feature_names = if model.kind == ModelKind::Popularity {
+        &no_features
+    } else {
+        &model.user_features
+    };
+    let nf = feature_names.len();
     let mut user_feature_vocabs = Vec::with_capacity(nf);
     let mut user_feats = vec![0u32; n_users * nf];
-    for (f, name) in model.user_features.iter().enumerate() {
+    for (f, name) in feature_names.iter().enumerate() {
         if name == USER_ID_FEATURE {
             for u in 0..n_users {
                 user_feats[u * nf + f] = users.get(&ds.user_ids[u]).unwrap_or(0);
@@ -131,7 +144,11 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
             ))
         })?;
         // Multi-valued user features contribute their first value.
-        let first = |u: usize| feat.of(u).first().and_then(|&k| feat.values.get(k as usize));
+        let first = |u: usize| {
+            feat.of(u)
+                .first()
+                .and_then(|&k| feat.values.get(k as usize))
+        };
         let mut vocab = Vocab::new();
         for u in (0..n_users).filter(|&u| !train.get(u).is_empty()) {
             if let Some(raw) = first(u) {
@@ -144,7 +161,12 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
         user_feature_vocabs.push(vocab);
     }
 
-    let (item_feature, item_bags) = match &model.item_feature {
+    let item_feature_name = if model.kind == ModelKind::Popularity {
+        None
+    } else {
+        model.item_feature.as_ref()
+    };
+    let (item_feature, item_bags) = match item_feature_name {
         None => (None, ItemBags::default()),
         Some(name) => {
             let feat = ds.item_feature(name).ok_or_else(|| {
@@ -167,7 +189,10 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
                     }
                 }
             }
-            let mut bags = ItemBags { offsets: vec![0], keys: Vec::new() };
+            let mut bags = ItemBags {
+                offsets: vec![0],
+                keys: Vec::new(),
+            };
             for k in row_keys {
                 bags.keys.extend(k);
                 bags.offsets.push(bags.keys.len() as u32);
@@ -178,7 +203,7 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
     Ok(Prepared {
         items,
         users,
-        user_feature_names: model.user_features.clone(),
+        user_feature_names: feature_names.clone(),
         user_feature_vocabs,
         user_feats,
         item_feature,

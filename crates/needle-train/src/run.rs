@@ -48,7 +48,10 @@ pub struct RunInfo {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |e| TrainError::Io { path: path.to_owned(), source: e }
+    move |e| TrainError::Io {
+        path: path.to_owned(),
+        source: e,
+    }
 }
 
 /// Loads and splits the dataset a config names.
@@ -58,14 +61,26 @@ pub fn load_data(cfg: &Config, data_dir: Option<&Path>) -> Result<(Dataset, Spli
             let name = match name.as_str() {
                 "ml-1m" => needle_data::DatasetName::Ml1m,
                 "ml-100k" => needle_data::DatasetName::Ml100k,
-                other => return Err(TrainError::Config(format!("unknown dataset `{other}` (known: ml-1m, ml-100k)"))),
+                other => {
+                    return Err(TrainError::Config(format!(
+                        "unknown dataset `{other}` (known: ml-1m, ml-100k)"
+                    )))
+                }
             };
             needle_data::DatasetSource::MovieLens(name)
         }
-        (None, Some(schema)) => needle_data::DatasetSource::Csv { schema: schema.clone() },
-        _ => return Err(TrainError::Config("[data] needs exactly one of `dataset` or `schema`".into())),
+        (None, Some(schema)) => needle_data::DatasetSource::Csv {
+            schema: schema.clone(),
+        },
+        _ => {
+            return Err(TrainError::Config(
+                "[data] needs exactly one of `dataset` or `schema`".into(),
+            ))
+        }
     };
-    let opts = LoadOptions { skip_bad_rows: cfg.data.skip_bad_rows };
+    let opts = LoadOptions {
+        skip_bad_rows: cfg.data.skip_bad_rows,
+    };
     let ds = needle_data::load(&source, data_dir, &opts)?;
     let strategy = match cfg.data.split {
         crate::config::SplitKind::LeaveLastOut => SplitStrategy::LeaveLastOut,
@@ -79,7 +94,10 @@ pub fn load_data(cfg: &Config, data_dir: Option<&Path>) -> Result<(Dataset, Spli
 }
 
 fn vocab_files(p: &Prepared) -> Vec<(String, &Vocab)> {
-    let mut v = vec![("items".to_string(), &p.items), ("users".to_string(), &p.users)];
+    let mut v = vec![
+        ("items".to_string(), &p.items),
+        ("users".to_string(), &p.users),
+    ];
     for (n, voc) in p.user_feature_names.iter().zip(&p.user_feature_vocabs) {
         v.push((format!("user_feat.{n}"), voc));
     }
@@ -90,7 +108,14 @@ fn vocab_files(p: &Prepared) -> Vec<(String, &Vocab)> {
 }
 
 /// Writes a trained model and everything needed to use it into `dir`.
-pub fn save_run(dir: &Path, cfg: &Config, ds: &Dataset, p: &Prepared, t: &Trained, threads: usize) -> Result<RunInfo, TrainError> {
+pub fn save_run(
+    dir: &Path,
+    cfg: &Config,
+    ds: &Dataset,
+    p: &Prepared,
+    t: &Trained,
+    threads: usize,
+) -> Result<RunInfo, TrainError> {
     std::fs::create_dir_all(dir.join("vocab")).map_err(io(dir))?;
     for (name, vocab) in vocab_files(p) {
         vocab.save(&dir.join("vocab").join(format!("{name}.tsv")))?;
@@ -131,7 +156,11 @@ pub fn save_run(dir: &Path, cfg: &Config, ds: &Dataset, p: &Prepared, t: &Traine
 pub fn append_log(dir: &Path, rec: &EpochLog) -> Result<(), TrainError> {
     use std::io::Write;
     let path = dir.join("train_log.jsonl");
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(io(&path))?;
     let line = serde_json::to_string(rec).map_err(|e| TrainError::Config(e.to_string()))?;
     writeln!(f, "{line}").map_err(io(&path))
 }
@@ -157,7 +186,8 @@ pub fn load_run(dir: &Path, data_dir: Option<&Path>) -> Result<LoadedRun, TrainE
         )),
         _ => TrainError::Io { path: path.clone(), source: e },
     })?;
-    let info: RunInfo = toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+    let info: RunInfo = toml::from_str(&text)
+        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
     if info.format != RUN_FORMAT {
         return Err(TrainError::Config(format!(
             "{}: run format {} is not supported (this build reads format {RUN_FORMAT})",
@@ -177,19 +207,32 @@ pub fn load_run(dir: &Path, data_dir: Option<&Path>) -> Result<LoadedRun, TrainE
     for (name, vocab) in vocab_files(&prepared) {
         let saved = Vocab::load(&dir.join("vocab").join(format!("{name}.tsv")))?;
         if saved.len() != vocab.len() || saved.iter().zip(vocab.iter()).any(|(a, b)| a != b) {
-            return Err(TrainError::Config(format!("vocabulary {name} of {} does not match the data", dir.display())));
+            return Err(TrainError::Config(format!(
+                "vocabulary {name} of {} does not match the data",
+                dir.display()
+            )));
         }
     }
     let model = match (&info.kind, &info.spec) {
-        (ModelKind::Popularity, _) => {
-            Model::Popularity { counts: prepared.item_counts.iter().map(|&c| c as f32).collect() }
-        }
-        (ModelKind::Youtubednn, Some(spec)) => {
-            Model::Youtubednn(load_youtubednn(spec.clone(), &dir.join("model.safetensors"))?)
-        }
+        (ModelKind::Popularity, _) => Model::Popularity {
+            counts: prepared.item_counts.iter().map(|&c| c as f32).collect(),
+        },
+        (ModelKind::Youtubednn, Some(spec)) => Model::Youtubednn(Box::new(load_youtubednn(
+            spec.clone(),
+            &dir.join("model.safetensors"),
+        )?)),
         (ModelKind::Youtubednn, None) => {
-            return Err(TrainError::Config(format!("{}: youtubednn run without a [spec] table", path.display())))
+            return Err(TrainError::Config(format!(
+                "{}: youtubednn run without a [spec] table",
+                path.display()
+            )))
         }
     };
-    Ok(LoadedRun { dir: dir.to_owned(), info, dataset, prepared, model })
+    Ok(LoadedRun {
+        dir: dir.to_owned(),
+        info,
+        dataset,
+        prepared,
+        model,
+    })
 }

@@ -10,7 +10,9 @@ use crate::TrainError;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use needle_model::layers::{softmax_loss, SoftmaxGrads, SoftmaxInputs, SoftmaxScratch};
 use needle_model::rng::Rng;
-use needle_model::youtubednn::{CategoricalSpec, Grads, ItemActs, TowerSpec, UserActs, UserBatch, YoutubeDnn};
+use needle_model::youtubednn::{
+    CategoricalSpec, Grads, ItemActs, TowerSpec, UserActs, UserBatch, YoutubeDnn,
+};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -59,7 +61,10 @@ pub fn build_samples(p: &Prepared, cap: usize, rng: &mut Rng) -> Vec<Sample> {
             pos.truncate(cap);
             pos.sort_unstable();
         }
-        out.extend(pos.iter().map(|&q| Sample { user: u as u32, pos: q }));
+        out.extend(pos.iter().map(|&q| Sample {
+            user: u as u32,
+            pos: q,
+        }));
     }
     out
 }
@@ -75,12 +80,17 @@ pub fn tower_spec(cfg: &Config, p: &Prepared) -> TowerSpec {
             .user_feature_names
             .iter()
             .zip(&p.user_feature_vocabs)
-            .map(|(n, v)| CategoricalSpec { name: n.clone(), rows: v.len(), dim: m.feature_dim })
+            .map(|(n, v)| CategoricalSpec {
+                name: n.clone(),
+                rows: v.len(),
+                dim: m.feature_dim,
+            })
             .collect(),
-        item_feature: p
-            .item_feature
-            .as_ref()
-            .map(|(n, v)| CategoricalSpec { name: n.clone(), rows: v.len(), dim: m.item_feature_dim }),
+        item_feature: p.item_feature.as_ref().map(|(n, v)| CategoricalSpec {
+            name: n.clone(),
+            rows: v.len(),
+            dim: m.item_feature_dim,
+        }),
         hidden: m.hidden.clone(),
         example_age: m.example_age,
     }
@@ -126,7 +136,11 @@ impl Optim {
             item: sparse(&m.item_emb),
             user_feats: m.user_feat_emb.iter().map(sparse).collect(),
             item_feat: m.item_feat_emb.as_ref().map(sparse),
-            layers: m.layers.iter().map(|l| (DenseAdam::new(l.w.len()), DenseAdam::new(l.b.len()))).collect(),
+            layers: m
+                .layers
+                .iter()
+                .map(|l| (DenseAdam::new(l.w.len()), DenseAdam::new(l.b.len())))
+                .collect(),
             t: 0,
         }
     }
@@ -135,13 +149,24 @@ impl Optim {
         self.t += 1;
         let t = self.t;
         self.item.step(&mut m.item_emb, &g.item, emb_lr, t);
-        for ((st, table), grad) in self.user_feats.iter_mut().zip(&mut m.user_feat_emb).zip(&g.user_feats) {
+        for ((st, table), grad) in self
+            .user_feats
+            .iter_mut()
+            .zip(&mut m.user_feat_emb)
+            .zip(&g.user_feats)
+        {
             st.step(table, grad, emb_lr, t);
         }
-        if let (Some(st), Some(table), Some(grad)) = (&mut self.item_feat, &mut m.item_feat_emb, &g.item_feat) {
+        if let (Some(st), Some(table), Some(grad)) =
+            (&mut self.item_feat, &mut m.item_feat_emb, &g.item_feat)
+        {
             st.step(table, grad, emb_lr, t);
         }
-        for ((sw, sb), (layer, (gw, gb))) in self.layers.iter_mut().zip(m.layers.iter_mut().zip(&g.layers)) {
+        for ((sw, sb), (layer, (gw, gb))) in self
+            .layers
+            .iter_mut()
+            .zip(m.layers.iter_mut().zip(&g.layers))
+        {
             sw.step(&mut layer.w, gw, lr, t);
             sb.step(&mut layer.b, gb, lr, t);
         }
@@ -165,11 +190,25 @@ pub struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     pub fn new(cfg: &'a Config, p: &'a Prepared, rng: &mut Rng) -> Result<Self, TrainError> {
         let model = YoutubeDnn::new(tower_spec(cfg, p), p.item_bags.clone(), rng);
-        let weights: Vec<f64> = p.item_counts.iter().map(|&c| (c as f64).powf(0.75)).collect();
-        let sampler = AliasSampler::new(&weights).ok_or_else(|| TrainError::Data("no item has a training event".into()))?;
+        let weights: Vec<f64> = p
+            .item_counts
+            .iter()
+            .map(|&c| (c as f64).powf(0.75))
+            .collect();
+        let sampler = AliasSampler::new(&weights)
+            .ok_or_else(|| TrainError::Data("no item has a training event".into()))?;
         let total: u64 = p.item_counts.iter().sum();
-        let log_unigram =
-            p.item_counts.iter().map(|&c| if c > 0 { (c as f64 / total as f64).ln() as f32 } else { 0.0 }).collect();
+        let log_unigram = p
+            .item_counts
+            .iter()
+            .map(|&c| {
+                if c > 0 {
+                    (c as f64 / total as f64).ln() as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         let grads = model.new_grads();
         let optim = Optim::new(&model, cfg.train.sparse_optimizer);
         Ok(Trainer {
@@ -204,7 +243,8 @@ impl<'a> Trainer<'a> {
             let h = &seq[pos.saturating_sub(l)..pos];
             s.batch.hist[i * l..i * l + h.len()].copy_from_slice(h);
             s.batch.hist_len[i] = h.len() as u32;
-            s.batch.feats[i * nf..(i + 1) * nf].copy_from_slice(&p.user_feats[u * nf..(u + 1) * nf]);
+            s.batch.feats[i * nf..(i + 1) * nf]
+                .copy_from_slice(&p.user_feats[u * nf..(u + 1) * nf]);
             let ts = p.train_ts[p.train.offsets[u] as usize + pos];
             s.batch.age[i] = (p.train_max_ts - ts) as f32 / self.age_span;
             s.pos_ids.push(seq[pos]);
@@ -224,21 +264,30 @@ impl<'a> Trainer<'a> {
             LossKind::InBatch => {
                 let ln_b = (b as f32).ln();
                 s.pos_corr.clear();
-                s.pos_corr.extend(s.pos_ids.iter().map(|&i| self.log_unigram[i as usize] + ln_b));
+                s.pos_corr.extend(
+                    s.pos_ids
+                        .iter()
+                        .map(|&i| self.log_unigram[i as usize] + ln_b),
+                );
                 s.shared_ids.extend_from_slice(&s.pos_ids);
                 s.shared_corr.extend_from_slice(&s.pos_corr);
             }
             LossKind::Sampled => {
                 let ln_n = (t.negatives as f32).ln();
                 s.pos_corr.clear();
-                s.pos_corr.extend(s.pos_ids.iter().map(|&i| self.sampler.log_q(i) + ln_n));
+                s.pos_corr
+                    .extend(s.pos_ids.iter().map(|&i| self.sampler.log_q(i) + ln_n));
                 let (ids, corr) = if t.shared_negatives {
                     (&mut s.shared_ids, &mut s.shared_corr)
                 } else {
                     n_row = t.negatives;
                     (&mut s.neg_ids, &mut s.neg_corr)
                 };
-                let draws = if t.shared_negatives { t.negatives } else { t.negatives * b };
+                let draws = if t.shared_negatives {
+                    t.negatives
+                } else {
+                    t.negatives * b
+                };
                 for _ in 0..draws {
                     let j = self.sampler.sample(rng);
                     ids.push(j);
@@ -270,7 +319,12 @@ impl<'a> Trainer<'a> {
                 temperature: t.temperature,
                 d,
             },
-            SoftmaxGrads { user: &mut s.gu, pos: &mut s.gp, row_negs: &mut s.gn, shared: &mut s.gs },
+            SoftmaxGrads {
+                user: &mut s.gu,
+                pos: &mut s.gp,
+                row_negs: &mut s.gn,
+                shared: &mut s.gs,
+            },
             &mut s.scratch,
         );
         self.grads.zero();
@@ -278,7 +332,8 @@ impl<'a> Trainer<'a> {
         m.item_backward(&s.pos_ids, &mut s.pos, &s.gp, &mut self.grads);
         m.item_backward(&s.neg_ids, &mut s.neg, &s.gn, &mut self.grads);
         m.item_backward(&s.shared_ids, &mut s.shared, &s.gs, &mut self.grads);
-        self.optim.step(&mut self.model, &self.grads, t.lr, t.embedding_lr);
+        self.optim
+            .step(&mut self.model, &self.grads, t.lr, t.embedding_lr);
         loss
     }
 }
@@ -292,7 +347,14 @@ pub fn peak_rss_mb() -> Option<f64> {
 }
 
 fn progress_bar(len: u64, show: bool) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(len), if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let bar = ProgressBar::with_draw_target(
+        Some(len),
+        if show {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} samples  {msg}  ETA {eta}")
             .expect("static template")
@@ -302,7 +364,12 @@ fn progress_bar(len: u64, show: bool) -> ProgressBar {
 }
 
 /// Trains the configured model; `show_progress` draws a progress bar on stderr.
-pub fn train(cfg: &Config, p: &Prepared, show_progress: bool, log: &mut dyn FnMut(&EpochLog)) -> Result<Trained, TrainError> {
+pub fn train(
+    cfg: &Config,
+    p: &Prepared,
+    show_progress: bool,
+    log: &mut dyn FnMut(&EpochLog),
+) -> Result<Trained, TrainError> {
     let start = Instant::now();
     if cfg.model.kind == ModelKind::Popularity {
         let counts = p.item_counts.iter().map(|&c| c as f32).collect();
@@ -319,18 +386,22 @@ pub fn train(cfg: &Config, p: &Prepared, show_progress: bool, log: &mut dyn FnMu
     let root = Rng::new(t.seed);
     let samples = build_samples(p, t.max_samples_per_user, &mut root.fork(1));
     if samples.is_empty() {
-        return Err(TrainError::Data("no training samples: every user has fewer than 2 training events".into()));
+        return Err(TrainError::Data(
+            "no training samples: every user has fewer than 2 training events".into(),
+        ));
     }
     let mut trainer = Trainer::new(cfg, p, &mut root.fork(2))?;
     let valid_subset: Option<Vec<usize>> = (t.valid_users > 0).then(|| {
-        let mut users: Vec<usize> = (0..p.n_users()).filter(|&u| !p.valid.get(u).is_empty()).collect();
+        let mut users: Vec<usize> = (0..p.n_users())
+            .filter(|&u| !p.valid.get(u).is_empty())
+            .collect();
         root.fork(3).shuffle(&mut users);
         users.truncate(t.valid_users);
         users
     });
     let mut order = samples.clone();
     let mut epochs = Vec::new();
-    let (mut best, mut best_epoch, mut since_best) = (None::<YoutubeDnn>, 0usize, 0usize);
+    let (mut best, mut best_epoch, mut since_best) = (None::<Model>, 0usize, 0usize);
     let mut best_hr = f64::NEG_INFINITY;
     let mut train_secs = 0.0;
     let mut trained_samples = 0usize;
@@ -349,7 +420,11 @@ pub fn train(cfg: &Config, p: &Prepared, show_progress: bool, log: &mut dyn FnMu
             }
             loss_sum += loss;
             steps += 1;
-            ema = if ema.is_nan() { loss } else { 0.98 * ema + 0.02 * loss };
+            ema = if ema.is_nan() {
+                loss
+            } else {
+                0.98 * ema + 0.02 * loss
+            };
             bar.inc(chunk.len() as u64);
             if i % 20 == 0 {
                 let rate = bar.position() as f64 / e_start.elapsed().as_secs_f64().max(1e-9);
@@ -360,8 +435,15 @@ pub fn train(cfg: &Config, p: &Prepared, show_progress: bool, log: &mut dyn FnMu
         bar.finish_and_clear();
         train_secs += secs;
         trained_samples += order.len();
-        let model = Model::Youtubednn(trainer.model.clone());
-        let r = evaluate(&model, p, Stage::Valid, &[10], false, valid_subset.as_deref());
+        let model = Model::Youtubednn(Box::new(trainer.model.clone()));
+        let r = evaluate(
+            &model,
+            p,
+            Stage::Valid,
+            &[10],
+            false,
+            valid_subset.as_deref(),
+        );
         let hr = r.get(10).map_or(0.0, |a| a.hit_rate);
         let rec = EpochLog {
             epoch,
@@ -373,11 +455,10 @@ pub fn train(cfg: &Config, p: &Prepared, show_progress: bool, log: &mut dyn FnMu
         };
         log(&rec);
         epochs.push(rec);
-        let Model::Youtubednn(m) = model else { unreachable!("built above") };
         if hr > best_hr {
             best_hr = hr;
             best_epoch = epoch;
-            best = Some(m);
+            best = Some(model);
             since_best = 0;
         } else {
             since_best += 1;
@@ -386,9 +467,9 @@ pub fn train(cfg: &Config, p: &Prepared, show_progress: bool, log: &mut dyn FnMu
             }
         }
     }
-    let model = best.unwrap_or(trainer.model);
+    let model = best.unwrap_or_else(|| Model::Youtubednn(Box::new(trainer.model)));
     Ok(Trained {
-        model: Model::Youtubednn(model),
+        model,
         epochs,
         best_epoch,
         seconds: start.elapsed().as_secs_f64(),

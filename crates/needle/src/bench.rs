@@ -23,7 +23,9 @@ fn reference_config(base: &Config) -> Config {
     c.model = ModelConfig {
         dim: 16,
         hidden: vec![128, 64],
-        user_features: ["user_id", "gender", "age", "occupation", "zip"].map(String::from).to_vec(),
+        user_features: ["user_id", "gender", "age", "occupation", "zip"]
+            .map(String::from)
+            .to_vec(),
         feature_dim: 16,
         example_age: false,
         max_seq_len: 50,
@@ -54,7 +56,9 @@ fn time_steps(cfg: &Config, p: &Prepared, steps: usize) -> Result<Timing> {
     let mut times = Vec::with_capacity(steps);
     let mut batches = samples.chunks_exact(b).cycle();
     for i in 0..steps + 3 {
-        let batch = batches.next().ok_or_else(|| anyhow::anyhow!("fewer samples than one batch"))?;
+        let batch = batches
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("fewer samples than one batch"))?;
         let t0 = Instant::now();
         let loss = trainer.step(batch, &mut rng);
         anyhow::ensure!(loss.is_finite(), "loss diverged during the benchmark");
@@ -64,7 +68,10 @@ fn time_steps(cfg: &Config, p: &Prepared, steps: usize) -> Result<Timing> {
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    Ok(Timing { median_ms: median * 1e3, samples_per_sec: b as f64 / median })
+    Ok(Timing {
+        median_ms: median * 1e3,
+        samples_per_sec: b as f64 / median,
+    })
 }
 
 /// A synthetic log over `rows` items: Zipf-like popularity, 60 events per user.
@@ -110,7 +117,10 @@ pub fn train(data_dir: Option<&Path>, steps: usize, small: bool) -> Result<()> {
     let default = read_config_str(DEFAULT_CONFIG, "configs/ml-1m/youtubednn.toml")?;
     let reference = reference_config(&default);
     let (ds, split) = load_data(&default, data_dir)?;
-    println!("training step benchmark, {} threads, median of {steps} steps\n", rayon::current_num_threads());
+    println!(
+        "training step benchmark, {} threads, median of {steps} steps\n",
+        rayon::current_num_threads()
+    );
     println!("| workload | item rows | batch | ms / step | samples / s |");
     println!("|---|---|---|---|---|");
     let p_ref = prepare(&ds, &split, &reference.model)?;
@@ -133,7 +143,11 @@ pub fn train(data_dir: Option<&Path>, steps: usize, small: bool) -> Result<()> {
     );
     let mut synth = reference.clone();
     synth.model.user_features.clear();
-    let sizes: &[usize] = if small { &[10_000] } else { &[10_000, 10_000_000] };
+    let sizes: &[usize] = if small {
+        &[10_000]
+    } else {
+        &[10_000, 10_000_000]
+    };
     for &rows in sizes {
         let p = synthetic(rows, 20_000, &mut Rng::new(7));
         let t = time_steps(&synth, &p, steps)?;

@@ -2,13 +2,18 @@
 
 mod bench;
 mod commands;
+mod report;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "needle", version, about = "Deep-retrieval recommender: two-tower training, evaluation and recall")]
+#[command(
+    name = "needle",
+    version,
+    about = "Deep-retrieval recommender: two-tower training, evaluation and recall"
+)]
 struct Cli {
     /// Worker threads (default: the config's `train.threads`, else all cores).
     #[arg(long, global = true)]
@@ -35,6 +40,9 @@ enum Cmd {
         /// Replace an existing run directory.
         #[arg(long)]
         force: bool,
+        /// Skip malformed input rows (and count them) instead of stopping at the first one.
+        #[arg(long)]
+        skip_bad_rows: bool,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -66,6 +74,12 @@ enum Cmd {
         /// Keep the user's known items in the ranking.
         #[arg(long)]
         keep_seen: bool,
+    },
+    /// Print a markdown table of several evaluated runs (quality at K = 10/50/100, time, memory).
+    Report {
+        /// Run directories, each with model.toml and metrics.json.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
     },
     /// Dataset utilities.
     Data {
@@ -115,19 +129,60 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Train { config, data_dir, out, download, force, quiet } => {
-            commands::train(&config, data_dir.as_deref(), &out, download, force, quiet, cli.threads)
-        }
-        Cmd::Eval { run, data_dir, keep_seen, k } => {
+        Cmd::Train {
+            config,
+            data_dir,
+            out,
+            download,
+            force,
+            skip_bad_rows,
+            quiet,
+        } => commands::train(
+            &config,
+            data_dir.as_deref(),
+            &out,
+            commands::TrainFlags {
+                download,
+                force,
+                skip_bad_rows,
+                quiet,
+                threads: cli.threads,
+            },
+        ),
+        Cmd::Eval {
+            run,
+            data_dir,
+            keep_seen,
+            k,
+        } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             commands::eval(&run, data_dir.as_deref(), keep_seen, &k)
         }
-        Cmd::Recall { run, data_dir, users, k, keep_seen } => {
+        Cmd::Recall {
+            run,
+            data_dir,
+            users,
+            k,
+            keep_seen,
+        } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             commands::recall(&run, data_dir.as_deref(), &users, k, keep_seen)
         }
-        Cmd::Data { cmd: DataCmd::Download { name, to } } => commands::download(&name, &to),
-        Cmd::Bench { cmd: BenchCmd::Train { data_dir, steps, small } } => {
+        Cmd::Report { runs } => {
+            print!("{}", report::render(&runs)?);
+            Ok(())
+        }
+        Cmd::Data {
+            cmd: DataCmd::Download { name, to },
+        } => commands::download(&name, &to),
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Train {
+                    data_dir,
+                    steps,
+                    small,
+                },
+        } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             bench::train(data_dir.as_deref(), steps, small)
         }

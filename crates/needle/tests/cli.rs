@@ -1,0 +1,294 @@
+//! End-to-end tests of the `needle` binary on small generated logs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn needle(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_needle"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("needle runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "needle failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A log with planted structure: users belong to one of `clusters` taste groups and walk
+/// through their group's items in order, with 15% of events on a few globally hot items.
+/// Popularity can only find the hot items; a model that learns the groups and the order can
+/// find the next item.
+fn planted_log(dir: &Path) -> PathBuf {
+    let (users, clusters, per_cluster, hot) = (300usize, 8usize, 25usize, 5usize);
+    let mut state = 12345u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut csv = String::from("user,item,ts,country\n");
+    for u in 0..users {
+        let c = u % clusters;
+        let len = 15 + (next() % 20) as usize;
+        let mut pos = (next() % per_cluster as u64) as usize;
+        let country = ["de", "fr", "cn"][(next() % 3) as usize];
+        for t in 0..len {
+            let item = if next() % 100 < 15 {
+                format!("hot{}", next() % hot as u64)
+            } else {
+                pos = (pos + 1 + (next() % 2) as usize) % per_cluster;
+                format!("c{c}_{pos}")
+            };
+            csv.push_str(&format!(
+                "u{u},{item},{},{country}\n",
+                1_000_000 + u * 1000 + t
+            ));
+        }
+    }
+    std::fs::write(dir.join("log.csv"), csv).unwrap();
+    let schema = r#"
+name = "planted"
+[interactions]
+path = "log.csv"
+header = true
+user = "user"
+item = "item"
+timestamp = "ts"
+[[user_features]]
+column = "country"
+"#;
+    std::fs::write(dir.join("schema.toml"), schema).unwrap();
+    dir.join("schema.toml")
+}
+
+fn write_config(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("[data]\nschema = \"schema.toml\"\n{body}")).unwrap();
+    path
+}
+
+fn metric(dir: &Path, key: &str) -> f64 {
+    let text = std::fs::read_to_string(dir.join("metrics.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("metrics.json has no {key}: {text}"))
+}
+
+#[test]
+fn youtubednn_beats_popularity_on_planted_structure_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    planted_log(dir);
+    write_config(dir, "pop.toml", "[model]\nkind = \"popularity\"\n");
+    write_config(
+        dir,
+        "yt.toml",
+        r#"[model]
+kind = "youtubednn"
+dim = 16
+hidden = [32]
+user_features = ["country"]
+feature_dim = 4
+max_seq_len = 10
+[train]
+epochs = 12
+batch_size = 64
+lr = 0.005
+embedding_lr = 0.01
+temperature = 0.1
+patience = 0
+seed = 7
+"#,
+    );
+    ok(&needle(
+        &[
+            "train", "--config", "pop.toml", "--out", "runs/pop", "--quiet",
+        ],
+        dir,
+    ));
+    ok(&needle(
+        &[
+            "--threads",
+            "2",
+            "train",
+            "--config",
+            "yt.toml",
+            "--out",
+            "runs/yt",
+            "--quiet",
+        ],
+        dir,
+    ));
+    let pop = metric(&dir.join("runs/pop"), "hit_rate@10");
+    let yt = metric(&dir.join("runs/yt"), "hit_rate@10");
+    assert!(
+        yt > 2.0 * pop && yt > 0.3,
+        "youtubednn HR@10 {yt} vs popularity {pop}"
+    );
+
+    // eval rewrites metrics.json with every key, and agrees with the evaluation at the end of training.
+    let table = ok(&needle(&["eval", "--run", "runs/yt"], dir));
+    assert!(table.contains("NDCG"), "{table}");
+    for k in [10, 50, 100] {
+        for m in ["hit_rate", "recall", "ndcg", "precision", "mrr"] {
+            let v = metric(&dir.join("runs/yt"), &format!("{m}@{k}"));
+            assert!((0.0..=1.0).contains(&v), "{m}@{k} = {v}");
+        }
+    }
+    assert_eq!(metric(&dir.join("runs/yt"), "hit_rate@10"), yt);
+    assert_eq!(metric(&dir.join("runs/yt"), "users"), 300.0);
+
+    // recall: one line per user, k distinct items, none of them already seen.
+    let out = ok(&needle(
+        &[
+            "recall", "--run", "runs/yt", "--users", "u3,u10", "--k", "7",
+        ],
+        dir,
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let log = std::fs::read_to_string(dir.join("log.csv")).unwrap();
+    for (line, user) in lines.iter().zip(["u3", "u10"]) {
+        let (u, items) = line.split_once('\t').unwrap();
+        assert_eq!(u, user);
+        let items: Vec<&str> = items.split(',').collect();
+        assert_eq!(items.len(), 7);
+        let mut dedup = items.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(dedup.len(), 7);
+        // Known history = every event but the last (the test target).
+        let mut events: Vec<&str> = log
+            .lines()
+            .filter(|l| l.starts_with(&format!("{user},")))
+            .map(|l| l.split(',').nth(1).unwrap())
+            .collect();
+        events.pop();
+        for it in &items {
+            assert!(
+                !events.contains(it),
+                "{user} was recommended already-seen {it}"
+            );
+        }
+    }
+    let all = ok(&needle(
+        &["recall", "--run", "runs/yt", "--users", "all", "--k", "3"],
+        dir,
+    ));
+    assert_eq!(all.lines().count(), 300);
+}
+
+#[test]
+fn training_is_reproducible_for_a_fixed_seed_and_thread_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    planted_log(dir);
+    let body = "[model]\ndim = 8\nhidden = [16]\nuser_features = []\nmax_seq_len = 5\n[train]\nepochs = 2\nbatch_size = 128\nloss = \"sampled\"\nnegatives = 20\n";
+    write_config(dir, "a.toml", body);
+    for out in ["runs/a", "runs/b"] {
+        ok(&needle(
+            &[
+                "--threads",
+                "2",
+                "train",
+                "--config",
+                "a.toml",
+                "--out",
+                out,
+                "--quiet",
+            ],
+            dir,
+        ));
+    }
+    let a = std::fs::read(dir.join("runs/a/model.safetensors")).unwrap();
+    let b = std::fs::read(dir.join("runs/b/model.safetensors")).unwrap();
+    assert!(a == b, "two runs with the same seed and threads differ");
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // A dataset that is not there names the download command.
+    std::fs::write(dir.join("ml.toml"), "[data]\ndataset = \"ml-1m\"\n").unwrap();
+    let out = needle(
+        &[
+            "train",
+            "--config",
+            "ml.toml",
+            "--out",
+            "r",
+            "--data-dir",
+            "nowhere",
+        ],
+        dir,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needle data download ml-1m"), "{err}");
+    // Unknown config keys and impossible values are rejected before any work.
+    std::fs::write(
+        dir.join("typo.toml"),
+        "[data]\ndataset = \"ml-1m\"\n[train]\nepoch = 3\n",
+    )
+    .unwrap();
+    let err = String::from_utf8_lossy(
+        &needle(&["train", "--config", "typo.toml", "--out", "r"], dir).stderr,
+    )
+    .into_owned();
+    assert!(err.contains("epoch"), "{err}");
+    std::fs::write(
+        dir.join("t.toml"),
+        "[data]\ndataset = \"ml-1m\"\n[train]\ntemperature = 0.0\n",
+    )
+    .unwrap();
+    let err = String::from_utf8_lossy(
+        &needle(&["train", "--config", "t.toml", "--out", "r"], dir).stderr,
+    )
+    .into_owned();
+    assert!(err.contains("temperature"), "{err}");
+    // A bad row names file and line; --skip-bad-rows style config skips and counts it.
+    planted_log(dir);
+    let mut log = std::fs::read_to_string(dir.join("log.csv")).unwrap();
+    log.push_str("u1,c0_1,not-a-time,de\n");
+    std::fs::write(dir.join("log.csv"), log).unwrap();
+    write_config(dir, "p.toml", "[model]\nkind = \"popularity\"\n");
+    let err = String::from_utf8_lossy(
+        &needle(&["train", "--config", "p.toml", "--out", "r"], dir).stderr,
+    )
+    .into_owned();
+    assert!(
+        err.contains("log.csv:") && err.contains("not-a-time"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.join("s.toml"),
+        "[data]\nschema = \"schema.toml\"\nskip_bad_rows = true\n[model]\nkind = \"popularity\"\n",
+    )
+    .unwrap();
+    let out = needle(&["train", "--config", "s.toml", "--out", "r"], dir);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1 bad rows skipped"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Not a run directory.
+    let err = String::from_utf8_lossy(&needle(&["eval", "--run", "nothing-here"], dir).stderr)
+        .into_owned();
+    assert!(err.contains("not a run directory"), "{err}");
+    // Unknown user in recall.
+    let err = String::from_utf8_lossy(
+        &needle(&["recall", "--run", "r", "--users", "nobody"], dir).stderr,
+    )
+    .into_owned();
+    assert!(err.contains("unknown user id `nobody`"), "{err}");
+}
