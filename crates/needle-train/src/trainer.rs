@@ -224,6 +224,11 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// Item-table rows the last step updated.
+    pub fn touched_item_rows(&self) -> usize {
+        self.grads.item.rows.len()
+    }
+
     /// One optimizer step on `samples`; returns the batch's mean loss.
     pub fn step(&mut self, samples: &[Sample], rng: &mut Rng) -> f32 {
         let m = &self.model;
