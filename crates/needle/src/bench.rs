@@ -94,7 +94,11 @@ fn synthetic(rows: usize, active: usize, users: usize, rng: &mut Rng) -> Prepare
             // Power law over ranks: a few items are hot, most are cold.
             let rank = ((active as f64).powf(rng.uniform() as f64) as usize).clamp(1, active);
             // Spread ranks over the table (a multiplicative hash; a bijection when active == rows).
-            let r = if active == rows { rank } else { (rank * 2_654_435_761) % rows + 1 };
+            let r = if active == rows {
+                rank
+            } else {
+                (rank * 2_654_435_761) % rows + 1
+            };
             seq.push(r as u32);
             counts[r] += 1;
             ts.push(t as i64);
