@@ -89,25 +89,16 @@ impl Schema {
     /// Reads and parses a schema file.
     pub fn from_path(path: &Path) -> Result<Schema> {
         let bytes = read_file(path)?;
-        let text = std::str::from_utf8(&bytes).map_err(|e| DataError::Schema {
-            path: path.to_path_buf(),
-            reason: format!("not valid UTF-8: {e}"),
-        })?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| DataError::Schema { path: path.to_path_buf(), reason: format!("not valid UTF-8: {e}") })?;
         Schema::from_toml(text, path)
     }
 
     /// Parses schema text; `path` is only used in error messages.
     pub fn from_toml(text: &str, path: &Path) -> Result<Schema> {
-        let schema: Schema = toml::from_str(text).map_err(|e| DataError::Schema {
-            path: path.to_path_buf(),
-            reason: e.to_string().trim_end().to_owned(),
-        })?;
-        let bad = |reason: &str| {
-            Err(DataError::Schema {
-                path: path.to_path_buf(),
-                reason: reason.to_owned(),
-            })
-        };
+        let schema: Schema = toml::from_str(text)
+            .map_err(|e| DataError::Schema { path: path.to_path_buf(), reason: e.to_string().trim_end().to_owned() })?;
+        let bad = |reason: &str| Err(DataError::Schema { path: path.to_path_buf(), reason: reason.to_owned() });
         if schema.interactions.delimiter.is_empty() {
             return bad("interactions.delimiter must not be empty");
         }
@@ -124,9 +115,7 @@ impl Schema {
 /// Removes surrounding whitespace and one pair of surrounding double quotes.
 fn clean(field: &str) -> &str {
     let f = field.trim();
-    f.strip_prefix('"')
-        .and_then(|s| s.strip_suffix('"'))
-        .unwrap_or(f)
+    f.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(f)
 }
 
 /// Resolves a column reference to an index, with errors that point at the schema file.
@@ -137,10 +126,7 @@ fn resolve(
     schema_path: &Path,
     data_path: &Path,
 ) -> Result<usize> {
-    let err = |reason: String| DataError::Schema {
-        path: schema_path.to_path_buf(),
-        reason,
-    };
+    let err = |reason: String| DataError::Schema { path: schema_path.to_path_buf(), reason };
     match (col, header) {
         (Column::Name(name), Some(h)) => h.iter().position(|c| c == name).ok_or_else(|| {
             err(format!(
@@ -153,10 +139,9 @@ fn resolve(
             "column {name:?} is a name but interactions.header = false; use a 0-based index or set header = true"
         ))),
         (Column::Index(i), _) => match n_fields {
-            Some(n) if *i >= n => Err(err(format!(
-                "column index {i} out of range: {} has {n} columns",
-                data_path.display()
-            ))),
+            Some(n) if *i >= n => {
+                Err(err(format!("column index {i} out of range: {} has {n} columns", data_path.display())))
+            }
             _ => Ok(*i),
         },
     }
@@ -217,10 +202,7 @@ pub fn load_csv(schema_path: &Path, opts: &LoadOptions) -> Result<Dataset> {
     let base = schema_path.parent().unwrap_or(Path::new(""));
     let data_path = base.join(&schema.interactions.path);
     let name = schema.name.clone().unwrap_or_else(|| {
-        schema_path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "csv".to_owned())
+        schema_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "csv".to_owned())
     });
     let ix = &schema.interactions;
     let delim = ix.delimiter.as_str();
@@ -231,10 +213,7 @@ pub fn load_csv(schema_path: &Path, opts: &LoadOptions) -> Result<Dataset> {
         let Some((line, raw)) = lines.next() else {
             return Err(DataError::Schema {
                 path: schema_path.to_path_buf(),
-                reason: format!(
-                    "header = true but {} has no header row",
-                    data_path.display()
-                ),
+                reason: format!("header = true but {} has no header row", data_path.display()),
             });
         };
         let raw = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw);
@@ -250,9 +229,7 @@ pub fn load_csv(schema_path: &Path, opts: &LoadOptions) -> Result<Dataset> {
     // Without a header the first data row fixes the expected width.
     let n_fields = match &header {
         Some(h) => Some(h.len()),
-        None => lines
-            .peek()
-            .map(|(_, row)| String::from_utf8_lossy(row).split(delim).count()),
+        None => lines.peek().map(|(_, row)| String::from_utf8_lossy(row).split(delim).count()),
     };
     let h = header.as_deref();
     let col = |c: &Column| resolve(c, h, n_fields, schema_path, &data_path);
@@ -276,9 +253,7 @@ pub fn load_csv(schema_path: &Path, opts: &LoadOptions) -> Result<Dataset> {
         if let Some(n) = n_fields {
             if fields.len() != n {
                 let found = fields.len();
-                sink.bad(line, || {
-                    format!("expected {n} fields separated by \"{shown_delim}\", found {found}")
-                })?;
+                sink.bad(line, || format!("expected {n} fields separated by \"{shown_delim}\", found {found}"))?;
                 continue;
             }
         }
@@ -293,9 +268,7 @@ pub fn load_csv(schema_path: &Path, opts: &LoadOptions) -> Result<Dataset> {
             continue;
         }
         let Some(ts) = parse_i64(ts.as_bytes()) else {
-            sink.bad(line, || {
-                format!("timestamp {} is not an integer", show(ts.as_bytes()))
-            })?;
+            sink.bad(line, || format!("timestamp {} is not an integer", show(ts.as_bytes())))?;
             continue;
         };
         let rating = match rc.map(get) {
@@ -303,21 +276,14 @@ pub fn load_csv(schema_path: &Path, opts: &LoadOptions) -> Result<Dataset> {
             Some(r) => match parse_f32(r.as_bytes()) {
                 Some(v) => Some(v),
                 None => {
-                    sink.bad(line, || {
-                        format!("rating {} is not a number", show(r.as_bytes()))
-                    })?;
+                    sink.bad(line, || format!("rating {} is not a number", show(r.as_bytes())))?;
                     continue;
                 }
             },
         };
         let u = parts.users.intern(user)?;
         let i = parts.items.intern(item)?;
-        parts.events.push(Event {
-            user: u,
-            item: i,
-            ts,
-            rating,
-        });
+        parts.events.push(Event { user: u, item: i, ts, rating });
         apply_features(&mut ufeats, u as usize, &fields);
         apply_features(&mut ifeats, i as usize, &fields);
     }

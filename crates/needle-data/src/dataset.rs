@@ -131,14 +131,8 @@ impl Dataset {
             }
         };
         for e in &self.events {
-            let u = self
-                .user_ids
-                .get(e.user as usize)
-                .map_or("", String::as_str);
-            let i = self
-                .item_ids
-                .get(e.item as usize)
-                .map_or("", String::as_str);
+            let u = self.user_ids.get(e.user as usize).map_or("", String::as_str);
+            let i = self.item_ids.get(e.item as usize).map_or("", String::as_str);
             eat(u.as_bytes());
             eat(&[0x1f]);
             eat(i.as_bytes());
@@ -249,10 +243,7 @@ impl FeatureBuilder {
         }
         let len = self.pool.len() - start;
         if let Some(slot) = self.spans.get_mut(entity) {
-            *slot = Some((
-                u32::try_from(start).unwrap_or(u32::MAX),
-                u32::try_from(len).unwrap_or(0),
-            ));
+            *slot = Some((u32::try_from(start).unwrap_or(u32::MAX), u32::try_from(len).unwrap_or(0)));
         }
     }
 
@@ -270,13 +261,7 @@ impl FeatureBuilder {
             }
             offsets.push(u32::try_from(keys.len()).unwrap_or(u32::MAX));
         }
-        Feature {
-            name: self.name,
-            multi: self.multi,
-            values: self.values,
-            offsets,
-            keys,
-        }
+        Feature { name: self.name, multi: self.multi, values: self.values, offsets, keys }
     }
 }
 
@@ -329,16 +314,8 @@ impl Parts {
             user_ids: self.users.ids,
             item_ids: self.items.ids,
             events: self.events,
-            user_features: self
-                .user_features
-                .into_iter()
-                .map(|f| f.finish(n_users))
-                .collect(),
-            item_features: self
-                .item_features
-                .into_iter()
-                .map(|f| f.finish(n_items))
-                .collect(),
+            user_features: self.user_features.into_iter().map(|f| f.finish(n_users)).collect(),
+            item_features: self.item_features.into_iter().map(|f| f.finish(n_items)).collect(),
             item_titles,
             report,
         }
@@ -370,18 +347,8 @@ mod tests {
             user_ids: vec!["1".into(), "2".into()],
             item_ids: vec!["10".into()],
             events: vec![
-                Event {
-                    user: 0,
-                    item: 0,
-                    ts: 5,
-                    rating: None,
-                },
-                Event {
-                    user: 1,
-                    item: 0,
-                    ts: 6,
-                    rating: Some(1.0),
-                },
+                Event { user: 0, item: 0, ts: 5, rating: None },
+                Event { user: 1, item: 0, ts: 6, rating: Some(1.0) },
             ],
             ..Default::default()
         };

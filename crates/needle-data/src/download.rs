@@ -54,11 +54,7 @@ impl Drop for RemoveOnDrop {
 /// Downloads dataset `name` ("ml-1m" or "ml-100k") into `to`, verifies its MD5, extracts
 /// it and returns `to/<name>`. `progress(done, total)` is called as bytes arrive (`total`
 /// is the Content-Length when the server sends one). The archive itself is not kept.
-pub fn download(
-    name: &str,
-    to: &Path,
-    progress: &mut dyn FnMut(u64, Option<u64>),
-) -> Result<PathBuf> {
+pub fn download(name: &str, to: &Path, progress: &mut dyn FnMut(u64, Option<u64>)) -> Result<PathBuf> {
     let Some(known) = KNOWN.iter().find(|k| k.name == name) else {
         return Err(DataError::UnknownDataset {
             name: name.to_owned(),
@@ -69,13 +65,8 @@ pub fn download(
     let zip_path = to.join(format!(".{}.zip.part", known.name));
     let guard = RemoveOnDrop(Some(zip_path.clone()));
 
-    let net_err = |reason: String| DataError::Download {
-        url: known.url.to_owned(),
-        reason,
-    };
-    let response = ureq::get(known.url)
-        .call()
-        .map_err(|e| net_err(e.to_string()))?;
+    let net_err = |reason: String| DataError::Download { url: known.url.to_owned(), reason };
+    let response = ureq::get(known.url).call().map_err(|e| net_err(e.to_string()))?;
     let total = response.body().content_length();
     let mut reader = response.into_body().into_reader();
     let mut file = File::create(&zip_path).map_err(|e| DataError::io(&zip_path, e))?;
@@ -90,8 +81,7 @@ pub fn download(
         }
         let chunk = buf.get(..n).unwrap_or(&[]);
         hasher.update(chunk);
-        file.write_all(chunk)
-            .map_err(|e| DataError::io(&zip_path, e))?;
+        file.write_all(chunk).map_err(|e| DataError::io(&zip_path, e))?;
         done += n as u64;
         progress(done, total);
     }
@@ -100,11 +90,7 @@ pub fn download(
 
     let actual = hex(&hasher.finalize());
     if actual != known.md5 {
-        return Err(DataError::ChecksumMismatch {
-            path: zip_path.clone(),
-            expected: known.md5.to_owned(),
-            actual,
-        });
+        return Err(DataError::ChecksumMismatch { path: zip_path.clone(), expected: known.md5.to_owned(), actual });
     }
     extract_zip(&zip_path, to)?;
     drop(guard);
@@ -165,10 +151,7 @@ fn safe_entry_path(name: &str) -> Option<PathBuf> {
 /// anything is written, and absolute paths or `..` components are rejected (zip-slip), so
 /// a hostile archive leaves no partial output behind.
 pub fn extract_zip(zip_path: &Path, to: &Path) -> Result<()> {
-    let zerr = |reason: String| DataError::Zip {
-        path: zip_path.to_path_buf(),
-        reason,
-    };
+    let zerr = |reason: String| DataError::Zip { path: zip_path.to_path_buf(), reason };
     let file = File::open(zip_path).map_err(|e| DataError::io(zip_path, e))?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| zerr(e.to_string()))?;
 
@@ -178,11 +161,7 @@ pub fn extract_zip(zip_path: &Path, to: &Path) -> Result<()> {
         let name = entry.name().to_owned();
         let rel = safe_entry_path(&name)
             .filter(|_| entry.enclosed_name().is_some())
-            .ok_or_else(|| {
-                zerr(format!(
-                    "unsafe entry path {name:?} (absolute or contains ..)"
-                ))
-            })?;
+            .ok_or_else(|| zerr(format!("unsafe entry path {name:?} (absolute or contains ..)")))?;
         targets.push((rel, entry.is_dir()));
     }
 
@@ -209,10 +188,7 @@ mod tests {
 
     #[test]
     fn entry_paths() {
-        assert_eq!(
-            safe_entry_path("ml-1m/ratings.dat"),
-            Some(PathBuf::from("ml-1m/ratings.dat"))
-        );
+        assert_eq!(safe_entry_path("ml-1m/ratings.dat"), Some(PathBuf::from("ml-1m/ratings.dat")));
         assert_eq!(safe_entry_path("ml-1m/"), Some(PathBuf::from("ml-1m")));
         assert_eq!(safe_entry_path("../evil"), None);
         assert_eq!(safe_entry_path("a/../../evil"), None);

@@ -103,10 +103,7 @@ pub enum DataError {
     },
 
     /// A dataset grew beyond what `u32` keys can address.
-    #[error(
-        "too many {what}: more than {} cannot be indexed with u32 keys",
-        u32::MAX
-    )]
+    #[error("too many {what}: more than {} cannot be indexed with u32 keys", u32::MAX)]
     TooLarge {
         /// What overflowed ("users", "items", "events", ...).
         what: &'static str,
@@ -119,9 +116,6 @@ pub type Result<T> = std::result::Result<T, DataError>;
 impl DataError {
     /// Shorthand used by every loader, which always knows the path it was touching.
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        DataError::Io { path: path.into(), source }
     }
 }

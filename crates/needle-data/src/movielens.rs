@@ -7,8 +7,7 @@ use std::path::Path;
 use crate::dataset::{set_title, Dataset, Event, FeatureBuilder, LoadOptions, Parts};
 use crate::error::{DataError, Result};
 use crate::text::{
-    latin1, numeric_id, parse_f32, parse_i64, read_file, show, split_exact, split_fields, Lines,
-    RowSink,
+    latin1, numeric_id, parse_f32, parse_i64, read_file, show, split_exact, split_fields, Lines, RowSink,
 };
 
 /// Genre names of ML-100k in flag order, used only when u.genre is absent so u.item can
@@ -40,9 +39,7 @@ const ML100K_GENRES: [&str; 19] = [
 /// extracts into `<to>/<name>/`.
 pub(crate) fn missing(human: &str, short: &str, dir: &Path, expected: &str) -> DataError {
     let to = if dir.file_name().is_some_and(|n| n == short) {
-        dir.parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
+        dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
     } else {
         dir
     };
@@ -94,9 +91,7 @@ fn load_ratings(path: &Path, delim: &[u8], opts: &LoadOptions, parts: &mut Parts
         let [u, i, r, t] = match split_exact::<4>(row, delim) {
             Ok(f) => f,
             Err(n) => {
-                sink.bad(line, || {
-                    format!("expected 4 fields separated by \"{delim_shown}\", found {n}")
-                })?;
+                sink.bad(line, || format!("expected 4 fields separated by \"{delim_shown}\", found {n}"))?;
                 continue;
             }
         };
@@ -118,12 +113,7 @@ fn load_ratings(path: &Path, delim: &[u8], opts: &LoadOptions, parts: &mut Parts
         };
         let user = parts.users.intern(user)?;
         let item = parts.items.intern(item)?;
-        parts.events.push(Event {
-            user,
-            item,
-            ts,
-            rating: Some(rating),
-        });
+        parts.events.push(Event { user, item, ts, rating: Some(rating) });
     }
     sink.finish(&mut parts.report);
     Ok(())
@@ -154,10 +144,7 @@ pub fn load_ml1m(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
 }
 
 fn user_feature_builders() -> Vec<FeatureBuilder> {
-    ["gender", "age", "occupation", "zip"]
-        .into_iter()
-        .map(|n| FeatureBuilder::new(n, false))
-        .collect()
+    ["gender", "age", "occupation", "zip"].into_iter().map(|n| FeatureBuilder::new(n, false)).collect()
 }
 
 /// users.dat: `UserID::Gender::Age::Occupation::Zip-code`.
@@ -169,9 +156,7 @@ fn load_ml1m_users(path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Result
         let [id, gender, age, occ, zip] = match split_exact::<5>(row, b"::") {
             Ok(f) => f,
             Err(n) => {
-                sink.bad(line, || {
-                    format!("expected 5 fields separated by \"::\", found {n}")
-                })?;
+                sink.bad(line, || format!("expected 5 fields separated by \"::\", found {n}"))?;
                 continue;
             }
         };
@@ -179,9 +164,7 @@ fn load_ml1m_users(path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Result
             sink.bad(line, || format!("user id {} is not a number", show(id)))?;
             continue;
         };
-        let (Some(gender), Some(age), Some(occ), Some(zip)) =
-            (utf8(gender), utf8(age), utf8(occ), utf8(zip))
-        else {
+        let (Some(gender), Some(age), Some(occ), Some(zip)) = (utf8(gender), utf8(age), utf8(occ), utf8(zip)) else {
             sink.bad(line, || "invalid UTF-8".to_owned())?;
             continue;
         };
@@ -205,9 +188,7 @@ fn load_ml1m_movies(path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Resul
         let [id, title, genre_field] = match split_exact::<3>(row, b"::") {
             Ok(f) => f,
             Err(n) => {
-                sink.bad(line, || {
-                    format!("expected 3 fields separated by \"::\", found {n}")
-                })?;
+                sink.bad(line, || format!("expected 3 fields separated by \"::\", found {n}"))?;
                 continue;
             }
         };
@@ -266,9 +247,7 @@ fn load_ml100k_users(path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Resu
         let [id, age, gender, occ, zip] = match split_exact::<5>(row, b"|") {
             Ok(f) => f,
             Err(n) => {
-                sink.bad(line, || {
-                    format!("expected 5 fields separated by \"|\", found {n}")
-                })?;
+                sink.bad(line, || format!("expected 5 fields separated by \"|\", found {n}"))?;
                 continue;
             }
         };
@@ -276,9 +255,7 @@ fn load_ml100k_users(path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Resu
             sink.bad(line, || format!("user id {} is not a number", show(id)))?;
             continue;
         };
-        let (Some(gender), Some(age), Some(occ), Some(zip)) =
-            (utf8(gender), utf8(age), utf8(occ), utf8(zip))
-        else {
+        let (Some(gender), Some(age), Some(occ), Some(zip)) = (utf8(gender), utf8(age), utf8(occ), utf8(zip)) else {
             sink.bad(line, || "invalid UTF-8".to_owned())?;
             continue;
         };
@@ -302,20 +279,13 @@ fn load_ml100k_genres(path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Res
         let [name, idx] = match split_exact::<2>(row, b"|") {
             Ok(f) => f,
             Err(n) => {
-                sink.bad(line, || {
-                    format!("expected 2 fields separated by \"|\", found {n}")
-                })?;
+                sink.bad(line, || format!("expected 2 fields separated by \"|\", found {n}"))?;
                 continue;
             }
         };
         // The bound keeps a corrupt index from allocating a huge vector.
-        let Some(idx) = parse_i64(idx)
-            .and_then(|v| usize::try_from(v).ok())
-            .filter(|&v| v < 1024)
-        else {
-            sink.bad(line, || {
-                format!("genre index {} is not a small integer", show(idx))
-            })?;
+        let Some(idx) = parse_i64(idx).and_then(|v| usize::try_from(v).ok()).filter(|&v| v < 1024) else {
+            sink.bad(line, || format!("genre index {} is not a small integer", show(idx)))?;
             continue;
         };
         let name = latin1(name.trim_ascii());
@@ -327,24 +297,14 @@ fn load_ml100k_genres(path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Res
         }
     }
     sink.finish(&mut parts.report);
-    Ok(by_index
-        .into_iter()
-        .enumerate()
-        .map(|(i, n)| n.unwrap_or_else(|| format!("genre{i}")))
-        .collect())
+    Ok(by_index.into_iter().enumerate().map(|(i, n)| n.unwrap_or_else(|| format!("genre{i}"))).collect())
 }
 
 /// u.item: `id|title|release date|video release date|IMDb URL|<one 0/1 flag per genre>`, Latin-1.
-fn load_ml100k_items(
-    path: &Path,
-    genre_names: &[String],
-    opts: &LoadOptions,
-    parts: &mut Parts,
-) -> Result<()> {
+fn load_ml100k_items(path: &Path, genre_names: &[String], opts: &LoadOptions, parts: &mut Parts) -> Result<()> {
     let data = read_file(path)?;
     let mut sink = RowSink::new(path, opts.skip_bad_rows);
-    let mut genres =
-        FeatureBuilder::new("genres", true).with_values(genre_names.iter().map(String::as_str));
+    let mut genres = FeatureBuilder::new("genres", true).with_values(genre_names.iter().map(String::as_str));
     let mut year = FeatureBuilder::new("year", false);
     let expected = 5 + genre_names.len();
     let mut fields: Vec<&[u8]> = Vec::with_capacity(expected);
@@ -353,17 +313,12 @@ fn load_ml100k_items(
         split_fields(row, b"|", &mut fields);
         if fields.len() != expected {
             let n = fields.len();
-            sink.bad(line, || {
-                format!("expected {expected} fields separated by \"|\", found {n}")
-            })?;
+            sink.bad(line, || format!("expected {expected} fields separated by \"|\", found {n}"))?;
             continue;
         }
-        let (Some(&id), Some(&title), Some(&date), Some(flag_fields)) = (
-            fields.first(),
-            fields.get(1),
-            fields.get(2),
-            fields.get(5..),
-        ) else {
+        let (Some(&id), Some(&title), Some(&date), Some(flag_fields)) =
+            (fields.first(), fields.get(1), fields.get(2), fields.get(5..))
+        else {
             continue;
         };
         let Some(id) = numeric_id(id) else {
@@ -386,10 +341,7 @@ fn load_ml100k_items(
         let title = latin1(title);
         let date = latin1(date);
         genres.set(item as usize, flags.iter().copied());
-        year.set(
-            item as usize,
-            year_from_title(&title).or_else(|| year_from_date(&date)),
-        );
+        year.set(item as usize, year_from_title(&title).or_else(|| year_from_date(&date)));
         set_title(&mut parts.item_titles, item, title);
     }
     sink.finish(&mut parts.report);

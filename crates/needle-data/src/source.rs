@@ -62,9 +62,7 @@ impl std::str::FromStr for DatasetName {
         match s.to_ascii_lowercase().as_str() {
             "ml-1m" | "ml1m" => Ok(DatasetName::Ml1m),
             "ml-100k" | "ml100k" => Ok(DatasetName::Ml100k),
-            other => Err(format!(
-                "unknown dataset {other:?} (expected ml-1m or ml-100k)"
-            )),
+            other => Err(format!("unknown dataset {other:?} (expected ml-1m or ml-100k)")),
         }
     }
 }
@@ -106,21 +104,12 @@ pub fn find_dataset_dir(name: &DatasetName, data_dir: &Path) -> Option<PathBuf> 
 
 /// Loads `source`. `data_dir` is resolved with [`resolve_data_dir`] and is only used for
 /// MovieLens; a missing dataset gives an error that explains how to download it.
-pub fn load(
-    source: &DatasetSource,
-    data_dir: Option<&Path>,
-    opts: &LoadOptions,
-) -> Result<Dataset> {
+pub fn load(source: &DatasetSource, data_dir: Option<&Path>, opts: &LoadOptions) -> Result<Dataset> {
     match source {
         DatasetSource::MovieLens(name) => {
             let root = resolve_data_dir(data_dir);
             let Some(dir) = find_dataset_dir(name, &root) else {
-                return Err(missing(
-                    name.human(),
-                    name.as_str(),
-                    &root,
-                    name.marker_file(),
-                ));
+                return Err(missing(name.human(), name.as_str(), &root, name.marker_file()));
             };
             match name {
                 DatasetName::Ml1m => load_ml1m(&dir, opts),
@@ -131,9 +120,7 @@ pub fn load(
             let path = if schema.is_absolute() {
                 schema.clone()
             } else {
-                std::env::current_dir()
-                    .map(|d| d.join(schema))
-                    .unwrap_or_else(|_| schema.clone())
+                std::env::current_dir().map(|d| d.join(schema)).unwrap_or_else(|_| schema.clone())
             };
             load_csv(&path, opts)
         }

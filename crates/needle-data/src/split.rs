@@ -34,10 +34,7 @@ pub struct Sequences {
 
 impl Sequences {
     fn range(&self, u: usize) -> std::ops::Range<usize> {
-        match (
-            self.offsets.get(u),
-            u.checked_add(1).and_then(|e| self.offsets.get(e)),
-        ) {
+        match (self.offsets.get(u), u.checked_add(1).and_then(|e| self.offsets.get(e))) {
             (Some(&a), Some(&b)) if a <= b => a as usize..b as usize,
             _ => 0..0,
         }
@@ -90,11 +87,7 @@ impl SeqBuilder {
     fn new(n_users: usize, cap: usize) -> Self {
         let mut offsets = Vec::with_capacity(n_users + 1);
         offsets.push(0);
-        SeqBuilder(Sequences {
-            offsets,
-            items: Vec::with_capacity(cap),
-            ts: Vec::with_capacity(cap),
-        })
+        SeqBuilder(Sequences { offsets, items: Vec::with_capacity(cap), ts: Vec::with_capacity(cap) })
     }
     fn push(&mut self, item: u32, ts: i64) {
         self.0.items.push(item);
@@ -108,11 +101,7 @@ impl SeqBuilder {
 
 /// Checks fractions before any work so a bad config fails fast with a clear message.
 fn validate(strategy: &SplitStrategy) -> Result<()> {
-    if let SplitStrategy::GlobalTime {
-        valid_fraction: v,
-        test_fraction: t,
-    } = *strategy
-    {
+    if let SplitStrategy::GlobalTime { valid_fraction: v, test_fraction: t } = *strategy {
         let ok = |x: f64| x > 0.0 && x < 1.0;
         if !ok(v) || !ok(t) {
             return Err(DataError::InvalidSplit(format!(
@@ -176,16 +165,10 @@ pub fn split(ds: &Dataset, strategy: &SplitStrategy) -> Result<Split> {
 
     let (t_valid, t_test) = match *strategy {
         SplitStrategy::LeaveLastOut => (i64::MAX, i64::MAX),
-        SplitStrategy::GlobalTime {
-            valid_fraction,
-            test_fraction,
-        } => {
+        SplitStrategy::GlobalTime { valid_fraction, test_fraction } => {
             let mut all: Vec<i64> = order.iter().map(|&(t, _)| t).collect();
             all.sort_unstable();
-            (
-                quantile(&all, 1.0 - valid_fraction - test_fraction),
-                quantile(&all, 1.0 - test_fraction),
-            )
+            (quantile(&all, 1.0 - valid_fraction - test_fraction), quantile(&all, 1.0 - test_fraction))
         }
     };
 
@@ -194,10 +177,7 @@ pub fn split(ds: &Dataset, strategy: &SplitStrategy) -> Result<Split> {
     let mut test = SeqBuilder::new(n_users, n_users);
     let mut train_max_ts = i64::MIN;
     for u in 0..n_users {
-        let (a, b) = (
-            starts.get(u).copied().unwrap_or(0),
-            starts.get(u + 1).copied().unwrap_or(0),
-        );
+        let (a, b) = (starts.get(u).copied().unwrap_or(0), starts.get(u + 1).copied().unwrap_or(0));
         let Some(seq) = order.get_mut(a..b) else {
             continue;
         };
@@ -235,10 +215,5 @@ pub fn split(ds: &Dataset, strategy: &SplitStrategy) -> Result<Split> {
         valid.end_user();
         test.end_user();
     }
-    Ok(Split {
-        train: train.0,
-        valid: valid.0,
-        test: test.0,
-        train_max_ts,
-    })
+    Ok(Split { train: train.0, valid: valid.0, test: test.0, train_max_ts })
 }

@@ -26,10 +26,7 @@ pub(crate) struct Lines<'a> {
 
 impl<'a> Lines<'a> {
     pub(crate) fn new(data: &'a [u8]) -> Self {
-        Lines {
-            rest: data,
-            line: 0,
-        }
+        Lines { rest: data, line: 0 }
     }
 }
 
@@ -138,11 +135,7 @@ pub(crate) fn parse_i64(b: &[u8]) -> Option<i64> {
         }
         let digit = i64::from(d - b'0');
         v = v.checked_mul(10)?;
-        v = if neg {
-            v.checked_sub(digit)?
-        } else {
-            v.checked_add(digit)?
-        };
+        v = if neg { v.checked_sub(digit)? } else { v.checked_add(digit)? };
     }
     Some(v)
 }
@@ -191,11 +184,7 @@ pub(crate) struct RowSink {
 
 impl RowSink {
     pub(crate) fn new(path: &Path, skip: bool) -> Self {
-        RowSink {
-            path: path.to_path_buf(),
-            skip,
-            skipped: 0,
-        }
+        RowSink { path: path.to_path_buf(), skip, skipped: 0 }
     }
 
     /// Reports a bad row. `Ok(())` means "skip it and go on"; the reason is built lazily
@@ -205,11 +194,7 @@ impl RowSink {
             self.skipped += 1;
             Ok(())
         } else {
-            Err(DataError::BadRow {
-                path: self.path.clone(),
-                line,
-                reason: reason(),
-            })
+            Err(DataError::BadRow { path: self.path.clone(), line, reason: reason() })
         }
     }
 
@@ -289,11 +274,7 @@ pub(crate) struct Interner {
 
 impl Interner {
     pub(crate) fn new(what: &'static str) -> Self {
-        Interner {
-            map: FastMap::default(),
-            ids: Vec::new(),
-            what,
-        }
+        Interner { map: FastMap::default(), ids: Vec::new(), what }
     }
 
     /// Key of `raw`, creating one if unseen. Only a new id allocates.
@@ -301,8 +282,7 @@ impl Interner {
         if let Some(&k) = self.map.get(raw) {
             return Ok(k);
         }
-        let k =
-            u32::try_from(self.ids.len()).map_err(|_| DataError::TooLarge { what: self.what })?;
+        let k = u32::try_from(self.ids.len()).map_err(|_| DataError::TooLarge { what: self.what })?;
         self.ids.push(raw.to_owned());
         self.map.insert(raw.into(), k);
         Ok(k)

@@ -33,10 +33,7 @@ impl PartialEq for Vocab {
 impl Vocab {
     /// Empty vocabulary (just the padding slot, so `len() == 1`).
     pub fn new() -> Self {
-        Vocab {
-            raws: vec![String::new()],
-            index: FastMap::default(),
-        }
+        Vocab { raws: vec![String::new()], index: FastMap::default() }
     }
 
     /// Vocabulary whose index `k + 1` is `ids[k]`, i.e. dataset key + 1. Duplicate ids map
@@ -86,11 +83,7 @@ impl Vocab {
 
     /// `(index, raw)` for every real entry in index order (padding excluded).
     pub fn iter(&self) -> impl Iterator<Item = (u32, &str)> + '_ {
-        self.raws
-            .iter()
-            .enumerate()
-            .skip(1)
-            .map(|(i, r)| (u32::try_from(i).unwrap_or(u32::MAX), r.as_str()))
+        self.raws.iter().enumerate().skip(1).map(|(i, r)| (u32::try_from(i).unwrap_or(u32::MAX), r.as_str()))
     }
 
     /// Writes a TSV file with one `<index>\t<raw>\n` line per index >= 1 (human-readable and
@@ -111,9 +104,7 @@ impl Vocab {
             out.push('\n');
         }
         let mut f = std::fs::File::create(path).map_err(|e| DataError::io(path, e))?;
-        f.write_all(out.as_bytes())
-            .and_then(|()| f.flush())
-            .map_err(|e| DataError::io(path, e))
+        f.write_all(out.as_bytes()).and_then(|()| f.flush()).map_err(|e| DataError::io(path, e))
     }
 
     /// Reads a file written by [`Vocab::save`]. Indices must be exactly 1, 2, 3, ... in order
@@ -121,23 +112,15 @@ impl Vocab {
     pub fn load(path: &Path) -> Result<Self> {
         let data = read_file(path)?;
         let mut v = Vocab::new();
-        let bad = |line: usize, reason: String| DataError::BadRow {
-            path: path.to_path_buf(),
-            line,
-            reason,
-        };
+        let bad = |line: usize, reason: String| DataError::BadRow { path: path.to_path_buf(), line, reason };
         for (line, row) in Lines::new(&data) {
             let row = std::str::from_utf8(row).map_err(|_| bad(line, "invalid UTF-8".into()))?;
-            let (idx, raw) = row
-                .split_once('\t')
-                .ok_or_else(|| bad(line, "expected \"<index>\\t<id>\"".into()))?;
+            let (idx, raw) = row.split_once('\t').ok_or_else(|| bad(line, "expected \"<index>\\t<id>\"".into()))?;
             let expected = v.raws.len();
             if idx.parse::<usize>().ok() != Some(expected) {
                 return Err(bad(
                     line,
-                    format!(
-                        "expected index {expected}, found {idx:?} (indices must be 1..n in order)"
-                    ),
+                    format!("expected index {expected}, found {idx:?} (indices must be 1..n in order)"),
                 ));
             }
             if v.index.contains_key(raw) {

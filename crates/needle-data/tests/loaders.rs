@@ -5,39 +5,26 @@ use std::fs;
 use std::path::Path;
 
 use needle_data::{
-    load, load_csv, load_ml100k, load_ml1m, DataError, Dataset, DatasetName, DatasetSource,
-    LoadOptions, Schema,
+    load, load_csv, load_ml100k, load_ml1m, DataError, Dataset, DatasetName, DatasetSource, LoadOptions, Schema,
 };
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
     fs::write(dir.join(name), bytes).unwrap();
 }
 
-const STRICT: LoadOptions = LoadOptions {
-    skip_bad_rows: false,
-};
-const LENIENT: LoadOptions = LoadOptions {
-    skip_bad_rows: true,
-};
+const STRICT: LoadOptions = LoadOptions { skip_bad_rows: false };
+const LENIENT: LoadOptions = LoadOptions { skip_bad_rows: true };
 
 fn vals(ds: &Dataset, user_side: bool, feat: &str, entity: usize) -> Vec<String> {
-    let f = if user_side {
-        ds.user_feature(feat)
-    } else {
-        ds.item_feature(feat)
-    }
-    .unwrap_or_else(|| panic!("feature {feat} missing"));
+    let f = if user_side { ds.user_feature(feat) } else { ds.item_feature(feat) }
+        .unwrap_or_else(|| panic!("feature {feat} missing"));
     f.values_of(entity).map(str::to_owned).collect()
 }
 
 fn ml1m_dir(ratings: &[u8]) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     write(d.path(), "ratings.dat", ratings);
-    write(
-        d.path(),
-        "users.dat",
-        b"1::F::1::10::48067\n2::M::56::16::70072\n3::M::25::15::55117\n",
-    );
+    write(d.path(), "users.dat", b"1::F::1::10::48067\n2::M::56::16::70072\n3::M::25::15::55117\n");
     // Latin-1: 0xE9 is e-acute.
     write(
         d.path(),
@@ -90,11 +77,7 @@ fn ml1m_counts_features_titles() {
 #[test]
 fn ml1m_crlf_and_blank_lines_match_lf() {
     let a = load_ml1m(ml1m_dir(b"1::10::5::100\n2::20::3::50\n").path(), &STRICT).unwrap();
-    let b = load_ml1m(
-        ml1m_dir(b"1::10::5::100\r\n2::20::3::50\r\n\r\n\n").path(),
-        &STRICT,
-    )
-    .unwrap();
+    let b = load_ml1m(ml1m_dir(b"1::10::5::100\r\n2::20::3::50\r\n\r\n\n").path(), &STRICT).unwrap();
     assert_eq!(a.events, b.events);
     assert_eq!(a.fingerprint(), b.fingerprint());
     assert_eq!(a.user_ids, b.user_ids);
@@ -117,10 +100,7 @@ fn bad_row_names_file_and_line() {
     let err = load_ml1m(d.path(), &STRICT).unwrap_err();
     assert!(matches!(err, DataError::BadRow { line: 3, .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.ends_with("ratings.dat:3: expected 4 fields separated by \"::\", found 3"),
-        "{msg}"
-    );
+    assert!(msg.ends_with("ratings.dat:3: expected 4 fields separated by \"::\", found 3"), "{msg}");
 
     for (bad, what) in [
         (&b"x::10::5::100\n"[..], "user id"),
@@ -131,10 +111,7 @@ fn bad_row_names_file_and_line() {
     ] {
         let d = ml1m_dir(bad);
         let msg = load_ml1m(d.path(), &STRICT).unwrap_err().to_string();
-        assert!(
-            msg.contains("ratings.dat:1:") && msg.contains(what),
-            "{msg}"
-        );
+        assert!(msg.contains("ratings.dat:1:") && msg.contains(what), "{msg}");
     }
 
     // Bad side-table rows report their own file.
@@ -147,25 +124,14 @@ fn bad_row_names_file_and_line() {
 #[test]
 fn skip_mode_counts_per_file() {
     let d = ml1m_dir(b"1::10::5::100\nbroken\n2::20::x::1\n2::20::3::50\n");
-    write(
-        d.path(),
-        "users.dat",
-        b"1::F::1::10::48067\nnope::M::1::1::1\n",
-    );
+    write(d.path(), "users.dat", b"1::F::1::10::48067\nnope::M::1::1::1\n");
     let ds = load_ml1m(d.path(), &LENIENT).unwrap();
     assert_eq!(ds.events.len(), 2);
     assert_eq!(ds.report.rows, 2);
     assert_eq!(ds.report.skipped_total(), 3);
-    let by_file: Vec<(String, usize)> = ds
-        .report
-        .skipped
-        .iter()
-        .map(|(p, n)| (p.file_name().unwrap().to_string_lossy().into_owned(), *n))
-        .collect();
-    assert_eq!(
-        by_file,
-        vec![("ratings.dat".to_owned(), 2), ("users.dat".to_owned(), 1)]
-    );
+    let by_file: Vec<(String, usize)> =
+        ds.report.skipped.iter().map(|(p, n)| (p.file_name().unwrap().to_string_lossy().into_owned(), *n)).collect();
+    assert_eq!(by_file, vec![("ratings.dat".to_owned(), 2), ("users.dat".to_owned(), 1)]);
 }
 
 #[test]
@@ -179,24 +145,10 @@ fn missing_dataset_explains_download() {
     assert!(msg.contains("needle data download ml-1m --to"), "{msg}");
     assert!(msg.contains("NEEDLE_DATA_DIR"), "{msg}");
 
-    let err = load(
-        &DatasetSource::MovieLens(DatasetName::Ml100k),
-        Some(d.path()),
-        &STRICT,
-    )
-    .unwrap_err();
+    let err = load(&DatasetSource::MovieLens(DatasetName::Ml100k), Some(d.path()), &STRICT).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains("MovieLens-100k") && msg.contains("u.data"),
-        "{msg}"
-    );
-    assert!(
-        msg.contains(&format!(
-            "needle data download ml-100k --to {}",
-            d.path().display()
-        )),
-        "{msg}"
-    );
+    assert!(msg.contains("MovieLens-100k") && msg.contains("u.data"), "{msg}");
+    assert!(msg.contains(&format!("needle data download ml-100k --to {}", d.path().display())), "{msg}");
 }
 
 #[test]
@@ -237,10 +189,7 @@ fn dataset_name_serde_kebab() {
     struct S {
         d: DatasetName,
     }
-    let out = toml::to_string(&S {
-        d: DatasetName::Ml1m,
-    })
-    .unwrap();
+    let out = toml::to_string(&S { d: DatasetName::Ml1m }).unwrap();
     assert_eq!(out.trim(), "d = \"ml-1m\"");
     assert_eq!("ml-100k".parse::<DatasetName>(), Ok(DatasetName::Ml100k));
     assert_eq!(DatasetName::Ml100k.to_string(), "ml-100k");
@@ -248,16 +197,8 @@ fn dataset_name_serde_kebab() {
 
 fn ml100k_dir() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
-    write(
-        d.path(),
-        "u.data",
-        b"5\t1\t3\t881250949\n6\t2\t4\t881250950\n",
-    );
-    write(
-        d.path(),
-        "u.user",
-        b"5|24|M|technician|85711\n6|53|F|other|94043\n9|23|M|writer|32067\n",
-    );
+    write(d.path(), "u.data", b"5\t1\t3\t881250949\n6\t2\t4\t881250950\n");
+    write(d.path(), "u.user", b"5|24|M|technician|85711\n6|53|F|other|94043\n9|23|M|writer|32067\n");
     write(d.path(), "u.genre", b"unknown|0\nAction|1\nComedy|2\n\n");
     write(
         d.path(),
@@ -286,10 +227,7 @@ fn ml100k_counts_features_titles() {
     assert_eq!(vals(&ds, false, "year", 0), vec!["1995"]);
     assert_eq!(vals(&ds, false, "year", 1), vec!["1997"]);
     assert_eq!(vals(&ds, false, "year", 2), vec!["1980"]);
-    assert_eq!(
-        ds.item_feature("genres").unwrap().values,
-        vec!["unknown", "Action", "Comedy"]
-    );
+    assert_eq!(ds.item_feature("genres").unwrap().values, vec!["unknown", "Action", "Comedy"]);
 }
 
 #[test]
@@ -385,35 +323,22 @@ column = 3
     assert_eq!(ds.events[1].rating, None);
 
     // Through the CLI entry point with an absolute schema path.
-    let src = DatasetSource::Csv {
-        schema: d.path().join("shop.toml"),
-    };
+    let src = DatasetSource::Csv { schema: d.path().join("shop.toml") };
     assert_eq!(load(&src, None, &STRICT).unwrap().events.len(), 2);
 }
 
 #[test]
 fn csv_missing_column_is_schema_error() {
-    let d = csv_dir(
-        &SHOP.replace("\"age\"", "\"agee\""),
-        b"user_id;item_id;ts;rating;age;tags;genres\n",
-    );
+    let d = csv_dir(&SHOP.replace("\"age\"", "\"agee\""), b"user_id;item_id;ts;rating;age;tags;genres\n");
     let err = load_csv(&d.path().join("shop.toml"), &STRICT).unwrap_err();
     assert!(matches!(err, DataError::Schema { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("shop.toml") && msg.contains("\"agee\""),
-        "{msg}"
-    );
+    assert!(msg.contains("shop.toml") && msg.contains("\"agee\""), "{msg}");
 
     let schema = "[interactions]\npath = \"events.csv\"\nuser = 0\nitem = 1\ntimestamp = 5\n";
     let d = csv_dir(schema, b"a,b,1\n");
-    let msg = load_csv(&d.path().join("shop.toml"), &STRICT)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        msg.contains("shop.toml") && msg.contains("index 5"),
-        "{msg}"
-    );
+    let msg = load_csv(&d.path().join("shop.toml"), &STRICT).unwrap_err().to_string();
+    assert!(msg.contains("shop.toml") && msg.contains("index 5"), "{msg}");
 
     let schema = "[interactions]\npath = \"events.csv\"\nuser = \"u\"\nitem = 1\ntimestamp = 2\n";
     let d = csv_dir(schema, b"a,b,1\n");
@@ -423,19 +348,14 @@ fn csv_missing_column_is_schema_error() {
 
 #[test]
 fn csv_unknown_key_is_schema_error() {
-    let d = csv_dir(
-        &SHOP.replace("header = true", "header = true\nheadr = 1"),
-        b"",
-    );
+    let d = csv_dir(&SHOP.replace("header = true", "header = true\nheadr = 1"), b"");
     let err = load_csv(&d.path().join("shop.toml"), &STRICT).unwrap_err();
     assert!(matches!(err, DataError::Schema { .. }), "{err:?}");
     assert!(err.to_string().contains("headr"), "{err}");
 
-    let err = Schema::from_toml(
-        "colour = 1\n[interactions]\npath=\"x\"\nuser=0\nitem=1\ntimestamp=2\n",
-        Path::new("s.toml"),
-    )
-    .unwrap_err();
+    let err =
+        Schema::from_toml("colour = 1\n[interactions]\npath=\"x\"\nuser=0\nitem=1\ntimestamp=2\n", Path::new("s.toml"))
+            .unwrap_err();
     assert!(err.to_string().contains("colour"), "{err}");
     let err = Schema::from_toml(
         "[interactions]\npath=\"x\"\ndelimiter=\"\"\nuser=0\nitem=1\ntimestamp=2\n",
@@ -459,10 +379,7 @@ fn csv_bad_rows() {
     );
     let path = d.path().join("shop.toml");
     let msg = load_csv(&path, &STRICT).unwrap_err().to_string();
-    assert!(
-        msg.contains("events.csv:3: expected 7 fields separated by \";\", found 6"),
-        "{msg}"
-    );
+    assert!(msg.contains("events.csv:3: expected 7 fields separated by \";\", found 6"), "{msg}");
     let ds = load_csv(&path, &LENIENT).unwrap();
     assert_eq!(ds.events.len(), 1);
     assert_eq!(ds.report.skipped_total(), 5);
@@ -474,10 +391,7 @@ fn csv_bad_rows() {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     fn bytes(&mut self) -> Vec<u8> {
@@ -502,7 +416,8 @@ fn random_bytes_never_panic() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     let schema_hdr = "[interactions]\npath = \"events.csv\"\nheader = true\ndelimiter = \",\"\nuser = 0\nitem = 1\ntimestamp = 2\nrating = 3\n[[user_features]]\ncolumn = 1\nseparator = \"|\"\n";
-    let schema_nohdr = "[interactions]\npath = \"events2.csv\"\ndelimiter = \"::\"\nuser = 0\nitem = 1\ntimestamp = 2\n";
+    let schema_nohdr =
+        "[interactions]\npath = \"events2.csv\"\ndelimiter = \"::\"\nuser = 0\nitem = 1\ntimestamp = 2\n";
     write(p, "s1.toml", schema_hdr.as_bytes());
     write(p, "s2.toml", schema_nohdr.as_bytes());
     let mut ok = 0usize;
@@ -549,10 +464,7 @@ fn random_bytes_never_panic() {
                     assert_eq!(f.num_entities(), f.offsets.len() - 1);
                 }
                 let s = needle_data::split(&r, &needle_data::SplitStrategy::LeaveLastOut).unwrap();
-                assert_eq!(
-                    s.train.total() + s.valid.total() + s.test.total(),
-                    r.events.len()
-                );
+                assert_eq!(s.train.total() + s.valid.total() + s.test.total(), r.events.len());
             }
         }
         let _ = needle_data::Vocab::load(&p.join("vocab.tsv"));

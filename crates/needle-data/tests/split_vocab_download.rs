@@ -3,24 +3,14 @@
 use std::fs;
 use std::io::Write;
 
-use needle_data::{
-    extract_zip, split, verify_md5, DataError, Dataset, Event, Sequences, SplitStrategy, Vocab,
-};
+use needle_data::{extract_zip, split, verify_md5, DataError, Dataset, Event, Sequences, SplitStrategy, Vocab};
 
 fn ds_from(events: &[(u32, u32, i64)], n_users: usize, n_items: usize) -> Dataset {
     Dataset {
         name: "t".into(),
         user_ids: (0..n_users).map(|u| format!("u{u}")).collect(),
         item_ids: (0..n_items).map(|i| format!("i{i}")).collect(),
-        events: events
-            .iter()
-            .map(|&(user, item, ts)| Event {
-                user,
-                item,
-                ts,
-                rating: None,
-            })
-            .collect(),
+        events: events.iter().map(|&(user, item, ts)| Event { user, item, ts, rating: None }).collect(),
         ..Default::default()
     }
 }
@@ -30,19 +20,7 @@ fn leave_last_out_small_with_ties() {
     // user 0: ts 5,3,3,9 on items 0,1,2,3 -> time order 1,2 (tie keeps file order),0,3
     // user 1: two events with equal ts -> first train, second test
     // user 2: one event -> train; user 3: none
-    let ds = ds_from(
-        &[
-            (0, 0, 5),
-            (1, 4, 7),
-            (0, 1, 3),
-            (0, 2, 3),
-            (2, 5, 1),
-            (1, 6, 7),
-            (0, 3, 9),
-        ],
-        4,
-        7,
-    );
+    let ds = ds_from(&[(0, 0, 5), (1, 4, 7), (0, 1, 3), (0, 2, 3), (2, 5, 1), (1, 6, 7), (0, 3, 9)], 4, 7);
     let s = split(&ds, &SplitStrategy::LeaveLastOut).unwrap();
     for seq in [&s.train, &s.valid, &s.test] {
         assert_eq!(seq.num_users(), 4);
@@ -65,9 +43,7 @@ fn leave_last_out_small_with_ties() {
 fn random_ds(seed: u64, n_events: usize) -> Dataset {
     let mut x = seed;
     let mut next = move || {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         x >> 33
     };
     let evs: Vec<(u32, u32, i64)> = (0..n_events)
@@ -97,26 +73,16 @@ fn leave_last_out_properties() {
     assert_eq!(s.train.total() + s.valid.total() + s.test.total(), 2000);
     let mut max_train = i64::MIN;
     for u in 0..ds.user_ids.len() {
-        let mut evs: Vec<(i64, u32)> = ds
-            .events
-            .iter()
-            .filter(|e| e.user as usize == u)
-            .map(|e| (e.ts, e.item))
-            .collect();
+        let mut evs: Vec<(i64, u32)> =
+            ds.events.iter().filter(|e| e.user as usize == u).map(|e| (e.ts, e.item)).collect();
         evs.sort_by_key(|e| e.0); // stable
         let n = evs.len();
         let expect_test = usize::from(n >= 2);
         let expect_valid = usize::from(n >= 3);
         assert_eq!(s.test.len_of(u), expect_test);
         assert_eq!(s.valid.len_of(u), expect_valid);
-        let joined: Vec<u32> = s
-            .train
-            .items_of(u)
-            .iter()
-            .chain(s.valid.items_of(u))
-            .chain(s.test.items_of(u))
-            .copied()
-            .collect();
+        let joined: Vec<u32> =
+            s.train.items_of(u).iter().chain(s.valid.items_of(u)).chain(s.test.items_of(u)).copied().collect();
         assert_eq!(joined, evs.iter().map(|e| e.1).collect::<Vec<_>>());
         let tmax = s.train.ts_of(u).iter().copied().max();
         for later in s.valid.ts_of(u).iter().chain(s.test.ts_of(u)) {
@@ -137,14 +103,7 @@ fn leave_last_out_properties() {
 #[test]
 fn global_time_properties() {
     let ds = random_ds(11, 3000);
-    let s = split(
-        &ds,
-        &SplitStrategy::GlobalTime {
-            valid_fraction: 0.1,
-            test_fraction: 0.2,
-        },
-    )
-    .unwrap();
+    let s = split(&ds, &SplitStrategy::GlobalTime { valid_fraction: 0.1, test_fraction: 0.2 }).unwrap();
     let (tr, va, te) = (s.train.total(), s.valid.total(), s.test.total());
     assert_eq!(tr + va + te, 3000);
     // Quantile cuts with ties: roughly the requested fractions.
@@ -158,20 +117,10 @@ fn global_time_properties() {
     assert!(max_valid < min_test);
     assert_eq!(s.train_max_ts, max_train);
     for u in 0..ds.user_ids.len() {
-        let joined: Vec<u32> = s
-            .train
-            .items_of(u)
-            .iter()
-            .chain(s.valid.items_of(u))
-            .chain(s.test.items_of(u))
-            .copied()
-            .collect();
-        let mut evs: Vec<(i64, u32)> = ds
-            .events
-            .iter()
-            .filter(|e| e.user as usize == u)
-            .map(|e| (e.ts, e.item))
-            .collect();
+        let joined: Vec<u32> =
+            s.train.items_of(u).iter().chain(s.valid.items_of(u)).chain(s.test.items_of(u)).copied().collect();
+        let mut evs: Vec<(i64, u32)> =
+            ds.events.iter().filter(|e| e.user as usize == u).map(|e| (e.ts, e.item)).collect();
         evs.sort_by_key(|e| e.0);
         assert_eq!(joined, evs.iter().map(|e| e.1).collect::<Vec<_>>());
     }
@@ -179,32 +128,12 @@ fn global_time_properties() {
 
 #[test]
 fn split_rejects_bad_fractions_and_handles_empty() {
-    for (v, t) in [
-        (0.0, 0.1),
-        (0.1, 0.0),
-        (0.5, 0.5),
-        (0.1, 1.0),
-        (f64::NAN, 0.1),
-        (-0.1, 0.2),
-    ] {
-        let err = split(
-            &Dataset::default(),
-            &SplitStrategy::GlobalTime {
-                valid_fraction: v,
-                test_fraction: t,
-            },
-        )
-        .unwrap_err();
+    for (v, t) in [(0.0, 0.1), (0.1, 0.0), (0.5, 0.5), (0.1, 1.0), (f64::NAN, 0.1), (-0.1, 0.2)] {
+        let err =
+            split(&Dataset::default(), &SplitStrategy::GlobalTime { valid_fraction: v, test_fraction: t }).unwrap_err();
         assert!(matches!(err, DataError::InvalidSplit(_)), "{v} {t}");
     }
-    let s = split(
-        &Dataset::default(),
-        &SplitStrategy::GlobalTime {
-            valid_fraction: 0.1,
-            test_fraction: 0.1,
-        },
-    )
-    .unwrap();
+    let s = split(&Dataset::default(), &SplitStrategy::GlobalTime { valid_fraction: 0.1, test_fraction: 0.1 }).unwrap();
     assert_eq!(s.train.num_users(), 0);
     assert_eq!(s.train_max_ts, i64::MIN);
 }
@@ -219,17 +148,11 @@ fn vocab_round_trip_and_errors() {
     assert_eq!(v.len(), 5);
     let path = d.path().join("items.tsv");
     v.save(&path).unwrap();
-    assert_eq!(
-        fs::read_to_string(&path).unwrap(),
-        "1\t42\n2\tCafé\n3\ta b\n4\tz\n"
-    );
+    assert_eq!(fs::read_to_string(&path).unwrap(), "1\t42\n2\tCafé\n3\ta b\n4\tz\n");
     let back = Vocab::load(&path).unwrap();
     assert_eq!(back, v);
     assert_eq!(back.get("z"), Some(4));
-    assert_eq!(
-        back.iter().collect::<Vec<_>>(),
-        vec![(1, "42"), (2, "Café"), (3, "a b"), (4, "z")]
-    );
+    assert_eq!(back.iter().collect::<Vec<_>>(), vec![(1, "42"), (2, "Café"), (3, "a b"), (4, "z")]);
 
     let mut bad = Vocab::new();
     bad.insert("tab\there");
@@ -237,15 +160,9 @@ fn vocab_round_trip_and_errors() {
 
     fs::write(&path, "1\ta\n3\tb\n").unwrap();
     let msg = Vocab::load(&path).unwrap_err().to_string();
-    assert!(
-        msg.contains("items.tsv:2:") && msg.contains("expected index 2"),
-        "{msg}"
-    );
+    assert!(msg.contains("items.tsv:2:") && msg.contains("expected index 2"), "{msg}");
     fs::write(&path, "1\ta\n2\ta\n").unwrap();
-    assert!(Vocab::load(&path)
-        .unwrap_err()
-        .to_string()
-        .contains("duplicate"));
+    assert!(Vocab::load(&path).unwrap_err().to_string().contains("duplicate"));
     fs::write(&path, "1 a\n").unwrap();
     assert!(Vocab::load(&path).is_err());
 }
@@ -281,20 +198,10 @@ fn make_zip(path: &std::path::Path, entries: &[(&str, &[u8])]) {
 fn zip_extraction_and_slip_rejection() {
     let d = tempfile::tempdir().unwrap();
     let zp = d.path().join("ml.zip");
-    make_zip(
-        &zp,
-        &[
-            ("ml-1m/", b""),
-            ("ml-1m/ratings.dat", b"1::2::3::4\n"),
-            ("ml-1m/sub/readme", b"hi"),
-        ],
-    );
+    make_zip(&zp, &[("ml-1m/", b""), ("ml-1m/ratings.dat", b"1::2::3::4\n"), ("ml-1m/sub/readme", b"hi")]);
     let out = d.path().join("out");
     extract_zip(&zp, &out).unwrap();
-    assert_eq!(
-        fs::read(out.join("ml-1m/ratings.dat")).unwrap(),
-        b"1::2::3::4\n"
-    );
+    assert_eq!(fs::read(out.join("ml-1m/ratings.dat")).unwrap(), b"1::2::3::4\n");
     assert_eq!(fs::read(out.join("ml-1m/sub/readme")).unwrap(), b"hi");
     let ds = needle_data::load_ml1m(&out.join("ml-1m"), &Default::default()).unwrap();
     assert_eq!(ds.events.len(), 1);

@@ -19,10 +19,7 @@ pub struct Lists {
 
 impl Lists {
     pub fn new() -> Self {
-        Lists {
-            offsets: vec![0],
-            items: Vec::new(),
-        }
+        Lists { offsets: vec![0], items: Vec::new() }
     }
 
     /// Appends one list.
@@ -59,9 +56,7 @@ impl PartialOrd for Scored {
 impl Ord for Scored {
     /// "Greater" means ranked higher: larger score, then smaller item row (a stable tie-break).
     fn cmp(&self, other: &Self) -> Ordering {
-        self.0
-            .total_cmp(&other.0)
-            .then_with(|| other.1.cmp(&self.1))
+        self.0.total_cmp(&other.0).then_with(|| other.1.cmp(&self.1))
     }
 }
 
@@ -197,13 +192,7 @@ impl Report {
 /// Scores ranked lists (`[users × kmax]`, as from [`top_k`]) against each user's targets.
 /// Users with no target are skipped.
 pub fn score(ranked: &[u32], kmax: usize, targets: &Lists, ks: &[usize], n_items: usize) -> Report {
-    let mut at: Vec<AtK> = ks
-        .iter()
-        .map(|&k| AtK {
-            k,
-            ..Default::default()
-        })
-        .collect();
+    let mut at: Vec<AtK> = ks.iter().map(|&k| AtK { k, ..Default::default() }).collect();
     let mut hit_curve = vec![0.0f64; kmax];
     let mut users = 0usize;
     for u in 0..targets.len() {
@@ -213,12 +202,7 @@ pub fn score(ranked: &[u32], kmax: usize, targets: &Lists, ks: &[usize], n_items
         }
         users += 1;
         let row = &ranked[u * kmax..(u + 1) * kmax];
-        let ranks: Vec<usize> = row
-            .iter()
-            .enumerate()
-            .filter(|(_, id)| t.contains(id))
-            .map(|(r, _)| r)
-            .collect();
+        let ranks: Vec<usize> = row.iter().enumerate().filter(|(_, id)| t.contains(id)).map(|(r, _)| r).collect();
         if let Some(&first) = ranks.first() {
             for h in hit_curve.iter_mut().skip(first) {
                 *h += 1.0;
@@ -231,9 +215,7 @@ pub fn score(ranked: &[u32], kmax: usize, targets: &Lists, ks: &[usize], n_items
                 continue;
             }
             let dcg: f64 = hits.iter().map(|&r| 1.0 / ((r + 2) as f64).log2()).sum();
-            let idcg: f64 = (0..t.len().min(a.k))
-                .map(|r| 1.0 / ((r + 2) as f64).log2())
-                .sum();
+            let idcg: f64 = (0..t.len().min(a.k)).map(|r| 1.0 / ((r + 2) as f64).log2()).sum();
             a.hit_rate += 1.0;
             a.recall += hits.len() as f64 / t.len() as f64;
             a.precision += hits.len() as f64 / a.k as f64;
@@ -250,21 +232,13 @@ pub fn score(ranked: &[u32], kmax: usize, targets: &Lists, ks: &[usize], n_items
         a.mrr /= n;
     }
     hit_curve.iter_mut().for_each(|h| *h /= n);
-    Report {
-        users,
-        items: n_items,
-        at,
-        hit_curve,
-    }
+    Report { users, items: n_items, at, hit_curve }
 }
 
 /// Prints a report as an aligned text table.
 pub fn format_table(r: &Report) -> String {
     let mut s = format!("users {}  items {}\n", r.users, r.items);
-    s.push_str(&format!(
-        "{:>6} {:>9} {:>9} {:>9} {:>10} {:>9}\n",
-        "K", "HR", "Recall", "NDCG", "Precision", "MRR"
-    ));
+    s.push_str(&format!("{:>6} {:>9} {:>9} {:>9} {:>10} {:>9}\n", "K", "HR", "Recall", "NDCG", "Precision", "MRR"));
     for a in &r.at {
         s.push_str(&format!(
             "{:>6} {:>9.4} {:>9.4} {:>9.4} {:>10.5} {:>9.4}\n",
@@ -293,13 +267,7 @@ mod tests {
             let mut all: Vec<(f32, u32)> = (1..ni as u32)
                 .filter(|j| !ex.get(i).contains(j))
                 .map(|j| {
-                    (
-                        needle_model::layers::dot(
-                            &u[i * d..(i + 1) * d],
-                            &v[j as usize * d..(j as usize + 1) * d],
-                        ),
-                        j,
-                    )
+                    (needle_model::layers::dot(&u[i * d..(i + 1) * d], &v[j as usize * d..(j as usize + 1) * d]), j)
                 })
                 .collect();
             all.sort_by(|a, b| b.0.total_cmp(&a.0));

@@ -45,12 +45,7 @@ const ABSENT: u32 = u32::MAX;
 
 impl SparseGrad {
     pub fn new(table_rows: usize, dim: usize) -> Self {
-        SparseGrad {
-            dim,
-            slot: vec![ABSENT; table_rows],
-            rows: Vec::new(),
-            grads: Vec::new(),
-        }
+        SparseGrad { dim, slot: vec![ABSENT; table_rows], rows: Vec::new(), grads: Vec::new() }
     }
 
     /// The gradient row of table row `r`, created at zero on first touch.
@@ -91,14 +86,7 @@ impl SparseGrad {
 
 /// Mean of the table rows in each bag: `out[b] = Σ_{j<len[b]} E[ids[b·l + j]] / len[b]` (zeros for
 /// an empty bag). Bags are stored padded to a fixed width `l`; row 0 ids inside the length count.
-pub fn bag_mean_forward(
-    out: &mut [f32],
-    out_stride: usize,
-    table: &Embedding,
-    ids: &[u32],
-    lens: &[u32],
-    l: usize,
-) {
+pub fn bag_mean_forward(out: &mut [f32], out_stride: usize, table: &Embedding, ids: &[u32], lens: &[u32], l: usize) {
     let d = table.dim;
     for (b, &len) in lens.iter().enumerate() {
         let o = &mut out[b * out_stride..b * out_stride + d];
@@ -120,14 +108,7 @@ pub fn bag_mean_forward(
 }
 
 /// Gradient of [`bag_mean_forward`]: each id of bag `b` receives `dout[b] / len[b]`.
-pub fn bag_mean_backward(
-    grad: &mut SparseGrad,
-    dout: &[f32],
-    dout_stride: usize,
-    ids: &[u32],
-    lens: &[u32],
-    l: usize,
-) {
+pub fn bag_mean_backward(grad: &mut SparseGrad, dout: &[f32], dout_stride: usize, ids: &[u32], lens: &[u32], l: usize) {
     let d = grad.dim;
     for (b, &len) in lens.iter().enumerate() {
         let len = len as usize;
@@ -172,11 +153,7 @@ mod tests {
                 let down = loss(&table);
                 table.weights[i] = orig;
                 let num = ((up - down) / 2e-2) as f32;
-                assert!(
-                    (num - g.grads[slot * 3 + k]).abs() < 1e-3,
-                    "row {row}: {num} vs {}",
-                    g.grads[slot * 3 + k]
-                );
+                assert!((num - g.grads[slot * 3 + k]).abs() < 1e-3, "row {row}: {num} vs {}", g.grads[slot * 3 + k]);
             }
         }
         g.clear();

@@ -34,10 +34,7 @@ pub fn matmul(
     c: &mut [f32],
     accumulate: bool,
 ) {
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "matmul shape mismatch"
-    );
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul shape mismatch");
     if m == 0 || n == 0 {
         return;
     }
@@ -77,68 +74,49 @@ pub fn matmul(
     let rows = m.div_ceil(threads).div_ceil(8) * 8;
     let a_addr = a.as_ptr() as usize;
     let b_addr = b.as_ptr() as usize;
-    c[..m * n]
-        .par_chunks_mut(rows * n)
-        .enumerate()
-        .for_each(|(ci, chunk)| {
-            let r0 = ci * rows;
-            let mr = chunk.len() / n;
-            let a_off = match la {
-                Layout::Normal => r0 * k,
-                Layout::Transposed => r0,
-            };
-            // SAFETY: rows r0..r0+mr of A lie inside `a` (checked above); B is shared read-only;
-            // each chunk of C is written by one task only.
-            unsafe {
-                let a_ptr = (a_addr as *const f32).add(a_off);
-                matrixmultiply::sgemm(
-                    mr,
-                    k,
-                    n,
-                    1.0,
-                    a_ptr,
-                    rsa,
-                    csa,
-                    b_addr as *const f32,
-                    rsb,
-                    csb,
-                    beta,
-                    chunk.as_mut_ptr(),
-                    n as isize,
-                    1,
-                );
-            }
-        });
+    c[..m * n].par_chunks_mut(rows * n).enumerate().for_each(|(ci, chunk)| {
+        let r0 = ci * rows;
+        let mr = chunk.len() / n;
+        let a_off = match la {
+            Layout::Normal => r0 * k,
+            Layout::Transposed => r0,
+        };
+        // SAFETY: rows r0..r0+mr of A lie inside `a` (checked above); B is shared read-only;
+        // each chunk of C is written by one task only.
+        unsafe {
+            let a_ptr = (a_addr as *const f32).add(a_off);
+            matrixmultiply::sgemm(
+                mr,
+                k,
+                n,
+                1.0,
+                a_ptr,
+                rsa,
+                csa,
+                b_addr as *const f32,
+                rsb,
+                csb,
+                beta,
+                chunk.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn naive(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: &[f32],
-        la: Layout,
-        b: &[f32],
-        lb: Layout,
-    ) -> Vec<f32> {
+    fn naive(m: usize, k: usize, n: usize, a: &[f32], la: Layout, b: &[f32], lb: Layout) -> Vec<f32> {
         let mut c = vec![0.0f32; m * n];
         for i in 0..m {
             for j in 0..n {
                 let mut s = 0.0f64;
                 for p in 0..k {
-                    let av = if la == Layout::Normal {
-                        a[i * k + p]
-                    } else {
-                        a[p * m + i]
-                    };
-                    let bv = if lb == Layout::Normal {
-                        b[p * n + j]
-                    } else {
-                        b[j * k + p]
-                    };
+                    let av = if la == Layout::Normal { a[i * k + p] } else { a[p * m + i] };
+                    let bv = if lb == Layout::Normal { b[p * n + j] } else { b[j * k + p] };
                     s += av as f64 * bv as f64;
                 }
                 c[i * n + j] = s as f32;
@@ -159,10 +137,7 @@ mod tests {
                     let mut got = vec![1.0f32; m * n];
                     matmul(m, k, n, &a, la, &b, lb, &mut got, true);
                     for (g, w) in got.iter().zip(&want) {
-                        assert!(
-                            (g - 1.0 - w).abs() < 1e-3 * (1.0 + w.abs()),
-                            "{m}x{k}x{n}: {g} vs {w}"
-                        );
+                        assert!((g - 1.0 - w).abs() < 1e-3 * (1.0 + w.abs()), "{m}x{k}x{n}: {g} vs {w}");
                     }
                 }
             }

@@ -11,15 +11,7 @@ use rayon::prelude::*;
 const ROWS_PER_TASK: usize = 256;
 
 /// `y[b×o] = x[b×i] · w[i×o] + bias[o]`.
-pub fn linear_forward(
-    y: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    bias: &[f32],
-    b: usize,
-    i: usize,
-    o: usize,
-) {
+pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], b: usize, i: usize, o: usize) {
     for row in y[..b * o].chunks_exact_mut(o) {
         row.copy_from_slice(&bias[..o]);
     }
@@ -46,17 +38,7 @@ pub fn linear_backward(
         }
     }
     if let Some(dx) = dx {
-        matmul(
-            b,
-            o,
-            i,
-            dy,
-            Layout::Normal,
-            w,
-            Layout::Transposed,
-            dx,
-            false,
-        );
+        matmul(b, o, i, dy, Layout::Normal, w, Layout::Transposed, dx, false);
     }
 }
 
@@ -87,11 +69,7 @@ pub fn l2norm_forward(y: &mut [f32], norms: &mut [f32], x: &[f32], d: usize) {
         .zip(norms.par_chunks_mut(ROWS_PER_TASK))
         .zip(x[..rows * d].par_chunks(d * ROWS_PER_TASK))
         .for_each(|((y, n), x)| {
-            for ((yr, nr), xr) in y
-                .chunks_exact_mut(d)
-                .zip(n.iter_mut())
-                .zip(x.chunks_exact(d))
-            {
+            for ((yr, nr), xr) in y.chunks_exact_mut(d).zip(n.iter_mut()).zip(x.chunks_exact(d)) {
                 let norm = xr.iter().map(|v| v * v).sum::<f32>().sqrt().max(NORM_EPS);
                 *nr = norm;
                 let inv = 1.0 / norm;
@@ -111,11 +89,7 @@ pub fn l2norm_backward(dx: &mut [f32], dy: &[f32], y: &[f32], norms: &[f32], d: 
         .zip(y[..rows * d].par_chunks(d * ROWS_PER_TASK))
         .zip(norms.par_chunks(ROWS_PER_TASK))
         .for_each(|(((dx, dy), y), n)| {
-            for (((dxr, dyr), yr), &nr) in dx
-                .chunks_exact_mut(d)
-                .zip(dy.chunks_exact(d))
-                .zip(y.chunks_exact(d))
-                .zip(n)
+            for (((dxr, dyr), yr), &nr) in dx.chunks_exact_mut(d).zip(dy.chunks_exact(d)).zip(y.chunks_exact(d)).zip(n)
             {
                 let dot: f32 = dyr.iter().zip(yr).map(|(a, b)| a * b).sum();
                 let inv = 1.0 / nr;
@@ -181,17 +155,7 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
     scratch.row_logits.resize(b * nr, 0.0);
     scratch.pos_logits.resize(b, 0.0);
     if s > 0 {
-        matmul(
-            b,
-            d,
-            s,
-            x.user,
-            Layout::Normal,
-            x.shared,
-            Layout::Transposed,
-            &mut scratch.logits,
-            false,
-        );
+        matmul(b, d, s, x.user, Layout::Normal, x.shared, Layout::Transposed, &mut scratch.logits, false);
     }
     let chunk = ROWS_PER_TASK.min(b.max(1));
     let n_chunks = b.div_ceil(chunk);
@@ -230,11 +194,7 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
                 }
                 let lg_row = &mut lg[k * s..(k + 1) * s];
                 for ((v, &id), &corr) in lg_row.iter_mut().zip(x.shared_ids).zip(x.shared_corr) {
-                    *v = if id == x.pos_ids[r] {
-                        f32::NEG_INFINITY
-                    } else {
-                        *v * inv_t - corr
-                    };
+                    *v = if id == x.pos_ids[r] { f32::NEG_INFINITY } else { *v * inv_t - corr };
                     max = max.max(*v);
                 }
                 let mut z = (pos_logit - max).exp();
@@ -272,28 +232,8 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
     if s > 0 {
         // The shared part of dL/du and all of dL/dshared come from two products over the
         // probability matrix now held in `logits`.
-        matmul(
-            b,
-            s,
-            d,
-            &scratch.logits,
-            Layout::Normal,
-            x.shared,
-            Layout::Normal,
-            g.user,
-            true,
-        );
-        matmul(
-            s,
-            b,
-            d,
-            &scratch.logits,
-            Layout::Transposed,
-            x.user,
-            Layout::Normal,
-            g.shared,
-            false,
-        );
+        matmul(b, s, d, &scratch.logits, Layout::Normal, x.shared, Layout::Normal, g.user, true);
+        matmul(s, b, d, &scratch.logits, Layout::Transposed, x.user, Layout::Normal, g.shared, false);
     }
     (loss_sum / b.max(1) as f64) as f32
 }
@@ -345,10 +285,7 @@ mod tests {
     fn assert_close(analytic: &[f32], numeric: &[f32], what: &str) {
         let scale = numeric.iter().map(|v| v.abs()).fold(1e-3, f32::max);
         for (i, (a, n)) in analytic.iter().zip(numeric).enumerate() {
-            assert!(
-                (a - n).abs() <= 2e-2 * scale,
-                "{what}[{i}]: analytic {a} vs numeric {n}"
-            );
+            assert!((a - n).abs() <= 2e-2 * scale, "{what}[{i}]: analytic {a} vs numeric {n}");
         }
     }
 
@@ -445,20 +382,11 @@ mod tests {
                 temperature: t,
                 d,
             };
-            let (mut gu, mut gp, mut gn, mut gs) = (
-                vec![0.0; b * d],
-                vec![0.0; b * d],
-                vec![0.0; b * nr * d],
-                vec![0.0; s * d],
-            );
+            let (mut gu, mut gp, mut gn, mut gs) =
+                (vec![0.0; b * d], vec![0.0; b * d], vec![0.0; b * nr * d], vec![0.0; s * d]);
             let l = softmax_loss(
                 &x,
-                SoftmaxGrads {
-                    user: &mut gu,
-                    pos: &mut gp,
-                    row_negs: &mut gn,
-                    shared: &mut gs,
-                },
+                SoftmaxGrads { user: &mut gu, pos: &mut gp, row_negs: &mut gn, shared: &mut gs },
                 &mut SoftmaxScratch::default(),
             );
             let _ = grads;
@@ -466,30 +394,233 @@ mod tests {
         };
         let (_, gu, gp, gn, gs) = run(&user, &pos, &negs, &shared, true);
         let (p, n, sh) = (pos.clone(), negs.clone(), shared.clone());
-        assert_close(
-            &gu,
-            &numeric_grad(&mut user, &mut |u| run(u, &p, &n, &sh, false).0 as f64),
-            "user",
-        );
+        assert_close(&gu, &numeric_grad(&mut user, &mut |u| run(u, &p, &n, &sh, false).0 as f64), "user");
         let uu = user.clone();
-        assert_close(
-            &gp,
-            &numeric_grad(&mut pos, &mut |p| run(&uu, p, &n, &sh, false).0 as f64),
-            "pos",
-        );
+        assert_close(&gp, &numeric_grad(&mut pos, &mut |p| run(&uu, p, &n, &sh, false).0 as f64), "pos");
         let pp = pos.clone();
-        assert_close(
-            &gn,
-            &numeric_grad(&mut negs, &mut |n| run(&uu, &pp, n, &sh, false).0 as f64),
-            "negs",
-        );
+        assert_close(&gn, &numeric_grad(&mut negs, &mut |n| run(&uu, &pp, n, &sh, false).0 as f64), "negs");
         // The masked negative must get no gradient.
         assert!(gn[(nr) * d..(nr + 1) * d].iter().all(|v| *v == 0.0));
         let nn = negs.clone();
-        assert_close(
-            &gs,
-            &numeric_grad(&mut shared, &mut |s| run(&uu, &pp, &nn, s, false).0 as f64),
-            "shared",
-        );
+        assert_close(&gs, &numeric_grad(&mut shared, &mut |s| run(&uu, &pp, &nn, s, false).0 as f64), "shared");
+    }
+}
+
+/// Pointwise binary cross-entropy over a positive and `n` negatives per row: logits are
+/// `u·v / τ`; the loss is `−ln σ(pos) − Σ ln(1 − σ(neg))`, averaged over rows. Negatives equal to
+/// the row's positive are skipped. Writes gradients w.r.t. the mean loss; returns the loss.
+#[allow(clippy::too_many_arguments)]
+pub fn bce_loss(
+    user: &[f32],
+    pos: &[f32],
+    pos_ids: &[u32],
+    negs: &[f32],
+    neg_ids: &[u32],
+    n: usize,
+    temperature: f32,
+    d: usize,
+    g_user: &mut [f32],
+    g_pos: &mut [f32],
+    g_negs: &mut [f32],
+) -> f32 {
+    let b = pos_ids.len();
+    let inv_t = 1.0 / temperature;
+    let scale = inv_t / b.max(1) as f32;
+    let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
+    // ln(1 + e^x), stable for large |x|.
+    let softplus = |x: f32| x.max(0.0) + (-x.abs()).exp().ln_1p();
+    let mut loss = 0.0f64;
+    for r in 0..b {
+        let u = &user[r * d..(r + 1) * d];
+        let p = &pos[r * d..(r + 1) * d];
+        let lp = dot(u, p) * inv_t;
+        loss += softplus(-lp) as f64;
+        let gp = (sigmoid(lp) - 1.0) * scale;
+        let gu = &mut g_user[r * d..(r + 1) * d];
+        for t in 0..d {
+            gu[t] = gp * p[t];
+            g_pos[r * d + t] = gp * u[t];
+        }
+        for j in 0..n {
+            let c = r * n + j;
+            let v = &negs[c * d..(c + 1) * d];
+            let gn = &mut g_negs[c * d..(c + 1) * d];
+            if neg_ids[c] == pos_ids[r] {
+                gn.fill(0.0);
+                continue;
+            }
+            let ln = dot(u, v) * inv_t;
+            loss += softplus(ln) as f64;
+            let g = sigmoid(ln) * scale;
+            for t in 0..d {
+                gu[t] += g * v[t];
+                gn[t] = g * u[t];
+            }
+        }
+    }
+    (loss / b.max(1) as f64) as f32
+}
+
+#[cfg(test)]
+mod bce_tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    #[test]
+    fn bce_gradients_match_finite_differences() {
+        let (b, n, d) = (3, 2, 4);
+        let mut rng = Rng::new(4);
+        let user: Vec<f32> = (0..b * d).map(|_| rng.normal()).collect();
+        let pos: Vec<f32> = (0..b * d).map(|_| rng.normal()).collect();
+        let negs: Vec<f32> = (0..b * n * d).map(|_| rng.normal()).collect();
+        let pos_ids = [1, 2, 3];
+        let neg_ids = [4, 5, 2, 6, 7, 8]; // row 1 drew its own positive
+        let run = |u: &[f32], p: &[f32], ng: &[f32]| {
+            let (mut gu, mut gp, mut gn) = (vec![0.0; b * d], vec![0.0; b * d], vec![0.0; b * n * d]);
+            let l = bce_loss(u, p, &pos_ids, ng, &neg_ids, n, 0.5, d, &mut gu, &mut gp, &mut gn);
+            (l, gu, gp, gn)
+        };
+        let (_, gu, gp, gn) = run(&user, &pos, &negs);
+        assert!(gn[2 * d..3 * d].iter().all(|v| *v == 0.0));
+        let h = 1e-2;
+        for (which, grad) in [(0, &gu), (1, &gp), (2, &gn)] {
+            for i in 0..grad.len() {
+                let (mut u, mut p, mut ng) = (user.clone(), pos.clone(), negs.clone());
+                let buf = [&mut u, &mut p, &mut ng];
+                let v = &mut *buf.into_iter().nth(which).unwrap();
+                v[i] += h;
+                let (up_u, up_p, up_n) = (u.clone(), p.clone(), ng.clone());
+                let up = run(&up_u, &up_p, &up_n).0 as f64;
+                let (mut u, mut p, mut ng) = (user.clone(), pos.clone(), negs.clone());
+                let buf = [&mut u, &mut p, &mut ng];
+                let v = &mut *buf.into_iter().nth(which).unwrap();
+                v[i] -= h;
+                let down = run(&u, &p, &ng).0 as f64;
+                let num = ((up - down) / (2.0 * h as f64)) as f32;
+                assert!((num - grad[i]).abs() < 2e-2 * (1.0 + num.abs()), "tensor {which}[{i}]: {num} vs {}", grad[i]);
+            }
+        }
+    }
+}
+
+/// Label-aware attention (MIND): for each row, `u = Σ_k a_k V_k` with
+/// `a = softmax_k((V_k · e)^p)` (integer `p ≥ 1`) over the row's first `active[r]` interests, where `e` is the
+/// target item's vector. `interests` is `[b × k × d]`; writes `u` `[b × d]` and keeps `a`.
+#[allow(clippy::too_many_arguments)]
+pub fn label_attention_forward(
+    u: &mut [f32],
+    attn: &mut [f32],
+    interests: &[f32],
+    target: &[f32],
+    active: &[usize],
+    k: usize,
+    d: usize,
+    p: i32,
+) {
+    for (r, &na) in active.iter().enumerate() {
+        let e = &target[r * d..(r + 1) * d];
+        let v = &interests[r * k * d..(r + 1) * k * d];
+        let a = &mut attn[r * k..(r + 1) * k];
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..k {
+            a[j] = if j < na { dot(&v[j * d..(j + 1) * d], e).powi(p) } else { f32::NEG_INFINITY };
+            max = max.max(a[j]);
+        }
+        let mut z = 0.0;
+        for x in a.iter_mut() {
+            *x = (*x - max).exp();
+            z += *x;
+        }
+        let ur = &mut u[r * d..(r + 1) * d];
+        ur.fill(0.0);
+        for j in 0..k {
+            a[j] /= z;
+            for (o, x) in ur.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+                *o += a[j] * x;
+            }
+        }
+    }
+}
+
+/// Gradients of [`label_attention_forward`]: writes `d_interests` and adds into `d_target`.
+#[allow(clippy::too_many_arguments)]
+pub fn label_attention_backward(
+    d_interests: &mut [f32],
+    d_target: &mut [f32],
+    du: &[f32],
+    attn: &[f32],
+    interests: &[f32],
+    target: &[f32],
+    active: &[usize],
+    k: usize,
+    d: usize,
+    p: i32,
+) {
+    for (r, &na) in active.iter().enumerate() {
+        let e = &target[r * d..(r + 1) * d];
+        let v = &interests[r * k * d..(r + 1) * k * d];
+        let a = &attn[r * k..(r + 1) * k];
+        let g = &du[r * d..(r + 1) * d];
+        let dv = &mut d_interests[r * k * d..(r + 1) * k * d];
+        // dL/da_j = g·V_j; through the softmax: dL/dt_j = a_j (g·V_j − Σ a g·V).
+        let gv: Vec<f32> = (0..k).map(|j| if j < na { dot(g, &v[j * d..(j + 1) * d]) } else { 0.0 }).collect();
+        let mean: f32 = (0..na).map(|j| a[j] * gv[j]).sum();
+        for j in 0..k {
+            let row = &mut dv[j * d..(j + 1) * d];
+            if j >= na {
+                row.fill(0.0);
+                continue;
+            }
+            let vj = &v[j * d..(j + 1) * d];
+            let s = dot(vj, e);
+            // d(s^p)/ds = p s^(p−1)
+            let ds = a[j] * (gv[j] - mean) * p as f32 * s.powi(p - 1);
+            for t in 0..d {
+                row[t] = a[j] * g[t] + ds * e[t];
+                d_target[r * d + t] += ds * vj[t];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod attention_tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    #[test]
+    fn label_attention_gradients_match_finite_differences() {
+        let (b, k, d, p) = (2, 3, 4, 2);
+        let mut rng = Rng::new(8);
+        let v: Vec<f32> = (0..b * k * d).map(|_| rng.normal() * 0.7).collect();
+        let e: Vec<f32> = (0..b * d).map(|_| rng.normal() * 0.7).collect();
+        let r: Vec<f32> = (0..b * d).map(|_| rng.normal()).collect();
+        let active = [3, 2];
+        let loss = |v: &[f32], e: &[f32]| {
+            let (mut u, mut a) = (vec![0.0; b * d], vec![0.0; b * k]);
+            label_attention_forward(&mut u, &mut a, v, e, &active, k, d, p);
+            u.iter().zip(&r).map(|(x, y)| (x * y) as f64).sum::<f64>()
+        };
+        let (mut u, mut a) = (vec![0.0; b * d], vec![0.0; b * k]);
+        label_attention_forward(&mut u, &mut a, &v, &e, &active, k, d, p);
+        assert_eq!(a[5], 0.0, "an inactive interest gets no attention");
+        assert!((a[0] + a[1] + a[2] - 1.0).abs() < 1e-6);
+        let (mut dv, mut de) = (vec![0.0; b * k * d], vec![0.0; b * d]);
+        label_attention_backward(&mut dv, &mut de, &r, &a, &v, &e, &active, k, d, p);
+        let h = 1e-3;
+        for i in 0..v.len() {
+            let (mut up, mut down) = (v.clone(), v.clone());
+            up[i] += h;
+            down[i] -= h;
+            let num = ((loss(&up, &e) - loss(&down, &e)) / (2.0 * h as f64)) as f32;
+            assert!((num - dv[i]).abs() < 1e-2 * (1.0 + num.abs()), "dv[{i}]: {num} vs {}", dv[i]);
+        }
+        for i in 0..e.len() {
+            let (mut up, mut down) = (e.clone(), e.clone());
+            up[i] += h;
+            down[i] -= h;
+            let num = ((loss(&v, &up) - loss(&v, &down)) / (2.0 * h as f64)) as f32;
+            assert!((num - de[i]).abs() < 1e-2 * (1.0 + num.abs()), "de[{i}]: {num} vs {}", de[i]);
+        }
     }
 }

@@ -2,15 +2,19 @@
 //! f32 buffers, with embedding tables kept outside the dense graph.
 //!
 //! Every layer is a pair of functions, `*_forward` and `*_backward`, over flat row-major
-//! buffers; matrix products go through [`gemm::matmul`]. Tests check every backward pass
-//! against finite differences.
+//! buffers; matrix products go through [`gemm::matmul`]. Models implement [`tower::Tower`].
+//! Tests check every backward pass against finite differences.
 
 pub mod checkpoint;
+pub mod deep;
 pub mod embedding;
+pub mod fm;
 pub mod gemm;
 pub mod layers;
+pub mod mind;
+pub mod mlp;
 pub mod rng;
-pub mod youtubednn;
+pub mod tower;
 
 use std::path::PathBuf;
 
@@ -18,10 +22,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: bad checkpoint: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
 }

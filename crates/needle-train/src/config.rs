@@ -52,7 +52,14 @@ fn default_fraction() -> f64 {
 pub enum ModelKind {
     /// Items ranked by their number of training events, the same for every user.
     Popularity,
+    /// Mean-pooled history (item table shared with the item tower) ‖ user features → MLP.
     Youtubednn,
+    /// Two independent MLP towers over user-side and item-side features.
+    Dssm,
+    /// A factorization machine split into a user vector and an item vector.
+    Fm,
+    /// Several interest vectors per user by capsule routing, label-aware attention in training.
+    Mind,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -66,9 +73,20 @@ pub struct ModelConfig {
     /// Categorical user features fed to the user tower; "user_id" means the user's own id.
     pub user_features: Vec<String>,
     pub feature_dim: usize,
-    /// A multi-valued item feature pooled into the item vector (e.g. "genres").
-    pub item_feature: Option<String>,
+    /// Item features pooled into the item tower's input (e.g. "genres", "year").
+    pub item_features: Vec<String>,
     pub item_feature_dim: usize,
+    /// Hidden widths of the item MLP (DSSM only).
+    pub item_hidden: Vec<usize>,
+    /// Output width of both towers (DSSM; YouTubeDNN's follows from its item input).
+    pub out_dim: usize,
+    /// Add the user's (mean-pooled) history to the user tower (DSSM and FM; YouTubeDNN always has it).
+    pub history: bool,
+    /// MIND: interests per user, dynamic K, routing iterations, label-aware attention power.
+    pub interests: usize,
+    pub dynamic_k: bool,
+    pub routing_iters: usize,
+    pub attention_power: i32,
     pub example_age: bool,
     /// Longest history the user tower reads; older events are dropped.
     pub max_seq_len: usize,
@@ -80,15 +98,17 @@ impl Default for ModelConfig {
             kind: ModelKind::Youtubednn,
             dim: 64,
             hidden: vec![256],
-            user_features: vec![
-                "gender".into(),
-                "age".into(),
-                "occupation".into(),
-                "zip".into(),
-            ],
+            user_features: vec!["gender".into(), "age".into(), "occupation".into(), "zip".into()],
             feature_dim: 16,
-            item_feature: None,
+            item_features: Vec::new(),
             item_feature_dim: 16,
+            item_hidden: vec![256],
+            out_dim: 64,
+            history: true,
+            interests: 4,
+            dynamic_k: false,
+            routing_iters: 3,
+            attention_power: 2,
             example_age: true,
             max_seq_len: 50,
         }
@@ -104,6 +124,8 @@ pub enum LossKind {
     Sampled,
     /// The other positives of the batch as negatives, log-Q corrected.
     InBatch,
+    /// Pointwise binary cross-entropy on the positive and `negatives` popularity-sampled items per row.
+    Bce,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -167,12 +189,10 @@ impl Config {
     /// Checks the values that the types alone cannot.
     pub fn validate(&self) -> Result<(), String> {
         if self.data.dataset.is_some() == self.data.schema.is_some() {
-            return Err(
-                "[data] needs exactly one of `dataset` (ml-1m, ml-100k) or `schema`".into(),
-            );
+            return Err("[data] needs exactly one of `dataset` (ml-1m, ml-100k) or `schema`".into());
         }
         let m = &self.model;
-        if m.kind == ModelKind::Youtubednn {
+        if m.kind != ModelKind::Popularity {
             if m.dim == 0 || m.max_seq_len == 0 || m.feature_dim == 0 {
                 return Err("[model] dim, feature_dim and max_seq_len must be > 0".into());
             }
@@ -190,8 +210,14 @@ impl Config {
         if !(t.lr > 0.0 && t.embedding_lr > 0.0) {
             return Err("[train] lr and embedding_lr must be > 0".into());
         }
-        if t.loss == LossKind::Sampled && t.negatives == 0 {
-            return Err("[train] loss = \"sampled\" needs negatives > 0".into());
+        if matches!(t.loss, LossKind::Sampled | LossKind::Bce) && t.negatives == 0 {
+            return Err("[train] loss = \"sampled\" or \"bce\" needs negatives > 0".into());
+        }
+        if m.kind == ModelKind::Mind && (m.interests == 0 || m.routing_iters == 0 || m.attention_power < 1) {
+            return Err("[model] interests, routing_iters and attention_power must be >= 1".into());
+        }
+        if m.kind == ModelKind::Dssm && m.out_dim == 0 {
+            return Err("[model] out_dim must be > 0".into());
         }
         Ok(())
     }

@@ -27,10 +27,7 @@ pub enum TrainError {
     #[error("{0}")]
     Config(String),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Model(#[from] needle_model::ModelError),
     #[error("training diverged (non-finite loss) in epoch {epoch} at step {step}; lower the learning rate or raise the temperature")]

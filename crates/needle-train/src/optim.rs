@@ -16,10 +16,7 @@ pub struct DenseAdam {
 
 impl DenseAdam {
     pub fn new(len: usize) -> Self {
-        DenseAdam {
-            m: vec![0.0; len],
-            v: vec![0.0; len],
-        }
+        DenseAdam { m: vec![0.0; len], v: vec![0.0; len] }
     }
 
     /// One update at step `t` (1-based).
@@ -48,16 +45,11 @@ pub enum SparseState {
 
 impl SparseState {
     pub fn adam(table: &Embedding) -> Self {
-        SparseState::Adam {
-            m: vec![0.0; table.weights.len()],
-            v: vec![0.0; table.weights.len()],
-        }
+        SparseState::Adam { m: vec![0.0; table.weights.len()], v: vec![0.0; table.weights.len()] }
     }
 
     pub fn rowwise_adagrad(table: &Embedding) -> Self {
-        SparseState::RowwiseAdagrad {
-            acc: vec![0.0; table.rows],
-        }
+        SparseState::RowwiseAdagrad { acc: vec![0.0; table.rows] }
     }
 
     /// Updates the touched rows of `table`; row 0 (padding) is never updated.
@@ -70,31 +62,27 @@ impl SparseState {
         match self {
             SparseState::Adam { m, v } => {
                 let (m_addr, v_addr) = (m.as_mut_ptr() as usize, v.as_mut_ptr() as usize);
-                g.rows
-                    .par_iter()
-                    .enumerate()
-                    .with_min_len(64)
-                    .for_each(|(s, &r)| {
-                        if r == 0 {
-                            return;
-                        }
-                        let off = r as usize * d;
-                        // SAFETY: `g.rows` holds each row at most once, so no two tasks touch the
-                        // same row; every row index is < table.rows by construction of SparseGrad.
-                        let (w, m, v) = unsafe {
-                            (
-                                std::slice::from_raw_parts_mut((w_addr as *mut f32).add(off), d),
-                                std::slice::from_raw_parts_mut((m_addr as *mut f32).add(off), d),
-                                std::slice::from_raw_parts_mut((v_addr as *mut f32).add(off), d),
-                            )
-                        };
-                        let gr = &g.grads[s * d..(s + 1) * d];
-                        for k in 0..d {
-                            m[k] = BETA1 * m[k] + (1.0 - BETA1) * gr[k];
-                            v[k] = BETA2 * v[k] + (1.0 - BETA2) * gr[k] * gr[k];
-                            w[k] -= lr * (m[k] / c1) / ((v[k] / c2).sqrt() + EPS);
-                        }
-                    });
+                g.rows.par_iter().enumerate().with_min_len(64).for_each(|(s, &r)| {
+                    if r == 0 {
+                        return;
+                    }
+                    let off = r as usize * d;
+                    // SAFETY: `g.rows` holds each row at most once, so no two tasks touch the
+                    // same row; every row index is < table.rows by construction of SparseGrad.
+                    let (w, m, v) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut((w_addr as *mut f32).add(off), d),
+                            std::slice::from_raw_parts_mut((m_addr as *mut f32).add(off), d),
+                            std::slice::from_raw_parts_mut((v_addr as *mut f32).add(off), d),
+                        )
+                    };
+                    let gr = &g.grads[s * d..(s + 1) * d];
+                    for k in 0..d {
+                        m[k] = BETA1 * m[k] + (1.0 - BETA1) * gr[k];
+                        v[k] = BETA2 * v[k] + (1.0 - BETA2) * gr[k] * gr[k];
+                        w[k] -= lr * (m[k] / c1) / ((v[k] / c2).sqrt() + EPS);
+                    }
+                });
             }
             SparseState::RowwiseAdagrad { acc } => {
                 for (s, &r) in g.rows.iter().enumerate() {
@@ -105,10 +93,7 @@ impl SparseState {
                     let a = &mut acc[r as usize];
                     *a += gr.iter().map(|x| x * x).sum::<f32>() / d as f32;
                     let scale = lr / (a.sqrt() + 1e-6);
-                    for (w, x) in table.weights[r as usize * d..(r as usize + 1) * d]
-                        .iter_mut()
-                        .zip(gr)
-                    {
+                    for (w, x) in table.weights[r as usize * d..(r as usize + 1) * d].iter_mut().zip(gr) {
                         *w -= scale * x;
                     }
                 }
@@ -139,11 +124,7 @@ mod tests {
         }
         assert_eq!(table.row(2), &dense_w[..]);
         for r in [0u32, 1, 3, 4] {
-            assert_eq!(
-                table.row(r),
-                &before[r as usize * 3..(r as usize + 1) * 3],
-                "row {r} moved"
-            );
+            assert_eq!(table.row(r), &before[r as usize * 3..(r as usize + 1) * 3], "row {r} moved");
         }
         let mut ada = SparseState::rowwise_adagrad(&table);
         let row2 = table.row(2).to_vec();

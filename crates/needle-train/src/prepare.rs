@@ -6,7 +6,7 @@ use crate::config::{ModelConfig, ModelKind};
 use crate::TrainError;
 use needle_data::{Dataset, Split, Vocab};
 use needle_eval::Lists;
-use needle_model::youtubednn::ItemBags;
+use needle_model::deep::ItemBags;
 
 /// The name under which a user's own id can be listed among the user features.
 pub const USER_ID_FEATURE: &str = "user_id";
@@ -19,8 +19,9 @@ pub struct Prepared {
     pub user_feature_vocabs: Vec<Vocab>,
     /// `[dataset users × features]` value rows (0 = unknown).
     pub user_feats: Vec<u32>,
-    pub item_feature: Option<(String, Vocab)>,
-    pub item_bags: ItemBags,
+    /// Pooled item features: name and value vocabulary, and item row → value rows.
+    pub item_features: Vec<(String, Vocab)>,
+    pub item_bags: Vec<ItemBags>,
     /// Training histories (item rows, time order) and their timestamps.
     pub train: Lists,
     pub train_ts: Vec<i64>,
@@ -48,11 +49,7 @@ impl Prepared {
     /// The user's known history when predicting `stage`'s target: the training events, plus
     /// the validation target when predicting the test target.
     pub fn history(&self, user: usize, stage: Stage) -> impl Iterator<Item = u32> + '_ {
-        let extra: &[u32] = if stage == Stage::Test {
-            self.valid.get(user)
-        } else {
-            &[]
-        };
+        let extra: &[u32] = if stage == Stage::Test { self.valid.get(user) } else { &[] };
         self.train.get(user).iter().chain(extra).copied()
     }
 
@@ -93,9 +90,7 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
         }
     }
     if items.len() <= 1 {
-        return Err(TrainError::Data(
-            "the training split holds no events".into(),
-        ));
+        return Err(TrainError::Data("the training split holds no events".into()));
     }
     let map_targets = |seqs: &needle_data::split::Sequences| {
         let mut l = Lists::new();
@@ -119,11 +114,7 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
     }
     // Popularity reads no features; do not require the default ones to exist in the data.
     let no_features: Vec<String> = Vec::new();
-    let feature_names = if model.kind == ModelKind::Popularity {
-        &no_features
-    } else {
-        &model.user_features
-    };
+    let feature_names = if model.kind == ModelKind::Popularity { &no_features } else { &model.user_features };
     let nf = feature_names.len();
     let mut user_feature_vocabs = Vec::with_capacity(nf);
     let mut user_feats = vec![0u32; n_users * nf];
@@ -144,11 +135,7 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
             ))
         })?;
         // Multi-valued user features contribute their first value.
-        let first = |u: usize| {
-            feat.of(u)
-                .first()
-                .and_then(|&k| feat.values.get(k as usize))
-        };
+        let first = |u: usize| feat.of(u).first().and_then(|&k| feat.values.get(k as usize));
         let mut vocab = Vocab::new();
         for u in (0..n_users).filter(|&u| !train.get(u).is_empty()) {
             if let Some(raw) = first(u) {
@@ -161,52 +148,45 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
         user_feature_vocabs.push(vocab);
     }
 
-    let item_feature_name = if model.kind == ModelKind::Popularity {
-        None
-    } else {
-        model.item_feature.as_ref()
-    };
-    let (item_feature, item_bags) = match item_feature_name {
-        None => (None, ItemBags::default()),
-        Some(name) => {
-            let feat = ds.item_feature(name).ok_or_else(|| {
-                let known: Vec<&str> = ds.item_features.iter().map(|f| f.name.as_str()).collect();
-                TrainError::Config(format!(
-                    "item feature `{name}` is not in dataset {} (it has: {})",
-                    ds.name,
-                    known.join(", ")
-                ))
-            })?;
-            let mut vocab = Vocab::new();
-            let mut row_keys: Vec<Vec<u32>> = vec![Vec::new(); items.len()];
-            for (key, &row) in key_to_row.iter().enumerate() {
-                if row == 0 {
-                    continue;
-                }
-                for &vk in feat.of(key) {
-                    if let Some(raw) = feat.values.get(vk as usize) {
-                        row_keys[row as usize].push(vocab.insert(raw));
-                    }
+    let item_feature_names: &[String] = if model.kind == ModelKind::Popularity { &[] } else { &model.item_features };
+    let mut item_features = Vec::new();
+    let mut item_bags = Vec::new();
+    for name in item_feature_names {
+        let feat = ds.item_feature(name).ok_or_else(|| {
+            let known: Vec<&str> = ds.item_features.iter().map(|f| f.name.as_str()).collect();
+            TrainError::Config(format!(
+                "item feature `{name}` is not in dataset {} (it has: {})",
+                ds.name,
+                known.join(", ")
+            ))
+        })?;
+        let mut vocab = Vocab::new();
+        let mut row_keys: Vec<Vec<u32>> = vec![Vec::new(); items.len()];
+        for (key, &row) in key_to_row.iter().enumerate() {
+            if row == 0 {
+                continue;
+            }
+            for &vk in feat.of(key) {
+                if let Some(raw) = feat.values.get(vk as usize) {
+                    row_keys[row as usize].push(vocab.insert(raw));
                 }
             }
-            let mut bags = ItemBags {
-                offsets: vec![0],
-                keys: Vec::new(),
-            };
-            for k in row_keys {
-                bags.keys.extend(k);
-                bags.offsets.push(bags.keys.len() as u32);
-            }
-            (Some((name.clone(), vocab)), bags)
         }
-    };
+        let mut bags = ItemBags { offsets: vec![0], keys: Vec::new() };
+        for k in row_keys {
+            bags.keys.extend(k);
+            bags.offsets.push(bags.keys.len() as u32);
+        }
+        item_features.push((name.clone(), vocab));
+        item_bags.push(bags);
+    }
     Ok(Prepared {
         items,
         users,
         user_feature_names: feature_names.clone(),
         user_feature_vocabs,
         user_feats,
-        item_feature,
+        item_features,
         item_bags,
         train,
         train_ts,

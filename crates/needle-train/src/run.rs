@@ -14,8 +14,10 @@ use crate::prepare::{prepare, Prepared};
 use crate::trainer::{EpochLog, Trained};
 use crate::TrainError;
 use needle_data::{Dataset, LoadOptions, Split, SplitStrategy, Vocab};
-use needle_model::checkpoint::{load_youtubednn, save_youtubednn};
-use needle_model::youtubednn::TowerSpec;
+use needle_model::checkpoint::{save, Checkpoint};
+use needle_model::deep::{CategoricalSpec, DeepSpec, DeepTwoTower, ItemBags};
+use needle_model::fm::{FmSpec, FmTwoTower};
+use needle_model::mind::{MindSpec, MindTwoTower};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -42,16 +44,18 @@ pub struct RunInfo {
     pub data_fingerprint: String,
     pub items: usize,
     pub users: usize,
-    pub spec: Option<TowerSpec>,
+    /// Shapes of a YouTubeDNN or DSSM model.
+    pub deep: Option<DeepSpec>,
+    /// Shapes of an FM model.
+    pub fm: Option<FmSpec>,
+    /// Shapes of a MIND model.
+    pub mind: Option<MindSpec>,
     pub training: TrainingSummary,
     pub config: Config,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |e| TrainError::Io {
-        path: path.to_owned(),
-        source: e,
-    }
+    move |e| TrainError::Io { path: path.to_owned(), source: e }
 }
 
 /// Loads and splits the dataset a config names.
@@ -61,47 +65,31 @@ pub fn load_data(cfg: &Config, data_dir: Option<&Path>) -> Result<(Dataset, Spli
             let name = match name.as_str() {
                 "ml-1m" => needle_data::DatasetName::Ml1m,
                 "ml-100k" => needle_data::DatasetName::Ml100k,
-                other => {
-                    return Err(TrainError::Config(format!(
-                        "unknown dataset `{other}` (known: ml-1m, ml-100k)"
-                    )))
-                }
+                other => return Err(TrainError::Config(format!("unknown dataset `{other}` (known: ml-1m, ml-100k)"))),
             };
             needle_data::DatasetSource::MovieLens(name)
         }
-        (None, Some(schema)) => needle_data::DatasetSource::Csv {
-            schema: schema.clone(),
-        },
-        _ => {
-            return Err(TrainError::Config(
-                "[data] needs exactly one of `dataset` or `schema`".into(),
-            ))
-        }
+        (None, Some(schema)) => needle_data::DatasetSource::Csv { schema: schema.clone() },
+        _ => return Err(TrainError::Config("[data] needs exactly one of `dataset` or `schema`".into())),
     };
-    let opts = LoadOptions {
-        skip_bad_rows: cfg.data.skip_bad_rows,
-    };
+    let opts = LoadOptions { skip_bad_rows: cfg.data.skip_bad_rows };
     let ds = needle_data::load(&source, data_dir, &opts)?;
     let strategy = match cfg.data.split {
         crate::config::SplitKind::LeaveLastOut => SplitStrategy::LeaveLastOut,
-        crate::config::SplitKind::GlobalTime => SplitStrategy::GlobalTime {
-            valid_fraction: cfg.data.valid_fraction,
-            test_fraction: cfg.data.test_fraction,
-        },
+        crate::config::SplitKind::GlobalTime => {
+            SplitStrategy::GlobalTime { valid_fraction: cfg.data.valid_fraction, test_fraction: cfg.data.test_fraction }
+        }
     };
     let split = needle_data::split::split(&ds, &strategy)?;
     Ok((ds, split))
 }
 
 fn vocab_files(p: &Prepared) -> Vec<(String, &Vocab)> {
-    let mut v = vec![
-        ("items".to_string(), &p.items),
-        ("users".to_string(), &p.users),
-    ];
+    let mut v = vec![("items".to_string(), &p.items), ("users".to_string(), &p.users)];
     for (n, voc) in p.user_feature_names.iter().zip(&p.user_feature_vocabs) {
         v.push((format!("user_feat.{n}"), voc));
     }
-    if let Some((n, voc)) = &p.item_feature {
+    for (n, voc) in &p.item_features {
         v.push((format!("item_feat.{n}"), voc));
     }
     v
@@ -120,13 +108,23 @@ pub fn save_run(
     for (name, vocab) in vocab_files(p) {
         vocab.save(&dir.join("vocab").join(format!("{name}.tsv")))?;
     }
-    let spec = match &t.model {
-        Model::Youtubednn(m) => {
-            save_youtubednn(m, &dir.join("model.safetensors"))?;
-            Some(m.spec.clone())
+    let ckpt = dir.join("model.safetensors");
+    let (mut deep, mut fm, mut mind) = (None, None, None);
+    match &t.model {
+        Model::Deep(m) => {
+            save(m.as_ref(), &ckpt)?;
+            deep = Some(m.spec.clone());
         }
-        Model::Popularity { .. } => None,
-    };
+        Model::Fm(m) => {
+            save(m.as_ref(), &ckpt)?;
+            fm = Some(m.spec.clone());
+        }
+        Model::Mind(m) => {
+            save(m.as_ref(), &ckpt)?;
+            mind = Some(m.spec.clone());
+        }
+        Model::Popularity { .. } => {}
+    }
     let info = RunInfo {
         format: RUN_FORMAT,
         kind: cfg.model.kind,
@@ -134,7 +132,9 @@ pub fn save_run(
         data_fingerprint: ds.fingerprint(),
         items: p.items.len() - 1,
         users: p.users.len() - 1,
-        spec,
+        deep,
+        fm,
+        mind,
         training: TrainingSummary {
             epochs_run: t.epochs.len(),
             best_epoch: t.best_epoch,
@@ -156,11 +156,7 @@ pub fn save_run(
 pub fn append_log(dir: &Path, rec: &EpochLog) -> Result<(), TrainError> {
     use std::io::Write;
     let path = dir.join("train_log.jsonl");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(io(&path))?;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
     let line = serde_json::to_string(rec).map_err(|e| TrainError::Config(e.to_string()))?;
     writeln!(f, "{line}").map_err(io(&path))
 }
@@ -186,8 +182,7 @@ pub fn load_run(dir: &Path, data_dir: Option<&Path>) -> Result<LoadedRun, TrainE
         )),
         _ => TrainError::Io { path: path.clone(), source: e },
     })?;
-    let info: RunInfo = toml::from_str(&text)
-        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+    let info: RunInfo = toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
     if info.format != RUN_FORMAT {
         return Err(TrainError::Config(format!(
             "{}: run format {} is not supported (this build reads format {RUN_FORMAT})",
@@ -207,32 +202,74 @@ pub fn load_run(dir: &Path, data_dir: Option<&Path>) -> Result<LoadedRun, TrainE
     for (name, vocab) in vocab_files(&prepared) {
         let saved = Vocab::load(&dir.join("vocab").join(format!("{name}.tsv")))?;
         if saved.len() != vocab.len() || saved.iter().zip(vocab.iter()).any(|(a, b)| a != b) {
-            return Err(TrainError::Config(format!(
-                "vocabulary {name} of {} does not match the data",
-                dir.display()
-            )));
+            return Err(TrainError::Config(format!("vocabulary {name} of {} does not match the data", dir.display())));
         }
     }
-    let model = match (&info.kind, &info.spec) {
-        (ModelKind::Popularity, _) => Model::Popularity {
-            counts: prepared.item_counts.iter().map(|&c| c as f32).collect(),
-        },
-        (ModelKind::Youtubednn, Some(spec)) => Model::Youtubednn(Box::new(load_youtubednn(
-            spec.clone(),
-            &dir.join("model.safetensors"),
-        )?)),
-        (ModelKind::Youtubednn, None) => {
-            return Err(TrainError::Config(format!(
-                "{}: youtubednn run without a [spec] table",
-                path.display()
-            )))
+    let model = match info.kind {
+        ModelKind::Popularity => Model::Popularity { counts: prepared.item_counts.iter().map(|&c| c as f32).collect() },
+        ModelKind::Youtubednn | ModelKind::Dssm => {
+            let spec = info.deep.clone().ok_or_else(|| {
+                TrainError::Config(format!("{}: {:?} run without a [deep] table", path.display(), info.kind))
+            })?;
+            Model::Deep(Box::new(load_deep(spec, &dir.join("model.safetensors"))?))
+        }
+        ModelKind::Fm => {
+            let spec = info
+                .fm
+                .clone()
+                .ok_or_else(|| TrainError::Config(format!("{}: fm run without an [fm] table", path.display())))?;
+            let ckpt = Checkpoint::read(&dir.join("model.safetensors"))?;
+            let bags = read_bags(&ckpt, &spec.item_features, spec.items, &dir.join("model.safetensors"))?;
+            let mut m = FmTwoTower::new(spec, bags, &mut needle_model::rng::Rng::new(0)).map_err(TrainError::Config)?;
+            ckpt.fill(&mut m)?;
+            Model::Fm(Box::new(m))
+        }
+        ModelKind::Mind => {
+            let spec = info
+                .mind
+                .clone()
+                .ok_or_else(|| TrainError::Config(format!("{}: mind run without a [mind] table", path.display())))?;
+            let ckpt = Checkpoint::read(&dir.join("model.safetensors"))?;
+            let bags = read_bags(&ckpt, &spec.item_features, spec.items, &dir.join("model.safetensors"))?;
+            let mut m =
+                MindTwoTower::new(spec, bags, &mut needle_model::rng::Rng::new(0)).map_err(TrainError::Config)?;
+            ckpt.fill(&mut m)?;
+            Model::Mind(Box::new(m))
         }
     };
-    Ok(LoadedRun {
-        dir: dir.to_owned(),
-        info,
-        dataset,
-        prepared,
-        model,
-    })
+    Ok(LoadedRun { dir: dir.to_owned(), info, dataset, prepared, model })
+}
+
+/// Reads and checks the item → feature-value bags saved with a model.
+fn read_bags(
+    ckpt: &Checkpoint,
+    features: &[CategoricalSpec],
+    items: usize,
+    path: &Path,
+) -> Result<Vec<ItemBags>, TrainError> {
+    let mut bags = Vec::with_capacity(features.len());
+    for f in features {
+        let b = ItemBags {
+            offsets: ckpt.u32_tensor(&format!("item_bags.{}.offsets", f.name))?,
+            keys: ckpt.u32_tensor(&format!("item_bags.{}.keys", f.name))?,
+        };
+        let consistent = b.offsets.len() == items + 1
+            && b.offsets.windows(2).all(|w| w[0] <= w[1])
+            && b.offsets.last().copied() == Some(b.keys.len() as u32)
+            && b.keys.iter().all(|&k| (k as usize) < f.rows);
+        if !consistent {
+            return Err(TrainError::Config(format!("{}: item_bags.{} are inconsistent", path.display(), f.name)));
+        }
+        bags.push(b);
+    }
+    Ok(bags)
+}
+
+/// Rebuilds a YouTubeDNN / DSSM model from its spec and checkpoint.
+fn load_deep(spec: DeepSpec, path: &Path) -> Result<DeepTwoTower, TrainError> {
+    let ckpt = Checkpoint::read(path)?;
+    let bags = read_bags(&ckpt, &spec.item_features, spec.items, path)?;
+    let mut model = DeepTwoTower::new(spec, bags, &mut needle_model::rng::Rng::new(0)).map_err(TrainError::Config)?;
+    ckpt.fill(&mut model)?;
+    Ok(model)
 }

@@ -20,18 +20,9 @@ impl AliasSampler {
             return None;
         }
         let mut scaled: Vec<f64> = weights.iter().map(|w| w * n as f64 / total).collect();
-        let log_q = weights
-            .iter()
-            .map(|w| {
-                if *w > 0.0 {
-                    (w / total).ln() as f32
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-            .collect();
-        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
-            (0..n).partition(|&i| scaled[i] < 1.0);
+        let log_q =
+            weights.iter().map(|w| if *w > 0.0 { (w / total).ln() as f32 } else { f32::NEG_INFINITY }).collect();
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| scaled[i] < 1.0);
         let mut prob = vec![1.0f32; n];
         let mut alias: Vec<u32> = (0..n as u32).collect();
         while let (Some(s), Some(&l)) = (small.pop(), large.last()) {

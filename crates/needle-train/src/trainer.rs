@@ -1,5 +1,5 @@
-//! The training loop: YouTubeDNN samples, negatives, forward/backward, optimizer steps,
-//! per-epoch validation with early stopping.
+//! The training loop: next-item samples, negatives, forward/backward through any
+//! [`Tower`], optimizer steps, per-epoch validation with early stopping.
 
 use crate::config::{Config, LossKind, ModelKind, SparseOptimizer};
 use crate::model::{evaluate, Model};
@@ -8,11 +8,16 @@ use crate::prepare::{Prepared, Stage};
 use crate::sampler::AliasSampler;
 use crate::TrainError;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use needle_model::layers::{softmax_loss, SoftmaxGrads, SoftmaxInputs, SoftmaxScratch};
-use needle_model::rng::Rng;
-use needle_model::youtubednn::{
-    CategoricalSpec, Grads, ItemActs, TowerSpec, UserActs, UserBatch, YoutubeDnn,
+use needle_model::deep::{CategoricalSpec, DeepSpec, DeepTwoTower, HistoryMode};
+use needle_model::embedding::Embedding;
+use needle_model::fm::{FmSpec, FmTwoTower};
+use needle_model::layers::{
+    bce_loss, label_attention_backward, label_attention_forward, softmax_loss, SoftmaxGrads, SoftmaxInputs,
+    SoftmaxScratch,
 };
+use needle_model::mind::{MindSpec, MindTwoTower};
+use needle_model::rng::Rng;
+use needle_model::tower::{Grads, Tower, UserBatch};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -61,44 +66,87 @@ pub fn build_samples(p: &Prepared, cap: usize, rng: &mut Rng) -> Vec<Sample> {
             pos.truncate(cap);
             pos.sort_unstable();
         }
-        out.extend(pos.iter().map(|&q| Sample {
-            user: u as u32,
-            pos: q,
-        }));
+        out.extend(pos.iter().map(|&q| Sample { user: u as u32, pos: q }));
     }
     out
 }
 
-/// Builds the tower spec from the config and prepared vocabularies.
-pub fn tower_spec(cfg: &Config, p: &Prepared) -> TowerSpec {
+/// The categorical inputs a config asks for, sized by the prepared vocabularies.
+pub fn feature_specs(cfg: &Config, p: &Prepared) -> (Vec<CategoricalSpec>, Vec<CategoricalSpec>) {
     let m = &cfg.model;
-    TowerSpec {
+    let user = p
+        .user_feature_names
+        .iter()
+        .zip(&p.user_feature_vocabs)
+        .map(|(n, v)| CategoricalSpec { name: n.clone(), rows: v.len(), dim: m.feature_dim })
+        .collect();
+    let item = p
+        .item_features
+        .iter()
+        .map(|(n, v)| CategoricalSpec { name: n.clone(), rows: v.len(), dim: m.item_feature_dim })
+        .collect();
+    (user, item)
+}
+
+/// Shapes of a YouTubeDNN or DSSM model from the config and prepared vocabularies.
+pub fn deep_spec(cfg: &Config, p: &Prepared) -> DeepSpec {
+    let m = &cfg.model;
+    let (user_features, item_features) = feature_specs(cfg, p);
+    let dssm = m.kind == ModelKind::Dssm;
+    let item_input = m.dim + item_features.iter().map(|f| f.dim).sum::<usize>();
+    DeepSpec {
         items: p.n_item_rows(),
         dim: m.dim,
         max_seq_len: m.max_seq_len,
-        user_features: p
-            .user_feature_names
-            .iter()
-            .zip(&p.user_feature_vocabs)
-            .map(|(n, v)| CategoricalSpec {
-                name: n.clone(),
-                rows: v.len(),
-                dim: m.feature_dim,
-            })
-            .collect(),
-        item_feature: p.item_feature.as_ref().map(|(n, v)| CategoricalSpec {
-            name: n.clone(),
-            rows: v.len(),
-            dim: m.item_feature_dim,
-        }),
+        history: match (dssm, m.history) {
+            (false, _) => HistoryMode::Shared,
+            (true, true) => HistoryMode::Own,
+            (true, false) => HistoryMode::Off,
+        },
+        user_features,
+        item_features,
         hidden: m.hidden.clone(),
+        item_hidden: dssm.then(|| m.item_hidden.clone()),
+        out_dim: if dssm { m.out_dim } else { item_input },
         example_age: m.example_age,
     }
 }
 
+/// Shapes of an FM model: factor width `dim`, user features, history bag, item features.
+pub fn fm_spec(cfg: &Config, p: &Prepared) -> FmSpec {
+    let m = &cfg.model;
+    let (mut user_features, mut item_features) = feature_specs(cfg, p);
+    user_features.iter_mut().chain(item_features.iter_mut()).for_each(|f| f.dim = m.dim);
+    FmSpec {
+        items: p.n_item_rows(),
+        k: m.dim,
+        max_seq_len: m.max_seq_len,
+        history: m.history,
+        user_features,
+        item_features,
+    }
+}
+
+/// Shapes of a MIND model.
+pub fn mind_spec(cfg: &Config, p: &Prepared) -> MindSpec {
+    let m = &cfg.model;
+    let (user_features, item_features) = feature_specs(cfg, p);
+    MindSpec {
+        items: p.n_item_rows(),
+        dim: m.dim,
+        max_seq_len: m.max_seq_len,
+        interests: m.interests,
+        dynamic_k: m.dynamic_k,
+        routing_iters: m.routing_iters,
+        routing_seed: cfg.train.seed,
+        user_features,
+        item_features,
+        hidden: m.hidden.clone(),
+    }
+}
+
 /// Reused per-step buffers: nothing is allocated per sample or per step once warm.
-#[derive(Default)]
-struct Step {
+struct Step<T: Tower> {
     batch: UserBatch,
     pos_ids: Vec<u32>,
     pos_corr: Vec<f32>,
@@ -106,76 +154,86 @@ struct Step {
     neg_corr: Vec<f32>,
     shared_ids: Vec<u32>,
     shared_corr: Vec<f32>,
-    user: UserActs,
-    pos: ItemActs,
-    neg: ItemActs,
-    shared: ItemActs,
+    user: T::UserActs,
+    pos: T::ItemActs,
+    neg: T::ItemActs,
+    shared: T::ItemActs,
     gu: Vec<f32>,
     gp: Vec<f32>,
     gn: Vec<f32>,
     gs: Vec<f32>,
     scratch: SoftmaxScratch,
+    /// Label-aware attention (multi-interest models): attended user vectors, weights, dL/dinterests.
+    att_u: Vec<f32>,
+    att_a: Vec<f32>,
+    att_dv: Vec<f32>,
+    active: Vec<usize>,
+}
+
+impl<T: Tower> Default for Step<T> {
+    fn default() -> Self {
+        Step {
+            batch: UserBatch::default(),
+            pos_ids: Vec::new(),
+            pos_corr: Vec::new(),
+            neg_ids: Vec::new(),
+            neg_corr: Vec::new(),
+            shared_ids: Vec::new(),
+            shared_corr: Vec::new(),
+            user: Default::default(),
+            pos: Default::default(),
+            neg: Default::default(),
+            shared: Default::default(),
+            gu: Vec::new(),
+            gp: Vec::new(),
+            gn: Vec::new(),
+            gs: Vec::new(),
+            scratch: SoftmaxScratch::default(),
+            att_u: Vec::new(),
+            att_a: Vec::new(),
+            att_dv: Vec::new(),
+            active: Vec::new(),
+        }
+    }
 }
 
 /// Everything the optimizer keeps between steps.
 struct Optim {
-    item: SparseState,
-    user_feats: Vec<SparseState>,
-    item_feat: Option<SparseState>,
-    layers: Vec<(DenseAdam, DenseAdam)>,
+    tables: Vec<SparseState>,
+    dense: Vec<DenseAdam>,
     t: u64,
 }
 
 impl Optim {
-    fn new(m: &YoutubeDnn, kind: SparseOptimizer) -> Self {
-        let sparse = |e| match kind {
+    fn new<T: Tower>(m: &mut T, kind: SparseOptimizer) -> Self {
+        let sparse = |e: &mut Embedding| match kind {
             SparseOptimizer::Adam => SparseState::adam(e),
             SparseOptimizer::RowwiseAdagrad => SparseState::rowwise_adagrad(e),
         };
+        let (tables, dense) = m.params_mut();
         Optim {
-            item: sparse(&m.item_emb),
-            user_feats: m.user_feat_emb.iter().map(sparse).collect(),
-            item_feat: m.item_feat_emb.as_ref().map(sparse),
-            layers: m
-                .layers
-                .iter()
-                .map(|l| (DenseAdam::new(l.w.len()), DenseAdam::new(l.b.len())))
-                .collect(),
+            tables: tables.into_iter().map(sparse).collect(),
+            dense: dense.into_iter().map(|d| DenseAdam::new(d.len())).collect(),
             t: 0,
         }
     }
 
-    fn step(&mut self, m: &mut YoutubeDnn, g: &Grads, lr: f32, emb_lr: f32) {
+    fn step<T: Tower>(&mut self, m: &mut T, g: &Grads, lr: f32, emb_lr: f32) {
         self.t += 1;
         let t = self.t;
-        self.item.step(&mut m.item_emb, &g.item, emb_lr, t);
-        for ((st, table), grad) in self
-            .user_feats
-            .iter_mut()
-            .zip(&mut m.user_feat_emb)
-            .zip(&g.user_feats)
-        {
+        let (tables, dense) = m.params_mut();
+        for ((st, table), grad) in self.tables.iter_mut().zip(tables).zip(&g.tables) {
             st.step(table, grad, emb_lr, t);
         }
-        if let (Some(st), Some(table), Some(grad)) =
-            (&mut self.item_feat, &mut m.item_feat_emb, &g.item_feat)
-        {
-            st.step(table, grad, emb_lr, t);
-        }
-        for ((sw, sb), (layer, (gw, gb))) in self
-            .layers
-            .iter_mut()
-            .zip(m.layers.iter_mut().zip(&g.layers))
-        {
-            sw.step(&mut layer.w, gw, lr, t);
-            sb.step(&mut layer.b, gb, lr, t);
+        for ((st, w), grad) in self.dense.iter_mut().zip(dense).zip(&g.dense) {
+            st.step(w, grad, lr, t);
         }
     }
 }
 
 /// A model under training with its sampler, optimizer and buffers; [`Trainer::step`] runs one batch.
-pub struct Trainer<'a> {
-    pub model: YoutubeDnn,
+pub struct Trainer<'a, T: Tower> {
+    pub model: T,
     p: &'a Prepared,
     cfg: &'a Config,
     sampler: AliasSampler,
@@ -183,34 +241,20 @@ pub struct Trainer<'a> {
     log_unigram: Vec<f32>,
     grads: Grads,
     optim: Optim,
-    step: Step,
+    step: Step<T>,
     age_span: f32,
 }
 
-impl<'a> Trainer<'a> {
-    pub fn new(cfg: &'a Config, p: &'a Prepared, rng: &mut Rng) -> Result<Self, TrainError> {
-        let model = YoutubeDnn::new(tower_spec(cfg, p), p.item_bags.clone(), rng);
-        let weights: Vec<f64> = p
-            .item_counts
-            .iter()
-            .map(|&c| (c as f64).powf(0.75))
-            .collect();
-        let sampler = AliasSampler::new(&weights)
-            .ok_or_else(|| TrainError::Data("no item has a training event".into()))?;
+impl<'a, T: Tower> Trainer<'a, T> {
+    pub fn new(cfg: &'a Config, p: &'a Prepared, mut model: T) -> Result<Self, TrainError> {
+        let weights: Vec<f64> = p.item_counts.iter().map(|&c| (c as f64).powf(0.75)).collect();
+        let sampler =
+            AliasSampler::new(&weights).ok_or_else(|| TrainError::Data("no item has a training event".into()))?;
         let total: u64 = p.item_counts.iter().sum();
-        let log_unigram = p
-            .item_counts
-            .iter()
-            .map(|&c| {
-                if c > 0 {
-                    (c as f64 / total as f64).ln() as f32
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        let log_unigram =
+            p.item_counts.iter().map(|&c| if c > 0 { (c as f64 / total as f64).ln() as f32 } else { 0.0 }).collect();
         let grads = model.new_grads();
-        let optim = Optim::new(&model, cfg.train.sparse_optimizer);
+        let optim = Optim::new(&mut model, cfg.train.sparse_optimizer);
         Ok(Trainer {
             model,
             p,
@@ -226,19 +270,17 @@ impl<'a> Trainer<'a> {
 
     /// Item-table rows the last step updated.
     pub fn touched_item_rows(&self) -> usize {
-        self.grads.item.rows.len()
+        self.grads.tables.first().map_or(0, |g| g.rows.len())
     }
 
-    /// One optimizer step on `samples`; returns the batch's mean loss.
-    pub fn step(&mut self, samples: &[Sample], rng: &mut Rng) -> f32 {
-        let m = &self.model;
+    /// Fills the batch and the candidate lists for `samples`; returns the per-row negative count.
+    fn assemble(&mut self, samples: &[Sample], rng: &mut Rng) -> usize {
         let p = self.p;
         let t = &self.cfg.train;
         let s = &mut self.step;
-        let l = m.spec.max_seq_len;
-        let nf = m.spec.user_features.len();
+        let l = self.model.max_seq_len();
+        let nf = self.model.n_user_features();
         let b = samples.len();
-        let d = m.spec.out_dim();
         s.batch.reset(b, l, nf);
         s.pos_ids.clear();
         for (i, smp) in samples.iter().enumerate() {
@@ -248,8 +290,7 @@ impl<'a> Trainer<'a> {
             let h = &seq[pos.saturating_sub(l)..pos];
             s.batch.hist[i * l..i * l + h.len()].copy_from_slice(h);
             s.batch.hist_len[i] = h.len() as u32;
-            s.batch.feats[i * nf..(i + 1) * nf]
-                .copy_from_slice(&p.user_feats[u * nf..(u + 1) * nf]);
+            s.batch.feats[i * nf..(i + 1) * nf].copy_from_slice(&p.user_feats[u * nf..(u + 1) * nf]);
             let ts = p.train_ts[p.train.offsets[u] as usize + pos];
             s.batch.age[i] = (p.train_max_ts - ts) as f32 / self.age_span;
             s.pos_ids.push(seq[pos]);
@@ -258,40 +299,35 @@ impl<'a> Trainer<'a> {
         s.neg_corr.clear();
         s.shared_ids.clear();
         s.shared_corr.clear();
+        s.pos_corr.clear();
         let mut n_row = 0;
         match t.loss {
             LossKind::Full => {
-                s.pos_corr.clear();
                 s.pos_corr.resize(b, 0.0);
                 s.shared_ids.extend(1..p.n_item_rows() as u32);
                 s.shared_corr.resize(s.shared_ids.len(), 0.0);
             }
             LossKind::InBatch => {
                 let ln_b = (b as f32).ln();
-                s.pos_corr.clear();
-                s.pos_corr.extend(
-                    s.pos_ids
-                        .iter()
-                        .map(|&i| self.log_unigram[i as usize] + ln_b),
-                );
+                s.pos_corr.extend(s.pos_ids.iter().map(|&i| self.log_unigram[i as usize] + ln_b));
                 s.shared_ids.extend_from_slice(&s.pos_ids);
                 s.shared_corr.extend_from_slice(&s.pos_corr);
             }
+            LossKind::Bce => {
+                s.pos_corr.resize(b, 0.0);
+                n_row = t.negatives;
+                for _ in 0..t.negatives * b {
+                    s.neg_ids.push(self.sampler.sample(rng));
+                }
+            }
             LossKind::Sampled => {
                 let ln_n = (t.negatives as f32).ln();
-                s.pos_corr.clear();
-                s.pos_corr
-                    .extend(s.pos_ids.iter().map(|&i| self.sampler.log_q(i) + ln_n));
-                let (ids, corr) = if t.shared_negatives {
-                    (&mut s.shared_ids, &mut s.shared_corr)
+                s.pos_corr.extend(s.pos_ids.iter().map(|&i| self.sampler.log_q(i) + ln_n));
+                let (ids, corr, draws) = if t.shared_negatives {
+                    (&mut s.shared_ids, &mut s.shared_corr, t.negatives)
                 } else {
                     n_row = t.negatives;
-                    (&mut s.neg_ids, &mut s.neg_corr)
-                };
-                let draws = if t.shared_negatives {
-                    t.negatives
-                } else {
-                    t.negatives * b
+                    (&mut s.neg_ids, &mut s.neg_corr, t.negatives * b)
                 };
                 for _ in 0..draws {
                     let j = self.sampler.sample(rng);
@@ -300,6 +336,17 @@ impl<'a> Trainer<'a> {
                 }
             }
         }
+        n_row
+    }
+
+    /// One optimizer step on `samples`; returns the batch's mean loss.
+    pub fn step(&mut self, samples: &[Sample], rng: &mut Rng) -> f32 {
+        let n_row = self.assemble(samples, rng);
+        let m = &self.model;
+        let t = &self.cfg.train;
+        let s = &mut self.step;
+        let b = samples.len();
+        let d = m.out_dim();
         m.user_forward(&s.batch, &mut s.user);
         m.item_forward(&s.pos_ids, &mut s.pos);
         m.item_forward(&s.neg_ids, &mut s.neg);
@@ -308,37 +355,87 @@ impl<'a> Trainer<'a> {
         s.gp.resize(b * d, 0.0);
         s.gn.resize(s.neg_ids.len() * d, 0.0);
         s.gs.resize(s.shared_ids.len() * d, 0.0);
-        let loss = softmax_loss(
-            &SoftmaxInputs {
-                user: &s.user.out,
-                pos: &s.pos.out,
-                pos_corr: &s.pos_corr,
-                pos_ids: &s.pos_ids,
-                row_negs: &s.neg.out,
-                row_corr: &s.neg_corr,
-                row_ids: &s.neg_ids,
-                n_row,
-                shared: &s.shared.out,
-                shared_corr: &s.shared_corr,
-                shared_ids: &s.shared_ids,
-                temperature: t.temperature,
+        let ni = m.interests();
+        let power = self.cfg.model.attention_power;
+        if ni > 1 {
+            // Label-aware attention: the target item picks the mix of interests it is scored by.
+            s.active.clear();
+            match m.active_interests(&s.user) {
+                Some(a) => s.active.extend_from_slice(&a[..b]),
+                None => s.active.resize(b, ni),
+            }
+            s.att_u.resize(b * d, 0.0);
+            s.att_a.resize(b * ni, 0.0);
+            label_attention_forward(
+                &mut s.att_u,
+                &mut s.att_a,
+                m.user_out(&s.user),
+                m.item_out(&s.pos),
+                &s.active,
+                ni,
                 d,
-            },
-            SoftmaxGrads {
-                user: &mut s.gu,
-                pos: &mut s.gp,
-                row_negs: &mut s.gn,
-                shared: &mut s.gs,
-            },
-            &mut s.scratch,
-        );
+                power,
+            );
+        }
+        let user = if ni > 1 { &s.att_u[..] } else { m.user_out(&s.user) };
+        let loss = if t.loss == LossKind::Bce {
+            bce_loss(
+                user,
+                m.item_out(&s.pos),
+                &s.pos_ids,
+                m.item_out(&s.neg),
+                &s.neg_ids,
+                n_row,
+                t.temperature,
+                d,
+                &mut s.gu,
+                &mut s.gp,
+                &mut s.gn,
+            )
+        } else {
+            softmax_loss(
+                &SoftmaxInputs {
+                    user,
+                    pos: m.item_out(&s.pos),
+                    pos_corr: &s.pos_corr,
+                    pos_ids: &s.pos_ids,
+                    row_negs: m.item_out(&s.neg),
+                    row_corr: &s.neg_corr,
+                    row_ids: &s.neg_ids,
+                    n_row,
+                    shared: m.item_out(&s.shared),
+                    shared_corr: &s.shared_corr,
+                    shared_ids: &s.shared_ids,
+                    temperature: t.temperature,
+                    d,
+                },
+                SoftmaxGrads { user: &mut s.gu, pos: &mut s.gp, row_negs: &mut s.gn, shared: &mut s.gs },
+                &mut s.scratch,
+            )
+        };
         self.grads.zero();
-        m.user_backward(&s.batch, &mut s.user, &s.gu, &mut self.grads);
+        if ni > 1 {
+            s.att_dv.resize(b * ni * d, 0.0);
+            label_attention_backward(
+                &mut s.att_dv,
+                &mut s.gp,
+                &s.gu,
+                &s.att_a,
+                m.user_out(&s.user),
+                m.item_out(&s.pos),
+                &s.active,
+                ni,
+                d,
+                power,
+            );
+            m.user_backward(&s.batch, &mut s.user, &s.att_dv, &mut self.grads);
+        } else {
+            m.user_backward(&s.batch, &mut s.user, &s.gu, &mut self.grads);
+        }
         m.item_backward(&s.pos_ids, &mut s.pos, &s.gp, &mut self.grads);
         m.item_backward(&s.neg_ids, &mut s.neg, &s.gn, &mut self.grads);
         m.item_backward(&s.shared_ids, &mut s.shared, &s.gs, &mut self.grads);
-        self.optim
-            .step(&mut self.model, &self.grads, t.lr, t.embedding_lr);
+        self.optim.step(&mut self.model, &self.grads, t.lr, t.embedding_lr);
         loss
     }
 }
@@ -352,20 +449,30 @@ pub fn peak_rss_mb() -> Option<f64> {
 }
 
 fn progress_bar(len: u64, show: bool) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(
-        Some(len),
-        if show {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
+    let target = if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+    let bar = ProgressBar::with_draw_target(Some(len), target);
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} samples  {msg}  ETA {eta}")
             .expect("static template")
             .progress_chars("=> "),
     );
     bar
+}
+
+/// Builds an untrained model of the configured kind.
+pub fn build_model(cfg: &Config, p: &Prepared, rng: &mut Rng) -> Result<Model, TrainError> {
+    Ok(match cfg.model.kind {
+        ModelKind::Popularity => Model::Popularity { counts: p.item_counts.iter().map(|&c| c as f32).collect() },
+        ModelKind::Youtubednn | ModelKind::Dssm => Model::Deep(Box::new(
+            DeepTwoTower::new(deep_spec(cfg, p), p.item_bags.clone(), rng).map_err(TrainError::Config)?,
+        )),
+        ModelKind::Mind => Model::Mind(Box::new(
+            MindTwoTower::new(mind_spec(cfg, p), p.item_bags.clone(), rng).map_err(TrainError::Config)?,
+        )),
+        ModelKind::Fm => {
+            Model::Fm(Box::new(FmTwoTower::new(fm_spec(cfg, p), p.item_bags.clone(), rng).map_err(TrainError::Config)?))
+        }
+    })
 }
 
 /// Trains the configured model; `show_progress` draws a progress bar on stderr.
@@ -375,31 +482,41 @@ pub fn train(
     show_progress: bool,
     log: &mut dyn FnMut(&EpochLog),
 ) -> Result<Trained, TrainError> {
-    let start = Instant::now();
-    if cfg.model.kind == ModelKind::Popularity {
-        let counts = p.item_counts.iter().map(|&c| c as f32).collect();
-        return Ok(Trained {
+    let root = Rng::new(cfg.train.seed);
+    match build_model(cfg, p, &mut root.fork(2))? {
+        Model::Popularity { counts } => Ok(Trained {
             model: Model::Popularity { counts },
             epochs: Vec::new(),
             best_epoch: 0,
-            seconds: start.elapsed().as_secs_f64(),
+            seconds: 0.0,
             samples_per_sec: 0.0,
             samples_per_epoch: p.train.items.len(),
-        });
+        }),
+        Model::Deep(m) => train_tower(cfg, p, *m, |m| Model::Deep(Box::new(m)), show_progress, log),
+        Model::Fm(m) => train_tower(cfg, p, *m, |m| Model::Fm(Box::new(m)), show_progress, log),
+        Model::Mind(m) => train_tower(cfg, p, *m, |m| Model::Mind(Box::new(m)), show_progress, log),
     }
+}
+
+/// The epoch loop for any tower; `wrap` turns a snapshot into a [`Model`] for validation.
+fn train_tower<T: Tower + Clone>(
+    cfg: &Config,
+    p: &Prepared,
+    model: T,
+    wrap: impl Fn(T) -> Model,
+    show_progress: bool,
+    log: &mut dyn FnMut(&EpochLog),
+) -> Result<Trained, TrainError> {
+    let start = Instant::now();
     let t = &cfg.train;
     let root = Rng::new(t.seed);
     let samples = build_samples(p, t.max_samples_per_user, &mut root.fork(1));
     if samples.is_empty() {
-        return Err(TrainError::Data(
-            "no training samples: every user has fewer than 2 training events".into(),
-        ));
+        return Err(TrainError::Data("no training samples: every user has fewer than 2 training events".into()));
     }
-    let mut trainer = Trainer::new(cfg, p, &mut root.fork(2))?;
+    let mut trainer = Trainer::new(cfg, p, model)?;
     let valid_subset: Option<Vec<usize>> = (t.valid_users > 0).then(|| {
-        let mut users: Vec<usize> = (0..p.n_users())
-            .filter(|&u| !p.valid.get(u).is_empty())
-            .collect();
+        let mut users: Vec<usize> = (0..p.n_users()).filter(|&u| !p.valid.get(u).is_empty()).collect();
         root.fork(3).shuffle(&mut users);
         users.truncate(t.valid_users);
         users
@@ -425,11 +542,7 @@ pub fn train(
             }
             loss_sum += loss;
             steps += 1;
-            ema = if ema.is_nan() {
-                loss
-            } else {
-                0.98 * ema + 0.02 * loss
-            };
+            ema = if ema.is_nan() { loss } else { 0.98 * ema + 0.02 * loss };
             bar.inc(chunk.len() as u64);
             if i % 20 == 0 {
                 let rate = bar.position() as f64 / e_start.elapsed().as_secs_f64().max(1e-9);
@@ -440,15 +553,8 @@ pub fn train(
         bar.finish_and_clear();
         train_secs += secs;
         trained_samples += order.len();
-        let model = Model::Youtubednn(Box::new(trainer.model.clone()));
-        let r = evaluate(
-            &model,
-            p,
-            Stage::Valid,
-            &[10],
-            false,
-            valid_subset.as_deref(),
-        );
+        let model = wrap(trainer.model.clone());
+        let r = evaluate(&model, p, Stage::Valid, &[10], false, valid_subset.as_deref());
         let hr = r.get(10).map_or(0.0, |a| a.hit_rate);
         let rec = EpochLog {
             epoch,
@@ -472,9 +578,8 @@ pub fn train(
             }
         }
     }
-    let model = best.unwrap_or_else(|| Model::Youtubednn(Box::new(trainer.model)));
     Ok(Trained {
-        model,
+        model: best.unwrap_or_else(|| wrap(trainer.model)),
         epochs,
         best_epoch,
         seconds: start.elapsed().as_secs_f64(),

@@ -5,11 +5,12 @@ use anyhow::Result;
 use needle_data::Vocab;
 use needle_eval::Lists;
 use needle_model::rng::Rng;
-use needle_model::youtubednn::ItemBags;
+use needle_model::tower::Tower;
 use needle_train::config::{LossKind, ModelConfig, TrainParams};
+use needle_train::model::Model;
 use needle_train::prepare::{prepare, Prepared};
 use needle_train::run::load_data;
-use needle_train::trainer::{build_samples, Trainer};
+use needle_train::trainer::{build_model, build_samples, Trainer};
 use needle_train::Config;
 use std::path::Path;
 use std::time::Instant;
@@ -23,9 +24,7 @@ fn reference_config(base: &Config) -> Config {
     c.model = ModelConfig {
         dim: 16,
         hidden: vec![128, 64],
-        user_features: ["user_id", "gender", "age", "occupation", "zip"]
-            .map(String::from)
-            .to_vec(),
+        user_features: ["user_id", "gender", "age", "occupation", "zip"].map(String::from).to_vec(),
         feature_dim: 16,
         example_age: false,
         max_seq_len: 50,
@@ -50,19 +49,26 @@ struct Timing {
 /// Times `steps` optimizer steps after 3 warm-up steps; reports the median step.
 fn time_steps(cfg: &Config, p: &Prepared, steps: usize) -> Result<Timing> {
     let mut rng = Rng::new(cfg.train.seed);
-    let mut samples = build_samples(p, cfg.train.max_samples_per_user, &mut rng);
+    match build_model(cfg, p, &mut rng)? {
+        Model::Deep(m) => time_tower(cfg, p, *m, steps, &mut rng),
+        Model::Fm(m) => time_tower(cfg, p, *m, steps, &mut rng),
+        Model::Mind(m) => time_tower(cfg, p, *m, steps, &mut rng),
+        Model::Popularity { .. } => anyhow::bail!("popularity has no training step"),
+    }
+}
+
+fn time_tower<T: Tower>(cfg: &Config, p: &Prepared, model: T, steps: usize, rng: &mut Rng) -> Result<Timing> {
+    let mut samples = build_samples(p, cfg.train.max_samples_per_user, rng);
     rng.shuffle(&mut samples);
-    let mut trainer = Trainer::new(cfg, p, &mut rng)?;
+    let mut trainer = Trainer::new(cfg, p, model)?;
     let b = cfg.train.batch_size;
     let mut times = Vec::with_capacity(steps);
     let mut touched = Vec::with_capacity(steps);
     let mut batches = samples.chunks_exact(b).cycle();
     for i in 0..steps + 3 {
-        let batch = batches
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("fewer samples than one batch"))?;
+        let batch = batches.next().ok_or_else(|| anyhow::anyhow!("fewer samples than one batch"))?;
         let t0 = Instant::now();
-        let loss = trainer.step(batch, &mut rng);
+        let loss = trainer.step(batch, rng);
         anyhow::ensure!(loss.is_finite(), "loss diverged during the benchmark");
         if i >= 3 {
             times.push(t0.elapsed().as_secs_f64());
@@ -72,11 +78,7 @@ fn time_steps(cfg: &Config, p: &Prepared, steps: usize) -> Result<Timing> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     touched.sort_unstable();
-    Ok(Timing {
-        median_ms: median * 1e3,
-        samples_per_sec: b as f64 / median,
-        touched_rows: touched[touched.len() / 2],
-    })
+    Ok(Timing { median_ms: median * 1e3, samples_per_sec: b as f64 / median, touched_rows: touched[touched.len() / 2] })
 }
 
 /// A synthetic log over a table of `rows` items, 60 events per user, with power-law
@@ -94,11 +96,7 @@ fn synthetic(rows: usize, active: usize, users: usize, rng: &mut Rng) -> Prepare
             // Power law over ranks: a few items are hot, most are cold.
             let rank = ((active as f64).powf(rng.uniform() as f64) as usize).clamp(1, active);
             // Spread ranks over the table (a multiplicative hash; a bijection when active == rows).
-            let r = if active == rows {
-                rank
-            } else {
-                (rank * 2_654_435_761) % rows + 1
-            };
+            let r = if active == rows { rank } else { (rank * 2_654_435_761) % rows + 1 };
             seq.push(r as u32);
             counts[r] += 1;
             ts.push(t as i64);
@@ -113,8 +111,8 @@ fn synthetic(rows: usize, active: usize, users: usize, rng: &mut Rng) -> Prepare
         user_feature_names: Vec::new(),
         user_feature_vocabs: Vec::new(),
         user_feats: Vec::new(),
-        item_feature: None,
-        item_bags: ItemBags::default(),
+        item_features: Vec::new(),
+        item_bags: Vec::new(),
         train,
         train_ts: ts,
         valid: empty.clone(),
@@ -131,10 +129,7 @@ pub fn train(data_dir: Option<&Path>, steps: usize, small: bool) -> Result<()> {
     let default = read_config_str(DEFAULT_CONFIG, "configs/ml-1m/youtubednn.toml")?;
     let reference = reference_config(&default);
     let (ds, split) = load_data(&default, data_dir)?;
-    println!(
-        "training step benchmark, {} threads, median of {steps} steps\n",
-        rayon::current_num_threads()
-    );
+    println!("training step benchmark, {} threads, median of {steps} steps\n", rayon::current_num_threads());
     println!("| workload | item rows | rows touched / step | batch | ms / step | samples / s |");
     println!("|---|---|---|---|---|---|");
     let p_ref = prepare(&ds, &split, &reference.model)?;

@@ -17,31 +17,26 @@ pub fn init_threads(n: usize) -> Result<usize> {
     if n > 0 {
         b = b.num_threads(n);
     }
-    b.build_global()
-        .context("could not start the thread pool")?;
+    b.build_global().context("could not start the thread pool")?;
     Ok(rayon::current_num_threads())
 }
 
 pub fn read_config(path: &Path) -> Result<Config> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
     read_config_str(&text, &path.display().to_string())
 }
 
 /// Parses and validates a config; `origin` names it in errors.
 pub fn read_config_str(text: &str, origin: &str) -> Result<Config> {
-    let cfg: Config =
-        toml::from_str(text).with_context(|| format!("config {origin} is not valid"))?;
-    cfg.validate()
-        .map_err(|e| anyhow::anyhow!("config {origin}: {e}"))?;
+    let cfg: Config = toml::from_str(text).with_context(|| format!("config {origin} is not valid"))?;
+    cfg.validate().map_err(|e| anyhow::anyhow!("config {origin}: {e}"))?;
     Ok(cfg)
 }
 
 fn write_metrics(dir: &Path, report: &needle_eval::Report) -> Result<()> {
     let path = dir.join("metrics.json");
     let text = serde_json::to_string_pretty(&report.to_json())?;
-    std::fs::write(&path, text + "\n")
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::write(&path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     let curve = dir.join("hit_curve.json");
     std::fs::write(&curve, serde_json::to_string(&report.hit_curve)? + "\n")
         .with_context(|| format!("cannot write {}", curve.display()))
@@ -57,22 +52,13 @@ pub struct TrainFlags {
 }
 
 pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFlags) -> Result<()> {
-    let TrainFlags {
-        download,
-        force,
-        skip_bad_rows,
-        quiet,
-        threads,
-    } = flags;
+    let TrainFlags { download, force, skip_bad_rows, quiet, threads } = flags;
     let mut cfg = read_config(config)?;
     // Saved into the run, so that eval and recall reload the data the same way.
     cfg.data.skip_bad_rows |= skip_bad_rows;
     let threads = init_threads(threads.unwrap_or(cfg.train.threads))?;
     if out.join("model.toml").exists() && !force {
-        bail!(
-            "{} already holds a run; pass --force to replace it",
-            out.display()
-        );
+        bail!("{} already holds a run; pass --force to replace it", out.display());
     }
     if download {
         if let Some(name) = &cfg.data.dataset {
@@ -107,8 +93,7 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let log_path = out.join("train_log.jsonl");
     if log_path.exists() {
-        std::fs::remove_file(&log_path)
-            .with_context(|| format!("cannot replace {}", log_path.display()))?;
+        std::fs::remove_file(&log_path).with_context(|| format!("cannot replace {}", log_path.display()))?;
     }
     let mut log_err = None;
     let trained = trainer::train(&cfg, &p, !quiet, &mut |rec| {
@@ -130,24 +115,27 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
         info.training.best_epoch,
         info.training.epochs_run,
         info.training.samples_per_sec,
-        info.training
-            .peak_rss_mb
-            .map_or("n/a".into(), |m| format!("{m:.0} MB")),
+        info.training.peak_rss_mb.map_or("n/a".into(), |m| format!("{m:.0} MB")),
         out.display()
     );
     let report = evaluate(&trained.model, &p, Stage::Test, &[10, 50, 100], false, None);
-    println!(
-        "test, full corpus, known items excluded:\n{}",
-        needle_eval::format_table(&report)
-    );
+    println!("test, full corpus, known items excluded:\n{}", needle_eval::format_table(&report));
     write_metrics(out, &report)
 }
 
-pub fn eval(run: &Path, data_dir: Option<&Path>, keep_seen: bool, ks: &[usize]) -> Result<()> {
+pub fn eval(run: &Path, data_dir: Option<&Path>, keep_seen: bool, ks: &[usize], ann: bool) -> Result<()> {
     if ks.is_empty() || ks.contains(&0) {
         bail!("--k needs positive cut-offs, e.g. --k 10,50,100");
     }
     let r = load_run(run, data_dir)?;
+    if ann {
+        let report = crate::index_cmd::eval_ann(&r, ks, keep_seen)?;
+        crate::index_cmd::print_report(&format!("{} through its ANN index, test, full corpus", run.display()), &report);
+        let path = run.join("metrics_ann.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&report.to_json())? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        return Ok(());
+    }
     let report = evaluate(&r.model, &r.prepared, Stage::Test, ks, keep_seen, None);
     println!(
         "{} ({:?}), test, full corpus, known items {}:\n{}",
@@ -159,13 +147,7 @@ pub fn eval(run: &Path, data_dir: Option<&Path>, keep_seen: bool, ks: &[usize]) 
     write_metrics(run, &report)
 }
 
-pub fn recall(
-    run: &Path,
-    data_dir: Option<&Path>,
-    users: &str,
-    k: usize,
-    keep_seen: bool,
-) -> Result<()> {
+pub fn recall(run: &Path, data_dir: Option<&Path>, users: &str, k: usize, keep_seen: bool) -> Result<()> {
     if k == 0 {
         bail!("--k must be at least 1");
     }
@@ -174,22 +156,16 @@ pub fn recall(
     let selected: Vec<usize> = if users.trim() == "all" {
         (0..p.n_users()).collect()
     } else {
-        let index: std::collections::HashMap<&str, usize> = p
-            .user_raw
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.as_str(), i))
-            .collect();
+        let index: std::collections::HashMap<&str, usize> =
+            p.user_raw.iter().enumerate().map(|(i, s)| (s.as_str(), i)).collect();
         users
             .split(',')
             .map(|raw| {
                 let raw = raw.trim();
-                index.get(raw).copied().with_context(|| {
-                    format!(
-                        "unknown user id `{raw}` (not in dataset {})",
-                        r.dataset.name
-                    )
-                })
+                index
+                    .get(raw)
+                    .copied()
+                    .with_context(|| format!("unknown user id `{raw}` (not in dataset {})", r.dataset.name))
             })
             .collect::<Result<_>>()?
     };
@@ -200,10 +176,7 @@ pub fn recall(
     for (row, &u) in selected.iter().enumerate() {
         write!(out, "{}\t", p.user_raw[u])?;
         let mut first = true;
-        for &it in ids[row * k..(row + 1) * k]
-            .iter()
-            .take_while(|&&i| i != u32::MAX)
-        {
+        for &it in ids[row * k..(row + 1) * k].iter().take_while(|&&i| i != u32::MAX) {
             if !first {
                 out.write_all(b",")?;
             }

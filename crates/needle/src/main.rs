@@ -1,7 +1,9 @@
 //! `needle`: train, evaluate and query two-tower retrieval models from the command line.
 
+mod ann;
 mod bench;
 mod commands;
+mod index_cmd;
 mod report;
 
 use anyhow::Result;
@@ -9,11 +11,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(
-    name = "needle",
-    version,
-    about = "Deep-retrieval recommender: two-tower training, evaluation and recall"
-)]
+#[command(name = "needle", version, about = "Deep-retrieval recommender: two-tower training, evaluation and recall")]
 struct Cli {
     /// Worker threads (default: the config's `train.threads`, else all cores).
     #[arg(long, global = true)]
@@ -59,6 +57,25 @@ enum Cmd {
         /// Cut-offs, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "10,50,100")]
         k: Vec<usize>,
+        /// Retrieve through the run's ANN index (`needle index build`) instead of the exact
+        /// scan; writes RUN/metrics_ann.json.
+        #[arg(long)]
+        ann: bool,
+    },
+    /// Write every item's and every known user's vector as .npy (float32) with .tsv id lists.
+    Export {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Output folder for item_embeddings.npy, items.tsv, user_embeddings.npy, users.tsv.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Build or measure the ANN index of a run.
+    Index {
+        #[command(subcommand)]
+        cmd: IndexCmd,
     },
     /// Print the top-K items for users: `user<TAB>item,item,...`, best first.
     Recall {
@@ -94,6 +111,47 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+enum IndexCmd {
+    /// Build an index over the run's item vectors and save it as RUN/index.bin.
+    Build {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// `hnsw` (default), `ivf` or `exact`.
+        #[arg(long, default_value = "hnsw")]
+        kind: String,
+        /// HNSW links per node.
+        #[arg(long)]
+        m: Option<usize>,
+        /// HNSW candidate list while building.
+        #[arg(long)]
+        ef_construction: Option<usize>,
+        /// HNSW candidate list while searching.
+        #[arg(long)]
+        ef_search: Option<usize>,
+        /// IVF lists (0 = 4·√items).
+        #[arg(long)]
+        nlist: Option<usize>,
+        /// IVF lists scanned per query.
+        #[arg(long)]
+        nprobe: Option<usize>,
+    },
+    /// Recall of the index against exact search, queries/s single-threaded and batched, build time, memory.
+    Eval {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, value_delimiter = ',', default_value = "10,100")]
+        k: Vec<usize>,
+        /// Search effort to use instead of the built one (HNSW ef_search / IVF nprobe).
+        #[arg(long)]
+        effort: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
 enum DataCmd {
     /// Download a MovieLens dataset from GroupLens and verify its checksum.
     Download {
@@ -117,6 +175,37 @@ enum BenchCmd {
         #[arg(long)]
         small: bool,
     },
+    /// ANN indexes (exact, IVF, HNSW) on a synthetic clustered set or on exported vectors:
+    /// build time, memory, recall@10/100 against exact search, queries/s.
+    Ann {
+        /// Items in the synthetic set.
+        #[arg(long, default_value_t = 1_000_000)]
+        items: usize,
+        #[arg(long, default_value_t = 64)]
+        dim: usize,
+        /// Held-out queries.
+        #[arg(long, default_value_t = 1000)]
+        queries: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Noise norm around each cluster centre (1.0 ≈ 45° from the centre).
+        #[arg(long, default_value_t = needle_ann_spread())]
+        spread: f32,
+        /// Also write base.npy and queries.npy here, for bench/ann_reference.py.
+        #[arg(long)]
+        write_npy: Option<PathBuf>,
+        /// Use these vectors (`.npy`, float32 [n, dim]) instead of the synthetic set,
+        /// e.g. item_embeddings.npy from `needle export`.
+        #[arg(long)]
+        vectors: Option<PathBuf>,
+        /// Queries for --vectors (`.npy`); default: hold out --queries rows of the vectors.
+        #[arg(long)]
+        query_vectors: Option<PathBuf>,
+    },
+}
+
+fn needle_ann_spread() -> f32 {
+    ann::SYNTH_SPREAD
 }
 
 fn main() {
@@ -129,42 +218,43 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Train {
-            config,
-            data_dir,
-            out,
-            download,
-            force,
-            skip_bad_rows,
-            quiet,
-        } => commands::train(
+        Cmd::Train { config, data_dir, out, download, force, skip_bad_rows, quiet } => commands::train(
             &config,
             data_dir.as_deref(),
             &out,
-            commands::TrainFlags {
-                download,
-                force,
-                skip_bad_rows,
-                quiet,
-                threads: cli.threads,
-            },
+            commands::TrainFlags { download, force, skip_bad_rows, quiet, threads: cli.threads },
         ),
-        Cmd::Eval {
-            run,
-            data_dir,
-            keep_seen,
-            k,
-        } => {
+        Cmd::Eval { run, data_dir, keep_seen, k, ann } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
-            commands::eval(&run, data_dir.as_deref(), keep_seen, &k)
+            commands::eval(&run, data_dir.as_deref(), keep_seen, &k, ann)
         }
-        Cmd::Recall {
-            run,
-            data_dir,
-            users,
-            k,
-            keep_seen,
-        } => {
+        Cmd::Export { run, data_dir, out } => {
+            commands::init_threads(cli.threads.unwrap_or(0))?;
+            index_cmd::export(&run, data_dir.as_deref(), &out)
+        }
+        Cmd::Index { cmd: IndexCmd::Build { run, data_dir, kind, m, ef_construction, ef_search, nlist, nprobe } } => {
+            commands::init_threads(cli.threads.unwrap_or(0))?;
+            let mut params: needle_index::IndexParams = kind.parse()?;
+            match &mut params {
+                needle_index::IndexParams::Hnsw(p) => {
+                    p.m = m.unwrap_or(p.m);
+                    p.ef_construction = ef_construction.unwrap_or(p.ef_construction);
+                    p.ef_search = ef_search.unwrap_or(p.ef_search);
+                }
+                needle_index::IndexParams::Ivf(p) => {
+                    p.nlist = nlist.unwrap_or(p.nlist);
+                    p.nprobe = nprobe.unwrap_or(p.nprobe);
+                }
+                needle_index::IndexParams::Exact => {}
+            }
+            params.validate()?;
+            index_cmd::build(&run, data_dir.as_deref(), &params)
+        }
+        Cmd::Index { cmd: IndexCmd::Eval { run, data_dir, k, effort } } => {
+            commands::init_threads(cli.threads.unwrap_or(0))?;
+            index_cmd::eval(&run, data_dir.as_deref(), &k, effort)
+        }
+        Cmd::Recall { run, data_dir, users, k, keep_seen } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             commands::recall(&run, data_dir.as_deref(), &users, k, keep_seen)
         }
@@ -172,17 +262,15 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", report::render(&runs)?);
             Ok(())
         }
-        Cmd::Data {
-            cmd: DataCmd::Download { name, to },
-        } => commands::download(&name, &to),
-        Cmd::Bench {
-            cmd:
-                BenchCmd::Train {
-                    data_dir,
-                    steps,
-                    small,
-                },
-        } => {
+        Cmd::Data { cmd: DataCmd::Download { name, to } } => commands::download(&name, &to),
+        Cmd::Bench { cmd: BenchCmd::Ann { items, dim, queries, seed, spread, write_npy, vectors, query_vectors } } => {
+            commands::init_threads(cli.threads.unwrap_or(0))?;
+            match vectors {
+                Some(v) => ann::bench_ann_vectors(&v, query_vectors.as_deref(), queries, seed),
+                None => ann::bench_ann(items, dim, queries, seed, spread, write_npy.as_deref()),
+            }
+        }
+        Cmd::Bench { cmd: BenchCmd::Train { data_dir, steps, small } } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             bench::train(data_dir.as_deref(), steps, small)
         }

@@ -7,13 +7,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 const KS: [usize; 3] = [10, 50, 100];
-const METRICS: [(&str, &str); 5] = [
-    ("hit_rate", "HR"),
-    ("ndcg", "NDCG"),
-    ("recall", "Recall"),
-    ("precision", "Precision"),
-    ("mrr", "MRR"),
-];
+const METRICS: [(&str, &str); 5] =
+    [("hit_rate", "HR"), ("ndcg", "NDCG"), ("recall", "Recall"), ("precision", "Precision"), ("mrr", "MRR")];
 
 struct Row {
     name: String,
@@ -23,29 +18,16 @@ struct Row {
 
 fn read_run(dir: &Path) -> Result<Row> {
     let info_path = dir.join("model.toml");
-    let text = std::fs::read_to_string(&info_path)
-        .with_context(|| format!("cannot read {}", info_path.display()))?;
-    let info: RunInfo = toml::from_str(&text)
-        .with_context(|| format!("{} is not a run manifest", info_path.display()))?;
+    let text = std::fs::read_to_string(&info_path).with_context(|| format!("cannot read {}", info_path.display()))?;
+    let info: RunInfo =
+        toml::from_str(&text).with_context(|| format!("{} is not a run manifest", info_path.display()))?;
     let m_path = dir.join("metrics.json");
     let text = std::fs::read_to_string(&m_path).with_context(|| {
-        format!(
-            "cannot read {} (run `needle eval --run {}` first)",
-            m_path.display(),
-            dir.display()
-        )
+        format!("cannot read {} (run `needle eval --run {}` first)", m_path.display(), dir.display())
     })?;
-    let metrics = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", m_path.display()))?;
-    let name = dir.file_name().map_or_else(
-        || dir.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    Ok(Row {
-        name,
-        info,
-        metrics,
-    })
+    let metrics = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", m_path.display()))?;
+    let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+    Ok(Row { name, info, metrics })
 }
 
 /// Renders the quality and cost tables for `runs`.
@@ -73,7 +55,10 @@ pub fn render(runs: &[std::path::PathBuf]) -> Result<String> {
         }
         writeln!(s)?;
     }
-    writeln!(s, "\n| run | users | items | epochs (best) | train time s | samples/epoch | samples/s | peak RSS MB | threads |")?;
+    writeln!(
+        s,
+        "\n| run | users | items | epochs (best) | train time s | samples/epoch | samples/s | peak RSS MB | threads |"
+    )?;
     writeln!(s, "|---|---|---|---|---|---|---|---|---|")?;
     for r in &rows {
         let t = &r.info.training;

@@ -1,0 +1,287 @@
+//! Behaviour of the three indexes on small generated data: correctness against brute force,
+//! recall, filtering, incremental adds, persistence, and refusal of bad input and damaged files.
+
+use needle_index::{
+    build, load, recall_at_k, synthetic_clustered, ExactIndex, HnswIndex, HnswParams, Index, IndexError, IndexKind,
+    IndexParams, IvfIndex, IvfParams, SearchOptions,
+};
+use needle_model::rng::Rng;
+use std::path::Path;
+
+fn brute_force(data: &[f32], dim: usize, q: &[f32], k: usize, keep: impl Fn(u32) -> bool) -> Vec<(u32, f32)> {
+    let mut all: Vec<(u32, f32)> = data
+        .chunks_exact(dim)
+        .enumerate()
+        .map(|(i, r)| (i as u32, r.iter().zip(q).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() as f32))
+        .filter(|p| keep(p.0))
+        .collect();
+    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    all.truncate(k);
+    all
+}
+
+fn ids(n: usize) -> Vec<u32> {
+    (0..n as u32).collect()
+}
+
+/// Clustered base vectors plus held-out queries from the same clusters.
+fn clustered(n: usize, nq: usize, dim: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut all = synthetic_clustered(n + nq, dim, 20, 1.0, seed);
+    let q = all.split_off(n * dim);
+    (all, q)
+}
+
+fn all_kinds() -> Vec<IndexParams> {
+    vec![
+        IndexParams::Exact,
+        IndexParams::Ivf(IvfParams { nlist: 32, nprobe: 8, ..IvfParams::default() }),
+        IndexParams::Hnsw(HnswParams { m: 8, ef_construction: 64, ef_search: 64, seed: 1 }),
+    ]
+}
+
+#[test]
+fn exact_matches_brute_force_and_batch_matches_single() {
+    let dim = 19; // not a multiple of the SIMD width: exercises the tails
+    let mut rng = Rng::new(3);
+    let data: Vec<f32> = (0..3000 * dim).map(|_| rng.normal()).collect();
+    let queries: Vec<f32> = (0..70 * dim).map(|_| rng.normal()).collect();
+    let ix = build(&IndexParams::Exact, &ids(3000), &data, dim).unwrap();
+    let batch = ix.search_batch(&queries, 25).unwrap();
+    assert_eq!(batch.len(), 70);
+    let mut out = Vec::new();
+    for (qi, q) in queries.chunks_exact(dim).enumerate() {
+        ix.search(q, 25, &mut out).unwrap();
+        let want = brute_force(&data, dim, q, 25, |_| true);
+        assert_eq!(out.iter().map(|p| p.0).collect::<Vec<_>>(), want.iter().map(|p| p.0).collect::<Vec<_>>());
+        for ((a, b), c) in out.iter().zip(&want).zip(&batch[qi]) {
+            assert!((a.1 - b.1).abs() < 1e-4 && (a.1 - c.1).abs() < 1e-4);
+        }
+        assert_eq!(recall_at_k(&[want], &[batch[qi].clone()], 25), 1.0);
+    }
+    // One query in a batch still uses every vector shard and merges them correctly.
+    let one = ix.search_batch(&queries[..dim], 5).unwrap();
+    assert_eq!(
+        one[0].iter().map(|p| p.0).collect::<Vec<_>>(),
+        brute_force(&data, dim, &queries[..dim], 5, |_| true).iter().map(|p| p.0).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn approximate_indexes_reach_high_recall_and_effort_buys_recall() {
+    let dim = 32;
+    let (data, queries) = clustered(6000, 200, dim, 11);
+    let exact = build(&IndexParams::Exact, &ids(6000), &data, dim).unwrap();
+    let truth = exact.search_batch(&queries, 10).unwrap();
+
+    let mut ivf =
+        IvfIndex::build(&IvfParams { nlist: 64, nprobe: 8, train_iters: 8, seed: 5 }, &ids(6000), &data, dim).unwrap();
+    let r_ivf = recall_at_k(&truth, &ivf.search_batch(&queries, 10).unwrap(), 10);
+    assert!(r_ivf > 0.9, "ivf recall@10 {r_ivf}");
+    assert!(ivf.list_sizes().iter().all(|&s| s > 0), "k-means left an empty list");
+    ivf.set_search_effort(64);
+    assert_eq!(recall_at_k(&truth, &ivf.search_batch(&queries, 10).unwrap(), 10), 1.0, "probing every list is exact");
+
+    let mut hnsw = HnswIndex::new(dim, &HnswParams { m: 12, ef_construction: 100, ef_search: 10, seed: 2 }).unwrap();
+    hnsw.add(&ids(6000), &data).unwrap();
+    assert!(hnsw.mean_degree() > 4.0, "graph too sparse: {}", hnsw.mean_degree());
+    let low = recall_at_k(&truth, &hnsw.search_batch(&queries, 10).unwrap(), 10);
+    hnsw.set_search_effort(128);
+    let high = recall_at_k(&truth, &hnsw.search_batch(&queries, 10).unwrap(), 10);
+    assert!(high > 0.98, "hnsw recall@10 at ef=128: {high}");
+    assert!(high >= low, "more effort lost recall: {low} -> {high}");
+    // A per-query effort override behaves like the default one.
+    let mut out = Vec::new();
+    hnsw.search_with(&queries[..dim], 10, &SearchOptions { effort: Some(128), keep: None }, &mut out).unwrap();
+    assert_eq!(out.len(), 10);
+}
+
+#[test]
+fn filtered_search_never_returns_excluded_ids_and_fills_k() {
+    let dim = 16;
+    let (data, queries) = clustered(4000, 20, dim, 4);
+    for params in all_kinds() {
+        let ix = build(&params, &ids(4000), &data, dim).unwrap();
+        let mut out = Vec::new();
+        let mut hits = 0;
+        for q in queries.chunks_exact(dim) {
+            // Exclude the true top-20 and every id divisible by 3: the answer must come from
+            // the rest, as when a user's seen items are removed.
+            let top: Vec<u32> = brute_force(&data, dim, q, 20, |_| true).iter().map(|p| p.0).collect();
+            let keep = |id: u32| !id.is_multiple_of(3) && !top.contains(&id);
+            ix.search_filtered(q, 10, &keep, &mut out).unwrap();
+            assert_eq!(out.len(), 10, "{params}: filtered result is short");
+            assert!(out.iter().all(|p| keep(p.0)), "{params}: excluded id returned");
+            let want = brute_force(&data, dim, q, 10, keep);
+            hits += out.iter().filter(|p| want.iter().any(|w| w.0 == p.0)).count();
+        }
+        let r = hits as f64 / (10.0 * 20.0);
+        assert!(r > 0.85, "{params}: filtered recall {r}");
+    }
+}
+
+#[test]
+fn adding_after_build_makes_new_vectors_findable() {
+    let dim = 16;
+    let (data, _) = clustered(3000, 0, dim, 8);
+    let ext_ids: Vec<u32> = (0..3000u32).map(|i| i * 7 + 100).collect();
+    for params in all_kinds() {
+        let mut ix = build(&params, &ext_ids[..2000], &data[..2000 * dim], dim).unwrap();
+        ix.add(&ext_ids[2000..], &data[2000 * dim..]).unwrap();
+        assert_eq!(ix.len(), 3000);
+        let mut out = Vec::new();
+        let mut found = 0;
+        for i in (2000..3000).step_by(50) {
+            ix.search(&data[i * dim..(i + 1) * dim], 1, &mut out).unwrap();
+            found += usize::from(out[0].0 == ext_ids[i]);
+        }
+        assert!(found >= 19, "{params}: only {found}/20 added vectors found as their own nearest");
+    }
+}
+
+#[test]
+fn ranks_by_inner_product_not_cosine() {
+    // A long vector pointing slightly away from the query outscores a unit vector pointing at
+    // it: the metric is the inner product, and nothing assumes unit norms.
+    let dim = 4;
+    let data = vec![1.0, 0.0, 0.0, 0.0, 3.0, 3.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0];
+    for params in all_kinds() {
+        let ix = build(&params, &[10, 11, 12, 13], &data, dim).unwrap();
+        let mut out = Vec::new();
+        ix.search(&[1.0, 0.0, 0.0, 0.0], 4, &mut out).unwrap();
+        assert_eq!(out.iter().map(|p| p.0).collect::<Vec<_>>(), vec![11, 10, 12, 13], "{params}");
+        assert_eq!(out[0].1, 3.0);
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let dim = 8;
+    let (data, _) = clustered(100, 0, dim, 1);
+    for params in all_kinds() {
+        let mut ix = build(&params, &ids(100), &data, dim).unwrap();
+        let mut out = vec![(1, 1.0)];
+        assert!(matches!(ix.search(&[0.0; 7], 5, &mut out), Err(IndexError::Dimension { .. })));
+        assert!(matches!(ix.search(&[f32::NAN; 8], 5, &mut out), Err(IndexError::NonFinite { .. })));
+        assert!(matches!(ix.search_batch(&[0.0; 12], 5), Err(IndexError::Dimension { .. })));
+        assert!(matches!(ix.add(&[1, 2], &[0.0; 8]), Err(IndexError::CountMismatch { .. })));
+        let mut bad = vec![0.0; 8];
+        bad[3] = f32::INFINITY;
+        assert!(matches!(ix.add(&[1], &bad), Err(IndexError::NonFinite { .. })));
+        assert_eq!(ix.len(), 100, "a rejected add must not change the index");
+        ix.search(&data[..dim], 0, &mut out).unwrap();
+        assert!(out.is_empty());
+        ix.search(&data[..dim], 1000, &mut out).unwrap();
+        assert_eq!(out.len(), 100, "{params}: k above the size returns everything");
+        assert!(ix.search_batch(&[], 5).unwrap().is_empty());
+    }
+    assert!(build(&IndexParams::Exact, &[], &[], 0).is_err());
+    assert!(matches!(build(&IndexParams::Ivf(IvfParams::default()), &[], &[], 8), Err(IndexError::Param(_))));
+    let empty = HnswIndex::new(8, &HnswParams::default()).unwrap();
+    let mut out = vec![(1, 1.0)];
+    empty.search(&[0.0; 8], 3, &mut out).unwrap();
+    assert!(out.is_empty());
+    let empty = ExactIndex::new(8).unwrap();
+    empty.search(&[0.0; 8], 3, &mut out).unwrap();
+    assert!(out.is_empty());
+}
+
+#[test]
+fn params_parse_print_and_validate() {
+    for s in ["exact", "ivf:nlist=100,nprobe=4,train_iters=5,seed=9", "hnsw:m=8,ef_construction=50,ef_search=20,seed=3"]
+    {
+        let p: IndexParams = s.parse().unwrap();
+        assert_eq!(p.to_string(), s);
+        assert_eq!(p.to_string().parse::<IndexParams>().unwrap(), p);
+    }
+    assert_eq!(
+        "hnsw:ef=300".parse::<IndexParams>().unwrap(),
+        IndexParams::Hnsw(HnswParams { ef_search: 300, ..HnswParams::default() })
+    );
+    assert_eq!("ivf".parse::<IndexParams>().unwrap().kind(), IndexKind::Ivf);
+    for bad in ["annoy", "hnsw:m=1", "hnsw:m=x", "ivf:nprobe=0", "hnsw:depth=3", "exact:nlist=3", "ivf:nlist"] {
+        assert!(bad.parse::<IndexParams>().is_err(), "{bad} parsed");
+    }
+}
+
+fn saved(params: &IndexParams, dir: &Path) -> (Box<dyn Index>, std::path::PathBuf, Vec<f32>) {
+    let dim = 12;
+    let (data, queries) = clustered(600, 10, dim, 21);
+    let ix = build(params, &ids(600), &data, dim).unwrap();
+    let path = dir.join(format!("{}.idx", params.kind()));
+    ix.save(&path).unwrap();
+    (ix, path, queries)
+}
+
+#[test]
+fn save_and_load_round_trip_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    for params in all_kinds() {
+        let (ix, path, queries) = saved(&params, dir.path());
+        let back = load(&path).unwrap();
+        assert_eq!((back.kind(), back.dim(), back.len(), back.params()), (ix.kind(), ix.dim(), ix.len(), ix.params()));
+        assert_eq!(back.search_batch(&queries, 10).unwrap(), ix.search_batch(&queries, 10).unwrap(), "{params}");
+        assert!(!dir.path().join(format!("{}.idx.tmp", params.kind())).exists(), "temporary file left behind");
+    }
+}
+
+#[test]
+fn truncated_or_flipped_files_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    for params in all_kinds() {
+        let (_, path, _) = saved(&params, dir.path());
+        let good = std::fs::read(&path).unwrap();
+        let len = good.len();
+        let broken = dir.path().join("broken.idx");
+        for cut in [0, 3, 8, 12, 40, 79, 80, 81, 100, len / 2, len - 8, len - 1] {
+            std::fs::write(&broken, &good[..cut]).unwrap();
+            let err = load(&broken).expect_err(&format!("{params}: truncation at {cut} loaded"));
+            assert!(matches!(err, IndexError::Truncated { .. }), "{params} cut {cut}: {err}");
+        }
+        let mut padded = good.clone();
+        padded.extend_from_slice(&[0; 8]);
+        std::fs::write(&broken, &padded).unwrap();
+        assert!(load(&broken).is_err(), "{params}: trailing bytes accepted");
+        let step = (len / 37).max(1);
+        for at in (0..len).step_by(step).chain([9, 13, 17, 21, 25, 33, 65, 73, len - 1]) {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = good.clone();
+                bad[at] ^= bit;
+                std::fs::write(&broken, &bad).unwrap();
+                let err = load(&broken).expect_err(&format!("{params}: flip at {at} loaded"));
+                let msg = err.to_string();
+                assert!(msg.contains("broken.idx"), "error does not name the file: {msg}");
+                if at < 8 {
+                    assert!(matches!(err, IndexError::BadMagic { .. }), "{msg}");
+                } else if at >= 80 {
+                    assert!(matches!(err, IndexError::Checksum { .. }), "{params} flip at {at}: {msg}");
+                }
+            }
+        }
+        let mut v2 = good.clone();
+        v2[8] = 2;
+        std::fs::write(&broken, &v2).unwrap();
+        assert!(matches!(load(&broken), Err(IndexError::UnsupportedVersion { found: 2, .. })));
+    }
+    assert!(matches!(load(&dir.path().join("missing.idx")), Err(IndexError::Io { .. })));
+}
+
+#[test]
+fn tune_effort_finds_the_smallest_effort_meeting_the_target() {
+    let dim = 16;
+    let (data, queries) = clustered(5000, 100, dim, 31);
+    let truth = build(&IndexParams::Exact, &ids(5000), &data, dim).unwrap().search_batch(&queries, 20).unwrap();
+    for params in all_kinds() {
+        let mut ix = build(&params, &ids(5000), &data, dim).unwrap();
+        let (effort, r) = needle_index::tune_effort(ix.as_mut(), &queries, &truth, 20, 0.97).unwrap();
+        assert!(r >= 0.97, "{params}: tuned recall {r}");
+        let got = ix.search_batch(&queries, 20).unwrap();
+        assert!((recall_at_k(&truth, &got, 20) - r).abs() < 1e-9, "{params}: effort was not kept");
+        if effort > 1 && params.kind() == IndexKind::Ivf {
+            ix.set_search_effort(effort / 2);
+            let lower = recall_at_k(&truth, &ix.search_batch(&queries, 20).unwrap(), 20);
+            assert!(lower < 0.97, "{params}: effort {} already reached {lower}", effort / 2);
+        }
+    }
+    let mut ix = build(&IndexParams::Exact, &ids(5000), &data, dim).unwrap();
+    assert!(needle_index::tune_effort(ix.as_mut(), &queries, &truth[..3], 20, 0.9).is_ok(), "exact needs no tuning");
+}

@@ -1,0 +1,564 @@
+//! Deep two-tower models: YouTubeDNN and DSSM share this implementation.
+//!
+//! User tower: `[mean of history embeddings ‖ categorical user features ‖ example age]` → MLP
+//! (ReLU between layers, linear last) → L2 norm. Item tower: `[item id embedding ‖ mean of each
+//! item feature's embeddings]` → optional MLP → L2 norm.
+//!
+//! - YouTubeDNN: the history reads the item table itself (`history = shared`), no item MLP.
+//! - DSSM: two independent towers — the history has its own table (`history = own`) and the
+//!   item side has its own MLP.
+
+use crate::embedding::{bag_mean_backward, bag_mean_forward, Embedding};
+use crate::layers::{l2norm_backward, l2norm_forward};
+use crate::mlp::{Mlp, MlpActs};
+use crate::rng::Rng;
+use crate::tower::{Grads, NamedTensor, Tower, UserBatch};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// One categorical input: its name, table rows (vocabulary size incl. padding) and width.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CategoricalSpec {
+    pub name: String,
+    pub rows: usize,
+    pub dim: usize,
+}
+
+/// Where the user tower's history embeddings come from.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum HistoryMode {
+    /// The item tower's own id table (YouTubeDNN).
+    Shared,
+    /// A separate table, so the towers share no parameters (DSSM).
+    Own,
+    /// No history input.
+    Off,
+}
+
+/// Everything that fixes the shapes of a [`DeepTwoTower`]; saved with the model.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DeepSpec {
+    /// Item table rows, including the padding row 0.
+    pub items: usize,
+    /// Width of the item id (and history) embeddings.
+    pub dim: usize,
+    /// Longest history the user tower reads (newest items kept).
+    pub max_seq_len: usize,
+    pub history: HistoryMode,
+    pub user_features: Vec<CategoricalSpec>,
+    /// Item features pooled (mean) into the item tower's input, e.g. genres, year.
+    pub item_features: Vec<CategoricalSpec>,
+    /// Hidden widths of the user MLP.
+    pub hidden: Vec<usize>,
+    /// Hidden widths of the item MLP; `None` means no item MLP (the raw item input is the vector).
+    pub item_hidden: Option<Vec<usize>>,
+    /// Width of both towers' outputs.
+    pub out_dim: usize,
+    pub example_age: bool,
+}
+
+impl DeepSpec {
+    /// Width of the item tower's input.
+    pub fn item_input_dim(&self) -> usize {
+        self.dim + self.item_features.iter().map(|f| f.dim).sum::<usize>()
+    }
+
+    /// Width of the user MLP input.
+    pub fn user_input_dim(&self) -> usize {
+        let hist = if self.history == HistoryMode::Off { 0 } else { self.dim };
+        hist + self.user_features.iter().map(|f| f.dim).sum::<usize>() + usize::from(self.example_age)
+    }
+
+    /// Checks the shapes fit together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.item_hidden.is_none() && self.out_dim != self.item_input_dim() {
+            return Err(format!(
+                "without an item MLP the output width must equal the item input width ({}), not {}",
+                self.item_input_dim(),
+                self.out_dim
+            ));
+        }
+        if self.user_input_dim() == 0 {
+            return Err("the user tower has no input (no history, no features, no example age)".into());
+        }
+        Ok(())
+    }
+}
+
+/// Item → values of one pooled item feature, as CSR over item rows.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ItemBags {
+    pub offsets: Vec<u32>,
+    pub keys: Vec<u32>,
+}
+
+impl ItemBags {
+    pub fn of(&self, item: u32) -> &[u32] {
+        let i = item as usize;
+        match (self.offsets.get(i), self.offsets.get(i + 1)) {
+            (Some(&a), Some(&b)) if a <= b && (b as usize) <= self.keys.len() => &self.keys[a as usize..b as usize],
+            _ => &[],
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DeepTwoTower {
+    pub spec: DeepSpec,
+    pub item_emb: Embedding,
+    /// Only with [`HistoryMode::Own`].
+    pub hist_emb: Option<Embedding>,
+    pub user_feat_emb: Vec<Embedding>,
+    pub item_feat_emb: Vec<Embedding>,
+    /// One per item feature.
+    pub item_bags: Vec<ItemBags>,
+    pub user_mlp: Mlp,
+    pub item_mlp: Option<Mlp>,
+}
+
+#[derive(Default)]
+pub struct UserActs {
+    x0: Vec<f32>,
+    mlp: MlpActs,
+    norms: Vec<f32>,
+    out: Vec<f32>,
+    dz: Vec<f32>,
+}
+
+#[derive(Default)]
+pub struct ItemActs {
+    raw: Vec<f32>,
+    mlp: MlpActs,
+    norms: Vec<f32>,
+    out: Vec<f32>,
+    dz: Vec<f32>,
+}
+
+const ROWS_PER_TASK: usize = 128;
+
+fn new_table(rows: usize, dim: usize, rng: &mut Rng) -> Embedding {
+    Embedding::new(rows, dim, 1.0 / (dim as f32).sqrt(), rng)
+}
+
+impl DeepTwoTower {
+    pub fn new(spec: DeepSpec, item_bags: Vec<ItemBags>, rng: &mut Rng) -> Result<Self, String> {
+        spec.validate()?;
+        if item_bags.len() != spec.item_features.len() {
+            return Err(format!("{} item features but {} bag lists", spec.item_features.len(), item_bags.len()));
+        }
+        let item_emb = new_table(spec.items, spec.dim, rng);
+        let hist_emb = (spec.history == HistoryMode::Own).then(|| new_table(spec.items, spec.dim, rng));
+        let user_feat_emb = spec.user_features.iter().map(|f| new_table(f.rows, f.dim, rng)).collect();
+        let item_feat_emb = spec.item_features.iter().map(|f| new_table(f.rows, f.dim, rng)).collect();
+        let widths: Vec<usize> = spec.hidden.iter().copied().chain([spec.out_dim]).collect();
+        let user_mlp = Mlp::new(spec.user_input_dim(), &widths, rng);
+        let item_mlp = spec.item_hidden.as_ref().map(|h| {
+            let widths: Vec<usize> = h.iter().copied().chain([spec.out_dim]).collect();
+            Mlp::new(spec.item_input_dim(), &widths, rng)
+        });
+        Ok(DeepTwoTower { spec, item_emb, hist_emb, user_feat_emb, item_feat_emb, item_bags, user_mlp, item_mlp })
+    }
+
+    fn hist_table(&self) -> Option<&Embedding> {
+        match self.spec.history {
+            HistoryMode::Shared => Some(&self.item_emb),
+            HistoryMode::Own => self.hist_emb.as_ref(),
+            HistoryMode::Off => None,
+        }
+    }
+
+    /// Index of the history table among the gradient tables.
+    fn hist_grad(&self) -> usize {
+        if self.spec.history == HistoryMode::Own {
+            1
+        } else {
+            0
+        }
+    }
+
+    fn first_user_feat_grad(&self) -> usize {
+        1 + usize::from(self.hist_emb.is_some())
+    }
+
+    /// Builds the MLP input rows: `[mean history ‖ features ‖ age]`.
+    fn assemble_input(&self, batch: &UserBatch, x0: &mut [f32]) {
+        let w = self.spec.user_input_dim();
+        let l = self.spec.max_seq_len;
+        let nf = self.spec.user_features.len();
+        let hist = self.hist_table();
+        x0[..batch.n * w].par_chunks_mut(w * ROWS_PER_TASK).enumerate().for_each(|(ci, chunk)| {
+            let r0 = ci * ROWS_PER_TASK;
+            let rows = chunk.len() / w;
+            let mut off = 0;
+            if let Some(table) = hist {
+                bag_mean_forward(
+                    chunk,
+                    w,
+                    table,
+                    &batch.hist[r0 * l..(r0 + rows) * l],
+                    &batch.hist_len[r0..r0 + rows],
+                    l,
+                );
+                off = table.dim;
+            }
+            for k in 0..rows {
+                let row = &mut chunk[k * w..(k + 1) * w];
+                let mut o = off;
+                for (f, table) in self.user_feat_emb.iter().enumerate() {
+                    let id = batch.feats[(r0 + k) * nf + f];
+                    row[o..o + table.dim].copy_from_slice(table.row(id));
+                    o += table.dim;
+                }
+                if self.spec.example_age {
+                    row[o] = batch.age[r0 + k];
+                }
+            }
+        });
+    }
+}
+
+/// Item tower input rows `[item id embedding ‖ mean of each item feature's embeddings]`.
+pub fn pool_item_inputs(
+    item_emb: &Embedding,
+    feat_emb: &[Embedding],
+    bags: &[ItemBags],
+    ids: &[u32],
+    raw: &mut Vec<f32>,
+) {
+    let de = item_emb.dim;
+    let di = de + feat_emb.iter().map(|e| e.dim).sum::<usize>();
+    raw.resize(ids.len() * di, 0.0);
+    raw.par_chunks_mut(di * ROWS_PER_TASK).zip(ids.par_chunks(ROWS_PER_TASK)).for_each(|(raw, ids)| {
+        for (row, &id) in raw.chunks_exact_mut(di).zip(ids) {
+            row[..de].copy_from_slice(item_emb.row(id));
+            let mut off = de;
+            for (fe, bags) in feat_emb.iter().zip(bags) {
+                let out = &mut row[off..off + fe.dim];
+                out.fill(0.0);
+                let bag = bags.of(id);
+                for &k in bag {
+                    for (a, v) in out.iter_mut().zip(fe.row(k)) {
+                        *a += v;
+                    }
+                }
+                if !bag.is_empty() {
+                    let inv = 1.0 / bag.len() as f32;
+                    out.iter_mut().for_each(|a| *a *= inv);
+                }
+                off += fe.dim;
+            }
+        }
+    });
+}
+
+/// Gradient of [`pool_item_inputs`]: table 0 gets the id part, tables `feat0..` the features.
+#[allow(clippy::too_many_arguments)]
+pub fn scatter_item_input_grads(
+    feat_emb: &[Embedding],
+    bags: &[ItemBags],
+    ids: &[u32],
+    draw: &[f32],
+    de: usize,
+    di: usize,
+    tables: &mut [crate::embedding::SparseGrad],
+    feat0: usize,
+) {
+    let (item_grad, rest) = tables.split_at_mut(1);
+    for (row, &id) in draw.chunks_exact(di).zip(ids) {
+        if id == 0 {
+            continue;
+        }
+        item_grad[0].add(id, 1.0, &row[..de]);
+        let mut off = de;
+        for (g, (fe, bags)) in feat_emb.iter().zip(bags).enumerate() {
+            let bag = bags.of(id);
+            if !bag.is_empty() {
+                let inv = 1.0 / bag.len() as f32;
+                for &k in bag {
+                    rest[feat0 - 1 + g].add(k, inv, &row[off..off + fe.dim]);
+                }
+            }
+            off += fe.dim;
+        }
+    }
+}
+
+impl Tower for DeepTwoTower {
+    type UserActs = UserActs;
+    type ItemActs = ItemActs;
+
+    fn out_dim(&self) -> usize {
+        self.spec.out_dim
+    }
+    fn item_rows(&self) -> usize {
+        self.spec.items
+    }
+    fn max_seq_len(&self) -> usize {
+        self.spec.max_seq_len
+    }
+    fn n_user_features(&self) -> usize {
+        self.spec.user_features.len()
+    }
+
+    fn user_forward(&self, batch: &UserBatch, acts: &mut UserActs) {
+        let n = batch.n;
+        acts.x0.resize(n * self.spec.user_input_dim(), 0.0);
+        self.assemble_input(batch, &mut acts.x0);
+        let z = self.user_mlp.forward(&acts.x0, n, &mut acts.mlp);
+        let d = self.spec.out_dim;
+        acts.out.resize(n * d, 0.0);
+        acts.norms.resize(n, 0.0);
+        l2norm_forward(&mut acts.out, &mut acts.norms, z, d);
+    }
+
+    fn user_out<'a>(&self, acts: &'a UserActs) -> &'a [f32] {
+        &acts.out
+    }
+
+    fn user_backward(&self, batch: &UserBatch, acts: &mut UserActs, dout: &[f32], grads: &mut Grads) {
+        let n = batch.n;
+        let d = self.spec.out_dim;
+        acts.dz.resize(n * d, 0.0);
+        l2norm_backward(&mut acts.dz, dout, &acts.out, &acts.norms, d);
+        let n_user_dense = 2 * self.user_mlp.layers.len();
+        let dx0 = self.user_mlp.backward(&acts.x0, n, &mut acts.mlp, &acts.dz, &mut grads.dense[..n_user_dense]);
+        let w = self.spec.user_input_dim();
+        let l = self.spec.max_seq_len;
+        let mut off = 0;
+        if self.spec.history != HistoryMode::Off {
+            bag_mean_backward(&mut grads.tables[self.hist_grad()], dx0, w, &batch.hist, &batch.hist_len[..n], l);
+            off = self.spec.dim;
+        }
+        let nf = self.spec.user_features.len();
+        let g0 = self.first_user_feat_grad();
+        for f in 0..nf {
+            let g = &mut grads.tables[g0 + f];
+            let fd = g.dim;
+            for b in 0..n {
+                let id = batch.feats[b * nf + f];
+                if id != 0 {
+                    g.add(id, 1.0, &dx0[b * w + off..b * w + off + fd]);
+                }
+            }
+            off += fd;
+        }
+    }
+
+    fn item_forward(&self, ids: &[u32], acts: &mut ItemActs) {
+        let m = ids.len();
+        pool_item_inputs(&self.item_emb, &self.item_feat_emb, &self.item_bags, ids, &mut acts.raw);
+        let d = self.spec.out_dim;
+        let z = match &self.item_mlp {
+            Some(mlp) => mlp.forward(&acts.raw, m, &mut acts.mlp),
+            None => &acts.raw[..],
+        };
+        acts.out.resize(m * d, 0.0);
+        acts.norms.resize(m, 0.0);
+        l2norm_forward(&mut acts.out, &mut acts.norms, z, d);
+    }
+
+    fn item_out<'a>(&self, acts: &'a ItemActs) -> &'a [f32] {
+        &acts.out
+    }
+
+    fn item_backward(&self, ids: &[u32], acts: &mut ItemActs, dout: &[f32], grads: &mut Grads) {
+        let m = ids.len();
+        let d = self.spec.out_dim;
+        let di = self.spec.item_input_dim();
+        let de = self.spec.dim;
+        acts.dz.resize(m * d, 0.0);
+        l2norm_backward(&mut acts.dz, dout, &acts.out, &acts.norms, d);
+        let n_user_dense = 2 * self.user_mlp.layers.len();
+        let draw: &[f32] = match &self.item_mlp {
+            Some(mlp) => mlp.backward(&acts.raw, m, &mut acts.mlp, &acts.dz, &mut grads.dense[n_user_dense..]),
+            None => &acts.dz,
+        };
+        let g_feat0 = self.first_user_feat_grad() + self.spec.user_features.len();
+        scatter_item_input_grads(&self.item_feat_emb, &self.item_bags, ids, draw, de, di, &mut grads.tables, g_feat0);
+    }
+
+    fn params_mut(&mut self) -> (Vec<&mut Embedding>, Vec<&mut Vec<f32>>) {
+        let mut tables = vec![&mut self.item_emb];
+        tables.extend(self.hist_emb.as_mut());
+        tables.extend(self.user_feat_emb.iter_mut());
+        tables.extend(self.item_feat_emb.iter_mut());
+        let mut dense: Vec<&mut Vec<f32>> = self.user_mlp.dense_mut().collect();
+        if let Some(mlp) = &mut self.item_mlp {
+            dense.extend(mlp.dense_mut());
+        }
+        (tables, dense)
+    }
+
+    fn new_grads(&self) -> Grads {
+        let mut tables = vec![&self.item_emb];
+        tables.extend(self.hist_emb.as_ref());
+        tables.extend(self.user_feat_emb.iter());
+        tables.extend(self.item_feat_emb.iter());
+        let mut dense = self.user_mlp.dense_sizes();
+        if let Some(mlp) = &self.item_mlp {
+            dense.extend(mlp.dense_sizes());
+        }
+        Grads::for_params(&tables, &dense)
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor<'_>> {
+        fn e(name: String, t: &Embedding) -> NamedTensor<'_> {
+            (name, vec![t.rows, t.dim], &t.weights[..])
+        }
+        let mut out = vec![e("item_emb".into(), &self.item_emb)];
+        if let Some(h) = &self.hist_emb {
+            out.push(e("hist_emb".into(), h));
+        }
+        for (f, t) in self.spec.user_features.iter().zip(&self.user_feat_emb) {
+            out.push(e(format!("user_feat.{}", f.name), t));
+        }
+        for (f, t) in self.spec.item_features.iter().zip(&self.item_feat_emb) {
+            out.push(e(format!("item_feat.{}", f.name), t));
+        }
+        out.extend(self.user_mlp.tensors("user_mlp"));
+        if let Some(mlp) = &self.item_mlp {
+            out.extend(mlp.tensors("item_mlp"));
+        }
+        out
+    }
+
+    fn index_tensors(&self) -> Vec<(String, &[u32])> {
+        let mut out = Vec::new();
+        for (f, b) in self.spec.item_features.iter().zip(&self.item_bags) {
+            out.push((format!("item_bags.{}.offsets", f.name), &b.offsets[..]));
+            out.push((format!("item_bags.{}.keys", f.name), &b.keys[..]));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedding::SparseGrad;
+    use crate::tower::tensors_mut;
+
+    fn spec(history: HistoryMode, item_hidden: Option<Vec<usize>>) -> DeepSpec {
+        let item_features = vec![
+            CategoricalSpec { name: "genres".into(), rows: 4, dim: 2 },
+            CategoricalSpec { name: "year".into(), rows: 3, dim: 2 },
+        ];
+        let out_dim = if item_hidden.is_some() { 4 } else { 3 + 4 };
+        DeepSpec {
+            items: 6,
+            dim: 3,
+            max_seq_len: 4,
+            history,
+            user_features: vec![CategoricalSpec { name: "g".into(), rows: 3, dim: 2 }],
+            item_features,
+            hidden: vec![7],
+            item_hidden,
+            out_dim,
+            example_age: true,
+        }
+    }
+
+    fn tiny(history: HistoryMode, item_hidden: Option<Vec<usize>>, seed: u64) -> (DeepTwoTower, UserBatch, Vec<u32>) {
+        let bags = vec![
+            ItemBags { offsets: vec![0, 0, 1, 3, 3, 4, 6], keys: vec![1, 2, 3, 1, 1, 3] },
+            ItemBags { offsets: vec![0, 0, 1, 2, 3, 4, 5], keys: vec![1, 2, 1, 2, 1] },
+        ];
+        let model = DeepTwoTower::new(spec(history, item_hidden), bags, &mut Rng::new(seed)).unwrap();
+        let mut batch = UserBatch::default();
+        batch.reset(3, 4, 1);
+        batch.hist.copy_from_slice(&[1, 2, 3, 0, 5, 5, 0, 0, 4, 0, 0, 0]);
+        batch.hist_len.copy_from_slice(&[3, 2, 1]);
+        batch.feats.copy_from_slice(&[1, 2, 0]);
+        batch.age.copy_from_slice(&[0.1, 0.5, 0.9]);
+        (model, batch, vec![2, 3, 5, 1])
+    }
+
+    /// loss = Σ r ⊙ user vectors + Σ q ⊙ item vectors; returns (loss, grads).
+    fn loss_and_grads(model: &DeepTwoTower, batch: &UserBatch, items: &[u32], r: &[f32], q: &[f32]) -> (f64, Grads) {
+        let (mut ua, mut ia) = (UserActs::default(), ItemActs::default());
+        model.user_forward(batch, &mut ua);
+        model.item_forward(items, &mut ia);
+        let loss = ua.out.iter().zip(r).chain(ia.out.iter().zip(q)).map(|(a, b)| (a * b) as f64).sum();
+        let mut g = model.new_grads();
+        model.user_backward(batch, &mut ua, r, &mut g);
+        model.item_backward(items, &mut ia, q, &mut g);
+        (loss, g)
+    }
+
+    fn check_gradients(history: HistoryMode, item_hidden: Option<Vec<usize>>, seed: u64) {
+        let (mut model, batch, items) = tiny(history, item_hidden, seed);
+        let d = model.spec.out_dim;
+        let mut rng = Rng::new(12);
+        let r: Vec<f32> = (0..batch.n * d).map(|_| rng.normal()).collect();
+        let q: Vec<f32> = (0..items.len() * d).map(|_| rng.normal()).collect();
+        let (_, g) = loss_and_grads(&model, &batch, &items, &r, &q);
+        let dense_of = |sg: &SparseGrad, rows: usize| {
+            let mut v = vec![0.0f32; rows * sg.dim];
+            for (s, &row) in sg.rows.iter().enumerate() {
+                v[row as usize * sg.dim..(row as usize + 1) * sg.dim]
+                    .copy_from_slice(&sg.grads[s * sg.dim..(s + 1) * sg.dim]);
+            }
+            v
+        };
+        let names: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
+        let mut analytic: Vec<Vec<f32>> =
+            g.tables.iter().zip(&names).map(|(sg, (_, shape))| dense_of(sg, shape[0])).collect();
+        analytic.extend(g.dense.iter().cloned());
+        assert_eq!(analytic.len(), names.len());
+        for (t, analytic_t) in analytic.iter().enumerate() {
+            for (i, &ana) in analytic_t.iter().enumerate() {
+                let orig = tensors_mut(&mut model)[t][i];
+                tensors_mut(&mut model)[t][i] = orig + 1e-2;
+                let up = loss_and_grads(&model, &batch, &items, &r, &q).0;
+                tensors_mut(&mut model)[t][i] = orig - 1e-2;
+                let down = loss_and_grads(&model, &batch, &items, &r, &q).0;
+                tensors_mut(&mut model)[t][i] = orig;
+                let num = ((up - down) / 2e-2) as f32;
+                // Row 0 of a table is padding: it gets no gradient by design.
+                if t < g.tables.len() && i < names[t].1[1] {
+                    assert_eq!(ana, 0.0, "{} padding row", names[t].0);
+                    continue;
+                }
+                assert!(
+                    (num - ana).abs() < 2e-2 * (1.0 + num.abs()),
+                    "{}[{i}]: numeric {num} vs analytic {ana}",
+                    names[t].0
+                );
+            }
+        }
+    }
+
+    // Finite differences are meaningless where a ReLU input lies within the step of zero; the
+    // seeds below keep every hidden pre-activation clear of the kink.
+    #[test]
+    fn youtubednn_gradients_match_finite_differences() {
+        check_gradients(HistoryMode::Shared, None, 5);
+    }
+
+    #[test]
+    fn dssm_gradients_match_finite_differences() {
+        check_gradients(HistoryMode::Own, Some(vec![5]), 5);
+    }
+
+    #[test]
+    fn outputs_are_unit_length_and_bad_shapes_are_rejected() {
+        for (h, ih) in [(HistoryMode::Shared, None), (HistoryMode::Own, Some(vec![5]))] {
+            let (model, batch, _) = tiny(h, ih, 3);
+            let mut ua = UserActs::default();
+            model.user_forward(&batch, &mut ua);
+            let d = model.spec.out_dim;
+            let mut unit = 0;
+            for row in ua.out.chunks(d).chain(model.all_item_vectors().chunks(d).skip(1)) {
+                let n: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+                // An all-zero pre-activation (every ReLU dead, zero bias) has no direction and stays zero.
+                assert!((n - 1.0).abs() < 1e-5 || n == 0.0, "{n}");
+                unit += usize::from(n > 0.0);
+            }
+            assert!(unit >= 6, "only {unit} of 8 vectors are non-zero");
+        }
+        let mut bad = spec(HistoryMode::Shared, None);
+        bad.out_dim = 5;
+        assert!(DeepTwoTower::new(bad, vec![ItemBags::default(); 2], &mut Rng::new(1)).is_err());
+    }
+}

@@ -1,0 +1,201 @@
+//! `needle export`, `needle index build|eval` and `needle eval --ann`: the offline side from a
+//! trained run to a searchable item index, and how faithful that index is.
+
+use crate::ann::write_npy_f32;
+use anyhow::{bail, Context, Result};
+use needle_eval::{format_table, score, Lists};
+use needle_index::{Index, IndexParams};
+use needle_train::model::Model;
+use needle_train::run::{load_run, LoadedRun};
+use needle_train::{Prepared, Stage};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+const INDEX_FILE: &str = "index.bin";
+const INDEX_INFO: &str = "index.toml";
+
+/// What `index.toml` records next to `index.bin`.
+#[derive(Serialize, Deserialize)]
+struct IndexInfo {
+    params: String,
+    items: usize,
+    dim: usize,
+    build_seconds: f64,
+    memory_bytes: usize,
+}
+
+/// Item vectors of the real items (rows 1..n; row 0 is padding) and their row ids.
+fn item_rows(model: &Model) -> (Vec<u32>, Vec<f32>, usize) {
+    let d = model.dim();
+    let all = model.item_vectors();
+    let n = all.len() / d;
+    ((1..n as u32).collect(), all[d..].to_vec(), d)
+}
+
+fn write_tsv(path: &Path, header: &str, rows: impl Iterator<Item = String>) -> Result<()> {
+    let f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    writeln!(w, "{header}")?;
+    for r in rows {
+        writeln!(w, "{r}")?;
+    }
+    w.flush().with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn export(run: &Path, data_dir: Option<&Path>, out: &Path) -> Result<()> {
+    let r = load_run(run, data_dir)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let (ids, vecs, d) = item_rows(&r.model);
+    write_npy_f32(&out.join("item_embeddings.npy"), &vecs, &[ids.len(), d])?;
+    let items = &r.prepared.items;
+    write_tsv(
+        &out.join("items.tsv"),
+        "row\titem_id",
+        ids.iter().enumerate().map(|(i, &row)| format!("{i}\t{}", items.raw(row).unwrap_or(""))),
+    )?;
+    // Every known user, from the known history (train + validation).
+    let users: Vec<usize> = (0..r.prepared.n_users()).collect();
+    let uv = r.model.user_vectors(&r.prepared, &users, Stage::Test);
+    write_npy_f32(&out.join("user_embeddings.npy"), &uv, &[users.len(), d])?;
+    write_tsv(
+        &out.join("users.tsv"),
+        "row\tuser_id",
+        users.iter().map(|&u| format!("{u}\t{}", r.prepared.user_raw[u])),
+    )?;
+    eprintln!("exported {} items and {} users (dim {d}) to {}", ids.len(), users.len(), out.display());
+    Ok(())
+}
+
+pub fn build(run: &Path, data_dir: Option<&Path>, params: &IndexParams) -> Result<()> {
+    let r = load_run(run, data_dir)?;
+    let (ids, vecs, d) = item_rows(&r.model);
+    let t0 = Instant::now();
+    let index = needle_index::build(params, &ids, &vecs, d)?;
+    let secs = t0.elapsed().as_secs_f64();
+    index.save(&run.join(INDEX_FILE))?;
+    let info = IndexInfo {
+        params: index.params().to_string(),
+        items: index.len(),
+        dim: d,
+        build_seconds: secs,
+        memory_bytes: index.memory_bytes(),
+    };
+    let path = run.join(INDEX_INFO);
+    std::fs::write(&path, toml::to_string(&info)?).with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!(
+        "built {} over {} items in {secs:.2}s ({:.1} MB); saved {}",
+        info.params,
+        info.items,
+        info.memory_bytes as f64 / 1e6,
+        run.join(INDEX_FILE).display()
+    );
+    Ok(())
+}
+
+fn load_index(run: &Path, model_dim: usize) -> Result<(Box<dyn Index>, IndexInfo)> {
+    let path = run.join(INDEX_FILE);
+    if !path.exists() {
+        bail!("{} has no index; build one with `needle index build --run {}`", run.display(), run.display());
+    }
+    let index = needle_index::load(&path)?;
+    let info_path = run.join(INDEX_INFO);
+    let text = std::fs::read_to_string(&info_path).with_context(|| format!("cannot read {}", info_path.display()))?;
+    let info: IndexInfo = toml::from_str(&text).with_context(|| format!("{} is not valid", info_path.display()))?;
+    if index.dim() != model_dim {
+        bail!("the index has dimension {} but the model's vectors have {model_dim}; rebuild it", index.dim());
+    }
+    Ok((index, info))
+}
+
+/// The user's known items, to keep out of the results.
+fn seen(p: &Prepared, u: usize) -> Vec<u32> {
+    let mut s: Vec<u32> = p.history(u, Stage::Test).collect();
+    s.sort_unstable();
+    s
+}
+
+fn test_users(p: &Prepared) -> Vec<usize> {
+    (0..p.n_users()).filter(|&u| !p.test.get(u).is_empty()).collect()
+}
+
+pub fn eval(run: &Path, data_dir: Option<&Path>, ks: &[usize], effort: Option<usize>) -> Result<()> {
+    let r = load_run(run, data_dir)?;
+    let (mut index, info) = load_index(run, r.model.dim())?;
+    if let Some(e) = effort {
+        index.set_search_effort(e);
+    }
+    let kmax = ks.iter().copied().max().unwrap_or(100);
+    let users = test_users(&r.prepared);
+    let uv = r.model.user_vectors(&r.prepared, &users, Stage::Test);
+    let (ids, vecs, d) = item_rows(&r.model);
+    let exact = needle_index::build(&IndexParams::Exact, &ids, &vecs, d)?;
+    let truth = exact.search_batch(&uv, kmax)?;
+    // Single-threaded, one query at a time: the serving situation.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let (got, single_secs) = pool.install(|| -> Result<_> {
+        let mut out = Vec::with_capacity(users.len());
+        let mut buf = Vec::new();
+        let t0 = Instant::now();
+        for q in uv.chunks_exact(d) {
+            index.search(q, kmax, &mut buf)?;
+            out.push(buf.clone());
+        }
+        Ok((out, t0.elapsed().as_secs_f64()))
+    })?;
+    let t0 = Instant::now();
+    let batched = index.search_batch(&uv, kmax)?;
+    let batch_secs = t0.elapsed().as_secs_f64();
+    anyhow::ensure!(batched == got, "batched and one-at-a-time searches disagree");
+    println!(
+        "{} over {} items (dim {}), {} queries (test users' vectors)",
+        info.params,
+        info.items,
+        info.dim,
+        users.len()
+    );
+    println!("| metric | value |\n|---|---|");
+    for &k in ks {
+        println!("| recall@{k} vs exact | {:.4} |", needle_index::recall_at_k(&truth, &got, k));
+    }
+    let n = users.len() as f64;
+    println!("| queries/s, 1 thread, one at a time | {:.0} |", n / single_secs);
+    println!("| queries/s, batched, {} threads | {:.0} |", rayon::current_num_threads(), n / batch_secs);
+    println!("| build time s | {:.2} |", info.build_seconds);
+    println!("| index memory MB | {:.2} |", info.memory_bytes as f64 / 1e6);
+    Ok(())
+}
+
+/// Test metrics with retrieval through the run's index instead of the exact scan.
+pub fn eval_ann(r: &LoadedRun, ks: &[usize], keep_seen: bool) -> Result<needle_eval::Report> {
+    let (index, info) = load_index(&r.dir, r.model.dim())?;
+    let p = &r.prepared;
+    let kmax = ks.iter().copied().max().unwrap_or(100);
+    let users = test_users(p);
+    let uv = r.model.user_vectors(p, &users, Stage::Test);
+    let d = r.model.dim();
+    let mut ranked = vec![u32::MAX; users.len() * kmax];
+    let mut buf = Vec::new();
+    for (i, (&u, q)) in users.iter().zip(uv.chunks_exact(d)).enumerate() {
+        if keep_seen {
+            index.search(q, kmax, &mut buf)?;
+        } else {
+            let s = seen(p, u);
+            index.search_filtered(q, kmax, &|id| s.binary_search(&id).is_err(), &mut buf)?;
+        }
+        for (slot, &(id, _)) in ranked[i * kmax..(i + 1) * kmax].iter_mut().zip(&buf) {
+            *slot = id;
+        }
+    }
+    let mut targets = Lists::new();
+    for &u in &users {
+        targets.push(p.test.get(u).iter().copied());
+    }
+    eprintln!("through index {}", info.params);
+    Ok(score(&ranked, kmax, &targets, ks, p.items.len() - 1))
+}
+
+pub fn print_report(title: &str, report: &needle_eval::Report) {
+    println!("{title}:\n{}", format_table(report));
+}
