@@ -254,9 +254,9 @@ fn search_layer<S: Slot, F: Fn(u32) -> bool>(
     keep: &F,
     sc: &mut Scratch,
 ) {
-    let row_bytes = rows.row(0).len() * 4;
+    let dim = rows.row(0).len();
+    let row_bytes = dim * 4;
     let base = rows.as_slice().as_ptr();
-    let dim = row_bytes / 4;
     let Scratch { visited, pool, fresh, .. } = sc;
     let mut cur = 0;
     while cur < pool.items.len() {

@@ -7,22 +7,25 @@
 //! pool at once (the throughput view).
 
 use anyhow::{bail, ensure, Context, Result};
-use needle_index::{recall_at_k, synthetic_clustered, ExactIndex, HnswIndex, HnswParams, Index, IvfIndex, IvfParams};
+use needle_index::{
+    recall_at_k, synthetic_clustered, ExactIndex, HnswIndex, HnswParams, Index, IndexParams, IvfIndex, IvfParams,
+};
 use needle_model::rng::Rng;
 use rayon::prelude::*;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Instant;
 
-/// Noise norm relative to the unit centre in the synthetic set (see
-/// [`needle_index::synthetic_clustered`]): vectors sit ~45° from their centre.
+/// Default noise norm of the synthetic set relative to its unit centres (see
+/// [`needle_index::synthetic_clustered`]): vectors sit ~45° from their centre. 1.5 makes a much
+/// harder set (~56°), where every index needs several times the effort for the same recall.
 pub const SYNTH_SPREAD: f32 = 1.0;
 /// Top-K that recall and speed are measured at.
 const K: usize = 100;
 /// IVF `nprobe` values swept.
-const NPROBES: [usize; 6] = [4, 8, 16, 32, 64, 128];
+const NPROBES: [usize; 7] = [4, 8, 16, 32, 64, 128, 256];
 /// HNSW `ef_search` values swept (`ef` below `K` is raised to `K`).
-const EFS: [usize; 6] = [100, 128, 160, 200, 300, 500];
+const EFS: [usize; 7] = [100, 128, 160, 200, 300, 500, 800];
 
 /// Number of clusters in the synthetic set: `√items`, so clusters grow with the set as genres
 /// and niches do (1,000 clusters of ~1,000 items at 1M).
@@ -30,8 +33,9 @@ pub fn synth_clusters(items: usize) -> usize {
     ((items as f64).sqrt().round() as usize).max(1)
 }
 
-/// Benchmarks every index on `items` synthetic clustered vectors of dimension `dim` with
-/// `queries` held-out queries from the same distribution, and prints a markdown table.
+/// Benchmarks every index on `items` synthetic clustered vectors of dimension `dim` (`√items`
+/// clusters, noise norm `spread`, see [`SYNTH_SPREAD`]) with `queries` held-out queries from
+/// the same distribution, and prints a markdown table.
 /// With `write_npy`, also writes `base.npy` and `queries.npy` there for `bench/ann_reference.py`.
 pub fn bench_ann(
     items: usize,
@@ -181,13 +185,20 @@ fn run_table(base: &[f32], queries: &[f32], dim: usize) -> Result<()> {
     let mut ivf = IvfIndex::build(&IvfParams::default(), &ids, base, dim)?;
     let ivf_build = t.elapsed().as_secs_f64();
     let nlist = ivf.nlist();
+    let default_nprobe = match IndexParams::recommended() {
+        IndexParams::Ivf(p) => p.nprobe,
+        _ => 0,
+    };
     for nprobe in NPROBES.into_iter().filter(|&p| p <= nlist) {
         ivf.set_search_effort(nprobe);
         let (got, qps_single) = single_thread(&ivf, queries, dim, nq)?;
         let (_, qps_batch) = batched(&ivf, queries)?;
         print_row(&Row {
             index: "ivf-flat".into(),
-            params: format!("nlist={nlist} nprobe={nprobe}"),
+            params: format!(
+                "nlist={nlist} nprobe={nprobe}{}",
+                if nprobe == default_nprobe { " (default)" } else { "" }
+            ),
             build_s: ivf_build,
             memory_mb: ivf.memory_bytes() as f64 / 1e6,
             recall10: recall_at_k(&truth, &got, 10),

@@ -92,11 +92,15 @@ enum Cmd {
         #[arg(long)]
         keep_seen: bool,
     },
-    /// Print a markdown table of several evaluated runs (quality at K = 10/50/100, time, memory).
+    /// Print a markdown table of several evaluated runs (quality at K = 10/50/100, time, memory);
+    /// with --chart also draw their HR@K curves into a PNG.
     Report {
         /// Run directories, each with model.toml and metrics.json.
         #[arg(required = true)]
         runs: Vec<PathBuf>,
+        /// Also draw HR@K for K = 1..100 of every run (from RUN/hit_curve.json) into this PNG file.
+        #[arg(long, value_name = "PATH")]
+        chart: Option<PathBuf>,
     },
     /// Dataset utilities.
     Data {
@@ -258,8 +262,13 @@ fn run(cli: Cli) -> Result<()> {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             commands::recall(&run, data_dir.as_deref(), &users, k, keep_seen)
         }
-        Cmd::Report { runs } => {
-            print!("{}", report::render(&runs)?);
+        Cmd::Report { runs, chart } => {
+            let tables = report::render(&runs)?;
+            if let Some(path) = &chart {
+                report::chart(&runs, path)?;
+                eprintln!("chart written to {}", path.display());
+            }
+            print!("{tables}");
             Ok(())
         }
         Cmd::Data { cmd: DataCmd::Download { name, to } } => commands::download(&name, &to),
