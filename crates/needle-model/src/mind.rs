@@ -88,7 +88,6 @@ pub struct UserActs {
     active: Vec<usize>,
     dz_out: Vec<f32>,
     dout: Vec<f32>,
-    dcaps: Vec<f32>,
     duhat: Vec<f32>,
     de: Vec<f32>,
 }
@@ -150,15 +149,26 @@ impl MindTwoTower {
     }
 
     /// Dynamic routing for one user: fills `w` `[K × L]`, `z` and `caps` `[K × d]`.
-    fn route(&self, uhat: &[f32], len: usize, active: usize, w: &mut [f32], z: &mut [f32], caps: &mut [f32]) {
-        let (k, l, d) = (self.spec.interests, self.spec.max_seq_len, self.spec.dim);
+    /// `logits` is scratch space of `K × L` values.
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &self,
+        uhat: &[f32],
+        len: usize,
+        active: usize,
+        w: &mut [f32],
+        z: &mut [f32],
+        caps: &mut [f32],
+        logits: &mut [f32],
+    ) {
+        let (l, d) = (self.spec.max_seq_len, self.spec.dim);
         w.fill(0.0);
         z.fill(0.0);
         caps.fill(0.0);
+        logits.fill(0.0);
         if len == 0 {
             return;
         }
-        let mut logits = vec![0.0f32; k * l];
         for i in 0..active {
             logits[i * l..i * l + len].copy_from_slice(&self.routing_init[i * l..i * l + len]);
         }
@@ -241,26 +251,29 @@ impl Tower for MindTwoTower {
             .zip(acts.z.par_chunks_mut(k * d))
             .zip(acts.x.par_chunks_mut(k * win))
             .enumerate()
-            .for_each(|(b, ((w, z), x))| {
-                let mut caps = vec![0.0f32; k * d];
-                self.route(
-                    &acts.uhat[b * l * d..(b + 1) * l * d],
-                    batch.hist_len[b] as usize,
-                    acts.active[b],
-                    w,
-                    z,
-                    &mut caps,
-                );
-                for i in 0..k {
-                    let row = &mut x[i * win..(i + 1) * win];
-                    row[..d].copy_from_slice(&caps[i * d..(i + 1) * d]);
-                    let mut off = d;
-                    for (f, t) in self.user_feat_emb.iter().enumerate() {
-                        row[off..off + t.dim].copy_from_slice(t.row(batch.feats[b * nf + f]));
-                        off += t.dim;
+            .for_each_init(
+                || (vec![0.0f32; k * d], vec![0.0f32; k * l]),
+                |(caps, logits), (b, ((w, z), x))| {
+                    self.route(
+                        &acts.uhat[b * l * d..(b + 1) * l * d],
+                        batch.hist_len[b] as usize,
+                        acts.active[b],
+                        w,
+                        z,
+                        caps,
+                        logits,
+                    );
+                    for i in 0..k {
+                        let row = &mut x[i * win..(i + 1) * win];
+                        row[..d].copy_from_slice(&caps[i * d..(i + 1) * d]);
+                        let mut off = d;
+                        for (f, t) in self.user_feat_emb.iter().enumerate() {
+                            row[off..off + t.dim].copy_from_slice(t.row(batch.feats[b * nf + f]));
+                            off += t.dim;
+                        }
                     }
-                }
-            });
+                },
+            );
         let out_d = self.spec.out_dim();
         let zmlp = self.mlp.forward(&acts.x, n * k, &mut acts.mlp);
         acts.out.resize(n * k * out_d, 0.0);
@@ -316,24 +329,23 @@ impl Tower for MindTwoTower {
         // Capsules → routing sums → mapped behaviours (coupling weights held fixed).
         acts.duhat.clear();
         acts.duhat.resize(n * l * d, 0.0);
-        let mut dcaps = std::mem::take(&mut acts.dcaps);
-        dcaps.resize(d, 0.0);
-        let mut dz = vec![0.0f32; d];
-        for b in 0..n {
-            let len = batch.hist_len[b] as usize;
-            for i in 0..acts.active[b] {
-                let r = b * k + i;
-                dcaps.copy_from_slice(&dx[r * win..r * win + d]);
-                squash_backward(&mut dz, &dcaps, &acts.z[r * d..(r + 1) * d]);
-                for j in 0..len {
-                    let wij = acts.w[(b * k + i) * l + j];
-                    for (a, g) in acts.duhat[(b * l + j) * d..(b * l + j + 1) * d].iter_mut().zip(&dz) {
-                        *a += wij * g;
+        let (w, z, active) = (&acts.w, &acts.z, &acts.active);
+        acts.duhat.par_chunks_mut(l * d).enumerate().for_each_init(
+            || vec![0.0f32; d],
+            |dz, (b, duhat)| {
+                let len = batch.hist_len[b] as usize;
+                for i in 0..active[b] {
+                    let r = b * k + i;
+                    squash_backward(dz, &dx[r * win..r * win + d], &z[r * d..(r + 1) * d]);
+                    for j in 0..len {
+                        let wij = w[r * l + j];
+                        for (a, g) in duhat[j * d..(j + 1) * d].iter_mut().zip(dz.iter()) {
+                            *a += wij * g;
+                        }
                     }
                 }
-            }
-        }
-        acts.dcaps = dcaps;
+            },
+        );
         matmul(d, n * l, d, &acts.e, Layout::Transposed, &acts.duhat, Layout::Normal, &mut grads.dense[0], true);
         acts.de.resize(n * l * d, 0.0);
         matmul(n * l, d, d, &acts.duhat, Layout::Normal, &self.bilinear, Layout::Transposed, &mut acts.de, false);

@@ -185,9 +185,10 @@ fn run_table(base: &[f32], queries: &[f32], dim: usize) -> Result<()> {
     let mut ivf = IvfIndex::build(&IvfParams::default(), &ids, base, dim)?;
     let ivf_build = t.elapsed().as_secs_f64();
     let nlist = ivf.nlist();
-    let default_nprobe = match IndexParams::recommended() {
-        IndexParams::Ivf(p) => p.nprobe,
-        _ => 0,
+    let (default_nprobe, default_ef) = match IndexParams::recommended() {
+        IndexParams::Ivf(p) => (p.nprobe, 0),
+        IndexParams::Hnsw(p) => (0, p.ef_search),
+        IndexParams::Exact => (0, 0),
     };
     for nprobe in NPROBES.into_iter().filter(|&p| p <= nlist) {
         ivf.set_search_effort(nprobe);
@@ -220,7 +221,12 @@ fn run_table(base: &[f32], queries: &[f32], dim: usize) -> Result<()> {
         let (_, qps_batch) = batched(&hnsw, queries)?;
         print_row(&Row {
             index: "hnsw".into(),
-            params: format!("m={} ef_construction={} ef_search={ef}", hp.m, hp.ef_construction),
+            params: format!(
+                "m={} ef_construction={} ef_search={ef}{}",
+                hp.m,
+                hp.ef_construction,
+                if ef == default_ef { " (default)" } else { "" }
+            ),
             build_s: hnsw_build,
             memory_mb: hnsw.memory_bytes() as f64 / 1e6,
             recall10: recall_at_k(&truth, &got, 10),

@@ -5,7 +5,7 @@ use crate::ann::write_npy_f32;
 use anyhow::{bail, Context, Result};
 use needle_eval::{format_table, score, Lists};
 use needle_index::{Index, IndexParams};
-use needle_train::model::Model;
+use needle_train::model::{merge_interests, Model};
 use needle_train::run::{load_run, LoadedRun};
 use needle_train::{Prepared, Stage};
 use serde::{Deserialize, Serialize};
@@ -58,7 +58,10 @@ pub fn export(run: &Path, data_dir: Option<&Path>, out: &Path) -> Result<()> {
     // Every known user, from the known history (train + validation).
     let users: Vec<usize> = (0..r.prepared.n_users()).collect();
     let uv = r.model.user_vectors(&r.prepared, &users, Stage::Test);
-    write_npy_f32(&out.join("user_embeddings.npy"), &uv, &[users.len(), d])?;
+    let ni = r.model.interests();
+    // Multi-interest models export `[users, K, dim]`.
+    let shape = if ni > 1 { vec![users.len(), ni, d] } else { vec![users.len(), d] };
+    write_npy_f32(&out.join("user_embeddings.npy"), &uv, &shape)?;
     write_tsv(
         &out.join("users.tsv"),
         "row\tuser_id",
@@ -153,18 +156,19 @@ pub fn eval(run: &Path, data_dir: Option<&Path>, ks: &[usize], effort: Option<us
     if ids(&batched) != ids(&got) {
         eprintln!("note: batched and one-at-a-time results overlap {agree:.4} (ties broken differently)");
     }
+    let n_queries = uv.len() / d;
     println!(
-        "{} over {} items (dim {}), {} queries (test users' vectors)",
+        "{} over {} items (dim {}), {n_queries} queries (test users' vectors, {} per user)",
         info.params,
         info.items,
         info.dim,
-        users.len()
+        r.model.interests()
     );
     println!("| metric | value |\n|---|---|");
     for &k in ks {
         println!("| recall@{k} vs exact | {:.4} |", needle_index::recall_at_k(&truth, &got, k));
     }
-    let n = users.len() as f64;
+    let n = n_queries as f64;
     println!("| queries/s, 1 thread, one at a time | {:.0} |", n / single_secs);
     println!("| queries/s, batched, {} threads | {:.0} |", rayon::current_num_threads(), n / batch_secs);
     println!("| build time s | {:.2} |", info.build_seconds);
@@ -180,19 +184,25 @@ pub fn eval_ann(r: &LoadedRun, ks: &[usize], keep_seen: bool) -> Result<needle_e
     let users = test_users(p);
     let uv = r.model.user_vectors(p, &users, Stage::Test);
     let d = r.model.dim();
-    let mut ranked = vec![u32::MAX; users.len() * kmax];
+    let ni = r.model.interests();
+    let mut ids = vec![u32::MAX; users.len() * ni * kmax];
+    let mut scores = vec![f32::NEG_INFINITY; users.len() * ni * kmax];
     let mut buf = Vec::new();
-    for (i, (&u, q)) in users.iter().zip(uv.chunks_exact(d)).enumerate() {
+    // Each interest vector is one query; a multi-interest user's lists merge by score below.
+    for (q_i, q) in uv.chunks_exact(d).enumerate() {
+        let u = users[q_i / ni];
         if keep_seen {
             index.search(q, kmax, &mut buf)?;
         } else {
             let s = seen(p, u);
             index.search_filtered(q, kmax, &|id| s.binary_search(&id).is_err(), &mut buf)?;
         }
-        for (slot, &(id, _)) in ranked[i * kmax..(i + 1) * kmax].iter_mut().zip(&buf) {
-            *slot = id;
+        for (slot, &(id, score)) in buf.iter().enumerate().take(kmax) {
+            ids[q_i * kmax + slot] = id;
+            scores[q_i * kmax + slot] = score;
         }
     }
+    let ranked = if ni > 1 { merge_interests(&ids, &scores, users.len(), ni, kmax).0 } else { ids };
     let mut targets = Lists::new();
     for &u in &users {
         targets.push(p.test.get(u).iter().copied());

@@ -122,7 +122,8 @@ enum IndexCmd {
         run: PathBuf,
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// `hnsw` (default), `ivf` or `exact`.
+        /// `hnsw` (the default), `ivf` or `exact`; also a full spec such as
+        /// `ivf:nlist=256,nprobe=64`.
         #[arg(long, default_value = "hnsw")]
         kind: String,
         /// HNSW links per node.
