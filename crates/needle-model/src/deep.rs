@@ -12,7 +12,7 @@ use crate::embedding::{bag_mean_backward, bag_mean_forward, Embedding};
 use crate::layers::{l2norm_backward, l2norm_forward};
 use crate::mlp::{Mlp, MlpActs};
 use crate::rng::Rng;
-use crate::tower::{Grads, NamedTensor, Tower, UserBatch};
+use crate::tower::{table_tensor, Grads, NamedTensor, Tower, UserBatch};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -218,6 +218,16 @@ impl DeepTwoTower {
     }
 }
 
+/// The item → feature-value bags as named u32 tensors, saved with a model's parameters.
+pub fn bag_tensors<'a>(features: &[CategoricalSpec], bags: &'a [ItemBags]) -> Vec<(String, &'a [u32])> {
+    let mut out = Vec::new();
+    for (f, b) in features.iter().zip(bags) {
+        out.push((format!("item_bags.{}.offsets", f.name), &b.offsets[..]));
+        out.push((format!("item_bags.{}.keys", f.name), &b.keys[..]));
+    }
+    out
+}
+
 /// Item tower input rows `[item id embedding ‖ mean of each item feature's embeddings]`.
 pub fn pool_item_inputs(
     item_emb: &Embedding,
@@ -403,9 +413,7 @@ impl Tower for DeepTwoTower {
     }
 
     fn tensors(&self) -> Vec<NamedTensor<'_>> {
-        fn e(name: String, t: &Embedding) -> NamedTensor<'_> {
-            (name, vec![t.rows, t.dim], &t.weights[..])
-        }
+        let e = table_tensor;
         let mut out = vec![e("item_emb".into(), &self.item_emb)];
         if let Some(h) = &self.hist_emb {
             out.push(e("hist_emb".into(), h));
@@ -424,20 +432,13 @@ impl Tower for DeepTwoTower {
     }
 
     fn index_tensors(&self) -> Vec<(String, &[u32])> {
-        let mut out = Vec::new();
-        for (f, b) in self.spec.item_features.iter().zip(&self.item_bags) {
-            out.push((format!("item_bags.{}.offsets", f.name), &b.offsets[..]));
-            out.push((format!("item_bags.{}.keys", f.name), &b.keys[..]));
-        }
-        out
+        bag_tensors(&self.spec.item_features, &self.item_bags)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embedding::SparseGrad;
-    use crate::tower::tensors_mut;
 
     fn spec(history: HistoryMode, item_hidden: Option<Vec<usize>>) -> DeepSpec {
         let item_features = vec![
@@ -474,59 +475,9 @@ mod tests {
         (model, batch, vec![2, 3, 5, 1])
     }
 
-    /// loss = Σ r ⊙ user vectors + Σ q ⊙ item vectors; returns (loss, grads).
-    fn loss_and_grads(model: &DeepTwoTower, batch: &UserBatch, items: &[u32], r: &[f32], q: &[f32]) -> (f64, Grads) {
-        let (mut ua, mut ia) = (UserActs::default(), ItemActs::default());
-        model.user_forward(batch, &mut ua);
-        model.item_forward(items, &mut ia);
-        let loss = ua.out.iter().zip(r).chain(ia.out.iter().zip(q)).map(|(a, b)| (a * b) as f64).sum();
-        let mut g = model.new_grads();
-        model.user_backward(batch, &mut ua, r, &mut g);
-        model.item_backward(items, &mut ia, q, &mut g);
-        (loss, g)
-    }
-
     fn check_gradients(history: HistoryMode, item_hidden: Option<Vec<usize>>, seed: u64) {
         let (mut model, batch, items) = tiny(history, item_hidden, seed);
-        let d = model.spec.out_dim;
-        let mut rng = Rng::new(12);
-        let r: Vec<f32> = (0..batch.n * d).map(|_| rng.normal()).collect();
-        let q: Vec<f32> = (0..items.len() * d).map(|_| rng.normal()).collect();
-        let (_, g) = loss_and_grads(&model, &batch, &items, &r, &q);
-        let dense_of = |sg: &SparseGrad, rows: usize| {
-            let mut v = vec![0.0f32; rows * sg.dim];
-            for (s, &row) in sg.rows.iter().enumerate() {
-                v[row as usize * sg.dim..(row as usize + 1) * sg.dim]
-                    .copy_from_slice(&sg.grads[s * sg.dim..(s + 1) * sg.dim]);
-            }
-            v
-        };
-        let names: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
-        let mut analytic: Vec<Vec<f32>> =
-            g.tables.iter().zip(&names).map(|(sg, (_, shape))| dense_of(sg, shape[0])).collect();
-        analytic.extend(g.dense.iter().cloned());
-        assert_eq!(analytic.len(), names.len());
-        for (t, analytic_t) in analytic.iter().enumerate() {
-            for (i, &ana) in analytic_t.iter().enumerate() {
-                let orig = tensors_mut(&mut model)[t][i];
-                tensors_mut(&mut model)[t][i] = orig + 1e-2;
-                let up = loss_and_grads(&model, &batch, &items, &r, &q).0;
-                tensors_mut(&mut model)[t][i] = orig - 1e-2;
-                let down = loss_and_grads(&model, &batch, &items, &r, &q).0;
-                tensors_mut(&mut model)[t][i] = orig;
-                let num = ((up - down) / 2e-2) as f32;
-                // Row 0 of a table is padding: it gets no gradient by design.
-                if t < g.tables.len() && i < names[t].1[1] {
-                    assert_eq!(ana, 0.0, "{} padding row", names[t].0);
-                    continue;
-                }
-                assert!(
-                    (num - ana).abs() < 2e-2 * (1.0 + num.abs()),
-                    "{}[{i}]: numeric {num} vs analytic {ana}",
-                    names[t].0
-                );
-            }
-        }
+        crate::tower::testing::check_gradients(&mut model, &batch, &items, 1e-2, 2e-2);
     }
 
     // Finite differences are meaningless where a ReLU input lies within the step of zero; the

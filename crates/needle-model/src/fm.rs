@@ -10,10 +10,10 @@
 //! User features are one-hot (`x = 1`); the optional history bag and every pooled item feature
 //! spread a weight of 1 over their values (`x = 1/len`). The item id is one-hot.
 
-use crate::deep::{CategoricalSpec, ItemBags};
+use crate::deep::{bag_tensors, CategoricalSpec, ItemBags};
 use crate::embedding::Embedding;
 use crate::rng::Rng;
-use crate::tower::{Grads, NamedTensor, Tower, UserBatch};
+use crate::tower::{table_tensor, Grads, NamedTensor, Tower, UserBatch};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -243,9 +243,7 @@ impl Tower for FmTwoTower {
     }
 
     fn tensors(&self) -> Vec<NamedTensor<'_>> {
-        fn e(name: String, t: &Embedding) -> NamedTensor<'_> {
-            (name, vec![t.rows, t.dim], &t.weights[..])
-        }
+        let e = table_tensor;
         let mut out = vec![e("item_v".into(), &self.item_v), e("item_w".into(), &self.item_w)];
         if let Some(h) = &self.hist_v {
             out.push(e("hist_v".into(), h));
@@ -263,20 +261,13 @@ impl Tower for FmTwoTower {
     }
 
     fn index_tensors(&self) -> Vec<(String, &[u32])> {
-        let mut out = Vec::new();
-        for (f, b) in self.spec.item_features.iter().zip(&self.item_bags) {
-            out.push((format!("item_bags.{}.offsets", f.name), &b.offsets[..]));
-            out.push((format!("item_bags.{}.keys", f.name), &b.keys[..]));
-        }
-        out
+        bag_tensors(&self.spec.item_features, &self.item_bags)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embedding::SparseGrad;
-    use crate::tower::tensors_mut;
 
     fn tiny(seed: u64) -> (FmTwoTower, UserBatch, Vec<u32>) {
         let spec = FmSpec {
@@ -366,46 +357,6 @@ mod tests {
     #[test]
     fn fm_gradients_match_finite_differences() {
         let (mut m, batch, items) = tiny(4);
-        let d = m.spec.k + 1;
-        let mut rng = Rng::new(5);
-        let r: Vec<f32> = (0..batch.n * d).map(|_| rng.normal()).collect();
-        let q: Vec<f32> = (0..items.len() * d).map(|_| rng.normal()).collect();
-        let run = |m: &FmTwoTower| {
-            let (mut ua, mut ia) = (UserActs::default(), ItemActs::default());
-            m.user_forward(&batch, &mut ua);
-            m.item_forward(&items, &mut ia);
-            let loss: f64 = ua.out.iter().zip(&r).chain(ia.out.iter().zip(&q)).map(|(a, b)| (a * b) as f64).sum();
-            let mut g = m.new_grads();
-            m.user_backward(&batch, &mut ua, &r, &mut g);
-            m.item_backward(&items, &mut ia, &q, &mut g);
-            (loss, g)
-        };
-        let (_, g) = run(&m);
-        let names: Vec<(String, Vec<usize>)> = m.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
-        let dense = |sg: &SparseGrad, rows: usize| {
-            let mut v = vec![0.0f32; rows * sg.dim];
-            for (s, &row) in sg.rows.iter().enumerate() {
-                v[row as usize * sg.dim..(row as usize + 1) * sg.dim]
-                    .copy_from_slice(&sg.grads[s * sg.dim..(s + 1) * sg.dim]);
-            }
-            v
-        };
-        for (t, (name, shape)) in names.iter().enumerate() {
-            let ana = dense(&g.tables[t], shape[0]);
-            for (i, &a) in ana.iter().enumerate() {
-                let orig = tensors_mut(&mut m)[t][i];
-                tensors_mut(&mut m)[t][i] = orig + 1e-2;
-                let up = run(&m).0;
-                tensors_mut(&mut m)[t][i] = orig - 1e-2;
-                let down = run(&m).0;
-                tensors_mut(&mut m)[t][i] = orig;
-                let num = ((up - down) / 2e-2) as f32;
-                if i < shape[1] {
-                    assert_eq!(a, 0.0, "{name} padding row");
-                    continue;
-                }
-                assert!((num - a).abs() < 2e-2 * (1.0 + num.abs()), "{name}[{i}]: numeric {num} vs analytic {a}");
-            }
-        }
+        crate::tower::testing::check_gradients(&mut m, &batch, &items, 1e-2, 2e-2);
     }
 }

@@ -14,13 +14,13 @@
 //!
 //! Item tower: `[item embedding ‖ pooled item features]` → L2 norm, as in YouTubeDNN.
 
-use crate::deep::{pool_item_inputs, scatter_item_input_grads, CategoricalSpec, ItemBags};
+use crate::deep::{bag_tensors, pool_item_inputs, scatter_item_input_grads, CategoricalSpec, ItemBags};
 use crate::embedding::Embedding;
 use crate::gemm::{matmul, Layout};
 use crate::layers::{l2norm_backward, l2norm_forward};
 use crate::mlp::{Mlp, MlpActs};
 use crate::rng::Rng;
-use crate::tower::{Grads, NamedTensor, Tower, UserBatch};
+use crate::tower::{table_tensor, Grads, NamedTensor, Tower, UserBatch};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -407,9 +407,7 @@ impl Tower for MindTwoTower {
     }
 
     fn tensors(&self) -> Vec<NamedTensor<'_>> {
-        fn e(name: String, t: &Embedding) -> NamedTensor<'_> {
-            (name, vec![t.rows, t.dim], &t.weights[..])
-        }
+        let e = table_tensor;
         let mut out = vec![e("item_emb".into(), &self.item_emb)];
         for (f, t) in self.spec.user_features.iter().zip(&self.user_feat_emb) {
             out.push(e(format!("user_feat.{}", f.name), t));
@@ -423,20 +421,13 @@ impl Tower for MindTwoTower {
     }
 
     fn index_tensors(&self) -> Vec<(String, &[u32])> {
-        let mut out = Vec::new();
-        for (f, b) in self.spec.item_features.iter().zip(&self.item_bags) {
-            out.push((format!("item_bags.{}.offsets", f.name), &b.offsets[..]));
-            out.push((format!("item_bags.{}.keys", f.name), &b.keys[..]));
-        }
-        out
+        bag_tensors(&self.spec.item_features, &self.item_bags)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embedding::SparseGrad;
-    use crate::tower::tensors_mut;
 
     fn tiny(dynamic_k: bool) -> (MindTwoTower, UserBatch) {
         let spec = MindSpec {
@@ -510,55 +501,8 @@ mod tests {
     /// A small step keeps the differences from crossing a ReLU kink.
     #[test]
     fn gradients_match_finite_differences_with_one_routing_iteration() {
-        const H: f32 = 1e-3;
         let (mut m, batch) = tiny(false);
         m.spec.routing_iters = 1;
-        let items = vec![2u32, 5, 6];
-        let d = m.out_dim();
-        let mut rng = Rng::new(3);
-        let r: Vec<f32> = (0..batch.n * 3 * d).map(|_| rng.normal()).collect();
-        let q: Vec<f32> = (0..items.len() * d).map(|_| rng.normal()).collect();
-        let run = |m: &MindTwoTower| {
-            let (mut ua, mut ia) = (UserActs::default(), ItemActs::default());
-            m.user_forward(&batch, &mut ua);
-            m.item_forward(&items, &mut ia);
-            let loss: f64 = ua.out.iter().zip(&r).chain(ia.out.iter().zip(&q)).map(|(a, b)| (a * b) as f64).sum();
-            let mut g = m.new_grads();
-            m.user_backward(&batch, &mut ua, &r, &mut g);
-            m.item_backward(&items, &mut ia, &q, &mut g);
-            (loss, g)
-        };
-        let (_, g) = run(&m);
-        let names: Vec<(String, Vec<usize>)> = m.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
-        let dense_of = |sg: &SparseGrad, rows: usize| {
-            let mut v = vec![0.0f32; rows * sg.dim];
-            for (s, &row) in sg.rows.iter().enumerate() {
-                v[row as usize * sg.dim..(row as usize + 1) * sg.dim]
-                    .copy_from_slice(&sg.grads[s * sg.dim..(s + 1) * sg.dim]);
-            }
-            v
-        };
-        let mut analytic: Vec<Vec<f32>> = g.tables.iter().zip(&names).map(|(sg, (_, s))| dense_of(sg, s[0])).collect();
-        analytic.extend(g.dense.iter().cloned());
-        for (t, ana_t) in analytic.iter().enumerate() {
-            for (i, &ana) in ana_t.iter().enumerate() {
-                let orig = tensors_mut(&mut m)[t][i];
-                tensors_mut(&mut m)[t][i] = orig + H;
-                let up = run(&m).0;
-                tensors_mut(&mut m)[t][i] = orig - H;
-                let down = run(&m).0;
-                tensors_mut(&mut m)[t][i] = orig;
-                let num = ((up - down) / (2.0 * H as f64)) as f32;
-                if t < g.tables.len() && i < names[t].1[1] {
-                    assert_eq!(ana, 0.0, "{} padding row", names[t].0);
-                    continue;
-                }
-                assert!(
-                    (num - ana).abs() < 3e-2 * (1.0 + num.abs()),
-                    "{}[{i}]: numeric {num} vs analytic {ana}",
-                    names[t].0
-                );
-            }
-        }
+        crate::tower::testing::check_gradients(&mut m, &batch, &[2, 5, 6], 1e-3, 3e-2);
     }
 }

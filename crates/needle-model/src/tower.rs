@@ -115,3 +115,70 @@ pub fn tensors_mut<T: Tower>(model: &mut T) -> Vec<&mut Vec<f32>> {
     let (tables, dense) = model.params_mut();
     tables.into_iter().map(|e| &mut e.weights).chain(dense).collect()
 }
+
+/// The `(name, shape, values)` view of an embedding table.
+pub fn table_tensor(name: String, t: &Embedding) -> NamedTensor<'_> {
+    (name, vec![t.rows, t.dim], &t.weights[..])
+}
+
+/// Finite-difference checks shared by every model's tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// `loss = Σ r ⊙ user outputs + Σ q ⊙ item outputs` and its analytic gradients.
+    fn loss_and_grads<T: Tower>(m: &T, batch: &UserBatch, items: &[u32], r: &[f32], q: &[f32]) -> (f64, Grads) {
+        let (mut ua, mut ia) = (T::UserActs::default(), T::ItemActs::default());
+        m.user_forward(batch, &mut ua);
+        m.item_forward(items, &mut ia);
+        let loss =
+            m.user_out(&ua).iter().zip(r).chain(m.item_out(&ia).iter().zip(q)).map(|(a, b)| (a * b) as f64).sum();
+        let mut g = m.new_grads();
+        m.user_backward(batch, &mut ua, r, &mut g);
+        m.item_backward(items, &mut ia, q, &mut g);
+        (loss, g)
+    }
+
+    /// Compares every parameter's analytic gradient with a central difference of step `h`;
+    /// row 0 of every table (padding) must get exactly zero.
+    pub fn check_gradients<T: Tower>(model: &mut T, batch: &UserBatch, items: &[u32], h: f32, tol: f32) {
+        let d = model.out_dim();
+        let mut rng = Rng::new(12);
+        let r: Vec<f32> = (0..batch.n * model.interests() * d).map(|_| rng.normal()).collect();
+        let q: Vec<f32> = (0..items.len() * d).map(|_| rng.normal()).collect();
+        let (_, g) = loss_and_grads(model, batch, items, &r, &q);
+        let names: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
+        let mut analytic: Vec<Vec<f32>> = Vec::new();
+        for (sg, (_, shape)) in g.tables.iter().zip(&names) {
+            let mut v = vec![0.0f32; shape[0] * sg.dim];
+            for (s, &row) in sg.rows.iter().enumerate() {
+                v[row as usize * sg.dim..(row as usize + 1) * sg.dim]
+                    .copy_from_slice(&sg.grads[s * sg.dim..(s + 1) * sg.dim]);
+            }
+            analytic.push(v);
+        }
+        analytic.extend(g.dense.iter().cloned());
+        assert_eq!(analytic.len(), names.len());
+        for (t, analytic_t) in analytic.iter().enumerate() {
+            for (i, &ana) in analytic_t.iter().enumerate() {
+                let orig = tensors_mut(model)[t][i];
+                tensors_mut(model)[t][i] = orig + h;
+                let up = loss_and_grads(model, batch, items, &r, &q).0;
+                tensors_mut(model)[t][i] = orig - h;
+                let down = loss_and_grads(model, batch, items, &r, &q).0;
+                tensors_mut(model)[t][i] = orig;
+                let num = ((up - down) / (2.0 * h as f64)) as f32;
+                if t < g.tables.len() && i < names[t].1[1] {
+                    assert_eq!(ana, 0.0, "{} padding row", names[t].0);
+                    continue;
+                }
+                assert!(
+                    (num - ana).abs() < tol * (1.0 + num.abs()),
+                    "{}[{i}]: numeric {num} vs analytic {ana}",
+                    names[t].0
+                );
+            }
+        }
+    }
+}
