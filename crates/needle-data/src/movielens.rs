@@ -134,7 +134,7 @@ pub fn load_ml1m(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
 
     let users = dir.join("users.dat");
     if users.is_file() {
-        load_ml1m_users(&users, opts, &mut parts)?;
+        load_users(&users, &ML1M_USERS, opts, &mut parts)?;
     }
     let movies = dir.join("movies.dat");
     if movies.is_file() {
@@ -147,19 +147,32 @@ fn user_feature_builders() -> Vec<FeatureBuilder> {
     ["gender", "age", "occupation", "zip"].into_iter().map(|n| FeatureBuilder::new(n, false)).collect()
 }
 
+/// Where the fields of a users file are: both MovieLens releases carry the same five
+/// (id, gender, age, occupation, zip) in different orders and with different separators.
+struct UserLayout {
+    sep: &'static str,
+    /// Positions of id, gender, age, occupation, zip.
+    order: [usize; 5],
+}
+
 /// users.dat: `UserID::Gender::Age::Occupation::Zip-code`.
-fn load_ml1m_users(path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Result<()> {
+const ML1M_USERS: UserLayout = UserLayout { sep: "::", order: [0, 1, 2, 3, 4] };
+/// u.user: `id|age|gender|occupation|zip`.
+const ML100K_USERS: UserLayout = UserLayout { sep: "|", order: [0, 2, 1, 3, 4] };
+
+fn load_users(path: &Path, layout: &UserLayout, opts: &LoadOptions, parts: &mut Parts) -> Result<()> {
     let data = read_file(path)?;
     let mut sink = RowSink::new(path, opts.skip_bad_rows);
     let mut feats = user_feature_builders();
     for (line, row) in Lines::new(&data) {
-        let [id, gender, age, occ, zip] = match split_exact::<5>(row, b"::") {
+        let fields = match split_exact::<5>(row, layout.sep.as_bytes()) {
             Ok(f) => f,
             Err(n) => {
-                sink.bad(line, || format!("expected 5 fields separated by \"::\", found {n}"))?;
+                sink.bad(line, || format!("expected 5 fields separated by {:?}, found {n}", layout.sep))?;
                 continue;
             }
         };
+        let [id, gender, age, occ, zip] = layout.order.map(|i| fields[i]);
         let Some(id) = numeric_id(id) else {
             sink.bad(line, || format!("user id {} is not a number", show(id)))?;
             continue;
@@ -223,7 +236,7 @@ pub fn load_ml100k(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
 
     let users = dir.join("u.user");
     if users.is_file() {
-        load_ml100k_users(&users, opts, &mut parts)?;
+        load_users(&users, &ML100K_USERS, opts, &mut parts)?;
     }
     let items = dir.join("u.item");
     if items.is_file() {
@@ -236,37 +249,6 @@ pub fn load_ml100k(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
         load_ml100k_items(&items, &genre_names, opts, &mut parts)?;
     }
     Ok(parts.finish("ml-100k"))
-}
-
-/// u.user: `id|age|gender|occupation|zip`.
-fn load_ml100k_users(path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Result<()> {
-    let data = read_file(path)?;
-    let mut sink = RowSink::new(path, opts.skip_bad_rows);
-    let mut feats = user_feature_builders();
-    for (line, row) in Lines::new(&data) {
-        let [id, age, gender, occ, zip] = match split_exact::<5>(row, b"|") {
-            Ok(f) => f,
-            Err(n) => {
-                sink.bad(line, || format!("expected 5 fields separated by \"|\", found {n}"))?;
-                continue;
-            }
-        };
-        let Some(id) = numeric_id(id) else {
-            sink.bad(line, || format!("user id {} is not a number", show(id)))?;
-            continue;
-        };
-        let (Some(gender), Some(age), Some(occ), Some(zip)) = (utf8(gender), utf8(age), utf8(occ), utf8(zip)) else {
-            sink.bad(line, || "invalid UTF-8".to_owned())?;
-            continue;
-        };
-        let u = parts.users.intern(id)? as usize;
-        for (f, v) in feats.iter_mut().zip([gender, age, occ, zip]) {
-            f.set(u, [v]);
-        }
-    }
-    sink.finish(&mut parts.report);
-    parts.user_features = feats;
-    Ok(())
 }
 
 /// u.genre: `name|index`. Returns names by index; gaps get a placeholder name so flag
