@@ -65,7 +65,7 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
             let name = DatasetName::from_str(name).map_err(anyhow::Error::msg)?;
             let root = needle_data::resolve_data_dir(data_dir);
             if needle_data::source::find_dataset_dir(&name, &root).is_none() {
-                fetch(name.as_str(), &root)?;
+                self::download(name.as_str(), &root)?;
             }
         }
     }
@@ -189,7 +189,8 @@ pub fn recall(run: &Path, data_dir: Option<&Path>, users: &str, k: usize, keep_s
     Ok(())
 }
 
-fn fetch(name: &str, to: &Path) -> Result<()> {
+/// Downloads and verifies a MovieLens release into `to`, with a progress bar.
+pub fn download(name: &str, to: &Path) -> Result<()> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
@@ -206,8 +207,4 @@ fn fetch(name: &str, to: &Path) -> Result<()> {
     bar.finish_and_clear();
     eprintln!("{name}: checksum verified, extracted to {}", dir.display());
     Ok(())
-}
-
-pub fn download(name: &str, to: &Path) -> Result<()> {
-    fetch(name, to)
 }
