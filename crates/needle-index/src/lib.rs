@@ -39,6 +39,9 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
+/// Where `needle index build` saves a run's index, inside the run directory.
+pub const RUN_INDEX_FILE: &str = "index.bin";
+
 /// Which algorithm an index uses; recorded in the file header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IndexKind {

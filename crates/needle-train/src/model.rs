@@ -50,6 +50,26 @@ impl Model {
         with_tower!(self, m => m.all_item_vectors(), pop counts => counts.clone())
     }
 
+    /// The rows and vectors of the real items (row 0, the padding, left out): what an item index
+    /// holds.
+    pub fn indexed_items(&self) -> (Vec<u32>, Vec<f32>) {
+        let d = self.dim();
+        let all = self.item_vectors();
+        ((1..(all.len() / d) as u32).collect(), all[d..].to_vec())
+    }
+
+    /// The `interests × dim` vectors of one user given feature value rows (`features.len()` must
+    /// be the model's user feature count; 0 = unknown) and item rows, oldest first; only the newest
+    /// `max_seq_len` count. `scratch` keeps buffers between calls.
+    pub fn user_vector(&self, features: &[u32], history: &[u32], scratch: &mut UserBatch) -> Vec<f32> {
+        with_tower!(self, m => one_user_vector(m.as_ref(), features, history, scratch), pop _c => vec![1.0])
+    }
+
+    /// User features the model reads, in the order [`Model::user_vector`] takes them.
+    pub fn n_user_features(&self) -> usize {
+        with_tower!(self, m => m.n_user_features(), pop _c => 0)
+    }
+
     /// `[users.len() × interests × dim]` vectors from each user's known history for `stage`.
     pub fn user_vectors(&self, p: &Prepared, users: &[usize], stage: Stage) -> Vec<f32> {
         with_tower!(self, m => tower_user_vectors(m.as_ref(), p, users, stage), pop _c => vec![1.0; users.len()])
@@ -66,6 +86,19 @@ fn tower_user_vectors<T: Tower>(m: &T, p: &Prepared, users: &[usize], stage: Sta
         out.extend_from_slice(&m.user_out(&acts)[..chunk.len() * w]);
     }
     out
+}
+
+fn one_user_vector<T: Tower>(m: &T, features: &[u32], history: &[u32], batch: &mut UserBatch) -> Vec<f32> {
+    let (l, nf) = (m.max_seq_len(), m.n_user_features());
+    batch.reset(1, l, nf);
+    let recent = &history[history.len().saturating_sub(l)..];
+    batch.hist[..recent.len()].copy_from_slice(recent);
+    batch.hist_len[0] = recent.len() as u32;
+    let n = nf.min(features.len());
+    batch.feats[..n].copy_from_slice(&features[..n]);
+    let mut acts = T::UserActs::default();
+    m.user_forward(batch, &mut acts);
+    m.user_out(&acts)[..m.interests() * m.out_dim()].to_vec()
 }
 
 /// Fills `batch` with the newest `max_seq_len` known items of each user and their features;

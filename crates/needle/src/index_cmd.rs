@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-const INDEX_FILE: &str = "index.bin";
+use needle_index::RUN_INDEX_FILE as INDEX_FILE;
 const INDEX_INFO: &str = "index.toml";
 
 /// What `index.toml` records next to `index.bin`.
@@ -26,12 +26,9 @@ struct IndexInfo {
     memory_bytes: usize,
 }
 
-/// Item vectors of the real items (rows 1..n; row 0 is padding) and their row ids.
 fn item_rows(model: &Model) -> (Vec<u32>, Vec<f32>, usize) {
-    let d = model.dim();
-    let all = model.item_vectors();
-    let n = all.len() / d;
-    ((1..n as u32).collect(), all[d..].to_vec(), d)
+    let (ids, vecs) = model.indexed_items();
+    (ids, vecs, model.dim())
 }
 
 fn write_tsv(path: &Path, header: &str, rows: impl Iterator<Item = String>) -> Result<()> {
@@ -71,30 +68,66 @@ pub fn export(run: &Path, data_dir: Option<&Path>, out: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn build(run: &Path, data_dir: Option<&Path>, params: &IndexParams) -> Result<()> {
+pub fn build(
+    run: &Path,
+    data_dir: Option<&Path>,
+    params: &IndexParams,
+    synthetic_items: Option<usize>,
+    out: Option<&Path>,
+) -> Result<()> {
     let r = load_run(run, data_dir)?;
-    let (ids, vecs, d) = item_rows(&r.model);
+    let (mut ids, mut vecs, d) = item_rows(&r.model);
+    if let Some(n) = synthetic_items {
+        if n < ids.len() {
+            bail!("--synthetic-items {n} is fewer than the run's {} items", ids.len());
+        }
+        pad_with_synthetic(&mut ids, &mut vecs, d, n);
+    }
     let t0 = Instant::now();
     let index = needle_index::build(params, &ids, &vecs, d)?;
     let secs = t0.elapsed().as_secs_f64();
-    index.save(&run.join(INDEX_FILE))?;
-    let info = IndexInfo {
-        params: index.params().to_string(),
-        items: index.len(),
-        dim: d,
-        build_seconds: secs,
-        memory_bytes: index.memory_bytes(),
-    };
-    let path = run.join(INDEX_INFO);
-    std::fs::write(&path, toml::to_string(&info)?).with_context(|| format!("cannot write {}", path.display()))?;
+    let path = out.map(Path::to_owned).unwrap_or_else(|| run.join(INDEX_FILE));
+    index.save(&path)?;
+    if out.is_none() {
+        let info = IndexInfo {
+            params: index.params().to_string(),
+            items: index.len(),
+            dim: d,
+            build_seconds: secs,
+            memory_bytes: index.memory_bytes(),
+        };
+        let info_path = run.join(INDEX_INFO);
+        std::fs::write(&info_path, toml::to_string(&info)?)
+            .with_context(|| format!("cannot write {}", info_path.display()))?;
+    }
     eprintln!(
         "built {} over {} items in {secs:.2}s ({:.1} MB); saved {}",
-        info.params,
-        info.items,
-        info.memory_bytes as f64 / 1e6,
-        run.join(INDEX_FILE).display()
+        index.params(),
+        index.len(),
+        index.memory_bytes() as f64 / 1e6,
+        path.display()
     );
     Ok(())
+}
+
+/// Adds vectors until there are `n`: each is a random real item's vector plus Gaussian noise of
+/// about half its norm, so the padded catalogue keeps the real one's geometry. Their ids follow
+/// the real rows; the server names them `synthetic-ID`.
+fn pad_with_synthetic(ids: &mut Vec<u32>, vecs: &mut Vec<f32>, d: usize, n: usize) {
+    let real = ids.len();
+    let mut rng = needle_model::rng::Rng::new(7);
+    let first = ids.iter().copied().max().unwrap_or(0) + 1;
+    let sigma = 0.5 / (d as f32).sqrt();
+    vecs.reserve((n - real) * d);
+    for id in first..first + (n - real) as u32 {
+        let src = rng.below(real);
+        let norm = vecs[src * d..(src + 1) * d].iter().map(|x| x * x).sum::<f32>().sqrt();
+        for j in 0..d {
+            let v = vecs[src * d + j] + rng.normal() * sigma * norm;
+            vecs.push(v);
+        }
+        ids.push(id);
+    }
 }
 
 fn load_index(run: &Path, model_dim: usize) -> Result<(Box<dyn Index>, IndexInfo)> {

@@ -5,6 +5,7 @@ mod bench;
 mod commands;
 mod index_cmd;
 mod report;
+mod serve_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -102,6 +103,43 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         chart: Option<PathBuf>,
     },
+    /// Serve recall over HTTP: POST /v1/recall, POST /v1/events, GET /healthz, /metrics,
+    /// /openapi.json, POST /admin/reload (or SIGHUP). Stops cleanly on SIGTERM / Ctrl-C.
+    Serve {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        /// `embedded` (RUN/store.redb, filled from the run's data on first start), a `.redb`
+        /// path, or `redis://HOST:PORT`.
+        #[arg(long, default_value = "embedded")]
+        store: String,
+        /// Serve this index file instead of RUN/index.bin.
+        #[arg(long)]
+        index: Option<PathBuf>,
+        /// Largest k a request may ask for.
+        #[arg(long, default_value_t = 1000)]
+        max_k: usize,
+        /// Longest history a request may send.
+        #[arg(long, default_value_t = 1000)]
+        max_history: usize,
+        /// Largest request body in bytes.
+        #[arg(long, default_value_t = 65536)]
+        max_body_bytes: usize,
+        /// Per-request time limit (e.g. 2s, 500ms).
+        #[arg(long, default_value = "2s", value_parser = serve_cmd::parse_duration)]
+        timeout: std::time::Duration,
+        /// error, warn, info, debug (one line per request) or trace.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+    /// The store that serving reads item details and user histories from.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+    },
     /// Dataset utilities.
     Data {
         #[command(subcommand)]
@@ -141,6 +179,13 @@ enum IndexCmd {
         /// IVF lists scanned per query.
         #[arg(long)]
         nprobe: Option<usize>,
+        /// Pad the index to this many items with synthetic vectors drawn around the real ones
+        /// (ids past the catalogue), to benchmark serving at a large catalogue's scale.
+        #[arg(long)]
+        synthetic_items: Option<usize>,
+        /// Where to save the index (default RUN/index.bin).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Recall of the index against exact search, queries/s single-threaded and batched, build time, memory.
     Eval {
@@ -157,6 +202,20 @@ enum IndexCmd {
 }
 
 #[derive(Subcommand)]
+enum StoreCmd {
+    /// Load item details and user profiles/histories (newest max_seq_len items) of a run's data.
+    Load {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// `embedded` (RUN/store.redb), a `.redb` path, or `redis://HOST:PORT`.
+        #[arg(long, default_value = "embedded")]
+        store: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum DataCmd {
     /// Download a MovieLens dataset from GroupLens and verify its checksum.
     Download {
@@ -169,6 +228,31 @@ enum DataCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Load-test a running `needle serve`: POST /v1/recall for the run's users over keep-alive
+    /// connections; prints requests/s and latency percentiles.
+    Serve {
+        /// The run being served (its user ids are sent).
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value = "30s", value_parser = serve_cmd::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Target requests/s over all connections (0 = as fast as possible); latency is then
+        /// measured from each request's scheduled start.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 100)]
+        k: usize,
+        /// POST /admin/reload this many times, spread over the run.
+        #[arg(long, default_value_t = 0)]
+        reloads: usize,
+        /// Send this many malformed requests in a burst at mid-run (each must get a 4xx).
+        #[arg(long, default_value_t = 0)]
+        malformed: usize,
+    },
     /// Training throughput on ML-1M (reference and default configs) and step time against table size.
     Train {
         #[arg(long)]
@@ -237,7 +321,10 @@ fn run(cli: Cli) -> Result<()> {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             index_cmd::export(&run, data_dir.as_deref(), &out)
         }
-        Cmd::Index { cmd: IndexCmd::Build { run, data_dir, kind, m, ef_construction, ef_search, nlist, nprobe } } => {
+        Cmd::Index {
+            cmd:
+                IndexCmd::Build { run, data_dir, kind, m, ef_construction, ef_search, nlist, nprobe, synthetic_items, out },
+        } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             let mut params: needle_index::IndexParams = kind.parse()?;
             match &mut params {
@@ -253,7 +340,7 @@ fn run(cli: Cli) -> Result<()> {
                 needle_index::IndexParams::Exact => {}
             }
             params.validate()?;
-            index_cmd::build(&run, data_dir.as_deref(), &params)
+            index_cmd::build(&run, data_dir.as_deref(), &params, synthetic_items, out.as_deref())
         }
         Cmd::Index { cmd: IndexCmd::Eval { run, data_dir, k, effort } } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
@@ -271,6 +358,27 @@ fn run(cli: Cli) -> Result<()> {
             }
             print!("{tables}");
             Ok(())
+        }
+        Cmd::Serve { run, data_dir, addr, store, index, max_k, max_history, max_body_bytes, timeout, log_level } => {
+            commands::init_threads(cli.threads.unwrap_or(0))?;
+            let limits = needle_serve::Limits { max_k, max_history, max_body_bytes, timeout };
+            let flags = serve_cmd::ServeFlags {
+                addr,
+                store: &store,
+                index: index.as_deref(),
+                limits,
+                log_level: &log_level,
+                threads: cli.threads,
+            };
+            serve_cmd::serve(&run, data_dir.as_deref(), flags)
+        }
+        Cmd::Store { cmd: StoreCmd::Load { run, data_dir, store } } => {
+            commands::init_threads(cli.threads.unwrap_or(0))?;
+            serve_cmd::store_load(&run, data_dir.as_deref(), &store)
+        }
+        Cmd::Bench { cmd: BenchCmd::Serve { run, addr, duration, concurrency, rate, k, reloads, malformed } } => {
+            let flags = serve_cmd::BenchServeFlags { addr, duration, concurrency, rate, k, reloads, malformed };
+            serve_cmd::bench_serve(&run, flags)
         }
         Cmd::Data { cmd: DataCmd::Download { name, to } } => commands::download(&name, &to),
         Cmd::Bench { cmd: BenchCmd::Ann { items, dim, queries, seed, spread, write_npy, vectors, query_vectors } } => {

@@ -1,72 +1,9 @@
 //! End-to-end tests of the `needle` binary on small generated logs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn needle(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_needle")).args(args).current_dir(cwd).output().expect("needle runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "needle failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A log with planted structure: users belong to one of `clusters` taste groups and walk
-/// through their group's items in order, with 15% of events on a few globally hot items.
-/// Popularity can only find the hot items; a model that learns the groups and the order can
-/// find the next item.
-fn planted_log(dir: &Path) -> PathBuf {
-    let (users, clusters, per_cluster, hot) = (300usize, 8usize, 25usize, 5usize);
-    let mut state = 12345u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut csv = String::from("user,item,ts,country\n");
-    for u in 0..users {
-        let c = u % clusters;
-        let len = 15 + (next() % 20) as usize;
-        let mut pos = (next() % per_cluster as u64) as usize;
-        let country = ["de", "fr", "cn"][(next() % 3) as usize];
-        for t in 0..len {
-            let item = if next() % 100 < 15 {
-                format!("hot{}", next() % hot as u64)
-            } else {
-                pos = (pos + 1 + (next() % 2) as usize) % per_cluster;
-                format!("c{c}_{pos}")
-            };
-            csv.push_str(&format!("u{u},{item},{},{country}\n", 1_000_000 + u * 1000 + t));
-        }
-    }
-    std::fs::write(dir.join("log.csv"), csv).unwrap();
-    let schema = r#"
-name = "planted"
-[interactions]
-path = "log.csv"
-header = true
-user = "user"
-item = "item"
-timestamp = "ts"
-[[user_features]]
-column = "country"
-"#;
-    std::fs::write(dir.join("schema.toml"), schema).unwrap();
-    dir.join("schema.toml")
-}
-
-fn write_config(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("[data]\nschema = \"schema.toml\"\n{body}")).unwrap();
-    path
-}
+use common::{needle, ok, planted_log, write_config};
+use std::path::Path;
 
 fn metric(dir: &Path, key: &str) -> f64 {
     let text = std::fs::read_to_string(dir.join("metrics.json")).unwrap();

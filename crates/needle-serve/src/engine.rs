@@ -1,0 +1,245 @@
+//! One loaded run, ready to answer: the user tower, the vocabularies that map raw ids to model
+//! rows, the item index and a popularity list for users the model knows nothing about.
+//!
+//! Everything here is synchronous CPU work of well under a millisecond per request at ML-1M
+//! scale, so handlers call it inline.
+
+use crate::ServeError;
+use needle_data::Vocab;
+use needle_index::{Index, IndexParams};
+use needle_model::tower::UserBatch;
+use needle_store::{ItemDetails, ItemRecord, UserProfile, UserRecord};
+use needle_train::model::merge_interests;
+use needle_train::prepare::USER_ID_FEATURE;
+use needle_train::run::LoadedRun;
+use needle_train::Model;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub struct Engine {
+    /// Names the model in answers and metrics: run directory name and a checksum of its weights.
+    pub run_id: String,
+    pub run_dir: PathBuf,
+    pub kind: String,
+    pub data_fingerprint: String,
+    model: Model,
+    items: Vocab,
+    feature_names: Vec<String>,
+    feature_vocabs: Vec<Vocab>,
+    index: Box<dyn Index>,
+    pub index_params: String,
+    /// Item rows by training count, most popular first.
+    popular: Vec<(u32, f32)>,
+    /// Newest history items the user tower reads.
+    pub max_seq_len: usize,
+}
+
+/// Where an answer's items came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The user tower from the user's features and history.
+    Model,
+    /// Nothing known about the user: most popular items.
+    Popularity,
+}
+
+/// What the user tower gets for one request, in raw ids.
+pub struct UserInput<'a> {
+    pub user_id: Option<&'a str>,
+    pub features: &'a BTreeMap<String, String>,
+    pub history: &'a [String],
+}
+
+pub struct Recalled {
+    /// `(item row, score)`, best first.
+    pub items: Vec<(u32, f32)>,
+    pub source: Source,
+    /// History items the model has no row for (skipped).
+    pub unknown_history: usize,
+}
+
+impl Engine {
+    /// Builds the engine from a loaded run. The item index is `index` when given, else the run's
+    /// saved `index.bin`, else the default HNSW built now over the model's item vectors.
+    pub fn new(run: LoadedRun, index: Option<&Path>) -> Result<Engine, ServeError> {
+        let dir = run.dir.clone();
+        // The manifest and the weights (popularity runs have none) identify what is served.
+        let checksum = ["model.toml", "model.safetensors"]
+            .iter()
+            .filter_map(|f| std::fs::read(dir.join(f)).ok())
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, bytes| fnv64(h, &bytes));
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+        let p = run.prepared;
+        let model = run.model;
+        let index_path = index.map(Path::to_owned).unwrap_or_else(|| dir.join(needle_index::RUN_INDEX_FILE));
+        let index: Box<dyn Index> = if index_path.exists() {
+            let ix = needle_index::load(&index_path)
+                .map_err(|e| ServeError::Load(format!("{}: {e}", index_path.display())))?;
+            if ix.dim() != model.dim() {
+                return Err(ServeError::Load(format!(
+                    "{}: index dimension {} does not match the model's {}; rebuild it with `needle index build --run {}`",
+                    index_path.display(),
+                    ix.dim(),
+                    model.dim(),
+                    dir.display()
+                )));
+            }
+            ix
+        } else if index.is_some() {
+            return Err(ServeError::Load(format!("index file {} does not exist", index_path.display())));
+        } else {
+            let t = Instant::now();
+            let (ids, vecs) = model.indexed_items();
+            let params = if model.dim() == 1 { IndexParams::Exact } else { IndexParams::recommended() };
+            let ix =
+                needle_index::build(&params, &ids, &vecs, model.dim()).map_err(|e| ServeError::Load(e.to_string()))?;
+            tracing::info!(
+                "{} has no index.bin; built {} over {} items in {:.2}s",
+                dir.display(),
+                ix.params(),
+                ix.len(),
+                t.elapsed().as_secs_f64()
+            );
+            ix
+        };
+        let mut popular: Vec<(u32, f32)> =
+            p.item_counts.iter().enumerate().skip(1).map(|(row, &c)| (row as u32, c as f32)).collect();
+        popular.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        Ok(Engine {
+            run_id: format!("{name}:{:08x}", checksum >> 32),
+            run_dir: dir,
+            kind: format!("{:?}", run.info.kind).to_lowercase(),
+            data_fingerprint: run.info.data_fingerprint.clone(),
+            max_seq_len: run.info.config.model.max_seq_len,
+            index_params: index.params().to_string(),
+            model,
+            items: p.items,
+            feature_names: p.user_feature_names,
+            feature_vocabs: p.user_feature_vocabs,
+            index,
+            popular,
+        })
+    }
+
+    pub fn index_len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn has_item(&self, raw: &str) -> bool {
+        self.items.get(raw).is_some()
+    }
+
+    /// The raw id of an item row; rows past the vocabulary (synthetic items added to a large
+    /// benchmark index) are named `synthetic-ROW`.
+    pub fn item_raw(&self, row: u32) -> std::borrow::Cow<'_, str> {
+        match self.items.raw(row) {
+            Some(s) => s.into(),
+            None => format!("synthetic-{row}").into(),
+        }
+    }
+
+    /// Names of the user features the model reads (`user_id` is taken from the request's user).
+    pub fn feature_names(&self) -> &[String] {
+        &self.feature_names
+    }
+
+    /// Top `k` items for one user; items in the history are left out when `exclude_seen`.
+    pub fn recall(&self, user: &UserInput<'_>, k: usize, exclude_seen: bool) -> Result<Recalled, ServeError> {
+        let mut rows: Vec<u32> = Vec::with_capacity(user.history.len());
+        let mut unknown_history = 0;
+        for raw in user.history {
+            match self.items.get(raw) {
+                Some(r) => rows.push(r),
+                None => unknown_history += 1,
+            }
+        }
+        let mut seen = rows.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        let keep = |id: u32| seen.binary_search(&id).is_err();
+
+        let feats: Vec<u32> = self
+            .feature_names
+            .iter()
+            .zip(&self.feature_vocabs)
+            .map(|(name, vocab)| {
+                let value =
+                    if name == USER_ID_FEATURE { user.user_id } else { user.features.get(name).map(String::as_str) };
+                value.and_then(|v| vocab.get(v)).unwrap_or(0)
+            })
+            .collect();
+        let knows_user = feats.iter().any(|&f| f != 0);
+        if rows.is_empty() && !knows_user {
+            let items = self.popular.iter().copied().filter(|&(id, _)| !exclude_seen || keep(id)).take(k).collect();
+            return Ok(Recalled { items, source: Source::Popularity, unknown_history });
+        }
+
+        let uv = self.model.user_vector(&feats, &rows, &mut UserBatch::default());
+        let (d, ni) = (self.model.dim(), self.model.interests());
+        let mut ids = vec![u32::MAX; ni * k];
+        let mut scores = vec![f32::NEG_INFINITY; ni * k];
+        let mut buf = Vec::with_capacity(k);
+        for (i, q) in uv.chunks_exact(d).enumerate() {
+            let res = if exclude_seen {
+                self.index.search_filtered(q, k, &keep, &mut buf)
+            } else {
+                self.index.search(q, k, &mut buf)
+            };
+            res.map_err(|e| ServeError::Internal(e.to_string()))?;
+            for (slot, &(id, s)) in buf.iter().enumerate().take(k) {
+                ids[i * k + slot] = id;
+                scores[i * k + slot] = s;
+            }
+        }
+        let (ids, scores) = if ni > 1 { merge_interests(&ids, &scores, 1, ni, k) } else { (ids, scores) };
+        let items = ids.into_iter().zip(scores).take_while(|&(id, _)| id != u32::MAX).collect();
+        Ok(Recalled { items, source: Source::Model, unknown_history })
+    }
+}
+
+/// Item details and user profiles/histories of a run's dataset, for `needle store load`: every
+/// user's whole log in time order (file order breaks ties), of which stores keep the newest
+/// `max_history`.
+pub fn store_records(run: &LoadedRun) -> (Vec<ItemRecord>, Vec<UserRecord>) {
+    let ds = &run.dataset;
+    let items = (0..ds.item_ids.len())
+        .map(|i| {
+            let attributes = ds
+                .item_features
+                .iter()
+                .map(|f| (f.name.clone(), f.values_of(i).map(str::to_owned).collect::<Vec<_>>()))
+                .filter(|(_, v)| !v.is_empty())
+                .collect();
+            ItemRecord {
+                id: ds.item_ids[i].clone(),
+                details: ItemDetails { title: ds.item_titles.get(i).cloned().flatten(), attributes },
+            }
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..ds.events.len()).collect();
+    order.sort_by_key(|&e| (ds.events[e].user, ds.events[e].ts));
+    let mut histories: Vec<Vec<String>> = vec![Vec::new(); ds.user_ids.len()];
+    for e in order {
+        let ev = &ds.events[e];
+        histories[ev.user as usize].push(ds.item_ids[ev.item as usize].clone());
+    }
+    let users = histories
+        .into_iter()
+        .enumerate()
+        .map(|(u, history)| {
+            let features = ds
+                .user_features
+                .iter()
+                .filter_map(|f| f.values_of(u).next().map(|v| (f.name.clone(), v.to_owned())))
+                .collect();
+            UserRecord { id: ds.user_ids[u].clone(), profile: UserProfile { features, history } }
+        })
+        .collect();
+    (items, users)
+}
+
+/// FNV-1a, 64-bit, continuing from `h`: identifies a run's files in the run id.
+fn fnv64(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}

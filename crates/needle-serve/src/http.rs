@@ -1,0 +1,583 @@
+//! The HTTP application: routes, request parsing with JSON errors, limits, request ids, metrics,
+//! hot reload (POST /admin/reload or SIGHUP) and graceful shutdown (SIGTERM / Ctrl-C).
+
+use crate::engine::{store_records, Engine, Source, UserInput};
+use crate::metrics::Metrics;
+use crate::ServeError;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use needle_store::{ItemDetails, Store, StoreSpec};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+/// Request limits; every one is a command-line flag of `needle serve`.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest `k` a recall may ask for.
+    pub max_k: usize,
+    /// Longest `history` a recall may send.
+    pub max_history: usize,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Longest a request may take before it is answered 503.
+    pub timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_k: 1000, max_history: 1000, max_body_bytes: 64 * 1024, timeout: Duration::from_secs(2) }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub run: PathBuf,
+    pub data_dir: Option<PathBuf>,
+    /// An index file to serve instead of the run's own `index.bin`.
+    pub index: Option<PathBuf>,
+    pub store: StoreSpec,
+    pub addr: SocketAddr,
+    pub limits: Limits,
+}
+
+/// The embedded store's file inside a run directory.
+pub const EMBEDDED_STORE_FILE: &str = "store.redb";
+
+struct App {
+    engine: RwLock<Arc<Engine>>,
+    store: Box<dyn Store>,
+    metrics: Metrics,
+    limits: Limits,
+    data_dir: Option<PathBuf>,
+    /// The run the `--index` override belongs to.
+    index_override: Option<(PathBuf, PathBuf)>,
+    reload_lock: tokio::sync::Mutex<()>,
+    started: Instant,
+    boot: u32,
+    seq: AtomicU64,
+}
+
+impl App {
+    fn engine(&self) -> Arc<Engine> {
+        // A poisoned lock still holds a valid engine: swaps are a single assignment.
+        self.engine.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+type Shared = Arc<App>;
+
+/// Loads the run, fills the store when it is empty, and serves until SIGTERM or Ctrl-C.
+/// Prints `listening on ADDR` on stdout once requests are accepted.
+pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
+    let t0 = Instant::now();
+    let store = needle_store::open(&opts.store, &opts.run.join(EMBEDDED_STORE_FILE)).await?;
+    let engine = load_engine(&opts.run, opts.data_dir.clone(), opts.index.clone(), Some(&*store)).await?;
+    tracing::info!(
+        model = %engine.run_id,
+        index = %engine.index_params,
+        items = engine.index_len(),
+        store = %store.describe(),
+        "loaded in {:.2}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let app = Arc::new(App {
+        engine: RwLock::new(Arc::new(engine)),
+        store,
+        metrics: Metrics::default(),
+        limits: opts.limits.clone(),
+        data_dir: opts.data_dir.clone(),
+        index_override: opts.index.clone().map(|i| (opts.run.clone(), i)),
+        reload_lock: tokio::sync::Mutex::new(()),
+        started: Instant::now(),
+        boot: std::process::id() ^ (t0.elapsed().subsec_nanos()),
+        seq: AtomicU64::new(0),
+    });
+    let listener = tokio::net::TcpListener::bind(opts.addr).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(reload_on_sighup(app.clone()));
+    let router = router(app);
+    println!("listening on {addr}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, "listening");
+    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Loads a run into an engine on the blocking pool. With a store, fills it from the run's data
+/// when it holds nothing yet, and warns when it was loaded from other data.
+async fn load_engine(
+    run: &Path,
+    data_dir: Option<PathBuf>,
+    index: Option<PathBuf>,
+    store: Option<&dyn Store>,
+) -> Result<Engine, ServeError> {
+    let dir = run.to_owned();
+    let loaded = tokio::task::spawn_blocking(move || needle_train::run::load_run(&dir, data_dir.as_deref()))
+        .await
+        .map_err(|e| ServeError::Internal(e.to_string()))??;
+    if let Some(store) = store {
+        let fp = loaded.info.data_fingerprint.clone();
+        match store.loaded_tag().await? {
+            None => {
+                let (items, users) = store_records(&loaded);
+                let t = Instant::now();
+                let max = loaded.info.config.model.max_seq_len;
+                store.load(&items, &users, max, &|_| {}).await?;
+                store.set_loaded_tag(&fp).await?;
+                tracing::info!(
+                    store = %store.describe(),
+                    "store was empty: loaded {} items and {} users in {:.2}s",
+                    items.len(),
+                    users.len(),
+                    t.elapsed().as_secs_f64()
+                );
+            }
+            Some(tag) if tag != fp => tracing::warn!(
+                store = %store.describe(),
+                "the store was loaded from other data (fingerprint {tag}, this run's is {fp}); reload it with `needle store load`"
+            ),
+            Some(_) => {}
+        }
+    }
+    tokio::task::spawn_blocking(move || Engine::new(loaded, index.as_deref()))
+        .await
+        .map_err(|e| ServeError::Internal(e.to_string()))?
+}
+
+fn router(app: Shared) -> Router {
+    let limit = app.limits.max_body_bytes;
+    Router::new()
+        .route("/v1/recall", post(recall).fallback(method_not_allowed))
+        .route("/v1/events", post(events).fallback(method_not_allowed))
+        .route("/healthz", get(healthz).fallback(method_not_allowed))
+        .route("/metrics", get(metrics).fallback(method_not_allowed))
+        .route("/openapi.json", get(openapi).fallback(method_not_allowed))
+        .route("/admin/reload", post(admin_reload).fallback(method_not_allowed))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .with_state(app)
+}
+
+/// Names a path for metrics; unknown paths share one label so clients cannot grow the table.
+fn route_name(path: &str) -> &'static str {
+    match path {
+        "/v1/recall" => "recall",
+        "/v1/events" => "events",
+        "/healthz" => "healthz",
+        "/metrics" => "metrics",
+        "/openapi.json" => "openapi",
+        "/admin/reload" => "reload",
+        _ => "other",
+    }
+}
+
+/// Gives every request an id (the client's `x-request-id` when sane), a log span, a latency
+/// observation and the id echoed in the response.
+async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Response {
+    let t = Instant::now();
+    let route = route_name(req.uri().path());
+    let rid = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:08x}-{}", app.boot, app.seq.fetch_add(1, Relaxed)));
+    let span = tracing::info_span!("request", id = %rid, method = %req.method(), path = %req.uri().path());
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let took = t.elapsed();
+    let status = resp.status().as_u16();
+    app.metrics.record(route, status, took);
+    let ms = took.as_secs_f64() * 1e3;
+    span.in_scope(|| match status {
+        500.. => tracing::error!(status, ms, "failed"),
+        400..=499 => tracing::warn!(status, ms, "rejected"),
+        _ => tracing::debug!(status, ms, "ok"),
+    });
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// An error answer: `{"error": {"status": 400, "message": "..."}}`.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn bad(message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
+    }
+}
+
+impl From<ServeError> for ApiError {
+    fn from(e: ServeError) -> Self {
+        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"status": self.status.as_u16(), "message": self.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+fn json_response<T: Serialize>(v: &T) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(bytes) => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response(),
+        Err(e) => ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string() }.into_response(),
+    }
+}
+
+/// Reads and parses a JSON body, turning every failure into a 4xx that says what is wrong.
+fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| ApiError { status: r.status(), message: r.body_text() })?;
+    if bytes.is_empty() {
+        return Err(ApiError::bad("empty request body; send a JSON object"));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+}
+
+/// Ids may come as JSON strings or integers (`"42"` or `42`).
+fn id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an id (string or integer)")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct Id(#[serde(deserialize_with = "id")] String);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecallRequest {
+    user_id: Option<Id>,
+    features: Option<BTreeMap<String, Id>>,
+    history: Option<Vec<Id>>,
+    k: Option<i64>,
+    exclude_seen: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct RecalledItem<'a> {
+    id: std::borrow::Cow<'a, str>,
+    score: f32,
+    #[serde(flatten)]
+    details: ItemDetails,
+}
+
+#[derive(Serialize)]
+struct RecallResponse<'a> {
+    items: Vec<RecalledItem<'a>>,
+    model: &'a str,
+    /// `model`, or `popularity` when nothing was known about the user.
+    source: &'static str,
+    /// Whether the store or the model knew the user.
+    known_user: bool,
+    /// History ids the model has no vector for (skipped).
+    #[serde(skip_serializing_if = "is_zero")]
+    skipped_history: usize,
+    took_ms: f64,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+const DEFAULT_K: i64 = 100;
+
+async fn recall(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+    let t = Instant::now();
+    let req: RecallRequest = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match tokio::time::timeout(app.limits.timeout, do_recall(&app, req, t)).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("timed out after {} ms", app.limits.timeout.as_millis()),
+        }
+        .into_response(),
+    }
+}
+
+async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response, ApiError> {
+    let limits = &app.limits;
+    let k = req.k.unwrap_or(DEFAULT_K);
+    if k <= 0 || k as u64 > limits.max_k as u64 {
+        return Err(ApiError::bad(format!("k must be between 1 and {} (this server's max_k), got {k}", limits.max_k)));
+    }
+    let k = k as usize;
+    let engine = app.engine();
+    let history: Option<Vec<String>> = req.history.map(|h| h.into_iter().map(|i| i.0).collect());
+    if let Some(h) = &history {
+        if h.len() > limits.max_history {
+            return Err(ApiError::bad(format!(
+                "history has {} items; this server takes at most {} (max_history)",
+                h.len(),
+                limits.max_history
+            )));
+        }
+        let unknown: Vec<&str> = h.iter().map(String::as_str).filter(|id| !engine.has_item(id)).collect();
+        if !unknown.is_empty() {
+            let shown: Vec<&str> = unknown.iter().copied().take(5).collect();
+            return Err(ApiError::bad(format!(
+                "unknown item ids in history: {} ({} of {}); the model knows only items seen in training",
+                shown.join(", "),
+                unknown.len(),
+                h.len()
+            )));
+        }
+    }
+    let mut features: BTreeMap<String, String> = BTreeMap::new();
+    let user_id = req.user_id.map(|i| i.0);
+    let profile = match &user_id {
+        Some(id) => app.store.user(id, engine.max_seq_len).await.map_err(|e| {
+            app.metrics.store_errors.fetch_add(1, Relaxed);
+            ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: format!("store: {e}") }
+        })?,
+        None => None,
+    };
+    let known_user = profile.is_some();
+    let (stored_features, stored_history) = profile.map(|p| (p.features, p.history)).unwrap_or_default();
+    features.extend(stored_features);
+    if let Some(f) = req.features {
+        for (name, value) in f {
+            if !engine.feature_names().contains(&name) {
+                return Err(ApiError::bad(format!(
+                    "unknown feature `{name}`; this model reads: {}",
+                    if engine.feature_names().is_empty() {
+                        "none".to_owned()
+                    } else {
+                        engine.feature_names().join(", ")
+                    }
+                )));
+            }
+            features.insert(name, value.0);
+        }
+    }
+    let history = history.unwrap_or(stored_history);
+    let input = UserInput { user_id: user_id.as_deref(), features: &features, history: &history };
+    let rec = engine.recall(&input, k, req.exclude_seen.unwrap_or(true))?;
+    if rec.source == Source::Popularity {
+        app.metrics.popularity_fallbacks.fetch_add(1, Relaxed);
+    }
+    let ids: Vec<std::borrow::Cow<'_, str>> = rec.items.iter().map(|&(row, _)| engine.item_raw(row)).collect();
+    let refs: Vec<&str> = ids.iter().map(|c| c.as_ref()).collect();
+    let details = app.store.items(&refs).await.map_err(|e| {
+        app.metrics.store_errors.fetch_add(1, Relaxed);
+        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: format!("store: {e}") }
+    })?;
+    let items = ids
+        .iter()
+        .zip(&rec.items)
+        .zip(details)
+        .map(|((id, &(_, score)), d)| RecalledItem { id: id.clone(), score, details: d.unwrap_or_default() })
+        .collect();
+    let resp = RecallResponse {
+        items,
+        model: &engine.run_id,
+        source: match rec.source {
+            Source::Model => "model",
+            Source::Popularity => "popularity",
+        },
+        known_user,
+        skipped_history: rec.unknown_history,
+        took_ms: t.elapsed().as_secs_f64() * 1e3,
+    };
+    Ok(json_response(&resp))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventRequest {
+    user_id: Id,
+    item_id: Id,
+    /// Event time (Unix seconds); checked, and logged. Histories keep arrival order.
+    ts: Option<i64>,
+}
+
+async fn events(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+    let ev: EventRequest = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let engine = app.engine();
+    if ev.user_id.0.is_empty() {
+        return ApiError::bad("user_id must not be empty").into_response();
+    }
+    if !engine.has_item(&ev.item_id.0) {
+        return ApiError::bad(format!(
+            "unknown item id {:?}; the model knows only items seen in training",
+            ev.item_id.0
+        ))
+        .into_response();
+    }
+    let fut = app.store.append_event(&ev.user_id.0, &ev.item_id.0, engine.max_seq_len);
+    match tokio::time::timeout(app.limits.timeout, fut).await {
+        Ok(Ok(len)) => {
+            app.metrics.events.fetch_add(1, Relaxed);
+            tracing::debug!(user = %ev.user_id.0, item = %ev.item_id.0, ts = ev.ts, "event");
+            json_response(&serde_json::json!({"user_id": ev.user_id.0, "history_len": len}))
+        }
+        Ok(Err(e)) => {
+            app.metrics.store_errors.fetch_add(1, Relaxed);
+            ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: format!("store: {e}") }.into_response()
+        }
+        Err(_) => {
+            ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: "store timed out".into() }.into_response()
+        }
+    }
+}
+
+async fn healthz(State(app): State<Shared>) -> Response {
+    let e = app.engine();
+    json_response(&serde_json::json!({
+        "status": "ok",
+        "model": e.run_id,
+        "kind": e.kind,
+        "index": e.index_params,
+        "index_items": e.index_len(),
+        "store": app.store.describe(),
+        "uptime_s": app.started.elapsed().as_secs_f64(),
+    }))
+}
+
+async fn metrics(State(app): State<Shared>) -> Response {
+    let e = app.engine();
+    let text = app.metrics.render(&e.run_id, &e.kind, e.index_len(), &e.index_params);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("../openapi.json")).into_response()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReloadRequest {
+    /// Another run directory to serve; default: the current one (re-read from disk).
+    run: Option<PathBuf>,
+}
+
+async fn admin_reload(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: ReloadRequest = match &body {
+        Ok(b) if b.is_empty() => ReloadRequest::default(),
+        _ => match parse_body(body) {
+            Ok(r) => r,
+            Err(e) => return e.into_response(),
+        },
+    };
+    let t = Instant::now();
+    match reload(&app, req.run).await {
+        Ok((old, new)) => json_response(&serde_json::json!({
+            "previous": old, "model": new, "took_ms": t.elapsed().as_secs_f64() * 1e3
+        })),
+        Err(e) => ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!("reload failed, still serving the previous model: {e}"),
+        }
+        .into_response(),
+    }
+}
+
+/// Loads a run and swaps it in: requests that already hold the old engine finish on it, later
+/// ones get the new one. On failure the old engine keeps serving.
+async fn reload(app: &App, run: Option<PathBuf>) -> Result<(String, String), ServeError> {
+    let _one_at_a_time = app.reload_lock.lock().await;
+    let current = app.engine();
+    let dir = run.unwrap_or_else(|| current.run_dir.clone());
+    let index = app.index_override.as_ref().filter(|(r, _)| *r == dir).map(|(_, i)| i.clone());
+    let result = load_engine(&dir, app.data_dir.clone(), index, Some(&*app.store)).await;
+    let engine = match result {
+        Ok(e) => e,
+        Err(e) => {
+            app.metrics.reload_failures.fetch_add(1, Relaxed);
+            tracing::error!(run = %dir.display(), "reload failed: {e}");
+            return Err(e);
+        }
+    };
+    let new_id = engine.run_id.clone();
+    *app.engine.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(engine);
+    app.metrics.reloads.fetch_add(1, Relaxed);
+    tracing::info!(previous = %current.run_id, model = %new_id, "reloaded");
+    Ok((current.run_id.clone(), new_id))
+}
+
+async fn reload_on_sighup(app: Shared) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading");
+        let _ = reload(&app, None).await;
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+async fn not_found(req: Request) -> Response {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!("no route {} {}; see /openapi.json", req.method(), req.uri().path()),
+    }
+    .into_response()
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!("{} is not allowed on {}; see /openapi.json", req.method(), req.uri().path()),
+    }
+    .into_response()
+}

@@ -1,0 +1,28 @@
+//! The online half of needle: an HTTP server that computes the user's vector in real time, searches
+//! the item index and fills in item details from a store.
+//!
+//! [`engine`] holds one loaded run; [`http`] is the axum application around it, with hot reload,
+//! limits, metrics and structured logs; [`loadgen`] is the load generator behind
+//! `needle bench serve`.
+
+pub mod engine;
+pub mod http;
+pub mod loadgen;
+pub mod metrics;
+
+pub use engine::{Engine, Source};
+pub use http::{serve, Limits, ServeOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Load(String),
+    #[error(transparent)]
+    Train(#[from] needle_train::TrainError),
+    #[error(transparent)]
+    Store(#[from] needle_store::StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,146 @@
+//! Counters and a latency histogram, rendered in Prometheus' text format at `/metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0];
+
+#[derive(Default)]
+struct Histogram {
+    /// Non-cumulative counts per bucket; the last slot is +Inf.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let slot = BUCKETS.iter().position(|&b| s <= b).unwrap_or(BUCKETS.len());
+        self.counts[slot].fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    /// (route, status) → count.
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// Per route.
+    latency: Mutex<BTreeMap<&'static str, &'static Histogram>>,
+    pub popularity_fallbacks: AtomicU64,
+    pub store_errors: AtomicU64,
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+    pub events: AtomicU64,
+}
+
+impl Metrics {
+    pub fn record(&self, route: &'static str, status: u16, took: Duration) {
+        if let Ok(mut m) = self.requests.lock() {
+            *m.entry((route, status)).or_default() += 1;
+        }
+        let hist = match self.latency.lock() {
+            // Histograms live as long as the process; leaking one per route keeps the hot path
+            // lock-free after the first request.
+            Ok(mut m) => *m.entry(route).or_insert_with(|| Box::leak(Box::default())),
+            Err(_) => return,
+        };
+        hist.observe(took);
+    }
+
+    /// The text exposition; `gauges` adds per-engine values (index size, model id).
+    pub fn render(&self, run_id: &str, kind: &str, index_items: usize, index_params: &str) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP needle_requests_total HTTP requests by route and status code.\n");
+        out.push_str("# TYPE needle_requests_total counter\n");
+        if let Ok(m) = self.requests.lock() {
+            for ((route, status), n) in m.iter() {
+                let _ = writeln!(out, "needle_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+            }
+        }
+        out.push_str("# HELP needle_request_errors_total Requests answered with a 5xx status.\n");
+        out.push_str("# TYPE needle_request_errors_total counter\n");
+        let errors: u64 =
+            self.requests.lock().map(|m| m.iter().filter(|((_, s), _)| *s >= 500).map(|(_, n)| n).sum()).unwrap_or(0);
+        let _ = writeln!(out, "needle_request_errors_total {errors}");
+        out.push_str("# HELP needle_request_duration_seconds Time from request to response, by route.\n");
+        out.push_str("# TYPE needle_request_duration_seconds histogram\n");
+        if let Ok(m) = self.latency.lock() {
+            for (route, h) in m.iter() {
+                let mut cum = 0;
+                for (i, b) in BUCKETS.iter().enumerate() {
+                    cum += h.counts[i].load(Relaxed);
+                    let _ =
+                        writeln!(out, "needle_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {cum}");
+                }
+                cum += h.counts[BUCKETS.len()].load(Relaxed);
+                let _ = writeln!(out, "needle_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {cum}");
+                let sum = h.sum_micros.load(Relaxed) as f64 / 1e6;
+                let _ = writeln!(out, "needle_request_duration_seconds_sum{{route=\"{route}\"}} {sum}");
+                let _ = writeln!(out, "needle_request_duration_seconds_count{{route=\"{route}\"}} {cum}");
+            }
+        }
+        let counters = [
+            (
+                "needle_popularity_fallbacks_total",
+                "Recalls answered by popularity (nothing known about the user).",
+                &self.popularity_fallbacks,
+            ),
+            ("needle_store_errors_total", "Store calls that failed.", &self.store_errors),
+            ("needle_events_total", "Events appended to user histories.", &self.events),
+            ("needle_reloads_total", "Successful model reloads.", &self.reloads),
+            (
+                "needle_reload_failures_total",
+                "Reloads that failed (the old model kept serving).",
+                &self.reload_failures,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+        }
+        if let Some(rss) = resident_bytes() {
+            let _ = writeln!(out, "# HELP process_resident_memory_bytes Resident memory size in bytes.");
+            let _ = writeln!(out, "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}");
+        }
+        let _ = writeln!(out, "# HELP needle_index_items Items in the serving index.\n# TYPE needle_index_items gauge");
+        let _ = writeln!(out, "needle_index_items {index_items}");
+        let _ = writeln!(out, "# HELP needle_model_info The model being served.\n# TYPE needle_model_info gauge");
+        let _ = writeln!(out, "needle_model_info{{run=\"{run_id}\",kind=\"{kind}\",index=\"{index_params}\"}} 1");
+        out
+    }
+}
+
+/// This process's resident set size, from `/proc/self/statm` (Linux).
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_counts_add_up() {
+        let m = Metrics::default();
+        for us in [100u64, 800, 1_500, 4_000, 30_000, 5_000_000] {
+            m.record("recall", 200, Duration::from_micros(us));
+        }
+        m.record("recall", 400, Duration::from_micros(50));
+        m.record("recall", 503, Duration::from_micros(50));
+        let text = m.render("r:1", "youtubednn", 10, "exact");
+        assert!(text.contains("needle_requests_total{route=\"recall\",status=\"200\"} 6"), "{text}");
+        assert!(text.contains("needle_request_errors_total 1"), "{text}");
+        assert!(text.contains("le=\"0.0005\"} 3\n"), "{text}");
+        assert!(text.contains("le=\"0.002\"} 5\n"), "{text}");
+        assert!(text.contains("le=\"2\"} 7\n"), "{text}");
+        assert!(text.contains("le=\"+Inf\"} 8\n"), "{text}");
+        assert!(text.contains("needle_request_duration_seconds_count{route=\"recall\"} 8"), "{text}");
+        assert!(text.contains("needle_index_items 10"), "{text}");
+    }
+}

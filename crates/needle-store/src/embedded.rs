@@ -1,0 +1,229 @@
+//! The default store: one redb file. Reads are plain B-tree lookups in the caller's thread (a
+//! few microseconds); writes commit durably, so they run on tokio's blocking pool to keep the
+//! request threads free while the file syncs.
+
+use crate::{truncate_front, ItemDetails, ItemRecord, Result, Store, StoreError, StoreFuture, UserProfile, UserRecord};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Item id → JSON details.
+const ITEMS: TableDefinition<&str, &[u8]> = TableDefinition::new("items");
+/// User id → JSON feature map.
+const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+/// User id → history, item ids joined by '\n' (ids never hold a newline: loaders split lines).
+const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// Records written per transaction while loading.
+const LOAD_BATCH: usize = 10_000;
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl EmbeddedStore {
+    /// Opens the file, creating it (and its tables) when missing.
+    pub fn open(path: &Path) -> Result<Self> {
+        let fail = |e: &dyn std::fmt::Display| StoreError::Embedded { path: path.to_owned(), message: e.to_string() };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+        }
+        let db = Database::create(path).map_err(|e| fail(&e))?;
+        let store = EmbeddedStore { db: Arc::new(db), path: path.to_owned() };
+        store.write(|tx| {
+            tx.open_table(ITEMS)?;
+            tx.open_table(USERS)?;
+            tx.open_table(HISTORY)?;
+            tx.open_table(META)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Embedded { path: self.path.clone(), message: e.to_string() }
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>) -> Result<T> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let out = f(&tx).map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    fn read_items(&self, ids: &[&str]) -> Result<Vec<Option<ItemDetails>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(ITEMS).map_err(|e| self.err(e))?;
+        ids.iter()
+            .map(|id| match table.get(*id).map_err(|e| self.err(e))? {
+                Some(v) => serde_json::from_slice(v.value())
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt { key: format!("item {id}"), message: e.to_string() }),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    fn read_user(&self, id: &str, max_history: usize) -> Result<Option<UserProfile>> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let users = tx.open_table(USERS).map_err(|e| self.err(e))?;
+        let history = tx.open_table(HISTORY).map_err(|e| self.err(e))?;
+        let features = match users.get(id).map_err(|e| self.err(e))? {
+            Some(v) => Some(
+                serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt { key: format!("user {id}"), message: e.to_string() })?,
+            ),
+            None => None,
+        };
+        let hist = history.get(id).map_err(|e| self.err(e))?.map(|v| split_history(v.value()));
+        Ok(match (features, hist) {
+            (None, None) => None,
+            (f, h) => {
+                let mut history = h.unwrap_or_default();
+                truncate_front(&mut history, max_history);
+                Some(UserProfile { features: f.unwrap_or_default(), history })
+            }
+        })
+    }
+}
+
+fn split_history(bytes: &[u8]) -> Vec<String> {
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    String::from_utf8_lossy(bytes).split('\n').map(str::to_owned).collect()
+}
+
+fn join_history(items: &[String]) -> Vec<u8> {
+    items.join("\n").into_bytes()
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Maps of strings always serialise.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+impl Store for EmbeddedStore {
+    fn describe(&self) -> String {
+        format!("embedded:{}", self.path.display())
+    }
+
+    fn items<'a>(&'a self, ids: &'a [&'a str]) -> StoreFuture<'a, Vec<Option<ItemDetails>>> {
+        Box::pin(async move { self.read_items(ids) })
+    }
+
+    fn user<'a>(&'a self, id: &'a str, max_history: usize) -> StoreFuture<'a, Option<UserProfile>> {
+        Box::pin(async move { self.read_user(id, max_history) })
+    }
+
+    fn append_event<'a>(&'a self, user: &'a str, item: &'a str, max_history: usize) -> StoreFuture<'a, usize> {
+        let (db, path) = (self.db.clone(), self.path.clone());
+        let (user, item) = (user.to_owned(), item.to_owned());
+        Box::pin(async move {
+            let this = EmbeddedStore { db, path };
+            let job = move || {
+                this.write(|tx| {
+                    let mut table = tx.open_table(HISTORY)?;
+                    let mut history = table.get(user.as_str())?.map(|v| split_history(v.value())).unwrap_or_default();
+                    history.push(item);
+                    truncate_front(&mut history, max_history);
+                    table.insert(user.as_str(), join_history(&history).as_slice())?;
+                    Ok(history.len())
+                })
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(_) => tokio::task::spawn_blocking(job).await.map_err(|e| self.err(e))?,
+                Err(_) => job(),
+            }
+        })
+    }
+
+    fn load<'a>(
+        &'a self,
+        items: &'a [ItemRecord],
+        users: &'a [UserRecord],
+        max_history: usize,
+        progress: &'a (dyn Fn(usize) + Send + Sync),
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut done = 0;
+            for chunk in items.chunks(LOAD_BATCH) {
+                self.write(|tx| {
+                    let mut t = tx.open_table(ITEMS)?;
+                    for it in chunk {
+                        t.insert(it.id.as_str(), to_json(&it.details).as_slice())?;
+                    }
+                    Ok(())
+                })?;
+                done += chunk.len();
+                progress(done);
+            }
+            for chunk in users.chunks(LOAD_BATCH) {
+                self.write(|tx| {
+                    let mut f = tx.open_table(USERS)?;
+                    let mut h = tx.open_table(HISTORY)?;
+                    for u in chunk {
+                        f.insert(u.id.as_str(), to_json(&u.profile.features).as_slice())?;
+                        let start = u.profile.history.len().saturating_sub(max_history);
+                        h.insert(u.id.as_str(), join_history(&u.profile.history[start..]).as_slice())?;
+                    }
+                    Ok(())
+                })?;
+                done += chunk.len();
+                progress(done);
+            }
+            Ok(())
+        })
+    }
+
+    fn loaded_tag(&self) -> StoreFuture<'_, Option<String>> {
+        Box::pin(async move {
+            let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+            let t = tx.open_table(META).map_err(|e| self.err(e))?;
+            let v = t.get("loaded").map_err(|e| self.err(e))?.map(|v| v.value().to_owned());
+            Ok(v)
+        })
+    }
+
+    fn set_loaded_tag<'a>(&'a self, tag: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.write(|tx| {
+                tx.open_table(META)?.insert("loaded", tag)?;
+                Ok(())
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn embedded_store_behaves_like_a_store_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/store.redb");
+        {
+            let s = EmbeddedStore::open(&path).unwrap();
+            crate::conformance::check(&s).await;
+        }
+        // Reopening sees what was written, events included.
+        let s = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(s.user("new", 10).await.unwrap().unwrap().history, vec!["i1", "i2"]);
+        assert_eq!(s.loaded_tag().await.unwrap().as_deref(), Some("fp1"));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_store_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.redb");
+        std::fs::write(&path, b"definitely not a redb file, just some text that is long enough").unwrap();
+        let err = EmbeddedStore::open(&path).err().expect("must fail");
+        assert!(err.to_string().contains("x.redb"), "{err}");
+    }
+}

@@ -1,0 +1,180 @@
+//! `needle serve`, `needle store load` and `needle bench serve`: the online side.
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use needle_serve::engine::store_records;
+use needle_serve::http::EMBEDDED_STORE_FILE;
+use needle_serve::loadgen::{self, LoadOptions};
+use needle_serve::{Limits, ServeOptions};
+use needle_store::StoreSpec;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// Parses `30s`, `500ms`, `2m` or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(Duration::from_secs_f64(v * scale)),
+        _ => Err(format!("{s:?} is not a duration (e.g. 30s, 500ms, 2m)")),
+    }
+}
+
+fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers.filter(|&n| n > 0) {
+        b.worker_threads(n);
+    }
+    b.enable_all().build().context("cannot start the async runtime")
+}
+
+fn init_logs(level: &str) -> Result<()> {
+    let level: tracing::Level = level.parse().map_err(|_| anyhow::anyhow!("unknown log level {level:?}"))?;
+    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_target(false).init();
+    Ok(())
+}
+
+pub struct ServeFlags<'a> {
+    pub addr: SocketAddr,
+    pub store: &'a str,
+    pub index: Option<&'a Path>,
+    pub limits: Limits,
+    pub log_level: &'a str,
+    pub threads: Option<usize>,
+}
+
+pub fn serve(run: &Path, data_dir: Option<&Path>, f: ServeFlags<'_>) -> Result<()> {
+    init_logs(f.log_level)?;
+    let store: StoreSpec = f.store.parse()?;
+    let opts = ServeOptions {
+        run: run.to_owned(),
+        data_dir: data_dir.map(Path::to_owned),
+        index: f.index.map(Path::to_owned),
+        store,
+        addr: f.addr,
+        limits: f.limits,
+    };
+    runtime(f.threads)?.block_on(needle_serve::serve(opts))?;
+    Ok(())
+}
+
+pub fn store_load(run: &Path, data_dir: Option<&Path>, store: &str) -> Result<()> {
+    let spec: StoreSpec = store.parse()?;
+    let loaded = needle_train::run::load_run(run, data_dir)?;
+    let (items, users) = store_records(&loaded);
+    let max = loaded.info.config.model.max_seq_len;
+    let fp = loaded.info.data_fingerprint.clone();
+    drop(loaded);
+    let rt = runtime(Some(1))?;
+    rt.block_on(async {
+        let s = needle_store::open(&spec, &run.join(EMBEDDED_STORE_FILE)).await?;
+        let total = items.len() + users.len();
+        let bar = ProgressBar::new(total as u64).with_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(format!("loading {}", s.describe()));
+        let t = std::time::Instant::now();
+        s.load(&items, &users, max, &|n| bar.set_position(n as u64)).await?;
+        s.set_loaded_tag(&fp).await?;
+        bar.finish_and_clear();
+        eprintln!(
+            "loaded {} items and {} users (histories capped at {max}) into {} in {:.2}s",
+            items.len(),
+            users.len(),
+            s.describe(),
+            t.elapsed().as_secs_f64()
+        );
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+pub struct BenchServeFlags {
+    pub addr: SocketAddr,
+    pub duration: Duration,
+    pub concurrency: usize,
+    pub rate: f64,
+    pub k: usize,
+    pub reloads: usize,
+    pub malformed: usize,
+}
+
+/// User ids to send: the run's user vocabulary.
+fn user_ids(run: &Path) -> Result<Vec<String>> {
+    let path = run.join("vocab").join("users.tsv");
+    let vocab =
+        needle_data::Vocab::load(&path).with_context(|| format!("cannot read user ids from {}", path.display()))?;
+    Ok(vocab.iter().skip(1).map(|(_, s)| s.to_owned()).collect())
+}
+
+pub fn bench_serve(run: &Path, f: BenchServeFlags) -> Result<()> {
+    let users = user_ids(run)?;
+    if users.is_empty() {
+        bail!("{} has no users to send", run.display());
+    }
+    let opts = LoadOptions {
+        addr: f.addr,
+        duration: f.duration,
+        concurrency: f.concurrency,
+        rate: f.rate,
+        k: f.k,
+        users,
+        reloads: f.reloads,
+        malformed: f.malformed,
+    };
+    // One thread, so the server keeps the other core(s).
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let r = rt.block_on(loadgen::run(opts)).with_context(|| format!("load run against {} failed", f.addr))?;
+    let rate = if f.rate > 0.0 { format!("{:.0}", f.rate) } else { "max".to_owned() };
+    println!("| connections | target rps | achieved rps | ok | failed | p50 ms | p90 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {rate} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        f.concurrency,
+        r.rps(),
+        r.ok,
+        r.failed,
+        r.quantile_ms(0.5),
+        r.quantile_ms(0.9),
+        r.quantile_ms(0.99),
+        r.quantile_ms(1.0)
+    );
+    if f.reloads > 0 || f.malformed > 0 {
+        println!(
+            "\nreloads: {} ok, {} failed; malformed requests: {} sent, {} answered 4xx with a JSON error",
+            r.reloads_ok, r.reloads_failed, r.malformed_sent, r.malformed_rejected
+        );
+    }
+    if let (Some(a), Some(b)) = (r.rss_start, r.rss_end) {
+        println!("server resident memory: {:.1} MB before, {:.1} MB after", a as f64 / 1e6, b as f64 / 1e6);
+    }
+    if r.failed > 0 {
+        bail!("{} well-formed requests failed", r.failed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_bad_ones_are_refused() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        for bad in ["", "s", "-1s", "abc", "0"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

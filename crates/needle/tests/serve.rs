@@ -1,0 +1,365 @@
+//! End-to-end tests of `needle serve` as a separate process, over real HTTP: recall for known,
+//! new and anonymous users, events, every kind of bad input, metrics, reloads under load,
+//! SIGHUP, SIGTERM, and the Redis store against a real redis-server.
+
+mod common;
+
+use common::{needle, ok, planted_log, write_config};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const YT: &str = r#"[model]
+kind = "youtubednn"
+dim = 16
+hidden = [32]
+user_features = ["country"]
+feature_dim = 4
+max_seq_len = 10
+[train]
+epochs = 12
+batch_size = 64
+lr = 0.005
+embedding_lr = 0.01
+temperature = 0.1
+patience = 0
+seed = 7
+"#;
+
+/// Trains the planted-log models the tests serve: `runs/yt` and `runs/pop`.
+fn trained(dir: &Path) {
+    planted_log(dir);
+    write_config(dir, "yt.toml", YT);
+    write_config(dir, "pop.toml", "[model]\nkind = \"popularity\"\n");
+    ok(&needle(&["--threads", "2", "train", "--config", "yt.toml", "--out", "runs/yt", "--quiet"], dir));
+    ok(&needle(&["train", "--config", "pop.toml", "--out", "runs/pop", "--quiet"], dir));
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(dir: &Path, args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_needle"))
+            .args(["--threads", "2", "serve", "--addr", "127.0.0.1:0", "--log-level", "warn"])
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("needle serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr =
+            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}")).to_owned();
+        Server { child, addr }
+    }
+
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: String,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// A 4xx whose JSON error message contains `needle`.
+    fn rejects(&self, status: u16, needle: &str) {
+        let v = self.json();
+        let msg = v["error"]["message"].as_str().unwrap_or_else(|| panic!("no error message: {v}"));
+        assert_eq!(self.status, status, "{msg}");
+        assert_eq!(v["error"]["status"], status);
+        assert!(msg.contains(needle), "{msg:?} does not mention {needle:?}");
+    }
+}
+
+fn http(addr: &str, method: &str, path: &str, body: &[u8], extra_headers: &str) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra_headers}\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) and close before reading an oversize body.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a full response");
+    let headers = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = headers.split_whitespace().nth(1).unwrap().parse().unwrap();
+    Reply { status, headers, body: raw[split + 4..].to_vec() }
+}
+
+fn post(addr: &str, path: &str, v: &Value) -> Reply {
+    http(addr, "POST", path, v.to_string().as_bytes(), "")
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_owned()).collect()
+}
+
+fn user_log(dir: &Path, user: &str) -> Vec<String> {
+    let log = std::fs::read_to_string(dir.join("log.csv")).unwrap();
+    log.lines()
+        .filter(|l| l.starts_with(&format!("{user},")))
+        .map(|l| l.split(',').nth(1).unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn serving_answers_recalls_events_and_rejects_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    trained(dir);
+    let srv = Server::start(dir, &["--run", "runs/yt", "--max-body-bytes", "4096", "--max-k", "500"]);
+    let a = srv.addr.as_str();
+
+    let h = http(a, "GET", "/healthz", b"", "");
+    assert_eq!(h.status, 200);
+    let health = h.json();
+    assert!(health["model"].as_str().unwrap().starts_with("yt:"), "{health}");
+    assert!(health["store"].as_str().unwrap().contains("store.redb"), "{health}");
+    assert!(dir.join("runs/yt/store.redb").exists(), "the embedded store is filled on first start");
+
+    // A known user: k distinct items, none already in the user's log.
+    let r = post(a, "/v1/recall", &json!({"user_id": "u3", "k": 7}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["source"], "model");
+    assert_eq!(v["known_user"], true);
+    assert_eq!(v["model"], health["model"]);
+    let got = ids(&v);
+    assert_eq!(got.len(), 7);
+    let mut dedup = got.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!(dedup.len(), 7);
+    // The store keeps the newest max_seq_len (10) items of each history; those are excluded.
+    let log = user_log(dir, "u3");
+    let recent = &log[log.len() - 10..];
+    assert!(got.iter().all(|i| !recent.contains(i)), "recommended recently seen items: {got:?}");
+    let scores: Vec<f64> = v["items"].as_array().unwrap().iter().map(|i| i["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    // exclude_seen = false may return them; the ids are still distinct.
+    let r = post(a, "/v1/recall", &json!({"user_id": "u3", "k": 20, "exclude_seen": false}));
+    assert_eq!(ids(&r.json()).len(), 20);
+    // Integer ids are accepted as their text.
+    assert_eq!(post(a, "/v1/recall", &json!({"user_id": 3, "k": 5})).status, 200);
+
+    // No user, explicit history from taste group 1: the planted structure points back into group 1.
+    let r =
+        post(a, "/v1/recall", &json!({"history": ["c1_3", "c1_4", "c1_5"], "features": {"country": "de"}, "k": 10}));
+    let v = r.json();
+    assert_eq!(v["source"], "model");
+    assert_eq!(v["known_user"], false);
+    let got = ids(&v);
+    let in_group = got.iter().filter(|i| i.starts_with("c1_")).count();
+    assert!(in_group >= 5, "only {in_group} of {got:?} from the history's group");
+    assert!(!got.iter().any(|i| ["c1_3", "c1_4", "c1_5"].contains(&i.as_str())));
+
+    // Nothing known: popularity, flagged; the planted hot items lead.
+    let v = post(a, "/v1/recall", &json!({"user_id": "stranger", "k": 5})).json();
+    assert_eq!(v["source"], "popularity");
+    assert_eq!(v["known_user"], false);
+    assert!(ids(&v).iter().all(|i| i.starts_with("hot")), "{v}");
+    assert_eq!(post(a, "/v1/recall", &json!({})).json()["source"], "popularity");
+
+    // Events: a new user becomes known at once, and the event's item is then excluded.
+    let e = post(a, "/v1/events", &json!({"user_id": "newbie", "item_id": "c2_5", "ts": 978300760}));
+    assert_eq!(e.status, 200);
+    assert_eq!(e.json()["history_len"], 1);
+    let v = post(a, "/v1/recall", &json!({"user_id": "newbie", "k": 10})).json();
+    assert_eq!(v["source"], "model");
+    assert_eq!(v["known_user"], true);
+    assert!(!ids(&v).contains(&"c2_5".to_owned()));
+    // Histories stay bounded by max_seq_len (10).
+    for i in 0..15 {
+        let e = post(a, "/v1/events", &json!({"user_id": "newbie", "item_id": format!("c2_{}", i % 25)}));
+        assert_eq!(e.status, 200);
+    }
+    assert_eq!(post(a, "/v1/events", &json!({"user_id": "newbie", "item_id": "c2_0"})).json()["history_len"], 10);
+
+    // Bad input: 4xx with a JSON error saying what is wrong, and the server keeps serving.
+    http(a, "POST", "/v1/recall", b"{\"user_id\": \"u3\", \"k\": ", "").rejects(400, "invalid request body");
+    post(a, "/v1/recall", &json!({"user_id": "u3", "k": "ten"})).rejects(400, "invalid type");
+    post(a, "/v1/recall", &json!({"user_id": "u3", "k": 0})).rejects(400, "k must be between 1 and 500");
+    post(a, "/v1/recall", &json!({"user_id": "u3", "k": -3})).rejects(400, "got -3");
+    post(a, "/v1/recall", &json!({"user_id": "u3", "k": 501})).rejects(400, "max_k");
+    post(a, "/v1/recall", &json!({"history": ["c1_3", "nope", "nada"]}))
+        .rejects(400, "unknown item ids in history: nope, nada");
+    post(a, "/v1/recall", &json!({"features": {"planet": "mars"}})).rejects(400, "unknown feature `planet`");
+    post(a, "/v1/recall", &json!({"user_id": "u3", "kk": 5})).rejects(400, "unknown field `kk`");
+    post(a, "/v1/recall", &json!({"user_id": ["u3"]})).rejects(400, "an id (string or integer)");
+    post(a, "/v1/recall", &json!([1, 2])).rejects(400, "invalid request body");
+    http(a, "POST", "/v1/recall", b"", "").rejects(400, "empty request body");
+    let big = json!({"history": vec!["c1_1"; 1000]}).to_string();
+    http(a, "POST", "/v1/recall", big.as_bytes(), "").rejects(413, "");
+    post(a, "/v1/events", &json!({"user_id": "u3"})).rejects(400, "missing field `item_id`");
+    post(a, "/v1/events", &json!({"user_id": "u3", "item_id": "nope"})).rejects(400, "unknown item id");
+    http(a, "GET", "/v1/recall", b"", "").rejects(405, "GET is not allowed");
+    http(a, "GET", "/nowhere", b"", "").rejects(404, "no route GET /nowhere");
+    assert_eq!(post(a, "/v1/recall", &json!({"user_id": "u3", "k": 3})).status, 200);
+
+    // Request ids: the client's is echoed.
+    let r = http(a, "POST", "/v1/recall", br#"{"user_id":"u3"}"#, "x-request-id: abc-123\r\n");
+    assert!(r.headers.to_lowercase().contains("x-request-id: abc-123"), "{}", r.headers);
+
+    let m = http(a, "GET", "/metrics", b"", "");
+    assert_eq!(m.status, 200);
+    let text = String::from_utf8_lossy(&m.body);
+    // User 3 (the log's users are u0, u1, …), "stranger" and the empty request.
+    assert!(text.contains("\nneedle_popularity_fallbacks_total 3\n"), "{text}");
+    for want in [
+        "needle_requests_total{route=\"recall\",status=\"200\"}",
+        "needle_requests_total{route=\"recall\",status=\"400\"}",
+        "needle_requests_total{route=\"recall\",status=\"413\"}",
+        "needle_request_duration_seconds_bucket{route=\"recall\",le=\"+Inf\"}",
+        "needle_events_total 17",
+        "needle_model_info{run=\"yt:",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(text.contains(want), "metrics lack {want}:\n{text}");
+    }
+    let doc = http(a, "GET", "/openapi.json", b"", "").json();
+    assert!(doc["paths"]["/v1/recall"]["post"].is_object() && doc["openapi"].is_string());
+
+    // SIGTERM: a clean exit.
+    srv.signal("TERM");
+    let mut srv = srv;
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = srv.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn reloads_swap_models_without_failing_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    trained(dir);
+    let srv = Server::start(dir, &["--run", "runs/yt"]);
+    let a = srv.addr.clone();
+    let yt_id = http(&a, "GET", "/healthz", b"", "").json()["model"].as_str().unwrap().to_owned();
+
+    // Recalls keep flowing on other threads while the model is swapped back and forth.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|c| {
+            let (a, stop) = (a.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut n, mut failed) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = post(&a, "/v1/recall", &json!({"user_id": format!("u{}", (n * 3 + c) % 300), "k": 10}));
+                    if r.status != 200 || ids(&r.json()).len() != 10 {
+                        failed.push(String::from_utf8_lossy(&r.body).into_owned());
+                    }
+                    n += 1;
+                }
+                (n, failed)
+            })
+        })
+        .collect();
+    let mut models = Vec::new();
+    for run in ["runs/pop", "runs/yt", "runs/pop"] {
+        let r = post(&a, "/admin/reload", &json!({"run": run}));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        models.push(r.json()["model"].as_str().unwrap().to_owned());
+    }
+    assert!(models[0].starts_with("pop:") && models[1] == yt_id && models[2].starts_with("pop:"), "{models:?}");
+    // A run that cannot load leaves the current one serving.
+    post(&a, "/admin/reload", &json!({"run": "runs/missing"})).rejects(500, "still serving the previous model");
+    assert_eq!(http(&a, "GET", "/healthz", b"", "").json()["model"], models[2]);
+    // SIGHUP re-reads the current run.
+    srv.signal("HUP");
+    let t = Instant::now();
+    loop {
+        let text = String::from_utf8_lossy(&http(&a, "GET", "/metrics", b"", "").body).into_owned();
+        if text.contains("needle_reloads_total 4") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "SIGHUP did not reload:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (n, failed) = c.join().unwrap();
+        assert!(failed.is_empty(), "{} failed during reloads, e.g. {}", failed.len(), failed[0]);
+        total += n;
+    }
+    assert!(total > 0);
+    // The popularity model answers everyone from the counts.
+    let v = post(&a, "/v1/recall", &json!({"user_id": "u3", "k": 5, "exclude_seen": false})).json();
+    assert!(v["model"].as_str().unwrap().starts_with("pop:"));
+    assert!(ids(&v).iter().all(|i| i.starts_with("hot")), "{v}");
+}
+
+#[test]
+fn redis_store_serves_and_takes_events() {
+    let Some(redis) = needle_store::testing::start(2) else {
+        eprintln!("SKIPPED: no redis-server binary on PATH and NEEDLE_TEST_REDIS is not set");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    trained(dir);
+    let url = redis.url.as_str();
+    let out = needle(&["store", "load", "--run", "runs/yt", "--store", url], dir);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(&out);
+    assert!(err.contains("items and 300 users"), "{err}");
+    let srv = Server::start(dir, &["--run", "runs/yt", "--store", url]);
+    let a = srv.addr.as_str();
+    assert_eq!(http(a, "GET", "/healthz", b"", "").json()["store"], url);
+    assert!(!dir.join("runs/yt/store.redb").exists(), "the Redis store must not create the embedded file");
+
+    let v = post(a, "/v1/recall", &json!({"user_id": "u10", "k": 10})).json();
+    assert_eq!(v["known_user"], true);
+    let log = user_log(dir, "u10");
+    assert!(ids(&v).iter().all(|i| !log[log.len() - 10..].contains(i)));
+
+    // The event lands in Redis: another client sees it at once.
+    assert_eq!(post(a, "/v1/events", &json!({"user_id": "r1", "item_id": "c4_2"})).status, 200);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let profile = rt.block_on(async {
+        use needle_store::Store;
+        let s = needle_store::RedisStore::connect(url).await.unwrap();
+        s.user("r1", 10).await.unwrap()
+    });
+    assert_eq!(profile.unwrap().history, vec!["c4_2"]);
+    assert_eq!(post(a, "/v1/recall", &json!({"user_id": "r1"})).json()["source"], "model");
+
+    // A store that is down is a clear error at start.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = needle(&["serve", "--run", "runs/yt", "--store", &format!("redis://127.0.0.1:{port}")], dir);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("127.0.0.1:{port}")));
+}
