@@ -203,11 +203,12 @@ async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Respons
     let took = t.elapsed();
     let status = resp.status().as_u16();
     app.metrics.record(route, status, took);
-    let ms = took.as_secs_f64() * 1e3;
+    // The id is repeated on the event so that it shows even when the span's level is filtered out.
+    let us = took.as_micros() as u64;
     span.in_scope(|| match status {
-        500.. => tracing::error!(status, ms, "failed"),
-        400..=499 => tracing::warn!(status, ms, "rejected"),
-        _ => tracing::debug!(status, ms, "ok"),
+        500.. => tracing::error!(request_id = %rid, route, status, us, "failed"),
+        400..=499 => tracing::warn!(request_id = %rid, route, status, us, "rejected"),
+        _ => tracing::debug!(request_id = %rid, route, status, us, "ok"),
     });
     if let Ok(v) = HeaderValue::from_str(&rid) {
         resp.headers_mut().insert("x-request-id", v);

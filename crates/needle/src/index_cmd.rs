@@ -111,7 +111,7 @@ pub fn build(
 }
 
 /// Adds vectors until there are `n`: each is a random real item's vector plus Gaussian noise of
-/// about half its norm, so the padded catalogue keeps the real one's geometry. Their ids follow
+/// about half its norm, rescaled to that norm, so the padded catalogue keeps the real one's geometry. Their ids follow
 /// the real rows; the server names them `synthetic-ID`.
 fn pad_with_synthetic(ids: &mut Vec<u32>, vecs: &mut Vec<f32>, d: usize, n: usize) {
     let real = ids.len();
@@ -122,10 +122,14 @@ fn pad_with_synthetic(ids: &mut Vec<u32>, vecs: &mut Vec<f32>, d: usize, n: usiz
     for id in first..first + (n - real) as u32 {
         let src = rng.below(real);
         let norm = vecs[src * d..(src + 1) * d].iter().map(|x| x * x).sum::<f32>().sqrt();
+        let start = vecs.len();
         for j in 0..d {
             let v = vecs[src * d + j] + rng.normal() * sigma * norm;
             vecs.push(v);
         }
+        // Same norm as the source, so synthetic items neither crowd out nor hide behind real ones.
+        let new_norm = vecs[start..].iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+        vecs[start..].iter_mut().for_each(|x| *x *= norm / new_norm);
         ids.push(id);
     }
 }
