@@ -104,6 +104,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         boot: std::process::id() ^ (t0.elapsed().subsec_nanos()),
         seq: AtomicU64::new(0),
     });
+    trim_heap();
     let listener = tokio::net::TcpListener::bind(opts.addr).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(reload_on_sighup(app.clone()));
@@ -537,7 +538,21 @@ async fn reload(app: &App, run: Option<PathBuf>) -> Result<(String, String), Ser
     *app.engine.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(engine);
     app.metrics.reloads.fetch_add(1, Relaxed);
     tracing::info!(previous = %current.run_id, model = %new_id, "reloaded");
-    Ok((current.run_id.clone(), new_id))
+    let previous = current.run_id.clone();
+    drop(current);
+    trim_heap();
+    Ok((previous, new_id))
+}
+
+/// Hands freed heap pages back to the OS. Loading a run reads and drops its whole dataset on a
+/// blocking-pool thread; glibc keeps such memory in that thread's arena, so without this the
+/// resident size creeps up with every reload that lands on a new thread.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases unused memory of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 async fn reload_on_sighup(app: Shared) {

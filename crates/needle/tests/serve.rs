@@ -121,6 +121,10 @@ fn ids(v: &Value) -> Vec<String> {
     v["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_owned()).collect()
 }
 
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
 fn user_log(dir: &Path, user: &str) -> Vec<String> {
     let log = std::fs::read_to_string(dir.join("log.csv")).unwrap();
     log.lines()
@@ -316,6 +320,24 @@ fn reloads_swap_models_without_failing_requests() {
         total += n;
     }
     assert!(total > 0);
+    // A multi-interest model: every interest searches, the lists merge by score without duplicates.
+    let mind = "[model]\nkind = \"mind\"\ndim = 16\nhidden = [32]\ninterests = 3\nuser_features = [\"country\", \"user_id\"]\n\
+                feature_dim = 8\nmax_seq_len = 10\n[train]\nepochs = 6\nbatch_size = 64\nlr = 0.005\nembedding_lr = 0.01\n\
+                temperature = 0.1\npatience = 0\nseed = 3\n";
+    write_config(dir, "mind.toml", mind);
+    ok(&needle(&["train", "--config", "mind.toml", "--out", "runs/mind", "--quiet"], dir));
+    assert_eq!(post(&a, "/admin/reload", &json!({"run": "runs/mind"})).status, 200);
+    let v = post(&a, "/v1/recall", &json!({"user_id": "u3", "k": 15})).json();
+    assert!(v["model"].as_str().unwrap().starts_with("mind:"), "{v}");
+    let got = ids(&v);
+    let mut dedup = got.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!((got.len(), dedup.len()), (15, 15), "{got:?}");
+    let scores: Vec<f64> = v["items"].as_array().unwrap().iter().map(|i| i["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    post(&a, "/admin/reload", &json!({"run": "runs/pop"}));
+
     // The popularity model answers everyone from the counts.
     let v = post(&a, "/v1/recall", &json!({"user_id": "u3", "k": 5, "exclude_seen": false})).json();
     assert!(v["model"].as_str().unwrap().starts_with("pop:"));
@@ -347,15 +369,17 @@ fn redis_store_serves_and_takes_events() {
     assert!(ids(&v).iter().all(|i| !log[log.len() - 10..].contains(i)));
 
     // The event lands in Redis: another client sees it at once.
-    assert_eq!(post(a, "/v1/events", &json!({"user_id": "r1", "item_id": "c4_2"})).status, 200);
+    // A user id of its own, so a reused server (NEEDLE_TEST_REDIS) holds no history for it yet.
+    let r1 = format!("r1-{}-{}", std::process::id(), now_nanos());
+    assert_eq!(post(a, "/v1/events", &json!({"user_id": r1, "item_id": "c4_2"})).status, 200);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let profile = rt.block_on(async {
         use needle_store::Store;
         let s = needle_store::RedisStore::connect(url).await.unwrap();
-        s.user("r1", 10).await.unwrap()
+        s.user(&r1, 10).await.unwrap()
     });
     assert_eq!(profile.unwrap().history, vec!["c4_2"]);
-    assert_eq!(post(a, "/v1/recall", &json!({"user_id": "r1"})).json()["source"], "model");
+    assert_eq!(post(a, "/v1/recall", &json!({"user_id": r1})).json()["source"], "model");
 
     // A store that is down is a clear error at start.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
