@@ -420,7 +420,8 @@ async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response
         },
         known_user,
         skipped_history: rec.unknown_history,
-        took_ms: t.elapsed().as_secs_f64() * 1e3,
+        // Microsecond resolution; more digits are noise.
+        took_ms: (t.elapsed().as_secs_f64() * 1e6).round() / 1e3,
     };
     Ok(json_response(&resp))
 }
