@@ -11,7 +11,7 @@ use needle_model::tower::UserBatch;
 use needle_store::{ItemDetails, ItemRecord, UserProfile, UserRecord};
 use needle_train::model::merge_interests;
 use needle_train::prepare::USER_ID_FEATURE;
-use needle_train::run::LoadedRun;
+use needle_train::run::{LoadedRun, ServingRun};
 use needle_train::Model;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -62,7 +62,7 @@ pub struct Recalled {
 impl Engine {
     /// Builds the engine from a loaded run. The item index is `index` when given, else the run's
     /// saved `index.bin`, else the default HNSW built now over the model's item vectors.
-    pub fn new(run: LoadedRun, index: Option<&Path>) -> Result<Engine, ServeError> {
+    pub fn new(run: ServingRun, index: Option<&Path>) -> Result<Engine, ServeError> {
         let dir = run.dir.clone();
         // The manifest and the weights (popularity runs have none) identify what is served.
         let checksum = ["model.toml", "model.safetensors"]
@@ -70,7 +70,6 @@ impl Engine {
             .filter_map(|f| std::fs::read(dir.join(f)).ok())
             .fold(0xcbf2_9ce4_8422_2325u64, |h, bytes| fnv64(h, &bytes));
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
-        let p = run.prepared;
         let model = run.model;
         let index_path = index.map(Path::to_owned).unwrap_or_else(|| dir.join(needle_index::RUN_INDEX_FILE));
         let index: Box<dyn Index> = if index_path.exists() {
@@ -104,7 +103,7 @@ impl Engine {
             ix
         };
         let mut popular: Vec<(u32, f32)> =
-            p.item_counts.iter().enumerate().skip(1).map(|(row, &c)| (row as u32, c as f32)).collect();
+            run.item_counts.iter().enumerate().skip(1).map(|(row, &c)| (row as u32, c as f32)).collect();
         popular.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         Ok(Engine {
             run_id: format!("{name}:{:08x}", checksum >> 32),
@@ -114,9 +113,9 @@ impl Engine {
             max_seq_len: run.info.config.model.max_seq_len,
             index_params: index.params().to_string(),
             model,
-            items: p.items,
-            feature_names: p.user_feature_names,
-            feature_vocabs: p.user_feature_vocabs,
+            items: run.items,
+            feature_names: run.user_feature_names,
+            feature_vocabs: run.user_feature_vocabs,
             index,
             popular,
         })

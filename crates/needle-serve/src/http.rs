@@ -118,25 +118,37 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Loads a run into an engine on the blocking pool. With a store, fills it from the run's data
-/// when it holds nothing yet, and warns when it was loaded from other data.
+/// Loads a run into an engine on the blocking pool, from the run directory alone. With a store
+/// that holds nothing yet, also reads the run's training data to fill it; warns when the store
+/// was filled from other data.
 async fn load_engine(
     run: &Path,
     data_dir: Option<PathBuf>,
     index: Option<PathBuf>,
     store: Option<&dyn Store>,
 ) -> Result<Engine, ServeError> {
+    let empty_store = match store {
+        Some(s) => s.loaded_tag().await?.is_none(),
+        None => false,
+    };
     let dir = run.to_owned();
-    let loaded = tokio::task::spawn_blocking(move || needle_train::run::load_run(&dir, data_dir.as_deref()))
-        .await
-        .map_err(|e| ServeError::Internal(e.to_string()))??;
+    let blocking = move || -> Result<_, ServeError> {
+        if empty_store {
+            let loaded = needle_train::run::load_run(&dir, data_dir.as_deref())?;
+            let records = store_records(&loaded);
+            Ok((needle_train::run::ServingRun::from(loaded), Some(records)))
+        } else {
+            Ok((needle_train::run::load_for_serving(&dir, data_dir.as_deref())?, None))
+        }
+    };
+    let (served, records) =
+        tokio::task::spawn_blocking(blocking).await.map_err(|e| ServeError::Internal(e.to_string()))??;
     if let Some(store) = store {
-        let fp = loaded.info.data_fingerprint.clone();
-        match store.loaded_tag().await? {
-            None => {
-                let (items, users) = store_records(&loaded);
+        let fp = served.info.data_fingerprint.clone();
+        match records {
+            Some((items, users)) => {
                 let t = Instant::now();
-                let max = loaded.info.config.model.max_seq_len;
+                let max = served.info.config.model.max_seq_len;
                 store.load(&items, &users, max, &|_| {}).await?;
                 store.set_loaded_tag(&fp).await?;
                 tracing::info!(
@@ -147,14 +159,17 @@ async fn load_engine(
                     t.elapsed().as_secs_f64()
                 );
             }
-            Some(tag) if tag != fp => tracing::warn!(
-                store = %store.describe(),
-                "the store was loaded from other data (fingerprint {tag}, this run's is {fp}); reload it with `needle store load`"
-            ),
-            Some(_) => {}
+            None => {
+                if let Some(tag) = store.loaded_tag().await?.filter(|t| *t != fp) {
+                    tracing::warn!(
+                        store = %store.describe(),
+                        "the store was loaded from other data (fingerprint {tag}, this run's is {fp}); reload it with `needle store load`"
+                    );
+                }
+            }
         }
     }
-    tokio::task::spawn_blocking(move || Engine::new(loaded, index.as_deref()))
+    tokio::task::spawn_blocking(move || Engine::new(served, index.as_deref()))
         .await
         .map_err(|e| ServeError::Internal(e.to_string()))?
 }

@@ -40,6 +40,11 @@ impl Model {
         with_tower!(self, m => m.out_dim(), pop _c => 1)
     }
 
+    /// Item table rows, padding row 0 included.
+    pub fn item_rows(&self) -> usize {
+        with_tower!(self, m => m.item_rows(), pop counts => counts.len())
+    }
+
     /// Vectors per user (several for multi-interest models).
     pub fn interests(&self) -> usize {
         with_tower!(self, m => m.interests(), pop _c => 1)

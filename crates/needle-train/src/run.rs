@@ -5,6 +5,7 @@
 //!   model.toml          config, tower shapes, vocabulary sizes, data fingerprint, training summary
 //!   model.safetensors   parameters
 //!   vocab/*.tsv         raw id ↔ row for items, users and every categorical feature
+//!   item_counts.tsv     training events per item row (popularity, the fallback for unknown users)
 //!   train_log.jsonl     one line per epoch
 //! ```
 
@@ -23,6 +24,8 @@ use std::path::{Path, PathBuf};
 
 /// Bumped whenever the layout of a run directory changes incompatibly.
 pub const RUN_FORMAT: u32 = 1;
+
+const ITEM_COUNTS_FILE: &str = "item_counts.tsv";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainingSummary {
@@ -108,6 +111,9 @@ pub fn save_run(
     for (name, vocab) in vocab_files(p) {
         vocab.save(&dir.join("vocab").join(format!("{name}.tsv")))?;
     }
+    let counts: String = p.item_counts.iter().enumerate().skip(1).map(|(row, c)| format!("{row}\t{c}\n")).collect();
+    let counts_path = dir.join(ITEM_COUNTS_FILE);
+    std::fs::write(&counts_path, counts).map_err(io(&counts_path))?;
     let ckpt = dir.join("model.safetensors");
     let (mut deep, mut fm, mut mind) = (None, None, None);
     match &t.model {
@@ -170,9 +176,8 @@ pub struct LoadedRun {
     pub model: Model,
 }
 
-/// Reads `dir/model.toml`, reloads and re-splits the data (checking that it is the data the
-/// model was trained on) and loads the parameters.
-pub fn load_run(dir: &Path, data_dir: Option<&Path>) -> Result<LoadedRun, TrainError> {
+/// Reads and checks `dir/model.toml`.
+pub fn read_info(dir: &Path) -> Result<RunInfo, TrainError> {
     let path = dir.join("model.toml");
     let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => TrainError::Config(format!(
@@ -190,6 +195,13 @@ pub fn load_run(dir: &Path, data_dir: Option<&Path>) -> Result<LoadedRun, TrainE
             info.format
         )));
     }
+    Ok(info)
+}
+
+/// Reads `dir/model.toml`, reloads and re-splits the data (checking that it is the data the
+/// model was trained on) and loads the parameters.
+pub fn load_run(dir: &Path, data_dir: Option<&Path>) -> Result<LoadedRun, TrainError> {
+    let info = read_info(dir)?;
     let (dataset, split) = load_data(&info.config, data_dir)?;
     let fp = dataset.fingerprint();
     if fp != info.data_fingerprint {
@@ -205,8 +217,79 @@ pub fn load_run(dir: &Path, data_dir: Option<&Path>) -> Result<LoadedRun, TrainE
             return Err(TrainError::Config(format!("vocabulary {name} of {} does not match the data", dir.display())));
         }
     }
-    let model = match info.kind {
-        ModelKind::Popularity => Model::Popularity { counts: prepared.item_counts.iter().map(|&c| c as f32).collect() },
+    let model = load_model(&info, dir, &prepared.item_counts)?;
+    Ok(LoadedRun { dir: dir.to_owned(), info, dataset, prepared, model })
+}
+
+/// What serving needs of a run, read from the run directory alone (no training data).
+pub struct ServingRun {
+    pub dir: PathBuf,
+    pub info: RunInfo,
+    pub items: Vocab,
+    /// The user features the model reads, in its order, and their value vocabularies
+    /// (`user_id`'s is the user vocabulary).
+    pub user_feature_names: Vec<String>,
+    pub user_feature_vocabs: Vec<Vocab>,
+    /// Training events per item row (row 0 = padding).
+    pub item_counts: Vec<u64>,
+    pub model: Model,
+}
+
+impl From<LoadedRun> for ServingRun {
+    fn from(r: LoadedRun) -> Self {
+        ServingRun {
+            dir: r.dir,
+            info: r.info,
+            items: r.prepared.items,
+            user_feature_names: r.prepared.user_feature_names,
+            user_feature_vocabs: r.prepared.user_feature_vocabs,
+            item_counts: r.prepared.item_counts,
+            model: r.model,
+        }
+    }
+}
+
+/// Loads a run for serving from its directory alone: manifest, vocabularies, item counts and
+/// parameters. Runs saved before `item_counts.tsv` existed fall back to [`load_run`], which
+/// needs the training data.
+pub fn load_for_serving(dir: &Path, data_dir: Option<&Path>) -> Result<ServingRun, TrainError> {
+    let info = read_info(dir)?;
+    let counts_path = dir.join(ITEM_COUNTS_FILE);
+    if !counts_path.exists() {
+        return load_run(dir, data_dir).map(ServingRun::from);
+    }
+    let items = Vocab::load(&dir.join("vocab").join("items.tsv"))?;
+    let text = std::fs::read_to_string(&counts_path).map_err(io(&counts_path))?;
+    let mut item_counts = vec![0u64; items.len()];
+    for (i, line) in text.lines().enumerate() {
+        let bad = || TrainError::Config(format!("{}:{}: expected `row<TAB>count`", counts_path.display(), i + 1));
+        let (row, count) = line.split_once('\t').ok_or_else(bad)?;
+        let row: usize = row.parse().map_err(|_| bad())?;
+        *item_counts.get_mut(row).ok_or_else(bad)? = count.parse().map_err(|_| bad())?;
+    }
+    let user_feature_names =
+        if info.kind == ModelKind::Popularity { Vec::new() } else { info.config.model.user_features.clone() };
+    let user_feature_vocabs = user_feature_names
+        .iter()
+        .map(|n| Vocab::load(&dir.join("vocab").join(format!("user_feat.{n}.tsv"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let model = load_model(&info, dir, &item_counts)?;
+    if model.item_rows() != items.len() {
+        return Err(TrainError::Config(format!(
+            "{}: the model has {} item rows but vocab/items.tsv has {}",
+            dir.display(),
+            model.item_rows(),
+            items.len()
+        )));
+    }
+    Ok(ServingRun { dir: dir.to_owned(), info, items, user_feature_names, user_feature_vocabs, item_counts, model })
+}
+
+/// Rebuilds the model of a run from its manifest and checkpoint.
+fn load_model(info: &RunInfo, dir: &Path, item_counts: &[u64]) -> Result<Model, TrainError> {
+    let path = dir.join("model.toml");
+    Ok(match info.kind {
+        ModelKind::Popularity => Model::Popularity { counts: item_counts.iter().map(|&c| c as f32).collect() },
         ModelKind::Youtubednn | ModelKind::Dssm => {
             let spec = info.deep.clone().ok_or_else(|| {
                 TrainError::Config(format!("{}: {:?} run without a [deep] table", path.display(), info.kind))
@@ -236,8 +319,7 @@ pub fn load_run(dir: &Path, data_dir: Option<&Path>) -> Result<LoadedRun, TrainE
             ckpt.fill(&mut m)?;
             Model::Mind(Box::new(m))
         }
-    };
-    Ok(LoadedRun { dir: dir.to_owned(), info, dataset, prepared, model })
+    })
 }
 
 /// Reads and checks the item → feature-value bags saved with a model.

@@ -269,8 +269,16 @@ fn reloads_swap_models_without_failing_requests() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     trained(dir);
+    let mind = "[model]\nkind = \"mind\"\ndim = 16\nhidden = [32]\ninterests = 3\nuser_features = [\"country\", \"user_id\"]\n\
+                feature_dim = 8\nmax_seq_len = 10\n[train]\nepochs = 6\nbatch_size = 64\nlr = 0.005\nembedding_lr = 0.01\n\
+                temperature = 0.1\npatience = 0\nseed = 3\n";
+    write_config(dir, "mind.toml", mind);
+    ok(&needle(&["train", "--config", "mind.toml", "--out", "runs/mind", "--quiet"], dir));
     let srv = Server::start(dir, &["--run", "runs/yt"]);
     let a = srv.addr.clone();
+    // From here on the training data is gone: the store is filled, and reloads read only the
+    // run directories.
+    std::fs::rename(dir.join("log.csv"), dir.join("log.csv.away")).unwrap();
     let yt_id = http(&a, "GET", "/healthz", b"", "").json()["model"].as_str().unwrap().to_owned();
 
     // Recalls keep flowing on other threads while the model is swapped back and forth.
@@ -321,11 +329,6 @@ fn reloads_swap_models_without_failing_requests() {
     }
     assert!(total > 0);
     // A multi-interest model: every interest searches, the lists merge by score without duplicates.
-    let mind = "[model]\nkind = \"mind\"\ndim = 16\nhidden = [32]\ninterests = 3\nuser_features = [\"country\", \"user_id\"]\n\
-                feature_dim = 8\nmax_seq_len = 10\n[train]\nepochs = 6\nbatch_size = 64\nlr = 0.005\nembedding_lr = 0.01\n\
-                temperature = 0.1\npatience = 0\nseed = 3\n";
-    write_config(dir, "mind.toml", mind);
-    ok(&needle(&["train", "--config", "mind.toml", "--out", "runs/mind", "--quiet"], dir));
     assert_eq!(post(&a, "/admin/reload", &json!({"run": "runs/mind"})).status, 200);
     let v = post(&a, "/v1/recall", &json!({"user_id": "u3", "k": 15})).json();
     assert!(v["model"].as_str().unwrap().starts_with("mind:"), "{v}");
@@ -342,6 +345,14 @@ fn reloads_swap_models_without_failing_requests() {
     let v = post(&a, "/v1/recall", &json!({"user_id": "u3", "k": 5, "exclude_seen": false})).json();
     assert!(v["model"].as_str().unwrap().starts_with("pop:"));
     assert!(ids(&v).iter().all(|i| i.starts_with("hot")), "{v}");
+
+    // A new server starts from the run directory and the filled store alone (the embedded store
+    // is one process's at a time; the old server is killed, so the store is also reopened after
+    // an unclean stop).
+    drop(srv);
+    let second = Server::start(dir, &["--run", "runs/yt"]);
+    let v = post(&second.addr, "/v1/recall", &json!({"user_id": "u3", "k": 5})).json();
+    assert_eq!((v["source"].as_str(), ids(&v).len()), (Some("model"), 5), "{v}");
 }
 
 #[test]
