@@ -65,11 +65,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 pub fn load_data(cfg: &Config, data_dir: Option<&Path>) -> Result<(Dataset, Split), TrainError> {
     let source = match (&cfg.data.dataset, &cfg.data.schema) {
         (Some(name), None) => {
-            let name = match name.as_str() {
-                "ml-1m" => needle_data::DatasetName::Ml1m,
-                "ml-100k" => needle_data::DatasetName::Ml100k,
-                other => return Err(TrainError::Config(format!("unknown dataset `{other}` (known: ml-1m, ml-100k)"))),
-            };
+            // The same parser as `needle data download` and `train --download`, so one spelling
+            // works everywhere.
+            let name: needle_data::DatasetName = name.parse().map_err(TrainError::Config)?;
             needle_data::DatasetSource::MovieLens(name)
         }
         (None, Some(schema)) => needle_data::DatasetSource::Csv { schema: schema.clone() },

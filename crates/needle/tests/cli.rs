@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{needle, ok, planted_log, write_config};
+use common::{needle, ok, planted_log, write_config, YOUTUBEDNN};
 use std::path::Path;
 
 fn metric(dir: &Path, key: &str) -> f64 {
@@ -17,26 +17,7 @@ fn youtubednn_beats_popularity_on_planted_structure_end_to_end() {
     let dir = tmp.path();
     planted_log(dir);
     write_config(dir, "pop.toml", "[model]\nkind = \"popularity\"\n");
-    write_config(
-        dir,
-        "yt.toml",
-        r#"[model]
-kind = "youtubednn"
-dim = 16
-hidden = [32]
-user_features = ["country"]
-feature_dim = 4
-max_seq_len = 10
-[train]
-epochs = 12
-batch_size = 64
-lr = 0.005
-embedding_lr = 0.01
-temperature = 0.1
-patience = 0
-seed = 7
-"#,
-    );
+    write_config(dir, "yt.toml", YOUTUBEDNN);
     ok(&needle(&["train", "--config", "pop.toml", "--out", "runs/pop", "--quiet"], dir));
     ok(&needle(&["--threads", "2", "train", "--config", "yt.toml", "--out", "runs/yt", "--quiet"], dir));
     let pop = metric(&dir.join("runs/pop"), "hit_rate@10");

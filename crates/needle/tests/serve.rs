@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{needle, ok, planted_log, write_config};
+use common::{needle, ok, planted_log, write_config, YOUTUBEDNN};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -12,27 +12,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const YT: &str = r#"[model]
-kind = "youtubednn"
-dim = 16
-hidden = [32]
-user_features = ["country"]
-feature_dim = 4
-max_seq_len = 10
-[train]
-epochs = 12
-batch_size = 64
-lr = 0.005
-embedding_lr = 0.01
-temperature = 0.1
-patience = 0
-seed = 7
-"#;
-
 /// Trains the planted-log models the tests serve: `runs/yt` and `runs/pop`.
 fn trained(dir: &Path) {
     planted_log(dir);
-    write_config(dir, "yt.toml", YT);
+    write_config(dir, "yt.toml", YOUTUBEDNN);
     write_config(dir, "pop.toml", "[model]\nkind = \"popularity\"\n");
     ok(&needle(&["--threads", "2", "train", "--config", "yt.toml", "--out", "runs/yt", "--quiet"], dir));
     ok(&needle(&["train", "--config", "pop.toml", "--out", "runs/pop", "--quiet"], dir));

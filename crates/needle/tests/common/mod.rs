@@ -68,3 +68,21 @@ pub fn write_config(dir: &Path, name: &str, body: &str) -> PathBuf {
     std::fs::write(&path, format!("[data]\nschema = \"schema.toml\"\n{body}")).unwrap();
     path
 }
+
+/// A small YouTubeDNN that learns the planted structure in about a second.
+pub const YOUTUBEDNN: &str = r#"[model]
+kind = "youtubednn"
+dim = 16
+hidden = [32]
+user_features = ["country"]
+feature_dim = 4
+max_seq_len = 10
+[train]
+epochs = 12
+batch_size = 64
+lr = 0.005
+embedding_lr = 0.01
+temperature = 0.1
+patience = 0
+seed = 7
+"#;
