@@ -185,6 +185,7 @@ fn router(app: Shared) -> Router {
         .route("/admin/reload", post(admin_reload).fallback(method_not_allowed))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(contain_panics))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .with_state(app)
 }
@@ -230,6 +231,25 @@ async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Respons
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// Turns a panic in a handler into a 500 answer, so a bug fails one request, visibly (it is
+/// logged and counted as an error), instead of dropping the connection.
+async fn contain_panics(req: Request, next: Next) -> Response {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(next.run(req)).catch_unwind().await {
+        Ok(resp) => resp,
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            tracing::error!("handler panicked: {what}");
+            ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: "internal error; see the server log".into() }
+                .into_response()
+        }
+    }
 }
 
 /// An error answer: `{"error": {"status": 400, "message": "..."}}`.
@@ -612,4 +632,35 @@ async fn method_not_allowed(req: Request) -> Response {
         message: format!("{} is not allowed on {}; see /openapi.json", req.method(), req.uri().path()),
     }
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn fetch(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_fails_one_request_with_a_json_500() {
+        let router = Router::new()
+            .route("/boom", get(|| async { panic!("planted bug") as &'static str }))
+            .route("/fine", get(|| async { "fine" }))
+            .layer(middleware::from_fn(contain_panics));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let boom = fetch(addr, "/boom").await;
+        assert!(boom.starts_with("HTTP/1.1 500"), "{boom}");
+        assert!(boom.contains(r#"{"error":{"message":"internal error; see the server log","status":500}}"#), "{boom}");
+        let fine = fetch(addr, "/fine").await;
+        assert!(fine.starts_with("HTTP/1.1 200") && fine.ends_with("fine"), "{fine}");
+    }
 }
