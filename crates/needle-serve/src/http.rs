@@ -82,6 +82,11 @@ type Shared = Arc<App>;
 /// Prints `listening on ADDR` on stdout once requests are accepted.
 pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let t0 = Instant::now();
+    // Bound first, so a taken port fails at once rather than after loading; connections that
+    // arrive while loading wait in the backlog.
+    let listener = tokio::net::TcpListener::bind(opts.addr)
+        .await
+        .map_err(|e| ServeError::Load(format!("cannot listen on {}: {e}", opts.addr)))?;
     let store = needle_store::open(&opts.store, &opts.run.join(EMBEDDED_STORE_FILE)).await?;
     let engine = load_engine(&opts.run, opts.data_dir.clone(), opts.index.clone(), Some(&*store)).await?;
     tracing::info!(
@@ -105,7 +110,6 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         seq: AtomicU64::new(0),
     });
     trim_heap();
-    let listener = tokio::net::TcpListener::bind(opts.addr).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(reload_on_sighup(app.clone()));
     let router = router(app);

@@ -23,6 +23,6 @@ pub enum ServeError {
     Store(#[from] needle_store::StoreError),
     #[error("internal error: {0}")]
     Internal(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }

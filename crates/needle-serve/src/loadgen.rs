@@ -145,6 +145,13 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
     if opts.users.is_empty() || opts.concurrency == 0 {
         return Err(std::io::Error::other("need at least one user id and one connection"));
     }
+    let mut probe = Conn::open(opts.addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot reach needle serve at {}: {e}", opts.addr)))?;
+    let status = probe.request("GET", "/healthz", b"", true).await?;
+    if status != 200 {
+        return Err(std::io::Error::other(format!("{} answered /healthz with {status}", opts.addr)));
+    }
     let mut report = LoadReport { rss_start: scrape_rss(opts.addr).await, ..Default::default() };
     let start = Instant::now();
     let deadline = start + opts.duration;

@@ -30,7 +30,12 @@ impl EmbeddedStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
         }
-        let db = Database::create(path).map_err(|e| fail(&e))?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                fail(&"another process has it open (a running `needle serve`?); stop it first, or share a Redis store")
+            }
+            e => fail(&e),
+        })?;
         let store = EmbeddedStore { db: Arc::new(db), path: path.to_owned() };
         store.write(|tx| {
             tx.open_table(ITEMS)?;
