@@ -1,10 +1,12 @@
 //! Redis as the store: item details as JSON strings (one MGET per recall), the user's feature
 //! map as a JSON string and the recent history as a list (GET + LRANGE in one pipelined round
 //! trip). One multiplexed connection carries every request's commands, so concurrent requests
-//! pipeline on the wire without a pool.
+//! pipeline on the wire without a pool; when Redis goes away, calls fail fast and the connection
+//! is re-established in the background, so serving recovers when Redis comes back.
 
 use crate::{ItemDetails, ItemRecord, Result, Store, StoreError, StoreFuture, UserProfile, UserRecord};
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::time::Duration;
 
 const ITEM: &str = "needle:item:";
 const USER: &str = "needle:user:";
@@ -15,14 +17,22 @@ const LOAD_BATCH: usize = 2_000;
 
 pub struct RedisStore {
     url: String,
-    con: MultiplexedConnection,
+    con: ConnectionManager,
 }
 
 impl RedisStore {
     pub async fn connect(url: &str) -> Result<Self> {
         let fail = |source| StoreError::Redis { url: url.to_owned(), source };
         let client = redis::Client::open(url).map_err(fail)?;
-        let mut con = client.get_multiplexed_async_connection().await.map_err(fail)?;
+        // Short timeouts and few retries: a request waiting on a dead Redis should fail within
+        // its own time budget, not queue behind reconnection attempts.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(200));
+        let mut con = ConnectionManager::new_with_config(client, config).await.map_err(fail)?;
         redis::cmd("PING").query_async::<String>(&mut con).await.map_err(fail)?;
         Ok(RedisStore { url: url.to_owned(), con })
     }
@@ -192,6 +202,22 @@ pub mod testing {
             return Some(TestRedis { url, child: None, _dir: None });
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        start_on(port, db)
+    }
+
+    impl TestRedis {
+        /// Stops a private server (as a crash would: SIGKILL); no-op for a shared one.
+        pub fn kill(&mut self) {
+            if let Some(c) = self.child.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            self.child = None;
+        }
+    }
+
+    /// A private redis-server on `port`.
+    pub fn start_on(port: u16, db: u8) -> Option<TestRedis> {
         let dir = tempfile::tempdir().ok()?;
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -229,6 +255,37 @@ mod tests {
         let mut con = s.con.clone();
         let _: () = redis::cmd("FLUSHDB").query_async(&mut con).await.unwrap();
         crate::conformance::check(&s).await;
+    }
+
+    #[tokio::test]
+    async fn calls_fail_while_redis_is_down_and_recover_when_it_returns() {
+        let Some(port) = std::net::TcpListener::bind("127.0.0.1:0").ok().map(|l| l.local_addr().unwrap().port()) else {
+            return;
+        };
+        let Some(mut server) = testing::start_on(port, 0) else {
+            eprintln!("SKIPPED: no redis-server binary on PATH");
+            return;
+        };
+        let s = RedisStore::connect(&server.url).await.unwrap();
+        let (items, users) = crate::conformance::sample();
+        s.load(&items, &users, 4, &|_| {}).await.unwrap();
+        assert!(s.items(&["i1"]).await.unwrap()[0].is_some());
+        server.kill();
+        let err = s.items(&["i1"]).await.expect_err("Redis is down");
+        assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
+        let _restarted = testing::start_on(port, 0).expect("redis-server restarts on the same port");
+        // The data is gone with the old process; what matters is that calls work again.
+        let t = std::time::Instant::now();
+        loop {
+            match s.items(&["i1"]).await {
+                Ok(v) => {
+                    assert_eq!(v, vec![None]);
+                    break;
+                }
+                Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "no recovery: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     #[tokio::test]

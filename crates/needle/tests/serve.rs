@@ -375,6 +375,25 @@ fn redis_store_serves_and_takes_events() {
     assert_eq!(profile.unwrap().history, vec!["c4_2"]);
     assert_eq!(post(a, "/v1/recall", &json!({"user_id": r1})).json()["source"], "model");
 
+    // Redis going away fails requests with a JSON 503; when it is back, serving recovers.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    if let Some(mut private) = needle_store::testing::start_on(port, 0) {
+        let url = private.url.clone();
+        ok(&needle(&["store", "load", "--run", "runs/yt", "--store", &url], dir));
+        let srv = Server::start(dir, &["--run", "runs/yt", "--store", &url]);
+        assert_eq!(post(&srv.addr, "/v1/recall", &json!({"user_id": "u3"})).status, 200);
+        private.kill();
+        post(&srv.addr, "/v1/recall", &json!({"user_id": "u3"})).rejects(503, "store:");
+        assert_eq!(http(&srv.addr, "GET", "/healthz", b"", "").status, 200);
+        let _back = needle_store::testing::start_on(port, 0).unwrap();
+        ok(&needle(&["store", "load", "--run", "runs/yt", "--store", &url], dir));
+        let t = Instant::now();
+        while post(&srv.addr, "/v1/recall", &json!({"user_id": "u3"})).status != 200 {
+            assert!(t.elapsed() < Duration::from_secs(10), "serving did not recover");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     // A store that is down is a clear error at start.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let out = needle(&["serve", "--run", "runs/yt", "--store", &format!("redis://127.0.0.1:{port}")], dir);
