@@ -264,6 +264,19 @@ fn reloads_swap_models_without_failing_requests() {
     std::fs::rename(dir.join("log.csv"), dir.join("log.csv.away")).unwrap();
     let yt_id = http(&a, "GET", "/healthz", b"", "").json()["model"].as_str().unwrap().to_owned();
 
+    // The load generator: a short paced run with a reload and one of each malformed request.
+    let out = ok(&needle(
+        &["bench", "serve", "--run", "runs/yt", "--addr", &a, "--duration", "1s", "--concurrency", "2"]
+            .into_iter()
+            .chain(["--rate", "200", "--reloads", "1", "--malformed", "12"])
+            .collect::<Vec<_>>(),
+        dir,
+    ));
+    let row = out.lines().find(|l| l.starts_with("| 2 | 200 |")).unwrap_or_else(|| panic!("{out}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    assert!(cells[4].parse::<u64>().unwrap() > 100 && cells[5] == "0", "{row}");
+    assert!(out.contains("reloads: 1 ok, 0 failed; malformed requests: 12 sent, 12 answered 4xx"), "{out}");
+
     // Recalls keep flowing on other threads while the model is swapped back and forth.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients: Vec<_> = (0..3)
@@ -297,7 +310,7 @@ fn reloads_swap_models_without_failing_requests() {
     let t = Instant::now();
     loop {
         let text = String::from_utf8_lossy(&http(&a, "GET", "/metrics", b"", "").body).into_owned();
-        if text.contains("needle_reloads_total 4") {
+        if text.contains("needle_reloads_total 5") {
             break;
         }
         assert!(t.elapsed() < Duration::from_secs(30), "SIGHUP did not reload:\n{text}");
