@@ -95,6 +95,7 @@ mod tests {
             item_hidden: Some(vec![6]),
             out_dim: 5,
             example_age: true,
+            recent: 1,
         };
         let bags = vec![ItemBags { offsets: vec![0, 0, 1, 3, 3, 4], keys: vec![1, 2, 3, 1] }];
         let model = DeepTwoTower::new(spec.clone(), bags.clone(), &mut crate::rng::Rng::new(9)).unwrap();

@@ -1,6 +1,7 @@
 //! Deep two-tower models: YouTubeDNN and DSSM share this implementation.
 //!
-//! User tower: `[mean of history embeddings ‖ categorical user features ‖ example age]` → MLP
+//! User tower: `[mean of history embeddings ‖ the newest `recent` items' embeddings ‖ categorical
+//! user features ‖ example age]` → MLP
 //! (ReLU between layers, linear last) → L2 norm. Item tower: `[item id embedding ‖ mean of each
 //! item feature's embeddings]` → optional MLP → L2 norm.
 //!
@@ -56,6 +57,10 @@ pub struct DeepSpec {
     /// Width of both towers' outputs.
     pub out_dim: usize,
     pub example_age: bool,
+    /// The newest this many history items also enter the user MLP one by one (newest first, zero
+    /// when the history is shorter), so the tower sees order, not only the mean.
+    #[serde(default)]
+    pub recent: usize,
 }
 
 impl DeepSpec {
@@ -66,7 +71,7 @@ impl DeepSpec {
 
     /// Width of the user MLP input.
     pub fn user_input_dim(&self) -> usize {
-        let hist = if self.history == HistoryMode::Off { 0 } else { self.dim };
+        let hist = if self.history == HistoryMode::Off { 0 } else { self.dim * (1 + self.recent) };
         hist + self.user_features.iter().map(|f| f.dim).sum::<usize>() + usize::from(self.example_age)
     }
 
@@ -78,6 +83,9 @@ impl DeepSpec {
                 self.item_input_dim(),
                 self.out_dim
             ));
+        }
+        if self.recent > self.max_seq_len {
+            return Err(format!("recent ({}) cannot exceed max_seq_len ({})", self.recent, self.max_seq_len));
         }
         if self.user_input_dim() == 0 {
             return Err("the user tower has no input (no history, no features, no example age)".into());
@@ -181,7 +189,7 @@ impl DeepTwoTower {
         1 + usize::from(self.hist_emb.is_some())
     }
 
-    /// Builds the MLP input rows: `[mean history ‖ features ‖ age]`.
+    /// Builds the MLP input rows: `[mean history ‖ recent items ‖ features ‖ age]`.
     fn assemble_input(&self, batch: &UserBatch, x0: &mut [f32]) {
         let w = self.spec.user_input_dim();
         let l = self.spec.max_seq_len;
@@ -201,6 +209,18 @@ impl DeepTwoTower {
                     l,
                 );
                 off = table.dim;
+                for k in 0..rows {
+                    let len = batch.hist_len[r0 + k] as usize;
+                    let items = &batch.hist[(r0 + k) * l..(r0 + k) * l + len];
+                    for j in 0..self.spec.recent {
+                        let slot = &mut chunk[k * w + off + j * table.dim..k * w + off + (j + 1) * table.dim];
+                        match len.checked_sub(j + 1) {
+                            Some(i) => slot.copy_from_slice(table.row(items[i])),
+                            None => slot.fill(0.0),
+                        }
+                    }
+                }
+                off += self.spec.recent * table.dim;
             }
             for k in 0..rows {
                 let row = &mut chunk[k * w..(k + 1) * w];
@@ -337,8 +357,19 @@ impl Tower for DeepTwoTower {
         let l = self.spec.max_seq_len;
         let mut off = 0;
         if self.spec.history != HistoryMode::Off {
-            bag_mean_backward(&mut grads.tables[self.hist_grad()], dx0, w, &batch.hist, &batch.hist_len[..n], l);
-            off = self.spec.dim;
+            let g = &mut grads.tables[self.hist_grad()];
+            bag_mean_backward(g, dx0, w, &batch.hist, &batch.hist_len[..n], l);
+            let d = self.spec.dim;
+            for b in 0..n {
+                let len = batch.hist_len[b] as usize;
+                for j in 0..self.spec.recent.min(len) {
+                    let id = batch.hist[b * l + len - 1 - j];
+                    if id != 0 {
+                        g.add(id, 1.0, &dx0[b * w + d * (1 + j)..b * w + d * (2 + j)]);
+                    }
+                }
+            }
+            off = d * (1 + self.spec.recent);
         }
         let nf = self.spec.user_features.len();
         let g0 = self.first_user_feat_grad();
@@ -457,6 +488,7 @@ mod tests {
             item_hidden,
             out_dim,
             example_age: true,
+            recent: 0,
         }
     }
 
@@ -485,6 +517,35 @@ mod tests {
     #[test]
     fn youtubednn_gradients_match_finite_differences() {
         check_gradients(HistoryMode::Shared, None, 5);
+    }
+
+    #[test]
+    fn recent_item_inputs_have_matching_gradients() {
+        for (history, item_hidden) in [(HistoryMode::Shared, None), (HistoryMode::Own, Some(vec![5]))] {
+            let (mut model, batch, items) = tiny(history, item_hidden.clone(), 5);
+            let mut spec = model.spec.clone();
+            spec.recent = 2;
+            model = DeepTwoTower::new(spec, model.item_bags.clone(), &mut Rng::new(5)).unwrap();
+            crate::tower::testing::check_gradients(&mut model, &batch, &items, 1e-2, 2e-2);
+        }
+    }
+
+    #[test]
+    fn recent_items_enter_newest_first_and_pad_with_zeros() {
+        let (model, batch, _) = tiny(HistoryMode::Shared, None, 5);
+        let mut spec = model.spec.clone();
+        spec.recent = 2;
+        let model = DeepTwoTower::new(spec, model.item_bags.clone(), &mut Rng::new(5)).unwrap();
+        let w = model.spec.user_input_dim();
+        let mut x0 = vec![f32::NAN; batch.n * w];
+        model.assemble_input(&batch, &mut x0);
+        let d = model.spec.dim;
+        // User 0's history is [1, 2, 3]: slots hold items 3 then 2. User 2's is [4]: item 4, then zeros.
+        assert_eq!(&x0[d..2 * d], model.item_emb.row(3));
+        assert_eq!(&x0[2 * d..3 * d], model.item_emb.row(2));
+        assert_eq!(&x0[2 * w + d..2 * w + 2 * d], model.item_emb.row(4));
+        assert!(x0[2 * w + 2 * d..2 * w + 3 * d].iter().all(|&v| v == 0.0));
+        assert!(x0.iter().all(|v| v.is_finite()));
     }
 
     #[test]

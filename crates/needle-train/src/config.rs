@@ -90,6 +90,9 @@ pub struct ModelConfig {
     pub example_age: bool,
     /// Longest history the user tower reads; older events are dropped.
     pub max_seq_len: usize,
+    /// YouTubeDNN / DSSM: the newest this many history items also enter the user MLP one by one,
+    /// next to the mean (0 = the mean only, as in the paper).
+    pub recent: usize,
 }
 
 impl Default for ModelConfig {
@@ -111,6 +114,7 @@ impl Default for ModelConfig {
             attention_power: 2,
             example_age: true,
             max_seq_len: 50,
+            recent: 0,
         }
     }
 }
@@ -195,6 +199,12 @@ impl Config {
         if m.kind != ModelKind::Popularity {
             if m.dim == 0 || m.max_seq_len == 0 || m.feature_dim == 0 {
                 return Err("[model] dim, feature_dim and max_seq_len must be > 0".into());
+            }
+            if m.recent > 0 && !matches!(m.kind, ModelKind::Youtubednn | ModelKind::Dssm) {
+                return Err("[model] recent applies to youtubednn and dssm only".into());
+            }
+            if m.recent > m.max_seq_len {
+                return Err(format!("[model] recent ({}) cannot exceed max_seq_len ({})", m.recent, m.max_seq_len));
             }
             if m.hidden.contains(&0) {
                 return Err("[model] hidden widths must be > 0".into());

@@ -109,6 +109,7 @@ pub fn deep_spec(cfg: &Config, p: &Prepared) -> DeepSpec {
         item_hidden: dssm.then(|| m.item_hidden.clone()),
         out_dim: if dssm { m.out_dim } else { item_input },
         example_age: m.example_age,
+        recent: m.recent,
     }
 }
 

@@ -63,7 +63,7 @@ fn youtubednn_beats_popularity_on_planted_structure_end_to_end() {
 }
 
 #[test]
-fn fm_dssm_and_mind_beat_popularity_on_planted_structure() {
+fn fm_dssm_mind_and_recent_items_beat_popularity_on_planted_structure() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     planted_log(dir);
@@ -77,6 +77,7 @@ fn fm_dssm_and_mind_beat_popularity_on_planted_structure() {
         ("dssm", "kind = \"dssm\"\ndim = 16\nhidden = [32]\nitem_hidden = [32]\nout_dim = 16\n", "0.1"),
         ("dssm-bce", "kind = \"dssm\"\ndim = 16\nhidden = [32]\nitem_hidden = [32]\nout_dim = 16\n", "0.1"),
         ("mind", "kind = \"mind\"\ndim = 16\nhidden = [32]\ninterests = 3\ndynamic_k = true\n", "0.1"),
+        ("youtubednn-recent", "kind = \"youtubednn\"\ndim = 16\nhidden = [32]\nrecent = 3\n", "0.1"),
     ] {
         let loss = if name.ends_with("bce") { "loss = \"bce\"\nnegatives = 8\n" } else { "" };
         let body = format!("[model]\n{model}{common}{train}temperature = {temperature}\n{loss}");
