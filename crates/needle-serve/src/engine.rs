@@ -7,7 +7,6 @@
 use crate::ServeError;
 use needle_data::Vocab;
 use needle_index::{Index, IndexParams};
-use needle_model::tower::UserBatch;
 use needle_store::{ItemDetails, ItemRecord, UserProfile, UserRecord};
 use needle_train::model::merge_interests;
 use needle_train::prepare::USER_ID_FEATURE;
@@ -22,7 +21,6 @@ pub struct Engine {
     pub run_id: String,
     pub run_dir: PathBuf,
     pub kind: String,
-    pub data_fingerprint: String,
     model: Model,
     items: Vocab,
     feature_names: Vec<String>,
@@ -109,7 +107,6 @@ impl Engine {
             run_id: format!("{name}:{:08x}", checksum >> 32),
             run_dir: dir,
             kind: format!("{:?}", run.info.kind).to_lowercase(),
-            data_fingerprint: run.info.data_fingerprint.clone(),
             max_seq_len: run.info.config.model.max_seq_len,
             index_params: index.params().to_string(),
             model,
@@ -174,7 +171,7 @@ impl Engine {
             return Ok(Recalled { items, source: Source::Popularity, unknown_history });
         }
 
-        let uv = self.model.user_vector(&feats, &rows, &mut UserBatch::default());
+        let uv = self.model.user_vector(&feats, &rows);
         let (d, ni) = (self.model.dim(), self.model.interests());
         let mut ids = vec![u32::MAX; ni * k];
         let mut scores = vec![f32::NEG_INFINITY; ni * k];

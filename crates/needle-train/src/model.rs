@@ -63,16 +63,10 @@ impl Model {
         ((1..(all.len() / d) as u32).collect(), all[d..].to_vec())
     }
 
-    /// The `interests × dim` vectors of one user given feature value rows (`features.len()` must
-    /// be the model's user feature count; 0 = unknown) and item rows, oldest first; only the newest
-    /// `max_seq_len` count. `scratch` keeps buffers between calls.
-    pub fn user_vector(&self, features: &[u32], history: &[u32], scratch: &mut UserBatch) -> Vec<f32> {
-        with_tower!(self, m => one_user_vector(m.as_ref(), features, history, scratch), pop _c => vec![1.0])
-    }
-
-    /// User features the model reads, in the order [`Model::user_vector`] takes them.
-    pub fn n_user_features(&self) -> usize {
-        with_tower!(self, m => m.n_user_features(), pop _c => 0)
+    /// The `interests × dim` vectors of one user given feature value rows (in the model's user
+    /// feature order; 0 = unknown) and item rows, oldest first; only the newest `max_seq_len` count.
+    pub fn user_vector(&self, features: &[u32], history: &[u32]) -> Vec<f32> {
+        with_tower!(self, m => one_user_vector(m.as_ref(), features, history), pop _c => vec![1.0])
     }
 
     /// `[users.len() × interests × dim]` vectors from each user's known history for `stage`.
@@ -93,8 +87,9 @@ fn tower_user_vectors<T: Tower>(m: &T, p: &Prepared, users: &[usize], stage: Sta
     out
 }
 
-fn one_user_vector<T: Tower>(m: &T, features: &[u32], history: &[u32], batch: &mut UserBatch) -> Vec<f32> {
+fn one_user_vector<T: Tower>(m: &T, features: &[u32], history: &[u32]) -> Vec<f32> {
     let (l, nf) = (m.max_seq_len(), m.n_user_features());
+    let mut batch = UserBatch::default();
     batch.reset(1, l, nf);
     let recent = &history[history.len().saturating_sub(l)..];
     batch.hist[..recent.len()].copy_from_slice(recent);
@@ -102,7 +97,7 @@ fn one_user_vector<T: Tower>(m: &T, features: &[u32], history: &[u32], batch: &m
     let n = nf.min(features.len());
     batch.feats[..n].copy_from_slice(&features[..n]);
     let mut acts = T::UserActs::default();
-    m.user_forward(batch, &mut acts);
+    m.user_forward(&batch, &mut acts);
     m.user_out(&acts)[..m.interests() * m.out_dim()].to_vec()
 }
 
