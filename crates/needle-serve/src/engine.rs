@@ -7,7 +7,7 @@
 use crate::ServeError;
 use needle_data::Vocab;
 use needle_index::{Index, IndexParams};
-use needle_store::{ItemDetails, ItemRecord, UserProfile, UserRecord};
+use needle_store::{ItemDetails, ItemRecord, Store, UserProfile, UserRecord};
 use needle_train::model::merge_interests;
 use needle_train::prepare::USER_ID_FEATURE;
 use needle_train::run::{LoadedRun, ServingRun};
@@ -194,10 +194,43 @@ impl Engine {
     }
 }
 
-/// Item details and user profiles/histories of a run's dataset, for `needle store load`: every
-/// user's whole log in time order (file order breaks ties), of which stores keep the newest
-/// `max_history`.
-pub fn store_records(run: &LoadedRun) -> (Vec<ItemRecord>, Vec<UserRecord>) {
+/// What a store holds for one run: item details and user profiles/histories, with the history
+/// bound and the data fingerprint they were made for. Written by `needle store load` and by
+/// `needle serve` when it finds its store empty.
+pub struct StoreContents {
+    pub items: Vec<ItemRecord>,
+    pub users: Vec<UserRecord>,
+    /// The model's `max_seq_len`: stores keep each user's newest this many items.
+    pub max_history: usize,
+    pub fingerprint: String,
+}
+
+impl StoreContents {
+    /// Every item's details and every user's profile and whole log in time order (file order
+    /// breaks ties).
+    pub fn of(run: &LoadedRun) -> Self {
+        let (items, users) = store_records(run);
+        StoreContents {
+            items,
+            users,
+            max_history: run.info.config.model.max_seq_len,
+            fingerprint: run.info.data_fingerprint.clone(),
+        }
+    }
+
+    /// Loads the records into `store` and tags it with the data fingerprint.
+    pub async fn write_to(
+        &self,
+        store: &dyn Store,
+        progress: &(dyn Fn(usize) + Send + Sync),
+    ) -> Result<(), needle_store::StoreError> {
+        store.load(&self.items, &self.users, self.max_history, progress).await?;
+        store.set_loaded_tag(&self.fingerprint).await
+    }
+}
+
+/// Item details and user profiles/histories of a run's dataset.
+fn store_records(run: &LoadedRun) -> (Vec<ItemRecord>, Vec<UserRecord>) {
     let ds = &run.dataset;
     let items = (0..ds.item_ids.len())
         .map(|i| {

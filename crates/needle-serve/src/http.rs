@@ -1,7 +1,7 @@
 //! The HTTP application: routes, request parsing with JSON errors, limits, request ids, metrics,
 //! hot reload (POST /admin/reload or SIGHUP) and graceful shutdown (SIGTERM / Ctrl-C).
 
-use crate::engine::{store_records, Engine, Source, UserInput};
+use crate::engine::{Engine, Source, StoreContents, UserInput};
 use crate::metrics::Metrics;
 use crate::ServeError;
 use axum::body::Bytes;
@@ -131,46 +131,41 @@ async fn load_engine(
     index: Option<PathBuf>,
     store: Option<&dyn Store>,
 ) -> Result<Engine, ServeError> {
-    let empty_store = match store {
-        Some(s) => s.loaded_tag().await?.is_none(),
-        None => false,
+    // `None`: no store; `Some(None)`: a store that holds nothing yet.
+    let tag = match store {
+        Some(s) => Some(s.loaded_tag().await?),
+        None => None,
     };
+    let empty_store = matches!(tag, Some(None));
     let dir = run.to_owned();
     let blocking = move || -> Result<_, ServeError> {
         if empty_store {
             let loaded = needle_train::run::load_run(&dir, data_dir.as_deref())?;
-            let records = store_records(&loaded);
-            Ok((needle_train::run::ServingRun::from(loaded), Some(records)))
+            let contents = StoreContents::of(&loaded);
+            Ok((needle_train::run::ServingRun::from(loaded), Some(contents)))
         } else {
             Ok((needle_train::run::load_for_serving(&dir, data_dir.as_deref())?, None))
         }
     };
-    let (served, records) =
+    let (served, contents) =
         tokio::task::spawn_blocking(blocking).await.map_err(|e| ServeError::Internal(e.to_string()))??;
     if let Some(store) = store {
-        let fp = served.info.data_fingerprint.clone();
-        match records {
-            Some((items, users)) => {
-                let t = Instant::now();
-                let max = served.info.config.model.max_seq_len;
-                store.load(&items, &users, max, &|_| {}).await?;
-                store.set_loaded_tag(&fp).await?;
-                tracing::info!(
-                    store = %store.describe(),
-                    "store was empty: loaded {} items and {} users in {:.2}s",
-                    items.len(),
-                    users.len(),
-                    t.elapsed().as_secs_f64()
-                );
-            }
-            None => {
-                if let Some(tag) = store.loaded_tag().await?.filter(|t| *t != fp) {
-                    tracing::warn!(
-                        store = %store.describe(),
-                        "the store was loaded from other data (fingerprint {tag}, this run's is {fp}); reload it with `needle store load`"
-                    );
-                }
-            }
+        let fp = &served.info.data_fingerprint;
+        if let Some(c) = contents {
+            let t = Instant::now();
+            c.write_to(store, &|_| {}).await?;
+            tracing::info!(
+                store = %store.describe(),
+                "store was empty: loaded {} items and {} users in {:.2}s",
+                c.items.len(),
+                c.users.len(),
+                t.elapsed().as_secs_f64()
+            );
+        } else if let Some(Some(other)) = tag.filter(|t| t.as_ref() != Some(fp)) {
+            tracing::warn!(
+                store = %store.describe(),
+                "the store was loaded from other data (fingerprint {other}, this run's is {fp}); reload it with `needle store load`"
+            );
         }
     }
     tokio::task::spawn_blocking(move || Engine::new(served, index.as_deref()))

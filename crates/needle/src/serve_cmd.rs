@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use needle_serve::engine::store_records;
+use needle_serve::engine::StoreContents;
 use needle_serve::http::EMBEDDED_STORE_FILE;
 use needle_serve::loadgen::{self, LoadOptions};
 use needle_serve::{Limits, ServeOptions};
@@ -69,28 +69,22 @@ pub fn serve(run: &Path, data_dir: Option<&Path>, f: ServeFlags<'_>) -> Result<(
 
 pub fn store_load(run: &Path, data_dir: Option<&Path>, store: &str) -> Result<()> {
     let spec: StoreSpec = store.parse()?;
-    let loaded = needle_train::run::load_run(run, data_dir)?;
-    let (items, users) = store_records(&loaded);
-    let max = loaded.info.config.model.max_seq_len;
-    let fp = loaded.info.data_fingerprint.clone();
-    drop(loaded);
+    let contents = StoreContents::of(&needle_train::run::load_run(run, data_dir)?);
     let rt = runtime(Some(1))?;
     rt.block_on(async {
         let s = needle_store::open(&spec, &run.join(EMBEDDED_STORE_FILE)).await?;
-        let total = items.len() + users.len();
-        let bar = ProgressBar::new(total as u64).with_style(
+        let (items, users) = (contents.items.len(), contents.users.len());
+        let bar = ProgressBar::new((items + users) as u64).with_style(
             ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message(format!("loading {}", s.describe()));
         let t = std::time::Instant::now();
-        s.load(&items, &users, max, &|n| bar.set_position(n as u64)).await?;
-        s.set_loaded_tag(&fp).await?;
+        contents.write_to(&*s, &|n| bar.set_position(n as u64)).await?;
         bar.finish_and_clear();
         eprintln!(
-            "loaded {} items and {} users (histories capped at {max}) into {} in {:.2}s",
-            items.len(),
-            users.len(),
+            "loaded {items} items and {users} users (histories capped at {}) into {} in {:.2}s",
+            contents.max_history,
             s.describe(),
             t.elapsed().as_secs_f64()
         );
