@@ -74,6 +74,12 @@ impl App {
         // A poisoned lock still holds a valid engine: swaps are a single assignment.
         self.engine.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// A failed store call: counted, and answered 503 (the request was fine; try again).
+    fn store_error(&self, e: needle_store::StoreError) -> ApiError {
+        self.metrics.store_errors.fetch_add(1, Relaxed);
+        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: format!("store: {e}") }
+    }
 }
 
 type Shared = Arc<App>;
@@ -403,10 +409,7 @@ async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response
     let mut features: BTreeMap<String, String> = BTreeMap::new();
     let user_id = req.user_id.map(|i| i.0);
     let profile = match &user_id {
-        Some(id) => app.store.user(id, engine.max_seq_len).await.map_err(|e| {
-            app.metrics.store_errors.fetch_add(1, Relaxed);
-            ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: format!("store: {e}") }
-        })?,
+        Some(id) => app.store.user(id, engine.max_seq_len).await.map_err(|e| app.store_error(e))?,
         None => None,
     };
     let known_user = profile.is_some();
@@ -435,10 +438,7 @@ async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response
     }
     let ids: Vec<std::borrow::Cow<'_, str>> = rec.items.iter().map(|&(row, _)| engine.item_raw(row)).collect();
     let refs: Vec<&str> = ids.iter().map(|c| c.as_ref()).collect();
-    let details = app.store.items(&refs).await.map_err(|e| {
-        app.metrics.store_errors.fetch_add(1, Relaxed);
-        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: format!("store: {e}") }
-    })?;
+    let details = app.store.items(&refs).await.map_err(|e| app.store_error(e))?;
     let items = ids
         .iter()
         .zip(&rec.items)
@@ -492,10 +492,7 @@ async fn events(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) 
             tracing::debug!(user = %ev.user_id.0, item = %ev.item_id.0, ts = ev.ts, "event");
             json_response(&serde_json::json!({"user_id": ev.user_id.0, "history_len": len}))
         }
-        Ok(Err(e)) => {
-            app.metrics.store_errors.fetch_add(1, Relaxed);
-            ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: format!("store: {e}") }.into_response()
-        }
+        Ok(Err(e)) => app.store_error(e).into_response(),
         Err(_) => {
             ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: "store timed out".into() }.into_response()
         }
