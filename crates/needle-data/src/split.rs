@@ -126,12 +126,11 @@ fn quantile(sorted: &[i64], q: f64) -> i64 {
     sorted.get(idx).copied().unwrap_or(i64::MAX)
 }
 
-/// Splits `ds` by `strategy`. Per user, events are ordered by timestamp with a stable sort,
-/// so equal timestamps keep file order (deterministic splits on coarse timestamps).
+/// Every user's events ordered by timestamp with a stable sort, so equal timestamps keep file
+/// order: the order [`split`] cuts, and the order of a user's whole log.
 ///
-/// Errors with [`DataError::InvalidSplit`] for fractions outside (0,1) or summing to >= 1.
-pub fn split(ds: &Dataset, strategy: &SplitStrategy) -> Result<Split> {
-    validate(strategy)?;
+/// Errors with [`DataError::TooLarge`] when the events do not fit u32 offsets.
+pub fn time_ordered(ds: &Dataset) -> Result<Sequences> {
     if u32::try_from(ds.events.len()).is_err() {
         return Err(DataError::TooLarge { what: "events" });
     }
@@ -162,11 +161,32 @@ pub fn split(ds: &Dataset, strategy: &SplitStrategy) -> Result<Split> {
             }
         }
     }
+    let mut out = SeqBuilder::new(n_users, total);
+    for u in 0..n_users {
+        let (a, b) = (starts.get(u).copied().unwrap_or(0), starts.get(u + 1).copied().unwrap_or(0));
+        if let Some(seq) = order.get_mut(a..b) {
+            // `sort_by_key` is stable: ties keep file order.
+            seq.sort_by_key(|&(t, _)| t);
+            seq.iter().for_each(|&(ts, item)| out.push(item, ts));
+        }
+        out.end_user();
+    }
+    Ok(out.0)
+}
+
+/// Splits `ds` by `strategy`, cutting each user's [`time_ordered`] events.
+///
+/// Errors with [`DataError::InvalidSplit`] for fractions outside (0,1) or summing to >= 1.
+pub fn split(ds: &Dataset, strategy: &SplitStrategy) -> Result<Split> {
+    validate(strategy)?;
+    let seqs = time_ordered(ds)?;
+    let n_users = ds.user_ids.len();
+    let total = seqs.total();
 
     let (t_valid, t_test) = match *strategy {
         SplitStrategy::LeaveLastOut => (i64::MAX, i64::MAX),
         SplitStrategy::GlobalTime { valid_fraction, test_fraction } => {
-            let mut all: Vec<i64> = order.iter().map(|&(t, _)| t).collect();
+            let mut all = seqs.ts.clone();
             all.sort_unstable();
             (quantile(&all, 1.0 - valid_fraction - test_fraction), quantile(&all, 1.0 - test_fraction))
         }
@@ -177,14 +197,9 @@ pub fn split(ds: &Dataset, strategy: &SplitStrategy) -> Result<Split> {
     let mut test = SeqBuilder::new(n_users, n_users);
     let mut train_max_ts = i64::MIN;
     for u in 0..n_users {
-        let (a, b) = (starts.get(u).copied().unwrap_or(0), starts.get(u + 1).copied().unwrap_or(0));
-        let Some(seq) = order.get_mut(a..b) else {
-            continue;
-        };
-        // `sort_by_key` is stable: ties keep file order.
-        seq.sort_by_key(|&(t, _)| t);
-        let n = seq.len();
-        for (k, &(ts, item)) in seq.iter().enumerate() {
+        let (items, times) = (seqs.items_of(u), seqs.ts_of(u));
+        let n = items.len();
+        for (k, (&item, &ts)) in items.iter().zip(times).enumerate() {
             let part = match *strategy {
                 SplitStrategy::LeaveLastOut => match (n, n - 1 - k) {
                     (1, _) => 0,

@@ -208,14 +208,14 @@ pub struct StoreContents {
 impl StoreContents {
     /// Every item's details and every user's profile and whole log in time order (file order
     /// breaks ties).
-    pub fn of(run: &LoadedRun) -> Self {
-        let (items, users) = store_records(run);
-        StoreContents {
+    pub fn of(run: &LoadedRun) -> Result<Self, needle_data::DataError> {
+        let (items, users) = store_records(run)?;
+        Ok(StoreContents {
             items,
             users,
             max_history: run.info.config.model.max_seq_len,
             fingerprint: run.info.data_fingerprint.clone(),
-        }
+        })
     }
 
     /// Loads the records into `store` and tags it with the data fingerprint.
@@ -230,7 +230,7 @@ impl StoreContents {
 }
 
 /// Item details and user profiles/histories of a run's dataset.
-fn store_records(run: &LoadedRun) -> (Vec<ItemRecord>, Vec<UserRecord>) {
+fn store_records(run: &LoadedRun) -> Result<(Vec<ItemRecord>, Vec<UserRecord>), needle_data::DataError> {
     let ds = &run.dataset;
     let items = (0..ds.item_ids.len())
         .map(|i| {
@@ -246,26 +246,19 @@ fn store_records(run: &LoadedRun) -> (Vec<ItemRecord>, Vec<UserRecord>) {
             }
         })
         .collect();
-    let mut order: Vec<usize> = (0..ds.events.len()).collect();
-    order.sort_by_key(|&e| (ds.events[e].user, ds.events[e].ts));
-    let mut histories: Vec<Vec<String>> = vec![Vec::new(); ds.user_ids.len()];
-    for e in order {
-        let ev = &ds.events[e];
-        histories[ev.user as usize].push(ds.item_ids[ev.item as usize].clone());
-    }
-    let users = histories
-        .into_iter()
-        .enumerate()
-        .map(|(u, history)| {
+    let logs = needle_data::split::time_ordered(ds)?;
+    let users = (0..ds.user_ids.len())
+        .map(|u| {
             let features = ds
                 .user_features
                 .iter()
                 .filter_map(|f| f.values_of(u).next().map(|v| (f.name.clone(), v.to_owned())))
                 .collect();
+            let history = logs.items_of(u).iter().map(|&i| ds.item_ids[i as usize].clone()).collect();
             UserRecord { id: ds.user_ids[u].clone(), profile: UserProfile { features, history } }
         })
         .collect();
-    (items, users)
+    Ok((items, users))
 }
 
 /// FNV-1a, 64-bit, continuing from `h`: identifies a run's files in the run id.

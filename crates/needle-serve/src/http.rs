@@ -147,7 +147,7 @@ async fn load_engine(
     let blocking = move || -> Result<_, ServeError> {
         if empty_store {
             let loaded = needle_train::run::load_run(&dir, data_dir.as_deref())?;
-            let contents = StoreContents::of(&loaded);
+            let contents = StoreContents::of(&loaded).map_err(needle_train::TrainError::from)?;
             Ok((needle_train::run::ServingRun::from(loaded), Some(contents)))
         } else {
             Ok((needle_train::run::load_for_serving(&dir, data_dir.as_deref())?, None))
