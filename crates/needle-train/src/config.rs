@@ -95,6 +95,18 @@ pub struct ModelConfig {
     pub recent: usize,
 }
 
+impl ModelConfig {
+    /// The user features the model reads: none for popularity, which must not require the
+    /// default ones to exist in the data.
+    pub fn read_user_features(&self) -> &[String] {
+        if self.kind == ModelKind::Popularity {
+            &[]
+        } else {
+            &self.user_features
+        }
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {

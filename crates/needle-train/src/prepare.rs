@@ -112,9 +112,7 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
             users.insert(&ds.user_ids[u]);
         }
     }
-    // Popularity reads no features; do not require the default ones to exist in the data.
-    let no_features: Vec<String> = Vec::new();
-    let feature_names = if model.kind == ModelKind::Popularity { &no_features } else { &model.user_features };
+    let feature_names = model.read_user_features();
     let nf = feature_names.len();
     let mut user_feature_vocabs = Vec::with_capacity(nf);
     let mut user_feats = vec![0u32; n_users * nf];
@@ -183,7 +181,7 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
     Ok(Prepared {
         items,
         users,
-        user_feature_names: feature_names.clone(),
+        user_feature_names: feature_names.to_vec(),
         user_feature_vocabs,
         user_feats,
         item_features,

@@ -265,8 +265,7 @@ pub fn load_for_serving(dir: &Path, data_dir: Option<&Path>) -> Result<ServingRu
         let row: usize = row.parse().map_err(|_| bad())?;
         *item_counts.get_mut(row).ok_or_else(bad)? = count.parse().map_err(|_| bad())?;
     }
-    let user_feature_names =
-        if info.kind == ModelKind::Popularity { Vec::new() } else { info.config.model.user_features.clone() };
+    let user_feature_names = info.config.model.read_user_features().to_vec();
     let user_feature_vocabs = user_feature_names
         .iter()
         .map(|n| Vocab::load(&dir.join("vocab").join(format!("user_feat.{n}.tsv"))))
