@@ -113,6 +113,15 @@ pub struct Dataset {
     pub report: LoadReport,
 }
 
+/// Start value of an FNV-1a 64 hash (its offset basis).
+pub const FNV1A64_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Folds `bytes` into the FNV-1a 64 hash `h`; start from [`FNV1A64_OFFSET`]. Identifies data
+/// and run files; not for adversarial input.
+pub fn fnv1a64(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
 impl Dataset {
     /// Stable 16-hex-digit identity of the interaction log, stored with trained models so
     /// evaluation can refuse to run on different data than training used.
@@ -121,15 +130,8 @@ impl Dataset {
     /// 0x1F, timestamp as 8 little-endian bytes, 0x1E. Raw ids (not keys) are hashed so the
     /// value does not depend on interning details. Ratings and side tables are not included.
     pub fn fingerprint(&self) -> String {
-        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-        const PRIME: u64 = 0x0000_0100_0000_01b3;
-        let mut h = OFFSET;
-        let mut eat = |bytes: &[u8]| {
-            for &b in bytes {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(PRIME);
-            }
-        };
+        let mut h = FNV1A64_OFFSET;
+        let mut eat = |bytes: &[u8]| h = fnv1a64(h, bytes);
         for e in &self.events {
             let u = self.user_ids.get(e.user as usize).map_or("", String::as_str);
             let i = self.item_ids.get(e.item as usize).map_or("", String::as_str);

@@ -15,7 +15,7 @@ mod text;
 pub mod vocab;
 
 pub use crate::csv::{load_csv, Column, FeatureColumn, InteractionsSchema, Schema};
-pub use crate::dataset::{Dataset, Event, Feature, LoadOptions, LoadReport};
+pub use crate::dataset::{fnv1a64, Dataset, Event, Feature, LoadOptions, LoadReport, FNV1A64_OFFSET};
 pub use crate::download::{download, extract_zip, verify_md5};
 pub use crate::error::{DataError, Result};
 pub use crate::movielens::{load_ml100k, load_ml1m};

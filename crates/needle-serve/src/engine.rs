@@ -66,7 +66,7 @@ impl Engine {
         let checksum = ["model.toml", "model.safetensors"]
             .iter()
             .filter_map(|f| std::fs::read(dir.join(f)).ok())
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, bytes| fnv64(h, &bytes));
+            .fold(needle_data::FNV1A64_OFFSET, |h, bytes| needle_data::fnv1a64(h, &bytes));
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
         let model = run.model;
         let index_path = index.map(Path::to_owned).unwrap_or_else(|| dir.join(needle_index::RUN_INDEX_FILE));
@@ -259,9 +259,4 @@ fn store_records(run: &LoadedRun) -> Result<(Vec<ItemRecord>, Vec<UserRecord>), 
         })
         .collect();
     Ok((items, users))
-}
-
-/// FNV-1a, 64-bit, continuing from `h`: identifies a run's files in the run id.
-fn fnv64(h: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
