@@ -2,7 +2,9 @@
 //! few microseconds); writes commit durably, so they run on tokio's blocking pool to keep the
 //! request threads free while the file syncs.
 
-use crate::{truncate_front, ItemDetails, ItemRecord, Result, Store, StoreError, StoreFuture, UserProfile, UserRecord};
+use crate::{
+    newest, truncate_front, ItemDetails, ItemRecord, Result, Store, StoreError, StoreFuture, UserProfile, UserRecord,
+};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -174,8 +176,7 @@ impl Store for EmbeddedStore {
                     let mut h = tx.open_table(HISTORY)?;
                     for u in chunk {
                         f.insert(u.id.as_str(), to_json(&u.profile.features).as_slice())?;
-                        let start = u.profile.history.len().saturating_sub(max_history);
-                        h.insert(u.id.as_str(), join_history(&u.profile.history[start..]).as_slice())?;
+                        h.insert(u.id.as_str(), join_history(newest(&u.profile.history, max_history)).as_slice())?;
                     }
                     Ok(())
                 })?;

@@ -138,9 +138,14 @@ pub async fn open(spec: &StoreSpec, default_path: &std::path::Path) -> Result<Bo
     })
 }
 
+/// The newest `max` entries of `history`: what a store keeps of a user's log.
+fn newest(history: &[String], max: usize) -> &[String] {
+    &history[history.len().saturating_sub(max)..]
+}
+
 /// Keeps the newest `max` entries of `history`.
 fn truncate_front(history: &mut Vec<String>, max: usize) {
-    let drop = history.len().saturating_sub(max);
+    let drop = history.len() - newest(history, max).len();
     history.drain(..drop);
 }
 

@@ -146,8 +146,7 @@ impl Store for RedisStore {
                     p.cmd("SET").arg(format!("{USER}{}", u.id)).arg(json).ignore();
                     let key = format!("{HIST}{}", u.id);
                     p.cmd("DEL").arg(&key).ignore();
-                    let h = &u.profile.history;
-                    let recent = &h[h.len().saturating_sub(max_history)..];
+                    let recent = crate::newest(&u.profile.history, max_history);
                     if !recent.is_empty() {
                         p.cmd("RPUSH").arg(&key).arg(recent).ignore();
                     }
