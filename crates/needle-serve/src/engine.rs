@@ -5,13 +5,11 @@
 //! scale, so handlers call it inline.
 
 use crate::ServeError;
+use needle_data::Dataset;
 use needle_data::Vocab;
 use needle_index::{Index, IndexParams};
+use needle_run::{merge_interests, Model, RunInfo, ServingRun, USER_ID_FEATURE};
 use needle_store::{ItemDetails, ItemRecord, Store, UserProfile, UserRecord};
-use needle_train::model::merge_interests;
-use needle_train::prepare::USER_ID_FEATURE;
-use needle_train::run::{LoadedRun, ServingRun};
-use needle_train::Model;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -207,15 +205,22 @@ pub struct StoreContents {
 
 impl StoreContents {
     /// Every item's details and every user's profile and whole log in time order (file order
-    /// breaks ties).
-    pub fn of(run: &LoadedRun) -> Result<Self, needle_data::DataError> {
-        let (items, users) = store_records(run)?;
+    /// breaks ties), from the data the run `info` was trained on.
+    pub fn of(ds: &Dataset, info: &RunInfo) -> Result<Self, needle_data::DataError> {
+        let (items, users) = store_records(ds)?;
         Ok(StoreContents {
             items,
             users,
-            max_history: run.info.config.model.max_seq_len,
-            fingerprint: run.info.data_fingerprint.clone(),
+            max_history: info.config.model.max_seq_len,
+            fingerprint: info.data_fingerprint.clone(),
         })
+    }
+
+    /// Loads the data of the run in `dir` (refusing data with another fingerprint) and makes its
+    /// store contents.
+    pub fn of_run(info: &RunInfo, data_dir: Option<&Path>) -> Result<Self, ServeError> {
+        let (ds, _) = needle_run::load_run_data(info, data_dir)?;
+        Ok(StoreContents::of(&ds, info)?)
     }
 
     /// Loads the records into `store` and tags it with the data fingerprint.
@@ -230,8 +235,7 @@ impl StoreContents {
 }
 
 /// Item details and user profiles/histories of a run's dataset.
-fn store_records(run: &LoadedRun) -> Result<(Vec<ItemRecord>, Vec<UserRecord>), needle_data::DataError> {
-    let ds = &run.dataset;
+fn store_records(ds: &Dataset) -> Result<(Vec<ItemRecord>, Vec<UserRecord>), needle_data::DataError> {
     let items = (0..ds.item_ids.len())
         .map(|i| {
             let attributes = ds

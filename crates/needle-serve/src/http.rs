@@ -145,13 +145,9 @@ async fn load_engine(
     let empty_store = matches!(tag, Some(None));
     let dir = run.to_owned();
     let blocking = move || -> Result<_, ServeError> {
-        if empty_store {
-            let loaded = needle_train::run::load_run(&dir, data_dir.as_deref())?;
-            let contents = StoreContents::of(&loaded).map_err(needle_train::TrainError::from)?;
-            Ok((needle_train::run::ServingRun::from(loaded), Some(contents)))
-        } else {
-            Ok((needle_train::run::load_for_serving(&dir, data_dir.as_deref())?, None))
-        }
+        let served = needle_run::load_for_serving(&dir)?;
+        let contents = if empty_store { Some(StoreContents::of_run(&served.info, data_dir.as_deref())?) } else { None };
+        Ok((served, contents))
     };
     let (served, contents) =
         tokio::task::spawn_blocking(blocking).await.map_err(|e| ServeError::Internal(e.to_string()))??;

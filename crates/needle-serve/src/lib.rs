@@ -18,7 +18,9 @@ pub enum ServeError {
     #[error("{0}")]
     Load(String),
     #[error(transparent)]
-    Train(#[from] needle_train::TrainError),
+    Run(#[from] needle_run::RunError),
+    #[error(transparent)]
+    Data(#[from] needle_data::DataError),
     #[error(transparent)]
     Store(#[from] needle_store::StoreError),
     #[error("internal error: {0}")]

@@ -4,7 +4,7 @@
 //! the explicit forward/backward engine of `needle-model` with sampled, in-batch or full
 //! softmax; [`run`] saves and reloads everything evaluation and serving need.
 
-pub mod config;
+pub use needle_run::config;
 pub mod model;
 pub mod optim;
 pub mod prepare;
@@ -12,8 +12,7 @@ pub mod run;
 pub mod sampler;
 pub mod trainer;
 
-pub use config::Config;
-pub use model::Model;
+pub use needle_run::{Config, Model};
 pub use prepare::{Prepared, Stage};
 
 use std::path::PathBuf;
@@ -30,6 +29,8 @@ pub enum TrainError {
     Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Model(#[from] needle_model::ModelError),
+    #[error(transparent)]
+    Run(#[from] needle_run::RunError),
     #[error("training diverged (non-finite loss) in epoch {epoch} at step {step}; lower the learning rate or raise the temperature")]
     Diverged { epoch: usize, step: usize },
 }

@@ -8,8 +8,7 @@ use needle_data::{Dataset, Split, Vocab};
 use needle_eval::Lists;
 use needle_model::deep::ItemBags;
 
-/// The name under which a user's own id can be listed among the user features.
-pub const USER_ID_FEATURE: &str = "user_id";
+pub use needle_run::USER_ID_FEATURE;
 
 /// Model-ready view of one dataset split; all per-user arrays are indexed by dataset user key.
 pub struct Prepared {

@@ -54,7 +54,7 @@ pub fn export(run: &Path, data_dir: Option<&Path>, out: &Path) -> Result<()> {
     )?;
     // Every known user, from the known history (train + validation).
     let users: Vec<usize> = (0..r.prepared.n_users()).collect();
-    let uv = r.model.user_vectors(&r.prepared, &users, Stage::Test);
+    let uv = needle_train::model::user_vectors(&r.model, &r.prepared, &users, Stage::Test);
     let ni = r.model.interests();
     // Multi-interest models export `[users, K, dim]`.
     let shape = if ni > 1 { vec![users.len(), ni, d] } else { vec![users.len(), d] };
@@ -168,7 +168,7 @@ pub fn eval(run: &Path, data_dir: Option<&Path>, ks: &[usize], effort: Option<us
     }
     let kmax = ks.iter().copied().max().unwrap_or(100);
     let users = test_users(&r.prepared);
-    let uv = r.model.user_vectors(&r.prepared, &users, Stage::Test);
+    let uv = needle_train::model::user_vectors(&r.model, &r.prepared, &users, Stage::Test);
     let (ids, vecs, d) = item_rows(&r.model);
     let exact = needle_index::build(&IndexParams::Exact, &ids, &vecs, d)?;
     let truth = exact.search_batch(&uv, kmax)?;
@@ -219,7 +219,7 @@ pub fn eval_ann(r: &LoadedRun, ks: &[usize], keep_seen: bool) -> Result<needle_e
     let p = &r.prepared;
     let kmax = ks.iter().copied().max().unwrap_or(100);
     let users = test_users(p);
-    let uv = r.model.user_vectors(p, &users, Stage::Test);
+    let uv = needle_train::model::user_vectors(&r.model, p, &users, Stage::Test);
     let d = r.model.dim();
     let ni = r.model.interests();
     let mut ids = vec![u32::MAX; users.len() * ni * kmax];

@@ -69,7 +69,7 @@ pub fn serve(run: &Path, data_dir: Option<&Path>, f: ServeFlags<'_>) -> Result<(
 
 pub fn store_load(run: &Path, data_dir: Option<&Path>, store: &str) -> Result<()> {
     let spec: StoreSpec = store.parse()?;
-    let contents = StoreContents::of(&needle_train::run::load_run(run, data_dir)?)?;
+    let contents = StoreContents::of_run(&needle_train::run::read_info(run)?, data_dir)?;
     let rt = runtime(Some(1))?;
     rt.block_on(async {
         let s = needle_store::open(&spec, &run.join(EMBEDDED_STORE_FILE)).await?;

@@ -1,0 +1,314 @@
+//! A run directory: everything needed to evaluate, recall with or serve a trained model.
+//!
+//! ```text
+//! runs/NAME/
+//!   model.toml          config, tower shapes, vocabulary sizes, data fingerprint, training summary
+//!   model.safetensors   parameters
+//!   vocab/*.tsv         raw id ↔ row for items, users and every categorical feature
+//!   item_counts.tsv     training events per item row (popularity, the fallback for unknown users)
+//!   train_log.jsonl     one line per epoch
+//! ```
+//!
+//! Training writes runs and serving reads them; this crate is the format both agree on, so the
+//! server never links the training code.
+
+pub mod config;
+pub mod model;
+
+pub use config::Config;
+pub use model::{merge_interests, Model};
+
+use config::ModelKind;
+use needle_data::{Dataset, LoadOptions, Split, SplitStrategy, Vocab};
+use needle_model::checkpoint::{save, Checkpoint};
+use needle_model::deep::{CategoricalSpec, DeepSpec, DeepTwoTower, ItemBags};
+use needle_model::fm::{FmSpec, FmTwoTower};
+use needle_model::mind::{MindSpec, MindTwoTower};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Bumped whenever the layout of a run directory changes incompatibly.
+pub const RUN_FORMAT: u32 = 1;
+
+/// The name under which a user's own id can be listed among the user features.
+pub const USER_ID_FEATURE: &str = "user_id";
+
+const ITEM_COUNTS_FILE: &str = "item_counts.tsv";
+const MANIFEST_FILE: &str = "model.toml";
+const WEIGHTS_FILE: &str = "model.safetensors";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Data(#[from] needle_data::DataError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Model(#[from] needle_model::ModelError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
+    move |e| RunError::Io { path: path.to_owned(), source: e }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    pub epochs_run: usize,
+    pub best_epoch: usize,
+    pub seconds: f64,
+    pub samples_per_epoch: usize,
+    pub samples_per_sec: f64,
+    pub peak_rss_mb: Option<f64>,
+    pub threads: usize,
+}
+
+/// The contents of `model.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub format: u32,
+    pub kind: ModelKind,
+    pub dataset: String,
+    pub data_fingerprint: String,
+    pub items: usize,
+    pub users: usize,
+    /// Shapes of a YouTubeDNN or DSSM model.
+    pub deep: Option<DeepSpec>,
+    /// Shapes of an FM model.
+    pub fm: Option<FmSpec>,
+    /// Shapes of a MIND model.
+    pub mind: Option<MindSpec>,
+    pub training: TrainingSummary,
+    pub config: Config,
+}
+
+/// Loads and splits the dataset a config names.
+pub fn load_data(cfg: &Config, data_dir: Option<&Path>) -> Result<(Dataset, Split), RunError> {
+    let source = match (&cfg.data.dataset, &cfg.data.schema) {
+        (Some(name), None) => {
+            // The same parser as `needle data download` and `train --download`, so one spelling
+            // works everywhere.
+            let name: needle_data::DatasetName = name.parse().map_err(RunError::Invalid)?;
+            needle_data::DatasetSource::MovieLens(name)
+        }
+        (None, Some(schema)) => needle_data::DatasetSource::Csv { schema: schema.clone() },
+        _ => return Err(RunError::Invalid("[data] needs exactly one of `dataset` or `schema`".into())),
+    };
+    let opts = LoadOptions { skip_bad_rows: cfg.data.skip_bad_rows };
+    let ds = needle_data::load(&source, data_dir, &opts)?;
+    let strategy = match cfg.data.split {
+        config::SplitKind::LeaveLastOut => SplitStrategy::LeaveLastOut,
+        config::SplitKind::GlobalTime => {
+            SplitStrategy::GlobalTime { valid_fraction: cfg.data.valid_fraction, test_fraction: cfg.data.test_fraction }
+        }
+    };
+    let split = needle_data::split::split(&ds, &strategy)?;
+    Ok((ds, split))
+}
+
+/// Loads the data a run was trained on and refuses any other: the fingerprint of what is found
+/// now must be the one saved in the manifest.
+pub fn load_run_data(info: &RunInfo, data_dir: Option<&Path>) -> Result<(Dataset, Split), RunError> {
+    let (dataset, split) = load_data(&info.config, data_dir)?;
+    let fp = dataset.fingerprint();
+    if fp != info.data_fingerprint {
+        return Err(RunError::Invalid(format!(
+            "the data found now (fingerprint {fp}) is not the data this model was trained on ({}); point --data-dir at the original copy",
+            info.data_fingerprint
+        )));
+    }
+    Ok((dataset, split))
+}
+
+/// What a run directory holds besides its manifest, borrowed from the trainer for writing.
+pub struct RunContents<'a> {
+    /// `(file stem, vocabulary)`: `items`, `users`, `user_feat.NAME`, `item_feat.NAME`.
+    pub vocabs: Vec<(String, &'a Vocab)>,
+    /// Training events per item row (row 0 = padding).
+    pub item_counts: &'a [u64],
+    pub model: &'a Model,
+}
+
+/// Writes a run into `dir`. The manifest goes last, through a temporary file and a rename: a
+/// directory whose writing was interrupted has no `model.toml` and is never read as a run.
+pub fn write_run(dir: &Path, info: &mut RunInfo, contents: &RunContents<'_>) -> Result<(), RunError> {
+    std::fs::create_dir_all(dir.join("vocab")).map_err(io(dir))?;
+    let manifest = dir.join(MANIFEST_FILE);
+    match std::fs::remove_file(&manifest) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&manifest)(e)),
+        _ => {}
+    }
+    for (name, vocab) in &contents.vocabs {
+        vocab.save(&dir.join("vocab").join(format!("{name}.tsv")))?;
+    }
+    let counts: String =
+        contents.item_counts.iter().enumerate().skip(1).map(|(row, c)| format!("{row}\t{c}\n")).collect();
+    let counts_path = dir.join(ITEM_COUNTS_FILE);
+    std::fs::write(&counts_path, counts).map_err(io(&counts_path))?;
+    let ckpt = dir.join(WEIGHTS_FILE);
+    (info.deep, info.fm, info.mind) = (None, None, None);
+    match contents.model {
+        Model::Deep(m) => {
+            save(m.as_ref(), &ckpt)?;
+            info.deep = Some(m.spec.clone());
+        }
+        Model::Fm(m) => {
+            save(m.as_ref(), &ckpt)?;
+            info.fm = Some(m.spec.clone());
+        }
+        Model::Mind(m) => {
+            save(m.as_ref(), &ckpt)?;
+            info.mind = Some(m.spec.clone());
+        }
+        Model::Popularity { .. } => {}
+    }
+    let text = toml::to_string_pretty(&*info).map_err(|e| RunError::Invalid(e.to_string()))?;
+    let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
+    std::fs::write(&tmp, text).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &manifest).map_err(io(&manifest))
+}
+
+/// Reads and checks `dir/model.toml`.
+pub fn read_info(dir: &Path) -> Result<RunInfo, RunError> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => RunError::Invalid(format!(
+            "{} is not a run directory (no model.toml); train one with `needle train --config ... --out {}`",
+            dir.display(),
+            dir.display()
+        )),
+        _ => RunError::Io { path: path.clone(), source: e },
+    })?;
+    let info: RunInfo = toml::from_str(&text).map_err(|e| RunError::Invalid(format!("{}: {e}", path.display())))?;
+    if info.format != RUN_FORMAT {
+        return Err(RunError::Invalid(format!(
+            "{}: run format {} is not supported (this build reads format {RUN_FORMAT})",
+            path.display(),
+            info.format
+        )));
+    }
+    Ok(info)
+}
+
+/// Reads one of the run's vocabularies (`items`, `users`, `user_feat.NAME`, `item_feat.NAME`).
+pub fn read_vocab(dir: &Path, name: &str) -> Result<Vocab, RunError> {
+    Ok(Vocab::load(&dir.join("vocab").join(format!("{name}.tsv")))?)
+}
+
+/// What serving needs of a run, read from the run directory alone (no training data).
+pub struct ServingRun {
+    pub dir: PathBuf,
+    pub info: RunInfo,
+    pub items: Vocab,
+    /// The user features the model reads, in its order, and their value vocabularies
+    /// (`user_id`'s is the user vocabulary).
+    pub user_feature_names: Vec<String>,
+    pub user_feature_vocabs: Vec<Vocab>,
+    /// Training events per item row (row 0 = padding).
+    pub item_counts: Vec<u64>,
+    pub model: Model,
+}
+
+/// Reads `item_counts.tsv` for an item vocabulary of `rows` rows (padding included).
+fn read_item_counts(dir: &Path, rows: usize) -> Result<Vec<u64>, RunError> {
+    let counts_path = dir.join(ITEM_COUNTS_FILE);
+    let text = std::fs::read_to_string(&counts_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => RunError::Invalid(format!(
+            "{} has no {ITEM_COUNTS_FILE} (it was saved by an older needle); train it again",
+            dir.display()
+        )),
+        _ => io(&counts_path)(e),
+    })?;
+    let mut item_counts = vec![0u64; rows];
+    for (i, line) in text.lines().enumerate() {
+        let bad = || RunError::Invalid(format!("{}:{}: expected `row<TAB>count`", counts_path.display(), i + 1));
+        let (row, count) = line.split_once('\t').ok_or_else(bad)?;
+        let row: usize = row.parse().map_err(|_| bad())?;
+        *item_counts.get_mut(row).ok_or_else(bad)? = count.parse().map_err(|_| bad())?;
+    }
+    Ok(item_counts)
+}
+
+/// Loads a run for serving from its directory alone: manifest, vocabularies, item counts and
+/// parameters.
+pub fn load_for_serving(dir: &Path) -> Result<ServingRun, RunError> {
+    let info = read_info(dir)?;
+    let items = read_vocab(dir, "items")?;
+    let item_counts = read_item_counts(dir, items.len())?;
+    let user_feature_names = info.config.model.read_user_features().to_vec();
+    let user_feature_vocabs =
+        user_feature_names.iter().map(|n| read_vocab(dir, &format!("user_feat.{n}"))).collect::<Result<Vec<_>, _>>()?;
+    let model = load_model(&info, dir, &item_counts)?;
+    if model.item_rows() != items.len() {
+        return Err(RunError::Invalid(format!(
+            "{}: the model has {} item rows but vocab/items.tsv has {}",
+            dir.display(),
+            model.item_rows(),
+            items.len()
+        )));
+    }
+    Ok(ServingRun { dir: dir.to_owned(), info, items, user_feature_names, user_feature_vocabs, item_counts, model })
+}
+
+/// Rebuilds the model of a run from its manifest and checkpoint.
+pub fn load_model(info: &RunInfo, dir: &Path, item_counts: &[u64]) -> Result<Model, RunError> {
+    let path = dir.join(MANIFEST_FILE);
+    let weights = dir.join(WEIGHTS_FILE);
+    let missing =
+        |table: &str| RunError::Invalid(format!("{}: {:?} run without a [{table}] table", path.display(), info.kind));
+    Ok(match info.kind {
+        ModelKind::Popularity => Model::Popularity { counts: item_counts.iter().map(|&c| c as f32).collect() },
+        ModelKind::Youtubednn | ModelKind::Dssm => {
+            let spec = info.deep.clone().ok_or_else(|| missing("deep"))?;
+            let ckpt = Checkpoint::read(&weights)?;
+            let bags = read_bags(&ckpt, &spec.item_features, spec.items, &weights)?;
+            let mut m =
+                DeepTwoTower::new(spec, bags, &mut needle_model::rng::Rng::new(0)).map_err(RunError::Invalid)?;
+            ckpt.fill(&mut m)?;
+            Model::Deep(Box::new(m))
+        }
+        ModelKind::Fm => {
+            let spec = info.fm.clone().ok_or_else(|| missing("fm"))?;
+            let ckpt = Checkpoint::read(&weights)?;
+            let bags = read_bags(&ckpt, &spec.item_features, spec.items, &weights)?;
+            let mut m = FmTwoTower::new(spec, bags, &mut needle_model::rng::Rng::new(0)).map_err(RunError::Invalid)?;
+            ckpt.fill(&mut m)?;
+            Model::Fm(Box::new(m))
+        }
+        ModelKind::Mind => {
+            let spec = info.mind.clone().ok_or_else(|| missing("mind"))?;
+            let ckpt = Checkpoint::read(&weights)?;
+            let bags = read_bags(&ckpt, &spec.item_features, spec.items, &weights)?;
+            let mut m =
+                MindTwoTower::new(spec, bags, &mut needle_model::rng::Rng::new(0)).map_err(RunError::Invalid)?;
+            ckpt.fill(&mut m)?;
+            Model::Mind(Box::new(m))
+        }
+    })
+}
+
+/// Reads and checks the item → feature-value bags saved with a model.
+fn read_bags(
+    ckpt: &Checkpoint,
+    features: &[CategoricalSpec],
+    items: usize,
+    path: &Path,
+) -> Result<Vec<ItemBags>, RunError> {
+    let mut bags = Vec::with_capacity(features.len());
+    for f in features {
+        let b = ItemBags {
+            offsets: ckpt.u32_tensor(&format!("item_bags.{}.offsets", f.name))?,
+            keys: ckpt.u32_tensor(&format!("item_bags.{}.keys", f.name))?,
+        };
+        let consistent = b.offsets.len() == items + 1
+            && b.offsets.windows(2).all(|w| w[0] <= w[1])
+            && b.offsets.last().copied() == Some(b.keys.len() as u32)
+            && b.keys.iter().all(|&k| (k as usize) < f.rows);
+        if !consistent {
+            return Err(RunError::Invalid(format!("{}: item_bags.{} are inconsistent", path.display(), f.name)));
+        }
+        bags.push(b);
+    }
+    Ok(bags)
+}
