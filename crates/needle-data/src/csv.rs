@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::{Dataset, Event, FeatureBuilder, LoadOptions, Parts};
 use crate::error::{DataError, Result};
-use crate::text::{parse_f32, parse_i64, read_file, show, Lines, RowSink};
+use crate::text::{parse_f32, parse_i64, read_file, show, LineReader, RowSink};
 
 /// Top level of a schema file. Unknown keys are rejected so typos do not silently fall
 /// back to defaults.
@@ -29,6 +29,33 @@ pub struct Schema {
     /// Item features taken from columns of the interaction log.
     #[serde(default)]
     pub item_features: Vec<FeatureColumn>,
+    /// A catalogue: one row per item with its features and display fields. Items listed here
+    /// but absent from the log are still part of the dataset.
+    #[serde(default)]
+    pub items: Option<EntityTable>,
+    /// A user table: one row per user with profile features.
+    #[serde(default)]
+    pub users: Option<EntityTable>,
+}
+
+/// A side table keyed by item or user id (CSV/TSV). The first row of an id wins.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntityTable {
+    /// Table file, relative to the schema's folder.
+    pub path: PathBuf,
+    #[serde(default = "default_delimiter")]
+    pub delimiter: String,
+    #[serde(default)]
+    pub header: bool,
+    /// Id column.
+    pub id: Column,
+    /// Display title (items only); what the server returns as the item's title.
+    #[serde(default)]
+    pub title: Option<Column>,
+    /// Categorical features, as for the log's feature columns.
+    #[serde(default)]
+    pub features: Vec<FeatureColumn>,
 }
 
 /// Where the interaction log is and which columns hold what.
@@ -102,10 +129,36 @@ impl Schema {
         if schema.interactions.delimiter.is_empty() {
             return bad("interactions.delimiter must not be empty");
         }
-        let feats = schema.user_features.iter().chain(&schema.item_features);
+        let tables = schema.items.iter().chain(&schema.users);
+        let feats = schema.user_features.iter().chain(&schema.item_features).chain(tables.flat_map(|t| &t.features));
         for f in feats {
             if f.separator.as_deref() == Some("") {
                 return bad("feature separator must not be empty");
+            }
+        }
+        for t in schema.items.iter().chain(&schema.users) {
+            if t.delimiter.is_empty() {
+                return bad("table delimiter must not be empty");
+            }
+        }
+        if schema.users.as_ref().is_some_and(|t| t.title.is_some()) {
+            return bad("users.title is not supported (titles are item display fields)");
+        }
+        for (side, log, table) in
+            [("item", &schema.item_features, &schema.items), ("user", &schema.user_features, &schema.users)]
+        {
+            let names: Vec<String> = log
+                .iter()
+                .chain(table.iter().flat_map(|t| &t.features))
+                .map(|f| match (&f.name, &f.column) {
+                    (Some(n), _) | (None, Column::Name(n)) => n.clone(),
+                    (None, Column::Index(i)) => format!("col{i}"),
+                })
+                .collect();
+            for (i, n) in names.iter().enumerate() {
+                if names[..i].contains(n) {
+                    return bad(&format!("{side} feature {n:?} is defined twice"));
+                }
             }
         }
         Ok(schema)
@@ -178,13 +231,42 @@ fn feature_specs(
         .collect()
 }
 
+/// One row's fields as spans into the row text.
+struct Fields<'a> {
+    row: &'a str,
+    spans: &'a [(usize, usize)],
+}
+
+impl<'a> Fields<'a> {
+    /// Splits `row` on `delim`, keeping the boundaries in `spans` (reused across rows).
+    fn split(row: &'a str, delim: &str, spans: &'a mut Vec<(usize, usize)>) -> Fields<'a> {
+        spans.clear();
+        let mut start = 0;
+        for (i, _) in row.match_indices(delim) {
+            spans.push((start, i));
+            start = i + delim.len();
+        }
+        spans.push((start, row.len()));
+        Fields { row, spans }
+    }
+
+    fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// Field `i`, or "" past the end.
+    fn get(&self, i: usize) -> &str {
+        self.spans.get(i).and_then(|&(a, b)| self.row.get(a..b)).unwrap_or("")
+    }
+}
+
 /// Sets the entity's feature values from the row unless it already has them.
-fn apply_features(specs: &mut [FeatureSpec], entity: usize, fields: &[&str]) {
+fn apply_features(specs: &mut [FeatureSpec], entity: usize, fields: &Fields<'_>) {
     for s in specs {
         if s.builder.is_set(entity) {
             continue;
         }
-        let v = fields.get(s.col).map_or("", |f| clean(f));
+        let v = clean(fields.get(s.col));
         match &s.sep {
             Some(sep) => s.builder.set(entity, v.split(sep.as_str())),
             None => s.builder.set(entity, [v]),
@@ -198,6 +280,12 @@ fn apply_features(specs: &mut [FeatureSpec], entity: usize, fields: &[&str]) {
 /// Empty user/item ids, non-integer timestamps, non-numeric ratings and invalid UTF-8 make a
 /// row bad (error, or skipped with `skip_bad_rows`).
 pub fn load_csv(schema_path: &Path, opts: &LoadOptions) -> Result<Dataset> {
+    load_csv_with(schema_path, opts, &mut |_, _| {})
+}
+
+/// [`load_csv`] that reports `(bytes read, file length)` as it streams the log; the file is
+/// read through a fixed buffer, so memory grows with the ids and events kept, not the file.
+pub fn load_csv_with(schema_path: &Path, opts: &LoadOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<Dataset> {
     let schema = Schema::from_path(schema_path)?;
     let base = schema_path.parent().unwrap_or(Path::new(""));
     let data_path = base.join(&schema.interactions.path);
@@ -206,89 +294,223 @@ pub fn load_csv(schema_path: &Path, opts: &LoadOptions) -> Result<Dataset> {
     });
     let ix = &schema.interactions;
     let delim = ix.delimiter.as_str();
-    let data = read_file(&data_path)?;
-    let mut lines = Lines::new(&data).peekable();
-
-    let header: Option<Vec<String>> = if ix.header {
-        let Some((line, raw)) = lines.next() else {
-            return Err(DataError::Schema {
-                path: schema_path.to_path_buf(),
-                reason: format!("header = true but {} has no header row", data_path.display()),
-            });
-        };
-        let raw = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw);
-        let text = std::str::from_utf8(raw).map_err(|_| DataError::BadRow {
-            path: data_path.clone(),
-            line,
-            reason: "header row is not valid UTF-8".to_owned(),
-        })?;
-        Some(text.split(delim).map(|f| clean(f).to_owned()).collect())
-    } else {
-        None
-    };
-    // Without a header the first data row fixes the expected width.
-    let n_fields = match &header {
-        Some(h) => Some(h.len()),
-        None => lines.peek().map(|(_, row)| String::from_utf8_lossy(row).split(delim).count()),
-    };
+    let mut reader = LineReader::open(&data_path)?;
+    let Head { header, first_row, n_fields } = read_head(&mut reader, ix.header, delim, schema_path, &data_path)?;
     let h = header.as_deref();
     let col = |c: &Column| resolve(c, h, n_fields, schema_path, &data_path);
     let (uc, ic, tc) = (col(&ix.user)?, col(&ix.item)?, col(&ix.timestamp)?);
     let rc = ix.rating.as_ref().map(col).transpose()?;
-    let mut ufeats = feature_specs(&schema.user_features, h, n_fields, schema_path, &data_path)?;
-    let mut ifeats = feature_specs(&schema.item_features, h, n_fields, schema_path, &data_path)?;
+    let mut rows = RowParser {
+        n_fields,
+        cols: (uc, ic, tc, rc),
+        ufeats: feature_specs(&schema.user_features, h, n_fields, schema_path, &data_path)?,
+        ifeats: feature_specs(&schema.item_features, h, n_fields, schema_path, &data_path)?,
+        parts: Parts::new(),
+        sink: RowSink::new(&data_path, opts.skip_bad_rows),
+        spans: Vec::new(),
+        delim,
+        shown_delim: delim.escape_debug().to_string(),
+    };
+    rows.parts.events.reserve(usize::try_from(reader.len / 24).unwrap_or(0).min(1 << 28));
+    if let Some((line, raw)) = &first_row {
+        rows.row(*line, raw)?;
+    }
+    let mut n = 0u64;
+    while let Some((line, raw)) = reader.next_line()? {
+        rows.row(line, raw)?;
+        n += 1;
+        if n.is_multiple_of(1 << 16) {
+            progress(reader.consumed(), reader.len);
+        }
+    }
+    progress(reader.consumed(), reader.len);
+    let RowParser { mut parts, sink, ufeats, ifeats, .. } = rows;
+    sink.finish(&mut parts.report);
+    parts.user_features = ufeats.into_iter().map(|s| s.builder).collect();
+    parts.item_features = ifeats.into_iter().map(|s| s.builder).collect();
+    if let Some(t) = &schema.items {
+        load_table(t, Side::Items, schema_path, opts, &mut parts)?;
+    }
+    if let Some(t) = &schema.users {
+        load_table(t, Side::Users, schema_path, opts, &mut parts)?;
+    }
+    Ok(parts.finish(&name))
+}
 
-    let mut parts = Parts::new();
-    let mut sink = RowSink::new(&data_path, opts.skip_bad_rows);
-    let mut fields: Vec<&str> = Vec::new();
-    let shown_delim = delim.escape_debug().to_string();
-    parts.events.reserve(data.len() / 24);
-    for (line, raw) in lines {
-        let Ok(row) = std::str::from_utf8(raw) else {
-            sink.bad(line, || "invalid UTF-8".to_owned())?;
-            continue;
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Items,
+    Users,
+}
+
+/// Reads a catalogue or user table into `parts`: ids not in the log get new keys after the
+/// log's, features and titles go to the entity (first row wins).
+fn load_table(t: &EntityTable, side: Side, schema_path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Result<()> {
+    let path = schema_path.parent().unwrap_or(Path::new("")).join(&t.path);
+    let delim = t.delimiter.as_str();
+    let mut reader = LineReader::open(&path)?;
+    let Head { header, first_row, n_fields } = read_head(&mut reader, t.header, delim, schema_path, &path)?;
+    let h = header.as_deref();
+    let id_col = resolve(&t.id, h, n_fields, schema_path, &path)?;
+    let title_col = t.title.as_ref().map(|c| resolve(c, h, n_fields, schema_path, &path)).transpose()?;
+    let mut specs = feature_specs(&t.features, h, n_fields, schema_path, &path)?;
+    let mut sink = RowSink::new(&path, opts.skip_bad_rows);
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    let shown = delim.escape_debug().to_string();
+    let mut row = |line: usize, raw: &[u8], parts: &mut Parts| -> Result<()> {
+        let Ok(text) = std::str::from_utf8(raw) else {
+            return sink.bad(line, || "invalid UTF-8".to_owned());
         };
-        fields.clear();
-        fields.extend(row.split(delim));
+        let fields = Fields::split(text, delim, &mut spans);
         if let Some(n) = n_fields {
             if fields.len() != n {
                 let found = fields.len();
-                sink.bad(line, || format!("expected {n} fields separated by \"{shown_delim}\", found {found}"))?;
-                continue;
+                return sink.bad(line, || format!("expected {n} fields separated by \"{shown}\", found {found}"));
             }
         }
-        let get = |i: usize| fields.get(i).map_or("", |f| clean(f));
+        let id = clean(fields.get(id_col));
+        if id.is_empty() {
+            return sink.bad(line, || "empty id".to_owned());
+        }
+        let key = match side {
+            Side::Items => parts.items.intern(id)?,
+            Side::Users => parts.users.intern(id)?,
+        };
+        apply_features(&mut specs, key as usize, &fields);
+        if let Some(c) = title_col {
+            let title = clean(fields.get(c));
+            if !title.is_empty() {
+                crate::dataset::set_title(&mut parts.item_titles, key, title.to_owned());
+            }
+        }
+        Ok(())
+    };
+    if let Some((line, raw)) = &first_row {
+        row(*line, raw, parts)?;
+    }
+    while let Some((line, raw)) = reader.next_line()? {
+        row(line, raw, parts)?;
+    }
+    sink.finish(&mut parts.report);
+    let builders = specs.into_iter().map(|s| s.builder);
+    match side {
+        Side::Items => parts.item_features.extend(builders),
+        Side::Users => parts.user_features.extend(builders),
+    }
+    Ok(())
+}
+
+/// The start of a table: its header (if it has one), the first data row otherwise, and the
+/// field count every row must have.
+struct Head {
+    header: Option<Vec<String>>,
+    first_row: Option<(usize, Vec<u8>)>,
+    n_fields: Option<usize>,
+}
+
+fn read_head(reader: &mut LineReader, has_header: bool, delim: &str, schema_path: &Path, path: &Path) -> Result<Head> {
+    let first = reader.next_line()?.map(|(l, r)| (l, r.to_vec()));
+    let (header, first_row): (Option<Vec<String>>, _) = if has_header {
+        let Some((line, raw)) = first else {
+            return Err(DataError::Schema {
+                path: schema_path.to_path_buf(),
+                reason: format!("header = true but {} has no header row", path.display()),
+            });
+        };
+        let raw = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&raw);
+        let text = std::str::from_utf8(raw).map_err(|_| DataError::BadRow {
+            path: path.to_path_buf(),
+            line,
+            reason: "header row is not valid UTF-8".to_owned(),
+        })?;
+        (Some(text.split(delim).map(|f| clean(f).to_owned()).collect()), None)
+    } else {
+        (None, first)
+    };
+    // Without a header the first data row fixes the expected width.
+    let n_fields = match &header {
+        Some(h) => Some(h.len()),
+        None => first_row.as_ref().map(|(_, row)| String::from_utf8_lossy(row).split(delim).count()),
+    };
+    Ok(Head { header, first_row, n_fields })
+}
+
+/// Turns rows into events and feature values, with the bad-row policy of the load.
+struct RowParser<'a> {
+    n_fields: Option<usize>,
+    /// User, item, timestamp and optional rating column.
+    cols: (usize, usize, usize, Option<usize>),
+    ufeats: Vec<FeatureSpec>,
+    ifeats: Vec<FeatureSpec>,
+    parts: Parts,
+    sink: RowSink,
+    /// Field boundaries of the current row, reused across rows.
+    spans: Vec<(usize, usize)>,
+    delim: &'a str,
+    shown_delim: String,
+}
+
+impl RowParser<'_> {
+    fn row(&mut self, line: usize, raw: &[u8]) -> Result<()> {
+        let Ok(row) = std::str::from_utf8(raw) else {
+            return self.sink.bad(line, || "invalid UTF-8".to_owned());
+        };
+        let fields = Fields::split(row, self.delim, &mut self.spans);
+        Self::fields_row(
+            line,
+            &fields,
+            self.n_fields,
+            self.cols,
+            &self.shown_delim,
+            &mut self.sink,
+            &mut self.parts,
+            &mut self.ufeats,
+            &mut self.ifeats,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fields_row(
+        line: usize,
+        fields: &Fields<'_>,
+        n_fields: Option<usize>,
+        cols: (usize, usize, usize, Option<usize>),
+        shown_delim: &str,
+        sink: &mut RowSink,
+        parts: &mut Parts,
+        ufeats: &mut [FeatureSpec],
+        ifeats: &mut [FeatureSpec],
+    ) -> Result<()> {
+        if let Some(n) = n_fields {
+            if fields.len() != n {
+                let found = fields.len();
+                return sink.bad(line, || format!("expected {n} fields separated by \"{shown_delim}\", found {found}"));
+            }
+        }
+        let (uc, ic, tc, rc) = cols;
+        let get = |i: usize| clean(fields.get(i));
         let (user, item, ts) = (get(uc), get(ic), get(tc));
         if user.is_empty() {
-            sink.bad(line, || "empty user id".to_owned())?;
-            continue;
+            return sink.bad(line, || "empty user id".to_owned());
         }
         if item.is_empty() {
-            sink.bad(line, || "empty item id".to_owned())?;
-            continue;
+            return sink.bad(line, || "empty item id".to_owned());
         }
         let Some(ts) = parse_i64(ts.as_bytes()) else {
-            sink.bad(line, || format!("timestamp {} is not an integer", show(ts.as_bytes())))?;
-            continue;
+            return sink.bad(line, || format!("timestamp {} is not an integer", show(ts.as_bytes())));
         };
         let rating = match rc.map(get) {
             None | Some("") => None,
             Some(r) => match parse_f32(r.as_bytes()) {
                 Some(v) => Some(v),
-                None => {
-                    sink.bad(line, || format!("rating {} is not a number", show(r.as_bytes())))?;
-                    continue;
-                }
+                None => return sink.bad(line, || format!("rating {} is not a number", show(r.as_bytes()))),
             },
         };
         let u = parts.users.intern(user)?;
         let i = parts.items.intern(item)?;
         parts.events.push(Event { user: u, item: i, ts, rating });
-        apply_features(&mut ufeats, u as usize, &fields);
-        apply_features(&mut ifeats, i as usize, &fields);
+        apply_features(ufeats, u as usize, fields);
+        apply_features(ifeats, i as usize, fields);
+        Ok(())
     }
-    sink.finish(&mut parts.report);
-    parts.user_features = ufeats.into_iter().map(|s| s.builder).collect();
-    parts.item_features = ifeats.into_iter().map(|s| s.builder).collect();
-    Ok(parts.finish(&name))
 }

@@ -111,6 +111,9 @@ pub struct Dataset {
     pub item_titles: Vec<Option<String>>,
     /// Row counts and skipped rows of the load.
     pub report: LoadReport,
+    /// The fingerprint of the source the events came from, when they were not loaded in source
+    /// order (a binary dataset stores them per user); `None` computes it from `events`.
+    pub source_fingerprint: Option<String>,
 }
 
 /// Start value of an FNV-1a 64 hash (its offset basis).
@@ -130,6 +133,9 @@ impl Dataset {
     /// 0x1F, timestamp as 8 little-endian bytes, 0x1E. Raw ids (not keys) are hashed so the
     /// value does not depend on interning details. Ratings and side tables are not included.
     pub fn fingerprint(&self) -> String {
+        if let Some(fp) = &self.source_fingerprint {
+            return fp.clone();
+        }
         let mut h = FNV1A64_OFFSET;
         let mut eat = |bytes: &[u8]| h = fnv1a64(h, bytes);
         for e in &self.events {
@@ -320,6 +326,7 @@ impl Parts {
             item_features: self.item_features.into_iter().map(|f| f.finish(n_items)).collect(),
             item_titles,
             report,
+            source_fingerprint: None,
         }
     }
 }

@@ -102,12 +102,28 @@ pub enum DataError {
         reason: String,
     },
 
+    /// A binary dataset file is truncated, corrupted, of another format version, or stale.
+    #[error("dataset {}: {reason}", path.display())]
+    Packed {
+        /// The dataset file.
+        path: PathBuf,
+        /// What is wrong, and what to do about it.
+        reason: String,
+    },
+
     /// A dataset grew beyond what `u32` keys can address.
     #[error("too many {what}: more than {} cannot be indexed with u32 keys", u32::MAX)]
     TooLarge {
         /// What overflowed ("users", "items", "events", ...).
         what: &'static str,
     },
+}
+
+impl DataError {
+    /// A binary dataset that cannot be used as it is.
+    pub(crate) fn packed(path: &std::path::Path, reason: impl Into<String>) -> Self {
+        DataError::Packed { path: path.to_path_buf(), reason: reason.into() }
+    }
 }
 
 /// Crate-wide result alias so signatures stay short.

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::csv::load_csv;
+use crate::csv::load_csv_with;
 use crate::dataset::{Dataset, LoadOptions};
 use crate::error::Result;
 use crate::movielens::{load_ml100k, load_ml1m, missing};
@@ -102,27 +102,132 @@ pub fn find_dataset_dir(name: &DatasetName, data_dir: &Path) -> Option<PathBuf> 
     sub.join(marker).is_file().then_some(sub)
 }
 
+/// Identity of what a load of `source` reads: the schema's text, and the path, length and
+/// modification time of every data file, with the options that change the result. Two loads
+/// with the same identity give the same dataset, so an ingested copy stamped with it can stand in.
+pub fn source_id(source: &DatasetSource, data_dir: Option<&Path>, opts: &LoadOptions) -> Result<String> {
+    let mut h = crate::dataset::FNV1A64_OFFSET;
+    let mut eat = |b: &[u8]| h = crate::dataset::fnv1a64(h, b);
+    eat(&crate::packed::FORMAT_VERSION.to_le_bytes());
+    eat(&[u8::from(opts.skip_bad_rows)]);
+    let files: Vec<PathBuf> = match source {
+        DatasetSource::MovieLens(name) => {
+            let dir = movielens_dir(name, data_dir)?;
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|e| crate::error::DataError::io(&dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            files.sort();
+            files
+        }
+        DatasetSource::Csv { schema } => {
+            let path = absolute(schema);
+            let parsed = crate::csv::Schema::from_path(&path)?;
+            eat(&std::fs::read(&path).map_err(|e| crate::error::DataError::io(&path, e))?);
+            let base = path.parent().unwrap_or(Path::new(""));
+            let tables = parsed.items.iter().chain(&parsed.users).map(|t| base.join(&t.path));
+            std::iter::once(base.join(&parsed.interactions.path)).chain(tables).collect()
+        }
+    };
+    for f in files {
+        let meta = std::fs::metadata(&f).map_err(|e| crate::error::DataError::io(&f, e))?;
+        eat(f.to_string_lossy().as_bytes());
+        eat(&meta.len().to_le_bytes());
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        eat(&mtime.map_or(0, |d| d.as_nanos()).to_le_bytes());
+    }
+    Ok(format!("{h:016x}"))
+}
+
+/// Where the ingested copy of `source` lives unless a config says otherwise: beside the schema
+/// (`S.toml` → `S.ndb/`), or inside the MovieLens folder (`needle.ndb/`).
+pub fn default_cache_dir(source: &DatasetSource, data_dir: Option<&Path>) -> Result<PathBuf> {
+    Ok(match source {
+        DatasetSource::MovieLens(name) => movielens_dir(name, data_dir)?.join("needle.ndb"),
+        DatasetSource::Csv { schema } => absolute(schema).with_extension("ndb"),
+    })
+}
+
+/// How [`load_cached`] got its dataset.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Cached {
+    /// Read from an up-to-date binary dataset.
+    Hit(PathBuf),
+    /// Parsed from the source and written to the binary dataset (`reason`: why it was (re)built).
+    Built { dir: PathBuf, reason: String },
+    /// Parsed from the source; the binary dataset could not be written (`reason`).
+    Unwritable { dir: PathBuf, reason: String },
+}
+
+/// Loads `source` through its binary dataset in `cache` (default [`default_cache_dir`]): an
+/// up-to-date copy is read; a missing, stale or corrupted one is rebuilt from the source, so the
+/// text is parsed once and every later command maps the binary file. `progress` gets
+/// `(bytes read, bytes total)` while the source is parsed.
+pub fn load_cached(
+    source: &DatasetSource,
+    data_dir: Option<&Path>,
+    opts: &LoadOptions,
+    cache: Option<&Path>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(Dataset, Cached)> {
+    let id = source_id(source, data_dir, opts)?;
+    let dir = match cache {
+        Some(c) => c.to_path_buf(),
+        None => default_cache_dir(source, data_dir)?,
+    };
+    let reason = match crate::packed::Packed::open(&dir) {
+        Ok(p) if p.info.source_id == id => match p.dataset() {
+            Ok(ds) => return Ok((ds, Cached::Hit(dir))),
+            Err(e) => format!("{e}"),
+        },
+        Ok(_) => "the source changed since it was ingested".to_owned(),
+        Err(crate::error::DataError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
+            "first use".to_owned()
+        }
+        Err(e) => format!("{e}"),
+    };
+    let ds = load_with(source, data_dir, opts, progress)?;
+    match crate::packed::write(&ds, &id, &dir) {
+        Ok(_) => Ok((ds, Cached::Built { dir, reason })),
+        Err(e) => Ok((ds, Cached::Unwritable { dir, reason: e.to_string() })),
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+fn movielens_dir(name: &DatasetName, data_dir: Option<&Path>) -> Result<PathBuf> {
+    let root = resolve_data_dir(data_dir);
+    find_dataset_dir(name, &root).ok_or_else(|| missing(name.human(), name.as_str(), &root, name.marker_file()))
+}
+
 /// Loads `source`. `data_dir` is resolved with [`resolve_data_dir`] and is only used for
 /// MovieLens; a missing dataset gives an error that explains how to download it.
 pub fn load(source: &DatasetSource, data_dir: Option<&Path>, opts: &LoadOptions) -> Result<Dataset> {
+    load_with(source, data_dir, opts, &mut |_, _| {})
+}
+
+/// [`load`] with progress as `(bytes read, bytes total)` for streamed sources.
+pub fn load_with(
+    source: &DatasetSource,
+    data_dir: Option<&Path>,
+    opts: &LoadOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Dataset> {
     match source {
         DatasetSource::MovieLens(name) => {
-            let root = resolve_data_dir(data_dir);
-            let Some(dir) = find_dataset_dir(name, &root) else {
-                return Err(missing(name.human(), name.as_str(), &root, name.marker_file()));
-            };
+            let dir = movielens_dir(name, data_dir)?;
             match name {
                 DatasetName::Ml1m => load_ml1m(&dir, opts),
                 DatasetName::Ml100k => load_ml100k(&dir, opts),
             }
         }
-        DatasetSource::Csv { schema } => {
-            let path = if schema.is_absolute() {
-                schema.clone()
-            } else {
-                std::env::current_dir().map(|d| d.join(schema)).unwrap_or_else(|_| schema.clone())
-            };
-            load_csv(&path, opts)
-        }
+        DatasetSource::Csv { schema } => load_csv_with(&absolute(schema), opts, progress),
     }
 }

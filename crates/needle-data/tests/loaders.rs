@@ -471,3 +471,63 @@ fn random_bytes_never_panic() {
     }
     assert!(ok > 0, "some random inputs should load");
 }
+
+#[test]
+fn catalogue_and_user_tables_add_entities_features_and_titles() {
+    let d = tempfile::tempdir().unwrap();
+    write(
+        d.path(),
+        "s.toml",
+        br#"
+[interactions]
+path = "events.csv"
+header = true
+user = "user"
+item = "item"
+timestamp = "ts"
+[items]
+path = "items.tsv"
+delimiter = "\t"
+header = true
+id = "sku"
+title = "name"
+[[items.features]]
+column = "cat"
+[[items.features]]
+column = "tags"
+separator = "|"
+[users]
+path = "users.csv"
+id = 0
+[[users.features]]
+column = 1
+name = "region"
+"#,
+    );
+    write(d.path(), "events.csv", b"user,item,ts\nu1,a,1\nu2,b,2\nu1,b,3\n");
+    // "c" is in the catalogue only; "a" is listed twice (first row wins).
+    write(
+        d.path(),
+        "items.tsv",
+        b"sku\tname\tcat\ttags\nb\tBee\tx\tt1|t2\na\tAy\ty\t\nc\tSee\tx\tt2\na\tOther\tz\tt9\n",
+    );
+    write(d.path(), "users.csv", b"u2,north\nu3,south\n");
+    let ds = load_csv(&d.path().join("s.toml"), &STRICT).unwrap();
+    assert_eq!(ds.item_ids, vec!["a", "b", "c"]);
+    assert_eq!(ds.user_ids, vec!["u1", "u2", "u3"]);
+    assert_eq!(ds.events.len(), 3);
+    assert_eq!(vals(&ds, false, "cat", 0), vec!["y"]);
+    assert_eq!(vals(&ds, false, "cat", 2), vec!["x"]);
+    assert_eq!(vals(&ds, false, "tags", 1), vec!["t1", "t2"]);
+    assert_eq!(ds.item_title(0), Some("Ay"));
+    assert_eq!(ds.item_title(2), Some("See"));
+    assert_eq!(vals(&ds, true, "region", 1), vec!["north"]);
+    assert!(vals(&ds, true, "region", 0).is_empty());
+
+    // A table row with the wrong width names the table file and line.
+    write(d.path(), "users.csv", b"u2,north\nu3,south,extra\n");
+    let msg = load_csv(&d.path().join("s.toml"), &STRICT).unwrap_err().to_string();
+    assert!(msg.contains("users.csv:2") && msg.contains("expected 2 fields"), "{msg}");
+    let ds = load_csv(&d.path().join("s.toml"), &LENIENT).unwrap();
+    assert_eq!(ds.report.skipped_total(), 1);
+}

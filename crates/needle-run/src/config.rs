@@ -28,8 +28,12 @@ pub enum SplitKind {
 pub struct DataConfig {
     /// A built-in dataset: "ml-1m" or "ml-100k".
     pub dataset: Option<String>,
-    /// Or a TOML schema describing a CSV/TSV log (relative to the working directory).
+    /// Or a TOML schema describing a CSV/TSV log (relative to the config file).
     pub schema: Option<PathBuf>,
+    /// Folder of the ingested binary dataset (relative to the config file); default: beside the
+    /// schema (`S.toml` → `S.ndb/`) or inside the MovieLens folder (`needle.ndb/`).
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
     #[serde(default = "default_split")]
     pub split: SplitKind,
     #[serde(default = "default_fraction")]
@@ -202,6 +206,16 @@ impl Default for TrainParams {
 }
 
 impl Config {
+    /// Makes the config's relative paths relative to `base`, the folder of the config file, so a
+    /// config means the same data from whatever folder it is run.
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        for p in [&mut self.data.schema, &mut self.data.cache].into_iter().flatten() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
     /// Checks the values that the types alone cannot.
     pub fn validate(&self) -> Result<(), String> {
         if self.data.dataset.is_some() == self.data.schema.is_some() {

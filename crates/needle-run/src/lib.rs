@@ -85,6 +85,18 @@ pub struct RunInfo {
 
 /// Loads and splits the dataset a config names.
 pub fn load_data(cfg: &Config, data_dir: Option<&Path>) -> Result<(Dataset, Split), RunError> {
+    let (ds, split, _) = load_data_with(cfg, data_dir, &mut |_, _| {})?;
+    Ok((ds, split))
+}
+
+/// [`load_data`] through the binary dataset (ingested on first use, rebuilt when stale or
+/// damaged), reporting `(bytes read, total)` while a text source is parsed and how the
+/// dataset was found.
+pub fn load_data_with(
+    cfg: &Config,
+    data_dir: Option<&Path>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(Dataset, Split, needle_data::Cached), RunError> {
     let source = match (&cfg.data.dataset, &cfg.data.schema) {
         (Some(name), None) => {
             // The same parser as `needle data download` and `train --download`, so one spelling
@@ -96,7 +108,7 @@ pub fn load_data(cfg: &Config, data_dir: Option<&Path>) -> Result<(Dataset, Spli
         _ => return Err(RunError::Invalid("[data] needs exactly one of `dataset` or `schema`".into())),
     };
     let opts = LoadOptions { skip_bad_rows: cfg.data.skip_bad_rows };
-    let ds = needle_data::load(&source, data_dir, &opts)?;
+    let (ds, cached) = needle_data::load_cached(&source, data_dir, &opts, cfg.data.cache.as_deref(), progress)?;
     let strategy = match cfg.data.split {
         config::SplitKind::LeaveLastOut => SplitStrategy::LeaveLastOut,
         config::SplitKind::GlobalTime => {
@@ -104,7 +116,7 @@ pub fn load_data(cfg: &Config, data_dir: Option<&Path>) -> Result<(Dataset, Spli
         }
     };
     let split = needle_data::split::split(&ds, &strategy)?;
-    Ok((ds, split))
+    Ok((ds, split, cached))
 }
 
 /// Loads the data a run was trained on and refuses any other: the fingerprint of what is found

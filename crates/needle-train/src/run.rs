@@ -5,7 +5,9 @@ use crate::prepare::{prepare, Prepared};
 use crate::trainer::{EpochLog, Trained};
 use crate::TrainError;
 use needle_data::{Dataset, Vocab};
-pub use needle_run::{load_data, load_for_serving, read_info, RunInfo, ServingRun, TrainingSummary, RUN_FORMAT};
+pub use needle_run::{
+    load_data, load_data_with, load_for_serving, read_info, RunInfo, ServingRun, TrainingSummary, RUN_FORMAT,
+};
 use needle_run::{read_vocab, write_run, Config, Model, RunContents};
 use std::path::{Path, PathBuf};
 

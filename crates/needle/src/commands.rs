@@ -5,7 +5,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use needle_data::DatasetName;
 use needle_train::model::{evaluate, recall as recall_top_k};
 use needle_train::prepare::prepare;
-use needle_train::run::{append_log, load_data, load_run, save_run};
+use needle_train::run::{append_log, load_run, save_run};
 use needle_train::{trainer, Config, Stage};
 use std::io::Write;
 use std::path::Path;
@@ -21,9 +21,14 @@ pub fn init_threads(n: usize) -> Result<usize> {
     Ok(rayon::current_num_threads())
 }
 
+/// Reads a config file; its relative paths are taken relative to the file's folder.
 pub fn read_config(path: &Path) -> Result<Config> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-    read_config_str(&text, &path.display().to_string())
+    let mut cfg = read_config_str(&text, &path.display().to_string())?;
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let base = if dir.is_absolute() { dir.to_path_buf() } else { std::env::current_dir()?.join(dir) };
+    cfg.resolve_paths(&base);
+    Ok(cfg)
 }
 
 /// Parses and validates a config; `origin` names it in errors.
@@ -31,6 +36,44 @@ pub fn read_config_str(text: &str, origin: &str) -> Result<Config> {
     let cfg: Config = toml::from_str(text).with_context(|| format!("config {origin} is not valid"))?;
     cfg.validate().map_err(|e| anyhow::anyhow!("config {origin}: {e}"))?;
     Ok(cfg)
+}
+
+/// A progress bar over bytes with rate and ETA, for parsing and ingesting logs.
+pub fn bytes_bar(quiet: bool, msg: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    ProgressBar::new(0)
+        .with_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        )
+        .with_message(msg.to_owned())
+}
+
+/// Loads and splits a config's data through its binary dataset, with a progress bar while a
+/// text source is parsed, and says where the dataset came from.
+pub fn load_data_shown(
+    cfg: &Config,
+    data_dir: Option<&Path>,
+    quiet: bool,
+) -> Result<(needle_data::Dataset, needle_data::Split)> {
+    let bar = bytes_bar(quiet, "parsing");
+    let (ds, split, cached) = needle_train::run::load_data_with(cfg, data_dir, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    match cached {
+        needle_data::Cached::Hit(dir) => eprintln!("data: read the binary dataset {}", dir.display()),
+        needle_data::Cached::Built { dir, reason } => {
+            eprintln!("data: ingested into the binary dataset {} ({reason})", dir.display())
+        }
+        needle_data::Cached::Unwritable { dir, reason } => {
+            eprintln!("warning: could not write the binary dataset {} ({reason}); parsed the source", dir.display())
+        }
+    }
+    Ok((ds, split))
 }
 
 fn write_metrics(dir: &Path, report: &needle_eval::Report) -> Result<()> {
@@ -69,7 +112,7 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
             }
         }
     }
-    let (ds, split) = load_data(&cfg, data_dir)?;
+    let (ds, split) = load_data_shown(&cfg, data_dir, quiet)?;
     eprintln!(
         "data: {} — {} events, {} users, {} items{}",
         ds.name,

@@ -3,6 +3,7 @@
 mod ann;
 mod bench;
 mod commands;
+mod data_cmd;
 mod index_cmd;
 mod report;
 mod serve_cmd;
@@ -217,6 +218,47 @@ enum StoreCmd {
 
 #[derive(Subcommand)]
 enum DataCmd {
+    /// Parse a log once into a binary dataset (per-user time-ordered events, vocabularies,
+    /// feature tables; checksummed, memory-mapped) that training, evaluation and serving read.
+    Ingest {
+        /// TOML schema of a CSV/TSV log.
+        #[arg(long, conflicts_with = "dataset", required_unless_present = "dataset")]
+        schema: Option<PathBuf>,
+        /// Or a MovieLens release: ml-1m, ml-100k (found under --data-dir).
+        #[arg(long)]
+        dataset: Option<String>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Folder to write dataset.ndb into (default: beside the schema, S.ndb/).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Skip malformed rows (and count them) instead of stopping at the first one.
+        #[arg(long)]
+        skip_bad_rows: bool,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Write a synthetic log (events.csv, items.csv, users.csv and schema.toml) with power-law
+    /// popularity, drifting tastes, short-term sequences and correlated features; seeded.
+    Synth {
+        #[arg(long, default_value_t = 10_000)]
+        users: u64,
+        #[arg(long, default_value_t = 5_000)]
+        items: u64,
+        #[arg(long, default_value_t = 500_000)]
+        events: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Print a binary dataset's counts, sizes, features and fingerprint, and verify its checksums.
+    Info {
+        /// Folder holding dataset.ndb.
+        dir: PathBuf,
+    },
     /// Download a MovieLens dataset from GroupLens and verify its checksum.
     Download {
         /// `ml-1m` or `ml-100k`.
@@ -381,6 +423,20 @@ fn run(cli: Cli) -> Result<()> {
             serve_cmd::bench_serve(&run, flags)
         }
         Cmd::Data { cmd: DataCmd::Download { name, to } } => commands::download(&name, &to),
+        Cmd::Data { cmd: DataCmd::Ingest { schema, dataset, data_dir, out, skip_bad_rows, quiet } } => {
+            data_cmd::ingest(
+                schema.as_deref(),
+                dataset.as_deref(),
+                data_dir.as_deref(),
+                out.as_deref(),
+                skip_bad_rows,
+                quiet,
+            )
+        }
+        Cmd::Data { cmd: DataCmd::Info { dir } } => data_cmd::info(&dir),
+        Cmd::Data { cmd: DataCmd::Synth { users, items, events, seed, out, quiet } } => {
+            data_cmd::synth(&needle_data::synth::SynthSpec::new(users, items, events, seed), &out, quiet)
+        }
         Cmd::Bench { cmd: BenchCmd::Ann { items, dim, queries, seed, spread, write_npy, vectors, query_vectors } } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             match vectors {

@@ -1,0 +1,124 @@
+//! The data path end to end: synthetic logs, ingest, binary datasets, catalogue tables and
+//! config paths.
+
+mod common;
+
+use common::{needle, ok};
+use std::path::Path;
+
+fn metric(run: &Path, key: &str) -> f64 {
+    let text = std::fs::read_to_string(run.join("metrics.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v[key].as_f64().unwrap_or_else(|| panic!("metrics.json has no {key}: {text}"))
+}
+
+const SYNTH_MODEL: &str = r#"
+[model]
+kind = "youtubednn"
+dim = 32
+hidden = [64]
+user_features = ["region", "age_band"]
+feature_dim = 8
+max_seq_len = 20
+recent = 3
+example_age = false
+[train]
+epochs = 4
+batch_size = 256
+loss = "sampled"
+negatives = 64
+lr = 0.002
+embedding_lr = 0.02
+temperature = 0.05
+patience = 0
+seed = 7
+"#;
+
+#[test]
+fn synthetic_log_is_learnable_and_configs_resolve_from_their_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let args = ["data", "synth", "--users", "3000", "--items", "1500", "--events", "60000", "--out", "data/synth"];
+    ok(&needle(&args, dir));
+    // Same seed, same files.
+    ok(&needle(&["data", "synth", "--users", "3000", "--items", "1500", "--events", "60000", "--out", "again"], dir));
+    for f in ["events.csv", "items.csv", "users.csv"] {
+        assert!(
+            std::fs::read(dir.join("data/synth").join(f)).unwrap() == std::fs::read(dir.join("again").join(f)).unwrap(),
+            "{f} differs between two runs with one seed"
+        );
+    }
+    let lines = std::fs::read_to_string(dir.join("data/synth/events.csv")).unwrap().lines().count();
+    assert_eq!(lines, 60_001);
+
+    // Configs live in their own folder and name the schema relative to themselves; training
+    // runs from a third folder.
+    std::fs::create_dir_all(dir.join("configs")).unwrap();
+    std::fs::create_dir_all(dir.join("elsewhere")).unwrap();
+    let data = "[data]\nschema = \"../data/synth/schema.toml\"\n";
+    std::fs::write(dir.join("configs/pop.toml"), format!("{data}[model]\nkind = \"popularity\"\n")).unwrap();
+    std::fs::write(dir.join("configs/yt.toml"), format!("{data}{SYNTH_MODEL}")).unwrap();
+    let cwd = dir.join("elsewhere");
+    let out = needle(&["train", "--config", "../configs/pop.toml", "--out", "../runs/pop", "--quiet"], &cwd);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("ingested into the binary dataset") && err.contains("first use"), "{err}");
+    let out =
+        needle(&["--threads", "2", "train", "--config", "../configs/yt.toml", "--out", "../runs/yt", "--quiet"], &cwd);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("read the binary dataset"), "the second command must not parse the text again: {err}");
+
+    let pop = metric(&dir.join("runs/pop"), "hit_rate@100");
+    let yt = metric(&dir.join("runs/yt"), "hit_rate@100");
+    assert!(yt >= 2.0 * pop, "youtubednn HR@100 {yt} vs popularity {pop}");
+
+    // The run reloads its data from any folder, through the binary dataset.
+    ok(&needle(&["eval", "--run", "runs/yt"], dir));
+    let info = ok(&needle(&["data", "info", "data/synth/schema.ndb"], dir));
+    assert!(info.contains("events       60000") && info.contains("checksums    ok"), "{info}");
+}
+
+#[test]
+fn ingest_errors_name_the_file_and_leave_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ok(&needle(&["data", "synth", "--users", "200", "--items", "100", "--events", "2000", "--out", "s"], dir));
+    let mut log = std::fs::read_to_string(dir.join("s/events.csv")).unwrap();
+    log.push_str("u1,i1,yesterday\n");
+    std::fs::write(dir.join("s/events.csv"), &log).unwrap();
+    let out = needle(&["data", "ingest", "--schema", "s/schema.toml", "--out", "bin", "--quiet"], dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("events.csv:2002") && err.contains("yesterday"), "{err}");
+    assert!(!dir.join("bin/dataset.ndb").exists(), "a failed ingest must not leave a dataset");
+
+    // Skipping counts the bad row, and the dataset says so.
+    let out =
+        needle(&["data", "ingest", "--schema", "s/schema.toml", "--out", "bin", "--skip-bad-rows", "--quiet"], dir);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 bad rows skipped"));
+    let info = ok(&needle(&["data", "info", "bin"], dir));
+    assert!(info.contains("skipped rows 1"), "{info}");
+
+    // A flipped byte is an error naming the file, with a non-zero exit.
+    let path = dir.join("bin/dataset.ndb");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let out = needle(&["data", "info", "bin"], dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("dataset.ndb") && err.contains("checksum"), "{err}");
+
+    // A schema naming a missing column.
+    let schema =
+        std::fs::read_to_string(dir.join("s/schema.toml")).unwrap().replace("id = \"item_id\"", "id = \"sku\"");
+    std::fs::write(dir.join("s/schema.toml"), schema).unwrap();
+    let out = needle(&["data", "ingest", "--schema", "s/schema.toml", "--out", "bin2", "--skip-bad-rows"], dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("\"sku\"") && err.contains("items.csv"), "{err}");
+    assert!(!dir.join("bin2/dataset.ndb").exists());
+}
