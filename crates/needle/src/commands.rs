@@ -76,6 +76,16 @@ pub fn load_data_shown(
     Ok((ds, split))
 }
 
+/// The test users to score, saying so when it is a sample.
+fn eval_users_of(p: &needle_train::Prepared, n: Option<usize>, seed: u64) -> Vec<usize> {
+    let all = p.test.items.len();
+    let users = needle_train::model::eval_users(p, Stage::Test, n, seed);
+    if users.len() < all {
+        eprintln!("evaluating a seeded sample of {} of the {all} test users (--eval-users)", users.len());
+    }
+    users
+}
+
 fn write_metrics(dir: &Path, report: &needle_eval::Report) -> Result<()> {
     let path = dir.join("metrics.json");
     let text = serde_json::to_string_pretty(&report.to_json())?;
@@ -161,25 +171,34 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
         info.training.peak_rss_mb.map_or("n/a".into(), |m| format!("{m:.0} MB")),
         out.display()
     );
-    let report = evaluate(&trained.model, &p, Stage::Test, &[10, 50, 100], false, None);
+    let users = eval_users_of(&p, None, cfg.train.seed);
+    let report = evaluate(&trained.model, &p, Stage::Test, &[10, 50, 100], false, Some(&users));
     println!("test, full corpus, known items excluded:\n{}", needle_eval::format_table(&report));
     write_metrics(out, &report)
 }
 
-pub fn eval(run: &Path, data_dir: Option<&Path>, keep_seen: bool, ks: &[usize], ann: bool) -> Result<()> {
+pub fn eval(
+    run: &Path,
+    data_dir: Option<&Path>,
+    keep_seen: bool,
+    ks: &[usize],
+    ann: bool,
+    eval_users: Option<usize>,
+) -> Result<()> {
     if ks.is_empty() || ks.contains(&0) {
         bail!("--k needs positive cut-offs, e.g. --k 10,50,100");
     }
     let r = load_run(run, data_dir)?;
     if ann {
-        let report = crate::index_cmd::eval_ann(&r, ks, keep_seen)?;
+        let report = crate::index_cmd::eval_ann(&r, ks, keep_seen, eval_users)?;
         crate::index_cmd::print_report(&format!("{} through its ANN index, test, full corpus", run.display()), &report);
         let path = run.join("metrics_ann.json");
         std::fs::write(&path, serde_json::to_string_pretty(&report.to_json())? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
         return Ok(());
     }
-    let report = evaluate(&r.model, &r.prepared, Stage::Test, ks, keep_seen, None);
+    let users = eval_users_of(&r.prepared, eval_users, r.info.config.train.seed);
+    let report = evaluate(&r.model, &r.prepared, Stage::Test, ks, keep_seen, Some(&users));
     println!(
         "{} ({:?}), test, full corpus, known items {}:\n{}",
         run.display(),

@@ -160,6 +160,11 @@ fn test_users(p: &Prepared) -> Vec<usize> {
     (0..p.n_users()).filter(|&u| !p.test.get(u).is_empty()).collect()
 }
 
+/// The users `needle eval --ann` scores: the same sample as the exact evaluation.
+fn sampled_test_users(r: &LoadedRun, n: Option<usize>) -> Vec<usize> {
+    needle_train::model::eval_users(&r.prepared, Stage::Test, n, r.info.config.train.seed)
+}
+
 pub fn eval(run: &Path, data_dir: Option<&Path>, ks: &[usize], effort: Option<usize>) -> Result<()> {
     let r = load_run(run, data_dir)?;
     let (mut index, info) = load_index(run, r.model.dim())?;
@@ -214,11 +219,16 @@ pub fn eval(run: &Path, data_dir: Option<&Path>, ks: &[usize], effort: Option<us
 }
 
 /// Test metrics with retrieval through the run's index instead of the exact scan.
-pub fn eval_ann(r: &LoadedRun, ks: &[usize], keep_seen: bool) -> Result<needle_eval::Report> {
+pub fn eval_ann(
+    r: &LoadedRun,
+    ks: &[usize],
+    keep_seen: bool,
+    eval_users: Option<usize>,
+) -> Result<needle_eval::Report> {
     let (index, info) = load_index(&r.dir, r.model.dim())?;
     let p = &r.prepared;
     let kmax = ks.iter().copied().max().unwrap_or(100);
-    let users = test_users(p);
+    let users = sampled_test_users(r, eval_users);
     let uv = needle_train::model::user_vectors(&r.model, p, &users, Stage::Test);
     let d = r.model.dim();
     let ni = r.model.interests();

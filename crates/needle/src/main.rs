@@ -63,6 +63,10 @@ enum Cmd {
         /// scan; writes RUN/metrics_ann.json.
         #[arg(long)]
         ann: bool,
+        /// Score a seeded sample of this many test users (0 = all). Default: all, or 10,000 on
+        /// catalogues above 100,000 items.
+        #[arg(long)]
+        eval_users: Option<usize>,
     },
     /// Write every item's and every known user's vector as .npy (float32) with .tsv id lists.
     Export {
@@ -355,9 +359,9 @@ fn run(cli: Cli) -> Result<()> {
             &out,
             commands::TrainFlags { download, force, skip_bad_rows, quiet, threads: cli.threads },
         ),
-        Cmd::Eval { run, data_dir, keep_seen, k, ann } => {
+        Cmd::Eval { run, data_dir, keep_seen, k, ann, eval_users } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
-            commands::eval(&run, data_dir.as_deref(), keep_seen, &k, ann)
+            commands::eval(&run, data_dir.as_deref(), keep_seen, &k, ann, eval_users)
         }
         Cmd::Export { run, data_dir, out } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;

@@ -75,6 +75,15 @@ fn synthetic_log_is_learnable_and_configs_resolve_from_their_folder() {
 
     // The run reloads its data from any folder, through the binary dataset.
     ok(&needle(&["eval", "--run", "runs/yt"], dir));
+    assert_eq!(metric(&dir.join("runs/yt"), "users"), 3000.0);
+    // A seeded sample of users: the metrics say how many were scored, and the sample repeats.
+    let out = needle(&["eval", "--run", "runs/yt", "--eval-users", "500"], dir);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sample of 500 of the 3000"));
+    assert_eq!(metric(&dir.join("runs/yt"), "users"), 500.0);
+    let first = metric(&dir.join("runs/yt"), "ndcg@10");
+    ok(&needle(&["eval", "--run", "runs/yt", "--eval-users", "500"], dir));
+    assert_eq!(metric(&dir.join("runs/yt"), "ndcg@10"), first);
     let info = ok(&needle(&["data", "info", "data/synth/schema.ndb"], dir));
     assert!(info.contains("events       60000") && info.contains("checksums    ok"), "{info}");
 }
