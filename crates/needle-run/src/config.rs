@@ -97,6 +97,10 @@ pub struct ModelConfig {
     /// YouTubeDNN / DSSM: the newest this many history items also enter the user MLP one by one,
     /// next to the mean (0 = the mean only, as in the paper).
     pub recent: usize,
+    /// Keep only the this many most frequent training items in the item table (0 = all): the
+    /// knob for catalogues whose table and optimizer state do not fit in memory. Rarer items
+    /// leave the histories and cannot be recalled.
+    pub max_items: usize,
 }
 
 impl ModelConfig {
@@ -131,6 +135,7 @@ impl Default for ModelConfig {
             example_age: true,
             max_seq_len: 50,
             recent: 0,
+            max_items: 0,
         }
     }
 }

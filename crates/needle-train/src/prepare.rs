@@ -67,6 +67,25 @@ pub enum Stage {
     Test,
 }
 
+/// With `max_items > 0`, which dataset item keys stay in the item table: the `max_items` with
+/// the most training events (ties: the earlier key). `None` keeps every item.
+fn kept_items(ds: &Dataset, split: &Split, max_items: usize) -> Option<Vec<bool>> {
+    if max_items == 0 || max_items >= ds.item_ids.len() {
+        return None;
+    }
+    let mut counts = vec![0u64; ds.item_ids.len()];
+    for &k in &split.train.items {
+        counts[k as usize] += 1;
+    }
+    let mut order: Vec<u32> = (0..ds.item_ids.len() as u32).filter(|&k| counts[k as usize] > 0).collect();
+    order.sort_unstable_by(|&a, &b| counts[b as usize].cmp(&counts[a as usize]).then(a.cmp(&b)));
+    let mut kept = vec![false; ds.item_ids.len()];
+    for &k in order.iter().take(max_items) {
+        kept[k as usize] = true;
+    }
+    Some(kept)
+}
+
 pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepared, TrainError> {
     let n_users = ds.user_ids.len();
     let mut items = Vocab::new();
@@ -74,15 +93,18 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
     let mut train = Lists::new();
     let mut train_ts = Vec::with_capacity(split.train.total());
     let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
+    let kept = kept_items(ds, split, model.max_items);
+    let keep = |k: u32| kept.as_ref().is_none_or(|kept| kept[k as usize]);
     for u in 0..n_users {
-        let keys = split.train.items_of(u);
-        for &k in keys {
+        let (keys, times) = (split.train.items_of(u), split.train.ts_of(u));
+        for &k in keys.iter().filter(|&&k| keep(k)) {
             if key_to_row[k as usize] == 0 {
                 key_to_row[k as usize] = items.insert(&ds.item_ids[k as usize]);
             }
         }
-        train.push(keys.iter().map(|&k| key_to_row[k as usize]));
-        for &t in split.train.ts_of(u) {
+        // Items past the cut-off leave the histories; as targets they map to row 0 (unrecallable).
+        train.push(keys.iter().filter(|&&k| keep(k)).map(|&k| key_to_row[k as usize]));
+        for (_, &t) in keys.iter().zip(times).filter(|(&k, _)| keep(k)) {
             min_ts = min_ts.min(t);
             max_ts = max_ts.max(t);
             train_ts.push(t);

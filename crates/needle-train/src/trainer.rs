@@ -441,6 +441,114 @@ impl<'a, T: Tower> Trainer<'a, T> {
     }
 }
 
+/// What training will hold in memory besides the data, known before the optimizer allocates:
+/// the parameters, the optimizer state, the copy of the best epoch's parameters, the item vectors
+/// validation scores against, and the serialised checkpoint.
+#[derive(Clone, Debug)]
+pub struct MemoryPlan {
+    pub tables: u64,
+    pub dense: u64,
+    pub optimizer: u64,
+    pub best_copy: u64,
+    pub item_vectors: u64,
+    pub checkpoint: u64,
+    /// `MemAvailable` of the machine (Linux), when known.
+    pub available: Option<u64>,
+}
+
+impl MemoryPlan {
+    pub fn of<T: Tower>(cfg: &Config, model: &mut T, item_rows: usize) -> MemoryPlan {
+        let out_dim = model.out_dim() as u64;
+        let (tables, dense) = model.params_mut();
+        let table_bytes: u64 = tables.iter().map(|t| t.weights.len() as u64 * 4).sum();
+        let table_rows: u64 = tables.iter().map(|t| t.rows as u64).sum();
+        let dense_bytes: u64 = dense.iter().map(|d| d.len() as u64 * 4).sum();
+        let optimizer = 2 * dense_bytes
+            + match cfg.train.sparse_optimizer {
+                SparseOptimizer::Adam => 2 * table_bytes,
+                SparseOptimizer::RowwiseAdagrad => 4 * table_rows,
+            };
+        let params = table_bytes + dense_bytes;
+        MemoryPlan {
+            tables: table_bytes,
+            dense: dense_bytes,
+            optimizer,
+            best_copy: params,
+            item_vectors: item_rows as u64 * out_dim * 4,
+            checkpoint: params,
+            available: mem_available(),
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.tables + self.dense + self.optimizer + self.best_copy + self.item_vectors + self.checkpoint
+    }
+
+    /// An error naming the knobs when the plan needs more than 90% of the available memory.
+    pub fn check(&self) -> Result<(), TrainError> {
+        match self.available {
+            Some(avail) if self.total() > avail / 10 * 9 => Err(TrainError::Config(format!(
+                "training needs about {} for parameters and optimizer state but {} is available; \
+                 lower [model] dim, set [train] sparse_optimizer = \"rowwise-adagrad\" (a quarter of Adam's \
+                 state for tables), or keep the most frequent items only with [model] max_items = N",
+                gb(self.total()),
+                gb(avail)
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn gb(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GB", b as f64 / f64::from(1u32 << 30))
+    } else {
+        format!("{:.1} MB", b as f64 / f64::from(1u32 << 20))
+    }
+}
+
+impl std::fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "memory: embedding tables {}, dense layers {}, optimizer state {}, best-epoch copy {}, item vectors {}, checkpoint buffer {}; about {} in all",
+            gb(self.tables),
+            gb(self.dense),
+            gb(self.optimizer),
+            gb(self.best_copy),
+            gb(self.item_vectors),
+            gb(self.checkpoint),
+            gb(self.total())
+        )?;
+        if let Some(a) = self.available {
+            write!(f, " of {} available", gb(a))?;
+        }
+        Ok(())
+    }
+}
+
+/// The memory training may use: `NEEDLE_MEMORY_LIMIT` (bytes, or with a K/M/G suffix) when set
+/// — /proc/meminfo shows the host's memory inside a container, not the container's limit — else
+/// `MemAvailable` from /proc/meminfo.
+fn mem_available() -> Option<u64> {
+    if let Ok(v) = std::env::var("NEEDLE_MEMORY_LIMIT") {
+        let v = v.trim();
+        let (num, mult) = match v.char_indices().last() {
+            Some((i, 'K' | 'k')) => (&v[..i], 1u64 << 10),
+            Some((i, 'M' | 'm')) => (&v[..i], 1 << 20),
+            Some((i, 'G' | 'g')) => (&v[..i], 1 << 30),
+            _ => (v, 1),
+        };
+        if let Ok(n) = num.trim().parse::<f64>() {
+            return Some((n * mult as f64) as u64);
+        }
+    }
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Peak resident memory of this process in MB (Linux), for the results table.
 pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -503,7 +611,7 @@ pub fn train(
 fn train_tower<T: Tower + Clone>(
     cfg: &Config,
     p: &Prepared,
-    model: T,
+    mut model: T,
     wrap: impl Fn(T) -> Model,
     show_progress: bool,
     log: &mut dyn FnMut(&EpochLog),
@@ -515,6 +623,9 @@ fn train_tower<T: Tower + Clone>(
     if samples.is_empty() {
         return Err(TrainError::Data("no training samples: every user has fewer than 2 training events".into()));
     }
+    let plan = MemoryPlan::of(cfg, &mut model, p.n_item_rows());
+    eprintln!("{plan}");
+    plan.check()?;
     let mut trainer = Trainer::new(cfg, p, model)?;
     let valid_subset: Option<Vec<usize>> = (t.valid_users > 0).then(|| {
         let mut users: Vec<usize> = (0..p.n_users()).filter(|&u| !p.valid.get(u).is_empty()).collect();

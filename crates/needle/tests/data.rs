@@ -69,6 +69,26 @@ fn synthetic_log_is_learnable_and_configs_resolve_from_their_folder() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(err.contains("read the binary dataset"), "the second command must not parse the text again: {err}");
 
+    assert!(err.contains("memory: embedding tables"), "the memory plan is printed before training: {err}");
+
+    // The item table can be cut to the most frequent items; a plan over the memory limit stops
+    // before training with the knobs to turn.
+    let capped = format!("{data}{}", SYNTH_MODEL.replace("recent = 3", "recent = 3\nmax_items = 300"));
+    std::fs::write(dir.join("configs/capped.toml"), capped).unwrap();
+    ok(&needle(&["train", "--config", "../configs/capped.toml", "--out", "../runs/capped", "--quiet"], &cwd));
+    let vocab = std::fs::read_to_string(dir.join("runs/capped/vocab/items.tsv")).unwrap();
+    assert_eq!(vocab.lines().count(), 300);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_needle"))
+        .args(["train", "--config", "../configs/yt.toml", "--out", "../runs/too-big", "--quiet"])
+        .env("NEEDLE_MEMORY_LIMIT", "1M")
+        .current_dir(&cwd)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("max_items") && err.contains("1.0 MB is available"), "{err}");
+    assert!(!dir.join("runs/too-big/model.toml").exists());
+
     let pop = metric(&dir.join("runs/pop"), "hit_rate@100");
     let yt = metric(&dir.join("runs/yt"), "hit_rate@100");
     assert!(yt >= 2.0 * pop, "youtubednn HR@100 {yt} vs popularity {pop}");
