@@ -300,11 +300,17 @@ pub fn load_csv_with(schema_path: &Path, opts: &LoadOptions, progress: &mut dyn 
     let col = |c: &Column| resolve(c, h, n_fields, schema_path, &data_path);
     let (uc, ic, tc) = (col(&ix.user)?, col(&ix.item)?, col(&ix.timestamp)?);
     let rc = ix.rating.as_ref().map(col).transpose()?;
+    let ufeats = feature_specs(&schema.user_features, h, n_fields, schema_path, &data_path)?;
+    let ifeats = feature_specs(&schema.item_features, h, n_fields, schema_path, &data_path)?;
+    // Without feature columns in the log, rows are interned a block at a time, users and items
+    // on two threads (the lookups are memory-bound and independent).
+    let pending = (ufeats.is_empty() && ifeats.is_empty()).then(Pending::default);
     let mut rows = RowParser {
         n_fields,
         cols: (uc, ic, tc, rc),
-        ufeats: feature_specs(&schema.user_features, h, n_fields, schema_path, &data_path)?,
-        ifeats: feature_specs(&schema.item_features, h, n_fields, schema_path, &data_path)?,
+        ufeats,
+        ifeats,
+        pending,
         parts: Parts::new(),
         sink: RowSink::new(&data_path, opts.skip_bad_rows),
         spans: Vec::new(),
@@ -323,6 +329,7 @@ pub fn load_csv_with(schema_path: &Path, opts: &LoadOptions, progress: &mut dyn 
             progress(reader.consumed(), reader.len);
         }
     }
+    rows.flush()?;
     progress(reader.consumed(), reader.len);
     let RowParser { mut parts, sink, ufeats, ifeats, .. } = rows;
     sink.finish(&mut parts.report);
@@ -442,6 +449,8 @@ struct RowParser<'a> {
     cols: (usize, usize, usize, Option<usize>),
     ufeats: Vec<FeatureSpec>,
     ifeats: Vec<FeatureSpec>,
+    /// Rows parsed but not yet interned (block mode), or `None` to intern row by row.
+    pending: Option<Pending>,
     parts: Parts,
     sink: RowSink,
     /// Field boundaries of the current row, reused across rows.
@@ -450,7 +459,68 @@ struct RowParser<'a> {
     shown_delim: String,
 }
 
+/// A block of parsed rows waiting to be interned: ids in one string arena, as spans.
+#[derive(Default)]
+struct Pending {
+    arena: String,
+    users: Vec<(usize, usize)>,
+    items: Vec<(usize, usize)>,
+    ts: Vec<i64>,
+    ratings: Vec<f32>,
+}
+
+/// Rows per interned block: large enough that starting a thread is noise, small enough to stay
+/// in cache.
+const BLOCK_ROWS: usize = 1 << 16;
+
+impl Pending {
+    fn push_id(&mut self, id: &str, user: bool) {
+        let start = self.arena.len();
+        self.arena.push_str(id);
+        let span = (start, self.arena.len());
+        if user {
+            self.users.push(span);
+        } else {
+            self.items.push(span);
+        }
+    }
+}
+
+/// Keys of the ids at `spans` of `arena`, in order.
+fn intern_all(ids: &mut crate::text::Interner, arena: &str, spans: &[(usize, usize)]) -> Result<Vec<u32>> {
+    spans.iter().map(|&(a, b)| ids.intern(arena.get(a..b).unwrap_or(""))).collect()
+}
+
 impl RowParser<'_> {
+    /// Interns the pending block and appends its events.
+    fn flush(&mut self) -> Result<()> {
+        let Some(p) = &mut self.pending else {
+            return Ok(());
+        };
+        let (users, items) = (&mut self.parts.users, &mut self.parts.items);
+        let (arena, us, is) = (&p.arena, &p.users, &p.items);
+        let (ukeys, ikeys) = std::thread::scope(|s| {
+            let items_done = s.spawn(|| intern_all(items, arena, is));
+            let ukeys = intern_all(users, arena, us);
+            let ikeys = match items_done.join() {
+                Ok(r) => r,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            (ukeys, ikeys)
+        });
+        let (ukeys, ikeys) = (ukeys?, ikeys?);
+        for ((&user, &item), &ts) in ukeys.iter().zip(&ikeys).zip(&p.ts) {
+            self.parts.events.push(Event { user, item, ts });
+        }
+        self.parts.ratings.extend_from_slice(&p.ratings);
+        p.arena.clear();
+        p.users.clear();
+        p.items.clear();
+        p.ts.clear();
+        p.ratings.clear();
+        Ok(())
+    }
+
     fn row(&mut self, line: usize, raw: &[u8]) -> Result<()> {
         let Ok(row) = std::str::from_utf8(raw) else {
             return self.sink.bad(line, || "invalid UTF-8".to_owned());
@@ -466,7 +536,12 @@ impl RowParser<'_> {
             &mut self.parts,
             &mut self.ufeats,
             &mut self.ifeats,
-        )
+            self.pending.as_mut(),
+        )?;
+        if self.pending.as_ref().is_some_and(|p| p.ts.len() >= BLOCK_ROWS) {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -480,6 +555,7 @@ impl RowParser<'_> {
         parts: &mut Parts,
         ufeats: &mut [FeatureSpec],
         ifeats: &mut [FeatureSpec],
+        pending: Option<&mut Pending>,
     ) -> Result<()> {
         if let Some(n) = n_fields {
             if fields.len() != n {
@@ -506,9 +582,21 @@ impl RowParser<'_> {
                 None => return sink.bad(line, || format!("rating {} is not a number", show(r.as_bytes()))),
             },
         };
+        if let Some(p) = pending {
+            p.push_id(user, true);
+            p.push_id(item, false);
+            p.ts.push(ts);
+            if rc.is_some() {
+                p.ratings.push(rating.unwrap_or(f32::NAN));
+            }
+            return Ok(());
+        }
         let u = parts.users.intern(user)?;
         let i = parts.items.intern(item)?;
-        parts.events.push(Event { user: u, item: i, ts, rating });
+        parts.events.push(Event { user: u, item: i, ts });
+        if rc.is_some() {
+            parts.ratings.push(rating.unwrap_or(f32::NAN));
+        }
         apply_features(ufeats, u as usize, fields);
         apply_features(ifeats, i as usize, fields);
         Ok(())

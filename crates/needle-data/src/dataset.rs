@@ -15,9 +15,6 @@ pub struct Event {
     pub item: u32,
     /// Timestamp (seconds for MovieLens; any monotone integer for CSV logs). Splits order by it.
     pub ts: i64,
-    /// Explicit rating when the source has one; retrieval training ignores it but
-    /// evaluation or filtering may not.
-    pub rating: Option<f32>,
 }
 
 /// A categorical side feature of users or items, stored in CSR form so multi-valued features
@@ -103,6 +100,9 @@ pub struct Dataset {
     pub item_ids: Vec<String>,
     /// Interactions in file order (splits re-sort per user by time).
     pub events: Vec<Event>,
+    /// Explicit ratings parallel to `events` (NaN: none), or empty when the source has no
+    /// rating column; kept apart so a log without ratings costs 16 bytes per event, not 24.
+    pub ratings: Vec<f32>,
     /// User side features; each covers `user_ids.len()` entities.
     pub user_features: Vec<Feature>,
     /// Item side features; each covers `item_ids.len()` entities.
@@ -154,6 +154,11 @@ impl Dataset {
     /// User feature by name, so callers do not depend on feature order.
     pub fn user_feature(&self, name: &str) -> Option<&Feature> {
         self.user_features.iter().find(|f| f.name == name)
+    }
+
+    /// Rating of event `i`, when the source has one.
+    pub fn rating(&self, i: usize) -> Option<f32> {
+        self.ratings.get(i).copied().filter(|r| !r.is_nan())
     }
 
     /// Item feature by name.
@@ -292,6 +297,7 @@ pub(crate) struct Parts {
     pub(crate) users: Interner,
     pub(crate) items: Interner,
     pub(crate) events: Vec<Event>,
+    pub(crate) ratings: Vec<f32>,
     pub(crate) user_features: Vec<FeatureBuilder>,
     pub(crate) item_features: Vec<FeatureBuilder>,
     pub(crate) item_titles: Vec<Option<String>>,
@@ -304,6 +310,7 @@ impl Parts {
             users: Interner::new("users"),
             items: Interner::new("items"),
             events: Vec::new(),
+            ratings: Vec::new(),
             user_features: Vec::new(),
             item_features: Vec::new(),
             item_titles: Vec::new(),
@@ -322,6 +329,7 @@ impl Parts {
             user_ids: self.users.ids,
             item_ids: self.items.ids,
             events: self.events,
+            ratings: self.ratings,
             user_features: self.user_features.into_iter().map(|f| f.finish(n_users)).collect(),
             item_features: self.item_features.into_iter().map(|f| f.finish(n_items)).collect(),
             item_titles,
@@ -355,10 +363,7 @@ mod tests {
         let mut ds = Dataset {
             user_ids: vec!["1".into(), "2".into()],
             item_ids: vec!["10".into()],
-            events: vec![
-                Event { user: 0, item: 0, ts: 5, rating: None },
-                Event { user: 1, item: 0, ts: 6, rating: Some(1.0) },
-            ],
+            events: vec![Event { user: 0, item: 0, ts: 5 }, Event { user: 1, item: 0, ts: 6 }],
             ..Default::default()
         };
         let a = ds.fingerprint();

@@ -113,7 +113,8 @@ fn load_ratings(path: &Path, delim: &[u8], opts: &LoadOptions, parts: &mut Parts
         };
         let user = parts.users.intern(user)?;
         let item = parts.items.intern(item)?;
-        parts.events.push(Event { user, item, ts, rating: Some(rating) });
+        parts.events.push(Event { user, item, ts });
+        parts.ratings.push(rating);
     }
     sink.finish(&mut parts.report);
     Ok(())

@@ -4,16 +4,18 @@
 //! ```text
 //! DIR/dataset.ndb
 //!   header   64 bytes: magic "NEEDLEDS", format version, meta offset/length/checksum, file length
-//!   sections 64-byte aligned little-endian arrays, each with its own checksum in the meta:
-//!            user ids, item ids (u64 offsets + UTF-8 bytes), per-user event runs in time order
-//!            (u64 offsets, u32 item keys, timestamps as u32 above a base or as i64), feature
-//!            tables (value strings, u32 CSR offsets and value keys), item titles
+//!   sections 64-byte aligned, each with its own checksum in the meta:
+//!            user ids, item ids, item titles (varint lengths + UTF-8 bytes); per-user event runs
+//!            in time order (varint counts, item keys in the fewest whole bytes the catalogue
+//!            needs, timestamps as varint deltas: the first above the dataset's earliest, the
+//!            rest above the user's previous event); feature tables (value strings, varint value
+//!            counts per entity and varint value keys)
 //!   meta     TOML: counts, names, source fingerprint and identity, section table
 //! ```
 //!
 //! Events are stored per user, already in the order splits cut (timestamp, ties in source
-//! order), at 8 bytes each when the timestamps span less than 2^32. Ratings are not kept:
-//! retrieval training does not read them. The file is written to a temporary name and renamed,
+//! order): with 10^7 items an event takes 3 bytes of item key and typically 2–3 of time.
+//! Ratings are not kept: retrieval training does not read them. The file is written to a temporary name and renamed,
 //! so a reader sees the old dataset, the new one, or none — never a torn one.
 
 use std::io::Write;
@@ -23,12 +25,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::{Dataset, Event, Feature, LoadReport};
 use crate::error::{DataError, Result};
-use crate::split::time_ordered;
+use crate::split::Sequences;
 
 /// File name of the dataset inside its folder.
 pub const DATASET_FILE: &str = "dataset.ndb";
 /// Bumped whenever the layout changes; older files are rebuilt, not misread.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 const MAGIC: &[u8; 8] = b"NEEDLEDS";
 const HEADER_LEN: usize = 64;
@@ -47,9 +49,10 @@ pub struct PackedInfo {
     /// What the dataset was built from (schema text, file sizes and modification times); a
     /// different value means the source changed and the dataset is stale.
     pub source_id: String,
-    /// Earliest timestamp; with `ts_bits = 32` timestamps are stored as `u32` above it.
+    /// Earliest timestamp; each user's first timestamp is stored above it.
     pub ts_base: i64,
-    pub ts_bits: u32,
+    /// Bytes per item key in `runs.items` (1–4).
+    pub item_bytes: u32,
     pub rows: u64,
     /// `(file, skipped rows)` of the ingest.
     pub skipped: Vec<(PathBuf, u64)>,
@@ -77,37 +80,132 @@ pub struct Section {
 /// A fast 64-bit checksum over 8-byte words (four independent lanes, so it runs at memory
 /// speed); detects torn writes and flipped bytes, not an adversary.
 pub fn checksum(bytes: &[u8]) -> u64 {
-    const P: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut lanes = [0x243f_6a88_85a3_08d3u64, 0x1319_8a2e_0370_7344, 0xa409_3822_299f_31d0, 0x082e_fa98_ec4e_6c89];
-    let mut blocks = bytes.chunks_exact(32);
-    for b in &mut blocks {
-        for (lane, w) in lanes.iter_mut().zip(b.chunks_exact(8)) {
+    let mut c = Checksum::new();
+    c.update(bytes);
+    c.finish()
+}
+
+const P: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// [`checksum`] over data that arrives in pieces.
+pub struct Checksum {
+    lanes: [u64; 4],
+    pending: [u8; 32],
+    n_pending: usize,
+    len: u64,
+}
+
+impl Default for Checksum {
+    fn default() -> Self {
+        Checksum::new()
+    }
+}
+
+impl Checksum {
+    pub fn new() -> Checksum {
+        Checksum {
+            lanes: [0x243f_6a88_85a3_08d3, 0x1319_8a2e_0370_7344, 0xa409_3822_299f_31d0, 0x082e_fa98_ec4e_6c89],
+            pending: [0; 32],
+            n_pending: 0,
+            len: 0,
+        }
+    }
+
+    fn block(&mut self, b: &[u8]) {
+        for (lane, w) in self.lanes.iter_mut().zip(b.chunks_exact(8)) {
             let mut a = [0u8; 8];
             a.copy_from_slice(w);
             *lane = (*lane ^ u64::from_le_bytes(a)).wrapping_mul(P).rotate_left(29);
         }
     }
-    let mut h = (bytes.len() as u64).wrapping_mul(P);
-    for lane in lanes {
-        h = (h ^ lane).wrapping_mul(P).rotate_left(31);
+
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        self.len += bytes.len() as u64;
+        if self.n_pending > 0 {
+            let take = (32 - self.n_pending).min(bytes.len());
+            let (head, rest) = bytes.split_at(take);
+            self.pending[self.n_pending..self.n_pending + take].copy_from_slice(head);
+            self.n_pending += take;
+            bytes = rest;
+            if self.n_pending < 32 {
+                return;
+            }
+            let p = self.pending;
+            self.block(&p);
+            self.n_pending = 0;
+        }
+        let mut blocks = bytes.chunks_exact(32);
+        for b in &mut blocks {
+            self.block(b);
+        }
+        let rem = blocks.remainder();
+        self.pending[..rem.len()].copy_from_slice(rem);
+        self.n_pending = rem.len();
     }
-    for &byte in blocks.remainder() {
-        h = (h ^ u64::from(byte)).wrapping_mul(P);
+
+    pub fn finish(&self) -> u64 {
+        let mut h = self.len.wrapping_mul(P);
+        for lane in self.lanes {
+            h = (h ^ lane).wrapping_mul(P).rotate_left(31);
+        }
+        for &byte in &self.pending[..self.n_pending] {
+            h = (h ^ u64::from(byte)).wrapping_mul(P);
+        }
+        h ^ (h >> 29)
     }
-    h ^ (h >> 29)
+}
+
+/// Appends `v` as LEB128: 7 bits a byte, low first.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads LEB128 values from a section; running off the end or over 64 bits is an error.
+struct Varints<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Varints<'_> {
+    fn next(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *self.bytes.get(self.pos)?;
+            self.pos += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    fn done(&self) -> bool {
+        self.pos == self.bytes.len()
+    }
 }
 
 fn hex(h: u64) -> String {
     format!("{h:016x}")
 }
 
-/// Writes sections one after another, 64-byte aligned, remembering where each went.
+/// Writes sections one after another, 64-byte aligned, remembering where each went. A section
+/// is streamed through a small buffer, so no section is ever whole in memory.
 struct SectionWriter<W: Write> {
     out: W,
     pos: u64,
     sections: Vec<Section>,
     path: PathBuf,
+    /// The open section: name, start, running checksum, and bytes not yet written.
+    open: Option<(String, u64, Checksum)>,
+    buf: Vec<u8>,
 }
+
+const FLUSH_AT: usize = 1 << 20;
 
 impl<W: Write> SectionWriter<W> {
     fn raw(&mut self, bytes: &[u8]) -> Result<()> {
@@ -121,42 +219,66 @@ impl<W: Write> SectionWriter<W> {
         self.raw(&vec![0u8; pad as usize])
     }
 
-    fn section(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+    fn begin(&mut self, name: &str) -> Result<()> {
         self.pad()?;
-        self.sections.push(Section {
-            name: name.to_owned(),
-            offset: self.pos,
-            len: bytes.len() as u64,
-            checksum: hex(checksum(bytes)),
-        });
-        self.raw(bytes)
+        self.open = Some((name.to_owned(), self.pos, Checksum::new()));
+        Ok(())
     }
 
-    /// Strings as `u64` offsets (n + 1) and their concatenated bytes.
-    fn strings<'a>(&mut self, name: &str, items: impl Iterator<Item = &'a str> + Clone) -> Result<()> {
-        let mut offsets = Vec::new();
-        let mut bytes = Vec::new();
-        offsets.extend_from_slice(&0u64.to_le_bytes());
-        for s in items {
-            bytes.extend_from_slice(s.as_bytes());
-            offsets.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    /// The buffer the open section's bytes go into; call [`Self::spill`] after filling it.
+    fn spill(&mut self) -> Result<()> {
+        if self.buf.len() >= FLUSH_AT {
+            self.flush_buf()?;
         }
-        self.section(&format!("{name}.offsets"), &offsets)?;
-        self.section(&format!("{name}.bytes"), &bytes)
+        Ok(())
+    }
+
+    fn flush_buf(&mut self) -> Result<()> {
+        let buf = std::mem::take(&mut self.buf);
+        if let Some((_, _, sum)) = &mut self.open {
+            sum.update(&buf);
+        }
+        self.raw(&buf)?;
+        self.buf = buf;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn end(&mut self) -> Result<()> {
+        self.flush_buf()?;
+        if let Some((name, offset, sum)) = self.open.take() {
+            self.sections.push(Section { name, offset, len: self.pos - offset, checksum: hex(sum.finish()) });
+        }
+        Ok(())
+    }
+
+    /// Values as a varint section.
+    fn varints(&mut self, name: &str, values: impl Iterator<Item = u64>) -> Result<()> {
+        self.begin(name)?;
+        for v in values {
+            put_varint(&mut self.buf, v);
+            self.spill()?;
+        }
+        self.end()
+    }
+
+    /// Strings as varint lengths and their concatenated bytes.
+    fn strings<'a>(&mut self, name: &str, items: impl Iterator<Item = &'a str> + Clone) -> Result<()> {
+        self.varints(&format!("{name}.lens"), items.clone().map(|s| s.len() as u64))?;
+        self.begin(&format!("{name}.bytes"))?;
+        for s in items {
+            self.buf.extend_from_slice(s.as_bytes());
+            self.spill()?;
+        }
+        self.end()
     }
 }
 
-fn le_u32(v: &[u32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn le_u64(v: impl Iterator<Item = u64>) -> Vec<u8> {
-    v.flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// Writes `ds` as `dir/dataset.ndb`, stamped with `source_id`. The folder is created if needed;
-/// the file appears only once complete and synced.
-pub fn write(ds: &Dataset, source_id: &str, dir: &Path) -> Result<PackedInfo> {
+/// Writes `ds` as `dir/dataset.ndb`, stamped with `source_id`; `seqs` are its events in
+/// [`crate::split::time_ordered`] form (`ds.events` itself is not read, so a caller short of memory may
+/// empty it first). The folder is created if needed; the file appears only once complete and
+/// synced.
+pub fn write(ds: &Dataset, seqs: &Sequences, source_id: &str, dir: &Path) -> Result<PackedInfo> {
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     let path = dir.join(DATASET_FILE);
     let tmp = dir.join(format!("{DATASET_FILE}.tmp"));
@@ -166,32 +288,47 @@ pub fn write(ds: &Dataset, source_id: &str, dir: &Path) -> Result<PackedInfo> {
         pos: 0,
         sections: Vec::new(),
         path: tmp.clone(),
+        open: None,
+        buf: Vec::with_capacity(FLUSH_AT + 64),
     };
     w.raw(&[0u8; HEADER_LEN])?;
 
-    let seqs = time_ordered(ds)?;
-    let (lo, hi) = seqs.ts.iter().fold((i64::MAX, i64::MIN), |(lo, hi), &t| (lo.min(t), hi.max(t)));
-    let ts_base = if seqs.ts.is_empty() { 0 } else { lo };
-    let ts_bits =
-        if seqs.ts.is_empty() || hi.checked_sub(lo).is_some_and(|r| r <= i64::from(u32::MAX)) { 32 } else { 64 };
+    let ts_base = seqs.ts.iter().copied().min().unwrap_or(0);
+    let n_items = ds.item_ids.len() as u64;
+    let item_bytes: u32 = match n_items {
+        0..=0xff => 1,
+        0x100..=0xffff => 2,
+        0x1_0000..=0xff_ffff => 3,
+        _ => 4,
+    };
 
     w.strings("user_ids", ds.user_ids.iter().map(String::as_str))?;
     w.strings("item_ids", ds.item_ids.iter().map(String::as_str))?;
-    w.section("runs.offsets", &le_u64(seqs.offsets.iter().map(|&o| u64::from(o))))?;
-    w.section("runs.items", &le_u32(&seqs.items))?;
-    let ts: Vec<u8> = if ts_bits == 32 {
-        seqs.ts.iter().flat_map(|&t| (u32::try_from(t - ts_base).unwrap_or(u32::MAX)).to_le_bytes()).collect()
-    } else {
-        seqs.ts.iter().flat_map(|t| t.to_le_bytes()).collect()
-    };
-    w.section("runs.ts", &ts)?;
-    drop(ts);
+    let n_users = seqs.num_users();
+    w.varints("runs.counts", (0..n_users).map(|u| seqs.len_of(u) as u64))?;
+    w.begin("runs.items")?;
+    for &item in &seqs.items {
+        w.buf.extend_from_slice(&item.to_le_bytes()[..item_bytes as usize]);
+        w.spill()?;
+    }
+    w.end()?;
+    w.begin("runs.ts")?;
+    for u in 0..n_users {
+        let mut prev = ts_base;
+        for &t in seqs.ts_of(u) {
+            // Runs are ascending, so every delta is >= 0; the wrapping difference is exact.
+            put_varint(&mut w.buf, t.wrapping_sub(prev) as u64);
+            prev = t;
+        }
+        w.spill()?;
+    }
+    w.end()?;
     for (side, feats) in [("user", &ds.user_features), ("item", &ds.item_features)] {
         for f in feats {
             let base = format!("{side}_feat.{}", f.name);
             w.strings(&format!("{base}.values"), f.values.iter().map(String::as_str))?;
-            w.section(&format!("{base}.offsets"), &le_u32(&f.offsets))?;
-            w.section(&format!("{base}.keys"), &le_u32(&f.keys))?;
+            w.varints(&format!("{base}.counts"), f.offsets.windows(2).map(|o| u64::from(o[1].saturating_sub(o[0]))))?;
+            w.varints(&format!("{base}.keys"), f.keys.iter().map(|&k| u64::from(k)))?;
         }
     }
     w.strings("item_titles", ds.item_titles.iter().map(|t| t.as_deref().unwrap_or("")))?;
@@ -199,12 +336,12 @@ pub fn write(ds: &Dataset, source_id: &str, dir: &Path) -> Result<PackedInfo> {
     let info = PackedInfo {
         name: ds.name.clone(),
         users: ds.user_ids.len() as u64,
-        items: ds.item_ids.len() as u64,
+        items: n_items,
         events: seqs.items.len() as u64,
         fingerprint: ds.fingerprint(),
         source_id: source_id.to_owned(),
         ts_base,
-        ts_bits,
+        item_bytes,
         rows: ds.report.rows as u64,
         skipped: ds.report.skipped.iter().map(|(p, n)| (p.clone(), *n as u64)).collect(),
         user_features: feature_infos(&ds.user_features),
@@ -330,43 +467,42 @@ impl Packed {
         Ok(bytes)
     }
 
-    fn u32s(&self, name: &str) -> Result<Vec<u32>> {
-        let b = self.section(name)?;
-        if b.len() % 4 != 0 {
-            return Err(DataError::packed(&self.path, format!("section {name} is not a u32 array")));
-        }
-        Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    fn varints(&self, name: &str) -> Result<Varints<'_>> {
+        Ok(Varints { bytes: self.section(name)?, pos: 0 })
     }
 
-    fn u64s(&self, name: &str) -> Result<Vec<u64>> {
-        let b = self.section(name)?;
-        if b.len() % 8 != 0 {
-            return Err(DataError::packed(&self.path, format!("section {name} is not a u64 array")));
+    /// Exactly `n` varints of a section, each at most `max`; anything else is corruption.
+    fn varint_vec(&self, name: &str, n: u64, max: u64) -> Result<Vec<u64>> {
+        let mut it = self.varints(name)?;
+        let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+        for _ in 0..n {
+            match it.next() {
+                Some(v) if v <= max => out.push(v),
+                _ => return Err(DataError::packed(&self.path, format!("section {name} is inconsistent"))),
+            }
         }
-        Ok(b.chunks_exact(8)
-            .map(|c| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                u64::from_le_bytes(a)
-            })
-            .collect())
+        if !it.done() {
+            return Err(DataError::packed(&self.path, format!("section {name} has trailing bytes")));
+        }
+        Ok(out)
     }
 
     fn strings(&self, name: &str, n: u64) -> Result<Vec<String>> {
-        let offsets = self.u64s(&format!("{name}.offsets"))?;
         let bytes = self.section(&format!("{name}.bytes"))?;
+        let lens = self.varint_vec(&format!("{name}.lens"), n, bytes.len() as u64)?;
         let bad = |r: &str| DataError::packed(&self.path, format!("{name}: {r}"));
-        if offsets.len() as u64 != n + 1 {
-            return Err(bad("count does not match the meta"));
-        }
-        let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
-        for w in offsets.windows(2) {
-            let s = usize::try_from(w[0])
-                .ok()
-                .zip(usize::try_from(w[1]).ok())
-                .and_then(|(a, b)| bytes.get(a..b))
-                .ok_or_else(|| bad("offsets out of bounds"))?;
+        let mut out = Vec::with_capacity(lens.len());
+        let mut at = 0usize;
+        for len in lens {
+            let s = at
+                .checked_add(len as usize)
+                .and_then(|end| bytes.get(at..end))
+                .ok_or_else(|| bad("lengths out of bounds"))?;
+            at += s.len();
             out.push(std::str::from_utf8(s).map_err(|_| bad("not UTF-8"))?.to_owned());
+        }
+        if at != bytes.len() {
+            return Err(bad("lengths do not cover the bytes"));
         }
         Ok(out)
     }
@@ -374,15 +510,16 @@ impl Packed {
     fn feature(&self, side: &str, f: &FeatureInfo, n_entities: u64) -> Result<Feature> {
         let base = format!("{side}_feat.{}", f.name);
         let values = self.strings(&format!("{base}.values"), f.values)?;
-        let offsets = self.u32s(&format!("{base}.offsets"))?;
-        let keys = self.u32s(&format!("{base}.keys"))?;
-        let ok = offsets.len() as u64 == n_entities + 1
-            && offsets.windows(2).all(|w| w[0] <= w[1])
-            && offsets.last().map(|&o| o as usize) == Some(keys.len())
-            && keys.iter().all(|&k| (k as usize) < values.len());
-        if !ok {
-            return Err(DataError::packed(&self.path, format!("feature {base} is inconsistent")));
+        let counts = self.varint_vec(&format!("{base}.counts"), n_entities, u64::from(u32::MAX))?;
+        let mut offsets = Vec::with_capacity(counts.len() + 1);
+        let mut total = 0u64;
+        offsets.push(0u32);
+        for c in counts {
+            total += c;
+            offsets.push(u32::try_from(total).map_err(|_| DataError::packed(&self.path, format!("{base} too large")))?);
         }
+        let keys = self.varint_vec(&format!("{base}.keys"), total, values.len().saturating_sub(1) as u64)?;
+        let keys = keys.into_iter().map(|k| k as u32).collect();
         Ok(Feature { name: f.name.clone(), multi: f.multi, values, offsets, keys })
     }
 
@@ -393,41 +530,38 @@ impl Packed {
         let bad = |r: &str| DataError::packed(&self.path, r.to_owned());
         let user_ids = self.strings("user_ids", i.users)?;
         let item_ids = self.strings("item_ids", i.items)?;
-        let offsets = self.u64s("runs.offsets")?;
-        let items = self.u32s("runs.items")?;
-        let ts_bytes = self.section("runs.ts")?;
-        let width = (i.ts_bits / 8) as usize;
-        if offsets.len() as u64 != i.users + 1
-            || items.len() as u64 != i.events
-            || (width != 4 && width != 8)
-            || ts_bytes.len() != items.len() * width
-            || offsets.first() != Some(&0)
-            || offsets.last() != Some(&i.events)
-            || offsets.windows(2).any(|w| w[0] > w[1])
-            || items.iter().any(|&k| u64::from(k) >= i.items)
-        {
+        let counts = self.varint_vec("runs.counts", i.users, i.events)?;
+        let items = self.section("runs.items")?;
+        let width = i.item_bytes as usize;
+        if !(1..=4).contains(&width) || Some(items.len() as u64) != i.events.checked_mul(width as u64) {
             return Err(bad("event runs are inconsistent with the meta"));
         }
-        let mut events = Vec::with_capacity(items.len());
-        let ts_at = |e: usize| -> i64 {
-            let b = ts_bytes.get(e * width..(e + 1) * width).unwrap_or(&[]);
-            let mut a = [0u8; 8];
-            a.get_mut(..b.len()).unwrap_or(&mut []).copy_from_slice(b);
-            let raw = u64::from_le_bytes(a);
-            if width == 4 {
-                i.ts_base + raw as i64
-            } else {
-                raw as i64
-            }
-        };
-        for (u, w) in offsets.windows(2).enumerate() {
+        if counts.iter().sum::<u64>() != i.events {
+            return Err(bad("event counts do not add up to the events"));
+        }
+        let mut ts = self.varints("runs.ts")?;
+        let mut events = Vec::with_capacity(usize::try_from(i.events).unwrap_or(0));
+        let mut keys = items.chunks_exact(width);
+        for (u, &n) in counts.iter().enumerate() {
             let u = u32::try_from(u).map_err(|_| DataError::TooLarge { what: "users" })?;
-            let run = w[0] as usize..w[1] as usize;
-            for (e, &item) in run.clone().zip(items.get(run).unwrap_or(&[])) {
-                events.push(Event { user: u, item, ts: ts_at(e), rating: None });
+            let mut prev = i.ts_base;
+            for _ in 0..n {
+                let (Some(k), Some(d)) = (keys.next(), ts.next()) else {
+                    return Err(bad("event runs are truncated"));
+                };
+                let mut a = [0u8; 4];
+                a[..width].copy_from_slice(k);
+                let item = u32::from_le_bytes(a);
+                if u64::from(item) >= i.items {
+                    return Err(bad("an item key is out of range"));
+                }
+                prev = prev.wrapping_add(d as i64);
+                events.push(Event { user: u, item, ts: prev });
             }
         }
-        drop(items);
+        if !ts.done() {
+            return Err(bad("runs.ts has trailing bytes"));
+        }
         let user_features =
             i.user_features.iter().map(|f| self.feature("user", f, i.users)).collect::<Result<Vec<_>>>()?;
         let item_features =
@@ -439,6 +573,7 @@ impl Packed {
             user_ids,
             item_ids,
             events,
+            ratings: Vec::new(),
             user_features,
             item_features,
             item_titles,

@@ -188,7 +188,8 @@ pub fn load_cached(
         Err(e) => format!("{e}"),
     };
     let ds = load_with(source, data_dir, opts, progress)?;
-    match crate::packed::write(&ds, &id, &dir) {
+    let seqs = crate::split::time_ordered(&ds)?;
+    match crate::packed::write(&ds, &seqs, &id, &dir) {
         Ok(_) => Ok((ds, Cached::Built { dir, reason })),
         Err(e) => Ok((ds, Cached::Unwritable { dir, reason: e.to_string() })),
     }

@@ -151,27 +151,39 @@ pub fn time_ordered(ds: &Dataset) -> Result<Sequences> {
         }
     }
     let total = starts.last().copied().unwrap_or(0);
-    let mut order: Vec<(i64, u32)> = vec![(0, 0); total];
+    // Scatter straight into the output arrays (12 bytes per event), then order each user's
+    // run in place through a scratch buffer as long as the longest run.
+    let mut items = vec![0u32; total];
+    let mut ts = vec![0i64; total];
     let mut fill = starts.clone();
     for e in &ds.events {
         if let Some(pos) = fill.get_mut(e.user as usize) {
-            if let Some(slot) = order.get_mut(*pos) {
-                *slot = (e.ts, e.item);
+            if let (Some(i), Some(t)) = (items.get_mut(*pos), ts.get_mut(*pos)) {
+                (*i, *t) = (e.item, e.ts);
                 *pos += 1;
             }
         }
     }
-    let mut out = SeqBuilder::new(n_users, total);
+    drop(fill);
+    let mut scratch: Vec<(i64, u32)> = Vec::new();
+    let mut offsets = Vec::with_capacity(n_users + 1);
+    offsets.push(0u32);
     for u in 0..n_users {
         let (a, b) = (starts.get(u).copied().unwrap_or(0), starts.get(u + 1).copied().unwrap_or(0));
-        if let Some(seq) = order.get_mut(a..b) {
-            // `sort_by_key` is stable: ties keep file order.
-            seq.sort_by_key(|&(t, _)| t);
-            seq.iter().for_each(|&(ts, item)| out.push(item, ts));
+        if let (Some(is), Some(tss)) = (items.get_mut(a..b), ts.get_mut(a..b)) {
+            if tss.windows(2).any(|w| w[0] > w[1]) {
+                scratch.clear();
+                scratch.extend(tss.iter().copied().zip(is.iter().copied()));
+                // `sort_by_key` is stable: ties keep file order.
+                scratch.sort_by_key(|&(t, _)| t);
+                for ((t, i), &(st, si)) in tss.iter_mut().zip(is.iter_mut()).zip(&scratch) {
+                    (*t, *i) = (st, si);
+                }
+            }
         }
-        out.end_user();
+        offsets.push(u32::try_from(b).unwrap_or(u32::MAX));
     }
-    Ok(out.0)
+    Ok(Sequences { offsets, items, ts })
 }
 
 /// Splits `ds` by `strategy`, cutting each user's [`time_ordered`] events.

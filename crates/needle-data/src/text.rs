@@ -352,29 +352,93 @@ impl BuildHasher for FastHash {
 /// Map type used for string interning.
 pub(crate) type FastMap<K, V> = HashMap<K, V, FastHash>;
 
+/// Hash of an id for [`IdIndex`].
+fn id_hash(s: &str) -> u64 {
+    let mut h = FastHasher(0);
+    h.write(s.as_bytes());
+    h.finish()
+}
+
+/// Raw id → position in an id list that the caller owns. The strings live once, in the list;
+/// the table holds each id's position and, for ids of up to [`INLINE`] bytes (numeric ids,
+/// short codes), the id itself, so a lookup touches one cache line of the table instead of
+/// chasing the list and the string's heap block — at 10^7 ids the lookup is memory-bound, and
+/// this makes parsing about twice as fast.
+#[derive(Clone, Default)]
+pub(crate) struct IdIndex(hashbrown::HashTable<Slot>);
+
+const INLINE: usize = 11;
+
+#[derive(Clone, Copy)]
+pub(crate) struct Slot {
+    key: u32,
+    /// Length of the id when it is inline (<= INLINE), else `u8::MAX`.
+    len: u8,
+    bytes: [u8; INLINE],
+}
+
+impl Slot {
+    fn new(key: u32, raw: &str) -> Slot {
+        let mut bytes = [0u8; INLINE];
+        match bytes.get_mut(..raw.len()) {
+            Some(dst) if raw.len() <= INLINE => {
+                dst.copy_from_slice(raw.as_bytes());
+                Slot { key, len: raw.len() as u8, bytes }
+            }
+            _ => Slot { key, len: u8::MAX, bytes },
+        }
+    }
+
+    fn is(&self, ids: &[String], raw: &str) -> bool {
+        if self.len == u8::MAX {
+            raw.len() > INLINE && ids.get(self.key as usize).is_some_and(|s| s == raw)
+        } else {
+            self.bytes.get(..self.len as usize) == Some(raw.as_bytes())
+        }
+    }
+}
+
+impl std::fmt::Debug for IdIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IdIndex({} ids)", self.0.len())
+    }
+}
+
+impl IdIndex {
+    pub(crate) fn get(&self, ids: &[String], raw: &str) -> Option<u32> {
+        self.0.find(id_hash(raw), |s| s.is(ids, raw)).map(|s| s.key)
+    }
+
+    /// Position of `raw`, appending it to `ids` when new; `Err` when `ids` is full.
+    pub(crate) fn get_or_push(&mut self, ids: &mut Vec<String>, raw: &str) -> std::result::Result<u32, ()> {
+        let h = id_hash(raw);
+        if let Some(s) = self.0.find(h, |s| s.is(ids, raw)) {
+            return Ok(s.key);
+        }
+        let k = u32::try_from(ids.len()).map_err(|_| ())?;
+        ids.push(raw.to_owned());
+        self.0.insert_unique(h, Slot::new(k, raw), |s| ids.get(s.key as usize).map_or(0, |s| id_hash(s)));
+        Ok(k)
+    }
+}
+
 /// Assigns dense `u32` keys to raw ids in first-seen order, which is what makes
 /// `Dataset::user_ids[key]` the inverse mapping.
 #[derive(Default)]
 pub(crate) struct Interner {
-    map: FastMap<Box<str>, u32>,
+    index: IdIndex,
     pub(crate) ids: Vec<String>,
     what: &'static str,
 }
 
 impl Interner {
     pub(crate) fn new(what: &'static str) -> Self {
-        Interner { map: FastMap::default(), ids: Vec::new(), what }
+        Interner { index: IdIndex::default(), ids: Vec::new(), what }
     }
 
     /// Key of `raw`, creating one if unseen. Only a new id allocates.
     pub(crate) fn intern(&mut self, raw: &str) -> Result<u32> {
-        if let Some(&k) = self.map.get(raw) {
-            return Ok(k);
-        }
-        let k = u32::try_from(self.ids.len()).map_err(|_| DataError::TooLarge { what: self.what })?;
-        self.ids.push(raw.to_owned());
-        self.map.insert(raw.into(), k);
-        Ok(k)
+        self.index.get_or_push(&mut self.ids, raw).map_err(|()| DataError::TooLarge { what: self.what })
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -416,6 +480,25 @@ mod tests {
         assert_eq!(got.len(), expected.len());
         assert!(got == expected);
         assert_eq!(r.consumed(), text.len() as u64);
+    }
+
+    #[test]
+    fn id_index_finds_short_and_long_ids() {
+        let mut ids = Vec::new();
+        let mut ix = IdIndex::default();
+        let raws: Vec<String> =
+            (0..5000).map(|i| if i % 3 == 0 { format!("a-long-identifier-{i}") } else { format!("{i}") }).collect();
+        for (k, r) in raws.iter().enumerate() {
+            assert_eq!(ix.get_or_push(&mut ids, r), Ok(k as u32));
+        }
+        for (k, r) in raws.iter().enumerate() {
+            assert_eq!(ix.get_or_push(&mut ids, r), Ok(k as u32));
+            assert_eq!(ix.get(&ids, r), Some(k as u32));
+        }
+        assert_eq!(ids.len(), 5000);
+        assert_eq!(ix.get(&ids, ""), None);
+        assert_eq!(ix.get(&ids, "12345678901"), None);
+        assert_eq!(ix.get(&ids, "a-long-identifier-1"), None);
     }
 
     #[test]

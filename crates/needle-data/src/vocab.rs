@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::error::{DataError, Result};
-use crate::text::{read_file, FastMap, Lines};
+use crate::text::{read_file, IdIndex, Lines};
 
 /// Bidirectional raw id <-> index map. Index 0 is reserved for padding/unknown so models can
 /// use row 0 of an embedding table for "no item"; raw ids get indices from 1 upward in
@@ -14,7 +14,7 @@ use crate::text::{read_file, FastMap, Lines};
 pub struct Vocab {
     /// `raws[0]` is the padding slot (empty string, never looked up).
     raws: Vec<String>,
-    index: FastMap<Box<str>, u32>,
+    index: IdIndex,
 }
 
 impl Default for Vocab {
@@ -33,7 +33,7 @@ impl PartialEq for Vocab {
 impl Vocab {
     /// Empty vocabulary (just the padding slot, so `len() == 1`).
     pub fn new() -> Self {
-        Vocab { raws: vec![String::new()], index: FastMap::default() }
+        Vocab { raws: vec![String::new()], index: IdIndex::default() }
     }
 
     /// Vocabulary whose index `k + 1` is `ids[k]`, i.e. dataset key + 1. Duplicate ids map
@@ -49,18 +49,12 @@ impl Vocab {
     /// Index of `raw`, inserting it if new. Saturates at `u32::MAX` (never panics); real
     /// vocabularies are far smaller.
     pub fn insert(&mut self, raw: &str) -> u32 {
-        if let Some(&i) = self.index.get(raw) {
-            return i;
-        }
-        let i = u32::try_from(self.raws.len()).unwrap_or(u32::MAX);
-        self.raws.push(raw.to_owned());
-        self.index.insert(raw.into(), i);
-        i
+        self.index.get_or_push(&mut self.raws, raw).unwrap_or(u32::MAX)
     }
 
     /// Index of a known raw id; `None` when unknown (never returns the padding index 0).
     pub fn get(&self, raw: &str) -> Option<u32> {
-        self.index.get(raw).copied()
+        self.index.get(&self.raws, raw)
     }
 
     /// Raw id of an index; `None` for 0 (padding) and out-of-range indices.
@@ -123,7 +117,7 @@ impl Vocab {
                     format!("expected index {expected}, found {idx:?} (indices must be 1..n in order)"),
                 ));
             }
-            if v.index.contains_key(raw) {
+            if v.get(raw).is_some() {
                 return Err(bad(line, format!("duplicate id {raw:?}")));
             }
             v.insert(raw);

@@ -48,7 +48,7 @@ fn ml1m_counts_features_titles() {
     assert_eq!(ds.events[1].user, 1);
     assert_eq!(ds.events[1].item, 1);
     assert_eq!(ds.events[1].ts, 50);
-    assert_eq!(ds.events[1].rating, Some(3.0));
+    assert_eq!(ds.rating(1), Some(3.0));
 
     assert_eq!(vals(&ds, true, "gender", 0), vec!["F"]);
     assert_eq!(vals(&ds, true, "age", 1), vec!["56"]);
@@ -288,8 +288,8 @@ fn csv_header_names_and_multi_features() {
     assert_eq!(ds.events.len(), 3);
     assert_eq!(ds.user_ids, vec!["u1", "u2"]);
     assert_eq!(ds.item_ids, vec!["i1", "i2"]);
-    assert_eq!(ds.events[0].rating, Some(4.5));
-    assert_eq!(ds.events[1].rating, None);
+    assert_eq!(ds.rating(0), Some(4.5));
+    assert_eq!(ds.rating(1), None);
     assert_eq!(ds.events[2].ts, 12);
     // First row of an entity wins.
     assert_eq!(vals(&ds, true, "age", 0), vec!["30"]);
@@ -320,7 +320,7 @@ column = 3
     assert_eq!(ds.user_ids, vec!["u1"]);
     assert_eq!(ds.item_ids, vec!["i1", "i2"]);
     assert_eq!(vals(&ds, false, "col3", 1), vec!["blue"]);
-    assert_eq!(ds.events[1].rating, None);
+    assert_eq!(ds.rating(1), None);
 
     // Through the CLI entry point with an absolute schema path.
     let src = DatasetSource::Csv { schema: d.path().join("shop.toml") };

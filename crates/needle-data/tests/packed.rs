@@ -2,7 +2,7 @@
 //! the file, and a stale copy is rebuilt.
 
 use needle_data::packed::{self, DATASET_FILE};
-use needle_data::split::{split, SplitStrategy};
+use needle_data::split::{split, time_ordered, SplitStrategy};
 use needle_data::{load, load_cached, source_id, Cached, DatasetSource, LoadOptions, Packed};
 use std::path::Path;
 
@@ -42,13 +42,14 @@ fn source(dir: &Path) -> DatasetSource {
 
 #[test]
 fn binary_dataset_reads_back_what_the_text_gave() {
-    for ts_scale in [1i64, 1 << 40] {
+    // Small and huge time spans, and times before the epoch.
+    for ts_scale in [1i64, 1 << 40, -(1 << 50)] {
         let d = tempfile::tempdir().unwrap();
         write_log(d.path(), 3000, ts_scale);
         let opts = LoadOptions::default();
         let text = load(&source(d.path()), None, &opts).unwrap();
-        let info = packed::write(&text, "id", &d.path().join("out")).unwrap();
-        assert_eq!(info.ts_bits, if ts_scale == 1 { 32 } else { 64 });
+        let info = packed::write(&text, &time_ordered(&text).unwrap(), "id", &d.path().join("out")).unwrap();
+        assert_eq!(info.item_bytes, 1);
         let bin = Packed::open(&d.path().join("out")).unwrap().dataset().unwrap();
         assert_eq!(bin.fingerprint(), text.fingerprint());
         assert_eq!(bin.user_ids, text.user_ids);
@@ -70,7 +71,7 @@ fn damage_is_an_error_naming_the_file() {
     write_log(d.path(), 2000, 1);
     let ds = load(&source(d.path()), None, &LoadOptions::default()).unwrap();
     let out = d.path().join("out");
-    packed::write(&ds, "id", &out).unwrap();
+    packed::write(&ds, &time_ordered(&ds).unwrap(), "id", &out).unwrap();
     let file = out.join(DATASET_FILE);
     let good = std::fs::read(&file).unwrap();
     assert!(!out.join(format!("{DATASET_FILE}.tmp")).exists());
@@ -147,4 +148,20 @@ fn stale_or_damaged_copies_are_rebuilt() {
     let (e, how) = load_cached(&src, None, &opts, None, &mut |_, _| {}).unwrap();
     assert!(matches!(how, Cached::Built { ref reason, .. } if reason.contains("dataset.ndb")), "{how:?}");
     assert_eq!(e.fingerprint(), c.fingerprint());
+}
+
+#[test]
+fn checksum_in_pieces_equals_checksum_at_once() {
+    let data: Vec<u8> = (0..1000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let whole = packed::checksum(&data);
+    for cut in [1usize, 7, 31, 32, 33, 64, 100, 999] {
+        let mut c = packed::Checksum::new();
+        for piece in data.chunks(cut) {
+            c.update(piece);
+        }
+        assert_eq!(c.finish(), whole, "pieces of {cut}");
+    }
+    let mut other = data.clone();
+    other[500] ^= 4;
+    assert_ne!(packed::checksum(&other), whole);
 }

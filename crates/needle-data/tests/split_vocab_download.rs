@@ -10,7 +10,7 @@ fn ds_from(events: &[(u32, u32, i64)], n_users: usize, n_items: usize) -> Datase
         name: "t".into(),
         user_ids: (0..n_users).map(|u| format!("u{u}")).collect(),
         item_ids: (0..n_items).map(|i| format!("i{i}")).collect(),
-        events: events.iter().map(|&(user, item, ts)| Event { user, item, ts, rating: None }).collect(),
+        events: events.iter().map(|&(user, item, ts)| Event { user, item, ts }).collect(),
         ..Default::default()
     }
 }

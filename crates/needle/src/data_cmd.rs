@@ -28,13 +28,18 @@ pub fn ingest(
     let id = needle_data::source_id(&source, data_dir, &opts)?;
     let t = Instant::now();
     let bar = bytes_bar(quiet, "ingesting");
-    let ds = needle_data::source::load_with(&source, data_dir, &opts, &mut |done, total| {
+    let mut ds = needle_data::source::load_with(&source, data_dir, &opts, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
     let parsed = t.elapsed().as_secs_f64();
-    let info = needle_data::packed::write(&ds, &id, &dir)?;
+    let seqs = needle_data::split::time_ordered(&ds)?;
+    // The runs hold every event now; the file-order copy is no longer needed once the source
+    // fingerprint (computed over it) is taken.
+    ds.source_fingerprint = Some(ds.fingerprint());
+    ds.events = Vec::new();
+    let info = needle_data::packed::write(&ds, &seqs, &id, &dir)?;
     let secs = t.elapsed().as_secs_f64();
     let size = std::fs::metadata(dir.join(needle_data::packed::DATASET_FILE)).map(|m| m.len()).unwrap_or(0);
     eprintln!(
@@ -69,7 +74,7 @@ pub fn info(dir: &Path) -> Result<()> {
     println!("events       {}", i.events);
     println!("users        {}", i.users);
     println!("items        {}", i.items);
-    println!("timestamps   {} bits above {}", i.ts_bits, i.ts_base);
+    println!("item keys    {} bytes; earliest timestamp {}", i.item_bytes, i.ts_base);
     println!("fingerprint  {}", i.fingerprint);
     println!("source id    {}", i.source_id);
     for (side, feats) in [("user", &i.user_features), ("item", &i.item_features)] {

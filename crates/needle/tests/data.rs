@@ -106,6 +106,12 @@ fn synthetic_log_is_learnable_and_configs_resolve_from_their_folder() {
     assert_eq!(metric(&dir.join("runs/yt"), "ndcg@10"), first);
     let info = ok(&needle(&["data", "info", "data/synth/schema.ndb"], dir));
     assert!(info.contains("events       60000") && info.contains("checksums    ok"), "{info}");
+    // An explicit ingest writes the same dataset, with the source's fingerprint.
+    ok(&needle(&["data", "ingest", "--schema", "data/synth/schema.toml", "--out", "bin", "--quiet"], dir));
+    let fp = |text: &str| text.lines().find(|l| l.starts_with("fingerprint")).map(str::to_owned);
+    let again = ok(&needle(&["data", "info", "bin"], dir));
+    assert_eq!(fp(&again), fp(&info));
+    assert!(fp(&info).is_some_and(|l| !l.contains("cbf29ce484222325")), "{info}");
 }
 
 #[test]
