@@ -311,7 +311,7 @@ pub fn load_csv_with(schema_path: &Path, opts: &LoadOptions, progress: &mut dyn 
         ufeats,
         ifeats,
         pending,
-        parts: Parts::new(),
+        parts: Parts { fingerprint: Some(crate::dataset::FNV1A64_OFFSET), ..Parts::new() },
         sink: RowSink::new(&data_path, opts.skip_bad_rows),
         spans: Vec::new(),
         delim,
@@ -582,6 +582,9 @@ impl RowParser<'_> {
                 None => return sink.bad(line, || format!("rating {} is not a number", show(r.as_bytes()))),
             },
         };
+        if let Some(h) = &mut parts.fingerprint {
+            *h = crate::dataset::fingerprint_event(*h, user, item, ts);
+        }
         if let Some(p) = pending {
             p.push_id(user, true);
             p.push_id(item, false);

@@ -125,6 +125,17 @@ pub fn fnv1a64(h: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
+/// Folds one event into a [`Dataset::fingerprint`] hash; loaders that stream call it per
+/// accepted row, while the raw ids are at hand, instead of chasing them afterwards.
+pub(crate) fn fingerprint_event(mut h: u64, user: &str, item: &str, ts: i64) -> u64 {
+    h = fnv1a64(h, user.as_bytes());
+    h = fnv1a64(h, &[0x1f]);
+    h = fnv1a64(h, item.as_bytes());
+    h = fnv1a64(h, &[0x1f]);
+    h = fnv1a64(h, &ts.to_le_bytes());
+    fnv1a64(h, &[0x1e])
+}
+
 impl Dataset {
     /// Stable 16-hex-digit identity of the interaction log, stored with trained models so
     /// evaluation can refuse to run on different data than training used.
@@ -137,16 +148,10 @@ impl Dataset {
             return fp.clone();
         }
         let mut h = FNV1A64_OFFSET;
-        let mut eat = |bytes: &[u8]| h = fnv1a64(h, bytes);
         for e in &self.events {
             let u = self.user_ids.get(e.user as usize).map_or("", String::as_str);
             let i = self.item_ids.get(e.item as usize).map_or("", String::as_str);
-            eat(u.as_bytes());
-            eat(&[0x1f]);
-            eat(i.as_bytes());
-            eat(&[0x1f]);
-            eat(&e.ts.to_le_bytes());
-            eat(&[0x1e]);
+            h = fingerprint_event(h, u, i, e.ts);
         }
         format!("{h:016x}")
     }
@@ -302,6 +307,8 @@ pub(crate) struct Parts {
     pub(crate) item_features: Vec<FeatureBuilder>,
     pub(crate) item_titles: Vec<Option<String>>,
     pub(crate) report: LoadReport,
+    /// Running fingerprint of the accepted events, for loaders that stream.
+    pub(crate) fingerprint: Option<u64>,
 }
 
 impl Parts {
@@ -315,6 +322,7 @@ impl Parts {
             item_features: Vec::new(),
             item_titles: Vec::new(),
             report: LoadReport::default(),
+            fingerprint: None,
         }
     }
 
@@ -334,7 +342,7 @@ impl Parts {
             item_features: self.item_features.into_iter().map(|f| f.finish(n_items)).collect(),
             item_titles,
             report,
-            source_fingerprint: None,
+            source_fingerprint: self.fingerprint.map(|h| format!("{h:016x}")),
         }
     }
 }

@@ -244,6 +244,8 @@ pub struct Trainer<'a, T: Tower> {
     optim: Optim,
     step: Step<T>,
     age_span: f32,
+    /// Seconds spent so far assembling batches, in forward + backward, and in the optimizer.
+    phases: [f64; 3],
 }
 
 impl<'a, T: Tower> Trainer<'a, T> {
@@ -266,7 +268,14 @@ impl<'a, T: Tower> Trainer<'a, T> {
             optim,
             step: Step::default(),
             age_span: (p.train_max_ts - p.train_min_ts).max(1) as f32,
+            phases: [0.0; 3],
         })
+    }
+
+    /// Seconds spent so far assembling batches (histories, features, negatives), in forward and
+    /// backward passes (embedding gathers included), and in the optimizer.
+    pub fn phase_seconds(&self) -> [f64; 3] {
+        self.phases
     }
 
     /// Item-table rows the last step updated.
@@ -342,7 +351,9 @@ impl<'a, T: Tower> Trainer<'a, T> {
 
     /// One optimizer step on `samples`; returns the batch's mean loss.
     pub fn step(&mut self, samples: &[Sample], rng: &mut Rng) -> f32 {
+        let t0 = Instant::now();
         let n_row = self.assemble(samples, rng);
+        let t1 = Instant::now();
         let m = &self.model;
         let t = &self.cfg.train;
         let s = &mut self.step;
@@ -436,7 +447,12 @@ impl<'a, T: Tower> Trainer<'a, T> {
         m.item_backward(&s.pos_ids, &mut s.pos, &s.gp, &mut self.grads);
         m.item_backward(&s.neg_ids, &mut s.neg, &s.gn, &mut self.grads);
         m.item_backward(&s.shared_ids, &mut s.shared, &s.gs, &mut self.grads);
+        let t2 = Instant::now();
         self.optim.step(&mut self.model, &self.grads, t.lr, t.embedding_lr);
+        let t3 = Instant::now();
+        for (acc, (a, b)) in self.phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
+            *acc += (b - a).as_secs_f64();
+        }
         loss
     }
 }
