@@ -141,12 +141,27 @@ pub fn source_id(source: &DatasetSource, data_dir: Option<&Path>, opts: &LoadOpt
 }
 
 /// Where the ingested copy of `source` lives unless a config says otherwise: beside the schema
-/// (`S.toml` → `S.ndb/`), or inside the MovieLens folder (`needle.ndb/`).
+/// (`S.toml` → `S.ndb/`); for MovieLens, whose folder is often shared or read-only, in the user's
+/// cache (`$NEEDLE_CACHE_DIR`, else `$XDG_CACHE_HOME/needle`, else `~/.cache/needle`), one folder
+/// per dataset folder.
 pub fn default_cache_dir(source: &DatasetSource, data_dir: Option<&Path>) -> Result<PathBuf> {
     Ok(match source {
-        DatasetSource::MovieLens(name) => movielens_dir(name, data_dir)?.join("needle.ndb"),
+        DatasetSource::MovieLens(name) => {
+            let dir = movielens_dir(name, data_dir)?;
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+            let tag = crate::dataset::fnv1a64(crate::dataset::FNV1A64_OFFSET, dir.to_string_lossy().as_bytes());
+            user_cache_root().join(format!("{}-{tag:016x}.ndb", name.as_str()))
+        }
         DatasetSource::Csv { schema } => absolute(schema).with_extension("ndb"),
     })
+}
+
+fn user_cache_root() -> PathBuf {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("NEEDLE_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("needle")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache").join("needle")))
+        .unwrap_or_else(|| std::env::temp_dir().join("needle-cache"))
 }
 
 /// How [`load_cached`] got its dataset.

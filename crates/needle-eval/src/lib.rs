@@ -62,17 +62,24 @@ impl Ord for Scored {
 
 /// The `k` best items of one score row, best first; `-inf` scores are never returned.
 pub fn select_top_k(scores: &[f32], k: usize, ids: &mut Vec<u32>, vals: &mut Vec<f32>) {
-    ids.clear();
-    vals.clear();
+    let mut heap = BinaryHeap::with_capacity(k + 1);
+    offer(&mut heap, scores, 0, k);
+    drain_sorted(heap, ids, vals);
+}
+
+/// A bounded min-heap of the best candidates seen so far.
+type TopHeap = BinaryHeap<std::cmp::Reverse<Scored>>;
+
+/// Offers `scores` (item rows `first..`) to a heap that keeps the `k` best.
+fn offer(heap: &mut TopHeap, scores: &[f32], first: u32, k: usize) {
     if k == 0 {
         return;
     }
-    let mut heap: BinaryHeap<std::cmp::Reverse<Scored>> = BinaryHeap::with_capacity(k + 1);
     for (i, &s) in scores.iter().enumerate() {
         if s == f32::NEG_INFINITY || s.is_nan() {
             continue;
         }
-        let cand = Scored(s, i as u32);
+        let cand = Scored(s, first + i as u32);
         if heap.len() < k {
             heap.push(std::cmp::Reverse(cand));
         } else if let Some(min) = heap.peek() {
@@ -82,6 +89,12 @@ pub fn select_top_k(scores: &[f32], k: usize, ids: &mut Vec<u32>, vals: &mut Vec
             }
         }
     }
+}
+
+/// Empties `heap` into `ids` / `vals`, best first.
+fn drain_sorted(heap: TopHeap, ids: &mut Vec<u32>, vals: &mut Vec<f32>) {
+    ids.clear();
+    vals.clear();
     let mut top: Vec<Scored> = heap.into_iter().map(|r| r.0).collect();
     top.sort_unstable_by(|a, b| b.cmp(a));
     for s in top {
@@ -89,6 +102,11 @@ pub fn select_top_k(scores: &[f32], k: usize, ids: &mut Vec<u32>, vals: &mut Vec
         vals.push(s.0);
     }
 }
+
+/// Scores held at once: a block of users against a tile of items. Bounds memory at any
+/// catalogue size (256 users × 10^7 items would be 10 GB) while keeping tiles large enough that
+/// the matrix product runs at full speed.
+const SCORE_BUDGET: usize = 1 << 24;
 
 /// Top-`k` item rows for every user, `[users × k]` (rows padded with `u32::MAX` when fewer
 /// items qualify). Item row 0 (padding) and each user's `exclude` list never appear.
@@ -101,44 +119,68 @@ pub fn top_k(
     k: usize,
     exclude: Option<&Lists>,
 ) -> (Vec<u32>, Vec<f32>) {
+    top_k_tiled(user_vecs, item_vecs, d, k, exclude, SCORE_BUDGET / USER_BLOCK)
+}
+
+/// [`top_k`] scoring `tile` items at a time; every user's heap carries over from tile to tile,
+/// so the result does not depend on the tiling.
+fn top_k_tiled(
+    user_vecs: &[f32],
+    item_vecs: &[f32],
+    d: usize,
+    k: usize,
+    exclude: Option<&Lists>,
+    tile: usize,
+) -> (Vec<u32>, Vec<f32>) {
     let n_users = user_vecs.len().checked_div(d).unwrap_or(0);
     let n_items = item_vecs.len().checked_div(d).unwrap_or(0);
+    let tile = tile.clamp(1, n_items.max(1));
     let mut out_ids = vec![u32::MAX; n_users * k];
     let mut out_scores = vec![f32::NEG_INFINITY; n_users * k];
-    let mut scores = vec![0.0f32; USER_BLOCK * n_items];
+    let mut scores = vec![0.0f32; USER_BLOCK.min(n_users.max(1)) * tile];
+    let mut heaps: Vec<TopHeap> = Vec::new();
     for b0 in (0..n_users).step_by(USER_BLOCK) {
         let bn = USER_BLOCK.min(n_users - b0);
-        let block = &mut scores[..bn * n_items];
-        matmul(
-            bn,
-            d,
-            n_items,
-            &user_vecs[b0 * d..(b0 + bn) * d],
-            Layout::Normal,
-            item_vecs,
-            Layout::Transposed,
-            block,
-            false,
-        );
-        block
-            .par_chunks_mut(n_items)
-            .zip(out_ids[b0 * k..(b0 + bn) * k].par_chunks_mut(k))
-            .zip(out_scores[b0 * k..(b0 + bn) * k].par_chunks_mut(k))
-            .enumerate()
-            .for_each_init(
-                || (Vec::with_capacity(k), Vec::with_capacity(k)),
-                |(ids, vals), (i, ((row, oi), os))| {
+        heaps.clear();
+        heaps.resize_with(bn, || BinaryHeap::with_capacity(k + 1));
+        for t0 in (0..n_items).step_by(tile) {
+            let tn = tile.min(n_items - t0);
+            let block = &mut scores[..bn * tn];
+            matmul(
+                bn,
+                d,
+                tn,
+                &user_vecs[b0 * d..(b0 + bn) * d],
+                Layout::Normal,
+                &item_vecs[t0 * d..(t0 + tn) * d],
+                Layout::Transposed,
+                block,
+                false,
+            );
+            block.par_chunks_mut(tn).zip(heaps.par_iter_mut()).enumerate().for_each(|(i, (row, heap))| {
+                if t0 == 0 {
                     if let Some(first) = row.first_mut() {
                         *first = f32::NEG_INFINITY;
                     }
-                    if let Some(ex) = exclude {
-                        for &it in ex.get(b0 + i) {
-                            if let Some(s) = row.get_mut(it as usize) {
-                                *s = f32::NEG_INFINITY;
-                            }
+                }
+                if let Some(ex) = exclude {
+                    for &it in ex.get(b0 + i) {
+                        if let Some(s) = (it as usize).checked_sub(t0).and_then(|j| row.get_mut(j)) {
+                            *s = f32::NEG_INFINITY;
                         }
                     }
-                    select_top_k(row, k, ids, vals);
+                }
+                offer(heap, row, t0 as u32, k);
+            });
+        }
+        std::mem::take(&mut heaps)
+            .into_par_iter()
+            .zip(out_ids[b0 * k..(b0 + bn) * k].par_chunks_mut(k))
+            .zip(out_scores[b0 * k..(b0 + bn) * k].par_chunks_mut(k))
+            .for_each_init(
+                || (Vec::with_capacity(k), Vec::with_capacity(k)),
+                |(ids, vals), ((heap, oi), os)| {
+                    drain_sorted(heap, ids, vals);
                     oi[..ids.len()].copy_from_slice(ids);
                     os[..vals.len()].copy_from_slice(vals);
                 },
@@ -275,6 +317,24 @@ mod tests {
             assert_eq!(&ids[i * k..(i + 1) * k], &want[..], "user {i}");
             assert!((scores[i * k] - all[0].0).abs() < 1e-4);
         }
+    }
+
+    #[test]
+    fn tiling_the_items_does_not_change_the_result() {
+        let mut rng = needle_model::rng::Rng::new(3);
+        let (nu, ni, d, k) = (300, 1000, 8, 50);
+        let u: Vec<f32> = (0..nu * d).map(|_| rng.normal()).collect();
+        // Repeated item vectors make exact ties, which must still break towards the lower row.
+        let v: Vec<f32> = (0..ni * d).map(|i| if (i / d) % 10 == 3 { 0.5 } else { rng.normal() }).collect();
+        let mut ex = Lists::new();
+        for i in 0..nu {
+            ex.push([(i % ni) as u32, ((i * 13) % ni) as u32, 999]);
+        }
+        let whole = top_k_tiled(&u, &v, d, k, Some(&ex), ni);
+        for tile in [1, 7, 64, 333, 999] {
+            assert!(top_k_tiled(&u, &v, d, k, Some(&ex), tile) == whole, "tile {tile}");
+        }
+        assert!(top_k(&u, &v, d, k, Some(&ex)) == whole);
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub struct DataConfig {
     /// Or a TOML schema describing a CSV/TSV log (relative to the config file).
     pub schema: Option<PathBuf>,
     /// Folder of the ingested binary dataset (relative to the config file); default: beside the
-    /// schema (`S.toml` → `S.ndb/`) or inside the MovieLens folder (`needle.ndb/`).
+    /// schema (`S.toml` → `S.ndb/`), or for MovieLens in the user's cache (`~/.cache/needle/`).
     #[serde(default)]
     pub cache: Option<PathBuf>,
     #[serde(default = "default_split")]

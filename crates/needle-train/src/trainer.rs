@@ -496,8 +496,14 @@ impl MemoryPlan {
         }
     }
 
+    /// The larger of the two peaks: while validating (parameters, optimizer state, the
+    /// snapshot being validated or kept as the best, item vectors) and while saving (the best
+    /// parameters and their serialised copy; the optimizer is gone by then).
     pub fn total(&self) -> u64 {
-        self.tables + self.dense + self.optimizer + self.best_copy + self.item_vectors + self.checkpoint
+        let params = self.tables + self.dense;
+        let training = params + self.optimizer + self.best_copy + self.item_vectors;
+        let saving = params + self.checkpoint;
+        training.max(saving)
     }
 
     /// An error naming the knobs when the plan needs more than 90% of the available memory.
@@ -527,7 +533,7 @@ impl std::fmt::Display for MemoryPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "memory: embedding tables {}, dense layers {}, optimizer state {}, best-epoch copy {}, item vectors {}, checkpoint buffer {}; about {} in all",
+            "memory: embedding tables {}, dense layers {}, optimizer state {}, validation snapshot {}, item vectors {}, checkpoint buffer {}; peak about {}",
             gb(self.tables),
             gb(self.dense),
             gb(self.optimizer),
@@ -706,8 +712,13 @@ fn train_tower<T: Tower + Clone>(
             }
         }
     }
+    // The optimizer state goes before the caller saves, so saving never holds both.
+    let model = match best {
+        Some(b) => b,
+        None => wrap(trainer.model),
+    };
     Ok(Trained {
-        model: best.unwrap_or_else(|| wrap(trainer.model)),
+        model,
         epochs,
         best_epoch,
         seconds: start.elapsed().as_secs_f64(),

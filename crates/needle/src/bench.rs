@@ -44,6 +44,8 @@ struct Timing {
     median_ms: f64,
     samples_per_sec: f64,
     touched_rows: usize,
+    /// Mean ms per step assembling batches, in forward + backward, in the optimizer.
+    phases_ms: [f64; 3],
 }
 
 /// Times `steps` optimizer steps after 3 warm-up steps; reports the median step.
@@ -65,7 +67,11 @@ fn time_tower<T: Tower>(cfg: &Config, p: &Prepared, model: T, steps: usize, rng:
     let mut times = Vec::with_capacity(steps);
     let mut touched = Vec::with_capacity(steps);
     let mut batches = samples.chunks_exact(b).cycle();
+    let mut warm = [0.0; 3];
     for i in 0..steps + 3 {
+        if i == 3 {
+            warm = trainer.phase_seconds();
+        }
         let batch = batches.next().ok_or_else(|| anyhow::anyhow!("fewer samples than one batch"))?;
         let t0 = Instant::now();
         let loss = trainer.step(batch, rng);
@@ -78,7 +84,14 @@ fn time_tower<T: Tower>(cfg: &Config, p: &Prepared, model: T, steps: usize, rng:
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     touched.sort_unstable();
-    Ok(Timing { median_ms: median * 1e3, samples_per_sec: b as f64 / median, touched_rows: touched[touched.len() / 2] })
+    let total = trainer.phase_seconds();
+    let phases_ms = [0, 1, 2].map(|k| (total[k] - warm[k]) * 1e3 / steps as f64);
+    Ok(Timing {
+        median_ms: median * 1e3,
+        samples_per_sec: b as f64 / median,
+        touched_rows: touched[touched.len() / 2],
+        phases_ms,
+    })
 }
 
 /// A synthetic log over a table of `rows` items, 60 events per user, with power-law
@@ -168,6 +181,54 @@ pub fn train(data_dir: Option<&Path>, steps: usize, small: bool) -> Result<()> {
             "| synthetic, reference settings without user features, {what} | {rows} | {} | {} | {:.2} | {:.0} |",
             t.touched_rows, synth.train.batch_size, t.median_ms, t.samples_per_sec
         );
+    }
+    Ok(())
+}
+
+/// `needle bench train --config C`: the config's model and training settings on ML-1M and on
+/// the config's own (large) dataset, in one process, with where a step's time goes.
+pub fn train_at_scale(config: &Path, data_dir: Option<&Path>, steps: usize) -> Result<()> {
+    let steps = steps.max(1);
+    let big = crate::commands::read_config(config)?;
+    let t0 = Instant::now();
+    let (ds, split) = load_data(&big, data_dir)?;
+    let p_big = prepare(&ds, &split, &big.model)?;
+    drop((ds, split));
+    let ready = t0.elapsed().as_secs_f64();
+    // The same model on ML-1M, with as many of its profile features as the config reads.
+    let mut small = big.clone();
+    small.data = read_config_str(DEFAULT_CONFIG, "configs/ml-1m/youtubednn.toml")?.data;
+    let ml_features = ["gender", "age", "occupation", "zip"];
+    small.model.user_features = ml_features.iter().take(big.model.user_features.len()).map(|s| s.to_string()).collect();
+    small.model.max_items = 0;
+    let (ds, split) = load_data(&small, data_dir)?;
+    let p_small = prepare(&ds, &split, &small.model)?;
+    println!(
+        "training step at scale, {} threads, median of {steps} steps; {} loaded and prepared in {ready:.1}s\n",
+        rayon::current_num_threads(),
+        config.display()
+    );
+    println!("| data | item rows | training events | rows touched / step | batch | ms / step | samples / s | assemble ms | forward + backward ms | optimizer ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut rates = Vec::new();
+    for (name, cfg, p) in [("ML-1M", &small, &p_small), ("config's data", &big, &p_big)] {
+        let t = time_steps(cfg, p, steps)?;
+        println!(
+            "| {name} | {} | {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            p.n_item_rows(),
+            p.train.items.len(),
+            t.touched_rows,
+            cfg.train.batch_size,
+            t.median_ms,
+            t.samples_per_sec,
+            t.phases_ms[0],
+            t.phases_ms[1],
+            t.phases_ms[2]
+        );
+        rates.push(t.samples_per_sec);
+    }
+    if let [a, b] = rates[..] {
+        println!("\nsamples/s on the config's data: {:.0}% of ML-1M's", 100.0 * b / a);
     }
     Ok(())
 }

@@ -122,7 +122,7 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
             }
         }
     }
-    let (ds, split) = load_data_shown(&cfg, data_dir, quiet)?;
+    let (mut ds, split) = load_data_shown(&cfg, data_dir, quiet)?;
     eprintln!(
         "data: {} — {} events, {} users, {} items{}",
         ds.name,
@@ -135,6 +135,12 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
         }
     );
     let p = prepare(&ds, &split, &cfg.model)?;
+    // Training reads only the prepared form; at 10^8 events the raw events and the split are
+    // gigabytes. The run keeps the source's fingerprint, so take it first.
+    drop(split);
+    ds.source_fingerprint = Some(ds.fingerprint());
+    ds.events = Vec::new();
+    ds.ratings = Vec::new();
     eprintln!(
         "split: {} train events, {} validation and {} test targets; {} items and {} users in the vocabulary; {threads} threads",
         p.train.items.len(),

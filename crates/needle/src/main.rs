@@ -309,6 +309,10 @@ enum BenchCmd {
         /// Skip the 10^7-row table (it needs ~2 GB of memory).
         #[arg(long)]
         small: bool,
+        /// Instead: this config's model on ML-1M and on the config's own data, side by side,
+        /// with the split of a step between batch assembly, forward + backward and optimizer.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// ANN indexes (exact, IVF, HNSW) on a synthetic clustered set or on exported vectors:
     /// build time, memory, recall@10/100 against exact search, queries/s.
@@ -448,9 +452,12 @@ fn run(cli: Cli) -> Result<()> {
                 None => ann::bench_ann(items, dim, queries, seed, spread, write_npy.as_deref()),
             }
         }
-        Cmd::Bench { cmd: BenchCmd::Train { data_dir, steps, small } } => {
+        Cmd::Bench { cmd: BenchCmd::Train { data_dir, steps, small, config } } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
-            bench::train(data_dir.as_deref(), steps, small)
+            match config {
+                Some(c) => bench::train_at_scale(&c, data_dir.as_deref(), steps),
+                None => bench::train(data_dir.as_deref(), steps, small),
+            }
         }
     }
 }
