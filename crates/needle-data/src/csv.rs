@@ -44,6 +44,9 @@ pub struct Schema {
 pub struct EntityTable {
     /// Table file, relative to the schema's folder.
     pub path: PathBuf,
+    /// As for the log.
+    #[serde(default)]
+    pub format: Option<FileFormat>,
     #[serde(default = "default_delimiter")]
     pub delimiter: String,
     #[serde(default)]
@@ -65,6 +68,10 @@ pub struct InteractionsSchema {
     /// Log file; a relative path resolves against the schema file's folder so a schema and
     /// its data can be moved together.
     pub path: PathBuf,
+    /// `csv` (also TSV and any delimiter) or `parquet`; default: `parquet` for a `.parquet` /
+    /// `.pq` path, else `csv`.
+    #[serde(default)]
+    pub format: Option<FileFormat>,
     /// Field separator, any non-empty string (",", "\t", ";", "::"). Default ",".
     #[serde(default = "default_delimiter")]
     pub delimiter: String,
@@ -106,6 +113,24 @@ pub struct FeatureColumn {
     /// Feature name; default is the header name, or "col<idx>" without a header.
     #[serde(default)]
     pub name: Option<String>,
+}
+
+/// How a log or table file is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    Csv,
+    Parquet,
+}
+
+impl FileFormat {
+    /// The explicit format, else one from the file's extension.
+    pub(crate) fn of(explicit: Option<FileFormat>, path: &Path) -> FileFormat {
+        explicit.unwrap_or_else(|| match path.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("parquet") || e.eq_ignore_ascii_case("pq") => FileFormat::Parquet,
+            _ => FileFormat::Csv,
+        })
+    }
 }
 
 fn default_delimiter() -> String {
@@ -172,7 +197,7 @@ fn clean(field: &str) -> &str {
 }
 
 /// Resolves a column reference to an index, with errors that point at the schema file.
-fn resolve(
+pub(crate) fn resolve(
     col: &Column,
     header: Option<&[String]>,
     n_fields: Option<usize>,
@@ -201,13 +226,27 @@ fn resolve(
 }
 
 /// A resolved feature column.
-struct FeatureSpec {
-    col: usize,
+pub(crate) struct FeatureSpec {
+    pub(crate) col: usize,
     sep: Option<String>,
-    builder: FeatureBuilder,
+    pub(crate) builder: FeatureBuilder,
 }
 
-fn feature_specs(
+impl FeatureSpec {
+    /// Sets the entity's values from one raw field unless it already has them.
+    pub(crate) fn apply(&mut self, entity: usize, raw: &str) {
+        if self.builder.is_set(entity) {
+            return;
+        }
+        let v = clean(raw);
+        match &self.sep {
+            Some(sep) => self.builder.set(entity, v.split(sep.as_str())),
+            None => self.builder.set(entity, [v]),
+        }
+    }
+}
+
+pub(crate) fn feature_specs(
     cols: &[FeatureColumn],
     header: Option<&[String]>,
     n_fields: Option<usize>,
@@ -263,14 +302,7 @@ impl<'a> Fields<'a> {
 /// Sets the entity's feature values from the row unless it already has them.
 fn apply_features(specs: &mut [FeatureSpec], entity: usize, fields: &Fields<'_>) {
     for s in specs {
-        if s.builder.is_set(entity) {
-            continue;
-        }
-        let v = clean(fields.get(s.col));
-        match &s.sep {
-            Some(sep) => s.builder.set(entity, v.split(sep.as_str())),
-            None => s.builder.set(entity, [v]),
-        }
+        s.apply(entity, fields.get(s.col));
     }
 }
 
@@ -293,6 +325,11 @@ pub fn load_csv_with(schema_path: &Path, opts: &LoadOptions, progress: &mut dyn 
         schema_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "csv".to_owned())
     });
     let ix = &schema.interactions;
+    if FileFormat::of(ix.format, &data_path) == FileFormat::Parquet {
+        let mut parts = crate::parquet_log::read_log(&schema, schema_path, &data_path, opts, progress)?;
+        load_tables(&schema, schema_path, opts, &mut parts)?;
+        return Ok(parts.finish(&name));
+    }
     let delim = ix.delimiter.as_str();
     let mut reader = LineReader::open(&data_path)?;
     let Head { header, first_row, n_fields } = read_head(&mut reader, ix.header, delim, schema_path, &data_path)?;
@@ -302,15 +339,12 @@ pub fn load_csv_with(schema_path: &Path, opts: &LoadOptions, progress: &mut dyn 
     let rc = ix.rating.as_ref().map(col).transpose()?;
     let ufeats = feature_specs(&schema.user_features, h, n_fields, schema_path, &data_path)?;
     let ifeats = feature_specs(&schema.item_features, h, n_fields, schema_path, &data_path)?;
-    // Without feature columns in the log, rows are interned a block at a time, users and items
-    // on two threads (the lookups are memory-bound and independent).
-    let pending = (ufeats.is_empty() && ifeats.is_empty()).then(Pending::default);
     let mut rows = RowParser {
         n_fields,
         cols: (uc, ic, tc, rc),
+        events: EventSink::new(ufeats.is_empty() && ifeats.is_empty()),
         ufeats,
         ifeats,
-        pending,
         parts: Parts { fingerprint: Some(crate::dataset::FNV1A64_OFFSET), ..Parts::new() },
         sink: RowSink::new(&data_path, opts.skip_bad_rows),
         spans: Vec::new(),
@@ -329,23 +363,30 @@ pub fn load_csv_with(schema_path: &Path, opts: &LoadOptions, progress: &mut dyn 
             progress(reader.consumed(), reader.len);
         }
     }
-    rows.flush()?;
+    rows.events.flush(&mut rows.parts)?;
     progress(reader.consumed(), reader.len);
     let RowParser { mut parts, sink, ufeats, ifeats, .. } = rows;
     sink.finish(&mut parts.report);
     parts.user_features = ufeats.into_iter().map(|s| s.builder).collect();
     parts.item_features = ifeats.into_iter().map(|s| s.builder).collect();
-    if let Some(t) = &schema.items {
-        load_table(t, Side::Items, schema_path, opts, &mut parts)?;
-    }
-    if let Some(t) = &schema.users {
-        load_table(t, Side::Users, schema_path, opts, &mut parts)?;
-    }
+    load_tables(&schema, schema_path, opts, &mut parts)?;
     Ok(parts.finish(&name))
 }
 
+fn load_tables(schema: &Schema, schema_path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Result<()> {
+    for (table, side) in [(&schema.items, Side::Items), (&schema.users, Side::Users)] {
+        let Some(t) = table else { continue };
+        let path = schema_path.parent().unwrap_or(Path::new("")).join(&t.path);
+        match FileFormat::of(t.format, &path) {
+            FileFormat::Csv => load_table(t, side, schema_path, opts, parts)?,
+            FileFormat::Parquet => crate::parquet_log::read_table(t, side, schema_path, &path, opts, parts)?,
+        }
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, PartialEq)]
-enum Side {
+pub(crate) enum Side {
     Items,
     Users,
 }
@@ -449,8 +490,7 @@ struct RowParser<'a> {
     cols: (usize, usize, usize, Option<usize>),
     ufeats: Vec<FeatureSpec>,
     ifeats: Vec<FeatureSpec>,
-    /// Rows parsed but not yet interned (block mode), or `None` to intern row by row.
-    pending: Option<Pending>,
+    events: EventSink,
     parts: Parts,
     sink: RowSink,
     /// Field boundaries of the current row, reused across rows.
@@ -491,13 +531,59 @@ fn intern_all(ids: &mut crate::text::Interner, arena: &str, spans: &[(usize, usi
     spans.iter().map(|&(a, b)| ids.intern(arena.get(a..b).unwrap_or(""))).collect()
 }
 
-impl RowParser<'_> {
+/// Where accepted events go, whatever the file format: folded into the fingerprint, then
+/// interned at once or, in block mode, a block at a time with users and items on two threads
+/// (the lookups are memory-bound and independent).
+pub(crate) struct EventSink {
+    pending: Option<Pending>,
+}
+
+impl EventSink {
+    /// Block mode needs no keys per row, so it is for logs without feature columns.
+    pub(crate) fn new(blocks: bool) -> Self {
+        EventSink { pending: blocks.then(Pending::default) }
+    }
+
+    /// Takes one event. `rating` is `None` when the log has no rating column. Returns the keys
+    /// when interned at once (not in block mode).
+    pub(crate) fn accept(
+        &mut self,
+        parts: &mut Parts,
+        user: &str,
+        item: &str,
+        ts: i64,
+        rating: Option<Option<f32>>,
+    ) -> Result<Option<(u32, u32)>> {
+        if let Some(h) = &mut parts.fingerprint {
+            *h = crate::dataset::fingerprint_event(*h, user, item, ts);
+        }
+        if let Some(p) = &mut self.pending {
+            p.push_id(user, true);
+            p.push_id(item, false);
+            p.ts.push(ts);
+            if let Some(r) = rating {
+                p.ratings.push(r.unwrap_or(f32::NAN));
+            }
+            if p.ts.len() >= BLOCK_ROWS {
+                self.flush(parts)?;
+            }
+            return Ok(None);
+        }
+        let u = parts.users.intern(user)?;
+        let i = parts.items.intern(item)?;
+        parts.events.push(Event { user: u, item: i, ts });
+        if let Some(r) = rating {
+            parts.ratings.push(r.unwrap_or(f32::NAN));
+        }
+        Ok(Some((u, i)))
+    }
+
     /// Interns the pending block and appends its events.
-    fn flush(&mut self) -> Result<()> {
+    pub(crate) fn flush(&mut self, parts: &mut Parts) -> Result<()> {
         let Some(p) = &mut self.pending else {
             return Ok(());
         };
-        let (users, items) = (&mut self.parts.users, &mut self.parts.items);
+        let (users, items) = (&mut parts.users, &mut parts.items);
         let (arena, us, is) = (&p.arena, &p.users, &p.items);
         let (ukeys, ikeys) = std::thread::scope(|s| {
             let items_done = s.spawn(|| intern_all(items, arena, is));
@@ -510,9 +596,9 @@ impl RowParser<'_> {
         });
         let (ukeys, ikeys) = (ukeys?, ikeys?);
         for ((&user, &item), &ts) in ukeys.iter().zip(&ikeys).zip(&p.ts) {
-            self.parts.events.push(Event { user, item, ts });
+            parts.events.push(Event { user, item, ts });
         }
-        self.parts.ratings.extend_from_slice(&p.ratings);
+        parts.ratings.extend_from_slice(&p.ratings);
         p.arena.clear();
         p.users.clear();
         p.items.clear();
@@ -520,7 +606,9 @@ impl RowParser<'_> {
         p.ratings.clear();
         Ok(())
     }
+}
 
+impl RowParser<'_> {
     fn row(&mut self, line: usize, raw: &[u8]) -> Result<()> {
         let Ok(row) = std::str::from_utf8(raw) else {
             return self.sink.bad(line, || "invalid UTF-8".to_owned());
@@ -536,12 +624,8 @@ impl RowParser<'_> {
             &mut self.parts,
             &mut self.ufeats,
             &mut self.ifeats,
-            self.pending.as_mut(),
-        )?;
-        if self.pending.as_ref().is_some_and(|p| p.ts.len() >= BLOCK_ROWS) {
-            self.flush()?;
-        }
-        Ok(())
+            &mut self.events,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -555,7 +639,7 @@ impl RowParser<'_> {
         parts: &mut Parts,
         ufeats: &mut [FeatureSpec],
         ifeats: &mut [FeatureSpec],
-        pending: Option<&mut Pending>,
+        events: &mut EventSink,
     ) -> Result<()> {
         if let Some(n) = n_fields {
             if fields.len() != n {
@@ -582,26 +666,10 @@ impl RowParser<'_> {
                 None => return sink.bad(line, || format!("rating {} is not a number", show(r.as_bytes()))),
             },
         };
-        if let Some(h) = &mut parts.fingerprint {
-            *h = crate::dataset::fingerprint_event(*h, user, item, ts);
+        if let Some((u, i)) = events.accept(parts, user, item, ts, rc.map(|_| rating))? {
+            apply_features(ufeats, u as usize, fields);
+            apply_features(ifeats, i as usize, fields);
         }
-        if let Some(p) = pending {
-            p.push_id(user, true);
-            p.push_id(item, false);
-            p.ts.push(ts);
-            if rc.is_some() {
-                p.ratings.push(rating.unwrap_or(f32::NAN));
-            }
-            return Ok(());
-        }
-        let u = parts.users.intern(user)?;
-        let i = parts.items.intern(item)?;
-        parts.events.push(Event { user: u, item: i, ts });
-        if rc.is_some() {
-            parts.ratings.push(rating.unwrap_or(f32::NAN));
-        }
-        apply_features(ufeats, u as usize, fields);
-        apply_features(ifeats, i as usize, fields);
         Ok(())
     }
 }

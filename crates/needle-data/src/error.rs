@@ -102,6 +102,30 @@ pub enum DataError {
         reason: String,
     },
 
+    /// A Parquet file cannot be read (not Parquet, truncated, unsupported encoding).
+    #[error("{}: {reason}", path.display())]
+    Parquet {
+        /// The Parquet file.
+        path: PathBuf,
+        /// What the reader said.
+        reason: String,
+    },
+
+    /// A value in a Parquet column is missing or of the wrong kind.
+    #[error("{}: column {column:?}, row group {row_group}, row {row}: {reason}", path.display())]
+    BadValue {
+        /// The Parquet file.
+        path: PathBuf,
+        /// Column name.
+        column: String,
+        /// 0-based row group.
+        row_group: usize,
+        /// 0-based row within the row group.
+        row: usize,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// A binary dataset file is truncated, corrupted, of another format version, or stale.
     #[error("dataset {}: {reason}", path.display())]
     Packed {

@@ -10,13 +10,16 @@ pub mod download;
 pub mod error;
 pub mod movielens;
 pub mod packed;
+mod parquet_log;
 pub mod source;
 pub mod split;
 pub mod synth;
 mod text;
 pub mod vocab;
 
-pub use crate::csv::{load_csv, load_csv_with, Column, EntityTable, FeatureColumn, InteractionsSchema, Schema};
+pub use crate::csv::{
+    load_csv, load_csv_with, Column, EntityTable, FeatureColumn, FileFormat, InteractionsSchema, Schema,
+};
 pub use crate::dataset::{fnv1a64, Dataset, Event, Feature, LoadOptions, LoadReport, FNV1A64_OFFSET};
 pub use crate::download::{download, extract_zip, verify_md5};
 pub use crate::error::{DataError, Result};

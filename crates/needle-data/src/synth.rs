@@ -27,6 +27,8 @@ pub struct SynthSpec {
     pub events: u64,
     pub topics: u32,
     pub seed: u64,
+    /// Parquet (the default) or CSV files.
+    pub format: crate::csv::FileFormat,
 }
 
 impl SynthSpec {
@@ -34,7 +36,7 @@ impl SynthSpec {
     /// to have a popularity tail.
     pub fn new(users: u64, items: u64, events: u64, seed: u64) -> SynthSpec {
         let topics = ((items as f64).sqrt() / 4.0).clamp(8.0, 4096.0) as u32;
-        SynthSpec { users, items, events, topics, seed }
+        SynthSpec { users, items, events, topics, seed, format: crate::csv::FileFormat::Parquet }
     }
 }
 
@@ -150,6 +152,171 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> DataError + '_ {
     move |e| DataError::io(path, e)
 }
 
+/// One value of a row.
+enum Val<'a> {
+    S(&'a str),
+    I(i64),
+}
+
+/// Column kinds of a synthetic table.
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Int,
+}
+
+/// Rows per Parquet batch; row groups hold 16 batches (about 10^6 rows).
+const PQ_BATCH: usize = 1 << 16;
+
+/// Writes one table as CSV or Parquet (snappy) to a temporary file renamed into place by
+/// [`Table::finish`], so an interrupted run never leaves a truncated file under the final name.
+struct Table {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: TableOut,
+}
+
+enum TableOut {
+    Csv(std::io::BufWriter<std::fs::File>, String),
+    Parquet {
+        writer: Box<parquet::arrow::ArrowWriter<std::fs::File>>,
+        schema: arrow_schema::SchemaRef,
+        strs: Vec<arrow_array::builder::StringBuilder>,
+        ints: Vec<arrow_array::builder::Int64Builder>,
+        kinds: Vec<Kind>,
+        rows: usize,
+    },
+}
+
+impl Table {
+    fn create(path: &Path, format: crate::csv::FileFormat, columns: &[(&str, Kind)]) -> Result<Table> {
+        let tmp = path.with_extension("tmp");
+        let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        let out = match format {
+            crate::csv::FileFormat::Csv => {
+                let mut w = std::io::BufWriter::with_capacity(4 << 20, file);
+                let header: Vec<&str> = columns.iter().map(|c| c.0).collect();
+                writeln!(w, "{}", header.join(",")).map_err(io(&tmp))?;
+                TableOut::Csv(w, String::with_capacity(128))
+            }
+            crate::csv::FileFormat::Parquet => {
+                use arrow_schema::{DataType, Field, Schema};
+                let fields: Vec<Field> = columns
+                    .iter()
+                    .map(|(n, k)| {
+                        Field::new(*n, if matches!(k, Kind::Str) { DataType::Utf8 } else { DataType::Int64 }, false)
+                    })
+                    .collect();
+                let schema = std::sync::Arc::new(Schema::new(fields));
+                let props = parquet::file::properties::WriterProperties::builder()
+                    .set_compression(parquet::basic::Compression::SNAPPY)
+                    .set_max_row_group_row_count(Some(16 * PQ_BATCH))
+                    .build();
+                let writer = Box::new(
+                    parquet::arrow::ArrowWriter::try_new(file, schema.clone(), Some(props))
+                        .map_err(|e| DataError::Parquet { path: tmp.clone(), reason: e.to_string() })?,
+                );
+                let n_str = columns.iter().filter(|c| matches!(c.1, Kind::Str)).count();
+                TableOut::Parquet {
+                    writer,
+                    schema,
+                    strs: (0..n_str).map(|_| arrow_array::builder::StringBuilder::new()).collect(),
+                    ints: (0..columns.len() - n_str).map(|_| arrow_array::builder::Int64Builder::new()).collect(),
+                    kinds: columns.iter().map(|c| c.1).collect(),
+                    rows: 0,
+                }
+            }
+        };
+        Ok(Table { path: path.to_path_buf(), tmp, out })
+    }
+
+    fn row(&mut self, vals: &[Val<'_>]) -> Result<()> {
+        match &mut self.out {
+            TableOut::Csv(w, line) => {
+                use std::fmt::Write as _;
+                line.clear();
+                for (k, v) in vals.iter().enumerate() {
+                    if k > 0 {
+                        line.push(',');
+                    }
+                    match v {
+                        Val::S(s) => line.push_str(s),
+                        Val::I(i) => {
+                            let _ = write!(line, "{i}");
+                        }
+                    }
+                }
+                line.push('\n');
+                w.write_all(line.as_bytes()).map_err(io(&self.tmp))
+            }
+            TableOut::Parquet { strs, ints, rows, .. } => {
+                let (mut si, mut ii) = (0, 0);
+                for v in vals {
+                    match v {
+                        Val::S(s) => {
+                            if let Some(b) = strs.get_mut(si) {
+                                b.append_value(s);
+                            }
+                            si += 1;
+                        }
+                        Val::I(i) => {
+                            if let Some(b) = ints.get_mut(ii) {
+                                b.append_value(*i);
+                            }
+                            ii += 1;
+                        }
+                    }
+                }
+                *rows += 1;
+                if *rows >= PQ_BATCH {
+                    self.flush_batch()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn flush_batch(&mut self) -> Result<()> {
+        let TableOut::Parquet { writer, schema, strs, ints, kinds, rows } = &mut self.out else {
+            return Ok(());
+        };
+        if *rows == 0 {
+            return Ok(());
+        }
+        let (mut si, mut ii) = (0, 0);
+        let mut arrays: Vec<arrow_array::ArrayRef> = Vec::with_capacity(kinds.len());
+        for k in kinds.iter() {
+            match k {
+                Kind::Str => {
+                    arrays.push(std::sync::Arc::new(strs[si].finish()));
+                    si += 1;
+                }
+                Kind::Int => {
+                    arrays.push(std::sync::Arc::new(ints[ii].finish()));
+                    ii += 1;
+                }
+            }
+        }
+        let pq = |e: String| DataError::Parquet { path: self.tmp.clone(), reason: e };
+        let batch = arrow_array::RecordBatch::try_new(schema.clone(), arrays).map_err(|e| pq(e.to_string()))?;
+        writer.write(&batch).map_err(|e| pq(e.to_string()))?;
+        *rows = 0;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<PathBuf> {
+        self.flush_batch()?;
+        match self.out {
+            TableOut::Csv(mut w, _) => w.flush().map_err(io(&self.tmp))?,
+            TableOut::Parquet { writer, .. } => {
+                writer.close().map_err(|e| DataError::Parquet { path: self.tmp.clone(), reason: e.to_string() })?;
+            }
+        }
+        std::fs::rename(&self.tmp, &self.path).map_err(io(&self.path))?;
+        Ok(self.path)
+    }
+}
+
 /// The user's favourite topics: a deterministic function of the user and seed, so the users
 /// table and the log agree without storing state.
 fn favourites(cat: &Catalogue, seed: u64, user: u64) -> ([usize; 3], usize) {
@@ -172,39 +339,64 @@ pub fn write_synth(spec: &SynthSpec, dir: &Path, progress: &mut dyn FnMut(u64, u
         )));
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // Until the new schema is written, the folder holds no usable log.
+    let schema_path = dir.join("schema.toml");
+    match std::fs::remove_file(&schema_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(DataError::io(&schema_path, e)),
+        _ => {}
+    }
     let cat = Catalogue::new(spec);
     let k = cat.topics();
 
     // Items: category = topic (10% of items mislabelled, as real catalogues are), price band
     // drifts with the topic.
-    let items_path = dir.join("items.csv");
+    let ext = match spec.format {
+        crate::csv::FileFormat::Csv => "csv",
+        crate::csv::FileFormat::Parquet => "parquet",
+    };
+    let mut table = Table::create(
+        &dir.join(format!("items.{ext}")),
+        spec.format,
+        &[("item_id", Kind::Str), ("category", Kind::Str), ("price_band", Kind::Str), ("title", Kind::Str)],
+    )?;
     {
-        let mut w =
-            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&items_path).map_err(io(&items_path))?);
-        writeln!(w, "item_id,category,price_band,title").map_err(io(&items_path))?;
         let mut rng = Rng(spec.seed ^ 0x1111);
+        let (mut id, mut cat_s, mut band_s, mut title) = (String::new(), String::new(), String::new(), String::new());
+        use std::fmt::Write as _;
         for i in 0..spec.items {
             let t = cat.topic_of(i);
             let category = if rng.below(10) == 0 { rng.below(k as u64) as usize } else { t };
             let band = (t % 5 + rng.below(2) as usize).min(5);
-            writeln!(w, "i{i},cat{category},p{band},Item {i} of topic {t}").map_err(io(&items_path))?;
+            for b in [&mut id, &mut cat_s, &mut band_s, &mut title] {
+                b.clear();
+            }
+            let _ = (write!(id, "i{i}"), write!(cat_s, "cat{category}"), write!(band_s, "p{band}"));
+            let _ = write!(title, "Item {i} of topic {t}");
+            table.row(&[Val::S(&id), Val::S(&cat_s), Val::S(&band_s), Val::S(&title)])?;
         }
-        w.flush().map_err(io(&items_path))?;
     }
+    let items_path = table.finish()?;
     // Users: region follows the first favourite topic 70% of the time.
-    let users_path = dir.join("users.csv");
+    let mut table = Table::create(
+        &dir.join(format!("users.{ext}")),
+        spec.format,
+        &[("user_id", Kind::Str), ("region", Kind::Str), ("age_band", Kind::Str)],
+    )?;
     {
-        let mut w =
-            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&users_path).map_err(io(&users_path))?);
-        writeln!(w, "user_id,region,age_band").map_err(io(&users_path))?;
         let mut rng = Rng(spec.seed ^ 0x2222);
+        let (mut id, mut region_s, mut age_s) = (String::new(), String::new(), String::new());
+        use std::fmt::Write as _;
         for u in 0..spec.users {
             let (fav, _) = favourites(&cat, spec.seed, u);
             let region = if rng.below(10) < 7 { fav[0] % 16 } else { rng.below(16) as usize };
-            writeln!(w, "u{u},r{region},a{}", rng.below(6)).map_err(io(&users_path))?;
+            for b in [&mut id, &mut region_s, &mut age_s] {
+                b.clear();
+            }
+            let _ = (write!(id, "u{u}"), write!(region_s, "r{region}"), write!(age_s, "a{}", rng.below(6)));
+            table.row(&[Val::S(&id), Val::S(&region_s), Val::S(&age_s)])?;
         }
-        w.flush().map_err(io(&users_path))?;
     }
+    let users_path = table.finish()?;
 
     // Events per user: heavy-tailed (Pareto, shape 1.5, at least 3), scaled to the total.
     let mut rng = Rng(spec.seed);
@@ -236,64 +428,69 @@ pub fn write_synth(spec: &SynthSpec, dir: &Path, progress: &mut dyn FnMut(u64, u
         u += 1;
     }
 
-    let events_path = dir.join("events.csv");
-    let mut w =
-        std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(&events_path).map_err(io(&events_path))?);
-    writeln!(w, "user_id,item_id,ts").map_err(io(&events_path))?;
+    let mut table = Table::create(
+        &dir.join(format!("events.{ext}")),
+        spec.format,
+        &[("user_id", Kind::Str), ("item_id", Kind::Str), ("ts", Kind::Int)],
+    )?;
     let mut written = 0u64;
-    let mut line = Vec::with_capacity(64);
-    let mut block: Vec<UserState> = Vec::with_capacity(BLOCK);
-    for first in (0..spec.users).step_by(BLOCK) {
-        block.clear();
-        for id in first..(first + BLOCK as u64).min(spec.users) {
-            let (favourites, n_fav) = favourites(&cat, spec.seed, id);
-            block.push(UserState {
-                id,
-                favourites,
-                n_fav,
-                remaining: u64::from(counts[id as usize]),
-                gap: (2 * YEAR as u64 / u64::from(counts[id as usize]).max(1)).clamp(120, 3 * 86_400),
-                ts: T0 + rng.below(YEAR as u64 / 2) as i64,
-                last: None,
-            });
-        }
-        // Round-robin over the block: one event per user per round, so users interleave.
-        let mut active = block.len();
-        while active > 0 {
-            active = 0;
-            for s in block.iter_mut().filter(|s| s.remaining > 0) {
-                let item = next_item(s, &cat, &mut rng, spec.items);
-                s.last = Some(item);
-                s.remaining -= 1;
-                s.ts += 60 + rng.below(s.gap) as i64;
-                line.clear();
-                writeln!(line, "u{},i{},{}", s.id, item, s.ts).map_err(io(&events_path))?;
-                w.write_all(&line).map_err(io(&events_path))?;
-                written += 1;
-                active += usize::from(s.remaining > 0);
+    {
+        let (mut uid, mut iid) = (String::new(), String::new());
+        use std::fmt::Write as _;
+        let mut block: Vec<UserState> = Vec::with_capacity(BLOCK);
+        for first in (0..spec.users).step_by(BLOCK) {
+            block.clear();
+            for id in first..(first + BLOCK as u64).min(spec.users) {
+                let (favourites, n_fav) = favourites(&cat, spec.seed, id);
+                let count = u64::from(counts.get(id as usize).copied().unwrap_or(0));
+                block.push(UserState {
+                    id,
+                    favourites,
+                    n_fav,
+                    remaining: count,
+                    gap: (2 * YEAR as u64 / count.max(1)).clamp(120, 3 * 86_400),
+                    ts: T0 + rng.below(YEAR as u64 / 2) as i64,
+                    last: None,
+                });
             }
-            if written % (1 << 20) < BLOCK as u64 {
-                progress(written, spec.events);
+            // Round-robin over the block: one event per user per round, so users interleave.
+            let mut active = block.len();
+            while active > 0 {
+                active = 0;
+                for s in block.iter_mut().filter(|s| s.remaining > 0) {
+                    let item = next_item(s, &cat, &mut rng, spec.items);
+                    s.last = Some(item);
+                    s.remaining -= 1;
+                    s.ts += 60 + rng.below(s.gap) as i64;
+                    uid.clear();
+                    iid.clear();
+                    let _ = (write!(uid, "u{}", s.id), write!(iid, "i{item}"));
+                    table.row(&[Val::S(&uid), Val::S(&iid), Val::I(s.ts)])?;
+                    written += 1;
+                    active += usize::from(s.remaining > 0);
+                }
+                if written % (1 << 20) < BLOCK as u64 {
+                    progress(written, spec.events);
+                }
             }
         }
     }
-    w.flush().map_err(io(&events_path))?;
+    let events_path = table.finish()?;
     progress(written, spec.events);
 
-    let schema_path = dir.join("schema.toml");
     let schema = format!(
         r#"# Synthetic log written by `needle data synth` ({} users, {} items, {} events, seed {}).
 name = "synth"
 
 [interactions]
-path = "events.csv"
+path = "events.{ext}"
 header = true
 user = "user_id"
 item = "item_id"
 timestamp = "ts"
 
 [items]
-path = "items.csv"
+path = "items.{ext}"
 header = true
 id = "item_id"
 title = "title"
@@ -303,7 +500,7 @@ column = "category"
 column = "price_band"
 
 [users]
-path = "users.csv"
+path = "users.{ext}"
 header = true
 id = "user_id"
 [[users.features]]
@@ -313,7 +510,10 @@ column = "age_band"
 "#,
         spec.users, spec.items, spec.events, spec.seed
     );
-    std::fs::write(&schema_path, schema).map_err(io(&schema_path))?;
+    // The schema goes last: a folder with a schema holds a complete log.
+    let tmp = schema_path.with_extension("tmp");
+    std::fs::write(&tmp, schema).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &schema_path).map_err(io(&schema_path))?;
     Ok(SynthReport { events: written, schema: schema_path, files: vec![events_path, items_path, users_path] })
 }
 

@@ -287,6 +287,16 @@ impl RowSink {
         }
     }
 
+    /// [`RowSink::bad`] for sources without lines: `error` builds the error to return.
+    pub(crate) fn bad_value(&mut self, error: impl FnOnce() -> DataError) -> Result<()> {
+        if self.skip {
+            self.skipped += 1;
+            Ok(())
+        } else {
+            Err(error())
+        }
+    }
+
     /// Records the skip count in the report; files without skips are left out so the
     /// report stays short.
     pub(crate) fn finish(self, report: &mut crate::dataset::LoadReport) {

@@ -242,8 +242,9 @@ enum DataCmd {
         #[arg(long)]
         quiet: bool,
     },
-    /// Write a synthetic log (events.csv, items.csv, users.csv and schema.toml) with power-law
-    /// popularity, drifting tastes, short-term sequences and correlated features; seeded.
+    /// Write a synthetic log (events, items and users as Parquet, or CSV with --csv, and
+    /// schema.toml) with power-law popularity, drifting tastes, short-term sequences and
+    /// correlated features; seeded.
     Synth {
         #[arg(long, default_value_t = 10_000)]
         users: u64,
@@ -255,6 +256,9 @@ enum DataCmd {
         seed: u64,
         #[arg(long)]
         out: PathBuf,
+        /// CSV files instead of Parquet.
+        #[arg(long)]
+        csv: bool,
         #[arg(long)]
         quiet: bool,
     },
@@ -442,8 +446,12 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Cmd::Data { cmd: DataCmd::Info { dir } } => data_cmd::info(&dir),
-        Cmd::Data { cmd: DataCmd::Synth { users, items, events, seed, out, quiet } } => {
-            data_cmd::synth(&needle_data::synth::SynthSpec::new(users, items, events, seed), &out, quiet)
+        Cmd::Data { cmd: DataCmd::Synth { users, items, events, seed, out, csv, quiet } } => {
+            let mut spec = needle_data::synth::SynthSpec::new(users, items, events, seed);
+            if csv {
+                spec.format = needle_data::FileFormat::Csv;
+            }
+            data_cmd::synth(&spec, &out, quiet)
         }
         Cmd::Bench { cmd: BenchCmd::Ann { items, dim, queries, seed, spread, write_npy, vectors, query_vectors } } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;

@@ -40,16 +40,21 @@ fn synthetic_log_is_learnable_and_configs_resolve_from_their_folder() {
     let dir = tmp.path();
     let args = ["data", "synth", "--users", "3000", "--items", "1500", "--events", "60000", "--out", "data/synth"];
     ok(&needle(&args, dir));
-    // Same seed, same files.
+    // Same seed, same files; the CSV form holds the same log.
     ok(&needle(&["data", "synth", "--users", "3000", "--items", "1500", "--events", "60000", "--out", "again"], dir));
-    for f in ["events.csv", "items.csv", "users.csv"] {
+    ok(&needle(
+        &["data", "synth", "--users", "3000", "--items", "1500", "--events", "60000", "--out", "csv", "--csv"],
+        dir,
+    ));
+    for f in ["events.parquet", "items.parquet", "users.parquet"] {
         assert!(
             std::fs::read(dir.join("data/synth").join(f)).unwrap() == std::fs::read(dir.join("again").join(f)).unwrap(),
             "{f} differs between two runs with one seed"
         );
     }
-    let lines = std::fs::read_to_string(dir.join("data/synth/events.csv")).unwrap().lines().count();
+    let lines = std::fs::read_to_string(dir.join("csv/events.csv")).unwrap().lines().count();
     assert_eq!(lines, 60_001);
+    ok(&needle(&["data", "ingest", "--schema", "csv/schema.toml", "--out", "csv-bin", "--quiet"], dir));
 
     // Configs live in their own folder and name the schema relative to themselves; training
     // runs from a third folder.
@@ -106,6 +111,15 @@ fn synthetic_log_is_learnable_and_configs_resolve_from_their_folder() {
     assert_eq!(metric(&dir.join("runs/yt"), "ndcg@10"), first);
     let info = ok(&needle(&["data", "info", "data/synth/schema.ndb"], dir));
     assert!(info.contains("events       60000") && info.contains("checksums    ok"), "{info}");
+    // Parquet and CSV give the same events, ids and fingerprint.
+    let from_csv = ok(&needle(&["data", "info", "csv-bin"], dir));
+    let same = |t: &str| {
+        t.lines()
+            .filter(|l| !l.starts_with("file") && !l.starts_with("source id") && !l.starts_with("checksums"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(same(&from_csv), same(&info));
     // An explicit ingest writes the same dataset, with the source's fingerprint.
     ok(&needle(&["data", "ingest", "--schema", "data/synth/schema.toml", "--out", "bin", "--quiet"], dir));
     let fp = |text: &str| text.lines().find(|l| l.starts_with("fingerprint")).map(str::to_owned);
@@ -118,7 +132,7 @@ fn synthetic_log_is_learnable_and_configs_resolve_from_their_folder() {
 fn ingest_errors_name_the_file_and_leave_nothing_behind() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    ok(&needle(&["data", "synth", "--users", "200", "--items", "100", "--events", "2000", "--out", "s"], dir));
+    ok(&needle(&["data", "synth", "--users", "200", "--items", "100", "--events", "2000", "--out", "s", "--csv"], dir));
     let mut log = std::fs::read_to_string(dir.join("s/events.csv")).unwrap();
     log.push_str("u1,i1,yesterday\n");
     std::fs::write(dir.join("s/events.csv"), &log).unwrap();
@@ -156,4 +170,45 @@ fn ingest_errors_name_the_file_and_leave_nothing_behind() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(err.contains("\"sku\"") && err.contains("items.csv"), "{err}");
     assert!(!dir.join("bin2/dataset.ndb").exists());
+}
+
+#[test]
+fn parquet_errors_name_the_file_column_and_row_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ok(&needle(&["data", "synth", "--users", "200", "--items", "100", "--events", "2000", "--out", "p"], dir));
+    // A truncated file: an error naming it, nothing written.
+    let log = std::fs::read(dir.join("p/events.parquet")).unwrap();
+    std::fs::write(dir.join("p/events.parquet"), &log[..log.len() / 2]).unwrap();
+    let out = needle(&["data", "ingest", "--schema", "p/schema.toml", "--out", "bin", "--quiet"], dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("events.parquet") && err.contains("Parquet"), "{err}");
+    assert!(!dir.join("bin/dataset.ndb").exists());
+    std::fs::write(dir.join("p/events.parquet"), &log).unwrap();
+
+    // A string column where integers are expected: the first bad value is named; skipping
+    // counts every row.
+    let schema = std::fs::read_to_string(dir.join("p/schema.toml")).unwrap();
+    std::fs::write(dir.join("p/bad.toml"), schema.replace("timestamp = \"ts\"", "timestamp = \"item_id\"")).unwrap();
+    let out = needle(&["data", "ingest", "--schema", "p/bad.toml", "--out", "bin", "--quiet"], dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains("events.parquet")
+            && err.contains("column \"item_id\", row group 0, row 0")
+            && err.contains("not an integer"),
+        "{err}"
+    );
+    let out = needle(&["data", "ingest", "--schema", "p/bad.toml", "--out", "bin", "--quiet", "--skip-bad-rows"], dir);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2000 bad rows skipped"));
+    // Integer columns may hold ids; a missing column is an error naming the file.
+    std::fs::write(dir.join("p/bad.toml"), schema.replace("user = \"user_id\"", "user = \"ts\"")).unwrap();
+    let out = needle(&["data", "ingest", "--schema", "p/bad.toml", "--out", "bin", "--quiet"], dir);
+    ok(&out); // integer ids are allowed: they become their decimal text
+    std::fs::write(dir.join("p/bad.toml"), schema.replace("user = \"user_id\"", "user = \"uid\"")).unwrap();
+    let out = needle(&["data", "ingest", "--schema", "p/bad.toml", "--out", "bin2", "--quiet"], dir);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.contains("\"uid\"") && err.contains("events.parquet"), "{err}");
 }
