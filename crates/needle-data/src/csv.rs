@@ -391,6 +391,26 @@ pub(crate) enum Side {
     Users,
 }
 
+impl Side {
+    /// The key of a table row's id, new ids after the log's.
+    pub(crate) fn intern(self, parts: &mut Parts, raw: &str) -> Result<u32> {
+        match self {
+            Side::Items => parts.items.intern(raw),
+            Side::Users => parts.users.intern(raw),
+        }
+    }
+
+    /// Records a table's skipped rows and hands its features to the dataset.
+    pub(crate) fn finish(self, parts: &mut Parts, sink: RowSink, specs: Vec<FeatureSpec>) {
+        sink.finish(&mut parts.report);
+        let builders = specs.into_iter().map(|s| s.builder);
+        match self {
+            Side::Items => parts.item_features.extend(builders),
+            Side::Users => parts.user_features.extend(builders),
+        }
+    }
+}
+
 /// Reads a catalogue or user table into `parts`: ids not in the log get new keys after the
 /// log's, features and titles go to the entity (first row wins).
 fn load_table(t: &EntityTable, side: Side, schema_path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Result<()> {
@@ -420,10 +440,7 @@ fn load_table(t: &EntityTable, side: Side, schema_path: &Path, opts: &LoadOption
         if id.is_empty() {
             return sink.bad(line, || "empty id".to_owned());
         }
-        let key = match side {
-            Side::Items => parts.items.intern(id)?,
-            Side::Users => parts.users.intern(id)?,
-        };
+        let key = side.intern(parts, id)?;
         apply_features(&mut specs, key as usize, &fields);
         if let Some(c) = title_col {
             let title = clean(fields.get(c));
@@ -439,12 +456,7 @@ fn load_table(t: &EntityTable, side: Side, schema_path: &Path, opts: &LoadOption
     while let Some((line, raw)) = reader.next_line()? {
         row(line, raw, parts)?;
     }
-    sink.finish(&mut parts.report);
-    let builders = specs.into_iter().map(|s| s.builder);
-    match side {
-        Side::Items => parts.item_features.extend(builders),
-        Side::Users => parts.user_features.extend(builders),
-    }
+    side.finish(parts, sink, specs);
     Ok(())
 }
 

@@ -364,10 +364,7 @@ pub(crate) fn read_table(
                     continue;
                 }
             };
-            let key = match side {
-                Side::Items => parts.items.intern(raw)?,
-                Side::Users => parts.users.intern(raw)?,
-            };
+            let key = side.intern(parts, raw)?;
             if title.is_some() {
                 if let Some(s) = text(&cols[1], i, &mut fbuf).filter(|s| !s.is_empty()) {
                     crate::dataset::set_title(&mut parts.item_titles, key, s.to_owned());
@@ -381,12 +378,7 @@ pub(crate) fn read_table(
         }
         Ok(())
     })?;
-    sink.finish(&mut parts.report);
-    let builders = specs.into_iter().map(|s| s.builder);
-    match side {
-        Side::Items => parts.item_features.extend(builders),
-        Side::Users => parts.user_features.extend(builders),
-    }
+    side.finish(parts, sink, specs);
     Ok(())
 }
 

@@ -83,6 +83,16 @@ pub struct RunInfo {
     pub config: Config,
 }
 
+/// Hands freed heap pages back to the OS (glibc keeps them otherwise): called after a large
+/// load is dropped, so the resident size reflects what is still in use.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases unused memory of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Loads and splits the dataset a config names.
 pub fn load_data(cfg: &Config, data_dir: Option<&Path>) -> Result<(Dataset, Split), RunError> {
     let (ds, split, _) = load_data_with(cfg, data_dir, &mut |_, _| {})?;

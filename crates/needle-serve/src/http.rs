@@ -572,15 +572,11 @@ async fn reload(app: &App, run: Option<PathBuf>) -> Result<(String, String), Ser
     Ok((previous, new_id))
 }
 
-/// Hands freed heap pages back to the OS. Loading a run reads and drops its whole dataset on a
-/// blocking-pool thread; glibc keeps such memory in that thread's arena, so without this the
-/// resident size creeps up with every reload that lands on a new thread.
+/// Loading a run reads and drops its whole dataset on a blocking-pool thread; glibc keeps such
+/// memory in that thread's arena, so without a trim the resident size creeps up with every
+/// reload that lands on a new thread.
 fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases unused memory of the allocator's own arenas.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    needle_run::trim_heap();
 }
 
 async fn reload_on_sighup(app: Shared) {

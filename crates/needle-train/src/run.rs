@@ -6,7 +6,7 @@ use crate::trainer::{EpochLog, Trained};
 use crate::TrainError;
 use needle_data::{Dataset, Vocab};
 pub use needle_run::{
-    load_data, load_data_with, load_for_serving, read_info, RunInfo, ServingRun, TrainingSummary, RUN_FORMAT,
+    load_data, load_data_with, load_for_serving, read_info, trim_heap, RunInfo, ServingRun, TrainingSummary, RUN_FORMAT,
 };
 use needle_run::{read_vocab, write_run, Config, Model, RunContents};
 use std::path::{Path, PathBuf};

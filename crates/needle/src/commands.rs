@@ -135,12 +135,18 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
         }
     );
     let p = prepare(&ds, &split, &cfg.model)?;
-    // Training reads only the prepared form; at 10^8 events the raw events and the split are
-    // gigabytes. The run keeps the source's fingerprint, so take it first.
+    // Training reads only the prepared form; at 10^8 events the raw events, ids, titles and the
+    // split are gigabytes. The run keeps the dataset's name and the source's fingerprint.
     drop(split);
-    ds.source_fingerprint = Some(ds.fingerprint());
-    ds.events = Vec::new();
-    ds.ratings = Vec::new();
+    let slim = needle_data::Dataset {
+        name: std::mem::take(&mut ds.name),
+        source_fingerprint: Some(ds.fingerprint()),
+        report: std::mem::take(&mut ds.report),
+        ..Default::default()
+    };
+    drop(ds);
+    let ds = slim;
+    needle_train::run::trim_heap();
     eprintln!(
         "split: {} train events, {} validation and {} test targets; {} items and {} users in the vocabulary; {threads} threads",
         p.train.items.len(),
