@@ -38,7 +38,7 @@ pub struct Schema {
     pub users: Option<EntityTable>,
 }
 
-/// A side table keyed by item or user id (CSV/TSV). The first row of an id wins.
+/// A side table keyed by item or user id (CSV/TSV or Parquet). The first row of an id wins.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntityTable {
@@ -207,11 +207,7 @@ pub(crate) fn resolve(
     let err = |reason: String| DataError::Schema { path: schema_path.to_path_buf(), reason };
     match (col, header) {
         (Column::Name(name), Some(h)) => h.iter().position(|c| c == name).ok_or_else(|| {
-            err(format!(
-                "column {name:?} not found in the header of {} (columns: {})",
-                data_path.display(),
-                h.join(", ")
-            ))
+            err(format!("column {name:?} not found in {} (columns: {})", data_path.display(), h.join(", ")))
         }),
         (Column::Name(name), None) => Err(err(format!(
             "column {name:?} is a name but interactions.header = false; use a 0-based index or set header = true"

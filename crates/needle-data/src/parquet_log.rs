@@ -22,7 +22,7 @@ use arrow_schema::{DataType, TimeUnit};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::ProjectionMask;
 
-use crate::csv::{feature_specs, Column, EntityTable, EventSink, Schema, Side};
+use crate::csv::{feature_specs, resolve, Column, EntityTable, EventSink, Schema, Side};
 use crate::dataset::Parts;
 use crate::error::{DataError, Result};
 use crate::text::RowSink;
@@ -50,19 +50,11 @@ impl Source {
         self.meta.schema().fields().iter().map(|f| f.name().clone()).collect()
     }
 
-    /// The index of a schema column, or an error listing the file's columns.
+    /// The index of a schema column, or an error listing the file's columns; the file's field
+    /// names play the part of a CSV header.
     fn column(&self, col: &Column, schema_path: &Path) -> Result<usize> {
         let names = self.names();
-        let err = |reason: String| DataError::Schema { path: schema_path.to_path_buf(), reason };
-        match col {
-            Column::Name(n) => names.iter().position(|c| c == n).ok_or_else(|| {
-                err(format!("column {n:?} not found in {} (columns: {})", self.path.display(), names.join(", ")))
-            }),
-            Column::Index(i) if *i < names.len() => Ok(*i),
-            Column::Index(i) => {
-                Err(err(format!("column index {i} out of range: {} has {} columns", self.path.display(), names.len())))
-            }
-        }
+        resolve(col, Some(&names), Some(names.len()), schema_path, &self.path)
     }
 
     fn rows(&self) -> u64 {
