@@ -29,6 +29,9 @@ pub struct SynthSpec {
     pub seed: u64,
     /// Parquet (the default) or CSV files.
     pub format: crate::csv::FileFormat,
+    /// Fraction of the catalogue that never occurs in the log: items known only by their
+    /// features, as newly published items are.
+    pub cold_items: f64,
 }
 
 impl SynthSpec {
@@ -36,7 +39,7 @@ impl SynthSpec {
     /// to have a popularity tail.
     pub fn new(users: u64, items: u64, events: u64, seed: u64) -> SynthSpec {
         let topics = ((items as f64).sqrt() / 4.0).clamp(8.0, 4096.0) as u32;
-        SynthSpec { users, items, events, topics, seed, format: crate::csv::FileFormat::Parquet }
+        SynthSpec { users, items, events, topics, seed, format: crate::csv::FileFormat::Parquet, cold_items: 0.0 }
     }
 }
 
@@ -78,6 +81,9 @@ struct Catalogue {
     start: Vec<u64>,
     /// Cumulative topic weights, for drawing a topic by popularity.
     topic_cdf: Vec<f64>,
+    /// Items whose hash falls below this never occur in the log.
+    cold_below: u64,
+    seed: u64,
 }
 
 impl Catalogue {
@@ -102,7 +108,27 @@ impl Catalogue {
             c += x / total;
             cdf.push(c);
         }
-        Catalogue { start, topic_cdf: cdf }
+        let cold = spec.cold_items.clamp(0.0, 1.0);
+        let cold_below = if cold >= 1.0 { u64::MAX } else { (cold * (u64::MAX as f64)) as u64 };
+        Catalogue { start, topic_cdf: cdf, cold_below, seed: spec.seed }
+    }
+    /// Whether `item` is one of the catalogue items the log never mentions; a hash of the
+    /// item, so the catalogue and the log agree without storing a set.
+    fn is_cold(&self, item: u64) -> bool {
+        self.cold_below > 0
+            && Rng(self.seed ^ 0x3333 ^ item.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next() < self.cold_below
+    }
+    /// `item`, or when it is cold the next item of its topic (wrapping) that is not, or else any
+    /// item that is not.
+    fn settle(&self, item: u64, rng: &mut Rng, items: u64) -> u64 {
+        if !self.is_cold(item) {
+            return item;
+        }
+        let (a, b) = self.range(self.topic_of(item));
+        if let Some(c) = (1..b.saturating_sub(a)).map(|j| a + (item - a + j) % (b - a)).find(|&c| !self.is_cold(c)) {
+            return c;
+        }
+        (0..1024).map(|_| rng.below(items)).find(|&c| !self.is_cold(c)).unwrap_or(item)
     }
     fn topics(&self) -> usize {
         self.topic_cdf.len()
@@ -338,6 +364,12 @@ pub fn write_synth(spec: &SynthSpec, dir: &Path, progress: &mut dyn FnMut(u64, u
             spec.users, spec.items, spec.events
         )));
     }
+    if !(0.0..1.0).contains(&spec.cold_items) {
+        return Err(DataError::InvalidSplit(format!(
+            "the fraction of cold items must be at least 0 and below 1 (got {})",
+            spec.cold_items
+        )));
+    }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     // Until the new schema is written, the folder holds no usable log.
     let schema_path = dir.join("schema.toml");
@@ -479,7 +511,7 @@ pub fn write_synth(spec: &SynthSpec, dir: &Path, progress: &mut dyn FnMut(u64, u
     progress(written, spec.events);
 
     let schema = format!(
-        r#"# Synthetic log written by `needle data synth` ({} users, {} items, {} events, seed {}).
+        r#"# Synthetic log written by `needle data synth` ({} users, {} items, {} events, seed {}, cold items {}).
 name = "synth"
 
 [interactions]
@@ -508,7 +540,7 @@ column = "region"
 [[users.features]]
 column = "age_band"
 "#,
-        spec.users, spec.items, spec.events, spec.seed
+        spec.users, spec.items, spec.events, spec.seed, spec.cold_items
     );
     // The schema goes last: a folder with a schema holds a complete log.
     let tmp = schema_path.with_extension("tmp");
@@ -520,6 +552,12 @@ column = "age_band"
 /// The next item of a user: a successor of the previous item (short-term sequence), or a
 /// popular item of one of the user's topics; the taste drifts now and then.
 fn next_item(s: &mut UserState, cat: &Catalogue, rng: &mut Rng, items: u64) -> u64 {
+    let item = next_item_raw(s, cat, rng, items);
+    cat.settle(item, rng, items)
+}
+
+/// [`next_item`] before cold items are stepped over.
+fn next_item_raw(s: &mut UserState, cat: &Catalogue, rng: &mut Rng, items: u64) -> u64 {
     if rng.below(50) == 0 {
         let slot = rng.below(s.n_fav as u64) as usize;
         s.favourites[slot] = cat.draw_topic(rng);

@@ -261,7 +261,12 @@ pub fn pool_item_inputs(
     raw.resize(ids.len() * di, 0.0);
     raw.par_chunks_mut(di * ROWS_PER_TASK).zip(ids.par_chunks(ROWS_PER_TASK)).for_each(|(raw, ids)| {
         for (row, &id) in raw.chunks_exact_mut(di).zip(ids) {
-            row[..de].copy_from_slice(item_emb.row(id));
+            let (id, dropped) = crate::tower::item_row(id);
+            if dropped {
+                row[..de].fill(0.0);
+            } else {
+                row[..de].copy_from_slice(item_emb.row(id));
+            }
             let mut off = de;
             for (fe, bags) in feat_emb.iter().zip(bags) {
                 let out = &mut row[off..off + fe.dim];
@@ -296,10 +301,13 @@ pub fn scatter_item_input_grads(
 ) {
     let (item_grad, rest) = tables.split_at_mut(1);
     for (row, &id) in draw.chunks_exact(di).zip(ids) {
+        let (id, dropped) = crate::tower::item_row(id);
         if id == 0 {
             continue;
         }
-        item_grad[0].add(id, 1.0, &row[..de]);
+        if !dropped {
+            item_grad[0].add(id, 1.0, &row[..de]);
+        }
         let mut off = de;
         for (g, (fe, bags)) in feat_emb.iter().zip(bags).enumerate() {
             let bag = bags.of(id);
@@ -431,6 +439,12 @@ impl Tower for DeepTwoTower {
         (tables, dense)
     }
 
+    fn item_row_tables_mut(&mut self) -> Vec<&mut Embedding> {
+        let mut t = vec![&mut self.item_emb];
+        t.extend(self.hist_emb.as_mut());
+        t
+    }
+
     fn new_grads(&self) -> Grads {
         let mut tables = vec![&self.item_emb];
         tables.extend(self.hist_emb.as_ref());
@@ -551,6 +565,27 @@ mod tests {
     #[test]
     fn dssm_gradients_match_finite_differences() {
         check_gradients(HistoryMode::Own, Some(vec![5]), 5);
+    }
+
+    // Seed 9 keeps the hidden pre-activations clear of the ReLU kink and the dropped items'
+    // item-MLP outputs clear of zero norm.
+    #[test]
+    fn a_dropped_id_embeds_the_item_from_its_features_alone() {
+        use crate::tower::ID_DROPPED;
+        for (history, hidden) in [(HistoryMode::Shared, None), (HistoryMode::Own, Some(vec![5]))] {
+            let (mut model, batch, _) = tiny(history, hidden, 11);
+            let items = [2 | ID_DROPPED, 3, 5 | ID_DROPPED, 1];
+            crate::tower::testing::check_gradients(&mut model, &batch, &items, 1e-2, 2e-2);
+            let vector = |m: &DeepTwoTower, id: u32| {
+                let mut acts = ItemActs::default();
+                m.item_forward(&[id], &mut acts);
+                m.item_out(&acts).to_vec()
+            };
+            let mut cleared = model.clone();
+            crate::tower::clear_item_rows(&mut cleared, 2);
+            assert_eq!(vector(&model, 2 | ID_DROPPED), vector(&cleared, 2));
+            assert_ne!(vector(&model, 2 | ID_DROPPED), vector(&model, 2));
+        }
     }
 
     #[test]

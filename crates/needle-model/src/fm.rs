@@ -162,11 +162,18 @@ impl Tower for FmTwoTower {
         acts.out.resize(ids.len() * d, 0.0);
         let mut q = vec![0.0f32; k];
         for (row, &id) in acts.out.chunks_exact_mut(d).zip(ids) {
+            let (id, dropped) = crate::tower::item_row(id);
             let (first, s) = row.split_at_mut(1);
-            let mut linear = self.item_w.row(id)[0];
-            for (t, v) in self.item_v.row(id).iter().enumerate() {
-                s[t] = *v;
-                q[t] = v * v;
+            let mut linear = 0.0;
+            if dropped {
+                s.fill(0.0);
+                q.fill(0.0);
+            } else {
+                linear = self.item_w.row(id)[0];
+                for (t, v) in self.item_v.row(id).iter().enumerate() {
+                    s[t] = *v;
+                    q[t] = v * v;
+                }
             }
             for ((fv, fw), bags) in self.feat_v.iter().zip(&self.feat_w).zip(&self.item_bags) {
                 let bag = bags.of(id);
@@ -196,17 +203,20 @@ impl Tower for FmTwoTower {
         let (_, _, fv0, fw0) = self.grad_index();
         let mut gv = vec![0.0f32; k];
         for ((row, g), &id) in acts.out.chunks_exact(d).zip(dout.chunks_exact(d)).zip(ids) {
+            let (id, dropped) = crate::tower::item_row(id);
             if id == 0 {
                 continue;
             }
             let (g0, gs) = (g[0], &g[1..]);
             let s = &row[1..];
             // ∂/∂v_t = x_t · (g0 · (S − v_t x_t) + g_S); ∂/∂w_t = x_t · g0.
-            grads.tables[1].add(id, g0, &[1.0]);
-            for (t, v) in self.item_v.row(id).iter().enumerate() {
-                gv[t] = g0 * (s[t] - v) + gs[t];
+            if !dropped {
+                grads.tables[1].add(id, g0, &[1.0]);
+                for (t, v) in self.item_v.row(id).iter().enumerate() {
+                    gv[t] = g0 * (s[t] - v) + gs[t];
+                }
+                grads.tables[0].add(id, 1.0, &gv);
             }
-            grads.tables[0].add(id, 1.0, &gv);
             for (f, (fv, bags)) in self.feat_v.iter().zip(&self.item_bags).enumerate() {
                 let bag = bags.of(id);
                 if bag.is_empty() {
@@ -231,6 +241,12 @@ impl Tower for FmTwoTower {
         t.extend(self.feat_v.iter_mut());
         t.extend(self.feat_w.iter_mut());
         (t, Vec::new())
+    }
+
+    fn item_row_tables_mut(&mut self) -> Vec<&mut Embedding> {
+        let mut t = vec![&mut self.item_v, &mut self.item_w];
+        t.extend(self.hist_v.as_mut());
+        t
     }
 
     fn new_grads(&self) -> Grads {
@@ -358,5 +374,7 @@ mod tests {
     fn fm_gradients_match_finite_differences() {
         let (mut m, batch, items) = tiny(4);
         crate::tower::testing::check_gradients(&mut m, &batch, &items, 1e-2, 2e-2);
+        let dropped: Vec<u32> = items.iter().map(|&i| i | crate::tower::ID_DROPPED).collect();
+        crate::tower::testing::check_gradients(&mut m, &batch, &dropped, 1e-2, 2e-2);
     }
 }

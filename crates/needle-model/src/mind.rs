@@ -397,6 +397,10 @@ impl Tower for MindTwoTower {
         (t, dense)
     }
 
+    fn item_row_tables_mut(&mut self) -> Vec<&mut Embedding> {
+        vec![&mut self.item_emb]
+    }
+
     fn new_grads(&self) -> Grads {
         let mut t = vec![&self.item_emb];
         t.extend(self.user_feat_emb.iter());
@@ -504,5 +508,7 @@ mod tests {
         let (mut m, batch) = tiny(false);
         m.spec.routing_iters = 1;
         crate::tower::testing::check_gradients(&mut m, &batch, &[2, 5, 6], 1e-3, 3e-2);
+        let dropped = crate::tower::ID_DROPPED;
+        crate::tower::testing::check_gradients(&mut m, &batch, &[2 | dropped, 5, 6 | dropped], 1e-3, 3e-2);
     }
 }

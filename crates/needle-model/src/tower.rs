@@ -32,6 +32,18 @@ impl UserBatch {
     }
 }
 
+/// Flag on an item row given to `item_forward` / `item_backward`: embed the item without its id
+/// rows, from its features alone, as an item without training events is embedded. Training sets
+/// it at random so the item tower learns to embed items nobody has interacted with; item rows
+/// stay below it.
+pub const ID_DROPPED: u32 = 1 << 31;
+
+/// The item row and whether its id rows are left out (see [`ID_DROPPED`]).
+#[inline]
+pub fn item_row(id: u32) -> (u32, bool) {
+    (id & !ID_DROPPED, id & ID_DROPPED != 0)
+}
+
 /// Gradients of a model, in the order of [`Tower::params_mut`].
 pub struct Grads {
     pub tables: Vec<SparseGrad>,
@@ -92,6 +104,8 @@ pub trait Tower: Send + Sync {
 
     /// Embedding tables (updated row-wise) and dense tensors (updated whole).
     fn params_mut(&mut self) -> (Vec<&mut Embedding>, Vec<&mut Vec<f32>>);
+    /// The tables indexed by item row (id embeddings, history tables), not by feature value.
+    fn item_row_tables_mut(&mut self) -> Vec<&mut Embedding>;
     fn new_grads(&self) -> Grads;
 
     /// Every parameter with a stable name and shape (tables first, then dense, in the orders above).
@@ -107,6 +121,15 @@ pub trait Tower: Send + Sync {
         let mut acts = Self::ItemActs::default();
         self.item_forward(&ids, &mut acts);
         self.item_out(&acts).to_vec()
+    }
+}
+
+/// Zeroes rows `from..` of every item-row table, so those items' vectors come from their
+/// features alone (items without training events, whose id rows would otherwise stay random).
+pub fn clear_item_rows<T: Tower>(model: &mut T, from: usize) {
+    for t in model.item_row_tables_mut() {
+        let start = (from * t.dim).min(t.weights.len());
+        t.weights[start..].fill(0.0);
     }
 }
 

@@ -101,6 +101,10 @@ pub struct ModelConfig {
     /// knob for catalogues whose table and optimizer state do not fit in memory. Rarer items
     /// leave the histories and cannot be recalled.
     pub max_items: usize,
+    /// Items of the catalogue with no training event get rows of their own when the item
+    /// tower reads features: their id embedding stays zero, so their vector comes from their
+    /// features alone and they can be recalled before anyone has interacted with them.
+    pub cold_items: bool,
 }
 
 impl ModelConfig {
@@ -136,6 +140,7 @@ impl Default for ModelConfig {
             max_seq_len: 50,
             recent: 0,
             max_items: 0,
+            cold_items: true,
         }
     }
 }
@@ -187,6 +192,10 @@ pub struct TrainParams {
     pub patience: usize,
     /// Users sampled for the per-epoch validation (0 = all).
     pub valid_users: usize,
+    /// Probability that a training candidate is embedded without its id row, from its
+    /// features alone, as a cold item is; teaches the item tower to embed items nobody has
+    /// interacted with yet (needs `[model] item_features`).
+    pub item_id_dropout: f32,
 }
 
 impl Default for TrainParams {
@@ -206,6 +215,7 @@ impl Default for TrainParams {
             threads: 0,
             patience: 3,
             valid_users: 0,
+            item_id_dropout: 0.0,
         }
     }
 }
@@ -256,6 +266,12 @@ impl Config {
         }
         if m.kind == ModelKind::Mind && (m.interests == 0 || m.routing_iters == 0 || m.attention_power < 1) {
             return Err("[model] interests, routing_iters and attention_power must be >= 1".into());
+        }
+        if !(0.0..1.0).contains(&t.item_id_dropout) {
+            return Err("[train] item_id_dropout must be at least 0 and below 1".into());
+        }
+        if t.item_id_dropout > 0.0 && (m.item_features.is_empty() || m.kind == ModelKind::Popularity) {
+            return Err("[train] item_id_dropout needs [model] item_features: without them a dropped id leaves nothing to embed".into());
         }
         if m.kind == ModelKind::Dssm && m.out_dim == 0 {
             return Err("[model] out_dim must be > 0".into());

@@ -27,8 +27,14 @@ pub struct Prepared {
     /// Validation and test targets as item rows (0 when the item never occurs in training).
     pub valid: Lists,
     pub test: Lists,
-    /// Training events per item row.
+    /// Training events per item row; zero for the last `cold_rows` rows.
     pub item_counts: Vec<u64>,
+    /// Rows at the end of the item table for items with no training event, embedded from
+    /// their features alone (their id rows stay zero).
+    pub cold_rows: usize,
+    /// Items of the dataset with no training event and no row: the model reads no item
+    /// features (or none of theirs is known), so they cannot be recalled.
+    pub unembedded_items: usize,
     pub train_min_ts: i64,
     pub train_max_ts: i64,
     /// Raw user ids, by dataset user key.
@@ -43,6 +49,11 @@ impl Prepared {
     /// Item table rows, padding row included.
     pub fn n_item_rows(&self) -> usize {
         self.item_counts.len()
+    }
+
+    /// Item rows `0..warm_rows()` have training events (or are padding); the rest are cold.
+    pub fn warm_rows(&self) -> usize {
+        self.item_counts.len() - self.cold_rows
     }
 
     /// The user's known history when predicting `stage`'s target: the training events, plus
@@ -67,19 +78,24 @@ pub enum Stage {
     Test,
 }
 
-/// With `max_items > 0`, which dataset item keys stay in the item table: the `max_items` with
-/// the most training events (ties: the earlier key). `None` keeps every item.
-fn kept_items(ds: &Dataset, split: &Split, max_items: usize) -> Option<Vec<bool>> {
-    if max_items == 0 || max_items >= ds.item_ids.len() {
-        return None;
-    }
+/// Training events per dataset item key.
+fn train_counts(ds: &Dataset, split: &Split) -> Vec<u64> {
     let mut counts = vec![0u64; ds.item_ids.len()];
     for &k in &split.train.items {
         counts[k as usize] += 1;
     }
-    let mut order: Vec<u32> = (0..ds.item_ids.len() as u32).filter(|&k| counts[k as usize] > 0).collect();
+    counts
+}
+
+/// With `max_items > 0`, which dataset item keys stay in the item table: the `max_items` with
+/// the most training events (ties: the earlier key). `None` keeps every item.
+fn kept_items(counts: &[u64], max_items: usize) -> Option<Vec<bool>> {
+    if max_items == 0 || max_items >= counts.len() {
+        return None;
+    }
+    let mut order: Vec<u32> = (0..counts.len() as u32).filter(|&k| counts[k as usize] > 0).collect();
     order.sort_unstable_by(|&a, &b| counts[b as usize].cmp(&counts[a as usize]).then(a.cmp(&b)));
-    let mut kept = vec![false; ds.item_ids.len()];
+    let mut kept = vec![false; counts.len()];
     for &k in order.iter().take(max_items) {
         kept[k as usize] = true;
     }
@@ -93,7 +109,8 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
     let mut train = Lists::new();
     let mut train_ts = Vec::with_capacity(split.train.total());
     let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
-    let kept = kept_items(ds, split, model.max_items);
+    let key_counts = train_counts(ds, split);
+    let kept = kept_items(&key_counts, model.max_items);
     let keep = |k: u32| kept.as_ref().is_none_or(|kept| kept[k as usize]);
     for u in 0..n_users {
         let (keys, times) = (split.train.items_of(u), split.train.ts_of(u));
@@ -113,20 +130,6 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
     if items.len() <= 1 {
         return Err(TrainError::Data("the training split holds no events".into()));
     }
-    let map_targets = |seqs: &needle_data::split::Sequences| {
-        let mut l = Lists::new();
-        for u in 0..n_users {
-            l.push(seqs.items_of(u).iter().map(|&k| key_to_row[k as usize]));
-        }
-        l
-    };
-    let valid = map_targets(&split.valid);
-    let test = map_targets(&split.test);
-    let mut item_counts = vec![0u64; items.len()];
-    for &r in &train.items {
-        item_counts[r as usize] += 1;
-    }
-
     let mut users = Vocab::new();
     for u in 0..n_users {
         if !train.get(u).is_empty() {
@@ -168,37 +171,84 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
     }
 
     let item_feature_names: &[String] = if model.kind == ModelKind::Popularity { &[] } else { &model.item_features };
-    let mut item_features = Vec::new();
-    let mut item_bags = Vec::new();
-    for name in item_feature_names {
-        let feat = ds.item_feature(name).ok_or_else(|| {
-            let known: Vec<&str> = ds.item_features.iter().map(|f| f.name.as_str()).collect();
-            TrainError::Config(format!(
-                "item feature `{name}` is not in dataset {} (it has: {})",
-                ds.name,
-                known.join(", ")
-            ))
-        })?;
-        let mut vocab = Vocab::new();
-        let mut row_keys: Vec<Vec<u32>> = vec![Vec::new(); items.len()];
+    let feats = item_feature_names
+        .iter()
+        .map(|name| {
+            ds.item_feature(name).ok_or_else(|| {
+                let known: Vec<&str> = ds.item_features.iter().map(|f| f.name.as_str()).collect();
+                TrainError::Config(format!(
+                    "item feature `{name}` is not in dataset {} (it has: {})",
+                    ds.name,
+                    known.join(", ")
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Feature values get rows from the items that have training events only: a value seen only
+    // on items nobody has interacted with would have an embedding that never trains.
+    let mut value_vocabs: Vec<Vocab> = feats.iter().map(|_| Vocab::new()).collect();
+    let mut row_keys: Vec<Vec<Vec<u32>>> = feats.iter().map(|_| vec![Vec::new(); items.len()]).collect();
+    for (f, feat) in feats.iter().enumerate() {
         for (key, &row) in key_to_row.iter().enumerate() {
             if row == 0 {
                 continue;
             }
             for &vk in feat.of(key) {
                 if let Some(raw) = feat.values.get(vk as usize) {
-                    row_keys[row as usize].push(vocab.insert(raw));
+                    row_keys[f][row as usize].push(value_vocabs[f].insert(raw));
                 }
             }
         }
+    }
+    // Items without a training event (catalogue-only, or first seen in a held-out event) get
+    // rows after the trained ones when their features are known, so the item tower can embed them.
+    let warm_rows = items.len();
+    let mut unembedded_items = 0usize;
+    let embed_cold = model.cold_items && !feats.is_empty();
+    for key in (0..ds.item_ids.len()).filter(|&k| key_counts[k] == 0) {
+        let bag = |f: usize| {
+            let feat = feats[f];
+            let vocab = &value_vocabs[f];
+            feat.of(key).iter().filter_map(move |&vk| feat.values.get(vk as usize).and_then(|raw| vocab.get(raw)))
+        };
+        if !embed_cold || (0..feats.len()).all(|f| bag(f).next().is_none()) {
+            unembedded_items += 1;
+            continue;
+        }
+        key_to_row[key] = items.insert(&ds.item_ids[key]);
+        for (f, rows) in row_keys.iter_mut().enumerate() {
+            rows.push(bag(f).collect());
+        }
+    }
+    let cold_rows = items.len() - warm_rows;
+    if items.len() as u64 >= u64::from(needle_model::tower::ID_DROPPED) {
+        return Err(TrainError::Data(format!("{} item rows: at most 2^31 - 1 fit an item table", items.len())));
+    }
+    let mut item_features = Vec::new();
+    let mut item_bags = Vec::new();
+    for ((name, vocab), rows) in item_feature_names.iter().zip(value_vocabs).zip(row_keys) {
         let mut bags = ItemBags { offsets: vec![0], keys: Vec::new() };
-        for k in row_keys {
+        for k in rows {
             bags.keys.extend(k);
             bags.offsets.push(bags.keys.len() as u32);
         }
         item_features.push((name.clone(), vocab));
         item_bags.push(bags);
     }
+    let map_targets = |seqs: &needle_data::split::Sequences| {
+        let mut l = Lists::new();
+        for u in 0..n_users {
+            l.push(seqs.items_of(u).iter().map(|&k| key_to_row[k as usize]));
+        }
+        l
+    };
+    let valid = map_targets(&split.valid);
+    let test = map_targets(&split.test);
+    let mut item_counts = vec![0u64; items.len()];
+    for &r in &train.items {
+        item_counts[r as usize] += 1;
+    }
+
     Ok(Prepared {
         items,
         users,
@@ -212,6 +262,8 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
         valid,
         test,
         item_counts,
+        cold_rows,
+        unembedded_items,
         train_min_ts: if min_ts == i64::MAX { 0 } else { min_ts },
         train_max_ts: if max_ts == i64::MIN { 0 } else { max_ts },
         user_raw: ds.user_ids.clone(),

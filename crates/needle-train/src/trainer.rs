@@ -17,7 +17,7 @@ use needle_model::layers::{
 };
 use needle_model::mind::{MindSpec, MindTwoTower};
 use needle_model::rng::Rng;
-use needle_model::tower::{Grads, Tower, UserBatch};
+use needle_model::tower::{Grads, Tower, UserBatch, ID_DROPPED};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -155,6 +155,9 @@ struct Step<T: Tower> {
     neg_corr: Vec<f32>,
     shared_ids: Vec<u32>,
     shared_corr: Vec<f32>,
+    /// The candidates as the item tower sees them: with `item_id_dropout`, some carry
+    /// [`ID_DROPPED`]; the ids above stay plain for corrections and accidental-hit masks.
+    tower_ids: [Vec<u32>; 3],
     user: T::UserActs,
     pos: T::ItemActs,
     neg: T::ItemActs,
@@ -181,6 +184,7 @@ impl<T: Tower> Default for Step<T> {
             neg_corr: Vec::new(),
             shared_ids: Vec::new(),
             shared_corr: Vec::new(),
+            tower_ids: Default::default(),
             user: Default::default(),
             pos: Default::default(),
             neg: Default::default(),
@@ -314,7 +318,8 @@ impl<'a, T: Tower> Trainer<'a, T> {
         match t.loss {
             LossKind::Full => {
                 s.pos_corr.resize(b, 0.0);
-                s.shared_ids.extend(1..p.n_item_rows() as u32);
+                // Cold rows are never candidates: nothing says the user would not have chosen them.
+                s.shared_ids.extend(1..p.warm_rows() as u32);
                 s.shared_corr.resize(s.shared_ids.len(), 0.0);
             }
             LossKind::InBatch => {
@@ -353,16 +358,33 @@ impl<'a, T: Tower> Trainer<'a, T> {
     pub fn step(&mut self, samples: &[Sample], rng: &mut Rng) -> f32 {
         let t0 = Instant::now();
         let n_row = self.assemble(samples, rng);
-        let t1 = Instant::now();
-        let m = &self.model;
         let t = &self.cfg.train;
         let s = &mut self.step;
+        let drop = t.item_id_dropout;
+        // An item without feature values has nothing left to embed once its id is dropped.
+        let bags = &self.p.item_bags;
+        let has_features = |i: u32| bags.iter().any(|b| !b.of(i).is_empty());
+        for (out, ids) in s.tower_ids.iter_mut().zip([&s.pos_ids, &s.neg_ids, &s.shared_ids]) {
+            out.clear();
+            if drop > 0.0 {
+                out.extend(
+                    ids.iter().map(|&i| if rng.uniform() < drop && has_features(i) { i | ID_DROPPED } else { i }),
+                );
+            }
+        }
+        let t1 = Instant::now();
+        let m = &self.model;
         let b = samples.len();
         let d = m.out_dim();
+        let [pos_in, neg_in, shared_in] = if drop > 0.0 {
+            [&s.tower_ids[0][..], &s.tower_ids[1][..], &s.tower_ids[2][..]]
+        } else {
+            [&s.pos_ids[..], &s.neg_ids[..], &s.shared_ids[..]]
+        };
         m.user_forward(&s.batch, &mut s.user);
-        m.item_forward(&s.pos_ids, &mut s.pos);
-        m.item_forward(&s.neg_ids, &mut s.neg);
-        m.item_forward(&s.shared_ids, &mut s.shared);
+        m.item_forward(pos_in, &mut s.pos);
+        m.item_forward(neg_in, &mut s.neg);
+        m.item_forward(shared_in, &mut s.shared);
         s.gu.resize(b * d, 0.0);
         s.gp.resize(b * d, 0.0);
         s.gn.resize(s.neg_ids.len() * d, 0.0);
@@ -444,9 +466,9 @@ impl<'a, T: Tower> Trainer<'a, T> {
         } else {
             m.user_backward(&s.batch, &mut s.user, &s.gu, &mut self.grads);
         }
-        m.item_backward(&s.pos_ids, &mut s.pos, &s.gp, &mut self.grads);
-        m.item_backward(&s.neg_ids, &mut s.neg, &s.gn, &mut self.grads);
-        m.item_backward(&s.shared_ids, &mut s.shared, &s.gs, &mut self.grads);
+        m.item_backward(pos_in, &mut s.pos, &s.gp, &mut self.grads);
+        m.item_backward(neg_in, &mut s.neg, &s.gn, &mut self.grads);
+        m.item_backward(shared_in, &mut s.shared, &s.gs, &mut self.grads);
         let t2 = Instant::now();
         self.optim.step(&mut self.model, &self.grads, t.lr, t.embedding_lr);
         let t3 = Instant::now();
@@ -590,18 +612,25 @@ fn progress_bar(len: u64, show: bool) -> ProgressBar {
     bar
 }
 
-/// Builds an untrained model of the configured kind.
+/// Builds an untrained model of the configured kind; the id rows of cold items start (and,
+/// since no step touches them, stay) at zero.
 pub fn build_model(cfg: &Config, p: &Prepared, rng: &mut Rng) -> Result<Model, TrainError> {
+    fn cold<T: Tower>(mut m: T, p: &Prepared) -> Box<T> {
+        needle_model::tower::clear_item_rows(&mut m, p.warm_rows());
+        Box::new(m)
+    }
     Ok(match cfg.model.kind {
         ModelKind::Popularity => Model::Popularity { counts: p.item_counts.iter().map(|&c| c as f32).collect() },
-        ModelKind::Youtubednn | ModelKind::Dssm => Model::Deep(Box::new(
+        ModelKind::Youtubednn | ModelKind::Dssm => Model::Deep(cold(
             DeepTwoTower::new(deep_spec(cfg, p), p.item_bags.clone(), rng).map_err(TrainError::Config)?,
+            p,
         )),
-        ModelKind::Mind => Model::Mind(Box::new(
+        ModelKind::Mind => Model::Mind(cold(
             MindTwoTower::new(mind_spec(cfg, p), p.item_bags.clone(), rng).map_err(TrainError::Config)?,
+            p,
         )),
         ModelKind::Fm => {
-            Model::Fm(Box::new(FmTwoTower::new(fm_spec(cfg, p), p.item_bags.clone(), rng).map_err(TrainError::Config)?))
+            Model::Fm(cold(FmTwoTower::new(fm_spec(cfg, p), p.item_bags.clone(), rng).map_err(TrainError::Config)?, p))
         }
     })
 }

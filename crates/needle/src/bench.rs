@@ -131,6 +131,8 @@ fn synthetic(rows: usize, active: usize, users: usize, rng: &mut Rng) -> Prepare
         valid: empty.clone(),
         test: empty,
         item_counts: counts,
+        cold_rows: 0,
+        unembedded_items: 0,
         train_min_ts: 0,
         train_max_ts: per_user as i64,
         user_raw: (0..users).map(|u| u.to_string()).collect(),

@@ -155,6 +155,23 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
         p.items.len() - 1,
         p.users.len() - 1
     );
+    if p.cold_rows > 0 {
+        eprintln!("cold items: {} items without a training event are embedded from their features alone", p.cold_rows);
+    }
+    if p.unembedded_items > 0 {
+        let why = if cfg.model.kind == needle_train::config::ModelKind::Popularity || cfg.model.item_features.is_empty()
+        {
+            "this model's item tower reads item ids only; list [model] item_features to embed them".to_owned()
+        } else if !cfg.model.cold_items {
+            "[model] cold_items = false".to_owned()
+        } else {
+            "none of their feature values occurs on a trained item".to_owned()
+        };
+        eprintln!(
+            "note: {} items without a training event get no vector and cannot be recalled ({why})",
+            p.unembedded_items
+        );
+    }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let log_path = out.join("train_log.jsonl");
     if log_path.exists() {

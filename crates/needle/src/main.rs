@@ -259,6 +259,10 @@ enum DataCmd {
         /// CSV files instead of Parquet.
         #[arg(long)]
         csv: bool,
+        /// This fraction of the catalogue never occurs in the log (new items, known only by
+        /// their features).
+        #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
+        cold_items: f64,
         #[arg(long)]
         quiet: bool,
     },
@@ -446,8 +450,9 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Cmd::Data { cmd: DataCmd::Info { dir } } => data_cmd::info(&dir),
-        Cmd::Data { cmd: DataCmd::Synth { users, items, events, seed, out, csv, quiet } } => {
+        Cmd::Data { cmd: DataCmd::Synth { users, items, events, seed, out, csv, cold_items, quiet } } => {
             let mut spec = needle_data::synth::SynthSpec::new(users, items, events, seed);
+            spec.cold_items = cold_items;
             if csv {
                 spec.format = needle_data::FileFormat::Csv;
             }

@@ -413,3 +413,106 @@ fn redis_store_serves_and_takes_events() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("127.0.0.1:{port}")));
 }
+
+/// Reads a CSV written by `needle data synth --csv` as rows of fields, header dropped.
+fn csv_rows(path: &Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines().skip(1).map(|l| l.split(',').map(str::to_owned).collect()).collect()
+}
+
+#[test]
+fn catalogue_items_without_events_are_recalled_when_their_features_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let synth = ["data", "synth", "--users", "3000", "--items", "1500", "--events", "60000", "--csv"];
+    ok(&needle(&[&synth[..], &["--cold-items", "0.1", "--out", "data", "--quiet"]].concat(), dir));
+    let category: std::collections::HashMap<String, String> =
+        csv_rows(&dir.join("data/items.csv")).into_iter().map(|r| (r[0].clone(), r[1].clone())).collect();
+    let events = csv_rows(&dir.join("data/events.csv"));
+    let mut tastes: std::collections::HashMap<&str, std::collections::HashMap<&str, usize>> = Default::default();
+    for e in &events {
+        *tastes.entry(&e[0]).or_default().entry(&category[&e[1]]).or_default() += 1;
+    }
+    let in_log: std::collections::HashSet<&str> = events.iter().map(|e| e[1].as_str()).collect();
+    let cold: std::collections::HashSet<&str> =
+        category.keys().map(String::as_str).filter(|i| !in_log.contains(i)).collect();
+    assert!((120..=180).contains(&cold.len()), "{} of 1500 items never occur", cold.len());
+
+    let model = r#"[data]
+schema = "data/schema.toml"
+[model]
+kind = "youtubednn"
+dim = 32
+hidden = [128]
+user_features = ["region", "age_band"]
+item_features = ["category", "price_band"]
+feature_dim = 8
+item_feature_dim = 16
+max_seq_len = 30
+recent = 3
+example_age = false
+[train]
+epochs = 6
+batch_size = 256
+loss = "sampled"
+negatives = 64
+lr = 0.002
+embedding_lr = 0.02
+temperature = 0.05
+patience = 0
+seed = 7
+item_id_dropout = 0.1
+"#;
+    std::fs::write(dir.join("yt.toml"), model).unwrap();
+    let out = needle(&["--threads", "2", "train", "--config", "yt.toml", "--out", "runs/yt", "--quiet"], dir);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains(&format!("cold items: {} items without a training event", cold.len())), "{err}");
+
+    // Over every user's top 50: cold items come back, and they come back for users whose
+    // history leans to their category.
+    let recall = ok(&needle(&["recall", "--run", "runs/yt", "--k", "50"], dir));
+    let (mut lists, mut with_cold, mut hits, mut fitting, mut chance) = (0usize, 0usize, 0usize, 0usize, 0.0f64);
+    let mut recalled = std::collections::HashSet::new();
+    for line in recall.lines() {
+        let (user, items) = line.split_once('\t').unwrap();
+        let mut counts: Vec<(&str, usize)> = tastes[user].iter().map(|(c, n)| (*c, *n)).collect();
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let top: Vec<&str> = counts.iter().take(2).map(|c| c.0).collect();
+        let found: Vec<&str> = items.split(',').filter(|i| cold.contains(i)).collect();
+        lists += 1;
+        with_cold += usize::from(!found.is_empty());
+        for i in &found {
+            hits += 1;
+            recalled.insert(i.to_string());
+            fitting += usize::from(top.contains(&category[*i].as_str()));
+        }
+        chance += cold.iter().filter(|i| top.contains(&category[**i].as_str())).count() as f64 / cold.len() as f64;
+    }
+    assert_eq!(lists, 3000);
+    let (share, fit, chance) = (with_cold as f64 / 3000.0, fitting as f64 / hits.max(1) as f64, chance / 3000.0);
+    assert!(share >= 0.3, "only {share:.3} of the lists hold a cold item");
+    assert!(recalled.len() * 10 >= cold.len() * 8, "{} of {} cold items recalled", recalled.len(), cold.len());
+    assert!(fit >= 0.7 && fit >= 2.5 * chance, "{fit:.3} of cold recalls fit the user's taste (chance {chance:.3})");
+
+    // The server recalls them too, from the same index.
+    let srv = Server::start(dir, &["--run", "runs/yt"]);
+    let first_with_cold = recall.lines().find(|l| l.split(['\t', ',']).skip(1).any(|i| cold.contains(i)));
+    let user = first_with_cold.unwrap().split('\t').next().unwrap();
+    let v = post(&srv.addr, "/v1/recall", &json!({"user_id": user, "k": 50})).json();
+    let served = ids(&v);
+    assert!(served.iter().any(|i| cold.contains(i.as_str())), "no cold item served to {user}: {served:?}");
+    drop(srv);
+
+    // A model whose item tower reads ids only says so, and never returns them.
+    let id_only =
+        model.replace("item_features = [\"category\", \"price_band\"]\n", "").replace("item_id_dropout = 0.1\n", "");
+    std::fs::write(dir.join("ids.toml"), id_only).unwrap();
+    let out = needle(&["--threads", "2", "train", "--config", "ids.toml", "--out", "runs/ids", "--quiet"], dir);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains(&format!("{} items without a training event get no vector", cold.len())), "{err}");
+    assert!(err.contains("reads item ids only"), "{err}");
+    let recall = ok(&needle(&["recall", "--run", "runs/ids", "--k", "50"], dir));
+    assert!(recall.lines().all(|l| !l.split(['\t', ',']).any(|i| cold.contains(i))));
+}
