@@ -96,6 +96,7 @@ mod tests {
             out_dim: 5,
             example_age: true,
             recent: 1,
+            item_hash: None,
         };
         let bags = vec![ItemBags { offsets: vec![0, 0, 1, 3, 3, 4], keys: vec![1, 2, 3, 1] }];
         let model = DeepTwoTower::new(spec.clone(), bags.clone(), &mut crate::rng::Rng::new(9)).unwrap();

@@ -9,7 +9,7 @@
 //! - DSSM: two independent towers — the history has its own table (`history = own`) and the
 //!   item side has its own MLP.
 
-use crate::embedding::{bag_mean_backward, bag_mean_forward, Embedding};
+use crate::embedding::{bag_mean_backward, bag_mean_forward, Embedding, RowHash};
 use crate::layers::{l2norm_backward, l2norm_forward};
 use crate::mlp::{Mlp, MlpActs};
 use crate::rng::Rng;
@@ -61,6 +61,9 @@ pub struct DeepSpec {
     /// when the history is shorter), so the tower sees order, not only the mean.
     #[serde(default)]
     pub recent: usize,
+    /// Hashing of the catalogue's tail into shared id rows (`[model] hash_buckets`).
+    #[serde(default)]
+    pub item_hash: Option<RowHash>,
 }
 
 impl DeepSpec {
@@ -155,8 +158,10 @@ impl DeepTwoTower {
         if item_bags.len() != spec.item_features.len() {
             return Err(format!("{} item features but {} bag lists", spec.item_features.len(), item_bags.len()));
         }
-        let item_emb = new_table(spec.items, spec.dim, rng);
-        let hist_emb = (spec.history == HistoryMode::Own).then(|| new_table(spec.items, spec.dim, rng));
+        let scale = 1.0 / (spec.dim as f32).sqrt();
+        let item_emb = Embedding::for_items(spec.items, spec.dim, scale, spec.item_hash, rng);
+        let hist_emb = (spec.history == HistoryMode::Own)
+            .then(|| Embedding::for_items(spec.items, spec.dim, scale, spec.item_hash, rng));
         let user_feat_emb = spec.user_features.iter().map(|f| new_table(f.rows, f.dim, rng)).collect();
         let item_feat_emb = spec.item_features.iter().map(|f| new_table(f.rows, f.dim, rng)).collect();
         let widths: Vec<usize> = spec.hidden.iter().copied().chain([spec.out_dim]).collect();
@@ -503,6 +508,7 @@ mod tests {
             out_dim,
             example_age: true,
             recent: 0,
+            item_hash: None,
         }
     }
 
@@ -565,6 +571,19 @@ mod tests {
     #[test]
     fn dssm_gradients_match_finite_differences() {
         check_gradients(HistoryMode::Own, Some(vec![5]), 5);
+    }
+
+    #[test]
+    fn hashed_item_rows_get_the_gradients_of_every_item_sharing_them() {
+        for history in [HistoryMode::Shared, HistoryMode::Own] {
+            let mut s = spec(history, None);
+            // Rows 1..3 own their rows, 3..6 share two buckets.
+            s.item_hash = Some(RowHash { own: 3, buckets: 2, first_cold: 6 });
+            let (small, batch, items) = tiny(history, None, 5);
+            let mut model = DeepTwoTower::new(s, small.item_bags.clone(), &mut Rng::new(5)).unwrap();
+            assert_eq!(model.item_emb.rows, 5);
+            crate::tower::testing::check_gradients(&mut model, &batch, &items, 1e-2, 2e-2);
+        }
     }
 
     // Seed 9 keeps the hidden pre-activations clear of the ReLU kink and the dropped items'

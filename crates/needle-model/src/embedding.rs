@@ -5,13 +5,48 @@
 //! whole table, so a step costs the same at 10⁴ rows as at 10⁷.
 
 use crate::rng::Rng;
+use serde::{Deserialize, Serialize};
 
-/// A `[rows × dim]` table; row 0 is the padding / unknown row and is kept at zero.
+/// How item rows share the rows of an item-id table when the tail of the catalogue is hashed:
+/// rows below `own` keep a table row of their own, rows from `own` to `first_cold` share
+/// `buckets` rows by a hash of the row, and rows from `first_cold` on (items without training
+/// events) read the zero padding row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowHash {
+    pub own: u32,
+    pub buckets: u32,
+    pub first_cold: u32,
+}
+
+impl RowHash {
+    /// Rows of a table under this hashing.
+    pub fn table_rows(&self) -> usize {
+        self.own as usize + self.buckets as usize
+    }
+
+    /// The table row of item row `r`.
+    #[inline]
+    pub fn row(&self, r: u32) -> u32 {
+        if r < self.own {
+            r
+        } else if r < self.first_cold && self.buckets > 0 {
+            // Fibonacci hashing: consecutive rows scatter over the buckets.
+            let h = (u64::from(r).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32;
+            self.own + h % self.buckets
+        } else {
+            0
+        }
+    }
+}
+
+/// A `[rows × dim]` table; row 0 is the padding / unknown row and is kept at zero. With `hash`,
+/// the ids given to [`Embedding::row`] are item rows that map onto fewer table rows.
 #[derive(Clone, Debug)]
 pub struct Embedding {
     pub rows: usize,
     pub dim: usize,
     pub weights: Vec<f32>,
+    pub hash: Option<RowHash>,
 }
 
 impl Embedding {
@@ -19,12 +54,19 @@ impl Embedding {
     pub fn new(rows: usize, dim: usize, scale: f32, rng: &mut Rng) -> Self {
         let mut weights: Vec<f32> = (0..rows * dim).map(|_| rng.normal() * scale).collect();
         weights[..dim.min(rows * dim)].fill(0.0);
-        Embedding { rows, dim, weights }
+        Embedding { rows, dim, weights, hash: None }
+    }
+
+    /// A table indexed by item row: `items` rows, or the rows of `hash` when the tail is hashed.
+    pub fn for_items(items: usize, dim: usize, scale: f32, hash: Option<RowHash>, rng: &mut Rng) -> Self {
+        let mut t = Embedding::new(hash.map_or(items, |h| h.table_rows()), dim, scale, rng);
+        t.hash = hash;
+        t
     }
 
     #[inline]
     pub fn row(&self, r: u32) -> &[f32] {
-        let r = r as usize;
+        let r = self.hash.map_or(r, |h| h.row(r)) as usize;
         &self.weights[r * self.dim..(r + 1) * self.dim]
     }
 }
@@ -36,6 +78,9 @@ impl Embedding {
 #[derive(Clone, Debug)]
 pub struct SparseGrad {
     pub dim: usize,
+    /// The table's hashing: ids given to [`SparseGrad::add`] are mapped as the table maps them,
+    /// and `rows` holds table rows.
+    hash: Option<RowHash>,
     slot: Vec<u32>,
     pub rows: Vec<u32>,
     pub grads: Vec<f32>,
@@ -45,7 +90,12 @@ const ABSENT: u32 = u32::MAX;
 
 impl SparseGrad {
     pub fn new(table_rows: usize, dim: usize) -> Self {
-        SparseGrad { dim, slot: vec![ABSENT; table_rows], rows: Vec::new(), grads: Vec::new() }
+        SparseGrad { dim, hash: None, slot: vec![ABSENT; table_rows], rows: Vec::new(), grads: Vec::new() }
+    }
+
+    /// Gradients for `table`, mapping ids as it does.
+    pub fn for_table(table: &Embedding) -> Self {
+        SparseGrad { hash: table.hash, ..SparseGrad::new(table.rows, table.dim) }
     }
 
     /// The gradient row of table row `r`, created at zero on first touch.
@@ -62,9 +112,14 @@ impl SparseGrad {
         &mut self.grads[s * self.dim..(s + 1) * self.dim]
     }
 
-    /// `grad[r] += scale · v`.
+    /// `grad[r] += scale · v`, `r` mapped to its table row; the padding row takes nothing (the
+    /// optimizer never moves it, and under hashing cold items map onto it).
     #[inline]
     pub fn add(&mut self, r: u32, scale: f32, v: &[f32]) {
+        let r = self.hash.map_or(r, |h| h.row(r));
+        if r == 0 && self.hash.is_some() {
+            return;
+        }
         for (g, x) in self.row_mut(r).iter_mut().zip(v) {
             *g += scale * x;
         }
@@ -128,6 +183,33 @@ pub fn bag_mean_backward(grad: &mut SparseGrad, dout: &[f32], dout_stride: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashed_rows_keep_the_head_share_the_tail_and_zero_the_cold() {
+        let h = RowHash { own: 10, buckets: 16, first_cold: 2010 };
+        assert!((0..10).all(|r| h.row(r) == r));
+        let mut per_bucket = [0usize; 16];
+        for r in 10..2010 {
+            let t = h.row(r);
+            assert!((10..26).contains(&t), "row {r} → {t}");
+            per_bucket[(t - 10) as usize] += 1;
+        }
+        // 2,000 tail rows over 16 buckets: every bucket used, none with more than twice its share.
+        assert!(per_bucket.iter().all(|&n| n > 0 && n <= 250), "{per_bucket:?}");
+        assert_eq!(h.row(2010), 0);
+        assert_eq!(h.row(u32::MAX >> 1), 0);
+
+        let mut t = Embedding::for_items(2020, 2, 1.0, Some(h), &mut Rng::new(1));
+        assert_eq!(t.rows, 26);
+        t.weights[h.row(500) as usize * 2] = 7.0;
+        assert_eq!(t.row(500)[0], 7.0);
+        assert_eq!(t.row(2015), &[0.0, 0.0]);
+        let mut g = SparseGrad::for_table(&t);
+        g.add(500, 1.0, &[1.0, 1.0]);
+        g.add(3, 1.0, &[1.0, 1.0]);
+        g.add(2015, 1.0, &[1.0, 1.0]);
+        assert_eq!(g.rows, vec![h.row(500), 3]);
+    }
 
     #[test]
     fn bag_mean_gradient_matches_finite_differences() {

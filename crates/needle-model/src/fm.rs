@@ -11,7 +11,7 @@
 //! spread a weight of 1 over their values (`x = 1/len`). The item id is one-hot.
 
 use crate::deep::{bag_tensors, CategoricalSpec, ItemBags};
-use crate::embedding::Embedding;
+use crate::embedding::{Embedding, RowHash};
 use crate::rng::Rng;
 use crate::tower::{table_tensor, Grads, NamedTensor, Tower, UserBatch};
 use serde::{Deserialize, Serialize};
@@ -27,6 +27,9 @@ pub struct FmSpec {
     pub history: bool,
     pub user_features: Vec<CategoricalSpec>,
     pub item_features: Vec<CategoricalSpec>,
+    /// Hashing of the catalogue's tail into shared id rows (`[model] hash_buckets`).
+    #[serde(default)]
+    pub item_hash: Option<RowHash>,
 }
 
 #[derive(Clone, Debug)]
@@ -66,9 +69,9 @@ impl FmTwoTower {
         }
         let k = spec.k;
         Ok(FmTwoTower {
-            item_v: Embedding::new(spec.items, k, INIT, rng),
-            item_w: Embedding::new(spec.items, 1, 0.0, rng),
-            hist_v: spec.history.then(|| Embedding::new(spec.items, k, INIT, rng)),
+            item_v: Embedding::for_items(spec.items, k, INIT, spec.item_hash, rng),
+            item_w: Embedding::for_items(spec.items, 1, 0.0, spec.item_hash, rng),
+            hist_v: spec.history.then(|| Embedding::for_items(spec.items, k, INIT, spec.item_hash, rng)),
             user_v: spec.user_features.iter().map(|f| Embedding::new(f.rows, k, INIT, rng)).collect(),
             feat_v: spec.item_features.iter().map(|f| Embedding::new(f.rows, k, INIT, rng)).collect(),
             feat_w: spec.item_features.iter().map(|f| Embedding::new(f.rows, 1, 0.0, rng)).collect(),
@@ -296,6 +299,7 @@ mod tests {
                 CategoricalSpec { name: "age".into(), rows: 4, dim: 3 },
             ],
             item_features: vec![CategoricalSpec { name: "genres".into(), rows: 4, dim: 3 }],
+            item_hash: None,
         };
         let bags = vec![ItemBags { offsets: vec![0, 0, 1, 3, 3, 4, 6], keys: vec![1, 2, 3, 1, 1, 3] }];
         let mut m = FmTwoTower::new(spec, bags, &mut Rng::new(seed)).unwrap();

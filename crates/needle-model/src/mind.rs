@@ -15,7 +15,7 @@
 //! Item tower: `[item embedding ‖ pooled item features]` → L2 norm, as in YouTubeDNN.
 
 use crate::deep::{bag_tensors, pool_item_inputs, scatter_item_input_grads, CategoricalSpec, ItemBags};
-use crate::embedding::Embedding;
+use crate::embedding::{Embedding, RowHash};
 use crate::gemm::{matmul, Layout};
 use crate::layers::{l2norm_backward, l2norm_forward};
 use crate::mlp::{Mlp, MlpActs};
@@ -40,6 +40,9 @@ pub struct MindSpec {
     pub item_features: Vec<CategoricalSpec>,
     /// Hidden widths of the MLP applied to each capsule ‖ user features.
     pub hidden: Vec<usize>,
+    /// Hashing of the catalogue's tail into shared id rows (`[model] hash_buckets`).
+    #[serde(default)]
+    pub item_hash: Option<RowHash>,
 }
 
 impl MindSpec {
@@ -137,7 +140,7 @@ impl MindTwoTower {
         }
         let d = spec.dim;
         let table = |rows: usize, dim: usize, rng: &mut Rng| Embedding::new(rows, dim, 1.0 / (dim as f32).sqrt(), rng);
-        let item_emb = table(spec.items, d, rng);
+        let item_emb = Embedding::for_items(spec.items, d, 1.0 / (d as f32).sqrt(), spec.item_hash, rng);
         let user_feat_emb = spec.user_features.iter().map(|f| table(f.rows, f.dim, rng)).collect();
         let item_feat_emb = spec.item_features.iter().map(|f| table(f.rows, f.dim, rng)).collect();
         let bilinear = (0..d * d).map(|_| rng.normal() / (d as f32).sqrt()).collect();
@@ -445,6 +448,7 @@ mod tests {
             user_features: vec![CategoricalSpec { name: "g".into(), rows: 3, dim: 2 }],
             item_features: vec![CategoricalSpec { name: "genres".into(), rows: 3, dim: 2 }],
             hidden: vec![6],
+            item_hash: None,
         };
         let bags = vec![ItemBags { offsets: vec![0, 0, 1, 2, 2, 3, 3, 4], keys: vec![1, 2, 1, 2] }];
         let m = MindTwoTower::new(spec, bags, &mut Rng::new(5)).unwrap();

@@ -54,7 +54,7 @@ impl Grads {
     /// Zero-sized gradients shaped like `tables` and `dense`.
     pub fn for_params(tables: &[&Embedding], dense: &[usize]) -> Self {
         Grads {
-            tables: tables.iter().map(|e| SparseGrad::new(e.rows, e.dim)).collect(),
+            tables: tables.iter().map(|e| SparseGrad::for_table(e)).collect(),
             dense: dense.iter().map(|&n| vec![0.0; n]).collect(),
         }
     }

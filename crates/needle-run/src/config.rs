@@ -101,6 +101,10 @@ pub struct ModelConfig {
     /// knob for catalogues whose table and optimizer state do not fit in memory. Rarer items
     /// leave the histories and cannot be recalled.
     pub max_items: usize,
+    /// With `max_items`, the rarer items are not dropped but share this many id rows by a hash
+    /// of their row (0 = drop them): they stay in the histories and can be recalled, at the cost
+    /// of sharing an embedding.
+    pub hash_buckets: usize,
     /// Items of the catalogue with no training event get rows of their own when the item
     /// tower reads features: their id embedding stays zero, so their vector comes from their
     /// features alone and they can be recalled before anyone has interacted with them.
@@ -140,6 +144,7 @@ impl Default for ModelConfig {
             max_seq_len: 50,
             recent: 0,
             max_items: 0,
+            hash_buckets: 0,
             cold_items: true,
         }
     }
@@ -266,6 +271,15 @@ impl Config {
         }
         if m.kind == ModelKind::Mind && (m.interests == 0 || m.routing_iters == 0 || m.attention_power < 1) {
             return Err("[model] interests, routing_iters and attention_power must be >= 1".into());
+        }
+        if m.hash_buckets > 0 && m.max_items == 0 {
+            return Err(
+                "[model] hash_buckets needs max_items: the items beyond the max_items most frequent share the buckets"
+                    .into(),
+            );
+        }
+        if m.hash_buckets > u32::MAX as usize / 2 || m.max_items > u32::MAX as usize / 2 {
+            return Err("[model] max_items and hash_buckets must be below 2^31".into());
         }
         if !(0.0..1.0).contains(&t.item_id_dropout) {
             return Err("[train] item_id_dropout must be at least 0 and below 1".into());

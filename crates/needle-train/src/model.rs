@@ -54,8 +54,20 @@ pub fn recall(
     k: usize,
     keep_seen: bool,
 ) -> (Vec<u32>, Vec<f32>) {
+    recall_against(model, &model.item_vectors(), p, users, stage, k, keep_seen)
+}
+
+/// [`recall`] against item vectors computed once by the caller.
+fn recall_against(
+    model: &Model,
+    iv: &[f32],
+    p: &Prepared,
+    users: &[usize],
+    stage: Stage,
+    k: usize,
+    keep_seen: bool,
+) -> (Vec<u32>, Vec<f32>) {
     let uv = user_vectors(model, p, users, stage);
-    let iv = model.item_vectors();
     let ni = model.interests();
     let exclude = (!keep_seen).then(|| {
         let mut l = Lists::new();
@@ -66,12 +78,16 @@ pub fn recall(
         }
         l
     });
-    let (ids, scores) = top_k(&uv, &iv, model.dim(), k, exclude.as_ref());
+    let (ids, scores) = top_k(&uv, iv, model.dim(), k, exclude.as_ref());
     if ni == 1 {
         return (ids, scores);
     }
     merge_interests(&ids, &scores, users.len(), ni, k)
 }
+
+/// Users per evaluation chunk: each user's list is independent of the others', so chunks only
+/// bound memory and let progress be reported.
+const EVAL_CHUNK: usize = 2048;
 
 /// Above this many items, evaluation scores a sample of users unless told otherwise: one user
 /// then costs a pass over the whole corpus, and 10,000 users give HR@10 to about ±0.01.
@@ -98,7 +114,8 @@ pub fn eval_users(p: &Prepared, stage: Stage, n: Option<usize>, seed: u64) -> Ve
     users
 }
 
-/// Evaluates `stage`'s targets for every user that has one (or the given subset).
+/// Evaluates `stage`'s targets for every user that has one (or the given subset); `progress`
+/// gets `(users scored, users)` after each chunk.
 pub fn evaluate(
     model: &Model,
     p: &Prepared,
@@ -106,6 +123,7 @@ pub fn evaluate(
     ks: &[usize],
     keep_seen: bool,
     subset: Option<&[usize]>,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> Report {
     let targets = p.targets(stage);
     let users: Vec<usize> = match subset {
@@ -113,7 +131,12 @@ pub fn evaluate(
         None => (0..p.n_users()).filter(|&u| !targets.get(u).is_empty()).collect(),
     };
     let kmax = ks.iter().copied().max().unwrap_or(10);
-    let (ranked, _) = recall(model, p, &users, stage, kmax, keep_seen);
+    let iv = model.item_vectors();
+    let mut ranked = Vec::with_capacity(users.len() * kmax);
+    for chunk in users.chunks(EVAL_CHUNK) {
+        ranked.extend(recall_against(model, &iv, p, chunk, stage, kmax, keep_seen).0);
+        progress(ranked.len() / kmax, users.len());
+    }
     let mut t = Lists::new();
     for &u in &users {
         t.push(targets.get(u).iter().copied());

@@ -7,6 +7,7 @@ use crate::TrainError;
 use needle_data::{Dataset, Split, Vocab};
 use needle_eval::Lists;
 use needle_model::deep::ItemBags;
+use needle_model::embedding::RowHash;
 
 pub use needle_run::USER_ID_FEATURE;
 
@@ -35,6 +36,8 @@ pub struct Prepared {
     /// Items of the dataset with no training event and no row: the model reads no item
     /// features (or none of theirs is known), so they cannot be recalled.
     pub unembedded_items: usize,
+    /// How item rows map onto the id tables when the tail is hashed (`[model] hash_buckets`).
+    pub item_hash: Option<RowHash>,
     pub train_min_ts: i64,
     pub train_max_ts: i64,
     /// Raw user ids, by dataset user key.
@@ -111,7 +114,18 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
     let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
     let key_counts = train_counts(ds, split);
     let kept = kept_items(&key_counts, model.max_items);
-    let keep = |k: u32| kept.as_ref().is_none_or(|kept| kept[k as usize]);
+    // Hashing the tail: the kept items take rows 1..own first, so that the rest, which share
+    // `hash_buckets` table rows, stay in the histories as rows from `own` on.
+    let hashing = model.hash_buckets > 0 && kept.is_some();
+    if let (true, Some(kept)) = (hashing, &kept) {
+        for &k in split.train.items.iter().filter(|&&k| kept[k as usize]) {
+            if key_to_row[k as usize] == 0 {
+                key_to_row[k as usize] = items.insert(&ds.item_ids[k as usize]);
+            }
+        }
+    }
+    let own_rows = items.len();
+    let keep = |k: u32| hashing || kept.as_ref().is_none_or(|kept| kept[k as usize]);
     for u in 0..n_users {
         let (keys, times) = (split.train.items_of(u), split.train.ts_of(u));
         for &k in keys.iter().filter(|&&k| keep(k)) {
@@ -221,6 +235,11 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
         }
     }
     let cold_rows = items.len() - warm_rows;
+    let item_hash = hashing.then_some(RowHash {
+        own: own_rows as u32,
+        buckets: model.hash_buckets as u32,
+        first_cold: warm_rows as u32,
+    });
     if items.len() as u64 >= u64::from(needle_model::tower::ID_DROPPED) {
         return Err(TrainError::Data(format!("{} item rows: at most 2^31 - 1 fit an item table", items.len())));
     }
@@ -264,6 +283,7 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
         item_counts,
         cold_rows,
         unembedded_items,
+        item_hash,
         train_min_ts: if min_ts == i64::MAX { 0 } else { min_ts },
         train_max_ts: if max_ts == i64::MIN { 0 } else { max_ts },
         user_raw: ds.user_ids.clone(),

@@ -110,6 +110,7 @@ pub fn deep_spec(cfg: &Config, p: &Prepared) -> DeepSpec {
         out_dim: if dssm { m.out_dim } else { item_input },
         example_age: m.example_age,
         recent: m.recent,
+        item_hash: p.item_hash,
     }
 }
 
@@ -125,6 +126,7 @@ pub fn fm_spec(cfg: &Config, p: &Prepared) -> FmSpec {
         history: m.history,
         user_features,
         item_features,
+        item_hash: p.item_hash,
     }
 }
 
@@ -143,12 +145,16 @@ pub fn mind_spec(cfg: &Config, p: &Prepared) -> MindSpec {
         user_features,
         item_features,
         hidden: m.hidden.clone(),
+        item_hash: p.item_hash,
     }
 }
 
-/// Reused per-step buffers: nothing is allocated per sample or per step once warm.
-struct Step<T: Tower> {
-    batch: UserBatch,
+/// One assembled batch as contiguous buffers: the user tower's inputs and the candidates. Two of
+/// them circulate between the producer thread and the training loop, so nothing is allocated
+/// per step once both are warm.
+#[derive(Default)]
+pub struct Batch {
+    users: UserBatch,
     pos_ids: Vec<u32>,
     pos_corr: Vec<f32>,
     neg_ids: Vec<u32>,
@@ -158,6 +164,25 @@ struct Step<T: Tower> {
     /// The candidates as the item tower sees them: with `item_id_dropout`, some carry
     /// [`ID_DROPPED`]; the ids above stay plain for corrections and accidental-hit masks.
     tower_ids: [Vec<u32>; 3],
+    /// Sampled negatives per row (0 when negatives are shared by the batch).
+    n_row: usize,
+    /// Seconds spent assembling it.
+    seconds: f64,
+}
+
+impl Batch {
+    /// The candidate ids to give the item tower: positives, per-row negatives, shared negatives.
+    fn tower_inputs(&self, id_dropout: bool) -> [&[u32]; 3] {
+        if id_dropout {
+            [&self.tower_ids[0], &self.tower_ids[1], &self.tower_ids[2]]
+        } else {
+            [&self.pos_ids, &self.neg_ids, &self.shared_ids]
+        }
+    }
+}
+
+/// Reused activation and gradient buffers: nothing is allocated per sample or per step once warm.
+struct Step<T: Tower> {
     user: T::UserActs,
     pos: T::ItemActs,
     neg: T::ItemActs,
@@ -177,14 +202,6 @@ struct Step<T: Tower> {
 impl<T: Tower> Default for Step<T> {
     fn default() -> Self {
         Step {
-            batch: UserBatch::default(),
-            pos_ids: Vec::new(),
-            pos_corr: Vec::new(),
-            neg_ids: Vec::new(),
-            neg_corr: Vec::new(),
-            shared_ids: Vec::new(),
-            shared_corr: Vec::new(),
-            tower_ids: Default::default(),
             user: Default::default(),
             pos: Default::default(),
             neg: Default::default(),
@@ -236,77 +253,57 @@ impl Optim {
     }
 }
 
-/// A model under training with its sampler, optimizer and buffers; [`Trainer::step`] runs one batch.
-pub struct Trainer<'a, T: Tower> {
-    pub model: T,
+/// What assembling a batch reads: the prepared data, the config and the negative sampler. It is
+/// shared with the producer thread, which fills the next batch while a step computes.
+pub struct Assembler<'a> {
     p: &'a Prepared,
     cfg: &'a Config,
     sampler: AliasSampler,
     /// `ln` of each item's unigram frequency among training targets (for in-batch log-Q).
     log_unigram: Vec<f32>,
-    grads: Grads,
-    optim: Optim,
-    step: Step<T>,
     age_span: f32,
-    /// Seconds spent so far assembling batches, in forward + backward, and in the optimizer.
-    phases: [f64; 3],
+    max_seq_len: usize,
+    n_user_features: usize,
 }
 
-impl<'a, T: Tower> Trainer<'a, T> {
-    pub fn new(cfg: &'a Config, p: &'a Prepared, mut model: T) -> Result<Self, TrainError> {
+impl<'a> Assembler<'a> {
+    fn new<T: Tower>(cfg: &'a Config, p: &'a Prepared, model: &T) -> Result<Self, TrainError> {
         let weights: Vec<f64> = p.item_counts.iter().map(|&c| (c as f64).powf(0.75)).collect();
         let sampler =
             AliasSampler::new(&weights).ok_or_else(|| TrainError::Data("no item has a training event".into()))?;
         let total: u64 = p.item_counts.iter().sum();
         let log_unigram =
             p.item_counts.iter().map(|&c| if c > 0 { (c as f64 / total as f64).ln() as f32 } else { 0.0 }).collect();
-        let grads = model.new_grads();
-        let optim = Optim::new(&mut model, cfg.train.sparse_optimizer);
-        Ok(Trainer {
-            model,
+        Ok(Assembler {
             p,
             cfg,
             sampler,
             log_unigram,
-            grads,
-            optim,
-            step: Step::default(),
             age_span: (p.train_max_ts - p.train_min_ts).max(1) as f32,
-            phases: [0.0; 3],
+            max_seq_len: model.max_seq_len(),
+            n_user_features: model.n_user_features(),
         })
     }
 
-    /// Seconds spent so far assembling batches (histories, features, negatives), in forward and
-    /// backward passes (embedding gathers included), and in the optimizer.
-    pub fn phase_seconds(&self) -> [f64; 3] {
-        self.phases
-    }
-
-    /// Item-table rows the last step updated.
-    pub fn touched_item_rows(&self) -> usize {
-        self.grads.tables.first().map_or(0, |g| g.rows.len())
-    }
-
-    /// Fills the batch and the candidate lists for `samples`; returns the per-row negative count.
-    fn assemble(&mut self, samples: &[Sample], rng: &mut Rng) -> usize {
+    /// Fills `s` with the user inputs and candidate lists for `samples`.
+    fn fill(&self, samples: &[Sample], rng: &mut Rng, s: &mut Batch) {
+        let start = Instant::now();
         let p = self.p;
         let t = &self.cfg.train;
-        let s = &mut self.step;
-        let l = self.model.max_seq_len();
-        let nf = self.model.n_user_features();
+        let (l, nf) = (self.max_seq_len, self.n_user_features);
         let b = samples.len();
-        s.batch.reset(b, l, nf);
+        s.users.reset(b, l, nf);
         s.pos_ids.clear();
         for (i, smp) in samples.iter().enumerate() {
             let u = smp.user as usize;
             let seq = p.train.get(u);
             let pos = smp.pos as usize;
             let h = &seq[pos.saturating_sub(l)..pos];
-            s.batch.hist[i * l..i * l + h.len()].copy_from_slice(h);
-            s.batch.hist_len[i] = h.len() as u32;
-            s.batch.feats[i * nf..(i + 1) * nf].copy_from_slice(&p.user_feats[u * nf..(u + 1) * nf]);
+            s.users.hist[i * l..i * l + h.len()].copy_from_slice(h);
+            s.users.hist_len[i] = h.len() as u32;
+            s.users.feats[i * nf..(i + 1) * nf].copy_from_slice(&p.user_feats[u * nf..(u + 1) * nf]);
             let ts = p.train_ts[p.train.offsets[u] as usize + pos];
-            s.batch.age[i] = (p.train_max_ts - ts) as f32 / self.age_span;
+            s.users.age[i] = (p.train_max_ts - ts) as f32 / self.age_span;
             s.pos_ids.push(seq[pos]);
         }
         s.neg_ids.clear();
@@ -314,7 +311,7 @@ impl<'a, T: Tower> Trainer<'a, T> {
         s.shared_ids.clear();
         s.shared_corr.clear();
         s.pos_corr.clear();
-        let mut n_row = 0;
+        s.n_row = 0;
         match t.loss {
             LossKind::Full => {
                 s.pos_corr.resize(b, 0.0);
@@ -330,7 +327,7 @@ impl<'a, T: Tower> Trainer<'a, T> {
             }
             LossKind::Bce => {
                 s.pos_corr.resize(b, 0.0);
-                n_row = t.negatives;
+                s.n_row = t.negatives;
                 for _ in 0..t.negatives * b {
                     s.neg_ids.push(self.sampler.sample(rng));
                 }
@@ -341,7 +338,7 @@ impl<'a, T: Tower> Trainer<'a, T> {
                 let (ids, corr, draws) = if t.shared_negatives {
                     (&mut s.shared_ids, &mut s.shared_corr, t.negatives)
                 } else {
-                    n_row = t.negatives;
+                    s.n_row = t.negatives;
                     (&mut s.neg_ids, &mut s.neg_corr, t.negatives * b)
                 };
                 for _ in 0..draws {
@@ -351,18 +348,9 @@ impl<'a, T: Tower> Trainer<'a, T> {
                 }
             }
         }
-        n_row
-    }
-
-    /// One optimizer step on `samples`; returns the batch's mean loss.
-    pub fn step(&mut self, samples: &[Sample], rng: &mut Rng) -> f32 {
-        let t0 = Instant::now();
-        let n_row = self.assemble(samples, rng);
-        let t = &self.cfg.train;
-        let s = &mut self.step;
         let drop = t.item_id_dropout;
         // An item without feature values has nothing left to embed once its id is dropped.
-        let bags = &self.p.item_bags;
+        let bags = &p.item_bags;
         let has_features = |i: u32| bags.iter().any(|b| !b.of(i).is_empty());
         for (out, ids) in s.tower_ids.iter_mut().zip([&s.pos_ids, &s.neg_ids, &s.shared_ids]) {
             out.clear();
@@ -372,25 +360,139 @@ impl<'a, T: Tower> Trainer<'a, T> {
                 );
             }
         }
+        s.seconds = start.elapsed().as_secs_f64();
+    }
+}
+
+/// The model, its optimizer and the step buffers: what a step mutates.
+struct Engine<T: Tower> {
+    model: T,
+    grads: Grads,
+    optim: Optim,
+    step: Step<T>,
+}
+
+/// A model under training with its sampler, optimizer and buffers; [`Trainer::step`] runs one
+/// batch, [`Trainer::epoch`] a whole pass with batches assembled on a producer thread.
+pub struct Trainer<'a, T: Tower> {
+    asm: Assembler<'a>,
+    engine: Engine<T>,
+    /// A batch for [`Trainer::step`], which assembles in line.
+    batch: Batch,
+    /// Seconds spent so far assembling batches (or, in an epoch, waiting for the producer), in
+    /// forward + backward, and in the optimizer.
+    phases: [f64; 3],
+}
+
+impl<'a, T: Tower> Trainer<'a, T> {
+    pub fn new(cfg: &'a Config, p: &'a Prepared, mut model: T) -> Result<Self, TrainError> {
+        let asm = Assembler::new(cfg, p, &model)?;
+        let grads = model.new_grads();
+        let optim = Optim::new(&mut model, cfg.train.sparse_optimizer);
+        Ok(Trainer {
+            asm,
+            engine: Engine { model, grads, optim, step: Step::default() },
+            batch: Batch::default(),
+            phases: [0.0; 3],
+        })
+    }
+
+    pub fn model(&self) -> &T {
+        &self.engine.model
+    }
+
+    pub fn into_model(self) -> T {
+        self.engine.model
+    }
+
+    /// Seconds spent so far assembling batches (histories, features, negatives), in forward and
+    /// backward passes (embedding gathers included), and in the optimizer.
+    pub fn phase_seconds(&self) -> [f64; 3] {
+        self.phases
+    }
+
+    /// Item-table rows the last step updated.
+    pub fn touched_item_rows(&self) -> usize {
+        self.engine.grads.tables.first().map_or(0, |g| g.rows.len())
+    }
+
+    /// One optimizer step on `samples`, assembled in line; returns the batch's mean loss.
+    pub fn step(&mut self, samples: &[Sample], rng: &mut Rng) -> f32 {
+        self.asm.fill(samples, rng, &mut self.batch);
+        self.phases[0] += self.batch.seconds;
+        let (loss, f, o) = self.engine.compute(self.asm.cfg, &self.batch);
+        self.phases[1] += f;
+        self.phases[2] += o;
+        loss
+    }
+
+    /// One pass over `order` in batches of `batch_size`, the next batch assembled on a producer
+    /// thread while the current one computes (both draw from `rng` in the order a sequential
+    /// loop would, so results do not depend on the overlap). `after` sees each step's index,
+    /// samples and loss; an error from it stops the epoch.
+    pub fn epoch<E>(
+        &mut self,
+        order: &[Sample],
+        batch_size: usize,
+        rng: &mut Rng,
+        mut after: impl FnMut(usize, usize, f32) -> Result<(), E>,
+    ) -> Result<(), E> {
+        use std::sync::mpsc::sync_channel;
+        let Trainer { asm, engine, phases, .. } = self;
+        let asm = &*asm;
+        std::thread::scope(|scope| {
+            let (full_tx, full_rx) = sync_channel::<Batch>(1);
+            let (empty_tx, empty_rx) = sync_channel::<Batch>(2);
+            for _ in 0..2 {
+                let _ = empty_tx.send(Batch::default());
+            }
+            scope.spawn(move || {
+                for chunk in order.chunks(batch_size) {
+                    let Ok(mut b) = empty_rx.recv() else { return };
+                    asm.fill(chunk, rng, &mut b);
+                    if full_tx.send(b).is_err() {
+                        return;
+                    }
+                }
+            });
+            for (i, chunk) in order.chunks(batch_size).enumerate() {
+                let wait = Instant::now();
+                let Ok(b) = full_rx.recv() else { break };
+                phases[0] += wait.elapsed().as_secs_f64();
+                let (loss, f, o) = engine.compute(asm.cfg, &b);
+                phases[1] += f;
+                phases[2] += o;
+                let _ = empty_tx.send(b);
+                // Returning drops the receivers, which ends the producer at its next send.
+                after(i, chunk.len(), loss)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl<T: Tower> Engine<T> {
+    /// Forward, loss, backward and optimizer update on one assembled batch; returns the loss
+    /// and the seconds of forward + backward and of the optimizer.
+    fn compute(&mut self, cfg: &Config, batch: &Batch) -> (f32, f64, f64) {
         let t1 = Instant::now();
+        let t = &cfg.train;
+        let s = &mut self.step;
+        let n_row = batch.n_row;
+        let [pos_in, neg_in, shared_in] = batch.tower_inputs(t.item_id_dropout > 0.0);
         let m = &self.model;
-        let b = samples.len();
+        let b = batch.pos_ids.len();
         let d = m.out_dim();
-        let [pos_in, neg_in, shared_in] = if drop > 0.0 {
-            [&s.tower_ids[0][..], &s.tower_ids[1][..], &s.tower_ids[2][..]]
-        } else {
-            [&s.pos_ids[..], &s.neg_ids[..], &s.shared_ids[..]]
-        };
-        m.user_forward(&s.batch, &mut s.user);
+        m.user_forward(&batch.users, &mut s.user);
         m.item_forward(pos_in, &mut s.pos);
         m.item_forward(neg_in, &mut s.neg);
         m.item_forward(shared_in, &mut s.shared);
         s.gu.resize(b * d, 0.0);
         s.gp.resize(b * d, 0.0);
-        s.gn.resize(s.neg_ids.len() * d, 0.0);
-        s.gs.resize(s.shared_ids.len() * d, 0.0);
+        s.gn.resize(batch.neg_ids.len() * d, 0.0);
+        s.gs.resize(batch.shared_ids.len() * d, 0.0);
         let ni = m.interests();
-        let power = self.cfg.model.attention_power;
+        let power = cfg.model.attention_power;
         if ni > 1 {
             // Label-aware attention: the target item picks the mix of interests it is scored by.
             s.active.clear();
@@ -416,9 +518,9 @@ impl<'a, T: Tower> Trainer<'a, T> {
             bce_loss(
                 user,
                 m.item_out(&s.pos),
-                &s.pos_ids,
+                &batch.pos_ids,
                 m.item_out(&s.neg),
-                &s.neg_ids,
+                &batch.neg_ids,
                 n_row,
                 t.temperature,
                 d,
@@ -431,15 +533,15 @@ impl<'a, T: Tower> Trainer<'a, T> {
                 &SoftmaxInputs {
                     user,
                     pos: m.item_out(&s.pos),
-                    pos_corr: &s.pos_corr,
-                    pos_ids: &s.pos_ids,
+                    pos_corr: &batch.pos_corr,
+                    pos_ids: &batch.pos_ids,
                     row_negs: m.item_out(&s.neg),
-                    row_corr: &s.neg_corr,
-                    row_ids: &s.neg_ids,
+                    row_corr: &batch.neg_corr,
+                    row_ids: &batch.neg_ids,
                     n_row,
                     shared: m.item_out(&s.shared),
-                    shared_corr: &s.shared_corr,
-                    shared_ids: &s.shared_ids,
+                    shared_corr: &batch.shared_corr,
+                    shared_ids: &batch.shared_ids,
                     temperature: t.temperature,
                     d,
                 },
@@ -462,20 +564,16 @@ impl<'a, T: Tower> Trainer<'a, T> {
                 d,
                 power,
             );
-            m.user_backward(&s.batch, &mut s.user, &s.att_dv, &mut self.grads);
+            m.user_backward(&batch.users, &mut s.user, &s.att_dv, &mut self.grads);
         } else {
-            m.user_backward(&s.batch, &mut s.user, &s.gu, &mut self.grads);
+            m.user_backward(&batch.users, &mut s.user, &s.gu, &mut self.grads);
         }
         m.item_backward(pos_in, &mut s.pos, &s.gp, &mut self.grads);
         m.item_backward(neg_in, &mut s.neg, &s.gn, &mut self.grads);
         m.item_backward(shared_in, &mut s.shared, &s.gs, &mut self.grads);
         let t2 = Instant::now();
         self.optim.step(&mut self.model, &self.grads, t.lr, t.embedding_lr);
-        let t3 = Instant::now();
-        for (acc, (a, b)) in self.phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
-            *acc += (b - a).as_secs_f64();
-        }
-        loss
+        (loss, (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64())
     }
 }
 
@@ -612,11 +710,27 @@ fn progress_bar(len: u64, show: bool) -> ProgressBar {
     bar
 }
 
+/// A progress bar over users being scored (validation, test evaluation), drawn on stderr when `show`.
+pub fn users_bar(prefix: &str, show: bool) -> ProgressBar {
+    let target = if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+    let bar = ProgressBar::with_draw_target(None, target);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} users  {per_sec}  ETA {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_owned());
+    bar
+}
+
 /// Builds an untrained model of the configured kind; the id rows of cold items start (and,
 /// since no step touches them, stay) at zero.
 pub fn build_model(cfg: &Config, p: &Prepared, rng: &mut Rng) -> Result<Model, TrainError> {
     fn cold<T: Tower>(mut m: T, p: &Prepared) -> Box<T> {
-        needle_model::tower::clear_item_rows(&mut m, p.warm_rows());
+        // Under hashing, cold rows already read the zero padding row.
+        if p.item_hash.is_none() {
+            needle_model::tower::clear_item_rows(&mut m, p.warm_rows());
+        }
         Box::new(m)
     }
     Ok(match cfg.model.kind {
@@ -698,26 +812,32 @@ fn train_tower<T: Tower + Clone>(
         let e_start = Instant::now();
         let (mut loss_sum, mut steps) = (0.0f64, 0usize);
         let mut ema = f64::NAN;
-        for (i, chunk) in order.chunks(t.batch_size).enumerate() {
-            let loss = trainer.step(chunk, &mut rng) as f64;
+        trainer.epoch(&order, t.batch_size, &mut rng, |i, n, loss| {
+            let loss = f64::from(loss);
             if !loss.is_finite() {
                 return Err(TrainError::Diverged { epoch, step: i });
             }
             loss_sum += loss;
             steps += 1;
             ema = if ema.is_nan() { loss } else { 0.98 * ema + 0.02 * loss };
-            bar.inc(chunk.len() as u64);
+            bar.inc(n as u64);
             if i % 20 == 0 {
                 let rate = bar.position() as f64 / e_start.elapsed().as_secs_f64().max(1e-9);
                 bar.set_message(format!("loss {ema:.4}  {rate:.0} samples/s"));
             }
-        }
+            Ok(())
+        })?;
         let secs = e_start.elapsed().as_secs_f64();
         bar.finish_and_clear();
         train_secs += secs;
         trained_samples += order.len();
-        let model = wrap(trainer.model.clone());
-        let r = evaluate(&model, p, Stage::Valid, &[10], false, valid_subset.as_deref());
+        let model = wrap(trainer.model().clone());
+        let vbar = users_bar(&format!("validation {epoch}/{}", t.epochs), show_progress);
+        let r = evaluate(&model, p, Stage::Valid, &[10], false, valid_subset.as_deref(), &mut |done, total| {
+            vbar.set_length(total as u64);
+            vbar.set_position(done as u64);
+        });
+        vbar.finish_and_clear();
         let hr = r.get(10).map_or(0.0, |a| a.hit_rate);
         let rec = EpochLog {
             epoch,
@@ -744,7 +864,7 @@ fn train_tower<T: Tower + Clone>(
     // The optimizer state goes before the caller saves, so saving never holds both.
     let model = match best {
         Some(b) => b,
-        None => wrap(trainer.model),
+        None => wrap(trainer.into_model()),
     };
     Ok(Trained {
         model,

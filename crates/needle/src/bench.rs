@@ -133,6 +133,7 @@ fn synthetic(rows: usize, active: usize, users: usize, rng: &mut Rng) -> Prepare
         item_counts: counts,
         cold_rows: 0,
         unembedded_items: 0,
+        item_hash: None,
         train_min_ts: 0,
         train_max_ts: per_user as i64,
         user_raw: (0..users).map(|u| u.to_string()).collect(),

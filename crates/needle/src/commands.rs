@@ -155,6 +155,14 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
         p.items.len() - 1,
         p.users.len() - 1
     );
+    if let Some(h) = p.item_hash {
+        eprintln!(
+            "hashed tail: {} items beyond the {} most frequent share {} id rows",
+            h.first_cold - h.own,
+            h.own - 1,
+            h.buckets
+        );
+    }
     if p.cold_rows > 0 {
         eprintln!("cold items: {} items without a training event are embedded from their features alone", p.cold_rows);
     }
@@ -201,7 +209,12 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
         out.display()
     );
     let users = eval_users_of(&p, None, cfg.train.seed);
-    let report = evaluate(&trained.model, &p, Stage::Test, &[10, 50, 100], false, Some(&users));
+    let bar = trainer::users_bar("test", !quiet);
+    let report = evaluate(&trained.model, &p, Stage::Test, &[10, 50, 100], false, Some(&users), &mut |done, n| {
+        bar.set_length(n as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
     println!("test, full corpus, known items excluded:\n{}", needle_eval::format_table(&report));
     write_metrics(out, &report)
 }
@@ -227,7 +240,12 @@ pub fn eval(
         return Ok(());
     }
     let users = eval_users_of(&r.prepared, eval_users, r.info.config.train.seed);
-    let report = evaluate(&r.model, &r.prepared, Stage::Test, ks, keep_seen, Some(&users));
+    let bar = trainer::users_bar("test", true);
+    let report = evaluate(&r.model, &r.prepared, Stage::Test, ks, keep_seen, Some(&users), &mut |done, n| {
+        bar.set_length(n as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
     println!(
         "{} ({:?}), test, full corpus, known items {}:\n{}",
         run.display(),

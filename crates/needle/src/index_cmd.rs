@@ -235,8 +235,13 @@ pub fn eval_ann(
     let mut ids = vec![u32::MAX; users.len() * ni * kmax];
     let mut scores = vec![f32::NEG_INFINITY; users.len() * ni * kmax];
     let mut buf = Vec::new();
+    let bar = needle_train::trainer::users_bar("test through the index", true);
+    bar.set_length(users.len() as u64);
     // Each interest vector is one query; a multi-interest user's lists merge by score below.
     for (q_i, q) in uv.chunks_exact(d).enumerate() {
+        if q_i % (ni * 256) == 0 {
+            bar.set_position((q_i / ni) as u64);
+        }
         let u = users[q_i / ni];
         if keep_seen {
             index.search(q, kmax, &mut buf)?;
@@ -249,6 +254,7 @@ pub fn eval_ann(
             scores[q_i * kmax + slot] = score;
         }
     }
+    bar.finish_and_clear();
     let ranked = if ni > 1 { merge_interests(&ids, &scores, users.len(), ni, kmax).0 } else { ids };
     let mut targets = Lists::new();
     for &u in &users {

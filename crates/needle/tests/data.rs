@@ -83,6 +83,21 @@ fn synthetic_log_is_learnable_and_configs_resolve_from_their_folder() {
     ok(&needle(&["train", "--config", "../configs/capped.toml", "--out", "../runs/capped", "--quiet"], &cwd));
     let vocab = std::fs::read_to_string(dir.join("runs/capped/vocab/items.tsv")).unwrap();
     assert_eq!(vocab.lines().count(), 300);
+    // Or the tail shares a few hashed rows: it stays in the vocabulary and can be recalled.
+    let hashed =
+        format!("{data}{}", SYNTH_MODEL.replace("recent = 3", "recent = 3\nmax_items = 300\nhash_buckets = 64"));
+    std::fs::write(dir.join("configs/hashed.toml"), hashed).unwrap();
+    let out = needle(&["train", "--config", "../configs/hashed.toml", "--out", "../runs/hashed", "--quiet"], &cwd);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("items beyond the 300 most frequent share 64 id rows"), "{err}");
+    let all = std::fs::read_to_string(dir.join("runs/yt/vocab/items.tsv")).unwrap();
+    let hashed_vocab = std::fs::read_to_string(dir.join("runs/hashed/vocab/items.tsv")).unwrap();
+    assert_eq!(hashed_vocab.lines().count(), all.lines().count());
+    let head: std::collections::HashSet<&str> = vocab.lines().filter_map(|l| l.split('\t').nth(1)).collect();
+    let recall = ok(&needle(&["recall", "--run", "runs/hashed", "--k", "100"], dir));
+    let tail_recalled = recall.lines().flat_map(|l| l.split(['\t', ',']).skip(1)).filter(|i| !head.contains(i)).count();
+    assert!(tail_recalled > 0, "no item beyond the 300 most frequent was recalled");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_needle"))
         .args(["train", "--config", "../configs/yt.toml", "--out", "../runs/too-big", "--quiet"])
         .env("NEEDLE_MEMORY_LIMIT", "1M")
