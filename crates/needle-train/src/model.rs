@@ -10,6 +10,50 @@ use needle_run::with_tower;
 /// Users whose vectors are computed in one pass.
 const USER_CHUNK: usize = 2048;
 
+/// What evaluation needs of a model: its vectors. The saved [`Model`] has them, and so does a
+/// tower under training ([`InPlace`]), which is then scored without a copy of its tables.
+pub trait Scorer {
+    fn dim(&self) -> usize;
+    fn interests(&self) -> usize;
+    /// Vectors of every item row, row 0 included.
+    fn item_vectors(&self) -> Vec<f32>;
+    /// `[users.len() × interests × dim]` vectors from each user's known history for `stage`.
+    fn user_vectors(&self, p: &Prepared, users: &[usize], stage: Stage) -> Vec<f32>;
+}
+
+impl Scorer for Model {
+    fn dim(&self) -> usize {
+        Model::dim(self)
+    }
+    fn interests(&self) -> usize {
+        Model::interests(self)
+    }
+    fn item_vectors(&self) -> Vec<f32> {
+        Model::item_vectors(self)
+    }
+    fn user_vectors(&self, p: &Prepared, users: &[usize], stage: Stage) -> Vec<f32> {
+        user_vectors(self, p, users, stage)
+    }
+}
+
+/// A tower scored where it is, e.g. the model under training at validation time.
+pub struct InPlace<'a, T>(pub &'a T);
+
+impl<T: Tower> Scorer for InPlace<'_, T> {
+    fn dim(&self) -> usize {
+        self.0.out_dim()
+    }
+    fn interests(&self) -> usize {
+        self.0.interests()
+    }
+    fn item_vectors(&self) -> Vec<f32> {
+        self.0.all_item_vectors()
+    }
+    fn user_vectors(&self, p: &Prepared, users: &[usize], stage: Stage) -> Vec<f32> {
+        tower_user_vectors(self.0, p, users, stage)
+    }
+}
+
 /// `[users.len() × interests × dim]` vectors from each user's known history for `stage`.
 pub fn user_vectors(model: &Model, p: &Prepared, users: &[usize], stage: Stage) -> Vec<f32> {
     with_tower!(model, m => tower_user_vectors(m.as_ref(), p, users, stage), pop _c => vec![1.0; users.len()])
@@ -58,8 +102,8 @@ pub fn recall(
 }
 
 /// [`recall`] against item vectors computed once by the caller.
-fn recall_against(
-    model: &Model,
+fn recall_against<S: Scorer + ?Sized>(
+    model: &S,
     iv: &[f32],
     p: &Prepared,
     users: &[usize],
@@ -67,7 +111,7 @@ fn recall_against(
     k: usize,
     keep_seen: bool,
 ) -> (Vec<u32>, Vec<f32>) {
-    let uv = user_vectors(model, p, users, stage);
+    let uv = model.user_vectors(p, users, stage);
     let ni = model.interests();
     let exclude = (!keep_seen).then(|| {
         let mut l = Lists::new();
@@ -116,8 +160,8 @@ pub fn eval_users(p: &Prepared, stage: Stage, n: Option<usize>, seed: u64) -> Ve
 
 /// Evaluates `stage`'s targets for every user that has one (or the given subset); `progress`
 /// gets `(users scored, users)` after each chunk.
-pub fn evaluate(
-    model: &Model,
+pub fn evaluate<S: Scorer + ?Sized>(
+    model: &S,
     p: &Prepared,
     stage: Stage,
     ks: &[usize],

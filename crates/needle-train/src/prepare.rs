@@ -2,7 +2,7 @@
 //! built from training events only (so nothing about later events leaks into the model),
 //! histories as item rows, targets, feature rows and popularity counts.
 
-use crate::config::{ModelConfig, ModelKind};
+use crate::config::{Config, ModelKind};
 use crate::TrainError;
 use needle_data::{Dataset, Split, Vocab};
 use needle_eval::Lists;
@@ -105,7 +105,8 @@ fn kept_items(counts: &[u64], max_items: usize) -> Option<Vec<bool>> {
     Some(kept)
 }
 
-pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepared, TrainError> {
+pub fn prepare(ds: &Dataset, split: &Split, cfg: &Config) -> Result<Prepared, TrainError> {
+    let model = &cfg.model;
     let n_users = ds.user_ids.len();
     let mut items = Vocab::new();
     let mut key_to_row = vec![0u32; ds.item_ids.len()];
@@ -218,7 +219,7 @@ pub fn prepare(ds: &Dataset, split: &Split, model: &ModelConfig) -> Result<Prepa
     // rows after the trained ones when their features are known, so the item tower can embed them.
     let warm_rows = items.len();
     let mut unembedded_items = 0usize;
-    let embed_cold = model.cold_items && !feats.is_empty();
+    let embed_cold = model.cold_items.unwrap_or(cfg.train.item_id_dropout > 0.0) && !feats.is_empty();
     for key in (0..ds.item_ids.len()).filter(|&k| key_counts[k] == 0) {
         let bag = |f: usize| {
             let feat = feats[f];

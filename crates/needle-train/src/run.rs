@@ -84,7 +84,7 @@ pub struct LoadedRun {
 pub fn load_run(dir: &Path, data_dir: Option<&Path>) -> Result<LoadedRun, TrainError> {
     let info = read_info(dir)?;
     let (dataset, split) = needle_run::load_run_data(&info, data_dir)?;
-    let prepared = prepare(&dataset, &split, &info.config.model)?;
+    let prepared = prepare(&dataset, &split, &info.config)?;
     for (name, vocab) in vocab_files(&prepared) {
         let saved = read_vocab(dir, &name)?;
         if saved.len() != vocab.len() || saved.iter().zip(vocab.iter()).any(|(a, b)| a != b) {

@@ -134,7 +134,7 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
             n => format!(", {n} bad rows skipped"),
         }
     );
-    let p = prepare(&ds, &split, &cfg.model)?;
+    let p = prepare(&ds, &split, &cfg)?;
     // Training reads only the prepared form; at 10^8 events the raw events, ids, titles and the
     // split are gigabytes. The run keeps the dataset's name and the source's fingerprint.
     drop(split);
@@ -170,8 +170,11 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
         let why = if cfg.model.kind == needle_train::config::ModelKind::Popularity || cfg.model.item_features.is_empty()
         {
             "this model's item tower reads item ids only; list [model] item_features to embed them".to_owned()
-        } else if !cfg.model.cold_items {
+        } else if cfg.model.cold_items == Some(false) {
             "[model] cold_items = false".to_owned()
+        } else if cfg.model.cold_items.is_none() && cfg.train.item_id_dropout == 0.0 {
+            "train with [train] item_id_dropout = 0.1 (or set [model] cold_items = true) to embed them from their features"
+                .to_owned()
         } else {
             "none of their feature values occurs on a trained item".to_owned()
         };
