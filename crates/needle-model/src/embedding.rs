@@ -52,7 +52,8 @@ pub struct Embedding {
 impl Embedding {
     /// Rows drawn from N(0, scale²); the padding row is zero so that unknown ids contribute nothing.
     pub fn new(rows: usize, dim: usize, scale: f32, rng: &mut Rng) -> Self {
-        let mut weights: Vec<f32> = (0..rows * dim).map(|_| rng.normal() * scale).collect();
+        let mut weights = huge_page_vec(rows * dim);
+        weights.extend((0..rows * dim).map(|_| rng.normal() * scale));
         weights[..dim.min(rows * dim)].fill(0.0);
         Embedding { rows, dim, weights, hash: None }
     }
@@ -69,6 +70,47 @@ impl Embedding {
         let r = self.hash.map_or(r, |h| h.row(r)) as usize;
         &self.weights[r * self.dim..(r + 1) * self.dim]
     }
+}
+
+/// Buffers at least this large ask the kernel for huge pages.
+const HUGE_PAGES_FROM: usize = 16 << 20;
+
+/// An empty vector with room for `n` values, backed by huge pages when large (see
+/// [`advise_huge_pages`]); fill it before use.
+pub fn huge_page_vec<T>(n: usize) -> Vec<T> {
+    let v: Vec<T> = Vec::with_capacity(n);
+    advise_huge_pages(v.as_ptr(), n);
+    v
+}
+
+/// `n` zeros, backed by huge pages when large; pages are still committed only when first written.
+pub fn huge_page_zeros(n: usize) -> Vec<f32> {
+    let v = vec![0.0f32; n];
+    advise_huge_pages(v.as_ptr(), n);
+    v
+}
+
+/// Asks the kernel to back the `n` values at `ptr` with transparent huge pages, where it offers
+/// them on request, when they take at least [`HUGE_PAGES_FROM`] bytes: a training step reads and
+/// writes rows scattered over whole tables, and with 4 KiB pages nearly every row costs a TLB
+/// miss. Only pages not yet touched are affected.
+fn advise_huge_pages<T>(ptr: *const T, n: usize) {
+    let bytes = n * std::mem::size_of::<T>();
+    #[cfg(target_os = "linux")]
+    if bytes >= HUGE_PAGES_FROM {
+        const PAGE: usize = 4096;
+        let start = ptr as usize;
+        let aligned = (start + PAGE - 1) & !(PAGE - 1);
+        let len = (start + bytes).saturating_sub(aligned) & !(PAGE - 1);
+        // SAFETY: the range lies inside one live allocation of `bytes` bytes; the advice changes
+        // only how its pages are backed, never their contents. A kernel without huge pages
+        // refuses, and the memory works as before.
+        unsafe {
+            libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, bytes);
 }
 
 /// Gradient rows for the rows a batch touched, in first-touch order.
@@ -90,7 +132,9 @@ const ABSENT: u32 = u32::MAX;
 
 impl SparseGrad {
     pub fn new(table_rows: usize, dim: usize) -> Self {
-        SparseGrad { dim, hash: None, slot: vec![ABSENT; table_rows], rows: Vec::new(), grads: Vec::new() }
+        let mut slot = huge_page_vec(table_rows);
+        slot.resize(table_rows, ABSENT);
+        SparseGrad { dim, hash: None, slot, rows: Vec::new(), grads: Vec::new() }
     }
 
     /// Gradients for `table`, mapping ids as it does.

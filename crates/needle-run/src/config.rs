@@ -164,6 +164,33 @@ pub enum LossKind {
     InBatch,
     /// Pointwise binary cross-entropy on the positive and `negatives` popularity-sampled items per row.
     Bce,
+    /// The full softmax up to [`FULL_SOFTMAX_MAX_ITEMS`] item rows, the sampled softmax above:
+    /// a step of the full softmax costs a product with the whole item table.
+    Auto,
+}
+
+/// Above this many item rows, `loss = "auto"` trains with the sampled softmax.
+pub const FULL_SOFTMAX_MAX_ITEMS: usize = 50_000;
+
+impl LossKind {
+    /// The loss a run over `item_rows` item rows trains with.
+    pub fn resolve(self, item_rows: usize) -> LossKind {
+        match self {
+            LossKind::Auto if item_rows > FULL_SOFTMAX_MAX_ITEMS => LossKind::Sampled,
+            LossKind::Auto => LossKind::Full,
+            other => other,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LossKind::Full => "full",
+            LossKind::Sampled => "sampled",
+            LossKind::InBatch => "in-batch",
+            LossKind::Bce => "bce",
+            LossKind::Auto => "auto",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -213,7 +240,7 @@ impl Default for TrainParams {
             batch_size: 1024,
             lr: 1e-3,
             embedding_lr: 1e-3,
-            loss: LossKind::Full,
+            loss: LossKind::Auto,
             negatives: 100,
             shared_negatives: true,
             temperature: 0.05,
@@ -269,8 +296,8 @@ impl Config {
         if !(t.lr > 0.0 && t.embedding_lr > 0.0) {
             return Err("[train] lr and embedding_lr must be > 0".into());
         }
-        if matches!(t.loss, LossKind::Sampled | LossKind::Bce) && t.negatives == 0 {
-            return Err("[train] loss = \"sampled\" or \"bce\" needs negatives > 0".into());
+        if matches!(t.loss, LossKind::Sampled | LossKind::Bce | LossKind::Auto) && t.negatives == 0 {
+            return Err("[train] loss = \"sampled\", \"bce\" or \"auto\" needs negatives > 0".into());
         }
         if m.kind == ModelKind::Mind && (m.interests == 0 || m.routing_iters == 0 || m.attention_power < 1) {
             return Err("[model] interests, routing_iters and attention_power must be >= 1".into());
@@ -294,5 +321,35 @@ impl Config {
             return Err("[model] out_dim must be > 0".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_loss_is_the_full_softmax_on_small_catalogues_and_sampled_on_large_ones() {
+        assert_eq!(TrainParams::default().loss, LossKind::Auto);
+        assert_eq!(LossKind::Auto.resolve(3_706), LossKind::Full);
+        assert_eq!(LossKind::Auto.resolve(FULL_SOFTMAX_MAX_ITEMS), LossKind::Full);
+        assert_eq!(LossKind::Auto.resolve(FULL_SOFTMAX_MAX_ITEMS + 1), LossKind::Sampled);
+        assert_eq!(LossKind::InBatch.resolve(10_000_000), LossKind::InBatch);
+        let cfg: Config =
+            toml::from_str("[data]\ndataset = \"ml-1m\"\n[train]\nloss = \"auto\"\nnegatives = 0\n").unwrap();
+        assert!(cfg.validate().unwrap_err().contains("negatives > 0"));
+    }
+
+    #[test]
+    fn hashing_and_id_dropout_are_checked_against_what_they_need() {
+        let parse = |s: &str| -> Config { toml::from_str(&format!("[data]\ndataset = \"ml-1m\"\n{s}")).unwrap() };
+        let err = parse("[model]\nhash_buckets = 64\n").validate().unwrap_err();
+        assert!(err.contains("needs max_items"), "{err}");
+        assert!(parse("[model]\nhash_buckets = 64\nmax_items = 1000\n").validate().is_ok());
+        let err = parse("[train]\nitem_id_dropout = 0.1\n").validate().unwrap_err();
+        assert!(err.contains("needs [model] item_features"), "{err}");
+        let err =
+            parse("[model]\nitem_features = [\"genres\"]\n[train]\nitem_id_dropout = 1.0\n").validate().unwrap_err();
+        assert!(err.contains("below 1"), "{err}");
     }
 }

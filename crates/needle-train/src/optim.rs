@@ -1,7 +1,7 @@
 //! Optimizers: Adam for dense layers; Adam or row-wise Adagrad for embedding tables, touching
 //! only the rows a step produced gradients for.
 
-use needle_model::embedding::{Embedding, SparseGrad};
+use needle_model::embedding::{huge_page_zeros, Embedding, SparseGrad};
 use rayon::prelude::*;
 
 const BETA1: f32 = 0.9;
@@ -45,11 +45,11 @@ pub enum SparseState {
 
 impl SparseState {
     pub fn adam(table: &Embedding) -> Self {
-        SparseState::Adam { m: vec![0.0; table.weights.len()], v: vec![0.0; table.weights.len()] }
+        SparseState::Adam { m: huge_page_zeros(table.weights.len()), v: huge_page_zeros(table.weights.len()) }
     }
 
     pub fn rowwise_adagrad(table: &Embedding) -> Self {
-        SparseState::RowwiseAdagrad { acc: vec![0.0; table.rows] }
+        SparseState::RowwiseAdagrad { acc: huge_page_zeros(table.rows) }
     }
 
     /// Updates the touched rows of `table`; row 0 (padding) is never updated.

@@ -312,8 +312,8 @@ impl<'a> Assembler<'a> {
         s.shared_corr.clear();
         s.pos_corr.clear();
         s.n_row = 0;
-        match t.loss {
-            LossKind::Full => {
+        match t.loss.resolve(p.n_item_rows()) {
+            LossKind::Full | LossKind::Auto => {
                 s.pos_corr.resize(b, 0.0);
                 // Cold rows are never candidates: nothing says the user would not have chosen them.
                 s.shared_ids.extend(1..p.warm_rows() as u32);

@@ -155,6 +155,14 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
         p.items.len() - 1,
         p.users.len() - 1
     );
+    if cfg.train.loss == needle_train::config::LossKind::Auto {
+        eprintln!(
+            "loss: {} (auto: {} item rows, the full softmax up to {})",
+            cfg.train.loss.resolve(p.n_item_rows()).name(),
+            p.n_item_rows(),
+            needle_train::config::FULL_SOFTMAX_MAX_ITEMS
+        );
+    }
     if let Some(h) = p.item_hash {
         eprintln!(
             "hashed tail: {} items beyond the {} most frequent share {} id rows",
