@@ -1,6 +1,7 @@
 //! The HTTP application: routes, request parsing with JSON errors, limits, request ids, metrics,
 //! hot reload (POST /admin/reload or SIGHUP) and graceful shutdown (SIGTERM / Ctrl-C).
 
+use crate::auth::AdminAuth;
 use crate::engine::{Engine, Source, StoreContents, UserInput};
 use crate::metrics::Metrics;
 use crate::ServeError;
@@ -50,6 +51,8 @@ pub struct ServeOptions {
     pub store: StoreSpec,
     pub addr: SocketAddr,
     pub limits: Limits,
+    /// What `/admin/*` and the write routes require.
+    pub auth: AdminAuth,
 }
 
 /// The embedded store's file inside a run directory.
@@ -60,6 +63,7 @@ struct App {
     store: Box<dyn Store>,
     metrics: Metrics,
     limits: Limits,
+    auth: AdminAuth,
     data_dir: Option<PathBuf>,
     /// The run the `--index` override belongs to.
     index_override: Option<(PathBuf, PathBuf)>,
@@ -108,6 +112,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         store,
         metrics: Metrics::default(),
         limits: opts.limits.clone(),
+        auth: opts.auth.clone(),
         data_dir: opts.data_dir.clone(),
         index_override: opts.index.clone().map(|i| (opts.run.clone(), i)),
         reload_lock: tokio::sync::Mutex::new(()),
@@ -177,13 +182,17 @@ async fn load_engine(
 
 fn router(app: Shared) -> Router {
     let limit = app.limits.max_body_bytes;
+    // Routes that change state answer only to the admin token.
+    let guarded = Router::new()
+        .route("/v1/events", post(events).fallback(method_not_allowed))
+        .route("/admin/reload", post(admin_reload).fallback(method_not_allowed))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
     Router::new()
         .route("/v1/recall", post(recall).fallback(method_not_allowed))
-        .route("/v1/events", post(events).fallback(method_not_allowed))
         .route("/healthz", get(healthz).fallback(method_not_allowed))
         .route("/metrics", get(metrics).fallback(method_not_allowed))
         .route("/openapi.json", get(openapi).fallback(method_not_allowed))
-        .route("/admin/reload", post(admin_reload).fallback(method_not_allowed))
+        .merge(guarded)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(contain_panics))
@@ -202,6 +211,24 @@ fn route_name(path: &str) -> &'static str {
         "/admin/reload" => "reload",
         _ => "other",
     }
+}
+
+/// Lets a request through only with the admin token, unless the operator opened the routes.
+async fn require_admin(State(app): State<Shared>, req: Request, next: Next) -> Response {
+    if let AdminAuth::Token(token) = &app.auth {
+        if !token.accepts(req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
+            let mut resp = ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "this route needs the admin token: send `Authorization: Bearer <token>` \
+                          (the token `needle serve` was given, or the one it wrote to RUN/admin.token)"
+                    .into(),
+            }
+            .into_response();
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
+    next.run(req).await
 }
 
 /// Gives every request an id (the client's `x-request-id` when sane), a log span, a latency

@@ -5,6 +5,7 @@
 //! limits, metrics and structured logs; [`loadgen`] is the load generator behind
 //! `needle bench serve`.
 
+pub mod auth;
 pub mod engine;
 pub mod http;
 pub mod loadgen;
@@ -27,4 +28,6 @@ pub enum ServeError {
     Internal(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
 }

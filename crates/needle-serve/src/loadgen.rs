@@ -26,6 +26,8 @@ pub struct LoadOptions {
     pub reloads: usize,
     /// Malformed requests sent in one burst at mid-run.
     pub malformed: usize,
+    /// Sent with reloads and events, which the server guards.
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -77,10 +79,23 @@ impl Conn {
     /// Sends one request and reads the whole response; returns the status code. The body is
     /// left in `self.body`.
     async fn request(&mut self, method: &str, path: &str, body: &[u8], close: bool) -> std::io::Result<u16> {
+        self.request_as(method, path, body, close, None).await
+    }
+
+    /// [`Conn::request`] with the admin token.
+    async fn request_as(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        close: bool,
+        token: Option<&str>,
+    ) -> std::io::Result<u16> {
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nhost: needle\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
+            "{method} {path} HTTP/1.1\r\nhost: needle\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}{}\r\n",
             body.len(),
-            if close { "connection: close\r\n" } else { "" }
+            if close { "connection: close\r\n" } else { "" },
+            token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default()
         );
         let s = self.reader.get_mut();
         s.write_all(head.as_bytes()).await?;
@@ -204,7 +219,9 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
                 let at = start + opts.duration.mul_f64((r + 1) as f64 / (opts.reloads + 1) as f64);
                 tokio::time::sleep_until(at.into()).await;
                 let status = match Conn::open(opts.addr).await {
-                    Ok(mut c) => c.request("POST", "/admin/reload", b"", true).await.ok(),
+                    Ok(mut c) => {
+                        c.request_as("POST", "/admin/reload", b"", true, opts.admin_token.as_deref()).await.ok()
+                    }
                     Err(_) => None,
                 };
                 if status == Some(200) {
@@ -226,7 +243,7 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
                 let (path, body) = &bodies[n % bodies.len()];
                 sent += 1;
                 if let Ok(mut c) = Conn::open(opts.addr).await {
-                    if let Ok(status) = c.request("POST", path, body, true).await {
+                    if let Ok(status) = c.request_as("POST", path, body, true, opts.admin_token.as_deref()).await {
                         let json_error = serde_json::from_slice::<serde_json::Value>(&c.body)
                             .map(|v| v["error"]["message"].is_string())
                             .unwrap_or(false);

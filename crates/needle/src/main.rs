@@ -139,6 +139,16 @@ enum Cmd {
         /// error, warn, info, debug (one line per request) or trace.
         #[arg(long, default_value = "info")]
         log_level: String,
+        /// The token `/admin/*` and `/v1/events` require (`Authorization: Bearer TOKEN`); also
+        /// read from $NEEDLE_ADMIN_TOKEN. Without one, a random token is kept in RUN/admin.token.
+        #[arg(long, value_name = "TOKEN")]
+        admin_token: Option<String>,
+        /// Read the admin token from this file.
+        #[arg(long, value_name = "PATH")]
+        admin_token_file: Option<PathBuf>,
+        /// Let anyone who reaches the port post events and reload models.
+        #[arg(long)]
+        no_admin_auth: bool,
     },
     /// The store that serving reads item details and user histories from.
     Store {
@@ -306,6 +316,10 @@ enum BenchCmd {
         /// Send this many malformed requests in a burst at mid-run (each must get a 4xx).
         #[arg(long, default_value_t = 0)]
         malformed: usize,
+        /// The admin token for reloads and events (default: $NEEDLE_ADMIN_TOKEN, else the
+        /// server's RUN/admin.token).
+        #[arg(long, value_name = "PATH")]
+        admin_token_file: Option<PathBuf>,
     },
     /// Training throughput on ML-1M (reference and default configs) and step time against table size.
     Train {
@@ -417,7 +431,21 @@ fn run(cli: Cli) -> Result<()> {
             print!("{tables}");
             Ok(())
         }
-        Cmd::Serve { run, data_dir, addr, store, index, max_k, max_history, max_body_bytes, timeout, log_level } => {
+        Cmd::Serve {
+            run,
+            data_dir,
+            addr,
+            store,
+            index,
+            max_k,
+            max_history,
+            max_body_bytes,
+            timeout,
+            log_level,
+            admin_token,
+            admin_token_file,
+            no_admin_auth,
+        } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             let limits = needle_serve::Limits { max_k, max_history, max_body_bytes, timeout };
             let flags = serve_cmd::ServeFlags {
@@ -427,6 +455,11 @@ fn run(cli: Cli) -> Result<()> {
                 limits,
                 log_level: &log_level,
                 threads: cli.threads,
+                admin: serve_cmd::AdminFlags {
+                    token: admin_token.as_deref(),
+                    token_file: admin_token_file.as_deref(),
+                    open: no_admin_auth,
+                },
             };
             serve_cmd::serve(&run, data_dir.as_deref(), flags)
         }
@@ -434,8 +467,19 @@ fn run(cli: Cli) -> Result<()> {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             serve_cmd::store_load(&run, data_dir.as_deref(), &store)
         }
-        Cmd::Bench { cmd: BenchCmd::Serve { run, addr, duration, concurrency, rate, k, reloads, malformed } } => {
-            let flags = serve_cmd::BenchServeFlags { addr, duration, concurrency, rate, k, reloads, malformed };
+        Cmd::Bench {
+            cmd: BenchCmd::Serve { run, addr, duration, concurrency, rate, k, reloads, malformed, admin_token_file },
+        } => {
+            let flags = serve_cmd::BenchServeFlags {
+                addr,
+                duration,
+                concurrency,
+                rate,
+                k,
+                reloads,
+                malformed,
+                admin_token_file,
+            };
             serve_cmd::bench_serve(&run, flags)
         }
         Cmd::Data { cmd: DataCmd::Download { name, to } } => commands::download(&name, &to),

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use needle_serve::auth::{AdminAuth, AdminToken, TOKEN_FILE};
 use needle_serve::engine::StoreContents;
 use needle_serve::http::EMBEDDED_STORE_FILE;
 use needle_serve::loadgen::{self, LoadOptions};
@@ -43,6 +44,60 @@ fn init_logs(level: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where `needle serve` takes its admin token from.
+pub struct AdminFlags<'a> {
+    pub token: Option<&'a str>,
+    pub token_file: Option<&'a Path>,
+    /// Serve the write and admin routes to anyone (explicit opt-out).
+    pub open: bool,
+}
+
+/// The variable a token may also come from, so that it stays out of shell history and `ps`.
+pub const TOKEN_ENV: &str = "NEEDLE_ADMIN_TOKEN";
+
+/// The server's guard: `--admin-token`, `--admin-token-file`, `$NEEDLE_ADMIN_TOKEN`, or else a
+/// token kept in `RUN/admin.token` (written on first start); `--no-admin-auth` opens the routes.
+fn admin_auth(run: &Path, f: &AdminFlags<'_>) -> Result<AdminAuth> {
+    let env = std::env::var(TOKEN_ENV).ok().filter(|t| !t.trim().is_empty());
+    let given = usize::from(f.token.is_some()) + usize::from(f.token_file.is_some());
+    if given > 1 {
+        bail!("give the admin token once: --admin-token or --admin-token-file");
+    }
+    if f.open {
+        if given > 0 {
+            bail!("--no-admin-auth opens the admin routes; it cannot go with an admin token");
+        }
+        tracing::warn!("--no-admin-auth: anyone who reaches this port can post events and reload models");
+        return Ok(AdminAuth::Open);
+    }
+    let token = match (f.token, f.token_file, env) {
+        (Some(t), _, _) => AdminToken::new(t)?,
+        (None, Some(p), _) => AdminToken::from_file(p)?,
+        (None, None, Some(t)) => AdminToken::new(&t).with_context(|| format!("${TOKEN_ENV}"))?,
+        (None, None, None) => {
+            let path = run.join(TOKEN_FILE);
+            let token = AdminToken::load_or_create(&path)?;
+            tracing::info!("admin token in {} (send it as `Authorization: Bearer <token>`)", path.display());
+            token
+        }
+    };
+    Ok(AdminAuth::Token(token))
+}
+
+/// The token a client of `needle serve` sends to guarded routes: `--admin-token-file`, else
+/// `$NEEDLE_ADMIN_TOKEN`, else the one the server keeps beside the run, if any.
+fn client_token(run: &Path, file: Option<&Path>) -> Result<Option<String>> {
+    if let Some(p) = file {
+        let t =
+            std::fs::read_to_string(p).with_context(|| format!("cannot read the admin token from {}", p.display()))?;
+        return Ok(Some(t.trim().to_owned()));
+    }
+    if let Some(t) = std::env::var(TOKEN_ENV).ok().filter(|t| !t.trim().is_empty()) {
+        return Ok(Some(t.trim().to_owned()));
+    }
+    Ok(std::fs::read_to_string(run.join(TOKEN_FILE)).ok().map(|t| t.trim().to_owned()))
+}
+
 pub struct ServeFlags<'a> {
     pub addr: SocketAddr,
     pub store: &'a str,
@@ -50,11 +105,13 @@ pub struct ServeFlags<'a> {
     pub limits: Limits,
     pub log_level: &'a str,
     pub threads: Option<usize>,
+    pub admin: AdminFlags<'a>,
 }
 
 pub fn serve(run: &Path, data_dir: Option<&Path>, f: ServeFlags<'_>) -> Result<()> {
     init_logs(f.log_level)?;
     let store: StoreSpec = f.store.parse()?;
+    let auth = admin_auth(run, &f.admin)?;
     let opts = ServeOptions {
         run: run.to_owned(),
         data_dir: data_dir.map(Path::to_owned),
@@ -62,6 +119,7 @@ pub fn serve(run: &Path, data_dir: Option<&Path>, f: ServeFlags<'_>) -> Result<(
         store,
         addr: f.addr,
         limits: f.limits,
+        auth,
     };
     runtime(f.threads)?.block_on(needle_serve::serve(opts))?;
     Ok(())
@@ -100,6 +158,7 @@ pub struct BenchServeFlags {
     pub k: usize,
     pub reloads: usize,
     pub malformed: usize,
+    pub admin_token_file: Option<std::path::PathBuf>,
 }
 
 /// User ids to send: the run's user vocabulary.
@@ -124,6 +183,7 @@ pub fn bench_serve(run: &Path, f: BenchServeFlags) -> Result<()> {
         users,
         reloads: f.reloads,
         malformed: f.malformed,
+        admin_token: client_token(run, f.admin_token_file.as_deref())?,
     };
     // One thread, so the server keeps the other core(s).
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -21,13 +21,21 @@ fn trained(dir: &Path) {
     ok(&needle(&["train", "--config", "pop.toml", "--out", "runs/pop", "--quiet"], dir));
 }
 
+/// The admin token the test servers are started with; [`post`] sends it.
+const TOKEN: &str = "test-admin-token-0123456789";
+
 struct Server {
     child: Child,
     addr: String,
 }
 
 impl Server {
+    /// A server guarded by [`TOKEN`].
     fn start(dir: &Path, args: &[&str]) -> Server {
+        Server::start_as(dir, &[args, &["--admin-token", TOKEN]].concat())
+    }
+
+    fn start_as(dir: &Path, args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_needle"))
             .args(["--threads", "2", "serve", "--addr", "127.0.0.1:0", "--log-level", "warn"])
             .args(args)
@@ -96,8 +104,9 @@ fn http(addr: &str, method: &str, path: &str, body: &[u8], extra_headers: &str) 
     Reply { status, headers, body: raw[split + 4..].to_vec() }
 }
 
+/// A POST with the admin token.
 fn post(addr: &str, path: &str, v: &Value) -> Reply {
-    http(addr, "POST", path, v.to_string().as_bytes(), "")
+    http(addr, "POST", path, v.to_string().as_bytes(), &format!("authorization: Bearer {TOKEN}\r\n"))
 }
 
 fn ids(v: &Value) -> Vec<String> {
@@ -265,10 +274,11 @@ fn reloads_swap_models_without_failing_requests() {
     let yt_id = http(&a, "GET", "/healthz", b"", "").json()["model"].as_str().unwrap().to_owned();
 
     // The load generator: a short paced run with a reload and one of each malformed request.
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
     let out = ok(&needle(
         &["bench", "serve", "--run", "runs/yt", "--addr", &a, "--duration", "1s", "--concurrency", "2"]
             .into_iter()
-            .chain(["--rate", "200", "--reloads", "1", "--malformed", "12"])
+            .chain(["--rate", "200", "--reloads", "1", "--malformed", "12", "--admin-token-file", "token"])
             .collect::<Vec<_>>(),
         dir,
     ));
@@ -515,4 +525,61 @@ item_id_dropout = 0.1
     assert!(err.contains("reads item ids only"), "{err}");
     let recall = ok(&needle(&["recall", "--run", "runs/ids", "--k", "50"], dir));
     assert!(recall.lines().all(|l| !l.split(['\t', ',']).any(|i| cold.contains(i))));
+}
+
+#[test]
+fn admin_and_write_routes_need_the_admin_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    trained(dir);
+    let event = json!({"user_id": "u3", "item_id": "c3_4"}).to_string();
+    let bearer = |t: &str| format!("authorization: Bearer {t}\r\n");
+
+    // No token given: the server keeps a random one beside the run, readable by its owner only.
+    let srv = Server::start_as(dir, &["--run", "runs/yt"]);
+    let a = srv.addr.as_str();
+    let token = std::fs::read_to_string(dir.join("runs/yt/admin.token")).unwrap().trim().to_owned();
+    assert_eq!(token.len(), 64);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("runs/yt/admin.token")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    for (path, body) in [("/v1/events", event.as_bytes()), ("/admin/reload", &b""[..])] {
+        for header in [String::new(), bearer("wrong-token-0123456789"), format!("authorization: {token}\r\n")] {
+            let r = http(a, "POST", path, body, &header);
+            r.rejects(401, "needs the admin token");
+            assert!(r.headers.to_ascii_lowercase().contains("www-authenticate: bearer"), "{}", r.headers);
+        }
+    }
+    assert_eq!(http(a, "POST", "/v1/events", event.as_bytes(), &bearer(&token)).status, 200);
+    assert_eq!(http(a, "POST", "/admin/reload", b"", &bearer(&token)).status, 200);
+    // Reading stays open.
+    assert_eq!(http(a, "POST", "/v1/recall", br#"{"user_id": "u3", "k": 5}"#, "").status, 200);
+    assert_eq!(http(a, "GET", "/healthz", b"", "").status, 200);
+    let metrics = String::from_utf8_lossy(&http(a, "GET", "/metrics", b"", "").body).into_owned();
+    assert!(metrics.contains("status=\"401\""), "{metrics}");
+    assert!(!metrics.contains(&token));
+    drop(srv);
+
+    // A restart keeps the same token; the operator can also open the routes explicitly.
+    let srv = Server::start_as(dir, &["--run", "runs/yt"]);
+    assert_eq!(http(&srv.addr, "POST", "/admin/reload", b"", &bearer(&token)).status, 200);
+    drop(srv);
+    let srv = Server::start_as(dir, &["--run", "runs/yt", "--no-admin-auth"]);
+    assert_eq!(http(&srv.addr, "POST", "/v1/events", event.as_bytes(), "").status, 200);
+    drop(srv);
+
+    // Tokens that guard nothing, or contradict each other, stop the server before it listens.
+    for (args, says) in [
+        (&["--admin-token", "short"][..], "at least 16"),
+        (&["--admin-token", TOKEN, "--no-admin-auth"][..], "cannot go with"),
+        (&["--admin-token-file", "no/such/file"][..], "no/such/file"),
+    ] {
+        let out = needle(&[&["serve", "--run", "runs/yt", "--addr", "127.0.0.1:0"][..], args].concat(), dir);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
 }
