@@ -34,11 +34,21 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Longest a request may take before it is answered 503.
     pub timeout: Duration,
+    /// Requests handled at once; one more is answered 503 with `Retry-After` at once instead of
+    /// queueing, so latency stays bounded when load exceeds capacity (`/healthz` and `/metrics`
+    /// are never turned away).
+    pub max_in_flight: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_k: 1000, max_history: 1000, max_body_bytes: 64 * 1024, timeout: Duration::from_secs(2) }
+        Limits {
+            max_k: 1000,
+            max_history: 1000,
+            max_body_bytes: 64 * 1024,
+            timeout: Duration::from_secs(2),
+            max_in_flight: 256,
+        }
     }
 }
 
@@ -63,6 +73,7 @@ struct App {
     store: Box<dyn Store>,
     metrics: Metrics,
     limits: Limits,
+    in_flight: tokio::sync::Semaphore,
     auth: AdminAuth,
     data_dir: Option<PathBuf>,
     /// The run the `--index` override belongs to.
@@ -92,6 +103,9 @@ type Shared = Arc<App>;
 /// Prints `listening on ADDR` on stdout once requests are accepted.
 pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let t0 = Instant::now();
+    if opts.limits.max_in_flight == 0 {
+        return Err(ServeError::Load("--max-in-flight must be at least 1".into()));
+    }
     // Bound first, so a taken port fails at once rather than after loading; connections that
     // arrive while loading wait in the backlog.
     let listener = tokio::net::TcpListener::bind(opts.addr)
@@ -112,6 +126,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         store,
         metrics: Metrics::default(),
         limits: opts.limits.clone(),
+        in_flight: tokio::sync::Semaphore::new(opts.limits.max_in_flight),
         auth: opts.auth.clone(),
         data_dir: opts.data_dir.clone(),
         index_override: opts.index.clone().map(|i| (opts.run.clone(), i)),
@@ -196,6 +211,7 @@ fn router(app: Shared) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(contain_panics))
+        .layer(middleware::from_fn_with_state(app.clone(), shed_load))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .with_state(app)
 }
@@ -211,6 +227,25 @@ fn route_name(path: &str) -> &'static str {
         "/admin/reload" => "reload",
         _ => "other",
     }
+}
+
+/// Turns a request away at once when `max_in_flight` are being handled: a client told to retry
+/// in a second is better served than one whose request waits behind a growing queue.
+async fn shed_load(State(app): State<Shared>, req: Request, next: Next) -> Response {
+    if matches!(req.uri().path(), "/healthz" | "/metrics") {
+        return next.run(req).await;
+    }
+    let Ok(_permit) = app.in_flight.try_acquire() else {
+        app.metrics.shed.fetch_add(1, Relaxed);
+        let mut resp = ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("over capacity ({} requests in flight); retry in a second", app.limits.max_in_flight),
+        }
+        .into_response();
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return resp;
+    };
+    next.run(req).await
 }
 
 /// Lets a request through only with the admin token, unless the operator opened the routes.
@@ -537,7 +572,14 @@ async fn healthz(State(app): State<Shared>) -> Response {
 
 async fn metrics(State(app): State<Shared>) -> Response {
     let e = app.engine();
-    let text = app.metrics.render(&e.run_id, &e.kind, e.index_len(), &e.index_params);
+    let mut text = app.metrics.render(&e.run_id, &e.kind, e.index_len(), &e.index_params);
+    let limit = app.limits.max_in_flight;
+    let busy = limit.saturating_sub(app.in_flight.available_permits());
+    text.push_str(&format!(
+        "# HELP needle_in_flight Requests being handled.\n# TYPE needle_in_flight gauge\nneedle_in_flight {busy}\n\
+         # HELP needle_in_flight_limit Requests handled at once before shedding (--max-in-flight).\n\
+         # TYPE needle_in_flight_limit gauge\nneedle_in_flight_limit {limit}\n"
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

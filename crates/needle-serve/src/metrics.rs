@@ -36,6 +36,8 @@ pub struct Metrics {
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
     pub events: AtomicU64,
+    /// Requests turned away with 503 because `max_in_flight` were being handled.
+    pub shed: AtomicU64,
 }
 
 impl Metrics {
@@ -93,6 +95,7 @@ impl Metrics {
             ("needle_store_errors_total", "Store calls that failed.", &self.store_errors),
             ("needle_events_total", "Events appended to user histories.", &self.events),
             ("needle_reloads_total", "Successful model reloads.", &self.reloads),
+            ("needle_shed_total", "Requests turned away (503) because --max-in-flight were in flight.", &self.shed),
             (
                 "needle_reload_failures_total",
                 "Reloads that failed (the old model kept serving).",

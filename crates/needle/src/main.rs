@@ -136,6 +136,9 @@ enum Cmd {
         /// Per-request time limit (e.g. 2s, 500ms).
         #[arg(long, default_value = "2s", value_parser = serve_cmd::parse_duration)]
         timeout: std::time::Duration,
+        /// Requests handled at once; more are answered 503 with Retry-After instead of queueing.
+        #[arg(long, default_value_t = 256)]
+        max_in_flight: usize,
         /// error, warn, info, debug (one line per request) or trace.
         #[arg(long, default_value = "info")]
         log_level: String,
@@ -441,13 +444,14 @@ fn run(cli: Cli) -> Result<()> {
             max_history,
             max_body_bytes,
             timeout,
+            max_in_flight,
             log_level,
             admin_token,
             admin_token_file,
             no_admin_auth,
         } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
-            let limits = needle_serve::Limits { max_k, max_history, max_body_bytes, timeout };
+            let limits = needle_serve::Limits { max_k, max_history, max_body_bytes, timeout, max_in_flight };
             let flags = serve_cmd::ServeFlags {
                 addr,
                 store: &store,

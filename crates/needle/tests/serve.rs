@@ -583,3 +583,51 @@ fn admin_and_write_routes_need_the_admin_token() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn load_beyond_max_in_flight_is_shed_with_503_and_retry_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    trained(dir);
+    let srv = Server::start(dir, &["--run", "runs/yt", "--max-in-flight", "1", "--timeout", "10s"]);
+    let a = srv.addr.as_str();
+    // One request holds the only slot: its headers are in, its body is still on the way.
+    let body = br#"{"user_id": "u3", "k": 5}"#;
+    let mut slow = TcpStream::connect(a).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "POST /v1/recall HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.write_all(&body[..4]).unwrap();
+    // The next one is turned away at once, with a JSON error and a hint when to come back;
+    // health checks and metrics still answer.
+    let t = Instant::now();
+    let mut shed = http(a, "POST", "/v1/recall", body, "");
+    for _ in 0..50 {
+        if shed.status == 503 {
+            break;
+        }
+        // The slow request may not have reached the server yet.
+        std::thread::sleep(Duration::from_millis(20));
+        shed = http(a, "POST", "/v1/recall", body, "");
+    }
+    shed.rejects(503, "over capacity");
+    assert!(shed.headers.to_ascii_lowercase().contains("retry-after: 1"), "{}", shed.headers);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(http(a, "GET", "/healthz", b"", "").status, 200);
+    let metrics = String::from_utf8_lossy(&http(a, "GET", "/metrics", b"", "").body).into_owned();
+    assert!(metrics.contains("needle_in_flight_limit 1") && metrics.contains("needle_in_flight 1"), "{metrics}");
+    assert!(!metrics.contains("needle_shed_total 0"), "{metrics}");
+    // The held request completes, and the slot is free again.
+    slow.write_all(&body[4..]).unwrap();
+    let mut raw = Vec::new();
+    slow.read_to_end(&mut raw).unwrap();
+    assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&raw));
+    assert_eq!(http(a, "POST", "/v1/recall", body, "").status, 200);
+    // A server that could take nothing is refused at start.
+    let out = needle(&["serve", "--run", "runs/yt", "--addr", "127.0.0.1:0", "--max-in-flight", "0"], dir);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--max-in-flight must be at least 1"));
+}
