@@ -63,6 +63,7 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// What `/admin/*` and the write routes require.
     pub auth: AdminAuth,
+    pub conn: crate::conn::ConnLimits,
 }
 
 /// The embedded store's file inside a run directory.
@@ -74,6 +75,9 @@ struct App {
     metrics: Metrics,
     limits: Limits,
     in_flight: tokio::sync::Semaphore,
+    /// Free connection slots, shared with the listener.
+    conn_slots: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
     auth: AdminAuth,
     data_dir: Option<PathBuf>,
     /// The run the `--index` override belongs to.
@@ -106,6 +110,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     if opts.limits.max_in_flight == 0 {
         return Err(ServeError::Load("--max-in-flight must be at least 1".into()));
     }
+    if opts.conn.max_connections == 0 {
+        return Err(ServeError::Load("--max-connections must be at least 1".into()));
+    }
     // Bound first, so a taken port fails at once rather than after loading; connections that
     // arrive while loading wait in the backlog.
     let listener = tokio::net::TcpListener::bind(opts.addr)
@@ -121,12 +128,16 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         "loaded in {:.2}s",
         t0.elapsed().as_secs_f64()
     );
+    let addr = listener.local_addr()?;
+    let (listener, conn_slots) = crate::conn::GuardedListener::new(listener, opts.conn);
     let app = Arc::new(App {
         engine: RwLock::new(Arc::new(engine)),
         store,
         metrics: Metrics::default(),
         limits: opts.limits.clone(),
         in_flight: tokio::sync::Semaphore::new(opts.limits.max_in_flight),
+        conn_slots: conn_slots.clone(),
+        max_connections: opts.conn.max_connections,
         auth: opts.auth.clone(),
         data_dir: opts.data_dir.clone(),
         index_override: opts.index.clone().map(|i| (opts.run.clone(), i)),
@@ -136,7 +147,6 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         seq: AtomicU64::new(0),
     });
     trim_heap();
-    let addr = listener.local_addr()?;
     tokio::spawn(reload_on_sighup(app.clone()));
     let router = router(app);
     println!("listening on {addr}");
@@ -575,10 +585,15 @@ async fn metrics(State(app): State<Shared>) -> Response {
     let mut text = app.metrics.render(&e.run_id, &e.kind, e.index_len(), &e.index_params);
     let limit = app.limits.max_in_flight;
     let busy = limit.saturating_sub(app.in_flight.available_permits());
+    let max = app.max_connections;
+    let open = max.saturating_sub(app.conn_slots.available_permits());
     text.push_str(&format!(
         "# HELP needle_in_flight Requests being handled.\n# TYPE needle_in_flight gauge\nneedle_in_flight {busy}\n\
          # HELP needle_in_flight_limit Requests handled at once before shedding (--max-in-flight).\n\
-         # TYPE needle_in_flight_limit gauge\nneedle_in_flight_limit {limit}\n"
+         # TYPE needle_in_flight_limit gauge\nneedle_in_flight_limit {limit}\n\
+         # HELP needle_connections Open client connections.\n# TYPE needle_connections gauge\nneedle_connections {open}\n\
+         # HELP needle_connections_limit Connections open at once (--max-connections).\n\
+         # TYPE needle_connections_limit gauge\nneedle_connections_limit {max}\n"
     ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -139,6 +139,16 @@ enum Cmd {
         /// Requests handled at once; more are answered 503 with Retry-After instead of queueing.
         #[arg(long, default_value_t = 256)]
         max_in_flight: usize,
+        /// Client connections open at once; more wait in the accept queue.
+        #[arg(long, default_value_t = 1024)]
+        max_connections: usize,
+        /// Close a connection whose request is not read (headers and body) within this time of
+        /// its first byte: slow senders cannot hold connections.
+        #[arg(long, default_value = "10s", value_parser = serve_cmd::parse_duration)]
+        request_read_timeout: std::time::Duration,
+        /// Close a connection idle this long between requests.
+        #[arg(long, default_value = "60s", value_parser = serve_cmd::parse_duration)]
+        idle_timeout: std::time::Duration,
         /// error, warn, info, debug (one line per request) or trace.
         #[arg(long, default_value = "info")]
         log_level: String,
@@ -445,6 +455,9 @@ fn run(cli: Cli) -> Result<()> {
             max_body_bytes,
             timeout,
             max_in_flight,
+            max_connections,
+            request_read_timeout,
+            idle_timeout,
             log_level,
             admin_token,
             admin_token_file,
@@ -459,6 +472,7 @@ fn run(cli: Cli) -> Result<()> {
                 limits,
                 log_level: &log_level,
                 threads: cli.threads,
+                conn: needle_serve::conn::ConnLimits { max_connections, request_read_timeout, idle_timeout },
                 admin: serve_cmd::AdminFlags {
                     token: admin_token.as_deref(),
                     token_file: admin_token_file.as_deref(),

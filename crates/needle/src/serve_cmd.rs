@@ -106,6 +106,7 @@ pub struct ServeFlags<'a> {
     pub log_level: &'a str,
     pub threads: Option<usize>,
     pub admin: AdminFlags<'a>,
+    pub conn: needle_serve::conn::ConnLimits,
 }
 
 pub fn serve(run: &Path, data_dir: Option<&Path>, f: ServeFlags<'_>) -> Result<()> {
@@ -120,6 +121,7 @@ pub fn serve(run: &Path, data_dir: Option<&Path>, f: ServeFlags<'_>) -> Result<(
         addr: f.addr,
         limits: f.limits,
         auth,
+        conn: f.conn,
     };
     runtime(f.threads)?.block_on(needle_serve::serve(opts))?;
     Ok(())

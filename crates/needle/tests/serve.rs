@@ -631,3 +631,47 @@ fn load_beyond_max_in_flight_is_shed_with_503_and_retry_after() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--max-in-flight must be at least 1"));
 }
+
+#[test]
+fn slow_and_idle_connections_are_closed_and_open_ones_capped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    trained(dir);
+    let args = ["--run", "runs/yt", "--max-connections", "3", "--request-read-timeout", "1s", "--idle-timeout", "2s"];
+    let srv = Server::start(dir, &args);
+    let a = srv.addr.as_str();
+    let open_connections = || {
+        let text = String::from_utf8_lossy(&http(a, "GET", "/metrics", b"", "").body).into_owned();
+        let line = text.lines().find(|l| l.starts_with("needle_connections ")).map(str::to_owned);
+        line.and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok()).unwrap_or(usize::MAX)
+    };
+    // A client that sends its headers a byte at a time is cut off after the read timeout.
+    let mut slow = TcpStream::connect(a).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t = Instant::now();
+    let mut cut = false;
+    for b in b"POST /v1/recall HTTP/1.1\r\nhost: t\r\nx-slow: ".iter().chain(std::iter::repeat(&b'a')) {
+        if slow.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        if t.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+    }
+    let mut rest = Vec::new();
+    let closed = cut || matches!(slow.read_to_end(&mut rest), Ok(_) | Err(_));
+    assert!(closed && t.elapsed() < Duration::from_secs(6), "a trickling request held its connection");
+    // Connections beyond the cap wait; idle ones are closed, which lets the waiting one in.
+    let idle: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(a).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let r = http(a, "POST", "/v1/recall", br#"{"user_id": "u3", "k": 5}"#, "");
+    assert_eq!(r.status, 200);
+    assert!(t.elapsed() >= Duration::from_millis(1500), "served past the cap at once ({:?})", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(8), "idle connections were not closed ({:?})", t.elapsed());
+    drop(idle);
+    let open = open_connections();
+    assert!((1..=3).contains(&open), "{open} connections open, the cap is 3");
+}

@@ -1,0 +1,154 @@
+//! Connection hygiene: a cap on open connections, and time limits that close a connection whose
+//! request trickles in (slow headers or body) or that sits idle between requests.
+
+use axum::serve::Listener;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+/// Limits on connections; every one is a flag of `needle serve`.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    /// Connections open at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// From the first byte of a request until its response starts.
+    pub request_read_timeout: Duration,
+    /// Between requests on a kept-alive connection (and before the first).
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_connections: 1024,
+            request_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A TCP listener that accepts only while fewer than `max_connections` are open.
+pub struct GuardedListener {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+    limits: ConnLimits,
+}
+
+impl GuardedListener {
+    pub fn new(inner: TcpListener, limits: ConnLimits) -> (GuardedListener, Arc<Semaphore>) {
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        (GuardedListener { inner, slots: slots.clone(), limits }, slots)
+    }
+}
+
+impl Listener for GuardedListener {
+    type Io = GuardedConn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (GuardedConn, SocketAddr) {
+        // The semaphore is never closed, so the wait ends with a slot.
+        let slot = match self.slots.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => std::future::pending().await,
+        };
+        let (stream, addr) = Listener::accept(&mut self.inner).await;
+        let _ = stream.set_nodelay(true);
+        let deadline = Box::pin(tokio::time::sleep(self.limits.idle_timeout));
+        (GuardedConn { stream, _slot: slot, limits: self.limits, in_request: false, deadline }, addr)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// One accepted connection: holds its slot until dropped, and fails its reads once its current
+/// time limit has passed, which makes the server close it.
+pub struct GuardedConn {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    limits: ConnLimits,
+    /// Bytes of a request have arrived and its response has not started.
+    in_request: bool,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl GuardedConn {
+    fn arm(&mut self, after: Duration) {
+        self.deadline.as_mut().reset(Instant::now() + after);
+    }
+}
+
+impl AsyncRead for GuardedConn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // Polled first, so the task also wakes when the limit passes with nothing to read.
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            let what = if this.in_request { "request not read in time" } else { "connection idle too long" };
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+        }
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            if buf.filled().len() > before && !this.in_request {
+                this.in_request = true;
+                let t = this.limits.request_read_timeout;
+                this.arm(t);
+            }
+        }
+        res
+    }
+}
+
+impl AsyncWrite for GuardedConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.stream).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = res {
+            if n > 0 && this.in_request {
+                // The response has started: the request was read in time.
+                this.in_request = false;
+                let t = this.limits.idle_timeout;
+                this.arm(t);
+            }
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = res {
+            if n > 0 && this.in_request {
+                this.in_request = false;
+                let t = this.limits.idle_timeout;
+                this.arm(t);
+            }
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
