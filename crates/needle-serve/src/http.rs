@@ -77,7 +77,7 @@ struct App {
     in_flight: tokio::sync::Semaphore,
     /// Free connection slots, shared with the listener.
     conn_slots: Arc<tokio::sync::Semaphore>,
-    max_connections: usize,
+    conn: crate::conn::ConnLimits,
     auth: AdminAuth,
     data_dir: Option<PathBuf>,
     /// The run the `--index` override belongs to.
@@ -137,7 +137,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         limits: opts.limits.clone(),
         in_flight: tokio::sync::Semaphore::new(opts.limits.max_in_flight),
         conn_slots: conn_slots.clone(),
-        max_connections: opts.conn.max_connections,
+        conn: opts.conn,
         auth: opts.auth.clone(),
         data_dir: opts.data_dir.clone(),
         index_override: opts.index.clone().map(|i| (opts.run.clone(), i)),
@@ -585,7 +585,9 @@ async fn metrics(State(app): State<Shared>) -> Response {
     let mut text = app.metrics.render(&e.run_id, &e.kind, e.index_len(), &e.index_params);
     let limit = app.limits.max_in_flight;
     let busy = limit.saturating_sub(app.in_flight.available_permits());
-    let max = app.max_connections;
+    let max = app.conn.max_connections;
+    let (read_s, idle_s) = (app.conn.request_read_timeout.as_secs_f64(), app.conn.idle_timeout.as_secs_f64());
+    let request_s = app.limits.timeout.as_secs_f64();
     let open = max.saturating_sub(app.conn_slots.available_permits());
     text.push_str(&format!(
         "# HELP needle_in_flight Requests being handled.\n# TYPE needle_in_flight gauge\nneedle_in_flight {busy}\n\
@@ -593,7 +595,12 @@ async fn metrics(State(app): State<Shared>) -> Response {
          # TYPE needle_in_flight_limit gauge\nneedle_in_flight_limit {limit}\n\
          # HELP needle_connections Open client connections.\n# TYPE needle_connections gauge\nneedle_connections {open}\n\
          # HELP needle_connections_limit Connections open at once (--max-connections).\n\
-         # TYPE needle_connections_limit gauge\nneedle_connections_limit {max}\n"
+         # TYPE needle_connections_limit gauge\nneedle_connections_limit {max}\n\
+         # HELP needle_timeout_seconds Time limits: a request's handling (--timeout), reading a request \
+         (--request-read-timeout), an idle connection (--idle-timeout).\n# TYPE needle_timeout_seconds gauge\n\
+         needle_timeout_seconds{{limit=\"request\"}} {request_s}\n\
+         needle_timeout_seconds{{limit=\"request_read\"}} {read_s}\n\
+         needle_timeout_seconds{{limit=\"idle\"}} {idle_s}\n"
     ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -674,4 +674,12 @@ fn slow_and_idle_connections_are_closed_and_open_ones_capped() {
     drop(idle);
     let open = open_connections();
     assert!((1..=3).contains(&open), "{open} connections open, the cap is 3");
+    let metrics = String::from_utf8_lossy(&http(a, "GET", "/metrics", b"", "").body).into_owned();
+    for line in [
+        "needle_connections_limit 3",
+        "needle_timeout_seconds{limit=\"request_read\"} 1",
+        "needle_timeout_seconds{limit=\"idle\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
 }
