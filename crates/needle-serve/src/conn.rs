@@ -2,11 +2,12 @@
 //! request trickles in (slow headers or body) or that sits idle between requests.
 
 use axum::serve::Listener;
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -19,6 +20,10 @@ use tokio::time::{Instant, Sleep};
 pub struct ConnLimits {
     /// Connections open at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Connections one client address may hold at once (0 = no limit); more are closed as soon
+    /// as they are accepted, so one client cannot take every slot. Leave it at 0 behind a proxy,
+    /// where every request comes from the proxy's address.
+    pub max_per_client: usize,
     /// From the first byte of a request until its response starts.
     pub request_read_timeout: Duration,
     /// Between requests on a kept-alive connection (and before the first).
@@ -29,6 +34,7 @@ impl Default for ConnLimits {
     fn default() -> Self {
         ConnLimits {
             max_connections: 1024,
+            max_per_client: 0,
             request_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
         }
@@ -40,12 +46,13 @@ pub struct GuardedListener {
     inner: TcpListener,
     slots: Arc<Semaphore>,
     limits: ConnLimits,
+    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
 impl GuardedListener {
     pub fn new(inner: TcpListener, limits: ConnLimits) -> (GuardedListener, Arc<Semaphore>) {
         let slots = Arc::new(Semaphore::new(limits.max_connections));
-        (GuardedListener { inner, slots: slots.clone(), limits }, slots)
+        (GuardedListener { inner, slots: slots.clone(), limits, per_client: Arc::default() }, slots)
     }
 }
 
@@ -54,15 +61,31 @@ impl Listener for GuardedListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (GuardedConn, SocketAddr) {
-        // The semaphore is never closed, so the wait ends with a slot.
-        let slot = match self.slots.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => std::future::pending().await,
-        };
-        let (stream, addr) = Listener::accept(&mut self.inner).await;
-        let _ = stream.set_nodelay(true);
-        let deadline = Box::pin(tokio::time::sleep(self.limits.idle_timeout));
-        (GuardedConn { stream, _slot: slot, limits: self.limits, in_request: false, deadline }, addr)
+        loop {
+            // The semaphore is never closed, so the wait ends with a slot.
+            let slot = match self.slots.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => std::future::pending().await,
+            };
+            let (stream, addr) = Listener::accept(&mut self.inner).await;
+            let client = (self.limits.max_per_client > 0).then(|| addr.ip());
+            if let Some(ip) = client {
+                let mut held = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+                let n = held.entry(ip).or_insert(0);
+                if *n >= self.limits.max_per_client {
+                    // Closed at once: the slot goes back with it.
+                    continue;
+                }
+                *n += 1;
+            }
+            let _ = stream.set_nodelay(true);
+            let deadline = Box::pin(tokio::time::sleep(self.limits.idle_timeout));
+            let held = client.map(|ip| (ip, self.per_client.clone()));
+            return (
+                GuardedConn { stream, _slot: slot, limits: self.limits, in_request: false, deadline, client: held },
+                addr,
+            );
+        }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -79,6 +102,22 @@ pub struct GuardedConn {
     /// Bytes of a request have arrived and its response has not started.
     in_request: bool,
     deadline: Pin<Box<Sleep>>,
+    /// The client's entry in the per-client counts, given back on drop.
+    client: Option<(IpAddr, Arc<Mutex<HashMap<IpAddr, usize>>>)>,
+}
+
+impl Drop for GuardedConn {
+    fn drop(&mut self) {
+        if let Some((ip, counts)) = &self.client {
+            let mut held = counts.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = held.get_mut(ip) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(ip);
+                }
+            }
+        }
+    }
 }
 
 impl GuardedConn {

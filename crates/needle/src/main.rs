@@ -142,6 +142,9 @@ enum Cmd {
         /// Client connections open at once; more wait in the accept queue.
         #[arg(long, default_value_t = 1024)]
         max_connections: usize,
+        /// Connections one client address may hold (0 = no limit; keep 0 behind a proxy).
+        #[arg(long, default_value_t = 0)]
+        max_connections_per_client: usize,
         /// Close a connection whose request is not read (headers and body) within this time of
         /// its first byte: slow senders cannot hold connections.
         #[arg(long, default_value = "10s", value_parser = serve_cmd::parse_duration)]
@@ -456,6 +459,7 @@ fn run(cli: Cli) -> Result<()> {
             timeout,
             max_in_flight,
             max_connections,
+            max_connections_per_client,
             request_read_timeout,
             idle_timeout,
             log_level,
@@ -472,7 +476,12 @@ fn run(cli: Cli) -> Result<()> {
                 limits,
                 log_level: &log_level,
                 threads: cli.threads,
-                conn: needle_serve::conn::ConnLimits { max_connections, request_read_timeout, idle_timeout },
+                conn: needle_serve::conn::ConnLimits {
+                    max_connections,
+                    max_per_client: max_connections_per_client,
+                    request_read_timeout,
+                    idle_timeout,
+                },
                 admin: serve_cmd::AdminFlags {
                     token: admin_token.as_deref(),
                     token_file: admin_token_file.as_deref(),

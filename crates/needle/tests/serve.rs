@@ -683,3 +683,25 @@ fn slow_and_idle_connections_are_closed_and_open_ones_capped() {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
 }
+
+#[test]
+fn one_client_cannot_hold_more_than_its_share_of_connections() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    trained(dir);
+    let srv = Server::start(dir, &["--run", "runs/yt", "--max-connections-per-client", "2"]);
+    let a = srv.addr.as_str();
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(a).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // A third connection from the same address is closed at once, not queued.
+    let mut extra = TcpStream::connect(a).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let closed = matches!(extra.read(&mut buf), Ok(0) | Err(_));
+    assert!(closed && t.elapsed() < Duration::from_secs(2), "the extra connection was kept ({:?})", t.elapsed());
+    // Once the client lets go, it is served again.
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(http(a, "POST", "/v1/recall", br#"{"user_id": "u3", "k": 5}"#, "").status, 200);
+}
