@@ -41,12 +41,15 @@ impl Default for ConnLimits {
     }
 }
 
+/// Connections held per client address.
+type ClientCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
 /// A TCP listener that accepts only while fewer than `max_connections` are open.
 pub struct GuardedListener {
     inner: TcpListener,
     slots: Arc<Semaphore>,
     limits: ConnLimits,
-    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_client: ClientCounts,
 }
 
 impl GuardedListener {
@@ -103,7 +106,7 @@ pub struct GuardedConn {
     in_request: bool,
     deadline: Pin<Box<Sleep>>,
     /// The client's entry in the per-client counts, given back on drop.
-    client: Option<(IpAddr, Arc<Mutex<HashMap<IpAddr, usize>>>)>,
+    client: Option<(IpAddr, ClientCounts)>,
 }
 
 impl Drop for GuardedConn {
