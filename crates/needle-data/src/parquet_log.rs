@@ -178,15 +178,24 @@ fn integer(a: &ArrayRef, i: usize) -> std::result::Result<Option<i64>, String> {
             TimeUnit::Nanosecond => a.as_primitive::<TimestampNanosecondType>().value(i).div_euclid(1_000_000_000),
         },
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
-            let mut buf = String::new();
-            let s = text(a, i, &mut buf).unwrap_or("");
-            return crate::text::parse_i64(s.as_bytes())
-                .map(Some)
-                .ok_or_else(|| format!("{} is not an integer", crate::text::show(s.as_bytes())));
+            return parsed_text(a, i, crate::text::parse_i64, "an integer");
         }
         other => return Err(format!("{other} is not an integer type")),
     };
     Ok(Some(v))
+}
+
+/// A string column's row `i` read as a value by `parse` (text written by tools that keep
+/// everything as strings); `what` names the expected kind in the error.
+fn parsed_text<T>(
+    a: &ArrayRef,
+    i: usize,
+    parse: fn(&[u8]) -> Option<T>,
+    what: &str,
+) -> std::result::Result<Option<T>, String> {
+    let mut buf = String::new();
+    let s = text(a, i, &mut buf).unwrap_or("");
+    parse(s.as_bytes()).map(Some).ok_or_else(|| format!("{} is not {what}", crate::text::show(s.as_bytes())))
 }
 
 /// Number of row `i`: `Ok(None)` when null.
@@ -198,11 +207,7 @@ fn number(a: &ArrayRef, i: usize) -> std::result::Result<Option<f32>, String> {
         DataType::Float32 => a.as_primitive::<Float32Type>().value(i),
         DataType::Float64 => a.as_primitive::<Float64Type>().value(i) as f32,
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
-            let mut buf = String::new();
-            let s = text(a, i, &mut buf).unwrap_or("");
-            return crate::text::parse_f32(s.as_bytes())
-                .map(Some)
-                .ok_or_else(|| format!("{} is not a number", crate::text::show(s.as_bytes())));
+            return parsed_text(a, i, crate::text::parse_f32, "a number");
         }
         _ => return integer(a, i).map(|v| v.map(|v| v as f32)),
     };

@@ -127,6 +127,16 @@ impl GuardedConn {
     fn arm(&mut self, after: Duration) {
         self.deadline.as_mut().reset(Instant::now() + after);
     }
+
+    /// After a write: once a response has started, the request was read in time, and the
+    /// connection is idle until the next one begins.
+    fn wrote(&mut self, res: &Poll<io::Result<usize>>) {
+        if matches!(res, Poll::Ready(Ok(n)) if *n > 0) && self.in_request {
+            self.in_request = false;
+            let t = self.limits.idle_timeout;
+            self.arm(t);
+        }
+    }
 }
 
 impl AsyncRead for GuardedConn {
@@ -154,14 +164,7 @@ impl AsyncWrite for GuardedConn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.stream).poll_write(cx, data);
-        if let Poll::Ready(Ok(n)) = res {
-            if n > 0 && this.in_request {
-                // The response has started: the request was read in time.
-                this.in_request = false;
-                let t = this.limits.idle_timeout;
-                this.arm(t);
-            }
-        }
+        this.wrote(&res);
         res
     }
 
@@ -172,13 +175,7 @@ impl AsyncWrite for GuardedConn {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = res {
-            if n > 0 && this.in_request {
-                this.in_request = false;
-                let t = this.limits.idle_timeout;
-                this.arm(t);
-            }
-        }
+        this.wrote(&res);
         res
     }
 

@@ -723,6 +723,14 @@ pub fn users_bar(prefix: &str, show: bool) -> ProgressBar {
     bar
 }
 
+/// The `(users scored, users)` progress callback of [`evaluate`], drawn on a [`users_bar`].
+pub fn users_progress(bar: &ProgressBar) -> impl FnMut(usize, usize) + '_ {
+    |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    }
+}
+
 /// Builds an untrained model of the configured kind; the id rows of cold items start (and,
 /// since no step touches them, stay) at zero.
 pub fn build_model(cfg: &Config, p: &Prepared, rng: &mut Rng) -> Result<Model, TrainError> {
@@ -841,10 +849,7 @@ fn train_tower<T: Tower + Clone>(
             &[10],
             false,
             valid_subset.as_deref(),
-            &mut |done, total| {
-                vbar.set_length(total as u64);
-                vbar.set_position(done as u64);
-            },
+            &mut users_progress(&vbar),
         );
         vbar.finish_and_clear();
         let hr = r.get(10).map_or(0.0, |a| a.hit_rate);

@@ -221,10 +221,15 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
     );
     let users = eval_users_of(&p, None, cfg.train.seed);
     let bar = trainer::users_bar("test", !quiet);
-    let report = evaluate(&trained.model, &p, Stage::Test, &[10, 50, 100], false, Some(&users), &mut |done, n| {
-        bar.set_length(n as u64);
-        bar.set_position(done as u64);
-    });
+    let report = evaluate(
+        &trained.model,
+        &p,
+        Stage::Test,
+        &[10, 50, 100],
+        false,
+        Some(&users),
+        &mut trainer::users_progress(&bar),
+    );
     bar.finish_and_clear();
     println!("test, full corpus, known items excluded:\n{}", needle_eval::format_table(&report));
     write_metrics(out, &report)
@@ -252,10 +257,8 @@ pub fn eval(
     }
     let users = eval_users_of(&r.prepared, eval_users, r.info.config.train.seed);
     let bar = trainer::users_bar("test", true);
-    let report = evaluate(&r.model, &r.prepared, Stage::Test, ks, keep_seen, Some(&users), &mut |done, n| {
-        bar.set_length(n as u64);
-        bar.set_position(done as u64);
-    });
+    let report =
+        evaluate(&r.model, &r.prepared, Stage::Test, ks, keep_seen, Some(&users), &mut trainer::users_progress(&bar));
     bar.finish_and_clear();
     println!(
         "{} ({:?}), test, full corpus, known items {}:\n{}",

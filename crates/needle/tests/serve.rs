@@ -104,9 +104,21 @@ fn http(addr: &str, method: &str, path: &str, body: &[u8], extra_headers: &str) 
     Reply { status, headers, body: raw[split + 4..].to_vec() }
 }
 
+/// The server's `/metrics` text.
+fn metrics_text(addr: &str) -> String {
+    let r = http(addr, "GET", "/metrics", b"", "");
+    assert_eq!(r.status, 200);
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+/// The header line that presents `token`.
+fn bearer(token: &str) -> String {
+    format!("authorization: Bearer {token}\r\n")
+}
+
 /// A POST with the admin token.
 fn post(addr: &str, path: &str, v: &Value) -> Reply {
-    http(addr, "POST", path, v.to_string().as_bytes(), &format!("authorization: Bearer {TOKEN}\r\n"))
+    http(addr, "POST", path, v.to_string().as_bytes(), &bearer(TOKEN))
 }
 
 fn ids(v: &Value) -> Vec<String> {
@@ -223,9 +235,7 @@ fn serving_answers_recalls_events_and_rejects_bad_input() {
     let r = http(a, "POST", "/v1/recall", br#"{"user_id":"u3"}"#, "x-request-id: abc-123\r\n");
     assert!(r.headers.to_lowercase().contains("x-request-id: abc-123"), "{}", r.headers);
 
-    let m = http(a, "GET", "/metrics", b"", "");
-    assert_eq!(m.status, 200);
-    let text = String::from_utf8_lossy(&m.body);
+    let text = metrics_text(a);
     // User 3 (the log's users are u0, u1, …), "stranger" and the empty request.
     assert!(text.contains("\nneedle_popularity_fallbacks_total 3\n"), "{text}");
     for want in [
@@ -319,7 +329,7 @@ fn reloads_swap_models_without_failing_requests() {
     srv.signal("HUP");
     let t = Instant::now();
     loop {
-        let text = String::from_utf8_lossy(&http(&a, "GET", "/metrics", b"", "").body).into_owned();
+        let text = metrics_text(&a);
         if text.contains("needle_reloads_total 5") {
             break;
         }
@@ -448,32 +458,11 @@ fn catalogue_items_without_events_are_recalled_when_their_features_fit() {
         category.keys().map(String::as_str).filter(|i| !in_log.contains(i)).collect();
     assert!((120..=180).contains(&cold.len()), "{} of 1500 items never occur", cold.len());
 
-    let model = r#"[data]
-schema = "data/schema.toml"
-[model]
-kind = "youtubednn"
-dim = 32
-hidden = [128]
-user_features = ["region", "age_band"]
-item_features = ["category", "price_band"]
-feature_dim = 8
-item_feature_dim = 16
-max_seq_len = 30
-recent = 3
-example_age = false
-[train]
-epochs = 6
-batch_size = 256
-loss = "sampled"
-negatives = 64
-lr = 0.002
-embedding_lr = 0.02
-temperature = 0.05
-patience = 0
-seed = 7
-item_id_dropout = 0.1
-"#;
-    std::fs::write(dir.join("yt.toml"), model).unwrap();
+    // The shipped config (the one `results/scale.md` measured), pointed at this log.
+    let shipped = include_str!("../../../configs/synth/youtubednn-cold.toml");
+    let model = shipped.replace("../../data/synth-cold/schema.toml", "data/schema.toml");
+    assert_ne!(model, shipped, "the config no longer names ../../data/synth-cold/schema.toml");
+    std::fs::write(dir.join("yt.toml"), &model).unwrap();
     let out = needle(&["--threads", "2", "train", "--config", "yt.toml", "--out", "runs/yt", "--quiet"], dir);
     ok(&out);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -533,7 +522,6 @@ fn admin_and_write_routes_need_the_admin_token() {
     let dir = tmp.path();
     trained(dir);
     let event = json!({"user_id": "u3", "item_id": "c3_4"}).to_string();
-    let bearer = |t: &str| format!("authorization: Bearer {t}\r\n");
 
     // No token given: the server keeps a random one beside the run, readable by its owner only.
     let srv = Server::start_as(dir, &["--run", "runs/yt"]);
@@ -558,7 +546,7 @@ fn admin_and_write_routes_need_the_admin_token() {
     // Reading stays open.
     assert_eq!(http(a, "POST", "/v1/recall", br#"{"user_id": "u3", "k": 5}"#, "").status, 200);
     assert_eq!(http(a, "GET", "/healthz", b"", "").status, 200);
-    let metrics = String::from_utf8_lossy(&http(a, "GET", "/metrics", b"", "").body).into_owned();
+    let metrics = metrics_text(a);
     assert!(metrics.contains("status=\"401\""), "{metrics}");
     assert!(!metrics.contains(&token));
     drop(srv);
@@ -602,8 +590,7 @@ fn load_beyond_max_in_flight_is_shed_with_503_and_retry_after() {
     slow.write_all(head.as_bytes()).unwrap();
     slow.write_all(&body[..4]).unwrap();
     // Wait until the server holds it (`/metrics` is never turned away and takes no slot).
-    let in_flight =
-        || String::from_utf8_lossy(&http(a, "GET", "/metrics", b"", "").body).contains("needle_in_flight 1\n");
+    let in_flight = || metrics_text(a).contains("needle_in_flight 1\n");
     let t = Instant::now();
     while !in_flight() {
         assert!(t.elapsed() < Duration::from_secs(10), "the slow request never arrived");
@@ -617,7 +604,7 @@ fn load_beyond_max_in_flight_is_shed_with_503_and_retry_after() {
     assert!(shed.headers.to_ascii_lowercase().contains("retry-after: 1"), "{}", shed.headers);
     assert!(t.elapsed() < Duration::from_secs(5));
     assert_eq!(http(a, "GET", "/healthz", b"", "").status, 200);
-    let metrics = String::from_utf8_lossy(&http(a, "GET", "/metrics", b"", "").body).into_owned();
+    let metrics = metrics_text(a);
     assert!(metrics.contains("needle_in_flight_limit 1") && metrics.contains("needle_in_flight 1"), "{metrics}");
     assert!(!metrics.contains("needle_shed_total 0"), "{metrics}");
     // The held request completes, and the slot is free again.
@@ -641,7 +628,7 @@ fn slow_and_idle_connections_are_closed_and_open_ones_capped() {
     let srv = Server::start(dir, &args);
     let a = srv.addr.as_str();
     let open_connections = || {
-        let text = String::from_utf8_lossy(&http(a, "GET", "/metrics", b"", "").body).into_owned();
+        let text = metrics_text(a);
         let line = text.lines().find(|l| l.starts_with("needle_connections ")).map(str::to_owned);
         line.and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok()).unwrap_or(usize::MAX)
     };
@@ -674,7 +661,7 @@ fn slow_and_idle_connections_are_closed_and_open_ones_capped() {
     drop(idle);
     let open = open_connections();
     assert!((1..=3).contains(&open), "{open} connections open, the cap is 3");
-    let metrics = String::from_utf8_lossy(&http(a, "GET", "/metrics", b"", "").body).into_owned();
+    let metrics = metrics_text(a);
     for line in [
         "needle_connections_limit 3",
         "needle_timeout_seconds{limit=\"request_read\"} 1",
