@@ -195,6 +195,13 @@ pub fn write_run(dir: &Path, info: &mut RunInfo, contents: &RunContents<'_>) -> 
 pub fn read_info(dir: &Path) -> Result<RunInfo, RunError> {
     let path = dir.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+        // The manifest is written last, so other run files without it mean an interrupted write.
+        std::io::ErrorKind::NotFound if dir.join(WEIGHTS_FILE).exists() || dir.join("vocab").exists() => {
+            RunError::Invalid(format!(
+                "{} holds an incomplete run (its writing was interrupted: no model.toml); train it again",
+                dir.display()
+            ))
+        }
         std::io::ErrorKind::NotFound => RunError::Invalid(format!(
             "{} is not a run directory (no model.toml); train one with `needle train --config ... --out {}`",
             dir.display(),

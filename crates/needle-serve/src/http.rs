@@ -167,7 +167,8 @@ async fn load_engine(
     index: Option<PathBuf>,
     store: Option<&dyn Store>,
 ) -> Result<Engine, ServeError> {
-    // `None`: no store; `Some(None)`: a store that holds nothing yet.
+    // `None`: no store; `Some(None)`: a store that holds nothing yet, or whose last load was cut
+    // short (loads are idempotent, so loading again repairs it).
     let tag = match store {
         Some(s) => Some(s.loaded_tag().await?),
         None => None,
@@ -188,7 +189,7 @@ async fn load_engine(
             c.write_to(store, &|_| {}).await?;
             tracing::info!(
                 store = %store.describe(),
-                "store was empty: loaded {} items and {} users in {:.2}s",
+                "store held no complete load: loaded {} items and {} users in {:.2}s",
                 c.items.len(),
                 c.users.len(),
                 t.elapsed().as_secs_f64()
@@ -446,16 +447,13 @@ async fn recall(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) 
     }
 }
 
-async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response, ApiError> {
-    let limits = &app.limits;
+/// The recall checks that need only the limits; returns `k`.
+fn check_recall(req: &RecallRequest, limits: &Limits) -> Result<usize, ApiError> {
     let k = req.k.unwrap_or(DEFAULT_K);
     if k <= 0 || k as u64 > limits.max_k as u64 {
         return Err(ApiError::bad(format!("k must be between 1 and {} (this server's max_k), got {k}", limits.max_k)));
     }
-    let k = k as usize;
-    let engine = app.engine();
-    let history: Option<Vec<String>> = req.history.map(|h| h.into_iter().map(|i| i.0).collect());
-    if let Some(h) = &history {
+    if let Some(h) = &req.history {
         if h.len() > limits.max_history {
             return Err(ApiError::bad(format!(
                 "history has {} items; this server takes at most {} (max_history)",
@@ -463,6 +461,29 @@ async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response
                 limits.max_history
             )));
         }
+    }
+    Ok(k as usize)
+}
+
+/// Parses a JSON request body for `route` (`/v1/recall`, `/v1/events` or `/admin/reload`) as its
+/// handler does and applies the checks that need neither a model nor a store; `Err` is the
+/// message a client would get. Lets the request parsing be exercised without a server.
+pub fn check_request_body(route: &str, body: &[u8], limits: &Limits) -> Result<(), String> {
+    let body = Ok(Bytes::copy_from_slice(body));
+    let checked = match route {
+        "/v1/recall" => parse_body::<RecallRequest>(body).and_then(|r| check_recall(&r, limits).map(drop)),
+        "/v1/events" => parse_body::<EventRequest>(body).and_then(|e| check_event(&e)),
+        "/admin/reload" => parse_reload(body).map(drop),
+        other => return Err(format!("{other} takes no JSON body")),
+    };
+    checked.map_err(|e| e.message)
+}
+
+async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response, ApiError> {
+    let k = check_recall(&req, &app.limits)?;
+    let engine = app.engine();
+    let history: Option<Vec<String>> = req.history.map(|h| h.into_iter().map(|i| i.0).collect());
+    if let Some(h) = &history {
         let unknown: Vec<&str> = h.iter().map(String::as_str).filter(|id| !engine.has_item(id)).collect();
         if !unknown.is_empty() {
             let shown: Vec<&str> = unknown.iter().copied().take(5).collect();
@@ -537,15 +558,22 @@ struct EventRequest {
     ts: Option<i64>,
 }
 
+fn check_event(ev: &EventRequest) -> Result<(), ApiError> {
+    if ev.user_id.0.is_empty() {
+        return Err(ApiError::bad("user_id must not be empty"));
+    }
+    Ok(())
+}
+
 async fn events(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
     let ev: EventRequest = match parse_body(body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let engine = app.engine();
-    if ev.user_id.0.is_empty() {
-        return ApiError::bad("user_id must not be empty").into_response();
+    if let Err(e) = check_event(&ev) {
+        return e.into_response();
     }
+    let engine = app.engine();
     if !engine.has_item(&ev.item_id.0) {
         return ApiError::bad(format!(
             "unknown item id {:?}; the model knows only items seen in training",
@@ -616,13 +644,18 @@ struct ReloadRequest {
     run: Option<PathBuf>,
 }
 
+/// No body means "reload the current run".
+fn parse_reload(body: Result<Bytes, BytesRejection>) -> Result<ReloadRequest, ApiError> {
+    match &body {
+        Ok(b) if b.is_empty() => Ok(ReloadRequest::default()),
+        _ => parse_body(body),
+    }
+}
+
 async fn admin_reload(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
-    let req: ReloadRequest = match &body {
-        Ok(b) if b.is_empty() => ReloadRequest::default(),
-        _ => match parse_body(body) {
-            Ok(r) => r,
-            Err(e) => return e.into_response(),
-        },
+    let req = match parse_reload(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
     };
     let t = Instant::now();
     match reload(&app, req.run).await {

@@ -158,6 +158,10 @@ impl Store for EmbeddedStore {
         progress: &'a (dyn Fn(usize) + Send + Sync),
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
+            self.write(|tx| {
+                tx.open_table(META)?.remove("loaded")?;
+                Ok(())
+            })?;
             let mut done = 0;
             for chunk in items.chunks(LOAD_BATCH) {
                 self.write(|tx| {

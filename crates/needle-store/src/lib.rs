@@ -96,8 +96,10 @@ pub trait Store: Send + Sync {
         progress: &'a (dyn Fn(usize) + Send + Sync),
     ) -> StoreFuture<'a, ()>;
 
-    /// A free-form tag recorded by the last [`Store::load`] (needle stores the run's data
-    /// fingerprint), or `None` when nothing was loaded.
+    /// A free-form tag recorded after the last complete [`Store::load`] (needle stores the run's
+    /// data fingerprint), or `None` when nothing was loaded. `load` removes the tag before it
+    /// writes anything, so a load that was interrupted leaves no tag, never the previous one over
+    /// half-replaced records.
     fn loaded_tag(&self) -> StoreFuture<'_, Option<String>>;
     fn set_loaded_tag<'a>(&'a self, tag: &'a str) -> StoreFuture<'a, ()>;
 }
@@ -189,6 +191,10 @@ pub(crate) mod conformance {
         assert_eq!(done.load(std::sync::atomic::Ordering::Relaxed), items.len() + users.len());
         store.set_loaded_tag("fp1").await.unwrap();
         assert_eq!(store.loaded_tag().await.unwrap().as_deref(), Some("fp1"));
+        // A load in progress (or cut short) is never covered by the previous load's tag.
+        store.load(&items[..1], &[], 4, &|_| {}).await.unwrap();
+        assert_eq!(store.loaded_tag().await.unwrap(), None);
+        store.set_loaded_tag("fp1").await.unwrap();
 
         let got = store.items(&["i3", "nope", "i249"]).await.unwrap();
         assert_eq!(got[0].as_ref(), Some(&items[3].details));

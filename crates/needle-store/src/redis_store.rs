@@ -128,6 +128,7 @@ impl Store for RedisStore {
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let mut con = self.con.clone();
+            redis::cmd("DEL").arg(TAG).query_async::<()>(&mut con).await.map_err(|e| self.err(e))?;
             let mut done = 0;
             for chunk in items.chunks(LOAD_BATCH) {
                 let mut p = redis::pipe();

@@ -51,6 +51,16 @@ pub fn bytes_bar(quiet: bool, msg: &str) -> ProgressBar {
         .with_message(msg.to_owned())
 }
 
+/// A progress bar over `len` steps with ETA.
+pub fn count_bar(len: u64, msg: &str) -> ProgressBar {
+    ProgressBar::new(len)
+        .with_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        )
+        .with_message(msg.to_owned())
+}
+
 /// Loads and splits a config's data through its binary dataset, with a progress bar while a
 /// text source is parsed, and says where the dataset came from.
 pub fn load_data_shown(

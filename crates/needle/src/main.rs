@@ -3,6 +3,7 @@
 mod ann;
 mod bench;
 mod commands;
+mod crash;
 mod data_cmd;
 mod index_cmd;
 mod report;
@@ -337,6 +338,23 @@ enum BenchCmd {
         #[arg(long, value_name = "PATH")]
         admin_token_file: Option<PathBuf>,
     },
+    /// kill -9 at random moments while needle writes (train, index build, store load, events
+    /// into a running server), then check each result is the old state, the new state or a
+    /// clear error; prints a table and fails if anything loaded wrong or an acknowledged event
+    /// was lost.
+    Crash {
+        /// Write paths to interrupt.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "train,index,store,events")]
+        paths: Vec<crash::WritePath>,
+        /// Kills per write path.
+        #[arg(long, default_value_t = 100)]
+        runs: usize,
+        /// Scratch folder for the synthetic logs, runs and stores (reused when it holds them).
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
     /// Training throughput on ML-1M (reference and default configs) and step time against table size.
     Train {
         #[arg(long)]
@@ -535,6 +553,9 @@ fn run(cli: Cli) -> Result<()> {
                 Some(v) => ann::bench_ann_vectors(&v, query_vectors.as_deref(), queries, seed),
                 None => ann::bench_ann(items, dim, queries, seed, spread, write_npy.as_deref()),
             }
+        }
+        Cmd::Bench { cmd: BenchCmd::Crash { paths, runs, work, seed } } => {
+            crash::bench_crash(&paths, runs, &work, seed)
         }
         Cmd::Bench { cmd: BenchCmd::Train { data_dir, steps, small, config } } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
