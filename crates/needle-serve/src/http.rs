@@ -38,6 +38,11 @@ pub struct Limits {
     /// queueing, so latency stays bounded when load exceeds capacity (`/healthz` and `/metrics`
     /// are never turned away).
     pub max_in_flight: usize,
+    /// A recall whose user tower and search would wait longer than this for a compute thread is
+    /// answered 503 with `Retry-After` at once (zero: never).
+    pub max_queue_wait: Duration,
+    /// Threads that run user towers and index searches (0: one per core).
+    pub compute_threads: usize,
 }
 
 impl Default for Limits {
@@ -48,6 +53,8 @@ impl Default for Limits {
             max_body_bytes: 64 * 1024,
             timeout: Duration::from_secs(2),
             max_in_flight: 256,
+            max_queue_wait: Duration::from_millis(10),
+            compute_threads: 0,
         }
     }
 }
@@ -75,6 +82,7 @@ struct App {
     metrics: Metrics,
     limits: Limits,
     in_flight: tokio::sync::Semaphore,
+    compute: crate::compute::Compute,
     /// Free connection slots, shared with the listener.
     conn_slots: Arc<tokio::sync::Semaphore>,
     conn: crate::conn::ConnLimits,
@@ -130,12 +138,18 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     );
     let addr = listener.local_addr()?;
     let (listener, conn_slots) = crate::conn::GuardedListener::new(listener, opts.conn);
+    let threads = match opts.limits.compute_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let compute = crate::compute::Compute::new(threads, opts.limits.max_queue_wait)?;
     let app = Arc::new(App {
         engine: RwLock::new(Arc::new(engine)),
         store,
         metrics: Metrics::default(),
         limits: opts.limits.clone(),
         in_flight: tokio::sync::Semaphore::new(opts.limits.max_in_flight),
+        compute,
         conn_slots: conn_slots.clone(),
         conn: opts.conn,
         auth: opts.auth.clone(),
@@ -248,13 +262,11 @@ async fn shed_load(State(app): State<Shared>, req: Request, next: Next) -> Respo
     }
     let Ok(_permit) = app.in_flight.try_acquire() else {
         app.metrics.shed.fetch_add(1, Relaxed);
-        let mut resp = ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: format!("over capacity ({} requests in flight); retry in a second", app.limits.max_in_flight),
-        }
+        return ApiError::overloaded(format!(
+            "over capacity ({} requests in flight); retry in a second",
+            app.limits.max_in_flight
+        ))
         .into_response();
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return resp;
     };
     next.run(req).await
 }
@@ -336,6 +348,10 @@ impl ApiError {
     fn bad(message: impl Into<String>) -> Self {
         ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
     }
+
+    fn overloaded(message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into() }
+    }
 }
 
 impl From<ServeError> for ApiError {
@@ -347,7 +363,12 @@ impl From<ServeError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"status": self.status.as_u16(), "message": self.message}});
-        (self.status, axum::Json(body)).into_response()
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        // Every 503 is a passing condition (overload, a store outage, a timeout): say when to retry.
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 
@@ -520,8 +541,24 @@ async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response
         }
     }
     let history = history.unwrap_or(stored_history);
-    let input = UserInput { user_id: user_id.as_deref(), features: &features, history: &history };
-    let rec = engine.recall(&input, k, req.exclude_seen.unwrap_or(true))?;
+    let exclude_seen = req.exclude_seen.unwrap_or(true);
+    let work = {
+        let engine = engine.clone();
+        move || {
+            let input = UserInput { user_id: user_id.as_deref(), features: &features, history: &history };
+            engine.recall(&input, k, exclude_seen)
+        }
+    };
+    let rec = match app.compute.run(work).await {
+        Ok(r) => r?,
+        Err(over) => {
+            app.metrics.shed.fetch_add(1, Relaxed);
+            return Err(ApiError::overloaded(format!(
+                "over capacity (a recall would wait {:.1} ms for a compute thread); retry in a second",
+                over.expected_wait.as_secs_f64() * 1e3
+            )));
+        }
+    };
     if rec.source == Source::Popularity {
         app.metrics.popularity_fallbacks.fetch_add(1, Relaxed);
     }
@@ -617,10 +654,18 @@ async fn metrics(State(app): State<Shared>) -> Response {
     let (read_s, idle_s) = (app.conn.request_read_timeout.as_secs_f64(), app.conn.idle_timeout.as_secs_f64());
     let request_s = app.limits.timeout.as_secs_f64();
     let open = max.saturating_sub(app.conn_slots.available_permits());
+    let (queued, wait_s) = (app.compute.queued(), app.compute.expected_wait().as_secs_f64());
+    let max_wait_s = app.limits.max_queue_wait.as_secs_f64();
     text.push_str(&format!(
         "# HELP needle_in_flight Requests being handled.\n# TYPE needle_in_flight gauge\nneedle_in_flight {busy}\n\
          # HELP needle_in_flight_limit Requests handled at once before shedding (--max-in-flight).\n\
          # TYPE needle_in_flight_limit gauge\nneedle_in_flight_limit {limit}\n\
+         # HELP needle_compute_queue Recalls waiting for a compute thread.\n# TYPE needle_compute_queue gauge\n\
+         needle_compute_queue {queued}\n\
+         # HELP needle_compute_expected_wait_seconds How long a recall arriving now would wait for a compute thread.\n\
+         # TYPE needle_compute_expected_wait_seconds gauge\nneedle_compute_expected_wait_seconds {wait_s}\n\
+         # HELP needle_compute_max_wait_seconds Longest expected wait before shedding (--max-queue-wait).\n\
+         # TYPE needle_compute_max_wait_seconds gauge\nneedle_compute_max_wait_seconds {max_wait_s}\n\
          # HELP needle_connections Open client connections.\n# TYPE needle_connections gauge\nneedle_connections {open}\n\
          # HELP needle_connections_limit Connections open at once (--max-connections).\n\
          # TYPE needle_connections_limit gauge\nneedle_connections_limit {max}\n\

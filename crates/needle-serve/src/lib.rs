@@ -6,6 +6,7 @@
 //! `needle bench serve`.
 
 pub mod auth;
+pub mod compute;
 pub mod conn;
 pub mod engine;
 pub mod http;

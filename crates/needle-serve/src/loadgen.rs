@@ -1,17 +1,18 @@
 //! A load generator for the recall server (`needle bench serve`): keep-alive HTTP/1.1 connections
-//! posting `/v1/recall` for a rotating set of users, optionally paced to a target rate, with
-//! optional reloads and a burst of malformed requests during the run.
+//! posting `/v1/recall` for a rotating set of users, optionally paced to a target rate (with a
+//! surge above it), with optional reloads, bursts of malformed requests, a stream of events, and
+//! a slow-header attack from another source address; results overall and per time window.
 //!
 //! With a target rate each request has a scheduled start, and its latency is measured from that
 //! schedule, not from when it was sent, so a stalled server cannot hide its queueing delay
 //! (coordinated omission).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -24,25 +25,79 @@ pub struct LoadOptions {
     pub users: Vec<String>,
     /// Reloads spread evenly over the run.
     pub reloads: usize,
-    /// Malformed requests sent in one burst at mid-run.
+    /// Malformed requests sent in each burst.
     pub malformed: usize,
+    /// Bursts of malformed requests, spread evenly over the run.
+    pub malformed_bursts: usize,
     /// Sent with reloads and events, which the server guards.
     pub admin_token: Option<String>,
+    /// `POST /v1/events` per second (for the users above and these items) on a connection of
+    /// their own; 0 = none.
+    pub events_rate: f64,
+    pub event_items: Vec<String>,
+    /// A period at a multiple of `rate`.
+    pub surge: Option<Surge>,
+    /// Connections that send request headers a byte at a time.
+    pub slow: Option<SlowAttack>,
+    /// Report per window of this length (and sample the server's memory and descriptors at
+    /// each window's end).
+    pub window: Duration,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Surge {
+    pub start: Duration,
+    pub length: Duration,
+    pub factor: f64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct SlowAttack {
+    pub connections: usize,
+    /// Source address of the attack (any 127.x.y.z on loopback), so the server sees a client
+    /// other than the well-formed load.
+    pub from: IpAddr,
+    /// One header byte per connection this often.
+    pub byte_every: Duration,
+}
+
+/// One window of the run.
+#[derive(Debug, Default, Clone)]
+pub struct Window {
+    pub start_s: f64,
+    pub ok: u64,
+    pub shed: u64,
+    pub failed: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Sampled from `/metrics` at the window's end.
+    pub rss: Option<u64>,
+    pub fds: Option<u64>,
+    pub connections: Option<u64>,
 }
 
 #[derive(Debug, Default)]
 pub struct LoadReport {
     pub seconds: f64,
     pub ok: u64,
-    /// Well-formed requests that did not get a 200 (or whose connection failed).
+    /// Well-formed requests answered 503 (load shed): the server chose to turn them away.
+    pub shed: u64,
+    /// Well-formed requests that got neither a 200 nor a 503 (or whose connection failed).
     pub failed: u64,
-    /// Latencies of well-formed requests, in microseconds, sorted.
+    /// Latencies of well-formed requests answered 200, in microseconds, sorted.
     pub latencies_us: Vec<u32>,
+    pub windows: Vec<Window>,
     pub malformed_sent: u64,
     /// Malformed requests answered 4xx with a JSON error.
     pub malformed_rejected: u64,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
+    pub events_ok: u64,
+    pub events_failed: u64,
+    /// Slow connections the attack opened, and how many of them the server closed.
+    pub slow_opened: u64,
+    pub slow_closed: u64,
     pub rss_start: Option<u64>,
     pub rss_end: Option<u64>,
 }
@@ -54,12 +109,17 @@ impl LoadReport {
 
     /// The `q` quantile in milliseconds (nearest rank).
     pub fn quantile_ms(&self, q: f64) -> f64 {
-        if self.latencies_us.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((q * self.latencies_us.len() as f64).ceil() as usize).clamp(1, self.latencies_us.len()) - 1;
-        self.latencies_us[i] as f64 / 1e3
+        quantile_ms(&self.latencies_us, q)
     }
+}
+
+/// The `q` quantile of sorted microsecond latencies, in milliseconds (nearest rank).
+fn quantile_ms(sorted_us: &[u32], q: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((q * sorted_us.len() as f64).ceil() as usize).clamp(1, sorted_us.len()) - 1;
+    sorted_us[i] as f64 / 1e3
 }
 
 /// One keep-alive HTTP/1.1 connection.
@@ -130,11 +190,79 @@ impl Conn {
     }
 }
 
-async fn scrape_rss(addr: SocketAddr) -> Option<u64> {
-    let mut c = Conn::open(addr).await.ok()?;
-    c.request("GET", "/metrics", b"", true).await.ok()?;
+/// Gauges read from the server's `/metrics`.
+#[derive(Default)]
+struct Gauges {
+    rss: Option<u64>,
+    fds: Option<u64>,
+    connections: Option<u64>,
+}
+
+async fn scrape(addr: SocketAddr) -> Gauges {
+    let Ok(mut c) = Conn::open(addr).await else { return Gauges::default() };
+    if c.request("GET", "/metrics", b"", true).await.is_err() {
+        return Gauges::default();
+    }
     let text = String::from_utf8_lossy(&c.body).into_owned();
-    text.lines().find_map(|l| l.strip_prefix("process_resident_memory_bytes ")?.trim().parse().ok())
+    let gauge = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok()).map(|v| v as u64)
+    };
+    Gauges {
+        rss: gauge("process_resident_memory_bytes"),
+        fds: gauge("process_open_fds"),
+        connections: gauge("needle_connections"),
+    }
+}
+
+/// What one well-formed request came to, by its scheduled time (ms from the start).
+enum Outcome {
+    Ok { at_ms: u32, latency_us: u32 },
+    Shed { at_ms: u32 },
+    Failed { at_ms: u32 },
+}
+
+/// One slow connection, reopened whenever the server closes it, until `deadline`.
+async fn slow_connection(
+    addr: SocketAddr,
+    attack: SlowAttack,
+    deadline: Instant,
+    opened: Arc<AtomicU64>,
+    closed: Arc<AtomicU64>,
+) {
+    let header = b"POST /v1/recall HTTP/1.1\r\nhost: needle\r\ncontent-type: application/json\r\nx-padding: ";
+    while Instant::now() < deadline {
+        let socket = match if attack.from.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() } {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let connected = match socket.bind(SocketAddr::new(attack.from, 0)) {
+            Ok(()) => tokio::time::timeout(Duration::from_secs(1), socket.connect(addr)).await,
+            Err(_) => return,
+        };
+        let Ok(Ok(mut stream)) = connected else {
+            tokio::time::sleep(attack.byte_every).await;
+            continue;
+        };
+        opened.fetch_add(1, Relaxed);
+        let mut buf = [0u8; 256];
+        let mut sent = 0;
+        loop {
+            let byte = &header[sent % header.len()..][..1];
+            if stream.write_all(byte).await.is_err() {
+                break;
+            }
+            sent += 1;
+            // A read that ends (0 bytes, an error, or a response) means the server gave up on us.
+            match tokio::time::timeout(attack.byte_every, stream.read(&mut buf)).await {
+                Err(_) if Instant::now() < deadline => continue,
+                Err(_) => return,
+                Ok(_) => break,
+            }
+        }
+        closed.fetch_add(1, Relaxed);
+        // Reconnect after a pause, as an attacker that wants to stay unnoticed would.
+        tokio::time::sleep(attack.byte_every).await;
+    }
 }
 
 /// The malformed requests of the burst, cycled: each must be answered 4xx.
@@ -160,6 +288,9 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
     if opts.users.is_empty() || opts.concurrency == 0 {
         return Err(std::io::Error::other("need at least one user id and one connection"));
     }
+    if opts.events_rate > 0.0 && opts.event_items.is_empty() {
+        return Err(std::io::Error::other("events need at least one item id"));
+    }
     let mut probe = Conn::open(opts.addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot reach needle serve at {}: {e}", opts.addr)))?;
@@ -167,26 +298,46 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
     if status != 200 {
         return Err(std::io::Error::other(format!("{} answered /healthz with {status}", opts.addr)));
     }
-    let mut report = LoadReport { rss_start: scrape_rss(opts.addr).await, ..Default::default() };
+    let mut report = LoadReport { rss_start: scrape(opts.addr).await.rss, ..Default::default() };
     let start = Instant::now();
     let deadline = start + opts.duration;
-    let failed = Arc::new(AtomicU64::new(0));
+    let (slow_opened, slow_closed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut attackers = Vec::new();
+    if let Some(attack) = opts.slow {
+        for _ in 0..attack.connections {
+            let (o, c) = (slow_opened.clone(), slow_closed.clone());
+            attackers.push(tokio::spawn(slow_connection(opts.addr, attack, deadline, o, c)));
+        }
+    }
     let mut workers = Vec::new();
     for c in 0..opts.concurrency {
-        let (opts, failed) = (opts.clone(), failed.clone());
+        let opts = opts.clone();
         workers.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut ok = 0u64;
+            let mut out = Vec::new();
             let mut conn: Option<Conn> = None;
-            let interval = (opts.rate > 0.0).then(|| Duration::from_secs_f64(opts.concurrency as f64 / opts.rate));
+            // The gap between one connection's requests at the rate in force at time `t`.
+            let interval = |t: Instant| -> Option<Duration> {
+                if opts.rate <= 0.0 {
+                    return None;
+                }
+                let since = t.saturating_duration_since(start);
+                let factor = match opts.surge {
+                    Some(s) if since >= s.start && since < s.start + s.length => s.factor,
+                    _ => 1.0,
+                };
+                Some(Duration::from_secs_f64(opts.concurrency as f64 / (opts.rate * factor)))
+            };
             // Connections start staggered over one interval so paced requests do not arrive in waves.
-            let mut next = start + interval.map(|i| i.mul_f64(c as f64 / opts.concurrency as f64)).unwrap_or_default();
+            let mut next =
+                start + interval(start).map(|i| i.mul_f64(c as f64 / opts.concurrency as f64)).unwrap_or_default();
             let mut i = c;
             while Instant::now() < deadline {
-                if interval.is_some() {
+                let paced = interval(next);
+                if paced.is_some() {
                     tokio::time::sleep_until(next.into()).await;
                 }
-                let scheduled = if interval.is_some() { next } else { Instant::now() };
+                let scheduled = if paced.is_some() { next } else { Instant::now() };
+                let at_ms = scheduled.saturating_duration_since(start).as_millis() as u32;
                 let user = &opts.users[i % opts.users.len()];
                 i += opts.concurrency;
                 let body = format!("{{\"user_id\":{},\"k\":{}}}", serde_json::Value::from(user.as_str()), opts.k);
@@ -197,18 +348,22 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
                     Some(c) => c.request("POST", "/v1/recall", body.as_bytes(), false).await.ok(),
                     None => None,
                 };
-                if status == Some(200) {
-                    ok += 1;
-                    lat.push(scheduled.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                } else {
-                    failed.fetch_add(1, Relaxed);
-                    conn = None;
+                match status {
+                    Some(200) => {
+                        let latency_us = scheduled.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                        out.push(Outcome::Ok { at_ms, latency_us });
+                    }
+                    Some(503) => out.push(Outcome::Shed { at_ms }),
+                    _ => {
+                        out.push(Outcome::Failed { at_ms });
+                        conn = None;
+                    }
                 }
-                if let Some(iv) = interval {
+                if let Some(iv) = paced {
                     next += iv;
                 }
             }
-            (ok, lat)
+            out
         }));
     }
     let reloads = {
@@ -233,22 +388,26 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
             (okn, bad)
         })
     };
-    let burst = {
+    let bursts = {
         let opts = opts.clone();
         tokio::spawn(async move {
-            tokio::time::sleep_until((start + opts.duration / 2).into()).await;
             let bodies = malformed_bodies(70 * 1024);
             let (mut sent, mut rejected) = (0u64, 0u64);
-            for n in 0..opts.malformed {
-                let (path, body) = &bodies[n % bodies.len()];
-                sent += 1;
-                if let Ok(mut c) = Conn::open(opts.addr).await {
-                    if let Ok(status) = c.request_as("POST", path, body, true, opts.admin_token.as_deref()).await {
-                        let json_error = serde_json::from_slice::<serde_json::Value>(&c.body)
-                            .map(|v| v["error"]["message"].is_string())
-                            .unwrap_or(false);
-                        if (400..500).contains(&status) && json_error {
-                            rejected += 1;
+            let n_bursts = if opts.malformed > 0 { opts.malformed_bursts.max(1) } else { 0 };
+            for b in 0..n_bursts {
+                let at = start + opts.duration.mul_f64((b + 1) as f64 / (n_bursts + 1) as f64);
+                tokio::time::sleep_until(at.into()).await;
+                for n in 0..opts.malformed {
+                    let (path, body) = &bodies[n % bodies.len()];
+                    sent += 1;
+                    if let Ok(mut c) = Conn::open(opts.addr).await {
+                        if let Ok(status) = c.request_as("POST", path, body, true, opts.admin_token.as_deref()).await {
+                            let json_error = serde_json::from_slice::<serde_json::Value>(&c.body)
+                                .map(|v| v["error"]["message"].is_string())
+                                .unwrap_or(false);
+                            if (400..500).contains(&status) && json_error {
+                                rejected += 1;
+                            }
                         }
                     }
                 }
@@ -256,16 +415,118 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
             (sent, rejected)
         })
     };
+    let events = {
+        let opts = opts.clone();
+        tokio::spawn(async move {
+            let (mut okn, mut bad) = (0u64, 0u64);
+            if opts.events_rate <= 0.0 {
+                return (okn, bad);
+            }
+            let gap = Duration::from_secs_f64(1.0 / opts.events_rate);
+            let mut conn: Option<Conn> = None;
+            let mut next = start;
+            let mut n = 0usize;
+            while next < deadline {
+                tokio::time::sleep_until(next.into()).await;
+                let user = &opts.users[(n * 7919) % opts.users.len()];
+                let item = &opts.event_items[(n * 104_729) % opts.event_items.len()];
+                n += 1;
+                let body = serde_json::json!({"user_id": user, "item_id": item}).to_string();
+                if conn.is_none() {
+                    conn = Conn::open(opts.addr).await.ok();
+                }
+                let status = match conn.as_mut() {
+                    Some(c) => c
+                        .request_as("POST", "/v1/events", body.as_bytes(), false, opts.admin_token.as_deref())
+                        .await
+                        .ok(),
+                    None => None,
+                };
+                if status == Some(200) {
+                    okn += 1;
+                } else {
+                    bad += 1;
+                    conn = None;
+                }
+                next += gap;
+            }
+            (okn, bad)
+        })
+    };
+    // Server gauges at the end of every window.
+    let monitor = {
+        let opts = opts.clone();
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut at = start + opts.window;
+            while at <= deadline + opts.window / 2 {
+                tokio::time::sleep_until(at.into()).await;
+                samples.push(scrape(opts.addr).await);
+                at += opts.window;
+            }
+            samples
+        })
+    };
+    let mut outcomes = Vec::new();
     for w in workers {
-        let (ok, lat) = w.await.map_err(std::io::Error::other)?;
-        report.ok += ok;
-        report.latencies_us.extend(lat);
+        outcomes.extend(w.await.map_err(std::io::Error::other)?);
     }
     report.seconds = start.elapsed().as_secs_f64();
+    for a in attackers {
+        a.abort();
+    }
     (report.reloads_ok, report.reloads_failed) = reloads.await.map_err(std::io::Error::other)?;
-    (report.malformed_sent, report.malformed_rejected) = burst.await.map_err(std::io::Error::other)?;
-    report.failed = failed.load(Relaxed);
+    (report.malformed_sent, report.malformed_rejected) = bursts.await.map_err(std::io::Error::other)?;
+    (report.events_ok, report.events_failed) = events.await.map_err(std::io::Error::other)?;
+    let samples = monitor.await.map_err(std::io::Error::other)?;
+    report.slow_opened = slow_opened.load(Relaxed);
+    report.slow_closed = slow_closed.load(Relaxed);
+    let window_ms = opts.window.as_millis().max(1) as u32;
+    let n_windows = opts.duration.as_millis().div_ceil(window_ms as u128).max(1) as usize;
+    let mut per_window: Vec<(Window, Vec<u32>)> = (0..n_windows)
+        .map(|w| {
+            let g = samples.get(w);
+            let win = Window {
+                start_s: w as f64 * opts.window.as_secs_f64(),
+                rss: g.and_then(|g| g.rss),
+                fds: g.and_then(|g| g.fds),
+                connections: g.and_then(|g| g.connections),
+                ..Default::default()
+            };
+            (win, Vec::new())
+        })
+        .collect();
+    for o in outcomes {
+        let at_ms = match o {
+            Outcome::Ok { at_ms, .. } | Outcome::Shed { at_ms } | Outcome::Failed { at_ms } => at_ms,
+        };
+        let (win, lat) = &mut per_window[((at_ms / window_ms) as usize).min(n_windows - 1)];
+        match o {
+            Outcome::Ok { latency_us, .. } => {
+                report.ok += 1;
+                win.ok += 1;
+                lat.push(latency_us);
+                report.latencies_us.push(latency_us);
+            }
+            Outcome::Shed { .. } => {
+                report.shed += 1;
+                win.shed += 1;
+            }
+            Outcome::Failed { .. } => {
+                report.failed += 1;
+                win.failed += 1;
+            }
+        }
+    }
+    report.windows = per_window
+        .into_iter()
+        .map(|(mut w, mut lat)| {
+            lat.sort_unstable();
+            (w.p50_ms, w.p99_ms, w.max_ms) = (quantile_ms(&lat, 0.5), quantile_ms(&lat, 0.99), quantile_ms(&lat, 1.0));
+            w
+        })
+        .collect();
     report.latencies_us.sort_unstable();
-    report.rss_end = scrape_rss(opts.addr).await;
+    report.rss_end = scrape(opts.addr).await.rss;
     Ok(report)
 }

@@ -109,12 +109,21 @@ impl Metrics {
             let _ = writeln!(out, "# HELP process_resident_memory_bytes Resident memory size in bytes.");
             let _ = writeln!(out, "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}");
         }
+        if let Some(fds) = open_fds() {
+            let _ = writeln!(out, "# HELP process_open_fds Open file descriptors.");
+            let _ = writeln!(out, "# TYPE process_open_fds gauge\nprocess_open_fds {fds}");
+        }
         let _ = writeln!(out, "# HELP needle_index_items Items in the serving index.\n# TYPE needle_index_items gauge");
         let _ = writeln!(out, "needle_index_items {index_items}");
         let _ = writeln!(out, "# HELP needle_model_info The model being served.\n# TYPE needle_model_info gauge");
         let _ = writeln!(out, "needle_model_info{{run=\"{run_id}\",kind=\"{kind}\",index=\"{index_params}\"}} 1");
         out
     }
+}
+
+/// This process's open file descriptors, from `/proc/self/fd` (Linux).
+pub fn open_fds() -> Option<usize> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
 }
 
 /// This process's resident set size, from `/proc/self/statm` (Linux).

@@ -140,6 +140,13 @@ enum Cmd {
         /// Requests handled at once; more are answered 503 with Retry-After instead of queueing.
         #[arg(long, default_value_t = 256)]
         max_in_flight: usize,
+        /// Answer a recall 503 with Retry-After at once when it would wait longer than this for a
+        /// compute thread (user tower and index search); 0 = never.
+        #[arg(long, default_value = "10ms", value_parser = serve_cmd::parse_duration_or_zero)]
+        max_queue_wait: std::time::Duration,
+        /// Threads that run user towers and index searches (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        compute_threads: usize,
         /// Client connections open at once; more wait in the accept queue.
         #[arg(long, default_value_t = 1024)]
         max_connections: usize,
@@ -310,34 +317,9 @@ enum DataCmd {
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Load-test a running `needle serve`: POST /v1/recall for the run's users over keep-alive
-    /// connections; prints requests/s and latency percentiles.
-    Serve {
-        /// The run being served (its user ids are sent).
-        #[arg(long)]
-        run: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        addr: std::net::SocketAddr,
-        #[arg(long, default_value = "30s", value_parser = serve_cmd::parse_duration)]
-        duration: std::time::Duration,
-        #[arg(long, default_value_t = 16)]
-        concurrency: usize,
-        /// Target requests/s over all connections (0 = as fast as possible); latency is then
-        /// measured from each request's scheduled start.
-        #[arg(long, default_value_t = 0.0)]
-        rate: f64,
-        #[arg(long, default_value_t = 100)]
-        k: usize,
-        /// POST /admin/reload this many times, spread over the run.
-        #[arg(long, default_value_t = 0)]
-        reloads: usize,
-        /// Send this many malformed requests in a burst at mid-run (each must get a 4xx).
-        #[arg(long, default_value_t = 0)]
-        malformed: usize,
-        /// The admin token for reloads and events (default: $NEEDLE_ADMIN_TOKEN, else the
-        /// server's RUN/admin.token).
-        #[arg(long, value_name = "PATH")]
-        admin_token_file: Option<PathBuf>,
-    },
+    /// connections; prints requests/s and latency percentiles, optionally per time window, with
+    /// reloads, malformed bursts, events, a load surge or a slow-header attack during the run.
+    Serve(serve_cmd::BenchServeFlags),
     /// kill -9 at random moments while needle writes (train, index build, store load, events
     /// into a running server), then check each result is the old state, the new state or a
     /// clear error; prints a table and fails if anything loaded wrong or an acknowledged event
@@ -476,6 +458,8 @@ fn run(cli: Cli) -> Result<()> {
             max_body_bytes,
             timeout,
             max_in_flight,
+            max_queue_wait,
+            compute_threads,
             max_connections,
             max_connections_per_client,
             request_read_timeout,
@@ -486,7 +470,15 @@ fn run(cli: Cli) -> Result<()> {
             no_admin_auth,
         } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
-            let limits = needle_serve::Limits { max_k, max_history, max_body_bytes, timeout, max_in_flight };
+            let limits = needle_serve::Limits {
+                max_k,
+                max_history,
+                max_body_bytes,
+                timeout,
+                max_in_flight,
+                max_queue_wait,
+                compute_threads,
+            };
             let flags = serve_cmd::ServeFlags {
                 addr,
                 store: &store,
@@ -512,21 +504,7 @@ fn run(cli: Cli) -> Result<()> {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             serve_cmd::store_load(&run, data_dir.as_deref(), &store)
         }
-        Cmd::Bench {
-            cmd: BenchCmd::Serve { run, addr, duration, concurrency, rate, k, reloads, malformed, admin_token_file },
-        } => {
-            let flags = serve_cmd::BenchServeFlags {
-                addr,
-                duration,
-                concurrency,
-                rate,
-                k,
-                reloads,
-                malformed,
-                admin_token_file,
-            };
-            serve_cmd::bench_serve(&run, flags)
-        }
+        Cmd::Bench { cmd: BenchCmd::Serve(flags) } => serve_cmd::bench_serve(flags),
         Cmd::Data { cmd: DataCmd::Download { name, to } } => commands::download(&name, &to),
         Cmd::Data { cmd: DataCmd::Ingest { schema, dataset, data_dir, out, skip_bad_rows, quiet } } => {
             data_cmd::ingest(

@@ -5,14 +5,22 @@ use indicatif::{ProgressBar, ProgressStyle};
 use needle_serve::auth::{AdminAuth, AdminToken, TOKEN_FILE};
 use needle_serve::engine::StoreContents;
 use needle_serve::http::EMBEDDED_STORE_FILE;
-use needle_serve::loadgen::{self, LoadOptions};
+use needle_serve::loadgen::{self, LoadOptions, SlowAttack, Surge};
 use needle_serve::{Limits, ServeOptions};
 use needle_store::StoreSpec;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Parses `30s`, `500ms`, `2m` or a plain number of seconds.
+/// Like [`parse_duration`], and also takes `0` (for limits that zero turns off).
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
@@ -152,15 +160,58 @@ pub fn store_load(run: &Path, data_dir: Option<&Path>, store: &str) -> Result<()
     })
 }
 
+#[derive(clap::Args)]
 pub struct BenchServeFlags {
+    /// The run being served (its user ids are sent).
+    #[arg(long)]
+    pub run: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub duration: Duration,
+    #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Target requests/s over all connections (0 = as fast as possible); latency is then
+    /// measured from each request's scheduled start.
+    #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    #[arg(long, default_value_t = 100)]
     pub k: usize,
+    /// POST /admin/reload this many times, spread over the run.
+    #[arg(long, default_value_t = 0)]
     pub reloads: usize,
+    /// Malformed requests per burst (each must get a 4xx).
+    #[arg(long, default_value_t = 0)]
     pub malformed: usize,
-    pub admin_token_file: Option<std::path::PathBuf>,
+    /// Bursts of malformed requests, spread over the run.
+    #[arg(long, default_value_t = 1)]
+    pub malformed_bursts: usize,
+    /// POST /v1/events per second for the run's users and items, on a connection of its own.
+    #[arg(long, default_value_t = 0.0)]
+    pub events_rate: f64,
+    /// Multiply the rate by this factor during the surge (with --surge-at and --surge-for).
+    #[arg(long, default_value_t = 3.0)]
+    pub surge_factor: f64,
+    #[arg(long, value_parser = parse_duration)]
+    pub surge_at: Option<Duration>,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub surge_for: Duration,
+    /// Hold this many connections that send their headers one byte at a time.
+    #[arg(long, default_value_t = 0)]
+    pub slow_connections: usize,
+    /// Source address of the slow connections (another client as the server sees it).
+    #[arg(long, default_value = "127.0.0.2")]
+    pub slow_from: std::net::IpAddr,
+    /// One header byte per slow connection this often.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub slow_byte_every: Duration,
+    /// Print a row per window of this length (p99, shed, server memory and descriptors).
+    #[arg(long, value_parser = parse_duration)]
+    pub window: Option<Duration>,
+    /// The admin token for reloads and events (default: $NEEDLE_ADMIN_TOKEN, else the
+    /// server's RUN/admin.token).
+    #[arg(long, value_name = "PATH")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// User ids to send: the run's user vocabulary.
@@ -171,11 +222,29 @@ fn user_ids(run: &Path) -> Result<Vec<String>> {
     Ok(vocab.iter().skip(1).map(|(_, s)| s.to_owned()).collect())
 }
 
-pub fn bench_serve(run: &Path, f: BenchServeFlags) -> Result<()> {
+pub fn bench_serve(f: BenchServeFlags) -> Result<()> {
+    let run = f.run.as_path();
     let users = user_ids(run)?;
     if users.is_empty() {
         bail!("{} has no users to send", run.display());
     }
+    let event_items = if f.events_rate > 0.0 {
+        let path = run.join("vocab").join("items.tsv");
+        let vocab =
+            needle_data::Vocab::load(&path).with_context(|| format!("cannot read item ids from {}", path.display()))?;
+        vocab.iter().skip(1).map(|(_, s)| s.to_owned()).collect()
+    } else {
+        Vec::new()
+    };
+    let surge = f.surge_at.map(|start| Surge { start, length: f.surge_for, factor: f.surge_factor });
+    if surge.is_some() && f.rate <= 0.0 {
+        bail!("--surge-at needs a paced run (--rate)");
+    }
+    let slow = (f.slow_connections > 0).then_some(SlowAttack {
+        connections: f.slow_connections,
+        from: f.slow_from,
+        byte_every: f.slow_byte_every,
+    });
     let opts = LoadOptions {
         addr: f.addr,
         duration: f.duration,
@@ -185,29 +254,97 @@ pub fn bench_serve(run: &Path, f: BenchServeFlags) -> Result<()> {
         users,
         reloads: f.reloads,
         malformed: f.malformed,
+        malformed_bursts: f.malformed_bursts,
         admin_token: client_token(run, f.admin_token_file.as_deref())?,
+        events_rate: f.events_rate,
+        event_items,
+        surge,
+        slow,
+        window: f.window.unwrap_or(Duration::from_secs(1)),
     };
     // One thread, so the server keeps the other core(s).
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let r = rt.block_on(loadgen::run(opts)).with_context(|| format!("load run against {} failed", f.addr))?;
     let rate = if f.rate > 0.0 { format!("{:.0}", f.rate) } else { "max".to_owned() };
-    println!("| connections | target rps | achieved rps | ok | failed | p50 ms | p90 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {rate} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        "| connections | target rps | achieved rps | ok | shed (503) | failed | p50 ms | p90 ms | p99 ms | max ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {rate} | {:.0} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
         f.concurrency,
         r.rps(),
         r.ok,
+        r.shed,
         r.failed,
         r.quantile_ms(0.5),
         r.quantile_ms(0.9),
         r.quantile_ms(0.99),
         r.quantile_ms(1.0)
     );
+    if f.window.is_some() {
+        let mb = |b: Option<u64>| b.map_or("-".to_owned(), |b| format!("{:.1}", b as f64 / 1e6));
+        let n = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+        println!(
+            "\n| from s | ok | shed | failed | p50 ms | p99 ms | max ms | server RSS MB | server fds | connections |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for w in &r.windows {
+            println!(
+                "| {:.1} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
+                w.start_s,
+                w.ok,
+                w.shed,
+                w.failed,
+                w.p50_ms,
+                w.p99_ms,
+                w.max_ms,
+                mb(w.rss),
+                n(w.fds),
+                n(w.connections)
+            );
+        }
+    }
+    let fds_max = r.windows.iter().filter_map(|w| w.fds).max();
+    if let Some(s) = surge {
+        // Back to normal: the first window after the surge with nothing shed and a p99 within
+        // twice the p99 before it.
+        let before: Vec<&loadgen::Window> =
+            r.windows.iter().filter(|w| w.start_s + 1e-9 < s.start.as_secs_f64()).collect();
+        let mut base: Vec<f64> = before.iter().map(|w| w.p99_ms).filter(|p| p.is_finite()).collect();
+        base.sort_by(f64::total_cmp);
+        let base = base.get(base.len() / 2).copied().unwrap_or(f64::NAN);
+        let end = (s.start + s.length).as_secs_f64();
+        let back = r.windows.iter().find(|w| w.start_s + 1e-9 >= end && w.shed == 0 && w.p99_ms <= 2.0 * base);
+        match back {
+            Some(w) => println!(
+                "\nsurge ×{} from {:.1} s for {:.1} s; median window p99 before it {base:.2} ms; back to normal (no shedding, p99 ≤ {:.2} ms) in the window starting {:.2} s after it",
+                s.factor,
+                s.start.as_secs_f64(),
+                s.length.as_secs_f64(),
+                2.0 * base,
+                w.start_s - end
+            ),
+            None => println!("\nsurge ×{}: the run ended before the server was back to normal", s.factor),
+        }
+    }
     if f.reloads > 0 || f.malformed > 0 {
         println!(
             "\nreloads: {} ok, {} failed; malformed requests: {} sent, {} answered 4xx with a JSON error",
             r.reloads_ok, r.reloads_failed, r.malformed_sent, r.malformed_rejected
+        );
+    }
+    if f.events_rate > 0.0 {
+        println!("events: {} acknowledged, {} failed", r.events_ok, r.events_failed);
+    }
+    if let Some(a) = slow {
+        println!(
+            "slow-header attack from {}: {} connections held, {} opened over the run, {} closed by the server; server fds at most {}",
+            a.from,
+            a.connections,
+            r.slow_opened,
+            r.slow_closed,
+            fds_max.map_or("-".to_owned(), |v| v.to_string())
         );
     }
     if let (Some(a), Some(b)) = (r.rss_start, r.rss_end) {

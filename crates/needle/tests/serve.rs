@@ -246,6 +246,9 @@ fn serving_answers_recalls_events_and_rejects_bad_input() {
         "needle_events_total 17",
         "needle_model_info{run=\"yt:",
         "process_resident_memory_bytes",
+        "process_open_fds",
+        "needle_compute_queue 0",
+        "needle_compute_max_wait_seconds 0.01",
     ] {
         assert!(text.contains(want), "metrics lack {want}:\n{text}");
     }
