@@ -8,6 +8,7 @@
 //! byte-for-byte reproducible and lets the check compare files with a reference write.
 
 use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
 use needle_model::rng::Rng;
 use needle_serve::engine::StoreContents;
 use needle_store::Store;
@@ -28,6 +29,8 @@ pub enum WritePath {
     Store,
     /// `needle serve` taking `POST /v1/events` into its embedded store.
     Events,
+    /// The same into Redis with an append-only file synced on every write; Redis is killed too.
+    EventsRedis,
 }
 
 /// What one interrupted write left behind.
@@ -427,28 +430,100 @@ fn wait_healthy(child: &mut Child, addr: SocketAddr) -> Result<()> {
     bail!("needle serve did not answer /healthz within 60 s")
 }
 
-fn crash_events(s: &Setup, runs: usize, rng: &mut Rng, bar: &indicatif::ProgressBar) -> Result<Tally> {
+/// A private redis-server persisting every write to its append-only file before answering.
+struct PersistentRedis {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PersistentRedis {
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn start(&mut self) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start redis-server (Debian: apt-get install redis-server)")?;
+        self.child = Some(child);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Ok(mut c) = TcpStream::connect(("127.0.0.1", self.port)) {
+                // Ready once it has replayed its file and answers.
+                let _ = c.write_all(b"PING\r\n");
+                let mut reply = [0u8; 5];
+                if c.read_exact(&mut reply).is_ok() && &reply == b"+PONG" {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("redis-server did not answer within 30 s")
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PersistentRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn crash_events(s: &Setup, runs: usize, rng: &mut Rng, bar: &indicatif::ProgressBar, redis: bool) -> Result<Tally> {
     let store_file = s.work.join("crash-events.redb");
     let _ = std::fs::remove_file(&store_file);
+    let mut server = if redis {
+        let dir = s.work.join("crash-redis");
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut r = PersistentRedis { dir, port: free_port()?, child: None };
+        r.start()?;
+        run_ok(
+            needle(&s.exe).args(["store", "load", "--run"]).arg(&s.run_new).args(["--store", &r.url()]),
+            "needle store load",
+        )?;
+        Some(r)
+    } else {
+        None
+    };
+    let store_spec = match &server {
+        Some(r) => r.url(),
+        None => store_file.display().to_string(),
+    };
     let items = needle_run::read_vocab(&s.run_new, "items")?;
     let item_ids: Vec<&str> = (1..items.len() as u32).filter_map(|r| items.raw(r)).collect();
     let token = "crash-bench-token-0123456789abcdef";
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut t = Tally::default();
     for r in 0..runs {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let mut child = needle(&s.exe)
             .args(["serve", "--log-level", "error", "--admin-token", token, "--run"])
             .arg(&s.run_new)
-            .arg("--store")
-            .arg(&store_file)
-            .arg("--addr")
-            .arg(addr.to_string())
+            .args(["--store", &store_spec, "--addr", &addr.to_string()])
             .spawn()
             .context("cannot start needle serve")?;
         wait_healthy(&mut child, addr)?;
         let stop = Instant::now() + Duration::from_secs_f64(0.05 + 0.5 * rng.uniform() as f64);
+        let mut redis_child = server.as_mut().and_then(|r| r.child.take());
         let killer = std::thread::spawn(move || {
             std::thread::sleep(stop.saturating_duration_since(Instant::now()));
+            // Redis first: a write it acknowledged must already be in its file.
+            if let Some(c) = redis_child.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
             let _ = child.kill();
             let _ = child.wait();
         });
@@ -459,13 +534,20 @@ fn crash_events(s: &Setup, runs: usize, rng: &mut Rng, bar: &indicatif::Progress
             let body = format!("{{\"user_id\":\"{user}\",\"item_id\":\"{item}\"}}");
             match post(addr, "/v1/events", &body, token) {
                 Ok(200) => acked.push((user, item)),
+                // Redis died first: the server says so with a 503 until it is killed too.
+                Ok(503) if redis => continue,
                 Ok(code) => bail!("an event got HTTP {code} from a healthy server"),
                 Err(_) => break,
             }
         }
         killer.join().map_err(|_| anyhow::anyhow!("the kill thread panicked"))?;
-        let store = needle_store::EmbeddedStore::open(&store_file)?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let store: Box<dyn Store> = match server.as_mut() {
+            Some(r) => {
+                r.start()?;
+                Box::new(rt.block_on(needle_store::RedisStore::connect(&r.url()))?)
+            }
+            None => Box::new(needle_store::EmbeddedStore::open(&store_file)?),
+        };
         rt.block_on(async {
             for (user, item) in &acked {
                 let kept = store.user(user, 10).await?.is_some_and(|p| p.history == [item.to_string()]);
@@ -491,24 +573,31 @@ pub fn bench_crash(paths: &[WritePath], runs: usize, work: &Path, seed: u64) -> 
     let mut bad = 0;
     for &p in paths {
         let mut rng = Rng::new(seed ^ ((p as u64 + 1) * 0x9e37_79b9));
-        let bar = crate::commands::count_bar(runs as u64, &format!("{p:?}").to_lowercase());
+        let bar = crate::commands::count_bar(
+            runs as u64,
+            &p.to_possible_value().map_or_else(String::new, |v| v.get_name().to_owned()),
+        );
         let t = match p {
             WritePath::Train => crash_train(&setup, runs, &mut rng, &bar)?,
             WritePath::Index => crash_index(&setup, runs, &mut rng, &bar)?,
             WritePath::Store => crash_store(&setup, runs, &mut rng, &bar)?,
-            WritePath::Events => crash_events(&setup, runs, &mut rng, &bar)?,
+            WritePath::Events => crash_events(&setup, runs, &mut rng, &bar, false)?,
+            WritePath::EventsRedis => crash_events(&setup, runs, &mut rng, &bar, true)?,
         };
         bar.finish_and_clear();
-        let events =
-            if p == WritePath::Events { (t.acked.to_string(), t.lost.to_string()) } else { ("-".into(), "-".into()) };
-        let (old, new) = if p == WritePath::Events {
+        let events = if matches!(p, WritePath::Events | WritePath::EventsRedis) {
+            (t.acked.to_string(), t.lost.to_string())
+        } else {
+            ("-".into(), "-".into())
+        };
+        let (old, new) = if matches!(p, WritePath::Events | WritePath::EventsRedis) {
             ("-".to_string(), "-".to_string())
         } else {
             (t.old.to_string(), t.new.to_string())
         };
         println!(
             "| {} | {runs} | {old} | {new} | {} | {} | {} | {} |",
-            format!("{p:?}").to_lowercase(),
+            p.to_possible_value().map_or_else(String::new, |v| v.get_name().to_owned()),
             t.incomplete,
             t.wrong,
             events.0,
