@@ -2,7 +2,7 @@
 # Reliability benchmarks of `needle serve`, server and load generator on this machine; the tables
 # go to results/reliability.md.
 #   attack  a slow-header attack: 5,000 connections from 127.0.0.2 sending a header byte a second,
-#           while 127.0.0.1 sends 1,000 recalls/s (per-second rows with the server's descriptors);
+#           while 127.0.0.1 sends 1,000 recalls/s (5-second rows with the server's descriptors);
 #   surge   capacity measured unpaced on a brute-force (exact) 1,000,000-item index, whose 5 ms
 #           searches make the server CPU-bound, then half that rate with 10 s at 3x capacity;
 #   soak    30 minutes at 1,000 recalls/s with 50 events/s, a reload every minute and a burst
