@@ -302,13 +302,25 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
     let start = Instant::now();
     let deadline = start + opts.duration;
     let (slow_opened, slow_closed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut attackers = Vec::new();
-    if let Some(attack) = opts.slow {
-        for _ in 0..attack.connections {
-            let (o, c) = (slow_opened.clone(), slow_closed.clone());
-            attackers.push(tokio::spawn(slow_connection(opts.addr, attack, deadline, o, c)));
+    // The attack runs on a thread and runtime of its own, as it would from another machine: its
+    // thousands of sockets must not delay the measured requests inside the load generator.
+    let attack = match opts.slow {
+        Some(attack) => {
+            let (o, c, addr) = (slow_opened.clone(), slow_closed.clone(), opts.addr);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            Some(std::thread::spawn(move || {
+                rt.block_on(async move {
+                    let conns: Vec<_> = (0..attack.connections)
+                        .map(|_| tokio::spawn(slow_connection(addr, attack, deadline, o.clone(), c.clone())))
+                        .collect();
+                    for h in conns {
+                        let _ = h.await;
+                    }
+                })
+            }))
         }
-    }
+        None => None,
+    };
     let mut workers = Vec::new();
     for c in 0..opts.concurrency {
         let opts = opts.clone();
@@ -472,8 +484,8 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
         outcomes.extend(w.await.map_err(std::io::Error::other)?);
     }
     report.seconds = start.elapsed().as_secs_f64();
-    for a in attackers {
-        a.abort();
+    if let Some(a) = attack {
+        a.join().map_err(|_| std::io::Error::other("the slow-header attack thread panicked"))?;
     }
     (report.reloads_ok, report.reloads_failed) = reloads.await.map_err(std::io::Error::other)?;
     (report.malformed_sent, report.malformed_rejected) = bursts.await.map_err(std::io::Error::other)?;

@@ -95,7 +95,7 @@ impl Metrics {
             ("needle_store_errors_total", "Store calls that failed.", &self.store_errors),
             ("needle_events_total", "Events appended to user histories.", &self.events),
             ("needle_reloads_total", "Successful model reloads.", &self.reloads),
-            ("needle_shed_total", "Requests turned away (503) because --max-in-flight were in flight.", &self.shed),
+            ("needle_shed_total", "Requests turned away (503) over capacity: --max-in-flight in flight, or a compute queue longer than --max-queue-wait.", &self.shed),
             (
                 "needle_reload_failures_total",
                 "Reloads that failed (the old model kept serving).",

@@ -537,6 +537,8 @@ fn admin_and_write_routes_need_the_admin_token() {
         let mode = std::fs::metadata(dir.join("runs/yt/admin.token")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
+    let recall = br#"{"user_id": "u3", "k": 5}"#;
+    let before = http(a, "POST", "/v1/recall", recall, "").json();
     for (path, body) in [("/v1/events", event.as_bytes()), ("/admin/reload", &b""[..])] {
         for header in [String::new(), bearer("wrong-token-0123456789"), format!("authorization: {token}\r\n")] {
             let r = http(a, "POST", path, body, &header);
@@ -544,6 +546,14 @@ fn admin_and_write_routes_need_the_admin_token() {
             assert!(r.headers.to_ascii_lowercase().contains("www-authenticate: bearer"), "{}", r.headers);
         }
     }
+    // Refused requests changed nothing: no event stored, no reload, the same answer for u3.
+    let metrics = metrics_text(a);
+    assert!(
+        metrics.contains("\nneedle_events_total 0\n") && metrics.contains("\nneedle_reloads_total 0\n"),
+        "{metrics}"
+    );
+    let after = http(a, "POST", "/v1/recall", recall, "").json();
+    assert_eq!(before["items"], after["items"]);
     assert_eq!(http(a, "POST", "/v1/events", event.as_bytes(), &bearer(&token)).status, 200);
     assert_eq!(http(a, "POST", "/admin/reload", b"", &bearer(&token)).status, 200);
     // Reading stays open.
