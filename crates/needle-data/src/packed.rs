@@ -474,6 +474,11 @@ impl Packed {
     /// Exactly `n` varints of a section, each at most `max`; anything else is corruption.
     fn varint_vec(&self, name: &str, n: u64, max: u64) -> Result<Vec<u64>> {
         let mut it = self.varints(name)?;
+        // Every value takes at least one byte: a count beyond the section's length is corruption,
+        // and must not size an allocation first.
+        if n > it.bytes.len() as u64 {
+            return Err(DataError::packed(&self.path, format!("section {name} is inconsistent")));
+        }
         let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
         for _ in 0..n {
             match it.next() {

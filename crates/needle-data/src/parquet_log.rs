@@ -39,10 +39,28 @@ struct Source {
 impl Source {
     fn open(path: &Path) -> Result<Source> {
         let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-        let meta = ArrowReaderMetadata::load(&file, Default::default()).map_err(|e| DataError::Parquet {
-            path: path.to_path_buf(),
-            reason: format!("not a readable Parquet file: {e}"),
+        let meta = contained(path, || {
+            ArrowReaderMetadata::load(&file, Default::default()).map_err(|e| DataError::Parquet {
+                path: path.to_path_buf(),
+                reason: format!("not a readable Parquet file: {e}"),
+            })
         })?;
+        // The reader panics on a column chunk whose offset or size is negative instead of
+        // returning an error, so such metadata is refused before any row group is read.
+        for (g, group) in meta.metadata().row_groups().iter().enumerate() {
+            for c in group.columns() {
+                let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+                if start < 0 || c.compressed_size() < 0 {
+                    return Err(DataError::Parquet {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "row group {g}, column {}: negative offset or size in the metadata",
+                            c.column_path()
+                        ),
+                    });
+                }
+            }
+        }
         Ok(Source { path: path.to_path_buf(), file, meta })
     }
 
@@ -72,14 +90,16 @@ impl Source {
             |e: parquet::errors::ParquetError| DataError::Parquet { path: self.path.clone(), reason: e.to_string() };
         for g in 0..self.meta.metadata().num_row_groups() {
             let file = self.file.try_clone().map_err(|e| DataError::io(&self.path, e))?;
-            let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.meta.clone())
-                .with_projection(mask.clone())
-                .with_row_groups(vec![g])
-                .with_batch_size(BATCH_ROWS)
-                .build()
-                .map_err(pq)?;
+            let mut reader = contained(&self.path, || {
+                ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.meta.clone())
+                    .with_projection(mask.clone())
+                    .with_row_groups(vec![g])
+                    .with_batch_size(BATCH_ROWS)
+                    .build()
+                    .map_err(pq)
+            })?;
             let mut row = 0usize;
-            for batch in reader {
+            while let Some(batch) = contained(&self.path, || Ok(reader.next()))? {
                 let batch: RecordBatch = batch.map_err(|e| DataError::Parquet {
                     path: self.path.clone(),
                     reason: format!("row group {g}: {e}"),
@@ -98,6 +118,25 @@ impl Source {
         }
         Ok(())
     }
+}
+
+/// Runs a call into the Parquet reader, turning a panic of the reader into an error that names
+/// the file: the reader has panicked on malformed files (an empty dictionary page that claims no
+/// values divides by zero) where it should return an error, and one bad file must not take a
+/// whole ingest down with a panic. Only reader calls go through here, so needle's own bugs still
+/// panic.
+fn contained<T>(path: &Path, call: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        Err(DataError::Parquet {
+            path: path.to_path_buf(),
+            reason: format!("the Parquet reader failed on this file (malformed or unsupported): {what}"),
+        })
+    })
 }
 
 /// What a value of a column is used as, for type checks and messages.

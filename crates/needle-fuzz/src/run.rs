@@ -1,0 +1,321 @@
+//! Checkpoints and run directories: what `needle serve` reads at start and on every reload.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use needle_data::Vocab;
+use needle_model::checkpoint::Checkpoint;
+use needle_model::deep::{CategoricalSpec, DeepSpec, DeepTwoTower, HistoryMode, ItemBags};
+use needle_model::fm::{FmSpec, FmTwoTower};
+use needle_model::mind::{MindSpec, MindTwoTower};
+use needle_model::rng::Rng;
+use needle_run::config::{Config, DataConfig, ModelConfig, ModelKind, SplitKind, TrainParams};
+use needle_run::{load_for_serving, read_info, write_run, Model, RunContents, RunInfo, ServingRun, TrainingSummary};
+
+use crate::{put, scratch, selector};
+
+/// The files of a run that serving reads, in selector order.
+pub const RUN_FILES: [&str; 5] =
+    ["model.toml", "model.safetensors", "item_counts.tsv", "vocab/items.tsv", "vocab/user_feat.gender.tsv"];
+
+/// The model kinds of the template runs, in selector order.
+pub const KINDS: [ModelKind; 4] = [ModelKind::Youtubednn, ModelKind::Fm, ModelKind::Mind, ModelKind::Popularity];
+
+const ITEM_ROWS: usize = 6;
+
+/// Every file of a small valid run, by path relative to the run directory.
+pub struct RunTemplate {
+    pub kind: ModelKind,
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+fn genre_bags() -> ItemBags {
+    ItemBags { offsets: vec![0, 0, 1, 3, 3, 4, 5], keys: vec![1, 2, 3, 1, 2] }
+}
+
+fn cat(name: &str, rows: usize, dim: usize) -> CategoricalSpec {
+    CategoricalSpec { name: name.to_owned(), rows, dim }
+}
+
+/// A tiny trained-looking model of `kind`: six item rows, a `gender` user feature and a
+/// `genres` item feature, as the template runs hold.
+fn tiny_model(kind: ModelKind, bags: Vec<ItemBags>) -> Result<Model, String> {
+    let mut rng = Rng::new(7);
+    Ok(match kind {
+        ModelKind::Youtubednn | ModelKind::Dssm => Model::Deep(Box::new(DeepTwoTower::new(
+            DeepSpec {
+                items: ITEM_ROWS,
+                dim: 4,
+                max_seq_len: 3,
+                history: HistoryMode::Shared,
+                user_features: vec![cat("gender", 3, 2)],
+                item_features: vec![cat("genres", 4, 2)],
+                hidden: vec![8],
+                item_hidden: None,
+                out_dim: 6,
+                example_age: true,
+                recent: 1,
+                item_hash: None,
+            },
+            bags,
+            &mut rng,
+        )?)),
+        ModelKind::Fm => Model::Fm(Box::new(FmTwoTower::new(
+            FmSpec {
+                items: ITEM_ROWS,
+                k: 3,
+                max_seq_len: 3,
+                history: true,
+                user_features: vec![cat("gender", 3, 3)],
+                item_features: vec![cat("genres", 4, 3)],
+                item_hash: None,
+            },
+            bags,
+            &mut rng,
+        )?)),
+        ModelKind::Mind => Model::Mind(Box::new(MindTwoTower::new(
+            MindSpec {
+                items: ITEM_ROWS,
+                dim: 4,
+                max_seq_len: 3,
+                interests: 2,
+                dynamic_k: true,
+                routing_iters: 2,
+                routing_seed: 5,
+                user_features: vec![cat("gender", 3, 2)],
+                item_features: vec![cat("genres", 4, 2)],
+                hidden: vec![8],
+                item_hash: None,
+            },
+            bags,
+            &mut rng,
+        )?)),
+        ModelKind::Popularity => Model::Popularity { counts: vec![0.0, 5.0, 3.0, 2.0, 1.0, 1.0] },
+    })
+}
+
+/// Writes a run of `kind` with needle's own writer and reads its files back.
+fn build_template(kind: ModelKind) -> RunTemplate {
+    let dir = scratch();
+    let model = match tiny_model(kind, vec![genre_bags()]) {
+        Ok(m) => m,
+        Err(e) => panic!("the template {kind:?} model is invalid: {e}"),
+    };
+    let items = Vocab::from_ids(&["i1", "i2", "i3", "i4", "i5"]);
+    let users = Vocab::from_ids(&["u1", "u2"]);
+    let gender = Vocab::from_ids(&["F", "M"]);
+    let model_config = ModelConfig {
+        kind,
+        dim: 4,
+        user_features: vec!["gender".into()],
+        item_features: vec!["genres".into()],
+        max_seq_len: 3,
+        ..ModelConfig::default()
+    };
+    let mut info = RunInfo {
+        format: needle_run::RUN_FORMAT,
+        kind,
+        dataset: "fuzz".into(),
+        data_fingerprint: "00112233445566778899aabb".into(),
+        items: items.len() - 1,
+        users: users.len() - 1,
+        deep: None,
+        fm: None,
+        mind: None,
+        training: TrainingSummary {
+            epochs_run: 1,
+            best_epoch: 1,
+            seconds: 0.5,
+            samples_per_epoch: 10,
+            samples_per_sec: 20.0,
+            peak_rss_mb: None,
+            threads: 1,
+        },
+        config: Config {
+            data: DataConfig {
+                dataset: Some("ml-1m".into()),
+                schema: None,
+                cache: None,
+                split: SplitKind::LeaveLastOut,
+                valid_fraction: 0.1,
+                test_fraction: 0.1,
+                skip_bad_rows: false,
+            },
+            model: model_config,
+            train: TrainParams::default(),
+        },
+    };
+    let contents = RunContents {
+        vocabs: vec![("items".into(), &items), ("users".into(), &users), ("user_feat.gender".into(), &gender)],
+        item_counts: &[0, 5, 3, 2, 1, 1],
+        model: &model,
+    };
+    if let Err(e) = write_run(dir.path(), &mut info, &contents) {
+        panic!("cannot write the template {kind:?} run: {e}");
+    }
+    let mut files = Vec::new();
+    for name in RUN_FILES.iter().copied().chain(["vocab/users.tsv"]) {
+        if let Ok(bytes) = std::fs::read(dir.path().join(name)) {
+            files.push((name.to_owned(), bytes));
+        }
+    }
+    RunTemplate { kind, files }
+}
+
+/// The template runs, one per [`KINDS`] entry, written once per process.
+pub fn templates() -> &'static [RunTemplate] {
+    static T: OnceLock<Vec<RunTemplate>> = OnceLock::new();
+    T.get_or_init(|| KINDS.iter().map(|&k| build_template(k)).collect())
+}
+
+/// Checkpoints and run directories.
+///
+/// Selector bits 0–1 pick the template run (YouTubeDNN, FM, MIND, popularity); the selector
+/// divided by 4, modulo 6, picks what the bytes are: 0 a checkpoint read with `Checkpoint::read`
+/// and loaded into a tiny tower of that kind; 1–5 one of [`RUN_FILES`], put in place of the
+/// template's file before `load_for_serving` reads the whole run. A model that loads computes
+/// every item vector and a user vector from the largest feature value and item row the run's
+/// vocabularies hold, as the server would for such a request.
+pub fn checkpoint(data: &[u8]) -> bool {
+    let (sel, body) = selector(data);
+    let t = &templates()[usize::from(sel & 3)];
+    let slot = usize::from(sel >> 2) % (RUN_FILES.len() + 1);
+    let dir = scratch();
+    let d = dir.path();
+    if slot == 0 {
+        return checkpoint_alone(t.kind, body, d);
+    }
+    for (name, bytes) in &t.files {
+        put(&d.join(name), bytes);
+    }
+    put(&d.join(RUN_FILES[slot - 1]), body);
+    match read_info(d) {
+        Ok(info) if !crate::strict() && !plausible(&info) => return false,
+        Ok(_) => {}
+        Err(_) => return false,
+    }
+    match load_for_serving(d) {
+        Ok(run) => {
+            use_run(&run);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+fn checkpoint_alone(kind: ModelKind, body: &[u8], dir: &Path) -> bool {
+    let path = dir.join("model.safetensors");
+    put(&path, body);
+    let Ok(ck) = Checkpoint::read(&path) else {
+        return false;
+    };
+    let _ = (ck.u32_tensor("item_bags.genres.offsets"), ck.u32_tensor("item_bags.genres.keys"));
+    let kind = if kind == ModelKind::Popularity { ModelKind::Youtubednn } else { kind };
+    let mut model = match tiny_model(kind, vec![genre_bags()]) {
+        Ok(m) => m,
+        Err(e) => panic!("the template {kind:?} model is invalid: {e}"),
+    };
+    let filled = match &mut model {
+        Model::Deep(m) => ck.fill(m.as_mut()),
+        Model::Fm(m) => ck.fill(m.as_mut()),
+        Model::Mind(m) => ck.fill(m.as_mut()),
+        Model::Popularity { .. } => Ok(()),
+    };
+    if filled.is_err() {
+        return false;
+    }
+    use_model(&model, &[2], &[1, 2, 5]);
+    true
+}
+
+fn use_run(run: &ServingRun) {
+    assert_eq!(run.model.item_rows(), run.items.len());
+    assert_eq!(run.item_counts.len(), run.items.len());
+    assert_eq!(run.user_feature_vocabs.len(), run.user_feature_names.len());
+    let mut features: Vec<u32> = run.user_feature_vocabs.iter().map(|v| (v.len() - 1) as u32).collect();
+    if !crate::strict() {
+        // `load_for_serving` does not compare the feature vocabularies with the model's feature
+        // tables, so a value past a table's end reaches the tower and panics there (reported;
+        // reproducer in fuzz/regressions/checkpoint/). Known open issue: values are kept within
+        // the tables so that campaigns look past it.
+        for (f, rows) in features.iter_mut().zip(user_feature_rows(&run.model)) {
+            *f = (*f).min(rows.saturating_sub(1) as u32);
+        }
+    }
+    let history: Vec<u32> = (1..run.items.len() as u32).collect();
+    use_model(&run.model, &features, &history);
+}
+
+/// Rows of the model's user feature tables, in the order the tower reads the features.
+fn user_feature_rows(m: &Model) -> Vec<usize> {
+    let specs = match m {
+        Model::Deep(t) => &t.spec.user_features,
+        Model::Fm(t) => &t.spec.user_features,
+        Model::Mind(t) => &t.spec.user_features,
+        Model::Popularity { .. } => return Vec::new(),
+    };
+    specs.iter().map(|f| f.rows).collect()
+}
+
+fn use_model(m: &Model, features: &[u32], history: &[u32]) {
+    let d = m.dim();
+    assert_eq!(m.item_vectors().len(), m.item_rows() * d);
+    let (rows, vectors) = m.indexed_items();
+    assert_eq!(vectors.len(), rows.len() * d);
+    for (f, h) in [(features, history), (&[][..], &[][..])] {
+        assert_eq!(m.user_vector(f, h).len(), m.interests() * d);
+    }
+}
+
+/// Whether the model a manifest describes is small enough to build. Shapes come from the
+/// manifest and the tower is allocated before the checkpoint is compared with them, so a manifest
+/// naming a huge model makes `load_for_serving` allocate it (reported; the check belongs in
+/// `needle_run::load_model`). Known open issue: such inputs are skipped so that campaigns look
+/// past it.
+fn plausible(info: &RunInfo) -> bool {
+    const LIMIT: f64 = 4e6;
+    let f = |n: usize| n as f64;
+    let feats = |v: &[CategoricalSpec], k: Option<usize>| -> (f64, f64) {
+        let dims: f64 = v.iter().map(|c| f(k.unwrap_or(c.dim))).sum();
+        let params: f64 = v.iter().map(|c| f(c.rows) * f(k.unwrap_or(c.dim))).sum();
+        (dims, params)
+    };
+    let mlp = |input: f64, hidden: &[usize], out: f64| -> f64 {
+        let mut prev = input;
+        let mut total = 0.0;
+        for w in hidden.iter().map(|&w| f(w)).chain([out]) {
+            total += prev * w + w;
+            prev = w;
+        }
+        total
+    };
+    let item_rows = |items: usize, hash: Option<needle_model::embedding::RowHash>| {
+        hash.map_or(f(items), |h| f(h.table_rows())).max(f(items))
+    };
+    let mut total = 0.0;
+    if let Some(s) = &info.deep {
+        let (ud, up) = feats(&s.user_features, None);
+        let (id, ip) = feats(&s.item_features, None);
+        let hist = f(s.dim) * (1.0 + f(s.recent));
+        total += item_rows(s.items, s.item_hash) * f(s.dim) * 2.0 + up + ip;
+        total += mlp(hist + ud + 1.0, &s.hidden, f(s.out_dim));
+        total += mlp(f(s.dim) + id, s.item_hidden.as_deref().unwrap_or(&[]), f(s.out_dim));
+        total += f(s.max_seq_len) * f(s.dim) + f(s.out_dim) * f(s.items);
+    }
+    if let Some(s) = &info.fm {
+        let (_, up) = feats(&s.user_features, Some(s.k));
+        let (_, ip) = feats(&s.item_features, Some(s.k + 1));
+        total += item_rows(s.items, s.item_hash) * f(s.k + 1) * 3.0 + up + ip;
+        total += f(s.max_seq_len) * f(s.k) + f(s.k + 1) * f(s.items);
+    }
+    if let Some(s) = &info.mind {
+        let (ud, up) = feats(&s.user_features, None);
+        let (id, ip) = feats(&s.item_features, None);
+        total += item_rows(s.items, s.item_hash) * f(s.dim) + up + ip + f(s.dim) * f(s.dim);
+        total += mlp(f(s.dim) + ud, &s.hidden, f(s.dim) + id) * 2.0;
+        total += f(s.interests) * f(s.max_seq_len) * f(s.dim) * (4.0 + f(s.routing_iters));
+        total += (f(s.dim) + id) * f(s.items);
+    }
+    total += f(info.items) + f(info.config.model.max_seq_len);
+    total < LIMIT
+}
