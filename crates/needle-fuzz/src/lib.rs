@@ -41,9 +41,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config_toml", config_toml),
 ];
 
-/// `NEEDLE_FUZZ_STRICT=1` turns off the guards that keep known open issues (listed in
-/// `fuzz/regressions/README.md`) from stopping every campaign, so that their reproducers fail
-/// again until the fix lands; the corpus test then also replays the slow reproducers.
+/// `NEEDLE_FUZZ_STRICT=1` makes the corpus test also replay the slow reproducers (`slow-*`,
+/// `timeout-*` in `fuzz/regressions/`), which take as long as the hangs they show.
 pub fn strict() -> bool {
     static STRICT: OnceLock<bool> = OnceLock::new();
     *STRICT.get_or_init(|| std::env::var_os("NEEDLE_FUZZ_STRICT").is_some_and(|v| v == "1"))

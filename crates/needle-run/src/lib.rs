@@ -269,6 +269,20 @@ pub fn load_for_serving(dir: &Path) -> Result<ServingRun, RunError> {
     let user_feature_vocabs =
         user_feature_names.iter().map(|n| read_vocab(dir, &format!("user_feat.{n}"))).collect::<Result<Vec<_>, _>>()?;
     let model = load_model(&info, dir, &item_counts)?;
+    // A value past its table would index out of it in the user tower at request time.
+    let (tables, _) = declared_shapes(&info);
+    for (name, vocab) in user_feature_names.iter().zip(&user_feature_vocabs) {
+        let table = format!("user_feat.{name}");
+        if let Some((_, rows, _)) = tables.iter().find(|t| t.0 == table) {
+            if vocab.len() > *rows {
+                return Err(RunError::Invalid(format!(
+                    "{}: vocab/user_feat.{name}.tsv has {} values but the model's table has {rows} rows",
+                    dir.display(),
+                    vocab.len()
+                )));
+            }
+        }
+    }
     if model.item_rows() != items.len() {
         return Err(RunError::Invalid(format!(
             "{}: the model has {} item rows but vocab/items.tsv has {}",
@@ -280,10 +294,87 @@ pub fn load_for_serving(dir: &Path) -> Result<ServingRun, RunError> {
     Ok(ServingRun { dir: dir.to_owned(), info, items, user_feature_names, user_feature_vocabs, item_counts, model })
 }
 
+/// Widths and lengths past this are not a recall model but a damaged manifest (and a tower built
+/// from them would allocate terabytes before the checkpoint could be compared).
+const MAX_WIDTH: usize = 1 << 14;
+
+/// The tables a manifest declares, `(name, rows, width)`, and every other size it gives.
+fn declared_shapes(info: &RunInfo) -> (Vec<(String, usize, usize)>, Vec<usize>) {
+    let item_rows =
+        |items: usize, hash: Option<needle_model::embedding::RowHash>| hash.map_or(items, |h| h.table_rows());
+    let feats = |fs: &[CategoricalSpec], prefix: &str| {
+        fs.iter().map(|f| (format!("{prefix}.{}", f.name), f.rows, f.dim)).collect::<Vec<_>>()
+    };
+    let (mut tables, mut sizes) = (Vec::new(), Vec::new());
+    if let Some(d) = &info.deep {
+        tables.push(("item_emb".to_owned(), item_rows(d.items, d.item_hash), d.dim));
+        tables.extend(feats(&d.user_features, "user_feat"));
+        tables.extend(feats(&d.item_features, "item_feat"));
+        sizes.extend([d.dim, d.out_dim, d.recent, d.max_seq_len]);
+        sizes.extend(d.hidden.iter().chain(d.item_hidden.iter().flatten()));
+    }
+    if let Some(f) = &info.fm {
+        tables.push(("item_v".to_owned(), item_rows(f.items, f.item_hash), f.k));
+        tables.extend(feats(&f.user_features, "user_feat"));
+        tables.extend(feats(&f.item_features, "item_feat"));
+        sizes.extend([f.k, f.max_seq_len]);
+    }
+    if let Some(m) = &info.mind {
+        tables.push(("item_emb".to_owned(), item_rows(m.items, m.item_hash), m.dim));
+        tables.extend(feats(&m.user_features, "user_feat"));
+        tables.extend(feats(&m.item_features, "item_feat"));
+        sizes.extend([m.dim, m.interests, m.routing_iters, m.max_seq_len]);
+        sizes.extend(&m.hidden);
+    }
+    (tables, sizes)
+}
+
+/// Hidden widths followed by the output width, for each MLP a manifest declares.
+fn dense_chains(info: &RunInfo) -> Vec<Vec<usize>> {
+    let mut chains = Vec::new();
+    if let Some(d) = &info.deep {
+        chains.push(d.hidden.iter().copied().chain([d.out_dim]).collect());
+        if let Some(h) = &d.item_hidden {
+            chains.push(h.iter().copied().chain([d.out_dim]).collect());
+        }
+    }
+    if let Some(m) = &info.mind {
+        chains.push(m.hidden.iter().copied().chain([m.out_dim()]).collect());
+    }
+    chains
+}
+
+/// Refuses a manifest whose shapes cannot belong to the checkpoint beside it, before anything
+/// is allocated from them: every table it declares is saved in the checkpoint, so together they
+/// cannot be larger than the file.
+fn check_declared_shapes(info: &RunInfo, weights: &Path) -> Result<(), RunError> {
+    let (tables, sizes) = declared_shapes(info);
+    let bad =
+        |why: String| RunError::Invalid(format!("{}: {why}; the run is damaged, train it again", weights.display()));
+    if let Some(s) = sizes.iter().chain(tables.iter().map(|t| &t.2)).find(|&&s| s > MAX_WIDTH) {
+        return Err(bad(format!("model.toml declares a width or length of {s}")));
+    }
+    let file = std::fs::metadata(weights).map_err(io(weights))?.len() as u128;
+    let mut floats: u128 = tables.iter().map(|(_, rows, width)| *rows as u128 * *width as u128).sum();
+    // The dense layers between hidden widths are saved too.
+    for chain in dense_chains(info) {
+        floats += chain.windows(2).map(|w| w[0] as u128 * w[1] as u128).sum::<u128>();
+    }
+    if floats * 4 > file {
+        return Err(bad(format!(
+            "model.toml declares tables of {floats} parameters, more than the {file}-byte checkpoint holds"
+        )));
+    }
+    Ok(())
+}
+
 /// Rebuilds the model of a run from its manifest and checkpoint.
 pub fn load_model(info: &RunInfo, dir: &Path, item_counts: &[u64]) -> Result<Model, RunError> {
     let path = dir.join(MANIFEST_FILE);
     let weights = dir.join(WEIGHTS_FILE);
+    if info.kind != ModelKind::Popularity {
+        check_declared_shapes(info, &weights)?;
+    }
     let missing =
         |table: &str| RunError::Invalid(format!("{}: {:?} run without a [{table}] table", path.display(), info.kind));
     Ok(match info.kind {
