@@ -3,7 +3,7 @@
 # go to results/reliability.md.
 #   attack  a slow-header attack: 5,000 connections from 127.0.0.2 sending a header byte a second,
 #           while 127.0.0.1 sends 1,000 recalls/s (5-second rows with the server's descriptors);
-#   surge   capacity measured unpaced on a brute-force (exact) 1,000,000-item index, whose 5 ms
+#   surge   capacity measured unpaced on a brute-force (exact) 200,000-item index, whose 2-3 ms
 #           searches make the server CPU-bound, then half that rate with 10 s at 3x capacity;
 #   soak    30 minutes at 1,000 recalls/s with 50 events/s, a reload every minute and a burst
 #           of 200 malformed requests every minute (per-minute rows);
@@ -19,7 +19,7 @@ shift
 STEPS=${*:-attack surge soak crash}
 NEEDLE=target/release/needle
 ADDR=127.0.0.1:8094
-EXACT_INDEX=${EXACT_INDEX:-/tmp/needle-exact-1m.bin}
+EXACT_INDEX=${EXACT_INDEX:-/tmp/needle-exact-200k.bin}
 cargo build --release -q -p needle
 
 start_server() { # args: extra serve flags
@@ -47,11 +47,14 @@ for step in $STEPS; do
         stop_server
         ;;
     surge)
-        [ -f "$EXACT_INDEX" ] || "$NEEDLE" index build --run "$RUN" --kind exact --synthetic-items 1000000 --out "$EXACT_INDEX"
-        start_server --index "$EXACT_INDEX"
-        echo; echo "### capacity: exact search over 1,000,000 items, unpaced"; echo
+        [ -f "$EXACT_INDEX" ] || "$NEEDLE" index build --run "$RUN" --kind exact --synthetic-items 200000 --out "$EXACT_INDEX"
+        # Capacity: as fast as 16 connections go, with shedding off so every request is served.
+        start_server --index "$EXACT_INDEX" --max-queue-wait 0
+        echo; echo "### capacity: exact search over 200,000 items, unpaced, shedding off"; echo
         CAP=$(load --duration 20s --concurrency 16 | tee /dev/stderr | awk -F'|' 'NR==3 {gsub(/ /, "", $4); print $4}')
+        stop_server
         HALF=$((CAP / 2))
+        start_server --index "$EXACT_INDEX"
         echo; echo "### surge: $HALF recalls/s, 6x ($((HALF * 6))/s, 3x capacity) from 10 s to 20 s"; echo
         load --duration 30s --concurrency 64 --rate "$HALF" --surge-at 10s --surge-for 10s --surge-factor 6 --window 250ms
         stop_server

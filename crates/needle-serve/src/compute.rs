@@ -7,24 +7,33 @@
 //! do that alone: the right cap is 100× smaller for a 5 ms brute-force search than for a 50 µs
 //! graph search.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-type Job = Box<dyn FnOnce() + Send>;
-
 struct Shared {
     queued: AtomicUsize,
-    /// Smoothed service time of one job, in nanoseconds.
-    service_ns: AtomicU64,
+    running: AtomicUsize,
+    pace: Mutex<Pace>,
 }
 
-/// A fixed pool of threads with a queue whose expected wait bounds admission.
+/// How often the pool finishes a job while it has work: the time a queued job waits per job
+/// ahead of it. Measured between completions rather than per job, because a search may itself
+/// spread over several threads: what counts is the pool's throughput, not one job's duration.
+#[derive(Default)]
+struct Pace {
+    last: Option<Instant>,
+    /// Work was waiting or running at the last completion, so the pool stayed busy until this one.
+    busy: bool,
+    ns_per_job: u64,
+}
+
+/// A fixed pool of threads with a queue whose expected wait bounds admission. Searches that
+/// split themselves (the exact index shards a query over threads) split over this pool too, so
+/// the pool never runs more threads than it was given.
 pub struct Compute {
-    tx: SyncSender<Job>,
+    pool: rayon::ThreadPool,
     shared: Arc<Shared>,
-    threads: usize,
     max_wait: Duration,
 }
 
@@ -38,29 +47,31 @@ impl Compute {
     /// `threads` workers; jobs that would wait longer than `max_wait` are refused
     /// (`Duration::ZERO` never refuses).
     pub fn new(threads: usize, max_wait: Duration) -> std::io::Result<Compute> {
-        let threads = threads.max(1);
-        // The channel only has to hold what admission lets in; a large bound never blocks.
-        let (tx, rx) = sync_channel::<Job>(1 << 16);
-        let rx = Arc::new(Mutex::new(rx));
-        let shared = Arc::new(Shared { queued: AtomicUsize::new(0), service_ns: AtomicU64::new(0) });
-        for i in 0..threads {
-            let (rx, shared) = (rx.clone(), shared.clone());
-            std::thread::Builder::new().name(format!("needle-compute-{i}")).spawn(move || work(&rx, &shared))?;
-        }
-        Ok(Compute { tx, shared, threads, max_wait })
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("needle-compute-{i}"))
+            .build()
+            .map_err(std::io::Error::other)?;
+        let shared =
+            Arc::new(Shared { queued: AtomicUsize::new(0), running: AtomicUsize::new(0), pace: Mutex::default() });
+        Ok(Compute { pool, shared, max_wait })
     }
 
     /// How long a job queued now would wait before a thread takes it.
     pub fn expected_wait(&self) -> Duration {
-        let queued = self.shared.queued.load(Relaxed);
-        // Jobs up to the thread count start at once.
-        let ahead = (queued + 1).saturating_sub(self.threads) as u64;
-        Duration::from_nanos(ahead * self.shared.service_ns.load(Relaxed) / self.threads as u64)
+        let ahead = self.shared.queued.load(Relaxed) as u64;
+        let pace = self.shared.pace.lock().unwrap_or_else(|e| e.into_inner()).ns_per_job;
+        Duration::from_nanos(ahead.saturating_mul(pace))
     }
 
     /// Jobs waiting for a thread.
     pub fn queued(&self) -> usize {
         self.shared.queued.load(Relaxed)
+    }
+
+    /// Jobs being run.
+    pub fn running(&self) -> usize {
+        self.shared.running.load(Relaxed)
     }
 
     /// Runs `f` on the pool and awaits its result, or refuses at once when the queue is too long.
@@ -70,35 +81,33 @@ impl Compute {
             return Err(Overloaded { expected_wait });
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.shared.queued.fetch_add(1, Relaxed);
-        let job: Job = Box::new(move || {
-            let _ = tx.send(f());
+        let shared = self.shared.clone();
+        shared.queued.fetch_add(1, Relaxed);
+        self.pool.spawn_fifo(move || {
+            shared.queued.fetch_sub(1, Relaxed);
+            shared.running.fetch_add(1, Relaxed);
+            let t = Instant::now();
+            // A panicking job must not take the process with it (rayon aborts on a panic
+            // escaping a spawned job); its caller gets an error instead.
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let done = Instant::now();
+            let others = shared.running.fetch_sub(1, Relaxed) - 1 + shared.queued.load(Relaxed);
+            let mut pace = shared.pace.lock().unwrap_or_else(|e| e.into_inner());
+            let sample = match pace.last {
+                Some(last) if pace.busy => done - last,
+                _ => done - t,
+            };
+            let ns = sample.as_nanos().min(u64::MAX as u128) as u64;
+            // An exponential average over about 16 jobs.
+            pace.ns_per_job = if pace.ns_per_job == 0 { ns } else { pace.ns_per_job - pace.ns_per_job / 16 + ns / 16 };
+            pace.last = Some(done);
+            pace.busy = others > 0;
+            drop(pace);
+            if let Ok(v) = out {
+                let _ = tx.send(v);
+            }
         });
-        if self.tx.send(job).is_err() {
-            // Every thread is gone (they only end when the pool is dropped).
-            self.shared.queued.fetch_sub(1, Relaxed);
-            return Err(Overloaded { expected_wait });
-        }
-        // The job always runs and sends unless its thread panicked inside `f`.
         rx.await.map_err(|_| Overloaded { expected_wait })
-    }
-}
-
-fn work(rx: &Mutex<Receiver<Job>>, shared: &Shared) {
-    loop {
-        let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-            Ok(j) => j,
-            Err(_) => return,
-        };
-        shared.queued.fetch_sub(1, Relaxed);
-        let t = Instant::now();
-        // A panicking job must not take the thread with it.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-        let ns = t.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-        // An exponential average over about 16 jobs; racing updates lose a sample, no more.
-        let old = shared.service_ns.load(Relaxed);
-        let new = if old == 0 { ns } else { old - old / 16 + ns / 16 };
-        shared.service_ns.store(new, Relaxed);
     }
 }
 
@@ -108,28 +117,46 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn jobs_run_and_a_long_queue_is_refused() {
-        let c = Arc::new(Compute::new(1, Duration::from_millis(20)).unwrap());
+        let c = Arc::new(Compute::new(1, Duration::from_millis(15)).unwrap());
         assert_eq!(c.run(|| 6 * 7).await.unwrap(), 42);
-        // Teach it that a job takes 10 ms, then queue more than 20 ms of work.
-        for _ in 0..20 {
+        // Teach it that a job takes about 10 ms.
+        for _ in 0..40 {
             c.run(|| std::thread::sleep(Duration::from_millis(10))).await.unwrap();
         }
-        let mut pending = Vec::new();
-        for _ in 0..6 {
-            let c = c.clone();
-            pending.push(tokio::spawn(async move { c.run(|| std::thread::sleep(Duration::from_millis(10))).await }));
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        // Jobs that hold the thread until the gate opens.
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let blocked = |c: &Arc<Compute>| {
+            let (c, open) = (c.clone(), open.clone());
+            tokio::spawn(async move {
+                c.run(move || {
+                    while !open.load(Relaxed) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                })
+                .await
+            })
+        };
+        async fn until(f: impl Fn() -> bool) {
+            while !f() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
+        let running = blocked(&c);
+        until(|| c.running() == 1).await;
+        // One waits 0 jobs, the next one job (~10 ms): both within 15 ms.
+        let second = blocked(&c);
+        until(|| c.queued() == 1).await;
+        let third = blocked(&c);
+        until(|| c.queued() == 2).await;
+        // Two jobs ahead, ~20 ms: refused at once.
         let refused = c.run(|| ()).await.unwrap_err();
-        assert!(refused.expected_wait > Duration::from_millis(20), "{refused:?}");
-        let mut ok = 0;
-        for p in pending {
-            ok += p.await.unwrap().is_ok() as usize;
+        assert!(refused.expected_wait > Duration::from_millis(15), "{refused:?}");
+        open.store(true, Relaxed);
+        for job in [running, second, third] {
+            assert!(job.await.unwrap().is_ok());
         }
-        // Admission let in about max_wait / service + threads jobs, not all six.
-        assert!((2..6).contains(&ok), "{ok} admitted");
         // Once the queue drains, jobs are admitted again.
-        assert!(c.run(|| 1).await.is_ok());
+        assert_eq!(c.run(|| 1).await.unwrap(), 1);
         assert_eq!(c.queued(), 0);
     }
 

@@ -53,7 +53,7 @@ impl Default for Limits {
             max_body_bytes: 64 * 1024,
             timeout: Duration::from_secs(2),
             max_in_flight: 256,
-            max_queue_wait: Duration::from_millis(10),
+            max_queue_wait: Duration::from_millis(5),
             compute_threads: 0,
         }
     }

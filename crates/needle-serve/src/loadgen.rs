@@ -87,6 +87,8 @@ pub struct LoadReport {
     pub failed: u64,
     /// Latencies of well-formed requests answered 200, in microseconds, sorted.
     pub latencies_us: Vec<u32>,
+    /// `(scheduled ms from the start, latency µs)` of every request answered 200, in no order.
+    pub timeline: Vec<(u32, u32)>,
     pub windows: Vec<Window>,
     pub malformed_sent: u64,
     /// Malformed requests answered 4xx with a JSON error.
@@ -283,6 +285,30 @@ fn malformed_bodies(max_body: usize) -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// When request `n` of the run is due, from the start: requests arrive evenly at `rate`, and at
+/// `rate × factor` during the surge. `None` when the run is not paced.
+fn schedule(opts: &LoadOptions, n: usize) -> Option<Duration> {
+    if opts.rate <= 0.0 {
+        return None;
+    }
+    let (n, r) = (n as f64, opts.rate);
+    let secs = match opts.surge {
+        Some(s) => {
+            let (t0, len) = (s.start.as_secs_f64(), s.length.as_secs_f64());
+            let (before, during) = (r * t0, r * s.factor * len);
+            if n < before {
+                n / r
+            } else if n < before + during {
+                t0 + (n - before) / (r * s.factor)
+            } else {
+                t0 + len + (n - before - during) / r
+            }
+        }
+        None => n / r,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
 /// Runs the load and returns what it measured.
 pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
     if opts.users.is_empty() || opts.concurrency == 0 {
@@ -327,31 +353,24 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
         workers.push(tokio::spawn(async move {
             let mut out = Vec::new();
             let mut conn: Option<Conn> = None;
-            // The gap between one connection's requests at the rate in force at time `t`.
-            let interval = |t: Instant| -> Option<Duration> {
-                if opts.rate <= 0.0 {
-                    return None;
-                }
-                let since = t.saturating_duration_since(start);
-                let factor = match opts.surge {
-                    Some(s) if since >= s.start && since < s.start + s.length => s.factor,
-                    _ => 1.0,
-                };
-                Some(Duration::from_secs_f64(opts.concurrency as f64 / (opts.rate * factor)))
-            };
-            // Connections start staggered over one interval so paced requests do not arrive in waves.
-            let mut next =
-                start + interval(start).map(|i| i.mul_f64(c as f64 / opts.concurrency as f64)).unwrap_or_default();
-            let mut i = c;
+            // Request n of the whole run belongs to connection n mod concurrency, so the paced
+            // requests stay spread over time whatever the rate does.
+            let mut n = c;
             while Instant::now() < deadline {
-                let paced = interval(next);
-                if paced.is_some() {
-                    tokio::time::sleep_until(next.into()).await;
-                }
-                let scheduled = if paced.is_some() { next } else { Instant::now() };
+                let scheduled = match schedule(&opts, n) {
+                    Some(at) => {
+                        let at = start + at;
+                        if at >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep_until(at.into()).await;
+                        at
+                    }
+                    None => Instant::now(),
+                };
                 let at_ms = scheduled.saturating_duration_since(start).as_millis() as u32;
-                let user = &opts.users[i % opts.users.len()];
-                i += opts.concurrency;
+                let user = &opts.users[n % opts.users.len()];
+                n += opts.concurrency;
                 let body = format!("{{\"user_id\":{},\"k\":{}}}", serde_json::Value::from(user.as_str()), opts.k);
                 if conn.is_none() {
                     conn = Conn::open(opts.addr).await.ok();
@@ -370,9 +389,6 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
                         out.push(Outcome::Failed { at_ms });
                         conn = None;
                     }
-                }
-                if let Some(iv) = paced {
-                    next += iv;
                 }
             }
             out
@@ -515,6 +531,7 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
         let (win, lat) = &mut per_window[((at_ms / window_ms) as usize).min(n_windows - 1)];
         match o {
             Outcome::Ok { latency_us, .. } => {
+                report.timeline.push((at_ms, latency_us));
                 report.ok += 1;
                 win.ok += 1;
                 lat.push(latency_us);

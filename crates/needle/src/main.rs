@@ -142,7 +142,7 @@ enum Cmd {
         max_in_flight: usize,
         /// Answer a recall 503 with Retry-After at once when it would wait longer than this for a
         /// compute thread (user tower and index search); 0 = never.
-        #[arg(long, default_value = "10ms", value_parser = serve_cmd::parse_duration_or_zero)]
+        #[arg(long, default_value = "5ms", value_parser = serve_cmd::parse_duration_or_zero)]
         max_queue_wait: std::time::Duration,
         /// Threads that run user towers and index searches (0 = one per core).
         #[arg(long, default_value_t = 0)]

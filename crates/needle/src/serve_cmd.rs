@@ -315,10 +315,32 @@ pub fn bench_serve(f: BenchServeFlags) -> Result<()> {
         base.sort_by(f64::total_cmp);
         let base = base.get(base.len() / 2).copied().unwrap_or(f64::NAN);
         let end = (s.start + s.length).as_secs_f64();
+        let (from_ms, to_ms) = (s.start.as_millis() as u32, (s.start + s.length).as_millis() as u32);
+        let mut during: Vec<u32> =
+            r.timeline.iter().filter(|(at, _)| (from_ms..to_ms).contains(at)).map(|&(_, l)| l).collect();
+        during.sort_unstable();
+        let shed: u64 = r
+            .windows
+            .iter()
+            .filter(|w| w.start_s + 1e-9 >= s.start.as_secs_f64() && w.start_s < end)
+            .map(|w| w.shed)
+            .sum();
+        let q = |q: f64| {
+            let i = ((q * during.len() as f64).ceil() as usize).clamp(1, during.len().max(1)) - 1;
+            during.get(i).map_or(f64::NAN, |&v| v as f64 / 1e3)
+        };
+        println!(
+            "\nduring the surge: {} accepted ({:.0}/s), {shed} shed (503); accepted p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            during.len(),
+            during.len() as f64 / s.length.as_secs_f64(),
+            q(0.5),
+            q(0.99),
+            q(1.0)
+        );
         let back = r.windows.iter().find(|w| w.start_s + 1e-9 >= end && w.shed == 0 && w.p99_ms <= 2.0 * base);
         match back {
             Some(w) => println!(
-                "\nsurge ×{} from {:.1} s for {:.1} s; median window p99 before it {base:.2} ms; back to normal (no shedding, p99 ≤ {:.2} ms) in the window starting {:.2} s after it",
+                "surge ×{} from {:.1} s for {:.1} s; median window p99 before it {base:.2} ms; back to normal (no shedding, p99 ≤ {:.2} ms) in the window starting {:.2} s after it",
                 s.factor,
                 s.start.as_secs_f64(),
                 s.length.as_secs_f64(),

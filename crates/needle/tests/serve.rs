@@ -248,7 +248,7 @@ fn serving_answers_recalls_events_and_rejects_bad_input() {
         "process_resident_memory_bytes",
         "process_open_fds",
         "needle_compute_queue 0",
-        "needle_compute_max_wait_seconds 0.01",
+        "needle_compute_max_wait_seconds 0.005",
     ] {
         assert!(text.contains(want), "metrics lack {want}:\n{text}");
     }
