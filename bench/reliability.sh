@@ -51,7 +51,9 @@ for step in $STEPS; do
         # Capacity: as fast as 16 connections go, with shedding off so every request is served.
         start_server --index "$EXACT_INDEX" --max-queue-wait 0
         echo; echo "### capacity: exact search over 200,000 items, unpaced, shedding off"; echo
-        CAP=$(load --duration 20s --concurrency 16 | tee /dev/stderr | awk -F'|' 'NR==3 {gsub(/ /, "", $4); print $4}')
+        OUT=$(load --duration 20s --concurrency 16)
+        echo "$OUT"
+        CAP=$(echo "$OUT" | awk -F'|' 'NR==3 {gsub(/ /, "", $4); print $4}')
         stop_server
         HALF=$((CAP / 2))
         start_server --index "$EXACT_INDEX"
