@@ -62,9 +62,9 @@ for step in $STEPS; do
         stop_server
         ;;
     soak)
-        echo; echo "### soak: 30 minutes, 1,000 recalls/s, 50 events/s, 29 reloads, 30 bursts of 200 malformed requests"; echo
+        echo; echo "### soak: 30 minutes, 1,000 recalls/s, 50 events/s, 30 reloads (one mid-minute), 30 bursts of 200 malformed requests"; echo
         start_server
-        load --duration 30m --rate 1000 --concurrency 16 --events-rate 50 --reloads 29 --malformed 200 --malformed-bursts 30 --window 60s
+        load --duration 30m --rate 1000 --concurrency 16 --events-rate 50 --reloads 30 --malformed 200 --malformed-bursts 30 --window 60s
         stop_server
         ;;
     crash)

@@ -23,11 +23,11 @@ pub struct LoadOptions {
     pub rate: f64,
     pub k: usize,
     pub users: Vec<String>,
-    /// Reloads spread evenly over the run.
+    /// Reloads spread evenly over the run (one in the middle of each of `reloads` equal spans).
     pub reloads: usize,
     /// Malformed requests sent in each burst.
     pub malformed: usize,
-    /// Bursts of malformed requests, spread evenly over the run.
+    /// Bursts of malformed requests, one in the middle of each of this many equal spans.
     pub malformed_bursts: usize,
     /// Sent with reloads and events, which the server guards.
     pub admin_token: Option<String>,
@@ -399,7 +399,9 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
         tokio::spawn(async move {
             let (mut okn, mut bad) = (0, 0);
             for r in 0..opts.reloads {
-                let at = start + opts.duration.mul_f64((r + 1) as f64 / (opts.reloads + 1) as f64);
+                // Midway between evenly spaced marks, so reloads fall between the windows' ends,
+                // where the server's memory is sampled, not on them.
+                let at = start + opts.duration.mul_f64((r as f64 + 0.5) / opts.reloads as f64);
                 tokio::time::sleep_until(at.into()).await;
                 let status = match Conn::open(opts.addr).await {
                     Ok(mut c) => {
@@ -423,7 +425,7 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
             let (mut sent, mut rejected) = (0u64, 0u64);
             let n_bursts = if opts.malformed > 0 { opts.malformed_bursts.max(1) } else { 0 };
             for b in 0..n_bursts {
-                let at = start + opts.duration.mul_f64((b + 1) as f64 / (n_bursts + 1) as f64);
+                let at = start + opts.duration.mul_f64((b as f64 + 0.5) / n_bursts as f64);
                 tokio::time::sleep_until(at.into()).await;
                 for n in 0..opts.malformed {
                     let (path, body) = &bodies[n % bodies.len()];
