@@ -224,5 +224,7 @@ pub(crate) mod conformance {
         users2[6].profile.history = vec!["i7".to_owned()];
         store.load(&items, &users2, 4, &|_| {}).await.unwrap();
         assert_eq!(store.user("u6", 10).await.unwrap().unwrap().history, vec!["i7"]);
+        assert_eq!(store.loaded_tag().await.unwrap(), None);
+        store.set_loaded_tag("fp1").await.unwrap();
     }
 }
