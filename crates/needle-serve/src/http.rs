@@ -736,8 +736,14 @@ async fn reload(app: &App, run: Option<PathBuf>) -> Result<(String, String), Ser
     app.metrics.reloads.fetch_add(1, Relaxed);
     tracing::info!(previous = %current.run_id, model = %new_id, "reloaded");
     let previous = current.run_id.clone();
-    drop(current);
-    trim_heap();
+    // The old engine is freed (if no request still holds it) and the heap trimmed off the async
+    // workers: both take milliseconds, which on a worker would stall the requests queued on it.
+    tokio::task::spawn_blocking(move || {
+        drop(current);
+        trim_heap();
+    })
+    .await
+    .map_err(|e| ServeError::Internal(e.to_string()))?;
     Ok((previous, new_id))
 }
 
