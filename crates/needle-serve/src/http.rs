@@ -736,8 +736,15 @@ async fn reload(app: &App, run: Option<PathBuf>) -> Result<(String, String), Ser
     app.metrics.reloads.fetch_add(1, Relaxed);
     tracing::info!(previous = %current.run_id, model = %new_id, "reloaded");
     let previous = current.run_id.clone();
-    // The old engine is freed (if no request still holds it) and the heap trimmed off the async
-    // workers: both take milliseconds, which on a worker would stall the requests queued on it.
+    // Requests that took the old engine before the swap finish within the request timeout; wait
+    // for them, so the old engine is freed here and its pages trimmed now, not freed later on a
+    // request's thread and kept by the allocator until the next reload.
+    let deadline = Instant::now() + app.limits.timeout + Duration::from_millis(100);
+    while Arc::strong_count(&current) > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Freeing and trimming take milliseconds: off the async workers, where they would stall the
+    // requests queued on them.
     tokio::task::spawn_blocking(move || {
         drop(current);
         trim_heap();
