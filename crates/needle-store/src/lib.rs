@@ -141,7 +141,7 @@ pub async fn open(spec: &StoreSpec, default_path: &std::path::Path) -> Result<Bo
 }
 
 /// The newest `max` entries of `history`: what a store keeps of a user's log.
-fn newest(history: &[String], max: usize) -> &[String] {
+pub fn newest(history: &[String], max: usize) -> &[String] {
     &history[history.len().saturating_sub(max)..]
 }
 
