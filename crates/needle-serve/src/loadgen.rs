@@ -61,6 +61,16 @@ pub struct SlowAttack {
     pub byte_every: Duration,
 }
 
+/// What became of the requests scheduled during the surge.
+#[derive(Debug, Default, Clone)]
+pub struct SurgeReport {
+    pub ok: u64,
+    pub shed: u64,
+    pub failed: u64,
+    /// Latencies of the requests answered 200, in microseconds, sorted.
+    pub latencies_us: Vec<u32>,
+}
+
 /// One window of the run.
 #[derive(Debug, Default, Clone)]
 pub struct Window {
@@ -87,8 +97,8 @@ pub struct LoadReport {
     pub failed: u64,
     /// Latencies of well-formed requests answered 200, in microseconds, sorted.
     pub latencies_us: Vec<u32>,
-    /// `(scheduled ms from the start, latency µs)` of every request answered 200, in no order.
-    pub timeline: Vec<(u32, u32)>,
+    /// Requests scheduled during the surge, when there is one.
+    pub surge: Option<SurgeReport>,
     pub windows: Vec<Window>,
     pub malformed_sent: u64,
     /// Malformed requests answered 4xx with a JSON error.
@@ -116,7 +126,7 @@ impl LoadReport {
 }
 
 /// The `q` quantile of sorted microsecond latencies, in milliseconds (nearest rank).
-fn quantile_ms(sorted_us: &[u32], q: f64) -> f64 {
+pub fn quantile_ms(sorted_us: &[u32], q: f64) -> f64 {
     if sorted_us.is_empty() {
         return f64::NAN;
     }
@@ -526,28 +536,40 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
             (win, Vec::new())
         })
         .collect();
+    let surge_ms = opts.surge.map(|s| s.start.as_millis() as u32..(s.start + s.length).as_millis() as u32);
+    let mut surge = SurgeReport::default();
     for o in outcomes {
         let at_ms = match o {
             Outcome::Ok { at_ms, .. } | Outcome::Shed { at_ms } | Outcome::Failed { at_ms } => at_ms,
         };
         let (win, lat) = &mut per_window[((at_ms / window_ms) as usize).min(n_windows - 1)];
+        let in_surge = surge_ms.as_ref().is_some_and(|r| r.contains(&at_ms));
         match o {
             Outcome::Ok { latency_us, .. } => {
-                report.timeline.push((at_ms, latency_us));
                 report.ok += 1;
                 win.ok += 1;
                 lat.push(latency_us);
                 report.latencies_us.push(latency_us);
+                if in_surge {
+                    surge.ok += 1;
+                    surge.latencies_us.push(latency_us);
+                }
             }
             Outcome::Shed { .. } => {
                 report.shed += 1;
                 win.shed += 1;
+                surge.shed += u64::from(in_surge);
             }
             Outcome::Failed { .. } => {
                 report.failed += 1;
                 win.failed += 1;
+                surge.failed += u64::from(in_surge);
             }
         }
+    }
+    if surge_ms.is_some() {
+        surge.latencies_us.sort_unstable();
+        report.surge = Some(surge);
     }
     report.windows = per_window
         .into_iter()

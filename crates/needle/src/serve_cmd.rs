@@ -214,28 +214,21 @@ pub struct BenchServeFlags {
     pub admin_token_file: Option<PathBuf>,
 }
 
-/// User ids to send: the run's user vocabulary.
-fn user_ids(run: &Path) -> Result<Vec<String>> {
-    let path = run.join("vocab").join("users.tsv");
+/// The raw ids of one of the run's vocabularies (`users`, `items`), padding left out.
+fn vocab_ids(run: &Path, name: &str) -> Result<Vec<String>> {
+    let path = run.join("vocab").join(format!("{name}.tsv"));
     let vocab =
-        needle_data::Vocab::load(&path).with_context(|| format!("cannot read user ids from {}", path.display()))?;
+        needle_data::Vocab::load(&path).with_context(|| format!("cannot read the ids in {}", path.display()))?;
     Ok(vocab.iter().skip(1).map(|(_, s)| s.to_owned()).collect())
 }
 
 pub fn bench_serve(f: BenchServeFlags) -> Result<()> {
     let run = f.run.as_path();
-    let users = user_ids(run)?;
+    let users = vocab_ids(run, "users")?;
     if users.is_empty() {
         bail!("{} has no users to send", run.display());
     }
-    let event_items = if f.events_rate > 0.0 {
-        let path = run.join("vocab").join("items.tsv");
-        let vocab =
-            needle_data::Vocab::load(&path).with_context(|| format!("cannot read item ids from {}", path.display()))?;
-        vocab.iter().skip(1).map(|(_, s)| s.to_owned()).collect()
-    } else {
-        Vec::new()
-    };
+    let event_items = if f.events_rate > 0.0 { vocab_ids(run, "items")? } else { Vec::new() };
     let surge = f.surge_at.map(|start| Surge { start, length: f.surge_for, factor: f.surge_factor });
     if surge.is_some() && f.rate <= 0.0 {
         bail!("--surge-at needs a paced run (--rate)");
@@ -308,35 +301,30 @@ pub fn bench_serve(f: BenchServeFlags) -> Result<()> {
     let fds_max = r.windows.iter().filter_map(|w| w.fds).max();
     if let Some(s) = surge {
         // Back to normal: the first window after the surge with nothing shed and a p99 within
-        // twice the p99 before it.
-        let before: Vec<&loadgen::Window> =
-            r.windows.iter().filter(|w| w.start_s + 1e-9 < s.start.as_secs_f64()).collect();
-        let mut base: Vec<f64> = before.iter().map(|w| w.p99_ms).filter(|p| p.is_finite()).collect();
+        // twice the median window p99 before it.
+        let mut base: Vec<f64> = r
+            .windows
+            .iter()
+            .filter(|w| w.start_s + 1e-9 < s.start.as_secs_f64())
+            .map(|w| w.p99_ms)
+            .filter(|p| p.is_finite())
+            .collect();
         base.sort_by(f64::total_cmp);
         let base = base.get(base.len() / 2).copied().unwrap_or(f64::NAN);
         let end = (s.start + s.length).as_secs_f64();
-        let (from_ms, to_ms) = (s.start.as_millis() as u32, (s.start + s.length).as_millis() as u32);
-        let mut during: Vec<u32> =
-            r.timeline.iter().filter(|(at, _)| (from_ms..to_ms).contains(at)).map(|&(_, l)| l).collect();
-        during.sort_unstable();
-        let shed: u64 = r
-            .windows
-            .iter()
-            .filter(|w| w.start_s + 1e-9 >= s.start.as_secs_f64() && w.start_s < end)
-            .map(|w| w.shed)
-            .sum();
-        let q = |q: f64| {
-            let i = ((q * during.len() as f64).ceil() as usize).clamp(1, during.len().max(1)) - 1;
-            during.get(i).map_or(f64::NAN, |&v| v as f64 / 1e3)
-        };
-        println!(
-            "\nduring the surge: {} accepted ({:.0}/s), {shed} shed (503); accepted p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-            during.len(),
-            during.len() as f64 / s.length.as_secs_f64(),
-            q(0.5),
-            q(0.99),
-            q(1.0)
-        );
+        if let Some(during) = &r.surge {
+            let q = |q| loadgen::quantile_ms(&during.latencies_us, q);
+            println!(
+                "\nduring the surge: {} accepted ({:.0}/s), {} shed (503), {} failed; accepted p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                during.ok,
+                during.ok as f64 / s.length.as_secs_f64(),
+                during.shed,
+                during.failed,
+                q(0.5),
+                q(0.99),
+                q(1.0)
+            );
+        }
         let back = r.windows.iter().find(|w| w.start_s + 1e-9 >= end && w.shed == 0 && w.p99_ms <= 2.0 * base);
         match back {
             Some(w) => println!(
