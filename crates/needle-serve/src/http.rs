@@ -97,6 +97,15 @@ struct App {
 }
 
 impl App {
+    /// A request turned away over capacity (`why`): counted, and answered 503.
+    fn shed(&self, why: String) -> ApiError {
+        self.metrics.shed.fetch_add(1, Relaxed);
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("over capacity ({why}); retry in a second"),
+        }
+    }
+
     fn engine(&self) -> Arc<Engine> {
         // A poisoned lock still holds a valid engine: swaps are a single assignment.
         self.engine.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -261,12 +270,7 @@ async fn shed_load(State(app): State<Shared>, req: Request, next: Next) -> Respo
         return next.run(req).await;
     }
     let Ok(_permit) = app.in_flight.try_acquire() else {
-        app.metrics.shed.fetch_add(1, Relaxed);
-        return ApiError::overloaded(format!(
-            "over capacity ({} requests in flight); retry in a second",
-            app.limits.max_in_flight
-        ))
-        .into_response();
+        return app.shed(format!("{} requests in flight", app.limits.max_in_flight)).into_response();
     };
     next.run(req).await
 }
@@ -347,10 +351,6 @@ struct ApiError {
 impl ApiError {
     fn bad(message: impl Into<String>) -> Self {
         ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
-    }
-
-    fn overloaded(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into() }
     }
 }
 
@@ -552,11 +552,10 @@ async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response
     let rec = match app.compute.run(work).await {
         Ok(r) => r?,
         Err(over) => {
-            app.metrics.shed.fetch_add(1, Relaxed);
-            return Err(ApiError::overloaded(format!(
-                "over capacity (a recall would wait {:.1} ms for a compute thread); retry in a second",
+            return Err(app.shed(format!(
+                "a recall would wait {:.1} ms for a compute thread",
                 over.expected_wait.as_secs_f64() * 1e3
-            )));
+            )))
         }
     };
     if rec.source == Source::Popularity {
