@@ -111,69 +111,7 @@ enum Cmd {
     },
     /// Serve recall over HTTP: POST /v1/recall, POST /v1/events, GET /healthz, /metrics,
     /// /openapi.json, POST /admin/reload (or SIGHUP). Stops cleanly on SIGTERM / Ctrl-C.
-    Serve {
-        #[arg(long)]
-        run: PathBuf,
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        addr: std::net::SocketAddr,
-        /// `embedded` (RUN/store.redb, filled from the run's data on first start), a `.redb`
-        /// path, or `redis://HOST:PORT`.
-        #[arg(long, default_value = "embedded")]
-        store: String,
-        /// Serve this index file instead of RUN/index.bin.
-        #[arg(long)]
-        index: Option<PathBuf>,
-        /// Largest k a request may ask for.
-        #[arg(long, default_value_t = 1000)]
-        max_k: usize,
-        /// Longest history a request may send.
-        #[arg(long, default_value_t = 1000)]
-        max_history: usize,
-        /// Largest request body in bytes.
-        #[arg(long, default_value_t = 65536)]
-        max_body_bytes: usize,
-        /// Per-request time limit (e.g. 2s, 500ms).
-        #[arg(long, default_value = "2s", value_parser = serve_cmd::parse_duration)]
-        timeout: std::time::Duration,
-        /// Requests handled at once; more are answered 503 with Retry-After instead of queueing.
-        #[arg(long, default_value_t = 256)]
-        max_in_flight: usize,
-        /// Answer a recall 503 with Retry-After at once when it would wait longer than this for a
-        /// compute thread (user tower and index search); 0 = never.
-        #[arg(long, default_value = "5ms", value_parser = serve_cmd::parse_duration_or_zero)]
-        max_queue_wait: std::time::Duration,
-        /// Threads that run user towers and index searches (0 = one per core).
-        #[arg(long, default_value_t = 0)]
-        compute_threads: usize,
-        /// Client connections open at once; more wait in the accept queue.
-        #[arg(long, default_value_t = 1024)]
-        max_connections: usize,
-        /// Connections one client address may hold (0 = no limit; keep 0 behind a proxy).
-        #[arg(long, default_value_t = 0)]
-        max_connections_per_client: usize,
-        /// Close a connection whose request is not read (headers and body) within this time of
-        /// its first byte: slow senders cannot hold connections.
-        #[arg(long, default_value = "10s", value_parser = serve_cmd::parse_duration)]
-        request_read_timeout: std::time::Duration,
-        /// Close a connection idle this long between requests.
-        #[arg(long, default_value = "60s", value_parser = serve_cmd::parse_duration)]
-        idle_timeout: std::time::Duration,
-        /// error, warn, info, debug (one line per request) or trace.
-        #[arg(long, default_value = "info")]
-        log_level: String,
-        /// The token `/admin/*` and `/v1/events` require (`Authorization: Bearer TOKEN`); also
-        /// read from $NEEDLE_ADMIN_TOKEN. Without one, a random token is kept in RUN/admin.token.
-        #[arg(long, value_name = "TOKEN")]
-        admin_token: Option<String>,
-        /// Read the admin token from this file.
-        #[arg(long, value_name = "PATH")]
-        admin_token_file: Option<PathBuf>,
-        /// Let anyone who reaches the port post events and reload models.
-        #[arg(long)]
-        no_admin_auth: bool,
-    },
+    Serve(serve_cmd::ServeArgs),
     /// The store that serving reads item details and user histories from.
     Store {
         #[command(subcommand)]
@@ -447,58 +385,9 @@ fn run(cli: Cli) -> Result<()> {
             print!("{tables}");
             Ok(())
         }
-        Cmd::Serve {
-            run,
-            data_dir,
-            addr,
-            store,
-            index,
-            max_k,
-            max_history,
-            max_body_bytes,
-            timeout,
-            max_in_flight,
-            max_queue_wait,
-            compute_threads,
-            max_connections,
-            max_connections_per_client,
-            request_read_timeout,
-            idle_timeout,
-            log_level,
-            admin_token,
-            admin_token_file,
-            no_admin_auth,
-        } => {
+        Cmd::Serve(args) => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
-            let limits = needle_serve::Limits {
-                max_k,
-                max_history,
-                max_body_bytes,
-                timeout,
-                max_in_flight,
-                max_queue_wait,
-                compute_threads,
-            };
-            let flags = serve_cmd::ServeFlags {
-                addr,
-                store: &store,
-                index: index.as_deref(),
-                limits,
-                log_level: &log_level,
-                threads: cli.threads,
-                conn: needle_serve::conn::ConnLimits {
-                    max_connections,
-                    max_per_client: max_connections_per_client,
-                    request_read_timeout,
-                    idle_timeout,
-                },
-                admin: serve_cmd::AdminFlags {
-                    token: admin_token.as_deref(),
-                    token_file: admin_token_file.as_deref(),
-                    open: no_admin_auth,
-                },
-            };
-            serve_cmd::serve(&run, data_dir.as_deref(), flags)
+            serve_cmd::serve(args, cli.threads)
         }
         Cmd::Store { cmd: StoreCmd::Load { run, data_dir, store } } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;

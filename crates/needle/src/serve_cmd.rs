@@ -52,12 +52,70 @@ fn init_logs(level: &str) -> Result<()> {
     Ok(())
 }
 
-/// Where `needle serve` takes its admin token from.
-pub struct AdminFlags<'a> {
-    pub token: Option<&'a str>,
-    pub token_file: Option<&'a Path>,
-    /// Serve the write and admin routes to anyone (explicit opt-out).
-    pub open: bool,
+/// The flags of `needle serve`.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[arg(long)]
+    pub run: PathBuf,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// `embedded` (RUN/store.redb, filled from the run's data on first start), a `.redb`
+    /// path, or `redis://HOST:PORT`.
+    #[arg(long, default_value = "embedded")]
+    pub store: String,
+    /// Serve this index file instead of RUN/index.bin.
+    #[arg(long)]
+    pub index: Option<PathBuf>,
+    /// Largest k a request may ask for.
+    #[arg(long, default_value_t = 1000)]
+    pub max_k: usize,
+    /// Longest history a request may send.
+    #[arg(long, default_value_t = 1000)]
+    pub max_history: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 65536)]
+    pub max_body_bytes: usize,
+    /// Per-request time limit (e.g. 2s, 500ms).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Requests handled at once; more are answered 503 with Retry-After instead of queueing.
+    #[arg(long, default_value_t = 256)]
+    pub max_in_flight: usize,
+    /// Answer a recall 503 with Retry-After at once when it would wait longer than this for a
+    /// compute thread (user tower and index search); 0 = never.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration_or_zero)]
+    pub max_queue_wait: Duration,
+    /// Threads that run user towers and index searches (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub compute_threads: usize,
+    /// Client connections open at once; more wait in the accept queue.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Connections one client address may hold (0 = no limit; keep 0 behind a proxy).
+    #[arg(long, default_value_t = 0)]
+    pub max_connections_per_client: usize,
+    /// Close a connection whose request is not read (headers and body) within this time of
+    /// its first byte: slow senders cannot hold connections.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub request_read_timeout: Duration,
+    /// Close a connection idle this long between requests.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// error, warn, info, debug (one line per request) or trace.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    /// The token `/admin/*` and `/v1/events` require (`Authorization: Bearer TOKEN`); also
+    /// read from $NEEDLE_ADMIN_TOKEN. Without one, a random token is kept in RUN/admin.token.
+    #[arg(long, value_name = "TOKEN")]
+    pub admin_token: Option<String>,
+    /// Read the admin token from this file.
+    #[arg(long, value_name = "PATH")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Let anyone who reaches the port post events and reload models.
+    #[arg(long)]
+    pub no_admin_auth: bool,
 }
 
 /// The variable a token may also come from, so that it stays out of shell history and `ps`.
@@ -65,25 +123,25 @@ pub const TOKEN_ENV: &str = "NEEDLE_ADMIN_TOKEN";
 
 /// The server's guard: `--admin-token`, `--admin-token-file`, `$NEEDLE_ADMIN_TOKEN`, or else a
 /// token kept in `RUN/admin.token` (written on first start); `--no-admin-auth` opens the routes.
-fn admin_auth(run: &Path, f: &AdminFlags<'_>) -> Result<AdminAuth> {
+fn admin_auth(f: &ServeArgs) -> Result<AdminAuth> {
     let env = std::env::var(TOKEN_ENV).ok().filter(|t| !t.trim().is_empty());
-    let given = usize::from(f.token.is_some()) + usize::from(f.token_file.is_some());
+    let given = usize::from(f.admin_token.is_some()) + usize::from(f.admin_token_file.is_some());
     if given > 1 {
         bail!("give the admin token once: --admin-token or --admin-token-file");
     }
-    if f.open {
+    if f.no_admin_auth {
         if given > 0 {
             bail!("--no-admin-auth opens the admin routes; it cannot go with an admin token");
         }
         tracing::warn!("--no-admin-auth: anyone who reaches this port can post events and reload models");
         return Ok(AdminAuth::Open);
     }
-    let token = match (f.token, f.token_file, env) {
+    let token = match (f.admin_token.as_deref(), f.admin_token_file.as_deref(), env) {
         (Some(t), _, _) => AdminToken::new(t)?,
         (None, Some(p), _) => AdminToken::from_file(p)?,
         (None, None, Some(t)) => AdminToken::new(&t).with_context(|| format!("${TOKEN_ENV}"))?,
         (None, None, None) => {
-            let path = run.join(TOKEN_FILE);
+            let path = f.run.join(TOKEN_FILE);
             let token = AdminToken::load_or_create(&path)?;
             tracing::info!("admin token in {} (send it as `Authorization: Bearer <token>`)", path.display());
             token
@@ -106,32 +164,35 @@ fn client_token(run: &Path, file: Option<&Path>) -> Result<Option<String>> {
     Ok(std::fs::read_to_string(run.join(TOKEN_FILE)).ok().map(|t| t.trim().to_owned()))
 }
 
-pub struct ServeFlags<'a> {
-    pub addr: SocketAddr,
-    pub store: &'a str,
-    pub index: Option<&'a Path>,
-    pub limits: Limits,
-    pub log_level: &'a str,
-    pub threads: Option<usize>,
-    pub admin: AdminFlags<'a>,
-    pub conn: needle_serve::conn::ConnLimits,
-}
-
-pub fn serve(run: &Path, data_dir: Option<&Path>, f: ServeFlags<'_>) -> Result<()> {
-    init_logs(f.log_level)?;
+/// `threads`: the async workers (`--threads`; default one per core).
+pub fn serve(f: ServeArgs, threads: Option<usize>) -> Result<()> {
+    init_logs(&f.log_level)?;
     let store: StoreSpec = f.store.parse()?;
-    let auth = admin_auth(run, &f.admin)?;
+    let auth = admin_auth(&f)?;
     let opts = ServeOptions {
-        run: run.to_owned(),
-        data_dir: data_dir.map(Path::to_owned),
-        index: f.index.map(Path::to_owned),
+        limits: Limits {
+            max_k: f.max_k,
+            max_history: f.max_history,
+            max_body_bytes: f.max_body_bytes,
+            timeout: f.timeout,
+            max_in_flight: f.max_in_flight,
+            max_queue_wait: f.max_queue_wait,
+            compute_threads: f.compute_threads,
+        },
+        conn: needle_serve::conn::ConnLimits {
+            max_connections: f.max_connections,
+            max_per_client: f.max_connections_per_client,
+            request_read_timeout: f.request_read_timeout,
+            idle_timeout: f.idle_timeout,
+        },
+        run: f.run,
+        data_dir: f.data_dir,
+        index: f.index,
         store,
         addr: f.addr,
-        limits: f.limits,
         auth,
-        conn: f.conn,
     };
-    runtime(f.threads)?.block_on(needle_serve::serve(opts))?;
+    runtime(threads)?.block_on(needle_serve::serve(opts))?;
     Ok(())
 }
 
