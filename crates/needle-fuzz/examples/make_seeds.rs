@@ -209,12 +209,12 @@ fn checkpoint() -> Seeds {
         }
         for (slot, name) in needle_fuzz::RUN_FILES.iter().enumerate() {
             if let Some(bytes) = file(name) {
-                let sel = (k + 4 * (slot + 1)) as u8;
+                let sel = (k + needle_fuzz::KINDS.len() * (slot + 1)) as u8;
                 out.push(seed(&format!("{kind}-{}", name.replace('/', "-")), sel, &bytes));
             }
         }
     }
-    out.push(seed("bad-run-format", 4, b"format = 2\n"));
+    out.push(seed("bad-run-format", needle_fuzz::KINDS.len() as u8, b"format = 2\n"));
     out.push(seed("bad-checkpoint", 0, b"\x05\x00\x00"));
     out
 }

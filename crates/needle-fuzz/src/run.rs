@@ -8,6 +8,7 @@ use needle_model::checkpoint::Checkpoint;
 use needle_model::deep::{CategoricalSpec, DeepSpec, DeepTwoTower, HistoryMode, ItemBags};
 use needle_model::fm::{FmSpec, FmTwoTower};
 use needle_model::mind::{MindSpec, MindTwoTower};
+use needle_model::neighbors::{ItemNeighbors, NeighborKind, NeighborSpec, Scratch};
 use needle_model::rng::Rng;
 use needle_run::config::{Config, DataConfig, ModelConfig, ModelKind, SplitKind, TrainParams};
 use needle_run::{load_for_serving, read_info, write_run, Model, RunContents, RunInfo, ServingRun, TrainingSummary};
@@ -19,9 +20,23 @@ pub const RUN_FILES: [&str; 5] =
     ["model.toml", "model.safetensors", "item_counts.tsv", "vocab/items.tsv", "vocab/user_feat.gender.tsv"];
 
 /// The model kinds of the template runs, in selector order.
-pub const KINDS: [ModelKind; 4] = [ModelKind::Youtubednn, ModelKind::Fm, ModelKind::Mind, ModelKind::Popularity];
+pub const KINDS: [ModelKind; 5] =
+    [ModelKind::Youtubednn, ModelKind::Fm, ModelKind::Mind, ModelKind::Popularity, ModelKind::Transitions];
 
 const ITEM_ROWS: usize = 6;
+const ITEM_COUNTS: [u64; ITEM_ROWS] = [0, 5, 3, 2, 1, 1];
+
+fn neighbor_spec() -> NeighborSpec {
+    NeighborSpec {
+        kind: NeighborKind::Transitions,
+        items: ITEM_ROWS,
+        window: 1,
+        neighbors: 3,
+        recent: 2,
+        decay: 0.5,
+        max_seq_len: 3,
+    }
+}
 
 /// Every file of a small valid run, by path relative to the run directory.
 pub struct RunTemplate {
@@ -90,7 +105,13 @@ fn tiny_model(kind: ModelKind, bags: Vec<ItemBags>) -> Result<Model, String> {
             bags,
             &mut rng,
         )?)),
-        ModelKind::Popularity => Model::Popularity { counts: vec![0.0, 5.0, 3.0, 2.0, 1.0, 1.0] },
+        ModelKind::Popularity => Model::Popularity { counts: ITEM_COUNTS.iter().map(|&c| c as f32).collect() },
+        ModelKind::Transitions | ModelKind::Itemcf => Model::Neighbors(Box::new(ItemNeighbors::build(
+            neighbor_spec(),
+            &[0, 3, 6],
+            &[1, 2, 3, 2, 4, 5],
+            &ITEM_COUNTS,
+        )?)),
     })
 }
 
@@ -122,6 +143,7 @@ fn build_template(kind: ModelKind) -> RunTemplate {
         deep: None,
         fm: None,
         mind: None,
+        neighbors: None,
         training: TrainingSummary {
             epochs_run: 1,
             best_epoch: 1,
@@ -143,11 +165,12 @@ fn build_template(kind: ModelKind) -> RunTemplate {
             },
             model: model_config,
             train: TrainParams::default(),
+            tune: None,
         },
     };
     let contents = RunContents {
         vocabs: vec![("items".into(), &items), ("users".into(), &users), ("user_feat.gender".into(), &gender)],
-        item_counts: &[0, 5, 3, 2, 1, 1],
+        item_counts: &ITEM_COUNTS,
         model: &model,
     };
     if let Err(e) = write_run(dir.path(), &mut info, &contents) {
@@ -170,16 +193,16 @@ pub fn templates() -> &'static [RunTemplate] {
 
 /// Checkpoints and run directories.
 ///
-/// Selector bits 0–1 pick the template run (YouTubeDNN, FM, MIND, popularity); the selector
-/// divided by 4, modulo 6, picks what the bytes are: 0 a checkpoint read with `Checkpoint::read`
+/// The selector modulo 5 picks the template run (YouTubeDNN, FM, MIND, popularity,
+/// transitions); the selector divided by 5, modulo 6, picks what the bytes are: 0 a checkpoint read with `Checkpoint::read`
 /// and loaded into a tiny tower of that kind; 1–5 one of [`RUN_FILES`], put in place of the
 /// template's file before `load_for_serving` reads the whole run. A model that loads computes
 /// every item vector and a user vector from the largest feature value and item row the run's
 /// vocabularies hold, as the server would for such a request.
 pub fn checkpoint(data: &[u8]) -> bool {
     let (sel, body) = selector(data);
-    let t = &templates()[usize::from(sel & 3)];
-    let slot = usize::from(sel >> 2) % (RUN_FILES.len() + 1);
+    let t = &templates()[usize::from(sel) % KINDS.len()];
+    let slot = usize::from(sel) / KINDS.len() % (RUN_FILES.len() + 1);
     let dir = scratch();
     let d = dir.path();
     if slot == 0 {
@@ -218,6 +241,7 @@ fn checkpoint_alone(kind: ModelKind, body: &[u8], dir: &Path) -> bool {
         Model::Deep(m) => ck.fill(m.as_mut()),
         Model::Fm(m) => ck.fill(m.as_mut()),
         Model::Mind(m) => ck.fill(m.as_mut()),
+        Model::Neighbors(n) => ck.neighbors(n.spec.clone(), ITEM_COUNTS.to_vec()).map(|loaded| **n = loaded),
         Model::Popularity { .. } => Ok(()),
     };
     if filled.is_err() {
@@ -244,5 +268,13 @@ fn use_model(m: &Model, features: &[u32], history: &[u32]) {
     assert_eq!(vectors.len(), rows.len() * d);
     for (f, h) in [(features, history), (&[][..], &[][..])] {
         assert_eq!(m.user_vector(f, h).len(), m.interests() * d);
+    }
+    if let Some(n) = m.neighbors() {
+        // Popularity fills what the neighbours leave, so a list is short only when the
+        // catalogue is.
+        let (mut scratch, mut out) = (Scratch::default(), Vec::new());
+        n.recall(history, 10, &|_| true, &mut scratch, &mut out);
+        assert_eq!(out.len(), 10.min(n.item_rows() - 1));
+        assert!(out.iter().all(|&(r, s)| r != 0 && (r as usize) < n.item_rows() && s.is_finite()));
     }
 }

@@ -1,5 +1,6 @@
 //! Parameters on disk as safetensors: named little-endian f32 tensors, plus u32 side data.
 
+use crate::neighbors::{ItemNeighbors, NeighborSpec};
 use crate::tower::{tensors_mut, Tower};
 use crate::ModelError;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -19,6 +20,21 @@ pub fn save<T: Tower>(model: &T, path: &Path) -> Result<(), ModelError> {
     for (name, data) in model.index_tensors() {
         owned.push((name, Dtype::U32, vec![data.len()], data.iter().flat_map(|x| x.to_le_bytes()).collect()));
     }
+    write_tensors(&owned, path)
+}
+
+/// Writes the neighbour lists of an item-to-item model to `path`.
+pub fn save_neighbors(model: &ItemNeighbors, path: &Path) -> Result<(), ModelError> {
+    let (offsets, rows, weights) = model.parts();
+    let owned = vec![
+        ("offsets".to_owned(), Dtype::U64, vec![offsets.len()], offsets.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ("rows".to_owned(), Dtype::U32, vec![rows.len()], rows.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ("weights".to_owned(), Dtype::F32, vec![weights.len()], weights.iter().flat_map(|x| x.to_le_bytes()).collect()),
+    ];
+    write_tensors(&owned, path)
+}
+
+fn write_tensors(owned: &[(String, Dtype, Vec<usize>, Vec<u8>)], path: &Path) -> Result<(), ModelError> {
     let views = owned
         .iter()
         .map(|(name, dtype, shape, bytes)| TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v)))
@@ -47,14 +63,45 @@ impl Checkpoint {
         SafeTensors::deserialize(&self.bytes).expect("validated in read")
     }
 
-    /// A u32 tensor by name.
-    pub fn u32_tensor(&self, name: &str) -> Result<Vec<u32>, ModelError> {
+    /// The bytes of a tensor by name, checked to have `dtype`.
+    fn tensor_bytes(&self, name: &str, dtype: Dtype) -> Result<&[u8], ModelError> {
         let st = self.tensors();
         let t = st.tensor(name).map_err(|_| bad(&self.path, format!("missing tensor {name}")))?;
-        if t.dtype() != Dtype::U32 {
-            return Err(bad(&self.path, format!("tensor {name} has dtype {:?}, expected U32", t.dtype())));
+        if t.dtype() != dtype {
+            return Err(bad(&self.path, format!("tensor {name} has dtype {:?}, expected {dtype:?}", t.dtype())));
         }
-        Ok(t.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(t.data())
+    }
+
+    /// A u32 tensor by name.
+    pub fn u32_tensor(&self, name: &str) -> Result<Vec<u32>, ModelError> {
+        let b = self.tensor_bytes(name, Dtype::U32)?;
+        Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// A u64 tensor by name.
+    pub fn u64_tensor(&self, name: &str) -> Result<Vec<u64>, ModelError> {
+        let b = self.tensor_bytes(name, Dtype::U64)?;
+        Ok(b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+    }
+
+    /// An f32 tensor by name.
+    pub fn f32_tensor(&self, name: &str) -> Result<Vec<f32>, ModelError> {
+        let b = self.tensor_bytes(name, Dtype::F32)?;
+        Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// Rebuilds an item-to-item model saved by [`save_neighbors`], with its spec and the training
+    /// counts of its item rows.
+    pub fn neighbors(&self, spec: NeighborSpec, counts: Vec<u64>) -> Result<ItemNeighbors, ModelError> {
+        ItemNeighbors::from_parts(
+            spec,
+            self.u64_tensor("offsets")?,
+            self.u32_tensor("rows")?,
+            self.f32_tensor("weights")?,
+            counts,
+        )
+        .map_err(|e| bad(&self.path, e))
     }
 
     /// Overwrites every parameter of `model` with the saved values, checking names and shapes.

@@ -348,7 +348,7 @@ impl Tower for DeepTwoTower {
         let n = batch.n;
         acts.x0.resize(n * self.spec.user_input_dim(), 0.0);
         self.assemble_input(batch, &mut acts.x0);
-        let z = self.user_mlp.forward(&acts.x0, n, &mut acts.mlp);
+        let z = self.user_mlp.forward_with(&acts.x0, n, &mut acts.mlp, batch.dropout);
         let d = self.spec.out_dim;
         acts.out.resize(n * d, 0.0);
         acts.norms.resize(n, 0.0);
@@ -566,6 +566,20 @@ mod tests {
         assert_eq!(&x0[2 * w + d..2 * w + 2 * d], model.item_emb.row(4));
         assert!(x0[2 * w + 2 * d..2 * w + 3 * d].iter().all(|&v| v == 0.0));
         assert!(x0.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn dropout_gradients_match_finite_differences_and_dropout_changes_the_output() {
+        for (history, hidden) in [(HistoryMode::Shared, None), (HistoryMode::Own, Some(vec![5]))] {
+            let (mut model, mut batch, items) = tiny(history, hidden, 5);
+            let mut plain = UserActs::default();
+            model.user_forward(&batch, &mut plain);
+            batch.dropout = crate::mlp::Dropout { input: 0.3, hidden: 0.4, seed: 99 };
+            let mut dropped = UserActs::default();
+            model.user_forward(&batch, &mut dropped);
+            assert!(model.user_out(&plain) != model.user_out(&dropped));
+            crate::tower::testing::check_gradients(&mut model, &batch, &items, 1e-2, 2e-2);
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod gemm;
 pub mod layers;
 pub mod mind;
 pub mod mlp;
+pub mod neighbors;
 pub mod rng;
 pub mod tower;
 

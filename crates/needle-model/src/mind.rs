@@ -278,7 +278,7 @@ impl Tower for MindTwoTower {
                 },
             );
         let out_d = self.spec.out_dim();
-        let zmlp = self.mlp.forward(&acts.x, n * k, &mut acts.mlp);
+        let zmlp = self.mlp.forward_with(&acts.x, n * k, &mut acts.mlp, batch.dropout);
         acts.out.resize(n * k * out_d, 0.0);
         acts.norms.resize(n * k, 0.0);
         l2norm_forward(&mut acts.out, &mut acts.norms, zmlp, out_d);

@@ -17,12 +17,53 @@ pub struct Mlp {
     pub layers: Vec<Dense>,
 }
 
+/// Dropout rates of one forward pass (0 = off) and the seed its masks derive from; the default
+/// is off, as at evaluation and serving time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Dropout {
+    /// Share of the input features zeroed.
+    pub input: f32,
+    /// Share of every hidden layer's units zeroed (after the ReLU).
+    pub hidden: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    pub fn is_off(&self) -> bool {
+        self.input <= 0.0 && self.hidden <= 0.0
+    }
+}
+
 /// Activations kept for the backward pass.
 #[derive(Default)]
 pub struct MlpActs {
     zs: Vec<Vec<f32>>,
     dz: Vec<f32>,
     dz_prev: Vec<f32>,
+    /// The input after dropout, when input dropout is on.
+    x_drop: Vec<f32>,
+    /// Per layer input (0 = the MLP's input, i = hidden layer i's output): the kept units'
+    /// scale `1 / keep`, 0 for dropped ones; empty when that layer has no dropout.
+    masks: Vec<Vec<f32>>,
+}
+
+/// Fills `mask` with `1/keep` or 0 for `len` units, from a counter-based hash of the seed, the
+/// layer and the unit, so that a mask never depends on how a batch is split across threads.
+fn fill_mask(mask: &mut Vec<f32>, len: usize, rate: f32, seed: u64, layer: u64) {
+    let keep = 1.0 - rate;
+    let threshold = (f64::from(keep) * (1u64 << 32) as f64) as u64;
+    mask.clear();
+    mask.extend((0..len as u64).map(|i| {
+        let mut z = seed ^ layer.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        if (z >> 32) < threshold {
+            1.0 / keep
+        } else {
+            0.0
+        }
+    }));
 }
 
 impl Mlp {
@@ -67,15 +108,41 @@ impl Mlp {
 
     /// Forward pass over `n` rows of `x`; returns the last layer's output `[n × out]`.
     pub fn forward<'a>(&self, x: &[f32], n: usize, acts: &'a mut MlpActs) -> &'a [f32] {
-        acts.zs.resize_with(self.layers.len(), Vec::new);
+        self.forward_with(x, n, acts, Dropout::default())
+    }
+
+    /// [`Mlp::forward`] with dropout on the input and after every hidden ReLU (training only).
+    pub fn forward_with<'a>(&self, x: &[f32], n: usize, acts: &'a mut MlpActs, drop: Dropout) -> &'a [f32] {
+        let layers = self.layers.len();
+        acts.zs.resize_with(layers, Vec::new);
+        acts.masks.resize_with(layers, Vec::new);
+        let first_in = self.layers.first().map_or(0, |l| l.inp);
+        if drop.input > 0.0 {
+            fill_mask(&mut acts.masks[0], n * first_in, drop.input, drop.seed, 0);
+            acts.x_drop.clear();
+            acts.x_drop.extend(x[..n * first_in].iter().zip(&acts.masks[0]).map(|(a, m)| a * m));
+        } else {
+            acts.masks[0].clear();
+        }
         for (li, layer) in self.layers.iter().enumerate() {
             let (prev, rest) = acts.zs.split_at_mut(li);
-            let input = if li == 0 { x } else { &prev[li - 1] };
+            let input = match li {
+                0 if drop.input > 0.0 => &acts.x_drop[..],
+                0 => x,
+                _ => &prev[li - 1],
+            };
             let z = &mut rest[0];
             z.resize(n * layer.out, 0.0);
             linear_forward(z, input, &layer.w, &layer.b, n, layer.inp, layer.out);
-            if li + 1 < self.layers.len() {
+            if li + 1 < layers {
                 relu_forward(z);
+                let mask = &mut acts.masks[li + 1];
+                if drop.hidden > 0.0 {
+                    fill_mask(mask, z.len(), drop.hidden, drop.seed, li as u64 + 1);
+                    z.iter_mut().zip(mask.iter()).for_each(|(a, m)| *a *= m);
+                } else {
+                    mask.clear();
+                }
             }
         }
         // Every MLP has at least its output layer.
@@ -95,7 +162,11 @@ impl Mlp {
         acts.dz.extend_from_slice(&dout[..n * self.out_dim()]);
         for li in (0..self.layers.len()).rev() {
             let layer = &self.layers[li];
-            let input = if li == 0 { x } else { &acts.zs[li - 1] };
+            let input = match li {
+                0 if !acts.masks[0].is_empty() => &acts.x_drop[..],
+                0 => x,
+                _ => &acts.zs[li - 1],
+            };
             acts.dz_prev.resize(n * layer.inp, 0.0);
             let (gw, rest) = grads[2 * li..].split_at_mut(1);
             linear_backward(
@@ -109,11 +180,36 @@ impl Mlp {
                 layer.inp,
                 layer.out,
             );
+            let mask = &acts.masks[li];
+            if !mask.is_empty() {
+                acts.dz_prev.iter_mut().zip(mask).for_each(|(g, m)| *g *= m);
+            }
             if li > 0 {
+                // A dropped unit's output is 0, so the ReLU test also stops its gradient.
                 relu_backward(&mut acts.dz_prev, &acts.zs[li - 1]);
             }
             std::mem::swap(&mut acts.dz, &mut acts.dz_prev);
         }
         &acts.dz
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_masks_drop_their_share_and_keep_the_mean() {
+        let mut mask = Vec::new();
+        fill_mask(&mut mask, 100_000, 0.3, 7, 1);
+        let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / mask.len() as f64;
+        assert!((dropped - 0.3).abs() < 0.01, "dropped {dropped}");
+        let mean = mask.iter().map(|&m| f64::from(m)).sum::<f64>() / mask.len() as f64;
+        assert!((mean - 1.0).abs() < 0.02, "mean scale {mean}");
+        let mut other = Vec::new();
+        fill_mask(&mut other, 100_000, 0.3, 7, 2);
+        assert!(mask != other, "layers must get different masks");
+        fill_mask(&mut other, 100_000, 0.3, 7, 1);
+        assert!(mask == other, "a mask is a function of seed, layer and unit");
     }
 }

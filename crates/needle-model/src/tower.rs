@@ -15,6 +15,8 @@ pub struct UserBatch {
     pub feats: Vec<u32>,
     /// Example age in [0, 1]; 0 at serving time.
     pub age: Vec<f32>,
+    /// Dropout in the user tower's MLP: set by training, off after [`UserBatch::reset`].
+    pub dropout: crate::mlp::Dropout,
 }
 
 impl UserBatch {
@@ -29,6 +31,7 @@ impl UserBatch {
         self.feats.resize(n * n_feats, 0);
         self.age.clear();
         self.age.resize(n, 0.0);
+        self.dropout = crate::mlp::Dropout::default();
     }
 }
 

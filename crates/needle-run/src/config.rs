@@ -12,6 +12,41 @@ pub struct Config {
     pub model: ModelConfig,
     #[serde(default)]
     pub train: TrainParams,
+    /// The search space of `needle tune`; `needle train` ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tune: Option<TuneConfig>,
+}
+
+/// `[tune]`: which values of which `[model]` and `[train]` keys `needle tune` tries, and how it
+/// compares them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TuneConfig {
+    /// The validation figure trials are ranked by.
+    pub metric: SelectMetric,
+    /// Configurations to try (0 = as many as the time budget allows).
+    pub trials: usize,
+    /// Successive halving keeps the best 1/eta of the trials at each rung.
+    pub eta: usize,
+    /// Seeds the choice of configurations (training keeps `[train] seed`).
+    pub seed: u64,
+    /// Values to try per `[model]` key, e.g. `dim = [32, 64, 128]`.
+    pub model: std::collections::BTreeMap<String, Vec<toml::Value>>,
+    /// Values to try per `[train]` key, e.g. `lr = [0.0005, 0.001, 0.002]`.
+    pub train: std::collections::BTreeMap<String, Vec<toml::Value>>,
+}
+
+impl Default for TuneConfig {
+    fn default() -> Self {
+        TuneConfig {
+            metric: SelectMetric::Ndcg10,
+            trials: 0,
+            eta: 3,
+            seed: 42,
+            model: Default::default(),
+            train: Default::default(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -64,6 +99,27 @@ pub enum ModelKind {
     Fm,
     /// Several interest vectors per user by capsule routing, label-aware attention in training.
     Mind,
+    /// Items that followed the user's newest items in training sequences (counts, no training
+    /// steps); popularity for the rest.
+    Transitions,
+    /// Item-based collaborative filtering: co-occurrence within a window, cosine-normalised.
+    Itemcf,
+}
+
+impl ModelKind {
+    /// The item-to-item kind, for the models counted from the log rather than trained.
+    pub fn neighbor_kind(self) -> Option<needle_model::neighbors::NeighborKind> {
+        match self {
+            ModelKind::Transitions => Some(needle_model::neighbors::NeighborKind::Transitions),
+            ModelKind::Itemcf => Some(needle_model::neighbors::NeighborKind::Itemcf),
+            _ => None,
+        }
+    }
+
+    /// Kinds with no user or item tower: they read neither user nor item features.
+    pub fn is_counted(self) -> bool {
+        self == ModelKind::Popularity || self.neighbor_kind().is_some()
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -95,8 +151,17 @@ pub struct ModelConfig {
     /// Longest history the user tower reads; older events are dropped.
     pub max_seq_len: usize,
     /// YouTubeDNN / DSSM: the newest this many history items also enter the user MLP one by one,
-    /// next to the mean (0 = the mean only, as in the paper).
+    /// next to the mean (0 = the mean only, as in the paper). Transitions / item-CF: the newest
+    /// this many history items score a user (0 = all of the newest `max_seq_len`).
     pub recent: usize,
+    /// Transitions / item-CF: how many positions apart two events of a sequence may be to
+    /// count together (transitions: after the item only; 0 = the whole sequence). Default 1 for
+    /// transitions (first order) and 0 for item-CF.
+    pub window: Option<usize>,
+    /// Transitions / item-CF: neighbours kept per item.
+    pub neighbors: usize,
+    /// Transitions / item-CF: the weight of each history item relative to the next newer one.
+    pub decay: f32,
     /// Keep only the this many most frequent training items in the item table (0 = all): the
     /// knob for catalogues whose table and optimizer state do not fit in memory. Rarer items
     /// leave the histories and cannot be recalled.
@@ -115,10 +180,10 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// The user features the model reads: none for popularity, which must not require the
-    /// default ones to exist in the data.
+    /// The user features the model reads: none for the counted kinds, which must not require
+    /// the default ones to exist in the data.
     pub fn read_user_features(&self) -> &[String] {
-        if self.kind == ModelKind::Popularity {
+        if self.kind.is_counted() {
             &[]
         } else {
             &self.user_features
@@ -146,6 +211,9 @@ impl Default for ModelConfig {
             example_age: true,
             max_seq_len: 50,
             recent: 0,
+            window: None,
+            neighbors: 200,
+            decay: 0.5,
             max_items: 0,
             hash_buckets: 0,
             cold_items: None,
@@ -202,6 +270,24 @@ pub enum SparseOptimizer {
     RowwiseAdagrad,
 }
 
+/// A validation figure that decides between epochs (and between configs when tuning).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum SelectMetric {
+    #[serde(rename = "hr@10")]
+    Hr10,
+    #[serde(rename = "ndcg@10")]
+    Ndcg10,
+}
+
+impl SelectMetric {
+    pub fn name(self) -> &'static str {
+        match self {
+            SelectMetric::Hr10 => "HR@10",
+            SelectMetric::Ndcg10 => "NDCG@10",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainParams {
@@ -223,10 +309,22 @@ pub struct TrainParams {
     pub seed: u64,
     /// Worker threads (0 = all cores).
     pub threads: usize,
-    /// Stop after this many epochs without a better validation HR@10 (0 = never stop early).
+    /// Stop after this many epochs without a better validation figure (0 = never stop early).
     pub patience: usize,
+    /// The validation figure that picks the best epoch (and that early stopping watches).
+    pub select: SelectMetric,
     /// Users sampled for the per-epoch validation (0 = all).
     pub valid_users: usize,
+    /// Share of the user MLP's hidden units dropped in training (YouTubeDNN, DSSM, MIND).
+    pub dropout: f32,
+    /// Share of the user MLP's inputs (history, recent items, features) dropped in training.
+    pub input_dropout: f32,
+    /// Decoupled (AdamW) weight decay of the dense layers.
+    pub weight_decay: f32,
+    /// L2 penalty on the embedding rows a step reads, applied as those rows are updated.
+    pub embedding_l2: f32,
+    /// Scale every step's gradients down to this global norm when above it (0 = off).
+    pub clip_norm: f32,
     /// Probability that a training candidate is embedded without its id row, from its
     /// features alone, as a cold item is; teaches the item tower to embed items nobody has
     /// interacted with yet (needs `[model] item_features`).
@@ -249,7 +347,13 @@ impl Default for TrainParams {
             seed: 42,
             threads: 0,
             patience: 3,
+            select: SelectMetric::Hr10,
             valid_users: 0,
+            dropout: 0.0,
+            input_dropout: 0.0,
+            weight_decay: 0.0,
+            embedding_l2: 0.0,
+            clip_norm: 0.0,
             item_id_dropout: 0.0,
         }
     }
@@ -272,7 +376,23 @@ impl Config {
             return Err("[data] needs exactly one of `dataset` (ml-1m, ml-100k) or `schema`".into());
         }
         let m = &self.model;
-        if m.kind != ModelKind::Popularity {
+        if m.kind.neighbor_kind().is_some() {
+            if m.max_seq_len == 0 || m.neighbors == 0 {
+                return Err("[model] max_seq_len and neighbors must be > 0".into());
+            }
+            if !(m.decay > 0.0 && m.decay <= 1.0) {
+                return Err(format!("[model] decay must be above 0 and at most 1, not {}", m.decay));
+            }
+            if m.recent > m.max_seq_len {
+                return Err(format!("[model] recent ({}) cannot exceed max_seq_len ({})", m.recent, m.max_seq_len));
+            }
+            if m.max_items > 0 {
+                return Err("[model] max_items applies to the trained kinds only".into());
+            }
+        } else if m.window.is_some() {
+            return Err("[model] window applies to transitions and itemcf only".into());
+        }
+        if !m.kind.is_counted() {
             if m.dim == 0 || m.max_seq_len == 0 || m.feature_dim == 0 {
                 return Err("[model] dim, feature_dim and max_seq_len must be > 0".into());
             }
@@ -311,10 +431,25 @@ impl Config {
         if m.hash_buckets > u32::MAX as usize / 2 || m.max_items > u32::MAX as usize / 2 {
             return Err("[model] max_items and hash_buckets must be below 2^31".into());
         }
+        for (name, v) in [("dropout", t.dropout), ("input_dropout", t.input_dropout)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!("[train] {name} must be at least 0 and below 1"));
+            }
+            if v > 0.0 && !matches!(m.kind, ModelKind::Youtubednn | ModelKind::Dssm | ModelKind::Mind) {
+                return Err(format!("[train] {name} applies to the user MLP of youtubednn, dssm and mind"));
+            }
+        }
+        for (name, v) in
+            [("weight_decay", t.weight_decay), ("embedding_l2", t.embedding_l2), ("clip_norm", t.clip_norm)]
+        {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("[train] {name} must be a number >= 0"));
+            }
+        }
         if !(0.0..1.0).contains(&t.item_id_dropout) {
             return Err("[train] item_id_dropout must be at least 0 and below 1".into());
         }
-        if t.item_id_dropout > 0.0 && (m.item_features.is_empty() || m.kind == ModelKind::Popularity) {
+        if t.item_id_dropout > 0.0 && (m.item_features.is_empty() || m.kind.is_counted()) {
             return Err("[train] item_id_dropout needs [model] item_features: without them a dropped id leaves nothing to embed".into());
         }
         if m.kind == ModelKind::Dssm && m.out_dim == 0 {

@@ -3,7 +3,7 @@
 //! ```text
 //! runs/NAME/
 //!   model.toml          config, tower shapes, vocabulary sizes, data fingerprint, training summary
-//!   model.safetensors   parameters
+//!   model.safetensors   parameters (the neighbour lists of transitions and item-CF)
 //!   vocab/*.tsv         raw id ↔ row for items, users and every categorical feature
 //!   item_counts.tsv     training events per item row (popularity, the fallback for unknown users)
 //!   train_log.jsonl     one line per epoch
@@ -20,10 +20,11 @@ pub use model::{merge_interests, Model};
 
 use config::ModelKind;
 use needle_data::{Dataset, LoadOptions, Split, SplitStrategy, Vocab};
-use needle_model::checkpoint::{save, Checkpoint};
+use needle_model::checkpoint::{save, save_neighbors, Checkpoint};
 use needle_model::deep::{CategoricalSpec, DeepSpec, DeepTwoTower, ItemBags};
 use needle_model::fm::{FmSpec, FmTwoTower};
 use needle_model::mind::{MindSpec, MindTwoTower};
+use needle_model::neighbors::NeighborSpec;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -79,6 +80,8 @@ pub struct RunInfo {
     pub fm: Option<FmSpec>,
     /// Shapes of a MIND model.
     pub mind: Option<MindSpec>,
+    /// Shape and scoring rule of a transitions or item-CF model.
+    pub neighbors: Option<NeighborSpec>,
     pub training: TrainingSummary,
     pub config: Config,
 }
@@ -169,7 +172,7 @@ pub fn write_run(dir: &Path, info: &mut RunInfo, contents: &RunContents<'_>) -> 
     let counts_path = dir.join(ITEM_COUNTS_FILE);
     std::fs::write(&counts_path, counts).map_err(io(&counts_path))?;
     let ckpt = dir.join(WEIGHTS_FILE);
-    (info.deep, info.fm, info.mind) = (None, None, None);
+    (info.deep, info.fm, info.mind, info.neighbors) = (None, None, None, None);
     match contents.model {
         Model::Deep(m) => {
             save(m.as_ref(), &ckpt)?;
@@ -182,6 +185,10 @@ pub fn write_run(dir: &Path, info: &mut RunInfo, contents: &RunContents<'_>) -> 
         Model::Mind(m) => {
             save(m.as_ref(), &ckpt)?;
             info.mind = Some(m.spec.clone());
+        }
+        Model::Neighbors(n) => {
+            save_neighbors(n, &ckpt)?;
+            info.neighbors = Some(n.spec.clone());
         }
         Model::Popularity { .. } => {}
     }
@@ -372,7 +379,7 @@ fn check_declared_shapes(info: &RunInfo, weights: &Path) -> Result<(), RunError>
 pub fn load_model(info: &RunInfo, dir: &Path, item_counts: &[u64]) -> Result<Model, RunError> {
     let path = dir.join(MANIFEST_FILE);
     let weights = dir.join(WEIGHTS_FILE);
-    if info.kind != ModelKind::Popularity {
+    if !info.kind.is_counted() {
         check_declared_shapes(info, &weights)?;
     }
     let missing =
@@ -404,6 +411,20 @@ pub fn load_model(info: &RunInfo, dir: &Path, item_counts: &[u64]) -> Result<Mod
                 MindTwoTower::new(spec, bags, &mut needle_model::rng::Rng::new(0)).map_err(RunError::Invalid)?;
             ckpt.fill(&mut m)?;
             Model::Mind(Box::new(m))
+        }
+        ModelKind::Transitions | ModelKind::Itemcf => {
+            let spec = info.neighbors.clone().ok_or_else(|| missing("neighbors"))?;
+            if info.kind.neighbor_kind() != Some(spec.kind) || spec.items != item_counts.len() {
+                return Err(RunError::Invalid(format!(
+                    "{}: the [neighbors] table ({:?} over {} item rows) does not belong to a {:?} run over {} item rows",
+                    path.display(),
+                    spec.kind,
+                    spec.items,
+                    info.kind,
+                    item_counts.len()
+                )));
+            }
+            Model::Neighbors(Box::new(Checkpoint::read(&weights)?.neighbors(spec, item_counts.to_vec())?))
         }
     })
 }

@@ -4,6 +4,7 @@
 use needle_model::deep::DeepTwoTower;
 use needle_model::fm::FmTwoTower;
 use needle_model::mind::MindTwoTower;
+use needle_model::neighbors::ItemNeighbors;
 use needle_model::tower::{Tower, UserBatch};
 
 pub enum Model {
@@ -16,15 +17,20 @@ pub enum Model {
     Deep(Box<DeepTwoTower>),
     Fm(Box<FmTwoTower>),
     Mind(Box<MindTwoTower>),
+    /// Transitions and item-CF: neighbour lists per item, no vectors. The vector methods below
+    /// see a model of width 0; callers that need vectors ask [`Model::neighbors`] first.
+    Neighbors(Box<ItemNeighbors>),
 }
 
-/// Calls `$body` with `$m` bound to the concrete tower of a neural model, or `$pop` with the
-/// counts of a popularity model; callers outside this crate get generic code per tower type.
+/// Calls `$body` with `$m` bound to the concrete tower of a neural model, `$pop` with the
+/// counts of a popularity model, or `$nb` for a neighbour model; callers outside this crate get
+/// generic code per tower type.
 #[macro_export]
 macro_rules! with_tower {
-    ($model:expr, $m:ident => $body:expr, pop $counts:ident => $pop:expr) => {
+    ($model:expr, $m:ident => $body:expr, pop $counts:ident => $pop:expr, nb $n:ident => $nb:expr) => {
         match $model {
             $crate::Model::Popularity { counts: $counts } => $pop,
+            $crate::Model::Neighbors($n) => $nb,
             $crate::Model::Deep($m) => $body,
             $crate::Model::Fm($m) => $body,
             $crate::Model::Mind($m) => $body,
@@ -34,28 +40,39 @@ macro_rules! with_tower {
 
 impl Model {
     pub fn dim(&self) -> usize {
-        with_tower!(self, m => m.out_dim(), pop _c => 1)
+        with_tower!(self, m => m.out_dim(), pop _c => 1, nb _n => 0)
+    }
+
+    /// The neighbour lists of a transitions or item-CF model.
+    pub fn neighbors(&self) -> Option<&ItemNeighbors> {
+        match self {
+            Model::Neighbors(n) => Some(n),
+            _ => None,
+        }
     }
 
     /// Item table rows, padding row 0 included.
     pub fn item_rows(&self) -> usize {
-        with_tower!(self, m => m.item_rows(), pop counts => counts.len())
+        with_tower!(self, m => m.item_rows(), pop counts => counts.len(), nb n => n.item_rows())
     }
 
     /// Vectors per user (several for multi-interest models).
     pub fn interests(&self) -> usize {
-        with_tower!(self, m => m.interests(), pop _c => 1)
+        with_tower!(self, m => m.interests(), pop _c => 1, nb _n => 1)
     }
 
     /// `[item rows × dim]`, row 0 = padding.
     pub fn item_vectors(&self) -> Vec<f32> {
-        with_tower!(self, m => m.all_item_vectors(), pop counts => counts.clone())
+        with_tower!(self, m => m.all_item_vectors(), pop counts => counts.clone(), nb _n => Vec::new())
     }
 
     /// The rows and vectors of the real items (row 0, the padding, left out): what an item index
     /// holds.
     pub fn indexed_items(&self) -> (Vec<u32>, Vec<f32>) {
         let d = self.dim();
+        if d == 0 {
+            return (Vec::new(), Vec::new());
+        }
         let all = self.item_vectors();
         ((1..(all.len() / d) as u32).collect(), all[d..].to_vec())
     }
@@ -63,7 +80,7 @@ impl Model {
     /// The `interests × dim` vectors of one user given feature value rows (in the model's user
     /// feature order; 0 = unknown) and item rows, oldest first; only the newest `max_seq_len` count.
     pub fn user_vector(&self, features: &[u32], history: &[u32]) -> Vec<f32> {
-        with_tower!(self, m => one_user_vector(m.as_ref(), features, history), pop _c => vec![1.0])
+        with_tower!(self, m => one_user_vector(m.as_ref(), features, history), pop _c => vec![1.0], nb _n => Vec::new())
     }
 }
 

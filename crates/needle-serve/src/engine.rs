@@ -8,11 +8,17 @@ use crate::ServeError;
 use needle_data::Dataset;
 use needle_data::Vocab;
 use needle_index::{Index, IndexParams};
+use needle_model::neighbors::Scratch;
 use needle_run::{merge_interests, Model, RunInfo, ServingRun, USER_ID_FEATURE};
 use needle_store::{ItemDetails, ItemRecord, Store, UserProfile, UserRecord};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+thread_local! {
+    /// Buffers of item-to-item scoring, reused by each compute thread from request to request.
+    static NEIGHBOR_SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
 
 pub struct Engine {
     /// Names the model in answers and metrics: run directory name and a checksum of its weights.
@@ -23,7 +29,8 @@ pub struct Engine {
     items: Vocab,
     feature_names: Vec<String>,
     feature_vocabs: Vec<Vocab>,
-    index: Box<dyn Index>,
+    /// The item index; `None` for item-to-item models, which recall from their neighbour lists.
+    index: Option<Box<dyn Index>>,
     pub index_params: String,
     /// Item rows by training count, most popular first.
     popular: Vec<(u32, f32)>,
@@ -68,7 +75,16 @@ impl Engine {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
         let model = run.model;
         let index_path = index.map(Path::to_owned).unwrap_or_else(|| dir.join(needle_index::RUN_INDEX_FILE));
-        let index: Box<dyn Index> = if index_path.exists() {
+        let index: Option<Box<dyn Index>> = if let Some(n) = model.neighbors() {
+            if index.is_some() {
+                return Err(ServeError::Load(format!(
+                    "{} is an item-to-item model ({:?}): it recalls from its neighbour lists and takes no --index",
+                    dir.display(),
+                    n.spec.kind
+                )));
+            }
+            None
+        } else if index_path.exists() {
             let ix = needle_index::load(&index_path)
                 .map_err(|e| ServeError::Load(format!("{}: {e}", index_path.display())))?;
             if ix.dim() != model.dim() {
@@ -80,7 +96,7 @@ impl Engine {
                     dir.display()
                 )));
             }
-            ix
+            Some(ix)
         } else if index.is_some() {
             return Err(ServeError::Load(format!("index file {} does not exist", index_path.display())));
         } else {
@@ -96,7 +112,11 @@ impl Engine {
                 ix.len(),
                 t.elapsed().as_secs_f64()
             );
-            ix
+            Some(ix)
+        };
+        let index_params = match &index {
+            Some(ix) => ix.params().to_string(),
+            None => format!("neighbors({} per item)", model.neighbors().map_or(0, |n| n.spec.neighbors)),
         };
         let mut popular: Vec<(u32, f32)> =
             run.item_counts.iter().enumerate().skip(1).map(|(row, &c)| (row as u32, c as f32)).collect();
@@ -106,7 +126,7 @@ impl Engine {
             run_dir: dir,
             kind: format!("{:?}", run.info.kind).to_lowercase(),
             max_seq_len: run.info.config.model.max_seq_len,
-            index_params: index.params().to_string(),
+            index_params,
             model,
             items: run.items,
             feature_names: run.user_feature_names,
@@ -116,8 +136,9 @@ impl Engine {
         })
     }
 
+    /// Items the engine can recall.
     pub fn index_len(&self) -> usize {
-        self.index.len()
+        self.index.as_ref().map_or_else(|| self.model.item_rows() - 1, |ix| ix.len())
     }
 
     pub fn has_item(&self, raw: &str) -> bool {
@@ -169,17 +190,27 @@ impl Engine {
             return Ok(Recalled { items, source: Source::Popularity, unknown_history });
         }
 
+        let index = match (&self.index, self.model.neighbors()) {
+            (Some(ix), _) => ix,
+            (None, Some(n)) => {
+                let mut items = Vec::with_capacity(k);
+                NEIGHBOR_SCRATCH.with_borrow_mut(|scratch| {
+                    n.recall(&rows, k, &|id| !exclude_seen || keep(id), scratch, &mut items)
+                });
+                return Ok(Recalled { items, source: Source::Model, unknown_history });
+            }
+            (None, None) => {
+                return Err(ServeError::Internal("the engine has neither an index nor neighbour lists".into()))
+            }
+        };
         let uv = self.model.user_vector(&feats, &rows);
         let (d, ni) = (self.model.dim(), self.model.interests());
         let mut ids = vec![u32::MAX; ni * k];
         let mut scores = vec![f32::NEG_INFINITY; ni * k];
         let mut buf = Vec::with_capacity(k);
         for (i, q) in uv.chunks_exact(d).enumerate() {
-            let res = if exclude_seen {
-                self.index.search_filtered(q, k, &keep, &mut buf)
-            } else {
-                self.index.search(q, k, &mut buf)
-            };
+            let res =
+                if exclude_seen { index.search_filtered(q, k, &keep, &mut buf) } else { index.search(q, k, &mut buf) };
             res.map_err(|e| ServeError::Internal(e.to_string()))?;
             for (slot, &(id, s)) in buf.iter().enumerate().take(k) {
                 ids[i * k + slot] = id;

@@ -203,8 +203,7 @@ async fn load_engine(
         let contents = if empty_store { Some(StoreContents::of_run(&served.info, data_dir.as_deref())?) } else { None };
         Ok((served, contents))
     };
-    let (served, contents) =
-        tokio::task::spawn_blocking(blocking).await.map_err(|e| ServeError::Internal(e.to_string()))??;
+    let (served, contents) = in_background(blocking).await??;
     if let Some(store) = store {
         let fp = &served.info.data_fingerprint;
         if let Some(c) = contents {
@@ -224,9 +223,31 @@ async fn load_engine(
             );
         }
     }
-    tokio::task::spawn_blocking(move || Engine::new(served, index.as_deref()))
-        .await
-        .map_err(|e| ServeError::Internal(e.to_string()))?
+    in_background(move || Engine::new(served, index.as_deref())).await?
+}
+
+/// Runs `f` on a thread of its own at a lower CPU priority (nice 10): loading a model and freeing
+/// the old one during a reload then take the cycles requests leave over, not theirs, and the
+/// compute pool does not fall behind and shed while a reload runs.
+async fn in_background<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ServeError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("needle-background".into())
+        .spawn(move || {
+            lower_priority();
+            let _ = tx.send(f());
+        })
+        .map_err(|e| ServeError::Internal(format!("cannot start a background thread: {e}")))?;
+    rx.await.map_err(|_| ServeError::Internal("a background task ended without an answer".into()))
+}
+
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority with the calling thread's id changes only that thread's scheduling.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
 }
 
 fn router(app: Shared) -> Router {
@@ -744,12 +765,11 @@ async fn reload(app: &App, run: Option<PathBuf>) -> Result<(String, String), Ser
     }
     // Freeing and trimming take milliseconds: off the async workers, where they would stall the
     // requests queued on them.
-    tokio::task::spawn_blocking(move || {
+    in_background(move || {
         drop(current);
         trim_heap();
     })
-    .await
-    .map_err(|e| ServeError::Internal(e.to_string()))?;
+    .await?;
     Ok((previous, new_id))
 }
 

@@ -11,6 +11,7 @@ pub mod prepare;
 pub mod run;
 pub mod sampler;
 pub mod trainer;
+pub mod tune;
 
 pub use needle_run::{Config, Model};
 pub use prepare::{Prepared, Stage};

@@ -3,9 +3,11 @@
 
 use crate::prepare::{Prepared, Stage};
 use needle_eval::{score, top_k, Lists, Report};
+use needle_model::neighbors::{ItemNeighbors, Scratch};
 use needle_model::tower::{Tower, UserBatch};
 pub use needle_run::model::{merge_interests, Model};
 use needle_run::with_tower;
+use rayon::prelude::*;
 
 /// Users whose vectors are computed in one pass.
 const USER_CHUNK: usize = 2048;
@@ -19,6 +21,10 @@ pub trait Scorer {
     fn item_vectors(&self) -> Vec<f32>;
     /// `[users.len() × interests × dim]` vectors from each user's known history for `stage`.
     fn user_vectors(&self, p: &Prepared, users: &[usize], stage: Stage) -> Vec<f32>;
+    /// The neighbour lists of an item-to-item model, which is scored from them instead of vectors.
+    fn neighbors(&self) -> Option<&ItemNeighbors> {
+        None
+    }
 }
 
 impl Scorer for Model {
@@ -33,6 +39,9 @@ impl Scorer for Model {
     }
     fn user_vectors(&self, p: &Prepared, users: &[usize], stage: Stage) -> Vec<f32> {
         user_vectors(self, p, users, stage)
+    }
+    fn neighbors(&self) -> Option<&ItemNeighbors> {
+        Model::neighbors(self)
     }
 }
 
@@ -56,7 +65,7 @@ impl<T: Tower> Scorer for InPlace<'_, T> {
 
 /// `[users.len() × interests × dim]` vectors from each user's known history for `stage`.
 pub fn user_vectors(model: &Model, p: &Prepared, users: &[usize], stage: Stage) -> Vec<f32> {
-    with_tower!(model, m => tower_user_vectors(m.as_ref(), p, users, stage), pop _c => vec![1.0; users.len()])
+    with_tower!(model, m => tower_user_vectors(m.as_ref(), p, users, stage), pop _c => vec![1.0; users.len()], nb _n => Vec::new())
 }
 
 fn tower_user_vectors<T: Tower>(m: &T, p: &Prepared, users: &[usize], stage: Stage) -> Vec<f32> {
@@ -111,6 +120,9 @@ fn recall_against<S: Scorer + ?Sized>(
     k: usize,
     keep_seen: bool,
 ) -> (Vec<u32>, Vec<f32>) {
+    if let Some(n) = model.neighbors() {
+        return neighbor_recall(n, p, users, stage, k, keep_seen);
+    }
     let uv = model.user_vectors(p, users, stage);
     let ni = model.interests();
     let exclude = (!keep_seen).then(|| {
@@ -127,6 +139,40 @@ fn recall_against<S: Scorer + ?Sized>(
         return (ids, scores);
     }
     merge_interests(&ids, &scores, users.len(), ni, k)
+}
+
+/// [`recall_against`] for an item-to-item model: each user's history scores its neighbours.
+fn neighbor_recall(
+    n: &ItemNeighbors,
+    p: &Prepared,
+    users: &[usize],
+    stage: Stage,
+    k: usize,
+    keep_seen: bool,
+) -> (Vec<u32>, Vec<f32>) {
+    let mut ids = vec![u32::MAX; users.len() * k];
+    let mut scores = vec![f32::NEG_INFINITY; users.len() * k];
+    if k == 0 {
+        return (ids, scores);
+    }
+    ids.par_chunks_mut(k).zip(scores.par_chunks_mut(k)).zip(users.par_iter()).for_each_init(
+        || (Scratch::default(), Vec::new(), Vec::new(), Vec::new()),
+        |(scratch, history, seen, out), ((ids, scores), &u)| {
+            history.clear();
+            history.extend(p.history(u, stage));
+            seen.clear();
+            if !keep_seen {
+                seen.extend_from_slice(history);
+                seen.sort_unstable();
+            }
+            n.recall(history, k, &|r| seen.binary_search(&r).is_err(), scratch, out);
+            for (j, &(r, s)) in out.iter().enumerate() {
+                ids[j] = r;
+                scores[j] = s;
+            }
+        },
+    );
+    (ids, scores)
 }
 
 /// Users per evaluation chunk: each user's list is independent of the others', so chunks only

@@ -2,7 +2,7 @@
 //! built from training events only (so nothing about later events leaks into the model),
 //! histories as item rows, targets, feature rows and popularity counts.
 
-use crate::config::{Config, ModelKind};
+use crate::config::Config;
 use crate::TrainError;
 use needle_data::{Dataset, Split, Vocab};
 use needle_eval::Lists;
@@ -185,7 +185,7 @@ pub fn prepare(ds: &Dataset, split: &Split, cfg: &Config) -> Result<Prepared, Tr
         user_feature_vocabs.push(vocab);
     }
 
-    let item_feature_names: &[String] = if model.kind == ModelKind::Popularity { &[] } else { &model.item_features };
+    let item_feature_names: &[String] = if model.kind.is_counted() { &[] } else { &model.item_features };
     let feats = item_feature_names
         .iter()
         .map(|name| {

@@ -45,6 +45,7 @@ pub fn save_run(
         deep: None,
         fm: None,
         mind: None,
+        neighbors: None,
         training: TrainingSummary {
             epochs_run: t.epochs.len(),
             best_epoch: t.best_epoch,

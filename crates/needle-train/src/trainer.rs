@@ -1,7 +1,7 @@
 //! The training loop: next-item samples, negatives, forward/backward through any
 //! [`Tower`], optimizer steps, per-epoch validation with early stopping.
 
-use crate::config::{Config, LossKind, ModelKind, SparseOptimizer};
+use crate::config::{Config, LossKind, ModelKind, SelectMetric, SparseOptimizer, TrainParams};
 use crate::model::{evaluate, InPlace, Model};
 use crate::optim::{DenseAdam, SparseState};
 use crate::prepare::{Prepared, Stage};
@@ -16,13 +16,15 @@ use needle_model::layers::{
     SoftmaxScratch,
 };
 use needle_model::mind::{MindSpec, MindTwoTower};
+use needle_model::mlp::Dropout;
+use needle_model::neighbors::{ItemNeighbors, NeighborKind, NeighborSpec};
 use needle_model::rng::Rng;
 use needle_model::tower::{Grads, Tower, UserBatch, ID_DROPPED};
 use serde::Serialize;
 use std::time::Instant;
 
 /// One epoch's record, written to `train_log.jsonl`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct EpochLog {
     pub epoch: usize,
     pub loss: f64,
@@ -240,15 +242,33 @@ impl Optim {
         }
     }
 
-    fn step<T: Tower>(&mut self, m: &mut T, g: &Grads, lr: f32, emb_lr: f32) {
+    fn step<T: Tower>(&mut self, m: &mut T, g: &Grads, p: &TrainParams) {
         self.t += 1;
         let t = self.t;
+        // Clipping by the global norm of every gradient, dense and sparse together.
+        let g_scale = if p.clip_norm > 0.0 {
+            let sq: f64 = g
+                .dense
+                .iter()
+                .flatten()
+                .chain(g.tables.iter().flat_map(|s| s.grads[..s.rows.len() * s.dim].iter()))
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum();
+            let norm = sq.sqrt() as f32;
+            if norm > p.clip_norm {
+                p.clip_norm / norm
+            } else {
+                1.0
+            }
+        } else {
+            1.0
+        };
         let (tables, dense) = m.params_mut();
         for ((st, table), grad) in self.tables.iter_mut().zip(tables).zip(&g.tables) {
-            st.step(table, grad, emb_lr, t);
+            st.step(table, grad, p.embedding_lr, t, g_scale, p.embedding_l2);
         }
         for ((st, w), grad) in self.dense.iter_mut().zip(dense).zip(&g.dense) {
-            st.step(w, grad, lr, t);
+            st.step(w, grad, p.lr, t, g_scale, p.weight_decay);
         }
     }
 }
@@ -293,6 +313,10 @@ impl<'a> Assembler<'a> {
         let (l, nf) = (self.max_seq_len, self.n_user_features);
         let b = samples.len();
         s.users.reset(b, l, nf);
+        if t.dropout > 0.0 || t.input_dropout > 0.0 {
+            // Drawn only when on, so runs without dropout keep their random stream.
+            s.users.dropout = Dropout { input: t.input_dropout, hidden: t.dropout, seed: rng.next_u64() };
+        }
         s.pos_ids.clear();
         for (i, smp) in samples.iter().enumerate() {
             let u = smp.user as usize;
@@ -572,7 +596,7 @@ impl<T: Tower> Engine<T> {
         m.item_backward(neg_in, &mut s.neg, &s.gn, &mut self.grads);
         m.item_backward(shared_in, &mut s.shared, &s.gs, &mut self.grads);
         let t2 = Instant::now();
-        self.optim.step(&mut self.model, &self.grads, t.lr, t.embedding_lr);
+        self.optim.step(&mut self.model, &self.grads, t);
         (loss, (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64())
     }
 }
@@ -754,6 +778,28 @@ pub fn build_model(cfg: &Config, p: &Prepared, rng: &mut Rng) -> Result<Model, T
         ModelKind::Fm => {
             Model::Fm(cold(FmTwoTower::new(fm_spec(cfg, p), p.item_bags.clone(), rng).map_err(TrainError::Config)?, p))
         }
+        ModelKind::Transitions | ModelKind::Itemcf => Model::Neighbors(Box::new(
+            ItemNeighbors::build(neighbor_spec(cfg, p)?, &p.train.offsets, &p.train.items, &p.item_counts)
+                .map_err(TrainError::Config)?,
+        )),
+    })
+}
+
+/// The shape of a transitions or item-CF model from its config.
+pub fn neighbor_spec(cfg: &Config, p: &Prepared) -> Result<NeighborSpec, TrainError> {
+    let m = &cfg.model;
+    let kind = m.kind.neighbor_kind().ok_or_else(|| TrainError::Config(format!("{:?} is not counted", m.kind)))?;
+    Ok(NeighborSpec {
+        kind,
+        items: p.n_item_rows(),
+        window: m.window.unwrap_or(match kind {
+            NeighborKind::Transitions => 1,
+            NeighborKind::Itemcf => 0,
+        }),
+        neighbors: m.neighbors,
+        recent: m.recent,
+        decay: m.decay,
+        max_seq_len: m.max_seq_len,
     })
 }
 
@@ -765,6 +811,7 @@ pub fn train(
     log: &mut dyn FnMut(&EpochLog),
 ) -> Result<Trained, TrainError> {
     let root = Rng::new(cfg.train.seed);
+    let start = Instant::now();
     match build_model(cfg, p, &mut root.fork(2))? {
         Model::Popularity { counts } => Ok(Trained {
             model: Model::Popularity { counts },
@@ -774,54 +821,182 @@ pub fn train(
             samples_per_sec: 0.0,
             samples_per_epoch: p.train.items.len(),
         }),
+        Model::Neighbors(n) => {
+            // Counted in one pass: the "epoch" is that pass, and its validation figure is what
+            // a tuner compares.
+            let secs = start.elapsed().as_secs_f64();
+            let model = Model::Neighbors(n);
+            let vbar = users_bar("validation", show_progress);
+            let r = evaluate(&model, p, Stage::Valid, &[10], false, None, &mut users_progress(&vbar));
+            vbar.finish_and_clear();
+            let events = p.train.items.len();
+            let rec = EpochLog {
+                epoch: 1,
+                loss: 0.0,
+                valid_hr10: r.get(10).map_or(0.0, |a| a.hit_rate),
+                valid_ndcg10: r.get(10).map_or(0.0, |a| a.ndcg),
+                seconds: secs,
+                samples_per_sec: events as f64 / secs.max(1e-9),
+            };
+            log(&rec);
+            Ok(Trained {
+                model,
+                epochs: vec![rec],
+                best_epoch: 1,
+                seconds: secs,
+                samples_per_sec: events as f64 / secs.max(1e-9),
+                samples_per_epoch: events,
+            })
+        }
         Model::Deep(m) => train_tower(cfg, p, *m, |m| Model::Deep(Box::new(m)), show_progress, log),
         Model::Fm(m) => train_tower(cfg, p, *m, |m| Model::Fm(Box::new(m)), show_progress, log),
         Model::Mind(m) => train_tower(cfg, p, *m, |m| Model::Mind(Box::new(m)), show_progress, log),
     }
 }
 
-/// The epoch loop for any tower; `wrap` turns a snapshot into a [`Model`] for validation.
+/// The validation figure `metric` picks out of an epoch's record.
+pub fn selected(metric: SelectMetric, rec: &EpochLog) -> f64 {
+    match metric {
+        SelectMetric::Hr10 => rec.valid_hr10,
+        SelectMetric::Ndcg10 => rec.valid_ndcg10,
+    }
+}
+
+/// The epoch loop for any tower: a [`Session`] run to its end.
 fn train_tower<T: Tower + Clone>(
     cfg: &Config,
     p: &Prepared,
-    mut model: T,
-    wrap: impl Fn(T) -> Model,
+    model: T,
+    wrap: fn(T) -> Model,
     show_progress: bool,
     log: &mut dyn FnMut(&EpochLog),
 ) -> Result<Trained, TrainError> {
-    let start = Instant::now();
-    let t = &cfg.train;
-    let root = Rng::new(t.seed);
-    let samples = build_samples(p, t.max_samples_per_user, &mut root.fork(1));
-    if samples.is_empty() {
-        return Err(TrainError::Data("no training samples: every user has fewer than 2 training events".into()));
+    let mut session = Session::new(cfg, p, model, wrap)?;
+    while let Some(rec) = session.epoch(show_progress)? {
+        log(&rec);
     }
-    let plan = MemoryPlan::of(cfg, &mut model, p.n_item_rows());
-    eprintln!("{plan}");
-    plan.check()?;
-    let mut trainer = Trainer::new(cfg, p, model)?;
-    let valid_subset: Option<Vec<usize>> = (t.valid_users > 0).then(|| {
-        let mut users: Vec<usize> = (0..p.n_users()).filter(|&u| !p.valid.get(u).is_empty()).collect();
-        root.fork(3).shuffle(&mut users);
-        users.truncate(t.valid_users);
-        users
-    });
-    // Shuffled in place every epoch; at 10^8 events a second copy would cost 0.8 GB.
-    let mut order = samples;
-    let mut epochs = Vec::new();
-    let (mut best, mut best_epoch, mut since_best) = (None::<Model>, 0usize, 0usize);
-    let mut best_hr = f64::NEG_INFINITY;
-    let mut train_secs = 0.0;
-    let mut trained_samples = 0usize;
-    for epoch in 1..=t.epochs {
-        let mut rng = root.fork(100 + epoch as u64);
-        rng.shuffle(&mut order);
-        let bar = progress_bar(order.len() as u64, show_progress);
+    Ok(session.finish())
+}
+
+/// A tower's training advanced one epoch at a time, with validation after each: `needle train`
+/// runs one to its end; `needle tune` interleaves many and drops the weak ones early.
+pub struct Session<'a, T: Tower + Clone> {
+    cfg: &'a Config,
+    p: &'a Prepared,
+    trainer: Trainer<'a, T>,
+    wrap: fn(T) -> Model,
+    root: Rng,
+    /// Shuffled in place every epoch; at 10^8 events a second copy would cost 0.8 GB.
+    order: Vec<Sample>,
+    valid_subset: Option<Vec<usize>>,
+    epochs: Vec<EpochLog>,
+    /// A copy of the best epoch's model while later epochs may still replace it; `None` when
+    /// the model under training is the best (after the last epoch no copy is ever made).
+    best: Option<T>,
+    best_score: f64,
+    best_epoch: usize,
+    since_best: usize,
+    done: bool,
+    /// Seconds spent in this session (a tuner interleaves several).
+    seconds: f64,
+    train_secs: f64,
+    trained_samples: usize,
+}
+
+/// The session behind a model of any kind, as a tuner holds it.
+pub trait AnySession {
+    /// Trains and validates one more epoch; `None` once the epochs are spent or early stopping
+    /// has ended the run.
+    fn epoch(&mut self, show_progress: bool) -> Result<Option<EpochLog>, TrainError>;
+    /// No epoch is left to train.
+    fn is_done(&self) -> bool;
+    /// The model of the best epoch and what its training reports.
+    fn finish(self: Box<Self>) -> Result<Trained, TrainError>;
+}
+
+/// A counted model (popularity, transitions, item-CF) as a one-epoch session: its one pass
+/// and validation are the epoch.
+struct Counted<'a> {
+    cfg: &'a Config,
+    p: &'a Prepared,
+    trained: Option<Trained>,
+}
+
+impl AnySession for Counted<'_> {
+    fn epoch(&mut self, show_progress: bool) -> Result<Option<EpochLog>, TrainError> {
+        if self.trained.is_some() {
+            return Ok(None);
+        }
+        let t = train(self.cfg, self.p, show_progress, &mut |_| {})?;
+        let rec = t.epochs.first().cloned();
+        self.trained = Some(t);
+        Ok(rec)
+    }
+    fn is_done(&self) -> bool {
+        self.trained.is_some()
+    }
+    fn finish(self: Box<Self>) -> Result<Trained, TrainError> {
+        match self.trained {
+            Some(t) => Ok(t),
+            None => train(self.cfg, self.p, false, &mut |_| {}),
+        }
+    }
+}
+
+impl<'a, T: Tower + Clone> Session<'a, T> {
+    pub fn new(cfg: &'a Config, p: &'a Prepared, mut model: T, wrap: fn(T) -> Model) -> Result<Self, TrainError> {
+        let start = Instant::now();
+        let t = &cfg.train;
+        let root = Rng::new(t.seed);
+        let samples = build_samples(p, t.max_samples_per_user, &mut root.fork(1));
+        if samples.is_empty() {
+            return Err(TrainError::Data("no training samples: every user has fewer than 2 training events".into()));
+        }
+        let plan = MemoryPlan::of(cfg, &mut model, p.n_item_rows());
+        eprintln!("{plan}");
+        plan.check()?;
+        let trainer = Trainer::new(cfg, p, model)?;
+        let valid_subset: Option<Vec<usize>> = (t.valid_users > 0).then(|| {
+            let mut users: Vec<usize> = (0..p.n_users()).filter(|&u| !p.valid.get(u).is_empty()).collect();
+            root.fork(3).shuffle(&mut users);
+            users.truncate(t.valid_users);
+            users
+        });
+        Ok(Session {
+            cfg,
+            p,
+            trainer,
+            wrap,
+            root,
+            order: samples,
+            valid_subset,
+            epochs: Vec::new(),
+            best: None,
+            best_score: f64::NEG_INFINITY,
+            best_epoch: 0,
+            since_best: 0,
+            done: t.epochs == 0,
+            seconds: start.elapsed().as_secs_f64(),
+            train_secs: 0.0,
+            trained_samples: 0,
+        })
+    }
+
+    /// See [`AnySession::epoch`].
+    pub fn epoch(&mut self, show_progress: bool) -> Result<Option<EpochLog>, TrainError> {
+        if self.done {
+            return Ok(None);
+        }
+        let start = Instant::now();
+        let (t, p) = (&self.cfg.train, self.p);
+        let epoch = self.epochs.len() + 1;
+        let mut rng = self.root.fork(100 + epoch as u64);
+        rng.shuffle(&mut self.order);
+        let bar = progress_bar(self.order.len() as u64, show_progress);
         bar.set_prefix(format!("epoch {epoch}/{}", t.epochs));
-        let e_start = Instant::now();
         let (mut loss_sum, mut steps) = (0.0f64, 0usize);
         let mut ema = f64::NAN;
-        trainer.epoch(&order, t.batch_size, &mut rng, |i, n, loss| {
+        self.trainer.epoch(&self.order, t.batch_size, &mut rng, |i, n, loss| {
             let loss = f64::from(loss);
             if !loss.is_finite() {
                 return Err(TrainError::Diverged { epoch, step: i });
@@ -831,66 +1006,100 @@ fn train_tower<T: Tower + Clone>(
             ema = if ema.is_nan() { loss } else { 0.98 * ema + 0.02 * loss };
             bar.inc(n as u64);
             if i % 20 == 0 {
-                let rate = bar.position() as f64 / e_start.elapsed().as_secs_f64().max(1e-9);
+                let rate = bar.position() as f64 / start.elapsed().as_secs_f64().max(1e-9);
                 bar.set_message(format!("loss {ema:.4}  {rate:.0} samples/s"));
             }
             Ok(())
         })?;
-        let secs = e_start.elapsed().as_secs_f64();
+        let secs = start.elapsed().as_secs_f64();
         bar.finish_and_clear();
-        train_secs += secs;
-        trained_samples += order.len();
+        self.train_secs += secs;
+        self.trained_samples += self.order.len();
         let vbar = users_bar(&format!("validation {epoch}/{}", t.epochs), show_progress);
         // Scored in place: at 10^7 items a copy of the tables is gigabytes.
         let r = evaluate(
-            &InPlace(trainer.model()),
+            &InPlace(self.trainer.model()),
             p,
             Stage::Valid,
             &[10],
             false,
-            valid_subset.as_deref(),
+            self.valid_subset.as_deref(),
             &mut users_progress(&vbar),
         );
         vbar.finish_and_clear();
-        let hr = r.get(10).map_or(0.0, |a| a.hit_rate);
         let rec = EpochLog {
             epoch,
             loss: loss_sum / steps.max(1) as f64,
-            valid_hr10: hr,
+            valid_hr10: r.get(10).map_or(0.0, |a| a.hit_rate),
             valid_ndcg10: r.get(10).map_or(0.0, |a| a.ndcg),
             seconds: secs,
-            samples_per_sec: order.len() as f64 / secs,
+            samples_per_sec: self.order.len() as f64 / secs,
         };
-        log(&rec);
-        epochs.push(rec);
-        if hr > best_hr {
-            best_hr = hr;
-            best_epoch = epoch;
+        let score = selected(t.select, &rec);
+        if score > self.best_score {
+            self.best_score = score;
+            self.best_epoch = epoch;
             // The old best goes before the copy is made; after the last epoch the model under
-            // training is itself the best (`None` below), and no copy is made at all.
-            best = None;
+            // training is itself the best, and no copy is made at all.
+            self.best = None;
             if epoch < t.epochs {
-                best = Some(wrap(trainer.model().clone()));
+                self.best = Some(self.trainer.model().clone());
             }
-            since_best = 0;
+            self.since_best = 0;
         } else {
-            since_best += 1;
-            if t.patience > 0 && since_best >= t.patience {
-                break;
+            self.since_best += 1;
+            if t.patience > 0 && self.since_best >= t.patience {
+                self.done = true;
             }
         }
+        self.done |= epoch >= t.epochs;
+        self.epochs.push(rec.clone());
+        self.seconds += start.elapsed().as_secs_f64();
+        Ok(Some(rec))
     }
-    // The optimizer state goes before the caller saves, so saving never holds both.
-    let model = match best {
-        Some(b) => b,
-        None => wrap(trainer.into_model()),
-    };
-    Ok(Trained {
-        model,
-        epochs,
-        best_epoch,
-        seconds: start.elapsed().as_secs_f64(),
-        samples_per_sec: trained_samples as f64 / train_secs.max(1e-9),
-        samples_per_epoch: order.len(),
+
+    /// See [`AnySession::finish`].
+    pub fn finish(self) -> Trained {
+        let samples_per_epoch = self.order.len();
+        // The optimizer state goes before the caller saves, so saving never holds both.
+        let model = match self.best {
+            Some(b) => (self.wrap)(b),
+            None => (self.wrap)(self.trainer.into_model()),
+        };
+        Trained {
+            model,
+            epochs: self.epochs,
+            best_epoch: self.best_epoch,
+            seconds: self.seconds,
+            samples_per_sec: self.trained_samples as f64 / self.train_secs.max(1e-9),
+            samples_per_epoch,
+        }
+    }
+}
+
+impl<T: Tower + Clone> AnySession for Session<'_, T> {
+    fn epoch(&mut self, show_progress: bool) -> Result<Option<EpochLog>, TrainError> {
+        Session::epoch(self, show_progress)
+    }
+    fn is_done(&self) -> bool {
+        self.done
+    }
+    fn finish(self: Box<Self>) -> Result<Trained, TrainError> {
+        Ok(Session::finish(*self))
+    }
+}
+
+/// A training session for the configured model, behind [`AnySession`]; the counted kinds have
+/// one epoch, their one pass.
+pub fn session<'a>(cfg: &'a Config, p: &'a Prepared) -> Result<Box<dyn AnySession + 'a>, TrainError> {
+    if cfg.model.kind.is_counted() {
+        return Ok(Box::new(Counted { cfg, p, trained: None }));
+    }
+    let root = Rng::new(cfg.train.seed);
+    Ok(match build_model(cfg, p, &mut root.fork(2))? {
+        Model::Deep(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Deep(Box::new(m)))?),
+        Model::Fm(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Fm(Box::new(m)))?),
+        Model::Mind(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Mind(Box::new(m)))?),
+        Model::Popularity { .. } | Model::Neighbors(_) => Box::new(Counted { cfg, p, trained: None }),
     })
 }

@@ -59,7 +59,9 @@ fn time_steps(cfg: &Config, p: &Prepared, steps: usize) -> Result<Timing> {
         Model::Deep(m) => time_tower(cfg, p, *m, steps, &mut rng),
         Model::Fm(m) => time_tower(cfg, p, *m, steps, &mut rng),
         Model::Mind(m) => time_tower(cfg, p, *m, steps, &mut rng),
-        Model::Popularity { .. } => anyhow::bail!("popularity has no training step"),
+        Model::Popularity { .. } | Model::Neighbors(_) => {
+            anyhow::bail!("{:?} is counted from the log in one pass and has no training step", cfg.model.kind)
+        }
     }
 }
 

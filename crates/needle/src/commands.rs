@@ -105,34 +105,15 @@ fn write_metrics(dir: &Path, report: &needle_eval::Report) -> Result<()> {
         .with_context(|| format!("cannot write {}", curve.display()))
 }
 
-/// Switches of `needle train` that are not part of the config.
-pub struct TrainFlags {
-    pub download: bool,
-    pub force: bool,
-    pub skip_bad_rows: bool,
-    pub quiet: bool,
-    pub threads: Option<usize>,
-}
-
-pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFlags) -> Result<()> {
-    let TrainFlags { download, force, skip_bad_rows, quiet, threads } = flags;
-    let mut cfg = read_config(config)?;
-    // Saved into the run, so that eval and recall reload the data the same way.
-    cfg.data.skip_bad_rows |= skip_bad_rows;
-    let threads = init_threads(threads.unwrap_or(cfg.train.threads))?;
-    if out.join("model.toml").exists() && !force {
-        bail!("{} already holds a run; pass --force to replace it", out.display());
-    }
-    if download {
-        if let Some(name) = &cfg.data.dataset {
-            let name = DatasetName::from_str(name).map_err(anyhow::Error::msg)?;
-            let root = needle_data::resolve_data_dir(data_dir);
-            if needle_data::source::find_dataset_dir(&name, &root).is_none() {
-                self::download(name.as_str(), &root)?;
-            }
-        }
-    }
-    let (mut ds, split) = load_data_shown(&cfg, data_dir, quiet)?;
+/// Loads a config's data, prepares it for the model and keeps only what a run records of the
+/// dataset (its name and fingerprint), saying what it found on the way.
+pub fn load_prepared(
+    cfg: &Config,
+    data_dir: Option<&Path>,
+    quiet: bool,
+    threads: usize,
+) -> Result<(needle_data::Dataset, needle_train::Prepared)> {
+    let (mut ds, split) = load_data_shown(cfg, data_dir, quiet)?;
     eprintln!(
         "data: {} — {} events, {} users, {} items{}",
         ds.name,
@@ -144,7 +125,7 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
             n => format!(", {n} bad rows skipped"),
         }
     );
-    let p = prepare(&ds, &split, &cfg)?;
+    let p = prepare(&ds, &split, cfg)?;
     // Training reads only the prepared form; at 10^8 events the raw events, ids, titles and the
     // split are gigabytes. The run keeps the dataset's name and the source's fingerprint.
     drop(split);
@@ -185,8 +166,9 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
         eprintln!("cold items: {} items without a training event are embedded from their features alone", p.cold_rows);
     }
     if p.unembedded_items > 0 {
-        let why = if cfg.model.kind == needle_train::config::ModelKind::Popularity || cfg.model.item_features.is_empty()
-        {
+        let why = if cfg.model.kind.is_counted() {
+            "this model counts training events, and they have none".to_owned()
+        } else if cfg.model.item_features.is_empty() {
             "this model's item tower reads item ids only; list [model] item_features to embed them".to_owned()
         } else if cfg.model.cold_items == Some(false) {
             "[model] cold_items = false".to_owned()
@@ -201,6 +183,37 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
             p.unembedded_items
         );
     }
+    Ok((ds, p))
+}
+
+/// Switches of `needle train` that are not part of the config.
+pub struct TrainFlags {
+    pub download: bool,
+    pub force: bool,
+    pub skip_bad_rows: bool,
+    pub quiet: bool,
+    pub threads: Option<usize>,
+}
+
+pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFlags) -> Result<()> {
+    let TrainFlags { download, force, skip_bad_rows, quiet, threads } = flags;
+    let mut cfg = read_config(config)?;
+    // Saved into the run, so that eval and recall reload the data the same way.
+    cfg.data.skip_bad_rows |= skip_bad_rows;
+    let threads = init_threads(threads.unwrap_or(cfg.train.threads))?;
+    if out.join("model.toml").exists() && !force {
+        bail!("{} already holds a run; pass --force to replace it", out.display());
+    }
+    if download {
+        if let Some(name) = &cfg.data.dataset {
+            let name = DatasetName::from_str(name).map_err(anyhow::Error::msg)?;
+            let root = needle_data::resolve_data_dir(data_dir);
+            if needle_data::source::find_dataset_dir(&name, &root).is_none() {
+                self::download(name.as_str(), &root)?;
+            }
+        }
+    }
+    let (ds, p) = load_prepared(&cfg, data_dir, quiet, threads)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let log_path = out.join("train_log.jsonl");
     if log_path.exists() {
@@ -229,17 +242,22 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
         info.training.peak_rss_mb.map_or("n/a".into(), |m| format!("{m:.0} MB")),
         out.display()
     );
-    let users = eval_users_of(&p, None, cfg.train.seed);
+    test_once(out, &trained.model, &p, cfg.train.seed, quiet)
+}
+
+/// Evaluates a just-trained model on the test targets (over the default user sample), prints
+/// the table and writes `metrics.json`.
+pub fn test_once(
+    out: &Path,
+    model: &needle_train::Model,
+    p: &needle_train::Prepared,
+    seed: u64,
+    quiet: bool,
+) -> Result<()> {
+    let users = eval_users_of(p, None, seed);
     let bar = trainer::users_bar("test", !quiet);
-    let report = evaluate(
-        &trained.model,
-        &p,
-        Stage::Test,
-        &[10, 50, 100],
-        false,
-        Some(&users),
-        &mut trainer::users_progress(&bar),
-    );
+    let report =
+        evaluate(model, p, Stage::Test, &[10, 50, 100], false, Some(&users), &mut trainer::users_progress(&bar));
     bar.finish_and_clear();
     println!("test, full corpus, known items excluded:\n{}", needle_eval::format_table(&report));
     write_metrics(out, &report)

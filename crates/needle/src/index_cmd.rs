@@ -26,9 +26,21 @@ struct IndexInfo {
     memory_bytes: usize,
 }
 
-fn item_rows(model: &Model) -> (Vec<u32>, Vec<f32>, usize) {
+/// Refuses the models that recall from neighbour lists rather than vectors.
+fn has_vectors(model: &Model) -> Result<()> {
+    if model.neighbors().is_some() {
+        bail!(
+            "this run is an item-to-item model (transitions or itemcf): it has no vectors to index; \
+             `needle eval`, `needle recall` and `needle serve` use its neighbour lists directly"
+        );
+    }
+    Ok(())
+}
+
+fn item_rows(model: &Model) -> Result<(Vec<u32>, Vec<f32>, usize)> {
+    has_vectors(model)?;
     let (ids, vecs) = model.indexed_items();
-    (ids, vecs, model.dim())
+    Ok((ids, vecs, model.dim()))
 }
 
 fn write_tsv(path: &Path, header: &str, rows: impl Iterator<Item = String>) -> Result<()> {
@@ -44,9 +56,24 @@ fn write_tsv(path: &Path, header: &str, rows: impl Iterator<Item = String>) -> R
 pub fn export(run: &Path, data_dir: Option<&Path>, out: &Path) -> Result<()> {
     let r = load_run(run, data_dir)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let (ids, vecs, d) = item_rows(&r.model);
-    write_npy_f32(&out.join("item_embeddings.npy"), &vecs, &[ids.len(), d])?;
     let items = &r.prepared.items;
+    if let Some(n) = r.model.neighbors() {
+        let rows = (1..n.item_rows() as u32).flat_map(|a| {
+            n.neighbors_of(a)
+                .map(move |(b, w)| format!("{}\t{}\t{w}", items.raw(a).unwrap_or(""), items.raw(b).unwrap_or("")))
+        });
+        let path = out.join("item_neighbors.tsv");
+        write_tsv(&path, "item_id\tneighbor_id\tweight", rows)?;
+        eprintln!(
+            "exported the neighbour lists of {} items ({} pairs, best first) to {}",
+            n.item_rows() - 1,
+            n.parts().1.len(),
+            path.display()
+        );
+        return Ok(());
+    }
+    let (ids, vecs, d) = item_rows(&r.model)?;
+    write_npy_f32(&out.join("item_embeddings.npy"), &vecs, &[ids.len(), d])?;
     write_tsv(
         &out.join("items.tsv"),
         "row\titem_id",
@@ -76,7 +103,7 @@ pub fn build(
     out: Option<&Path>,
 ) -> Result<()> {
     let r = load_run(run, data_dir)?;
-    let (mut ids, mut vecs, d) = item_rows(&r.model);
+    let (mut ids, mut vecs, d) = item_rows(&r.model)?;
     if let Some(n) = synthetic_items {
         if n < ids.len() {
             bail!("--synthetic-items {n} is fewer than the run's {} items", ids.len());
@@ -167,6 +194,7 @@ fn sampled_test_users(r: &LoadedRun, n: Option<usize>) -> Vec<usize> {
 
 pub fn eval(run: &Path, data_dir: Option<&Path>, ks: &[usize], effort: Option<usize>) -> Result<()> {
     let r = load_run(run, data_dir)?;
+    has_vectors(&r.model)?;
     let (mut index, info) = load_index(run, r.model.dim())?;
     if let Some(e) = effort {
         index.set_search_effort(e);
@@ -174,7 +202,7 @@ pub fn eval(run: &Path, data_dir: Option<&Path>, ks: &[usize], effort: Option<us
     let kmax = ks.iter().copied().max().unwrap_or(100);
     let users = test_users(&r.prepared);
     let uv = needle_train::model::user_vectors(&r.model, &r.prepared, &users, Stage::Test);
-    let (ids, vecs, d) = item_rows(&r.model);
+    let (ids, vecs, d) = item_rows(&r.model)?;
     let exact = needle_index::build(&IndexParams::Exact, &ids, &vecs, d)?;
     let truth = exact.search_batch(&uv, kmax)?;
     // Single-threaded, one query at a time: the serving situation.
@@ -225,6 +253,7 @@ pub fn eval_ann(
     keep_seen: bool,
     eval_users: Option<usize>,
 ) -> Result<needle_eval::Report> {
+    has_vectors(&r.model)?;
     let (index, info) = load_index(&r.dir, r.model.dim())?;
     let p = &r.prepared;
     let kmax = ks.iter().copied().max().unwrap_or(100);

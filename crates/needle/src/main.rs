@@ -8,6 +8,7 @@ mod data_cmd;
 mod index_cmd;
 mod report;
 mod serve_cmd;
+mod tune_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -45,6 +46,26 @@ enum Cmd {
         #[arg(long)]
         skip_bad_rows: bool,
         /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Search the config's [tune] space on validation within a time budget (successive
+    /// halving); saves the best as a run in OUT with tune.md, tune.jsonl and best.toml, and
+    /// evaluates it on test once. Run again with the same OUT to resume an interrupted tune.
+    Tune {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Wall-time budget of the search, e.g. 30m or 90s.
+        #[arg(long, value_parser = serve_cmd::parse_duration)]
+        budget: std::time::Duration,
+        /// Configurations to try (default: [tune] trials, else as many as fit the budget).
+        #[arg(long)]
+        trials: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
+        /// No progress bar or per-epoch lines.
         #[arg(long)]
         quiet: bool,
     },
@@ -339,6 +360,15 @@ fn run(cli: Cli) -> Result<()> {
             &out,
             commands::TrainFlags { download, force, skip_bad_rows, quiet, threads: cli.threads },
         ),
+        Cmd::Tune { config, data_dir, budget, trials, out, quiet } => tune_cmd::tune(tune_cmd::TuneArgs {
+            config: &config,
+            data_dir: data_dir.as_deref(),
+            budget,
+            trials,
+            out: &out,
+            quiet,
+            threads: cli.threads,
+        }),
         Cmd::Eval { run, data_dir, keep_seen, k, ann, eval_users } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             commands::eval(&run, data_dir.as_deref(), keep_seen, &k, ann, eval_users)

@@ -705,3 +705,57 @@ fn one_client_cannot_hold_more_than_its_share_of_connections() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(http(a, "POST", "/v1/recall", br#"{"user_id": "u3", "k": 5}"#, "").status, 200);
 }
+
+#[test]
+fn a_transitions_run_serves_from_its_neighbour_lists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    planted_log(dir);
+    write_config(dir, "tr.toml", "[model]\nkind = \"transitions\"\nrecent = 3\nmax_seq_len = 10\n");
+    ok(&needle(&["train", "--config", "tr.toml", "--out", "runs/tr", "--quiet"], dir));
+    ok(&needle(&["export", "--run", "runs/tr", "--out", "exp"], dir));
+    let pairs: std::collections::HashMap<(String, String), f64> =
+        std::fs::read_to_string(dir.join("exp/item_neighbors.tsv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                ((f[0].to_owned(), f[1].to_owned()), f[2].parse().unwrap())
+            })
+            .collect();
+    let srv = Server::start(dir, &["--run", "runs/tr"]);
+    let a = srv.addr.as_str();
+    let history = ["c1_3", "c1_4", "c1_5"];
+    let v = post(a, "/v1/recall", &json!({"history": history, "k": 10})).json();
+    assert_eq!(v["source"], "model");
+    // Each score is the decayed sum of the exported counts from the newest three items.
+    for item in v["items"].as_array().unwrap() {
+        let id = item["id"].as_str().unwrap();
+        let want: f64 = history
+            .iter()
+            .rev()
+            .zip([1.0, 0.5, 0.25])
+            .map(|(h, w)| w * pairs.get(&(h.to_string(), id.to_owned())).copied().unwrap_or(0.0))
+            .sum();
+        assert_eq!(item["score"].as_f64().unwrap(), want, "{id}");
+    }
+    // The walk moves one or two items on, so the two successors of the newest item lead.
+    let mut top: Vec<String> = ids(&v)[..2].to_vec();
+    top.sort();
+    assert_eq!(top, ["c1_6", "c1_7"], "{v}");
+    // An event changes the next recall: a new user's one event leads to that item's successors.
+    assert_eq!(post(a, "/v1/events", &json!({"user_id": "fresh", "item_id": "c4_10", "ts": 1})).status, 200);
+    let v = post(a, "/v1/recall", &json!({"user_id": "fresh", "k": 3})).json();
+    assert_eq!(v["source"], "model", "{v}");
+    assert!(ids(&v).iter().all(|i| ["c4_11", "c4_12"].contains(&i.as_str()) || i.starts_with("hot")), "{v}");
+    // An index makes no sense for it and is refused at start.
+    drop(srv);
+    let out = needle(&["serve", "--run", "runs/tr", "--index", "nope.bin", "--addr", "127.0.0.1:0"], dir);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("takes no --index"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
