@@ -28,6 +28,9 @@ pub struct TuneConfig {
     pub trials: usize,
     /// Successive halving keeps the best 1/eta of the trials at each rung.
     pub eta: usize,
+    /// Epochs every trial trains before the first cut: fewer trials are planned rather than
+    /// judged on less (one epoch mostly measures the learning rate).
+    pub min_epochs: usize,
     /// Seeds the choice of configurations (training keeps `[train] seed`).
     pub seed: u64,
     /// Values to try per `[model]` key, e.g. `dim = [32, 64, 128]`.
@@ -42,6 +45,7 @@ impl Default for TuneConfig {
             metric: SelectMetric::Ndcg10,
             trials: 0,
             eta: 3,
+            min_epochs: 2,
             seed: 42,
             model: Default::default(),
             train: Default::default(),

@@ -871,7 +871,7 @@ fn train_tower<T: Tower + Clone>(
     show_progress: bool,
     log: &mut dyn FnMut(&EpochLog),
 ) -> Result<Trained, TrainError> {
-    let mut session = Session::new(cfg, p, model, wrap)?;
+    let mut session = Session::new(cfg, p, model, wrap, true)?;
     while let Some(rec) = session.epoch(show_progress)? {
         log(&rec);
     }
@@ -944,7 +944,14 @@ impl AnySession for Counted<'_> {
 }
 
 impl<'a, T: Tower + Clone> Session<'a, T> {
-    pub fn new(cfg: &'a Config, p: &'a Prepared, mut model: T, wrap: fn(T) -> Model) -> Result<Self, TrainError> {
+    /// `show_plan` prints the memory plan (a tuner's many sessions keep quiet).
+    pub fn new(
+        cfg: &'a Config,
+        p: &'a Prepared,
+        mut model: T,
+        wrap: fn(T) -> Model,
+        show_plan: bool,
+    ) -> Result<Self, TrainError> {
         let start = Instant::now();
         let t = &cfg.train;
         let root = Rng::new(t.seed);
@@ -953,7 +960,9 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
             return Err(TrainError::Data("no training samples: every user has fewer than 2 training events".into()));
         }
         let plan = MemoryPlan::of(cfg, &mut model, p.n_item_rows());
-        eprintln!("{plan}");
+        if show_plan {
+            eprintln!("{plan}");
+        }
         plan.check()?;
         let trainer = Trainer::new(cfg, p, model)?;
         let valid_subset: Option<Vec<usize>> = (t.valid_users > 0).then(|| {
@@ -1097,9 +1106,9 @@ pub fn session<'a>(cfg: &'a Config, p: &'a Prepared) -> Result<Box<dyn AnySessio
     }
     let root = Rng::new(cfg.train.seed);
     Ok(match build_model(cfg, p, &mut root.fork(2))? {
-        Model::Deep(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Deep(Box::new(m)))?),
-        Model::Fm(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Fm(Box::new(m)))?),
-        Model::Mind(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Mind(Box::new(m)))?),
+        Model::Deep(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Deep(Box::new(m)), false)?),
+        Model::Fm(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Fm(Box::new(m)), false)?),
+        Model::Mind(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Mind(Box::new(m)), false)?),
         Model::Popularity { .. } | Model::Neighbors(_) => Box::new(Counted { cfg, p, trained: None }),
     })
 }

@@ -184,25 +184,25 @@ pub fn trials(base: &Config, n: usize) -> Result<Vec<Trial>, String> {
     Ok(out)
 }
 
-/// Successive-halving rungs for `n` trials and `max_epochs`: `(trials, epochs)` per rung, the
-/// last rung one trial at `max_epochs`.
-pub fn rungs(n: usize, max_epochs: usize, eta: usize) -> Vec<(usize, usize)> {
-    let eta = eta.max(2);
-    let mut counts = vec![n.max(1)];
-    while *counts.last().unwrap_or(&1) > 1 {
-        let c = counts.last().copied().unwrap_or(1);
-        counts.push(c.div_ceil(eta));
+/// Successive-halving rungs for `n` trials: `(trials, epochs)` per rung. Every rung keeps the
+/// best `1/eta` of the one before and trains `eta` times the epochs, the first at least
+/// `min_epochs`, the last at `max_epochs`; there are only as many rungs as that allows (so the
+/// last rung may train several trials in full, and the best of them wins).
+pub fn rungs(n: usize, max_epochs: usize, eta: usize, min_epochs: usize) -> Vec<(usize, usize)> {
+    let (n, eta, max_epochs) = (n.max(1), eta.max(2), max_epochs.max(1));
+    let min_epochs = min_epochs.clamp(1, max_epochs);
+    let mut s = 0u32;
+    let at = |level: u32| ((max_epochs as f64) / (eta as f64).powi(level as i32)).round() as usize;
+    while at(s + 1) >= min_epochs && n.div_ceil(eta.pow(s)) > 1 {
+        s += 1;
     }
-    let s = counts.len() - 1;
     let mut prev = 0;
-    counts
-        .iter()
-        .enumerate()
-        .map(|(i, &c)| {
-            let e = ((max_epochs as f64) / (eta as f64).powi((s - i) as i32)).round() as usize;
-            let e = e.clamp(prev + usize::from(i > 0 && prev < max_epochs), max_epochs).max(1);
+    (0..=s)
+        .map(|i| {
+            let count = n.div_ceil(eta.pow(i));
+            let e = at(s - i).max(if i == 0 { min_epochs } else { prev + 1 }).min(max_epochs);
             prev = e;
-            (c, e)
+            (count, e)
         })
         .collect()
 }
@@ -304,6 +304,7 @@ pub fn tune(
     // A counted model's one pass is its only epoch.
     let max_epochs = if base.model.kind.is_counted() { 1 } else { base.train.epochs.max(1) };
     let eta = space.eta.max(2);
+    let min_epochs = space.min_epochs;
     let mut epoch_secs: Vec<f64> = logged.iter().map(|r| r.seconds).collect();
     let mean_epoch = |secs: &[f64]| if secs.is_empty() { 0.0 } else { secs.iter().sum::<f64>() / secs.len() as f64 };
 
@@ -318,11 +319,11 @@ pub fn tune(
             let room = budget.as_secs_f64() * 0.9 - start.elapsed().as_secs_f64();
             (1..=all.len())
                 .rev()
-                .find(|&n| rung_epochs(&rungs(n, max_epochs, eta)) as f64 * per_epoch <= room)
+                .find(|&n| rung_epochs(&rungs(n, max_epochs, eta, min_epochs)) as f64 * per_epoch <= room)
                 .unwrap_or(1)
         }
     };
-    let plan = rungs(n, max_epochs, eta);
+    let plan = rungs(n, max_epochs, eta, min_epochs);
     obs.planned(n, &plan)?;
     let mut alive: Vec<usize> = (0..n).collect();
     let mut out_of_time = false;
@@ -459,17 +460,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rungs_cut_the_trials_by_eta_and_end_with_one_at_full_epochs() {
-        assert_eq!(rungs(27, 20, 3), vec![(27, 1), (9, 2), (3, 7), (1, 20)]);
-        assert_eq!(rung_epochs(&rungs(27, 20, 3)), 27 + 9 + 3 * 5 + 13);
-        assert_eq!(rungs(4, 6, 2), vec![(4, 2), (2, 3), (1, 6)]);
-        assert_eq!(rungs(1, 5, 3), vec![(1, 5)]);
+    fn rungs_cut_the_trials_by_eta_and_grow_the_epochs_to_the_full_count() {
+        assert_eq!(rungs(27, 20, 3, 1), vec![(27, 1), (9, 2), (3, 7), (1, 20)]);
+        assert_eq!(rung_epochs(&rungs(27, 20, 3, 1)), 27 + 9 + 3 * 5 + 13);
+        // Two epochs at least before the first cut: one rung fewer, three trials trained in full.
+        assert_eq!(rungs(27, 20, 3, 2), vec![(27, 2), (9, 7), (3, 20)]);
+        assert_eq!(rungs(4, 6, 2, 1), vec![(4, 2), (2, 3), (1, 6)]);
+        assert_eq!(rungs(1, 5, 3, 2), vec![(1, 5)]);
+        assert_eq!(rungs(5, 1, 3, 2), vec![(5, 1)]);
         for n in 1..60 {
             for e in 1..25 {
-                let r = rungs(n, e, 3);
-                assert_eq!(r[0].0, n);
-                assert_eq!(*r.last().unwrap(), (1, e), "n {n} e {e}: {r:?}");
-                assert!(r.windows(2).all(|w| w[0].1 <= w[1].1 && w[0].0 > w[1].0), "n {n} e {e}: {r:?}");
+                for min in 1..4 {
+                    let r = rungs(n, e, 3, min);
+                    assert_eq!(r[0].0, n);
+                    assert!(r[0].1 >= min.min(e), "n {n} e {e} min {min}: {r:?}");
+                    assert_eq!(r.last().unwrap().1, e, "n {n} e {e}: {r:?}");
+                    assert!(r.windows(2).all(|w| w[0].1 < w[1].1 && w[0].0 > w[1].0), "n {n} e {e}: {r:?}");
+                }
             }
         }
     }

@@ -63,7 +63,8 @@ impl TuneObserver for Shown {
         let plan: Vec<String> = rungs.iter().map(|(n, e)| format!("{n}×{e}")).collect();
         self.bar.set_length(tune::rung_epochs(rungs) as u64);
         if !self.quiet {
-            self.bar.println(format!("{trials} trials; rungs (trials × epochs): {}", plan.join(", ")));
+            // Printed around the bar, also when stderr is not a terminal and the bar is hidden.
+            self.bar.suspend(|| eprintln!("{trials} trials; rungs (trials × epochs): {}", plan.join(", ")));
         }
         self.append(&LogLine::Plan { planned_trials: trials })
     }
@@ -79,10 +80,12 @@ impl TuneObserver for Shown {
         if self.quiet {
             return Ok(());
         }
-        self.bar.println(format!(
-            "trial {:>3} epoch {:>3}  valid HR@10 {:.4}  NDCG@10 {:.4}  {:.1}s  {}",
-            rec.trial, rec.epoch, rec.valid_hr10, rec.valid_ndcg10, rec.seconds, rec.params
-        ));
+        self.bar.suspend(|| {
+            eprintln!(
+                "trial {:>3} epoch {:>3}  valid HR@10 {:.4}  NDCG@10 {:.4}  {:.1}s  {}",
+                rec.trial, rec.epoch, rec.valid_hr10, rec.valid_ndcg10, rec.seconds, rec.params
+            )
+        });
         Ok(())
     }
 }

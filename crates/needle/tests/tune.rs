@@ -26,6 +26,7 @@ seed = 7
 [tune]
 metric = "ndcg@10"
 eta = 2
+min_epochs = 1
 [tune.model]
 recent = [0, 2]
 [tune.train]
