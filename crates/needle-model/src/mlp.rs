@@ -28,12 +28,6 @@ pub struct Dropout {
     pub seed: u64,
 }
 
-impl Dropout {
-    pub fn is_off(&self) -> bool {
-        self.input <= 0.0 && self.hidden <= 0.0
-    }
-}
-
 /// Activations kept for the backward pass.
 #[derive(Default)]
 pub struct MlpActs {

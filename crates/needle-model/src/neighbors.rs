@@ -229,13 +229,6 @@ impl ItemNeighbors {
         self.rows[span.clone()].iter().copied().zip(self.weights[span].iter().copied())
     }
 
-    /// Each scored item of one user, `(row, score)` in row order; `history` is oldest first.
-    pub fn scores(&self, history: &[u32]) -> Vec<(u32, f32)> {
-        let mut pairs = Vec::new();
-        self.accumulate(history, &mut pairs);
-        pairs
-    }
-
     /// Sums the neighbours of the scoring history items into `pairs`, one entry per row.
     fn accumulate(&self, history: &[u32], pairs: &mut Vec<(u32, f32)>) {
         pairs.clear();

@@ -28,8 +28,8 @@ pub struct TuneConfig {
     pub trials: usize,
     /// Successive halving keeps the best 1/eta of the trials at each rung.
     pub eta: usize,
-    /// Epochs every trial trains before the first cut: fewer trials are planned rather than
-    /// judged on less (one epoch mostly measures the learning rate).
+    /// Epochs every trial trains before the first cut: the rungs start there, so there are fewer
+    /// cuts rather than trials judged on less (one epoch mostly measures the learning rate).
     pub min_epochs: usize,
     /// Seeds the choice of configurations (training keeps `[train] seed`).
     pub seed: u64,
@@ -284,6 +284,14 @@ pub enum SelectMetric {
 }
 
 impl SelectMetric {
+    /// This metric's figure out of a validation's HR@10 and NDCG@10.
+    pub fn pick(self, hr10: f64, ndcg10: f64) -> f64 {
+        match self {
+            SelectMetric::Hr10 => hr10,
+            SelectMetric::Ndcg10 => ndcg10,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             SelectMetric::Hr10 => "HR@10",

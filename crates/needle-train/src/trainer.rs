@@ -856,10 +856,7 @@ pub fn train(
 
 /// The validation figure `metric` picks out of an epoch's record.
 pub fn selected(metric: SelectMetric, rec: &EpochLog) -> f64 {
-    match metric {
-        SelectMetric::Hr10 => rec.valid_hr10,
-        SelectMetric::Ndcg10 => rec.valid_ndcg10,
-    }
+    metric.pick(rec.valid_hr10, rec.valid_ndcg10)
 }
 
 /// The epoch loop for any tower: a [`Session`] run to its end.

@@ -306,7 +306,6 @@ pub fn tune(
     let eta = space.eta.max(2);
     let min_epochs = space.min_epochs;
     let mut epoch_secs: Vec<f64> = logged.iter().map(|r| r.seconds).collect();
-    let mean_epoch = |secs: &[f64]| if secs.is_empty() { 0.0 } else { secs.iter().sum::<f64>() / secs.len() as f64 };
 
     // Without a trial count, the first epoch of trial 0 prices an epoch and sets how many
     // trials fit in 90% of the budget.
@@ -315,7 +314,7 @@ pub fn tune(
         None => {
             let mut out_of_time = false;
             advance(&all, p, &mut states, 0, 1, metric, budget, start, &mut epoch_secs, &mut out_of_time, obs)?;
-            let per_epoch = mean_epoch(&epoch_secs).max(1e-3);
+            let per_epoch = mean(&epoch_secs).max(1e-3);
             let room = budget.as_secs_f64() * 0.9 - start.elapsed().as_secs_f64();
             (1..=all.len())
                 .rev()
@@ -362,10 +361,7 @@ pub fn tune(
             }
         })
         .collect();
-    let score = |t: &TrialSummary| match metric {
-        SelectMetric::Hr10 => t.valid_hr10,
-        SelectMetric::Ndcg10 => t.valid_ndcg10,
-    };
+    let score = |t: &TrialSummary| metric.pick(t.valid_hr10, t.valid_ndcg10);
     board.sort_by(|a, b| score(b).total_cmp(&score(a)).then(a.trial.cmp(&b.trial)));
     let winner =
         board.first().ok_or_else(|| TrainError::Config("the budget ended before any trial trained an epoch".into()))?;
@@ -385,6 +381,15 @@ pub fn tune(
         }
     };
     Ok(TuneOutcome { board, metric, best_config, trained, trials_planned: n, rungs: plan, out_of_time })
+}
+
+/// The mean epoch time so far (0 before the first epoch).
+fn mean(secs: &[f64]) -> f64 {
+    if secs.is_empty() {
+        0.0
+    } else {
+        secs.iter().sum::<f64>() / secs.len() as f64
+    }
 }
 
 /// Trains trial `i` until it has `epochs` validated epochs or is done, replaying logged epochs
@@ -409,13 +414,7 @@ fn advance<'a>(
         if st.done || st.records.len() >= epochs {
             return Ok(());
         }
-        let est = st.records.last().map(|r| r.seconds).unwrap_or_else(|| {
-            if epoch_secs.is_empty() {
-                0.0
-            } else {
-                epoch_secs.iter().sum::<f64>() / epoch_secs.len() as f64
-            }
-        });
+        let est = st.records.last().map_or_else(|| mean(epoch_secs), |r| r.seconds);
         // Replayed epochs cost time too.
         let to_replay = st.records.len().saturating_sub(st.ran) as f64 * est;
         if start.elapsed().as_secs_f64() + est + to_replay > budget.as_secs_f64() {

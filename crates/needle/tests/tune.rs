@@ -3,27 +3,17 @@
 
 mod common;
 
-use common::{needle, ok, planted_log, write_config};
+use common::{needle, ok, planted_log, write_config, YOUTUBEDNN};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const TUNED: &str = r#"[model]
-kind = "youtubednn"
-dim = 16
-hidden = [32]
-user_features = ["country"]
-feature_dim = 4
-max_seq_len = 10
-[train]
-epochs = 6
-batch_size = 64
-lr = 0.005
-embedding_lr = 0.01
-temperature = 0.1
-patience = 0
-seed = 7
-[tune]
+/// The shared small YouTubeDNN with 6 epochs (the rungs below are asserted) and a space.
+fn tuned() -> String {
+    format!("{}{TUNE_SPACE}", YOUTUBEDNN.replace("epochs = 12", "epochs = 6"))
+}
+
+const TUNE_SPACE: &str = r#"[tune]
 metric = "ndcg@10"
 eta = 2
 min_epochs = 1
@@ -54,7 +44,7 @@ fn tune_ranks_trials_and_its_best_config_trains_to_the_same_validation_figure() 
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     planted_log(dir);
-    write_config(dir, "t.toml", TUNED);
+    write_config(dir, "t.toml", &tuned());
     let args = ["--threads", "2", "tune", "--config", "t.toml", "--budget", "10m", "--trials", "4", "--out"];
     let out = needle(&[&args[..], &["runs/t", "--quiet"]].concat(), dir);
     let stdout = ok(&out);
@@ -91,13 +81,11 @@ fn an_interrupted_tune_resumes_from_its_log_to_the_same_result() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     planted_log(dir);
-    write_config(dir, "t.toml", TUNED);
-    let args = |out: &str| -> Vec<String> {
+    write_config(dir, "t.toml", &tuned());
+    let args = |out: &'static str| {
         ["--threads", "2", "tune", "--config", "t.toml", "--budget", "10m", "--trials", "4", "--quiet", "--out", out]
-            .map(String::from)
-            .to_vec()
     };
-    ok(&Command::new(env!("CARGO_BIN_EXE_needle")).args(args("runs/whole")).current_dir(dir).output().unwrap());
+    ok(&needle(&args("runs/whole"), dir));
 
     // Killed once the log holds a few epochs, then started again on the same folder.
     let mut child = Command::new(env!("CARGO_BIN_EXE_needle"))
@@ -116,7 +104,7 @@ fn an_interrupted_tune_resumes_from_its_log_to_the_same_result() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!dir.join("runs/resumed/model.toml").exists(), "the tune finished before it was killed");
-    let out = Command::new(env!("CARGO_BIN_EXE_needle")).args(args("runs/resumed")).current_dir(dir).output().unwrap();
+    let out = needle(&args("runs/resumed"), dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("resuming:"), "{stderr}");
