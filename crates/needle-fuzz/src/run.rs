@@ -10,6 +10,7 @@ use needle_model::fm::{FmSpec, FmTwoTower};
 use needle_model::mind::{MindSpec, MindTwoTower};
 use needle_model::neighbors::{ItemNeighbors, NeighborKind, NeighborSpec, Scratch};
 use needle_model::rng::Rng;
+use needle_model::seq::{SeqSpec, SeqTwoTower};
 use needle_run::config::{Config, DataConfig, ModelConfig, ModelKind, SplitKind, TrainParams};
 use needle_run::{load_for_serving, read_info, write_run, Model, RunContents, RunInfo, ServingRun, TrainingSummary};
 
@@ -20,8 +21,14 @@ pub const RUN_FILES: [&str; 5] =
     ["model.toml", "model.safetensors", "item_counts.tsv", "vocab/items.tsv", "vocab/user_feat.gender.tsv"];
 
 /// The model kinds of the template runs, in selector order.
-pub const KINDS: [ModelKind; 5] =
-    [ModelKind::Youtubednn, ModelKind::Fm, ModelKind::Mind, ModelKind::Popularity, ModelKind::Transitions];
+pub const KINDS: [ModelKind; 6] = [
+    ModelKind::Youtubednn,
+    ModelKind::Fm,
+    ModelKind::Mind,
+    ModelKind::Popularity,
+    ModelKind::Transitions,
+    ModelKind::Sequential,
+];
 
 const ITEM_ROWS: usize = 6;
 const ITEM_COUNTS: [u64; ITEM_ROWS] = [0, 5, 3, 2, 1, 1];
@@ -105,6 +112,10 @@ fn tiny_model(kind: ModelKind, bags: Vec<ItemBags>) -> Result<Model, String> {
             bags,
             &mut rng,
         )?)),
+        ModelKind::Sequential => Model::Seq(Box::new(SeqTwoTower::new(
+            SeqSpec { items: ITEM_ROWS, dim: 4, max_seq_len: 3, blocks: 1, heads: 2, ffn: 5, item_hash: None },
+            &mut rng,
+        )?)),
         ModelKind::Popularity => Model::Popularity { counts: ITEM_COUNTS.iter().map(|&c| c as f32).collect() },
         ModelKind::Transitions | ModelKind::Itemcf => Model::Neighbors(Box::new(ItemNeighbors::build(
             neighbor_spec(),
@@ -144,6 +155,7 @@ fn build_template(kind: ModelKind) -> RunTemplate {
         fm: None,
         mind: None,
         neighbors: None,
+        seq: None,
         training: TrainingSummary {
             epochs_run: 1,
             best_epoch: 1,
@@ -241,6 +253,7 @@ fn checkpoint_alone(kind: ModelKind, body: &[u8], dir: &Path) -> bool {
         Model::Deep(m) => ck.fill(m.as_mut()),
         Model::Fm(m) => ck.fill(m.as_mut()),
         Model::Mind(m) => ck.fill(m.as_mut()),
+        Model::Seq(m) => ck.fill(m.as_mut()),
         Model::Neighbors(n) => ck.neighbors(n.spec.clone(), ITEM_COUNTS.to_vec()).map(|loaded| **n = loaded),
         Model::Popularity { .. } => Ok(()),
     };

@@ -15,6 +15,7 @@ pub mod mind;
 pub mod mlp;
 pub mod neighbors;
 pub mod rng;
+pub mod seq;
 pub mod tower;
 
 use std::path::PathBuf;

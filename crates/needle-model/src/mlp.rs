@@ -43,7 +43,7 @@ pub struct MlpActs {
 
 /// Fills `mask` with `1/keep` or 0 for `len` units, from a counter-based hash of the seed, the
 /// layer and the unit, so that a mask never depends on how a batch is split across threads.
-fn fill_mask(mask: &mut Vec<f32>, len: usize, rate: f32, seed: u64, layer: u64) {
+pub(crate) fn fill_mask(mask: &mut Vec<f32>, len: usize, rate: f32, seed: u64, layer: u64) {
     let keep = 1.0 - rate;
     let threshold = (f64::from(keep) * (1u64 << 32) as f64) as u64;
     mask.clear();

@@ -17,6 +17,9 @@ pub struct UserBatch {
     pub age: Vec<f32>,
     /// Dropout in the user tower's MLP: set by training, off after [`UserBatch::reset`].
     pub dropout: crate::mlp::Dropout,
+    /// Sequential towers: one output per history position (the prediction of the item after
+    /// it) instead of one per user. Set by training; off after [`UserBatch::reset`].
+    pub all_positions: bool,
 }
 
 impl UserBatch {
@@ -32,6 +35,7 @@ impl UserBatch {
         self.age.clear();
         self.age.resize(n, 0.0);
         self.dropout = crate::mlp::Dropout::default();
+        self.all_positions = false;
     }
 }
 
@@ -171,7 +175,10 @@ pub(crate) mod testing {
     pub fn check_gradients<T: Tower>(model: &mut T, batch: &UserBatch, items: &[u32], h: f32, tol: f32) {
         let d = model.out_dim();
         let mut rng = Rng::new(12);
-        let r: Vec<f32> = (0..batch.n * model.interests() * d).map(|_| rng.normal()).collect();
+        // As many user outputs as the tower gives (one per position for sequential towers).
+        let mut ua = T::UserActs::default();
+        model.user_forward(batch, &mut ua);
+        let r: Vec<f32> = (0..model.user_out(&ua).len()).map(|_| rng.normal()).collect();
         let q: Vec<f32> = (0..items.len() * d).map(|_| rng.normal()).collect();
         let (_, g) = loss_and_grads(model, batch, items, &r, &q);
         let names: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();

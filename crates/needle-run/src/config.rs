@@ -108,6 +108,9 @@ pub enum ModelKind {
     Transitions,
     /// Item-based collaborative filtering: co-occurrence within a window, cosine-normalised.
     Itemcf,
+    /// Causal self-attention over the history, trained to predict the next item at every
+    /// position; the user vector is the newest position's output.
+    Sequential,
 }
 
 impl ModelKind {
@@ -181,6 +184,11 @@ pub struct ModelConfig {
     /// without its id places such items poorly (on ML-1M, DSSM's HR@10 drops from 0.1245 to
     /// 0.1171 with the 179 unrated movies in the corpus).
     pub cold_items: Option<bool>,
+    /// Sequential: self-attention blocks, heads per block (`dim` must be a multiple), and the
+    /// inner width of each block's feed-forward layer (0 = `dim`).
+    pub blocks: usize,
+    pub heads: usize,
+    pub ffn: usize,
 }
 
 impl ModelConfig {
@@ -221,6 +229,9 @@ impl Default for ModelConfig {
             max_items: 0,
             hash_buckets: 0,
             cold_items: None,
+            blocks: 2,
+            heads: 1,
+            ffn: 0,
         }
     }
 }
@@ -447,8 +458,12 @@ impl Config {
             if !(0.0..1.0).contains(&v) {
                 return Err(format!("[train] {name} must be at least 0 and below 1"));
             }
-            if v > 0.0 && !matches!(m.kind, ModelKind::Youtubednn | ModelKind::Dssm | ModelKind::Mind) {
-                return Err(format!("[train] {name} applies to the user MLP of youtubednn, dssm and mind"));
+            if v > 0.0
+                && !matches!(m.kind, ModelKind::Youtubednn | ModelKind::Dssm | ModelKind::Mind | ModelKind::Sequential)
+            {
+                return Err(format!(
+                    "[train] {name} applies to the user towers of youtubednn, dssm, mind and sequential"
+                ));
             }
         }
         for (name, v) in

@@ -25,6 +25,7 @@ use needle_model::deep::{CategoricalSpec, DeepSpec, DeepTwoTower, ItemBags};
 use needle_model::fm::{FmSpec, FmTwoTower};
 use needle_model::mind::{MindSpec, MindTwoTower};
 use needle_model::neighbors::NeighborSpec;
+use needle_model::seq::{SeqSpec, SeqTwoTower};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -82,6 +83,8 @@ pub struct RunInfo {
     pub mind: Option<MindSpec>,
     /// Shape and scoring rule of a transitions or item-CF model.
     pub neighbors: Option<NeighborSpec>,
+    /// Shapes of a sequential model.
+    pub seq: Option<SeqSpec>,
     pub training: TrainingSummary,
     pub config: Config,
 }
@@ -172,7 +175,7 @@ pub fn write_run(dir: &Path, info: &mut RunInfo, contents: &RunContents<'_>) -> 
     let counts_path = dir.join(ITEM_COUNTS_FILE);
     std::fs::write(&counts_path, counts).map_err(io(&counts_path))?;
     let ckpt = dir.join(WEIGHTS_FILE);
-    (info.deep, info.fm, info.mind, info.neighbors) = (None, None, None, None);
+    (info.deep, info.fm, info.mind, info.neighbors, info.seq) = (None, None, None, None, None);
     match contents.model {
         Model::Deep(m) => {
             save(m.as_ref(), &ckpt)?;
@@ -185,6 +188,10 @@ pub fn write_run(dir: &Path, info: &mut RunInfo, contents: &RunContents<'_>) -> 
         Model::Mind(m) => {
             save(m.as_ref(), &ckpt)?;
             info.mind = Some(m.spec.clone());
+        }
+        Model::Seq(m) => {
+            save(m.as_ref(), &ckpt)?;
+            info.seq = Some(m.spec.clone());
         }
         Model::Neighbors(n) => {
             save_neighbors(n, &ckpt)?;
@@ -333,6 +340,10 @@ fn declared_shapes(info: &RunInfo) -> (Vec<(String, usize, usize)>, Vec<usize>) 
         sizes.extend([m.dim, m.interests, m.routing_iters, m.max_seq_len]);
         sizes.extend(&m.hidden);
     }
+    if let Some(s) = &info.seq {
+        tables.push(("items".to_owned(), item_rows(s.items, s.item_hash), s.dim));
+        sizes.extend([s.dim, s.ffn, s.max_seq_len, s.blocks, s.heads]);
+    }
     (tables, sizes)
 }
 
@@ -411,6 +422,13 @@ pub fn load_model(info: &RunInfo, dir: &Path, item_counts: &[u64]) -> Result<Mod
                 MindTwoTower::new(spec, bags, &mut needle_model::rng::Rng::new(0)).map_err(RunError::Invalid)?;
             ckpt.fill(&mut m)?;
             Model::Mind(Box::new(m))
+        }
+        ModelKind::Sequential => {
+            let spec = info.seq.clone().ok_or_else(|| missing("seq"))?;
+            let ckpt = Checkpoint::read(&weights)?;
+            let mut m = SeqTwoTower::new(spec, &mut needle_model::rng::Rng::new(0)).map_err(RunError::Invalid)?;
+            ckpt.fill(&mut m)?;
+            Model::Seq(Box::new(m))
         }
         ModelKind::Transitions | ModelKind::Itemcf => {
             let spec = info.neighbors.clone().ok_or_else(|| missing("neighbors"))?;

@@ -5,6 +5,7 @@ use needle_model::deep::DeepTwoTower;
 use needle_model::fm::FmTwoTower;
 use needle_model::mind::MindTwoTower;
 use needle_model::neighbors::ItemNeighbors;
+use needle_model::seq::SeqTwoTower;
 use needle_model::tower::{Tower, UserBatch};
 
 pub enum Model {
@@ -17,6 +18,7 @@ pub enum Model {
     Deep(Box<DeepTwoTower>),
     Fm(Box<FmTwoTower>),
     Mind(Box<MindTwoTower>),
+    Seq(Box<SeqTwoTower>),
     /// Transitions and item-CF: neighbour lists per item, no vectors. The vector methods below
     /// see a model of width 0; callers that need vectors ask [`Model::neighbors`] first.
     Neighbors(Box<ItemNeighbors>),
@@ -34,6 +36,7 @@ macro_rules! with_tower {
             $crate::Model::Deep($m) => $body,
             $crate::Model::Fm($m) => $body,
             $crate::Model::Mind($m) => $body,
+            $crate::Model::Seq($m) => $body,
         }
     };
 }

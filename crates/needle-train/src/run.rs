@@ -46,6 +46,7 @@ pub fn save_run(
         fm: None,
         mind: None,
         neighbors: None,
+        seq: None,
         training: TrainingSummary {
             epochs_run: t.epochs.len(),
             best_epoch: t.best_epoch,

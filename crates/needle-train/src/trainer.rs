@@ -19,6 +19,7 @@ use needle_model::mind::{MindSpec, MindTwoTower};
 use needle_model::mlp::Dropout;
 use needle_model::neighbors::{ItemNeighbors, NeighborKind, NeighborSpec};
 use needle_model::rng::Rng;
+use needle_model::seq::{SeqSpec, SeqTwoTower};
 use needle_model::tower::{Grads, Tower, UserBatch, ID_DROPPED};
 use serde::Serialize;
 use std::time::Instant;
@@ -71,6 +72,42 @@ pub fn build_samples(p: &Prepared, cap: usize, rng: &mut Rng) -> Vec<Sample> {
         out.extend(pos.iter().map(|&q| Sample { user: u as u32, pos: q }));
     }
     out
+}
+
+/// A sequential model's training samples: windows of at most `max_seq_len` targets, the newest
+/// ending at the user's last training event and the older ones tiling the history before it,
+/// so that every training event after the first is a target once. A sample's `pos` is its
+/// window's last target.
+pub fn build_windows(p: &Prepared, max_seq_len: usize) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for u in 0..p.n_users() {
+        let n = p.train.get(u).len();
+        let mut pos = n.saturating_sub(1);
+        while pos >= 1 {
+            out.push(Sample { user: u as u32, pos: pos as u32 });
+            pos = pos.saturating_sub(max_seq_len);
+        }
+    }
+    out
+}
+
+/// The training samples of the configured model: one per target, or windows of targets for a
+/// sequential model.
+pub fn training_samples(cfg: &Config, p: &Prepared, rng: &mut Rng) -> Vec<Sample> {
+    if cfg.model.kind == ModelKind::Sequential {
+        build_windows(p, cfg.model.max_seq_len)
+    } else {
+        build_samples(p, cfg.train.max_samples_per_user, rng)
+    }
+}
+
+/// Targets a sample trains on: one, or a sequential model's window.
+fn targets_of(cfg: &Config, samples: &[Sample]) -> usize {
+    if cfg.model.kind == ModelKind::Sequential {
+        samples.iter().map(|s| (s.pos as usize).min(cfg.model.max_seq_len)).sum()
+    } else {
+        samples.len()
+    }
 }
 
 /// The categorical inputs a config asks for, sized by the prepared vocabularies.
@@ -128,6 +165,20 @@ pub fn fm_spec(cfg: &Config, p: &Prepared) -> FmSpec {
         history: m.history,
         user_features,
         item_features,
+        item_hash: p.item_hash,
+    }
+}
+
+/// Shapes of a sequential model.
+pub fn seq_spec(cfg: &Config, p: &Prepared) -> SeqSpec {
+    let m = &cfg.model;
+    SeqSpec {
+        items: p.n_item_rows(),
+        dim: m.dim,
+        max_seq_len: m.max_seq_len,
+        blocks: m.blocks,
+        heads: m.heads,
+        ffn: if m.ffn == 0 { m.dim } else { m.ffn },
         item_hash: p.item_hash,
     }
 }
@@ -311,8 +362,9 @@ impl<'a> Assembler<'a> {
         let p = self.p;
         let t = &self.cfg.train;
         let (l, nf) = (self.max_seq_len, self.n_user_features);
-        let b = samples.len();
-        s.users.reset(b, l, nf);
+        let all = self.cfg.model.kind == ModelKind::Sequential;
+        s.users.reset(samples.len(), l, nf);
+        s.users.all_positions = all;
         if t.dropout > 0.0 || t.input_dropout > 0.0 {
             // Drawn only when on, so runs without dropout keep their random stream.
             s.users.dropout = Dropout { input: t.input_dropout, hidden: t.dropout, seed: rng.next_u64() };
@@ -324,12 +376,17 @@ impl<'a> Assembler<'a> {
             let pos = smp.pos as usize;
             let h = &seq[pos.saturating_sub(l)..pos];
             s.users.hist[i * l..i * l + h.len()].copy_from_slice(h);
+            if all {
+                // Every position of the window predicts the item after it.
+                s.pos_ids.extend_from_slice(&seq[pos + 1 - h.len()..pos]);
+            }
             s.users.hist_len[i] = h.len() as u32;
             s.users.feats[i * nf..(i + 1) * nf].copy_from_slice(&p.user_feats[u * nf..(u + 1) * nf]);
             let ts = p.train_ts[p.train.offsets[u] as usize + pos];
             s.users.age[i] = (p.train_max_ts - ts) as f32 / self.age_span;
             s.pos_ids.push(seq[pos]);
         }
+        let b = s.pos_ids.len();
         s.neg_ids.clear();
         s.neg_corr.clear();
         s.shared_ids.clear();
@@ -775,6 +832,9 @@ pub fn build_model(cfg: &Config, p: &Prepared, rng: &mut Rng) -> Result<Model, T
             MindTwoTower::new(mind_spec(cfg, p), p.item_bags.clone(), rng).map_err(TrainError::Config)?,
             p,
         )),
+        ModelKind::Sequential => {
+            Model::Seq(cold(SeqTwoTower::new(seq_spec(cfg, p), rng).map_err(TrainError::Config)?, p))
+        }
         ModelKind::Fm => {
             Model::Fm(cold(FmTwoTower::new(fm_spec(cfg, p), p.item_bags.clone(), rng).map_err(TrainError::Config)?, p))
         }
@@ -851,6 +911,7 @@ pub fn train(
         Model::Deep(m) => train_tower(cfg, p, *m, |m| Model::Deep(Box::new(m)), show_progress, log),
         Model::Fm(m) => train_tower(cfg, p, *m, |m| Model::Fm(Box::new(m)), show_progress, log),
         Model::Mind(m) => train_tower(cfg, p, *m, |m| Model::Mind(Box::new(m)), show_progress, log),
+        Model::Seq(m) => train_tower(cfg, p, *m, |m| Model::Seq(Box::new(m)), show_progress, log),
     }
 }
 
@@ -885,6 +946,8 @@ pub struct Session<'a, T: Tower + Clone> {
     root: Rng,
     /// Shuffled in place every epoch; at 10^8 events a second copy would cost 0.8 GB.
     order: Vec<Sample>,
+    /// Targets per epoch (a sequential model's samples are windows of many).
+    targets: usize,
     valid_subset: Option<Vec<usize>>,
     epochs: Vec<EpochLog>,
     /// A copy of the best epoch's model while later epochs may still replace it; `None` when
@@ -952,7 +1015,8 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
         let start = Instant::now();
         let t = &cfg.train;
         let root = Rng::new(t.seed);
-        let samples = build_samples(p, t.max_samples_per_user, &mut root.fork(1));
+        let samples = training_samples(cfg, p, &mut root.fork(1));
+        let targets = targets_of(cfg, &samples);
         if samples.is_empty() {
             return Err(TrainError::Data("no training samples: every user has fewer than 2 training events".into()));
         }
@@ -975,6 +1039,7 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
             wrap,
             root,
             order: samples,
+            targets,
             valid_subset,
             epochs: Vec::new(),
             best: None,
@@ -1020,7 +1085,7 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
         let secs = start.elapsed().as_secs_f64();
         bar.finish_and_clear();
         self.train_secs += secs;
-        self.trained_samples += self.order.len();
+        self.trained_samples += self.targets;
         let vbar = users_bar(&format!("validation {epoch}/{}", t.epochs), show_progress);
         // Scored in place: at 10^7 items a copy of the tables is gigabytes.
         let r = evaluate(
@@ -1039,7 +1104,7 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
             valid_hr10: r.get(10).map_or(0.0, |a| a.hit_rate),
             valid_ndcg10: r.get(10).map_or(0.0, |a| a.ndcg),
             seconds: secs,
-            samples_per_sec: self.order.len() as f64 / secs,
+            samples_per_sec: self.targets as f64 / secs,
         };
         let score = selected(t.select, &rec);
         if score > self.best_score {
@@ -1066,7 +1131,7 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
 
     /// See [`AnySession::finish`].
     pub fn finish(self) -> Trained {
-        let samples_per_epoch = self.order.len();
+        let samples_per_epoch = self.targets;
         // The optimizer state goes before the caller saves, so saving never holds both.
         let model = match self.best {
             Some(b) => (self.wrap)(b),
@@ -1106,6 +1171,7 @@ pub fn session<'a>(cfg: &'a Config, p: &'a Prepared) -> Result<Box<dyn AnySessio
         Model::Deep(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Deep(Box::new(m)), false)?),
         Model::Fm(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Fm(Box::new(m)), false)?),
         Model::Mind(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Mind(Box::new(m)), false)?),
+        Model::Seq(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Seq(Box::new(m)), false)?),
         Model::Popularity { .. } | Model::Neighbors(_) => Box::new(Counted { cfg, p, trained: None }),
     })
 }

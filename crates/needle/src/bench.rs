@@ -10,7 +10,7 @@ use needle_train::config::{LossKind, ModelConfig, TrainParams};
 use needle_train::model::Model;
 use needle_train::prepare::{prepare, Prepared};
 use needle_train::run::load_data;
-use needle_train::trainer::{build_model, build_samples, Trainer};
+use needle_train::trainer::{build_model, training_samples, Trainer};
 use needle_train::Config;
 use std::path::Path;
 use std::time::Instant;
@@ -59,6 +59,7 @@ fn time_steps(cfg: &Config, p: &Prepared, steps: usize) -> Result<Timing> {
         Model::Deep(m) => time_tower(cfg, p, *m, steps, &mut rng),
         Model::Fm(m) => time_tower(cfg, p, *m, steps, &mut rng),
         Model::Mind(m) => time_tower(cfg, p, *m, steps, &mut rng),
+        Model::Seq(m) => time_tower(cfg, p, *m, steps, &mut rng),
         Model::Popularity { .. } | Model::Neighbors(_) => {
             anyhow::bail!("{:?} is counted from the log in one pass and has no training step", cfg.model.kind)
         }
@@ -66,7 +67,7 @@ fn time_steps(cfg: &Config, p: &Prepared, steps: usize) -> Result<Timing> {
 }
 
 fn time_tower<T: Tower>(cfg: &Config, p: &Prepared, model: T, steps: usize, rng: &mut Rng) -> Result<Timing> {
-    let mut samples = build_samples(p, cfg.train.max_samples_per_user, rng);
+    let mut samples = training_samples(cfg, p, rng);
     rng.shuffle(&mut samples);
     let mut trainer = Trainer::new(cfg, p, model)?;
     let b = cfg.train.batch_size;

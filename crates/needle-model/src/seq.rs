@@ -1,0 +1,759 @@
+//! A sequential user tower: causal self-attention over the user's history (pre-norm
+//! transformer blocks over item embeddings plus learned positions), the item table tied between
+//! the input and the output side.
+//!
+//! A batch is ragged: each user's history is its own sequence, oldest first, packed one after
+//! another into `[T × d]` token rows, so no step computes or masks padding. Position `j` of a
+//! sequence is the `j`-th item of its window, counted from the oldest, which is the same in
+//! training (every prefix of a window) and at serving time (the whole window).
+//!
+//! With [`UserBatch::all_positions`] the tower outputs one vector per token, the prediction of
+//! the item that follows it (training predicts every position at once); otherwise one vector per
+//! user, from its newest token.
+
+use crate::embedding::{Embedding, RowHash};
+use crate::layers::{l2norm_backward, l2norm_forward, linear_backward, linear_forward, relu_backward, relu_forward};
+use crate::mlp::fill_mask;
+use crate::rng::Rng;
+use crate::tower::{Grads, NamedTensor, Tower, UserBatch};
+use rayon::prelude::*;
+
+/// Shapes of a sequential model.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SeqSpec {
+    /// Item rows, padding row 0 included.
+    pub items: usize,
+    pub dim: usize,
+    /// The longest window the tower reads; positions beyond it have no embedding.
+    pub max_seq_len: usize,
+    pub blocks: usize,
+    pub heads: usize,
+    /// Inner width of each block's feed-forward layer.
+    pub ffn: usize,
+    pub item_hash: Option<RowHash>,
+}
+
+impl SeqSpec {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.dim == 0 || self.max_seq_len == 0 || self.ffn == 0 || self.heads == 0 {
+            return Err("[model] dim, max_seq_len, ffn and heads must be > 0 for a sequential model".into());
+        }
+        if !self.dim.is_multiple_of(self.heads) {
+            return Err(format!("[model] dim ({}) must be a multiple of heads ({})", self.dim, self.heads));
+        }
+        Ok(())
+    }
+}
+
+/// Dense tensors of one block, in [`SeqTwoTower::dense`] order.
+const LN1_G: usize = 0;
+const LN1_B: usize = 1;
+const W_QKV: usize = 2;
+const B_QKV: usize = 3;
+const W_O: usize = 4;
+const B_O: usize = 5;
+const LN2_G: usize = 6;
+const LN2_B: usize = 7;
+const W_1: usize = 8;
+const B_1: usize = 9;
+const W_2: usize = 10;
+const B_2: usize = 11;
+const PER_BLOCK: usize = 12;
+const BLOCK_NAMES: [&str; PER_BLOCK] = [
+    "ln1.g",
+    "ln1.b",
+    "qkv.weight",
+    "qkv.bias",
+    "out.weight",
+    "out.bias",
+    "ln2.g",
+    "ln2.b",
+    "ffn1.weight",
+    "ffn1.bias",
+    "ffn2.weight",
+    "ffn2.bias",
+];
+
+#[derive(Clone, Debug)]
+pub struct SeqTwoTower {
+    pub spec: SeqSpec,
+    /// Item embeddings: the tower's input tokens and, L2-normalised, the item vectors.
+    pub items: Embedding,
+    /// `[positions, block 0 …, block B−1 …, final norm gain, final norm bias]`.
+    pub dense: Vec<Vec<f32>>,
+}
+
+const LN_EPS: f32 = 1e-5;
+
+fn normal_vec(n: usize, scale: f32, rng: &mut Rng) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() * scale).collect()
+}
+
+impl SeqTwoTower {
+    pub fn new(spec: SeqSpec, rng: &mut Rng) -> Result<Self, String> {
+        spec.validate()?;
+        let d = spec.dim;
+        let f = spec.ffn;
+        let s = 1.0 / (d as f32).sqrt();
+        let items = Embedding::for_items(spec.items, d, s, spec.item_hash, rng);
+        let mut dense = vec![normal_vec(spec.max_seq_len * d, s, rng)];
+        // Projections into the residual stream start smaller, so that a deep stack begins near
+        // the identity.
+        let out_scale = s / (2.0 * spec.blocks.max(1) as f32).sqrt();
+        for _ in 0..spec.blocks {
+            dense.push(vec![1.0; d]);
+            dense.push(vec![0.0; d]);
+            dense.push(normal_vec(d * 3 * d, s, rng));
+            dense.push(vec![0.0; 3 * d]);
+            dense.push(normal_vec(d * d, out_scale, rng));
+            dense.push(vec![0.0; d]);
+            dense.push(vec![1.0; d]);
+            dense.push(vec![0.0; d]);
+            dense.push(normal_vec(d * f, s, rng));
+            dense.push(vec![0.0; f]);
+            dense.push(normal_vec(f * d, out_scale * (d as f32 / f as f32).sqrt(), rng));
+            dense.push(vec![0.0; d]);
+        }
+        dense.push(vec![1.0; d]);
+        dense.push(vec![0.0; d]);
+        Ok(SeqTwoTower { spec, items, dense })
+    }
+
+    fn block(&self, l: usize, i: usize) -> &[f32] {
+        &self.dense[1 + l * PER_BLOCK + i]
+    }
+
+    fn final_ln(&self) -> (&[f32], &[f32]) {
+        let n = self.dense.len();
+        (&self.dense[n - 2], &self.dense[n - 1])
+    }
+}
+
+/// What one block keeps for its backward pass (all `[T × …]` token rows).
+#[derive(Default)]
+struct BlockActs {
+    /// Input of the block (the residual stream).
+    x: Vec<f32>,
+    ln1: LnActs,
+    qkv: Vec<f32>,
+    /// Attention probabilities, per sequence and head `[n × n]` (zero above the diagonal).
+    probs: Vec<f32>,
+    ctx: Vec<f32>,
+    attn_mask: Vec<f32>,
+    /// The stream after the attention residual.
+    mid: Vec<f32>,
+    ln2: LnActs,
+    /// Feed-forward hidden layer after the ReLU.
+    hidden: Vec<f32>,
+    ffn_mask: Vec<f32>,
+}
+
+#[derive(Default)]
+struct LnActs {
+    out: Vec<f32>,
+    xhat: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
+/// Activations of a forward pass over a ragged batch, and the buffers of its backward pass.
+#[derive(Default)]
+pub struct SeqActs {
+    all: bool,
+    /// Token offsets of each sequence, `n + 1` values.
+    off: Vec<usize>,
+    /// Offsets of each sequence's `[n × n]` attention block (one head), `n + 1` values.
+    poff: Vec<usize>,
+    ids: Vec<u32>,
+    emb_mask: Vec<f32>,
+    blocks: Vec<BlockActs>,
+    /// The stream after the last block.
+    last: Vec<f32>,
+    lnf: LnActs,
+    /// Pre-normalisation output rows and their norms; `out` the unit vectors.
+    sel: Vec<f32>,
+    norms: Vec<f32>,
+    out: Vec<f32>,
+    // Backward buffers.
+    dx: Vec<f32>,
+    dmid: Vec<f32>,
+    dtmp: Vec<f32>,
+    dhidden: Vec<f32>,
+    dqkv: Vec<f32>,
+    dctx: Vec<f32>,
+    dsel: Vec<f32>,
+    dprobs: Vec<f32>,
+}
+
+#[derive(Default)]
+pub struct SeqItemActs {
+    emb: Vec<f32>,
+    norms: Vec<f32>,
+    out: Vec<f32>,
+}
+
+/// Token rows per rayon task in the row-wise kernels.
+const ROWS_PER_TASK: usize = 64;
+
+fn ln_forward(a: &mut LnActs, x: &[f32], g: &[f32], b: &[f32], d: usize) {
+    let t = x.len() / d;
+    a.out.resize(t * d, 0.0);
+    a.xhat.resize(t * d, 0.0);
+    a.rstd.resize(t, 0.0);
+    a.out
+        .par_chunks_mut(d * ROWS_PER_TASK)
+        .zip(a.xhat.par_chunks_mut(d * ROWS_PER_TASK))
+        .zip(a.rstd.par_chunks_mut(ROWS_PER_TASK))
+        .zip(x.par_chunks(d * ROWS_PER_TASK))
+        .for_each(|(((out, xhat), rstd), x)| {
+            for (((o, h), r), xr) in
+                out.chunks_exact_mut(d).zip(xhat.chunks_exact_mut(d)).zip(rstd.iter_mut()).zip(x.chunks_exact(d))
+            {
+                let mean = xr.iter().sum::<f32>() / d as f32;
+                let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                let rs = 1.0 / (var + LN_EPS).sqrt();
+                *r = rs;
+                for j in 0..d {
+                    h[j] = (xr[j] - mean) * rs;
+                    o[j] = h[j] * g[j] + b[j];
+                }
+            }
+        });
+}
+
+/// `dx = rstd · (dy·g − mean(dy·g) − x̂ · mean(dy·g·x̂))`; accumulates `dg`, `db`.
+fn ln_backward(dx: &mut [f32], dy: &[f32], a: &LnActs, g: &[f32], dg: &mut [f32], db: &mut [f32], d: usize) {
+    dx.par_chunks_mut(d * ROWS_PER_TASK)
+        .zip(dy.par_chunks(d * ROWS_PER_TASK))
+        .zip(a.xhat.par_chunks(d * ROWS_PER_TASK))
+        .zip(a.rstd.par_chunks(ROWS_PER_TASK))
+        .for_each(|(((dx, dy), xhat), rstd)| {
+            for (((dxr, dyr), h), &rs) in
+                dx.chunks_exact_mut(d).zip(dy.chunks_exact(d)).zip(xhat.chunks_exact(d)).zip(rstd)
+            {
+                let (mut m1, mut m2) = (0.0f32, 0.0f32);
+                for j in 0..d {
+                    let gy = dyr[j] * g[j];
+                    m1 += gy;
+                    m2 += gy * h[j];
+                }
+                m1 /= d as f32;
+                m2 /= d as f32;
+                for j in 0..d {
+                    dxr[j] = rs * (dyr[j] * g[j] - m1 - h[j] * m2);
+                }
+            }
+        });
+    for (dyr, h) in dy.chunks_exact(d).zip(a.xhat.chunks_exact(d)) {
+        for j in 0..d {
+            dg[j] += dyr[j] * h[j];
+            db[j] += dyr[j];
+        }
+    }
+}
+
+/// `C = alpha · A·B (+ C when beta = 1)` over strided views, on the calling thread (the
+/// attention kernels run one task per sequence).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    rsb: usize,
+    csb: usize,
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+) {
+    // SAFETY: the caller guarantees every strided view lies inside its buffer.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a,
+            rsa as isize,
+            csa as isize,
+            b,
+            rsb as isize,
+            csb as isize,
+            beta,
+            c,
+            rsc as isize,
+            1,
+        );
+    }
+}
+
+/// A raw pointer handed to parallel tasks that write disjoint rows.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: every task derives from it a region no other task touches (see the callers).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers pass offsets inside the buffer the pointer came from.
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// Causal multi-head attention of every sequence: `ctx = softmax(QKᵀ/√dh, causal) · V`, the
+/// probabilities kept in `probs`.
+fn attention_forward(
+    qkv: &[f32],
+    probs: &mut [f32],
+    ctx: &mut [f32],
+    off: &[usize],
+    poff: &[usize],
+    d: usize,
+    heads: usize,
+) {
+    let dh = d / heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let (pp, cp) = (Shared(probs.as_mut_ptr()), Shared(ctx.as_mut_ptr()));
+    let qp = qkv.as_ptr() as usize;
+    (0..off.len() - 1).into_par_iter().for_each(|s| {
+        let (t0, n) = (off[s], off[s + 1] - off[s]);
+        let q = (qp as *const f32).wrapping_add(t0 * 3 * d);
+        for h in 0..heads {
+            let p = pp.at((poff[s] * heads) + h * n * n);
+            // SAFETY: sequence `s` owns token rows t0..t0+n of ctx and its own probability
+            // blocks; qkv is read only. Every view lies inside its buffer by the offsets' sums.
+            unsafe {
+                let qh = q.add(h * dh);
+                let kh = q.add(d + h * dh);
+                let vh = q.add(2 * d + h * dh);
+                gemm(n, dh, n, scale, qh, 3 * d, 1, kh, 1, 3 * d, 0.0, p, n);
+                let rows = std::slice::from_raw_parts_mut(p, n * n);
+                for (i, row) in rows.chunks_exact_mut(n).enumerate() {
+                    let (seen, future) = row.split_at_mut(i + 1);
+                    let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut z = 0.0;
+                    for v in seen.iter_mut() {
+                        *v = (*v - max).exp();
+                        z += *v;
+                    }
+                    let inv = 1.0 / z;
+                    seen.iter_mut().for_each(|v| *v *= inv);
+                    future.fill(0.0);
+                }
+                gemm(n, n, dh, 1.0, p, n, 1, vh, 3 * d, 1, 0.0, cp.at(t0 * d + h * dh), d);
+            }
+        }
+    });
+}
+
+/// Gradients of [`attention_forward`]: `dqkv` from `dctx` (overwritten); `scratch` holds one
+/// `[n × n]` block per sequence.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward(
+    dqkv: &mut [f32],
+    scratch: &mut [f32],
+    dctx: &[f32],
+    qkv: &[f32],
+    probs: &[f32],
+    off: &[usize],
+    poff: &[usize],
+    d: usize,
+    heads: usize,
+) {
+    let dh = d / heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let (gp, sp) = (Shared(dqkv.as_mut_ptr()), Shared(scratch.as_mut_ptr()));
+    let (qp, pp, dcp) = (qkv.as_ptr() as usize, probs.as_ptr() as usize, dctx.as_ptr() as usize);
+    (0..off.len() - 1).into_par_iter().for_each(|s| {
+        let (t0, n) = (off[s], off[s + 1] - off[s]);
+        let q = (qp as *const f32).wrapping_add(t0 * 3 * d);
+        let dq = gp.at(t0 * 3 * d);
+        let ds = sp.at(poff[s]);
+        for h in 0..heads {
+            // SAFETY: as in the forward pass: sequence `s` writes only its own rows of dqkv and
+            // its own scratch block; the rest is read only.
+            unsafe {
+                let p = (pp as *const f32).add(poff[s] * heads + h * n * n);
+                let dout = (dcp as *const f32).add(t0 * d + h * dh);
+                let (qh, kh, vh) = (q.add(h * dh), q.add(d + h * dh), q.add(2 * d + h * dh));
+                // dP = dO·Vᵀ
+                gemm(n, dh, n, 1.0, dout, d, 1, vh, 1, 3 * d, 0.0, ds, n);
+                let prow = std::slice::from_raw_parts(p, n * n);
+                let drow = std::slice::from_raw_parts_mut(ds, n * n);
+                for i in 0..n {
+                    let pr = &prow[i * n..i * n + i + 1];
+                    let dr = &mut drow[i * n..(i + 1) * n];
+                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    for j in 0..=i {
+                        dr[j] = pr[j] * (dr[j] - dot) * scale;
+                    }
+                    dr[i + 1..].fill(0.0);
+                }
+                // dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q
+                gemm(n, n, dh, 1.0, p, 1, n, dout, d, 1, 0.0, dq.add(2 * d + h * dh), 3 * d);
+                gemm(n, n, dh, 1.0, ds, n, 1, kh, 3 * d, 1, 0.0, dq.add(h * dh), 3 * d);
+                gemm(n, n, dh, 1.0, ds, 1, n, qh, 3 * d, 1, 0.0, dq.add(d + h * dh), 3 * d);
+            }
+        }
+    });
+}
+
+fn apply_mask(x: &mut [f32], mask: &[f32]) {
+    if !mask.is_empty() {
+        x.iter_mut().zip(mask).for_each(|(v, m)| *v *= m);
+    }
+}
+
+/// `y = x + mask ⊙ branch` into `y`.
+fn residual(y: &mut Vec<f32>, x: &[f32], branch: &[f32], mask: &[f32]) {
+    y.clear();
+    if mask.is_empty() {
+        y.extend(x.iter().zip(branch).map(|(a, b)| a + b));
+    } else {
+        y.extend(x.iter().zip(branch).zip(mask).map(|((a, b), m)| a + b * m));
+    }
+}
+
+impl SeqTwoTower {
+    /// Tokens of user `u`: its history within the window, at least one token (an empty history
+    /// reads the zero padding row, so every user gets a vector).
+    fn tokens(&self, batch: &UserBatch, u: usize) -> usize {
+        (batch.hist_len[u] as usize).clamp(1, self.spec.max_seq_len)
+    }
+}
+
+impl Tower for SeqTwoTower {
+    type UserActs = SeqActs;
+    type ItemActs = SeqItemActs;
+
+    fn out_dim(&self) -> usize {
+        self.spec.dim
+    }
+    fn item_rows(&self) -> usize {
+        self.spec.items
+    }
+    fn max_seq_len(&self) -> usize {
+        self.spec.max_seq_len
+    }
+    fn n_user_features(&self) -> usize {
+        0
+    }
+
+    fn user_forward(&self, batch: &UserBatch, a: &mut SeqActs) {
+        let d = self.spec.dim;
+        let (l, heads, f) = (batch.hist.len() / batch.n.max(1), self.spec.heads, self.spec.ffn);
+        a.all = batch.all_positions;
+        a.off.clear();
+        a.poff.clear();
+        a.off.push(0);
+        a.poff.push(0);
+        a.ids.clear();
+        for u in 0..batch.n {
+            let n = self.tokens(batch, u);
+            let len = (batch.hist_len[u] as usize).min(n);
+            // The newest `n` items when the history is longer than the window.
+            let hist = &batch.hist[u * l..u * l + batch.hist_len[u] as usize];
+            a.ids.extend_from_slice(&hist[hist.len() - len..]);
+            a.ids.resize(a.ids.len() + n - len, 0);
+            a.off.push(a.off[u] + n);
+            a.poff.push(a.poff[u] + n * n);
+        }
+        let t = a.ids.len();
+        let drop = batch.dropout;
+        // x0 = E[id] + P[position], then input dropout.
+        a.blocks.resize_with(self.spec.blocks, BlockActs::default);
+        let x0 = match a.blocks.first_mut() {
+            Some(b) => &mut b.x,
+            None => &mut a.last,
+        };
+        x0.resize(t * d, 0.0);
+        for u in 0..batch.n {
+            for (j, tok) in (a.off[u]..a.off[u + 1]).enumerate() {
+                let row = &mut x0[tok * d..(tok + 1) * d];
+                let e = self.items.row(a.ids[tok]);
+                let p = &self.dense[0][j * d..(j + 1) * d];
+                for c in 0..d {
+                    row[c] = e[c] + p[c];
+                }
+            }
+        }
+        if drop.input > 0.0 {
+            fill_mask(&mut a.emb_mask, t * d, drop.input, drop.seed, 0);
+            apply_mask(x0, &a.emb_mask);
+        } else {
+            a.emb_mask.clear();
+        }
+        let p_total = a.poff[batch.n] * heads;
+        for bi in 0..self.spec.blocks {
+            let (done, rest) = a.blocks.split_at_mut(bi + 1);
+            let b = &mut done[bi];
+            let g = |i| self.block(bi, i);
+            ln_forward(&mut b.ln1, &b.x, g(LN1_G), g(LN1_B), d);
+            b.qkv.resize(t * 3 * d, 0.0);
+            linear_forward(&mut b.qkv, &b.ln1.out, g(W_QKV), g(B_QKV), t, d, 3 * d);
+            b.probs.resize(p_total, 0.0);
+            b.ctx.resize(t * d, 0.0);
+            attention_forward(&b.qkv, &mut b.probs, &mut b.ctx, &a.off, &a.poff, d, heads);
+            // The projected attention output goes to `mid` first, then the residual is added.
+            a.dtmp.resize(t * d, 0.0);
+            linear_forward(&mut a.dtmp, &b.ctx, g(W_O), g(B_O), t, d, d);
+            if drop.hidden > 0.0 {
+                fill_mask(&mut b.attn_mask, t * d, drop.hidden, drop.seed, 1 + 2 * bi as u64);
+            } else {
+                b.attn_mask.clear();
+            }
+            residual(&mut b.mid, &b.x, &a.dtmp, &b.attn_mask);
+            ln_forward(&mut b.ln2, &b.mid, g(LN2_G), g(LN2_B), d);
+            b.hidden.resize(t * f, 0.0);
+            linear_forward(&mut b.hidden, &b.ln2.out, g(W_1), g(B_1), t, d, f);
+            relu_forward(&mut b.hidden);
+            linear_forward(&mut a.dtmp, &b.hidden, g(W_2), g(B_2), t, f, d);
+            if drop.hidden > 0.0 {
+                fill_mask(&mut b.ffn_mask, t * d, drop.hidden, drop.seed, 2 + 2 * bi as u64);
+            } else {
+                b.ffn_mask.clear();
+            }
+            let next = match rest.first_mut() {
+                Some(nb) => &mut nb.x,
+                None => &mut a.last,
+            };
+            residual(next, &b.mid, &a.dtmp, &b.ffn_mask);
+        }
+        let (gf, bf) = self.final_ln();
+        ln_forward(&mut a.lnf, &a.last, gf, bf, d);
+        let rows = if a.all { t } else { batch.n };
+        a.sel.clear();
+        if a.all {
+            a.sel.extend_from_slice(&a.lnf.out);
+        } else {
+            for u in 0..batch.n {
+                let tok = a.off[u + 1] - 1;
+                a.sel.extend_from_slice(&a.lnf.out[tok * d..(tok + 1) * d]);
+            }
+        }
+        a.norms.resize(rows, 0.0);
+        a.out.resize(rows * d, 0.0);
+        l2norm_forward(&mut a.out, &mut a.norms, &a.sel, d);
+    }
+
+    fn user_out<'a>(&self, a: &'a SeqActs) -> &'a [f32] {
+        &a.out
+    }
+
+    fn user_backward(&self, batch: &UserBatch, a: &mut SeqActs, dout: &[f32], grads: &mut Grads) {
+        let d = self.spec.dim;
+        let (heads, f) = (self.spec.heads, self.spec.ffn);
+        let t = a.ids.len();
+        let rows = a.norms.len();
+        a.dsel.resize(rows * d, 0.0);
+        l2norm_backward(&mut a.dsel, &dout[..rows * d], &a.out, &a.norms, d);
+        // dL/d(final norm output) on every token; only the selected ones are non-zero.
+        a.dtmp.clear();
+        a.dtmp.resize(t * d, 0.0);
+        if a.all {
+            a.dtmp.copy_from_slice(&a.dsel);
+        } else {
+            for u in 0..batch.n {
+                let tok = a.off[u + 1] - 1;
+                a.dtmp[tok * d..(tok + 1) * d].copy_from_slice(&a.dsel[u * d..(u + 1) * d]);
+            }
+        }
+        let nd = self.dense.len();
+        let (gf, _) = self.final_ln();
+        a.dx.resize(t * d, 0.0);
+        {
+            let (head, tail) = grads.dense.split_at_mut(nd - 1);
+            ln_backward(&mut a.dx, &a.dtmp, &a.lnf, gf, &mut head[nd - 2], &mut tail[0], d);
+        }
+        a.dprobs.resize(a.poff[batch.n], 0.0);
+        for bi in (0..self.spec.blocks).rev() {
+            let b = &a.blocks[bi];
+            let g = |i| self.block(bi, i);
+            let base = 1 + bi * PER_BLOCK;
+            let gd = &mut grads.dense[base..base + PER_BLOCK];
+            // Feed-forward branch: a.dx is dL/d(block output).
+            a.dtmp.clear();
+            a.dtmp.extend_from_slice(&a.dx);
+            apply_mask(&mut a.dtmp, &b.ffn_mask);
+            a.dhidden.resize(t * f, 0.0);
+            {
+                let (w, rest) = gd[W_2..].split_at_mut(1);
+                linear_backward(Some(&mut a.dhidden), &mut w[0], &mut rest[0], &a.dtmp, &b.hidden, g(W_2), t, f, d);
+            }
+            relu_backward(&mut a.dhidden, &b.hidden);
+            {
+                let (w, rest) = gd[W_1..].split_at_mut(1);
+                linear_backward(Some(&mut a.dtmp), &mut w[0], &mut rest[0], &a.dhidden, &b.ln2.out, g(W_1), t, d, f);
+            }
+            a.dmid.resize(t * d, 0.0);
+            {
+                let (gg, rest) = gd[LN2_G..].split_at_mut(1);
+                ln_backward(&mut a.dmid, &a.dtmp, &b.ln2, g(LN2_G), &mut gg[0], &mut rest[0], d);
+            }
+            a.dmid.iter_mut().zip(&a.dx).for_each(|(m, x)| *m += x);
+            // Attention branch: a.dmid is dL/d(mid).
+            a.dtmp.clear();
+            a.dtmp.extend_from_slice(&a.dmid);
+            apply_mask(&mut a.dtmp, &b.attn_mask);
+            a.dctx.resize(t * d, 0.0);
+            {
+                let (w, rest) = gd[W_O..].split_at_mut(1);
+                linear_backward(Some(&mut a.dctx), &mut w[0], &mut rest[0], &a.dtmp, &b.ctx, g(W_O), t, d, d);
+            }
+            a.dqkv.resize(t * 3 * d, 0.0);
+            attention_backward(&mut a.dqkv, &mut a.dprobs, &a.dctx, &b.qkv, &b.probs, &a.off, &a.poff, d, heads);
+            {
+                let (w, rest) = gd[W_QKV..].split_at_mut(1);
+                linear_backward(Some(&mut a.dtmp), &mut w[0], &mut rest[0], &a.dqkv, &b.ln1.out, g(W_QKV), t, d, 3 * d);
+            }
+            {
+                let (gg, rest) = gd[LN1_G..].split_at_mut(1);
+                ln_backward(&mut a.dx, &a.dtmp, &b.ln1, g(LN1_G), &mut gg[0], &mut rest[0], d);
+            }
+            a.dx.iter_mut().zip(&a.dmid).for_each(|(x, m)| *x += m);
+        }
+        apply_mask(&mut a.dx, &a.emb_mask);
+        let dpos = &mut grads.dense[0];
+        for u in 0..batch.n {
+            for (j, tok) in (a.off[u]..a.off[u + 1]).enumerate() {
+                let g = &a.dx[tok * d..(tok + 1) * d];
+                // The padding row is never moved: an empty history reads it as a zero token.
+                if a.ids[tok] != 0 {
+                    grads.tables[0].add(a.ids[tok], 1.0, g);
+                }
+                dpos[j * d..(j + 1) * d].iter_mut().zip(g).for_each(|(p, v)| *p += v);
+            }
+        }
+    }
+
+    fn item_forward(&self, ids: &[u32], a: &mut SeqItemActs) {
+        let d = self.spec.dim;
+        a.emb.clear();
+        for &i in ids {
+            a.emb.extend_from_slice(self.items.row(i));
+        }
+        a.norms.resize(ids.len(), 0.0);
+        a.out.resize(ids.len() * d, 0.0);
+        l2norm_forward(&mut a.out, &mut a.norms, &a.emb, d);
+    }
+
+    fn item_out<'a>(&self, a: &'a SeqItemActs) -> &'a [f32] {
+        &a.out
+    }
+
+    fn item_backward(&self, ids: &[u32], a: &mut SeqItemActs, dout: &[f32], grads: &mut Grads) {
+        let d = self.spec.dim;
+        // `emb` is no longer needed: it takes the gradient of the raw rows.
+        let mut demb = std::mem::take(&mut a.emb);
+        l2norm_backward(&mut demb, &dout[..ids.len() * d], &a.out, &a.norms, d);
+        for (k, &i) in ids.iter().enumerate() {
+            if i != 0 {
+                grads.tables[0].add(i, 1.0, &demb[k * d..(k + 1) * d]);
+            }
+        }
+        a.emb = demb;
+    }
+
+    fn params_mut(&mut self) -> (Vec<&mut Embedding>, Vec<&mut Vec<f32>>) {
+        (vec![&mut self.items], self.dense.iter_mut().collect())
+    }
+
+    fn item_row_tables_mut(&mut self) -> Vec<&mut Embedding> {
+        vec![&mut self.items]
+    }
+
+    fn new_grads(&self) -> Grads {
+        let sizes: Vec<usize> = self.dense.iter().map(Vec::len).collect();
+        Grads::for_params(&[&self.items], &sizes)
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor<'_>> {
+        let (d, f) = (self.spec.dim, self.spec.ffn);
+        let mut out = vec![crate::tower::table_tensor("items".into(), &self.items)];
+        out.push(("positions".into(), vec![self.spec.max_seq_len, d], &self.dense[0][..]));
+        for bi in 0..self.spec.blocks {
+            let shapes: [Vec<usize>; PER_BLOCK] = [
+                vec![d],
+                vec![d],
+                vec![d, 3 * d],
+                vec![3 * d],
+                vec![d, d],
+                vec![d],
+                vec![d],
+                vec![d],
+                vec![d, f],
+                vec![f],
+                vec![f, d],
+                vec![d],
+            ];
+            for (i, shape) in shapes.into_iter().enumerate() {
+                out.push((format!("block{bi}.{}", BLOCK_NAMES[i]), shape, self.block(bi, i)));
+            }
+        }
+        let (g, b) = self.final_ln();
+        out.push(("final_norm.g".into(), vec![d], g));
+        out.push(("final_norm.b".into(), vec![d], b));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(blocks: usize, heads: usize, seed: u64) -> (SeqTwoTower, UserBatch) {
+        let spec = SeqSpec { items: 7, dim: 4, max_seq_len: 5, blocks, heads, ffn: 6, item_hash: None };
+        let model = SeqTwoTower::new(spec, &mut Rng::new(seed)).unwrap();
+        let mut batch = UserBatch::default();
+        batch.reset(3, 5, 0);
+        batch.hist.copy_from_slice(&[1, 2, 3, 4, 0, 5, 6, 0, 0, 0, 3, 0, 0, 0, 0]);
+        batch.hist_len.copy_from_slice(&[4, 2, 1]);
+        (model, batch)
+    }
+
+    // Central differences need the loss smooth within the step: the seed keeps every ReLU input
+    // and layer-norm variance clear of the kinks and steep spots that a 4-wide tiny model has.
+    #[test]
+    fn last_position_gradients_match_finite_differences() {
+        for (blocks, heads) in [(0, 1), (1, 1), (2, 2)] {
+            let (mut model, batch) = tiny(blocks, heads, 4);
+            crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1], 1e-2, 2e-2);
+        }
+    }
+
+    #[test]
+    fn every_position_gradients_match_finite_differences_with_dropout() {
+        let (mut model, mut batch) = tiny(2, 2, 4);
+        batch.all_positions = true;
+        crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 1e-2, 2e-2);
+        batch.dropout = crate::mlp::Dropout { input: 0.2, hidden: 0.3, seed: 11 };
+        crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 1e-2, 2e-2);
+    }
+
+    #[test]
+    fn a_position_sees_only_the_items_before_it() {
+        let (model, mut batch) = tiny(2, 2, 5);
+        batch.all_positions = true;
+        let mut a = SeqActs::default();
+        model.user_forward(&batch, &mut a);
+        let before = model.user_out(&a).to_vec();
+        // Changing user 0's newest item changes its last output only.
+        batch.hist[3] = 6;
+        model.user_forward(&batch, &mut a);
+        let after = model.user_out(&a).to_vec();
+        let d = 4;
+        assert_eq!(before.len(), (4 + 2 + 1) * d);
+        assert_eq!(&before[..3 * d], &after[..3 * d], "earlier positions must not see a later item");
+        assert_ne!(&before[3 * d..4 * d], &after[3 * d..4 * d]);
+        assert_eq!(&before[4 * d..], &after[4 * d..], "other users are independent");
+        // The per-user output is the newest position's.
+        batch.all_positions = false;
+        model.user_forward(&batch, &mut a);
+        assert_eq!(&model.user_out(&a)[..d], &after[3 * d..4 * d]);
+        assert_eq!(&model.user_out(&a)[d..2 * d], &after[5 * d..6 * d]);
+    }
+}
