@@ -4,6 +4,7 @@
 //! length `b·d`. Backward functions *accumulate* parameter gradients (so several passes can
 //! share one gradient buffer) and *overwrite* input gradients.
 
+use crate::fastexp::exp_shifted_sum;
 use crate::gemm::{matmul, Layout};
 use rayon::prelude::*;
 
@@ -197,15 +198,16 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
                     *v = if id == x.pos_ids[r] { f32::NEG_INFINITY } else { *v * inv_t - corr };
                     max = max.max(*v);
                 }
-                let mut z = (pos_logit - max).exp();
-                for v in rl_row.iter().chain(lg_row.iter()) {
-                    z += (v - max).exp();
-                }
+                // Each logit becomes exp(logit − max) in place: one exp per candidate serves both
+                // the normaliser and the gradient.
+                let e_pos = (pos_logit - max).exp();
+                let z = e_pos + exp_shifted_sum(rl_row, max) + exp_shifted_sum(lg_row, max);
                 let log_z = max + z.ln();
                 loss += (log_z - pos_logit) as f64;
                 // dL/dlogit = softmax − onehot, then scaled by 1/(b·τ) for the mean and the temperature.
                 let scale = inv_t / b as f32;
-                let gpos = ((pos_logit - log_z).exp() - 1.0) * scale;
+                let p_scale = scale / z;
+                let gpos = (e_pos / z - 1.0) * scale;
                 pl[k] = gpos;
                 let gu_row = &mut gu[k * d..(k + 1) * d];
                 let gp_row = &mut gp[k * d..(k + 1) * d];
@@ -214,7 +216,7 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
                     gp_row[t] = gpos * u[t];
                 }
                 for j in 0..nr {
-                    let gj = (rl_row[j] - log_z).exp() * scale;
+                    let gj = rl_row[j] * p_scale;
                     let n = &x.row_negs[(r * nr + j) * d..(r * nr + j + 1) * d];
                     let gn_row = &mut gn[(k * nr + j) * d..(k * nr + j + 1) * d];
                     for t in 0..d {
@@ -223,7 +225,7 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
                     }
                 }
                 for v in lg_row.iter_mut() {
-                    *v = (*v - log_z).exp() * scale;
+                    *v *= p_scale;
                 }
             }
             loss

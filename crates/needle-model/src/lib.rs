@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod deep;
 pub mod embedding;
+pub mod fastexp;
 pub mod fm;
 pub mod gemm;
 pub mod layers;

@@ -12,6 +12,7 @@
 //! user, from its newest token.
 
 use crate::embedding::{Embedding, RowHash};
+use crate::fastexp::exp_shifted_sum;
 use crate::layers::{l2norm_backward, l2norm_forward, linear_backward, linear_forward, relu_backward, relu_forward};
 use crate::mlp::fill_mask;
 use crate::rng::Rng;
@@ -96,7 +97,9 @@ impl SeqTwoTower {
         let f = spec.ffn;
         let s = 1.0 / (d as f32).sqrt();
         let items = Embedding::for_items(spec.items, d, s, spec.item_hash, rng);
-        let mut dense = vec![normal_vec(spec.max_seq_len * d, s, rng)];
+        // Positions start at zero: a position no training window reaches (a history longer than
+        // any seen in training) then adds nothing instead of noise.
+        let mut dense = vec![vec![0.0; spec.max_seq_len * d]];
         // Projections into the residual stream start smaller, so that a deep stack begins near
         // the identity.
         let out_scale = s / (2.0 * spec.blocks.max(1) as f32).sqrt();
@@ -335,12 +338,7 @@ fn attention_forward(
                 for (i, row) in rows.chunks_exact_mut(n).enumerate() {
                     let (seen, future) = row.split_at_mut(i + 1);
                     let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut z = 0.0;
-                    for v in seen.iter_mut() {
-                        *v = (*v - max).exp();
-                        z += *v;
-                    }
-                    let inv = 1.0 / z;
+                    let inv = 1.0 / exp_shifted_sum(seen, max);
                     seen.iter_mut().for_each(|v| *v *= inv);
                     future.fill(0.0);
                 }
@@ -441,6 +439,11 @@ impl Tower for SeqTwoTower {
     }
     fn n_user_features(&self) -> usize {
         0
+    }
+    fn max_users_per_batch(&self) -> usize {
+        // About 16k tokens: every block keeps a dozen [tokens × dim] buffers and the
+        // attention probabilities grow with the square of each window.
+        (16_384 / self.spec.max_seq_len).max(1)
     }
 
     fn user_forward(&self, batch: &UserBatch, a: &mut SeqActs) {
@@ -706,8 +709,11 @@ mod tests {
     use super::*;
 
     fn tiny(blocks: usize, heads: usize, seed: u64) -> (SeqTwoTower, UserBatch) {
-        let spec = SeqSpec { items: 7, dim: 4, max_seq_len: 5, blocks, heads, ffn: 6, item_hash: None };
-        let model = SeqTwoTower::new(spec, &mut Rng::new(seed)).unwrap();
+        let spec = SeqSpec { items: 7, dim: 8, max_seq_len: 5, blocks, heads, ffn: 6, item_hash: None };
+        let mut rng = Rng::new(seed);
+        let mut model = SeqTwoTower::new(spec, &mut rng).unwrap();
+        // Trained positions are not zero: give them values so their gradients are checked.
+        model.dense[0] = normal_vec(model.dense[0].len(), 0.5, &mut rng);
         let mut batch = UserBatch::default();
         batch.reset(3, 5, 0);
         batch.hist.copy_from_slice(&[1, 2, 3, 4, 0, 5, 6, 0, 0, 0, 3, 0, 0, 0, 0]);
@@ -715,23 +721,23 @@ mod tests {
         (model, batch)
     }
 
-    // Central differences need the loss smooth within the step: the seed keeps every ReLU input
-    // and layer-norm variance clear of the kinks and steep spots that a 4-wide tiny model has.
+    // Central differences need the loss smooth within the step: a small step keeps it clear of
+    // the feed-forward ReLU's kink.
     #[test]
     fn last_position_gradients_match_finite_differences() {
         for (blocks, heads) in [(0, 1), (1, 1), (2, 2)] {
             let (mut model, batch) = tiny(blocks, heads, 4);
-            crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1], 1e-2, 2e-2);
+            crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1], 3e-3, 2e-2);
         }
     }
 
     #[test]
     fn every_position_gradients_match_finite_differences_with_dropout() {
-        let (mut model, mut batch) = tiny(2, 2, 4);
+        let (mut model, mut batch) = tiny(2, 2, 6);
         batch.all_positions = true;
-        crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 1e-2, 2e-2);
+        crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 3e-3, 2e-2);
         batch.dropout = crate::mlp::Dropout { input: 0.2, hidden: 0.3, seed: 11 };
-        crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 1e-2, 2e-2);
+        crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 3e-3, 2e-2);
     }
 
     #[test]
@@ -745,7 +751,7 @@ mod tests {
         batch.hist[3] = 6;
         model.user_forward(&batch, &mut a);
         let after = model.user_out(&a).to_vec();
-        let d = 4;
+        let d = 8;
         assert_eq!(before.len(), (4 + 2 + 1) * d);
         assert_eq!(&before[..3 * d], &after[..3 * d], "earlier positions must not see a later item");
         assert_ne!(&before[3 * d..4 * d], &after[3 * d..4 * d]);

@@ -97,6 +97,11 @@ pub trait Tower: Send + Sync {
     /// Item table rows, padding row 0 included.
     fn item_rows(&self) -> usize;
     fn max_seq_len(&self) -> usize;
+    /// The most users one `user_forward` should take when a caller scores many: a tower whose
+    /// activations grow with the history (per token, or per pair of tokens) asks for fewer.
+    fn max_users_per_batch(&self) -> usize {
+        usize::MAX
+    }
     fn n_user_features(&self) -> usize;
 
     fn user_forward(&self, batch: &UserBatch, acts: &mut Self::UserActs);

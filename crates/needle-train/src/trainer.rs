@@ -101,8 +101,8 @@ pub fn training_samples(cfg: &Config, p: &Prepared, rng: &mut Rng) -> Vec<Sample
     }
 }
 
-/// Targets a sample trains on: one, or a sequential model's window.
-fn targets_of(cfg: &Config, samples: &[Sample]) -> usize {
+/// Targets the samples train on: one each, or a sequential model's windows.
+pub fn targets_of(cfg: &Config, samples: &[Sample]) -> usize {
     if cfg.model.kind == ModelKind::Sequential {
         samples.iter().map(|s| (s.pos as usize).min(cfg.model.max_seq_len)).sum()
     } else {

@@ -10,7 +10,7 @@ use needle_train::config::{LossKind, ModelConfig, TrainParams};
 use needle_train::model::Model;
 use needle_train::prepare::{prepare, Prepared};
 use needle_train::run::load_data;
-use needle_train::trainer::{build_model, training_samples, Trainer};
+use needle_train::trainer::{build_model, targets_of, training_samples, Trainer};
 use needle_train::Config;
 use std::path::Path;
 use std::time::Instant;
@@ -84,7 +84,8 @@ fn time_tower<T: Tower>(cfg: &Config, p: &Prepared, model: T, steps: usize, rng:
         let loss = trainer.step(batch, rng);
         anyhow::ensure!(loss.is_finite(), "loss diverged during the benchmark");
         if i >= 3 {
-            times.push(t0.elapsed().as_secs_f64());
+            // Per target: a sequential model's sample is a window of many.
+            times.push(t0.elapsed().as_secs_f64() / targets_of(cfg, batch) as f64);
             touched.push(trainer.touched_item_rows());
         }
     }
@@ -92,27 +93,30 @@ fn time_tower<T: Tower>(cfg: &Config, p: &Prepared, model: T, steps: usize, rng:
     // Whole passes over the same steps, in line and with the producer thread, alternated twice
     // so that neither order nor a warm-up favours one; the faster pass of each counts.
     let n = (steps * b).min(samples.len() / b * b);
+    let targets = targets_of(cfg, &samples[..n]) as f64;
     let (mut inline_rate, mut producer_rate) = (0.0f64, 0.0f64);
     for _ in 0..2 {
         let t0 = Instant::now();
         for chunk in samples[..n].chunks(b) {
             anyhow::ensure!(trainer.step(chunk, rng).is_finite(), "loss diverged during the benchmark");
         }
-        inline_rate = inline_rate.max(n as f64 / t0.elapsed().as_secs_f64());
+        inline_rate = inline_rate.max(targets / t0.elapsed().as_secs_f64());
         let t0 = Instant::now();
         trainer.epoch(&samples[..n], b, rng, |_, _, loss| {
             anyhow::ensure!(loss.is_finite(), "loss diverged during the benchmark");
             Ok(())
         })?;
-        producer_rate = producer_rate.max(n as f64 / t0.elapsed().as_secs_f64());
+        producer_rate = producer_rate.max(targets / t0.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    // The median step's seconds per target; its step time is quoted for a batch of the mean size.
+    let per_target = times[times.len() / 2];
+    let mean_batch = targets / (n / b).max(1) as f64;
     touched.sort_unstable();
     let phases_ms = [0, 1, 2].map(|k| (total[k] - warm[k]) * 1e3 / steps as f64);
     Ok(Timing {
-        median_ms: median * 1e3,
-        samples_per_sec: b as f64 / median,
+        median_ms: per_target * mean_batch * 1e3,
+        samples_per_sec: 1.0 / per_target,
         touched_rows: touched[touched.len() / 2],
         phases_ms,
         inline_rate,

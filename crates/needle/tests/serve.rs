@@ -759,3 +759,30 @@ fn a_transitions_run_serves_from_its_neighbour_lists() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_sequential_run_serves_from_the_newest_items_and_follows_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    planted_log(dir);
+    write_config(
+        dir,
+        "seq.toml",
+        "[model]\nkind = \"sequential\"\ndim = 16\nmax_seq_len = 10\nblocks = 1\nuser_features = []\n\
+         [train]\nepochs = 15\nbatch_size = 16\nlr = 0.005\nembedding_lr = 0.005\ntemperature = 0.1\npatience = 0\n",
+    );
+    ok(&needle(&["train", "--config", "seq.toml", "--out", "runs/seq", "--quiet"], dir));
+    let srv = Server::start(dir, &["--run", "runs/seq"]);
+    let a = srv.addr.as_str();
+    let leads = |v: &Value, want: &[&str]| ids(v)[..2].iter().all(|i| want.contains(&i.as_str()));
+    let v = post(a, "/v1/recall", &json!({"history": ["c1_3", "c1_4", "c1_5"], "k": 10})).json();
+    assert_eq!(v["source"], "model");
+    assert!(leads(&v, &["c1_6", "c1_7"]), "{v}");
+    // Each event posted for a user moves the next recall on to that item's successors.
+    for (ts, item, next) in [(1, "c4_10", ["c4_11", "c4_12"]), (2, "c4_12", ["c4_13", "c4_14"])] {
+        assert_eq!(post(a, "/v1/events", &json!({"user_id": "fresh", "item_id": item, "ts": ts})).status, 200);
+        let v = post(a, "/v1/recall", &json!({"user_id": "fresh", "k": 5})).json();
+        assert_eq!(v["source"], "model", "{v}");
+        assert!(leads(&v, &next), "after {item}: {v}");
+    }
+}

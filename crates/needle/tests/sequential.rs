@@ -1,0 +1,92 @@
+//! The sequential kind on a log where only order tells the next item: every item has one fixed
+//! successor, users follow it for a few steps and then jump to a random item, and the last event
+//! of every user follows its successor. A model that reads the newest item learns it; a
+//! mean-pooled history cannot tell which of its items is the newest.
+
+mod common;
+
+use common::{needle, ok, write_config};
+use std::path::Path;
+
+fn successor_log(dir: &Path) {
+    let (items, users) = (100usize, 400usize);
+    let mut state = 777u64;
+    let mut next = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    // succ = a random permutation, so item names carry no order.
+    let mut succ: Vec<usize> = (0..items).collect();
+    for i in (1..items).rev() {
+        succ.swap(i, next(i + 1));
+    }
+    let mut csv = String::from("user,item,ts\n");
+    for u in 0..users {
+        let len = 12 + next(13);
+        // Drawn again until the successor of the second-to-last item is new to the user: the
+        // test target must follow it and must not be a seen (hence excluded) item.
+        let seq = loop {
+            let mut seq: Vec<usize> = Vec::with_capacity(len);
+            let mut used = vec![false; items];
+            let mut cur = next(items);
+            while seq.len() < len {
+                seq.push(cur);
+                used[cur] = true;
+                let follow = next(3) != 0;
+                cur = succ[cur];
+                while !follow || used[cur] {
+                    // A jump: any item the user has not met yet.
+                    cur = next(items);
+                    if !used[cur] {
+                        break;
+                    }
+                }
+            }
+            let target = succ[seq[len - 2]];
+            if !seq[..len - 1].contains(&target) {
+                seq[len - 1] = target;
+                break seq;
+            }
+        };
+        for (t, item) in seq.iter().enumerate() {
+            csv.push_str(&format!("u{u},i{item},{}\n", 1_000_000 + u * 1000 + t));
+        }
+    }
+    std::fs::write(dir.join("log.csv"), csv).unwrap();
+    let schema = "name = \"successors\"\n[interactions]\npath = \"log.csv\"\nheader = true\nuser = \"user\"\nitem = \"item\"\ntimestamp = \"ts\"\n";
+    std::fs::write(dir.join("schema.toml"), schema).unwrap();
+}
+
+fn hit_rate(dir: &Path, run: &str, k: usize) -> f64 {
+    let text = std::fs::read_to_string(dir.join("runs").join(run).join("metrics.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()[format!("hit_rate@{k}")].as_f64().unwrap()
+}
+
+#[test]
+fn a_planted_successor_is_learned_by_the_sequential_model_and_not_by_mean_pooling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    successor_log(dir);
+    write_config(
+        dir,
+        "seq.toml",
+        "[model]\nkind = \"sequential\"\ndim = 32\nmax_seq_len = 30\nblocks = 1\nheads = 2\nuser_features = []\n\
+         [train]\nepochs = 30\nbatch_size = 16\nlr = 0.005\nembedding_lr = 0.005\ntemperature = 0.1\npatience = 0\n",
+    );
+    write_config(
+        dir,
+        "mean.toml",
+        "[model]\nkind = \"youtubednn\"\ndim = 32\nhidden = [64]\nmax_seq_len = 30\nuser_features = []\nexample_age = false\n\
+         [train]\nepochs = 40\nbatch_size = 64\nlr = 0.005\nembedding_lr = 0.005\ntemperature = 0.1\npatience = 0\n",
+    );
+    for run in ["seq", "mean"] {
+        ok(&needle(&["train", "--config", &format!("{run}.toml"), "--out", &format!("runs/{run}"), "--quiet"], dir));
+        ok(&needle(&["eval", "--run", &format!("runs/{run}"), "--k", "1,10"], dir));
+    }
+    let (seq, mean) = (hit_rate(dir, "seq", 1), hit_rate(dir, "mean", 1));
+    eprintln!("HR@1: sequential {seq}, mean-pooled YouTubeDNN {mean}");
+    assert!(seq >= 0.9, "sequential HR@1 {seq}");
+    assert!(mean < 0.5 * seq, "mean-pooled YouTubeDNN HR@1 {mean} against sequential {seq}");
+}
