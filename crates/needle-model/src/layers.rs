@@ -134,7 +134,12 @@ pub struct SoftmaxInputs<'a> {
 pub struct SoftmaxScratch {
     logits: Vec<f32>,
     row_logits: Vec<f32>,
-    pos_logits: Vec<f32>,
+    /// Per row, the factor that turns the row's `exp(logit − max)` into its gradient
+    /// (`1 / (b·τ·z)`): applied to the `[b×d]` sides of the products instead of the `[b×s]` matrix.
+    row_scale: Vec<f32>,
+    /// `[b×d]` scratch: the scaled user rows, and the unscaled product for dL/du.
+    user_scaled: Vec<f32>,
+    user_grad: Vec<f32>,
 }
 
 /// Gradients written by [`softmax_loss`], all w.r.t. the mean loss over the batch.
@@ -154,7 +159,7 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
     let inv_t = 1.0 / x.temperature;
     scratch.logits.resize(b * s, 0.0);
     scratch.row_logits.resize(b * nr, 0.0);
-    scratch.pos_logits.resize(b, 0.0);
+    scratch.row_scale.resize(b, 0.0);
     if s > 0 {
         matmul(b, d, s, x.user, Layout::Normal, x.shared, Layout::Transposed, &mut scratch.logits, false);
     }
@@ -168,7 +173,7 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
     let loss_sum: f64 = lg_parts
         .into_par_iter()
         .zip(rl_parts)
-        .zip(scratch.pos_logits.par_chunks_mut(chunk))
+        .zip(scratch.row_scale.par_chunks_mut(chunk))
         .zip(gu_parts)
         .zip(gp_parts)
         .zip(gn_parts)
@@ -194,10 +199,7 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
                     max = max.max(*out);
                 }
                 let lg_row = &mut lg[k * s..(k + 1) * s];
-                for ((v, &id), &corr) in lg_row.iter_mut().zip(x.shared_ids).zip(x.shared_corr) {
-                    *v = if id == x.pos_ids[r] { f32::NEG_INFINITY } else { *v * inv_t - corr };
-                    max = max.max(*v);
-                }
+                max = max.max(shared_logits(lg_row, x.shared_ids, x.shared_corr, x.pos_ids[r], inv_t));
                 // Each logit becomes exp(logit − max) in place: one exp per candidate serves both
                 // the normaliser and the gradient.
                 let e_pos = (pos_logit - max).exp();
@@ -208,7 +210,7 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
                 let scale = inv_t / b as f32;
                 let p_scale = scale / z;
                 let gpos = (e_pos / z - 1.0) * scale;
-                pl[k] = gpos;
+                pl[k] = p_scale;
                 let gu_row = &mut gu[k * d..(k + 1) * d];
                 let gp_row = &mut gp[k * d..(k + 1) * d];
                 for t in 0..d {
@@ -224,20 +226,50 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
                         gn_row[t] = gj * u[t];
                     }
                 }
-                for v in lg_row.iter_mut() {
-                    *v *= p_scale;
-                }
             }
             loss
         })
         .sum();
     if s > 0 {
         // The shared part of dL/du and all of dL/dshared come from two products over the
-        // probability matrix now held in `logits`.
-        matmul(b, s, d, &scratch.logits, Layout::Normal, x.shared, Layout::Normal, g.user, true);
-        matmul(s, b, d, &scratch.logits, Layout::Transposed, x.user, Layout::Normal, g.shared, false);
+        // `exp(logit − max)` matrix held in `logits`; each row's factor to a gradient goes on the
+        // narrow side of the product (`[b×d]`), never through the `[b×s]` matrix again.
+        let SoftmaxScratch { logits, row_scale, user_scaled, user_grad, .. } = scratch;
+        user_grad.resize(b * d, 0.0);
+        matmul(b, s, d, logits, Layout::Normal, x.shared, Layout::Normal, user_grad, false);
+        for ((gu, eg), &f) in g.user.chunks_exact_mut(d).zip(user_grad.chunks_exact(d)).zip(row_scale.iter()) {
+            gu.iter_mut().zip(eg).for_each(|(a, e)| *a += f * e);
+        }
+        user_scaled.clear();
+        user_scaled.extend(
+            x.user[..b * d].chunks_exact(d).zip(row_scale.iter()).flat_map(|(u, &f)| u.iter().map(move |v| v * f)),
+        );
+        matmul(s, b, d, logits, Layout::Transposed, user_scaled, Layout::Normal, g.shared, false);
     }
     (loss_sum / b.max(1) as f64) as f32
+}
+
+/// Turns a row of raw shared-candidate products into logits, `v·inv_t − corr`, with the row's
+/// positive masked to −∞, and returns their maximum. Eight running maxima let the loop vectorise.
+fn shared_logits(row: &mut [f32], ids: &[u32], corr: &[f32], pos_id: u32, inv_t: f32) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let n = row.len();
+    let full = n / 8 * 8;
+    for ((v8, id8), c8) in
+        row[..full].chunks_exact_mut(8).zip(ids[..full].chunks_exact(8)).zip(corr[..full].chunks_exact(8))
+    {
+        for j in 0..8 {
+            let l = if id8[j] == pos_id { f32::NEG_INFINITY } else { v8[j] * inv_t - c8[j] };
+            v8[j] = l;
+            acc[j] = if l > acc[j] { l } else { acc[j] };
+        }
+    }
+    let mut max = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for j in full..n {
+        row[j] = if ids[j] == pos_id { f32::NEG_INFINITY } else { row[j] * inv_t - corr[j] };
+        max = max.max(row[j]);
+    }
+    max
 }
 
 /// Cuts `v` into exactly `n` consecutive pieces of `stride` values (the last may be shorter,
