@@ -400,6 +400,38 @@ fn attention_backward(
     });
 }
 
+/// The attention output of each sequence's newest token alone, `[sequences × d]`: a running
+/// (online) softmax over its keys, so nothing per key is stored.
+fn newest_attention(qkv: &[f32], ctx: &mut [f32], off: &[usize], d: usize, heads: usize) {
+    let dh = d / heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    ctx.par_chunks_mut(d).enumerate().for_each(|(s, out)| {
+        let (t0, last) = (off[s], off[s + 1] - 1);
+        for h in 0..heads {
+            let q = &qkv[last * 3 * d + h * dh..][..dh];
+            let acc = &mut out[h * dh..(h + 1) * dh];
+            acc.fill(0.0);
+            let (mut max, mut z) = (f32::NEG_INFINITY, 0.0f32);
+            for j in t0..=last {
+                let row = &qkv[j * 3 * d..(j + 1) * 3 * d];
+                let (k, v) = (&row[d + h * dh..][..dh], &row[2 * d + h * dh..][..dh]);
+                let score = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                if score > max {
+                    let r = (max - score).exp();
+                    z *= r;
+                    acc.iter_mut().for_each(|x| *x *= r);
+                    max = score;
+                }
+                let e = (score - max).exp();
+                z += e;
+                acc.iter_mut().zip(v).for_each(|(x, v)| *x += e * v);
+            }
+            let inv = 1.0 / z;
+            acc.iter_mut().for_each(|x| *x *= inv);
+        }
+    });
+}
+
 fn apply_mask(x: &mut [f32], mask: &[f32]) {
     if !mask.is_empty() {
         x.iter_mut().zip(mask).for_each(|(v, m)| *v *= m);
@@ -424,29 +456,11 @@ impl SeqTwoTower {
     }
 }
 
-impl Tower for SeqTwoTower {
-    type UserActs = SeqActs;
-    type ItemActs = SeqItemActs;
-
-    fn out_dim(&self) -> usize {
-        self.spec.dim
-    }
-    fn item_rows(&self) -> usize {
-        self.spec.items
-    }
-    fn max_seq_len(&self) -> usize {
-        self.spec.max_seq_len
-    }
-    fn n_user_features(&self) -> usize {
-        0
-    }
-    fn max_users_per_batch(&self) -> usize {
-        // About 16k tokens: every block keeps a dozen [tokens × dim] buffers and the
-        // attention probabilities grow with the square of each window.
-        (16_384 / self.spec.max_seq_len).max(1)
-    }
-
-    fn user_forward(&self, batch: &UserBatch, a: &mut SeqActs) {
+impl SeqTwoTower {
+    /// The forward pass; with `newest_only`, the last block computes its attention row,
+    /// projection and feed-forward for each user's newest token only (all that a per-user output
+    /// reads), which no backward pass may follow.
+    fn forward(&self, batch: &UserBatch, a: &mut SeqActs, newest_only: bool) {
         let d = self.spec.dim;
         let (l, heads, f) = (batch.hist.len() / batch.n.max(1), self.spec.heads, self.spec.ffn);
         a.all = batch.all_positions;
@@ -498,6 +512,27 @@ impl Tower for SeqTwoTower {
             ln_forward(&mut b.ln1, &b.x, g(LN1_G), g(LN1_B), d);
             b.qkv.resize(t * 3 * d, 0.0);
             linear_forward(&mut b.qkv, &b.ln1.out, g(W_QKV), g(B_QKV), t, d, 3 * d);
+            if newest_only && rest.is_empty() {
+                // Every token's keys and values, but one query per user from here on.
+                let users = batch.n;
+                b.ctx.resize(users * d, 0.0);
+                newest_attention(&b.qkv, &mut b.ctx, &a.off, d, heads);
+                a.dtmp.resize(users * d, 0.0);
+                linear_forward(&mut a.dtmp, &b.ctx, g(W_O), g(B_O), users, d, d);
+                b.mid.clear();
+                for u in 0..users {
+                    let tok = a.off[u + 1] - 1;
+                    let x = &b.x[tok * d..(tok + 1) * d];
+                    b.mid.extend(x.iter().zip(&a.dtmp[u * d..(u + 1) * d]).map(|(x, o)| x + o));
+                }
+                ln_forward(&mut b.ln2, &b.mid, g(LN2_G), g(LN2_B), d);
+                b.hidden.resize(users * f, 0.0);
+                linear_forward(&mut b.hidden, &b.ln2.out, g(W_1), g(B_1), users, d, f);
+                relu_forward(&mut b.hidden);
+                linear_forward(&mut a.dtmp, &b.hidden, g(W_2), g(B_2), users, f, d);
+                residual(&mut a.last, &b.mid, &a.dtmp, &[]);
+                break;
+            }
             b.probs.resize(p_total, 0.0);
             b.ctx.resize(t * d, 0.0);
             attention_forward(&b.qkv, &mut b.probs, &mut b.ctx, &a.off, &a.poff, d, heads);
@@ -530,7 +565,7 @@ impl Tower for SeqTwoTower {
         ln_forward(&mut a.lnf, &a.last, gf, bf, d);
         let rows = if a.all { t } else { batch.n };
         a.sel.clear();
-        if a.all {
+        if a.all || (newest_only && self.spec.blocks > 0) {
             a.sel.extend_from_slice(&a.lnf.out);
         } else {
             for u in 0..batch.n {
@@ -541,6 +576,37 @@ impl Tower for SeqTwoTower {
         a.norms.resize(rows, 0.0);
         a.out.resize(rows * d, 0.0);
         l2norm_forward(&mut a.out, &mut a.norms, &a.sel, d);
+    }
+}
+
+impl Tower for SeqTwoTower {
+    type UserActs = SeqActs;
+    type ItemActs = SeqItemActs;
+
+    fn out_dim(&self) -> usize {
+        self.spec.dim
+    }
+    fn item_rows(&self) -> usize {
+        self.spec.items
+    }
+    fn max_seq_len(&self) -> usize {
+        self.spec.max_seq_len
+    }
+    fn n_user_features(&self) -> usize {
+        0
+    }
+    fn max_users_per_batch(&self) -> usize {
+        // About 16k tokens: every block keeps a dozen [tokens × dim] buffers and the
+        // attention probabilities grow with the square of each window.
+        (16_384 / self.spec.max_seq_len).max(1)
+    }
+
+    fn user_forward(&self, batch: &UserBatch, a: &mut SeqActs) {
+        self.forward(batch, a, false)
+    }
+
+    fn user_infer(&self, batch: &UserBatch, a: &mut SeqActs) {
+        self.forward(batch, a, !batch.all_positions)
     }
 
     fn user_out<'a>(&self, a: &'a SeqActs) -> &'a [f32] {
@@ -738,6 +804,21 @@ mod tests {
         crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 3e-3, 2e-2);
         batch.dropout = crate::mlp::Dropout { input: 0.2, hidden: 0.3, seed: 11 };
         crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 3e-3, 2e-2);
+    }
+
+    #[test]
+    fn inference_gives_the_training_forward_outputs() {
+        for blocks in [0, 1, 2] {
+            let (model, batch) = tiny(blocks, 2, 5);
+            let (mut a, mut b) = (SeqActs::default(), SeqActs::default());
+            model.user_forward(&batch, &mut a);
+            model.user_infer(&batch, &mut b);
+            let (x, y) = (model.user_out(&a), model.user_out(&b));
+            assert_eq!(x.len(), y.len());
+            for (p, q) in x.iter().zip(y) {
+                assert!((p - q).abs() < 1e-5, "{blocks} blocks: {p} vs {q}");
+            }
+        }
     }
 
     #[test]

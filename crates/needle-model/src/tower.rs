@@ -105,6 +105,11 @@ pub trait Tower: Send + Sync {
     fn n_user_features(&self) -> usize;
 
     fn user_forward(&self, batch: &UserBatch, acts: &mut Self::UserActs);
+    /// [`Tower::user_forward`] when no backward pass follows (evaluation, serving), so a tower
+    /// may skip what only gradients or other positions need; same outputs.
+    fn user_infer(&self, batch: &UserBatch, acts: &mut Self::UserActs) {
+        self.user_forward(batch, acts)
+    }
     fn user_out<'a>(&self, acts: &'a Self::UserActs) -> &'a [f32];
     /// Accumulates gradients given `dout = dL/d(user_out)`.
     fn user_backward(&self, batch: &UserBatch, acts: &mut Self::UserActs, dout: &[f32], grads: &mut Grads);

@@ -97,7 +97,7 @@ fn one_user_vector<T: Tower>(m: &T, features: &[u32], history: &[u32]) -> Vec<f3
     let n = nf.min(features.len());
     batch.feats[..n].copy_from_slice(&features[..n]);
     let mut acts = T::UserActs::default();
-    m.user_forward(&batch, &mut acts);
+    m.user_infer(&batch, &mut acts);
     m.user_out(&acts)[..m.interests() * m.out_dim()].to_vec()
 }
 

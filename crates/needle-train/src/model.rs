@@ -74,7 +74,7 @@ fn tower_user_vectors<T: Tower>(m: &T, p: &Prepared, users: &[usize], stage: Sta
     let (mut batch, mut acts) = (UserBatch::default(), T::UserActs::default());
     for chunk in users.chunks(USER_CHUNK.min(m.max_users_per_batch())) {
         fill_user_batch(m.max_seq_len(), m.n_user_features(), p, chunk, stage, &mut batch);
-        m.user_forward(&batch, &mut acts);
+        m.user_infer(&batch, &mut acts);
         out.extend_from_slice(&m.user_out(&acts)[..chunk.len() * w]);
     }
     out
