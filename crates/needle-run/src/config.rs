@@ -285,6 +285,34 @@ pub enum SparseOptimizer {
     RowwiseAdagrad,
 }
 
+/// How the learning rates change over training.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// `lr` throughout (after any warm-up).
+    Constant,
+    /// From `lr` after the warm-up down to 0 at the end of the last epoch, along a half cosine.
+    Cosine,
+}
+
+impl LrSchedule {
+    /// The factor on the learning rates at optimizer step `step` (0-based) of `total`, with a
+    /// linear warm-up over the first `warmup` steps.
+    pub fn factor(self, step: u64, total: u64, warmup: u64) -> f32 {
+        if step < warmup {
+            return (step + 1) as f32 / warmup as f32;
+        }
+        match self {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Cosine => {
+                let span = total.saturating_sub(warmup).max(1);
+                let done = ((step - warmup) as f64 / span as f64).min(1.0);
+                (0.5 * (1.0 + (std::f64::consts::PI * done).cos())) as f32
+            }
+        }
+    }
+}
+
 /// A validation figure that decides between epochs (and between configs when tuning).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum SelectMetric {
@@ -352,6 +380,10 @@ pub struct TrainParams {
     /// features alone, as a cold item is; teaches the item tower to embed items nobody has
     /// interacted with yet (needs `[model] item_features`).
     pub item_id_dropout: f32,
+    /// Learning-rate schedule over the configured epochs (`lr` and `embedding_lr` alike).
+    pub lr_schedule: LrSchedule,
+    /// Optimizer steps over which the learning rates rise linearly from 0.
+    pub warmup_steps: usize,
 }
 
 impl Default for TrainParams {
@@ -378,6 +410,8 @@ impl Default for TrainParams {
             embedding_l2: 0.0,
             clip_norm: 0.0,
             item_id_dropout: 0.0,
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
         }
     }
 }
@@ -500,6 +534,17 @@ mod tests {
         let cfg: Config =
             toml::from_str("[data]\ndataset = \"ml-1m\"\n[train]\nloss = \"auto\"\nnegatives = 0\n").unwrap();
         assert!(cfg.validate().unwrap_err().contains("negatives > 0"));
+    }
+
+    #[test]
+    fn schedules_warm_up_then_hold_or_fall_to_zero() {
+        assert_eq!(LrSchedule::Constant.factor(0, 100, 10), 0.1);
+        assert_eq!(LrSchedule::Constant.factor(9, 100, 10), 1.0);
+        assert_eq!(LrSchedule::Constant.factor(99, 100, 10), 1.0);
+        assert_eq!(LrSchedule::Cosine.factor(10, 100, 10), 1.0);
+        assert!((LrSchedule::Cosine.factor(55, 100, 10) - 0.5).abs() < 1e-6);
+        assert!(LrSchedule::Cosine.factor(100, 100, 10).abs() < 1e-6);
+        assert_eq!(LrSchedule::Cosine.factor(0, 100, 0), 1.0);
     }
 
     #[test]

@@ -277,6 +277,8 @@ struct Optim {
     tables: Vec<SparseState>,
     dense: Vec<DenseAdam>,
     t: u64,
+    /// Steps in the whole configured training, for the learning-rate schedule.
+    total_steps: u64,
 }
 
 impl Optim {
@@ -290,10 +292,12 @@ impl Optim {
             tables: tables.into_iter().map(sparse).collect(),
             dense: dense.into_iter().map(|d| DenseAdam::new(d.len())).collect(),
             t: 0,
+            total_steps: 0,
         }
     }
 
     fn step<T: Tower>(&mut self, m: &mut T, g: &Grads, p: &TrainParams) {
+        let lr_scale = p.lr_schedule.factor(self.t, self.total_steps, p.warmup_steps as u64);
         self.t += 1;
         let t = self.t;
         // Clipping by the global norm of every gradient, dense and sparse together.
@@ -316,10 +320,10 @@ impl Optim {
         };
         let (tables, dense) = m.params_mut();
         for ((st, table), grad) in self.tables.iter_mut().zip(tables).zip(&g.tables) {
-            st.step(table, grad, p.embedding_lr, t, g_scale, p.embedding_l2);
+            st.step(table, grad, p.embedding_lr * lr_scale, t, g_scale, p.embedding_l2);
         }
         for ((st, w), grad) in self.dense.iter_mut().zip(dense).zip(&g.dense) {
-            st.step(w, grad, p.lr, t, g_scale, p.weight_decay);
+            st.step(w, grad, p.lr * lr_scale, t, g_scale, p.weight_decay);
         }
     }
 }
@@ -480,6 +484,12 @@ impl<'a, T: Tower> Trainer<'a, T> {
 
     pub fn model(&self) -> &T {
         &self.engine.model
+    }
+
+    /// How many optimizer steps the whole training takes, so the learning-rate schedule can
+    /// end there.
+    pub fn set_total_steps(&mut self, steps: u64) {
+        self.engine.optim.total_steps = steps;
     }
 
     pub fn into_model(self) -> T {
@@ -1025,7 +1035,8 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
             eprintln!("{plan}");
         }
         plan.check()?;
-        let trainer = Trainer::new(cfg, p, model)?;
+        let mut trainer = Trainer::new(cfg, p, model)?;
+        trainer.set_total_steps((samples.len().div_ceil(t.batch_size.max(1)) * t.epochs) as u64);
         let valid_subset: Option<Vec<usize>> = (t.valid_users > 0).then(|| {
             let mut users: Vec<usize> = (0..p.n_users()).filter(|&u| !p.valid.get(u).is_empty()).collect();
             root.fork(3).shuffle(&mut users);
