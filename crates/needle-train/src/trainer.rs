@@ -486,6 +486,19 @@ impl<'a, T: Tower> Trainer<'a, T> {
         &self.engine.model
     }
 
+    /// Frees the activation and batch buffers; the next step allocates them again. Between
+    /// epochs this costs nothing measurable, and a tuner holding many paused sessions keeps only
+    /// their parameters and optimizer state.
+    pub fn release_buffers(&mut self) {
+        self.engine.step = Step::default();
+        self.batch = Batch::default();
+        for g in &mut self.engine.grads.tables {
+            g.clear();
+            g.grads.shrink_to_fit();
+            g.rows.shrink_to_fit();
+        }
+    }
+
     /// How many optimizer steps the whole training takes, so the learning-rate schedule can
     /// end there.
     pub fn set_total_steps(&mut self, steps: u64) {
@@ -1095,6 +1108,7 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
         })?;
         let secs = start.elapsed().as_secs_f64();
         bar.finish_and_clear();
+        self.trainer.release_buffers();
         self.train_secs += secs;
         self.trained_samples += self.targets;
         let vbar = users_bar(&format!("validation {epoch}/{}", t.epochs), show_progress);
