@@ -513,6 +513,9 @@ impl Config {
         if t.item_id_dropout > 0.0 && (m.item_features.is_empty() || m.kind.is_counted()) {
             return Err("[train] item_id_dropout needs [model] item_features: without them a dropped id leaves nothing to embed".into());
         }
+        if m.kind == ModelKind::Sequential && (m.heads == 0 || m.dim == 0 || !m.dim.is_multiple_of(m.heads)) {
+            return Err(format!("[model] dim ({}) must be a positive multiple of heads ({})", m.dim, m.heads));
+        }
         if m.kind == ModelKind::Dssm && m.out_dim == 0 {
             return Err("[model] out_dim must be > 0".into());
         }
@@ -534,6 +537,13 @@ mod tests {
         let cfg: Config =
             toml::from_str("[data]\ndataset = \"ml-1m\"\n[train]\nloss = \"auto\"\nnegatives = 0\n").unwrap();
         assert!(cfg.validate().unwrap_err().contains("negatives > 0"));
+    }
+
+    #[test]
+    fn sequential_heads_must_divide_the_width() {
+        let err = parse("[model]\nkind = \"sequential\"\ndim = 64\nheads = 3\n").validate().unwrap_err();
+        assert!(err.contains("multiple of heads"), "{err}");
+        parse("[model]\nkind = \"sequential\"\ndim = 64\nheads = 4\n").validate().unwrap();
     }
 
     #[test]
