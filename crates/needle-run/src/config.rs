@@ -541,6 +541,7 @@ mod tests {
 
     #[test]
     fn sequential_heads_must_divide_the_width() {
+        let parse = |s: &str| -> Config { toml::from_str(&format!("[data]\ndataset = \"ml-1m\"\n{s}")).unwrap() };
         let err = parse("[model]\nkind = \"sequential\"\ndim = 64\nheads = 3\n").validate().unwrap_err();
         assert!(err.contains("multiple of heads"), "{err}");
         parse("[model]\nkind = \"sequential\"\ndim = 64\nheads = 4\n").validate().unwrap();
