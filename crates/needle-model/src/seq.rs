@@ -432,6 +432,13 @@ fn newest_attention(qkv: &[f32], ctx: &mut [f32], off: &[usize], d: usize, heads
     });
 }
 
+/// The gradients of tensor `i` and of the one after it (a weight and its bias, a norm's gain and
+/// its shift), borrowed together.
+fn grad_pair(grads: &mut [Vec<f32>], i: usize) -> (&mut [f32], &mut [f32]) {
+    let (a, b) = grads[i..].split_at_mut(1);
+    (&mut a[0], &mut b[0])
+}
+
 fn apply_mask(x: &mut [f32], mask: &[f32]) {
     if !mask.is_empty() {
         x.iter_mut().zip(mask).for_each(|(v, m)| *v *= m);
@@ -634,10 +641,8 @@ impl Tower for SeqTwoTower {
         let nd = self.dense.len();
         let (gf, _) = self.final_ln();
         a.dx.resize(t * d, 0.0);
-        {
-            let (head, tail) = grads.dense.split_at_mut(nd - 1);
-            ln_backward(&mut a.dx, &a.dtmp, &a.lnf, gf, &mut head[nd - 2], &mut tail[0], d);
-        }
+        let (dg, db) = grad_pair(&mut grads.dense, nd - 2);
+        ln_backward(&mut a.dx, &a.dtmp, &a.lnf, gf, dg, db, d);
         a.dprobs.resize(a.poff[batch.n], 0.0);
         for bi in (0..self.spec.blocks).rev() {
             let b = &a.blocks[bi];
@@ -649,40 +654,28 @@ impl Tower for SeqTwoTower {
             a.dtmp.extend_from_slice(&a.dx);
             apply_mask(&mut a.dtmp, &b.ffn_mask);
             a.dhidden.resize(t * f, 0.0);
-            {
-                let (w, rest) = gd[W_2..].split_at_mut(1);
-                linear_backward(Some(&mut a.dhidden), &mut w[0], &mut rest[0], &a.dtmp, &b.hidden, g(W_2), t, f, d);
-            }
+            let (g0, g1) = grad_pair(gd, W_2);
+            linear_backward(Some(&mut a.dhidden), g0, g1, &a.dtmp, &b.hidden, g(W_2), t, f, d);
             relu_backward(&mut a.dhidden, &b.hidden);
-            {
-                let (w, rest) = gd[W_1..].split_at_mut(1);
-                linear_backward(Some(&mut a.dtmp), &mut w[0], &mut rest[0], &a.dhidden, &b.ln2.out, g(W_1), t, d, f);
-            }
+            let (g0, g1) = grad_pair(gd, W_1);
+            linear_backward(Some(&mut a.dtmp), g0, g1, &a.dhidden, &b.ln2.out, g(W_1), t, d, f);
             a.dmid.resize(t * d, 0.0);
-            {
-                let (gg, rest) = gd[LN2_G..].split_at_mut(1);
-                ln_backward(&mut a.dmid, &a.dtmp, &b.ln2, g(LN2_G), &mut gg[0], &mut rest[0], d);
-            }
+            let (g0, g1) = grad_pair(gd, LN2_G);
+            ln_backward(&mut a.dmid, &a.dtmp, &b.ln2, g(LN2_G), g0, g1, d);
             a.dmid.iter_mut().zip(&a.dx).for_each(|(m, x)| *m += x);
             // Attention branch: a.dmid is dL/d(mid).
             a.dtmp.clear();
             a.dtmp.extend_from_slice(&a.dmid);
             apply_mask(&mut a.dtmp, &b.attn_mask);
             a.dctx.resize(t * d, 0.0);
-            {
-                let (w, rest) = gd[W_O..].split_at_mut(1);
-                linear_backward(Some(&mut a.dctx), &mut w[0], &mut rest[0], &a.dtmp, &b.ctx, g(W_O), t, d, d);
-            }
+            let (g0, g1) = grad_pair(gd, W_O);
+            linear_backward(Some(&mut a.dctx), g0, g1, &a.dtmp, &b.ctx, g(W_O), t, d, d);
             a.dqkv.resize(t * 3 * d, 0.0);
             attention_backward(&mut a.dqkv, &mut a.dprobs, &a.dctx, &b.qkv, &b.probs, &a.off, &a.poff, d, heads);
-            {
-                let (w, rest) = gd[W_QKV..].split_at_mut(1);
-                linear_backward(Some(&mut a.dtmp), &mut w[0], &mut rest[0], &a.dqkv, &b.ln1.out, g(W_QKV), t, d, 3 * d);
-            }
-            {
-                let (gg, rest) = gd[LN1_G..].split_at_mut(1);
-                ln_backward(&mut a.dx, &a.dtmp, &b.ln1, g(LN1_G), &mut gg[0], &mut rest[0], d);
-            }
+            let (g0, g1) = grad_pair(gd, W_QKV);
+            linear_backward(Some(&mut a.dtmp), g0, g1, &a.dqkv, &b.ln1.out, g(W_QKV), t, d, 3 * d);
+            let (g0, g1) = grad_pair(gd, LN1_G);
+            ln_backward(&mut a.dx, &a.dtmp, &b.ln1, g(LN1_G), g0, g1, d);
             a.dx.iter_mut().zip(&a.dmid).for_each(|(x, m)| *x += m);
         }
         apply_mask(&mut a.dx, &a.emb_mask);
