@@ -35,6 +35,21 @@ pub struct EpochLog {
     pub samples_per_sec: f64,
 }
 
+impl EpochLog {
+    /// The record of an epoch from its mean loss, its validation report, and its training time
+    /// over this many targets.
+    fn new(epoch: usize, loss: f64, valid: &needle_eval::Report, seconds: f64, targets: usize) -> Self {
+        EpochLog {
+            epoch,
+            loss,
+            valid_hr10: valid.get(10).map_or(0.0, |a| a.hit_rate),
+            valid_ndcg10: valid.get(10).map_or(0.0, |a| a.ndcg),
+            seconds,
+            samples_per_sec: targets as f64 / seconds.max(1e-9),
+        }
+    }
+}
+
 /// What a finished training run reports.
 pub struct Trained {
     pub model: Model,
@@ -913,14 +928,7 @@ pub fn train(
             let r = evaluate(&model, p, Stage::Valid, &[10], false, None, &mut users_progress(&vbar));
             vbar.finish_and_clear();
             let events = p.train.items.len();
-            let rec = EpochLog {
-                epoch: 1,
-                loss: 0.0,
-                valid_hr10: r.get(10).map_or(0.0, |a| a.hit_rate),
-                valid_ndcg10: r.get(10).map_or(0.0, |a| a.ndcg),
-                seconds: secs,
-                samples_per_sec: events as f64 / secs.max(1e-9),
-            };
+            let rec = EpochLog::new(1, 0.0, &r, secs, events);
             log(&rec);
             Ok(Trained {
                 model,
@@ -931,32 +939,19 @@ pub fn train(
                 samples_per_epoch: events,
             })
         }
-        Model::Deep(m) => train_tower(cfg, p, *m, |m| Model::Deep(Box::new(m)), show_progress, log),
-        Model::Fm(m) => train_tower(cfg, p, *m, |m| Model::Fm(Box::new(m)), show_progress, log),
-        Model::Mind(m) => train_tower(cfg, p, *m, |m| Model::Mind(Box::new(m)), show_progress, log),
-        Model::Seq(m) => train_tower(cfg, p, *m, |m| Model::Seq(Box::new(m)), show_progress, log),
+        tower => {
+            let mut session = tower_session(cfg, p, tower, true)?;
+            while let Some(rec) = session.epoch(show_progress)? {
+                log(&rec);
+            }
+            session.finish()
+        }
     }
 }
 
 /// The validation figure `metric` picks out of an epoch's record.
 pub fn selected(metric: SelectMetric, rec: &EpochLog) -> f64 {
     metric.pick(rec.valid_hr10, rec.valid_ndcg10)
-}
-
-/// The epoch loop for any tower: a [`Session`] run to its end.
-fn train_tower<T: Tower + Clone>(
-    cfg: &Config,
-    p: &Prepared,
-    model: T,
-    wrap: fn(T) -> Model,
-    show_progress: bool,
-    log: &mut dyn FnMut(&EpochLog),
-) -> Result<Trained, TrainError> {
-    let mut session = Session::new(cfg, p, model, wrap, true)?;
-    while let Some(rec) = session.epoch(show_progress)? {
-        log(&rec);
-    }
-    Ok(session.finish())
 }
 
 /// A tower's training advanced one epoch at a time, with validation after each: `needle train`
@@ -1123,14 +1118,7 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
             &mut users_progress(&vbar),
         );
         vbar.finish_and_clear();
-        let rec = EpochLog {
-            epoch,
-            loss: loss_sum / steps.max(1) as f64,
-            valid_hr10: r.get(10).map_or(0.0, |a| a.hit_rate),
-            valid_ndcg10: r.get(10).map_or(0.0, |a| a.ndcg),
-            seconds: secs,
-            samples_per_sec: self.targets as f64 / secs,
-        };
+        let rec = EpochLog::new(epoch, loss_sum / steps.max(1) as f64, &r, secs, self.targets);
         let score = selected(t.select, &rec);
         if score > self.best_score {
             self.best_score = score;
@@ -1192,11 +1180,22 @@ pub fn session<'a>(cfg: &'a Config, p: &'a Prepared) -> Result<Box<dyn AnySessio
         return Ok(Box::new(Counted { cfg, p, trained: None }));
     }
     let root = Rng::new(cfg.train.seed);
-    Ok(match build_model(cfg, p, &mut root.fork(2))? {
-        Model::Deep(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Deep(Box::new(m)), false)?),
-        Model::Fm(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Fm(Box::new(m)), false)?),
-        Model::Mind(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Mind(Box::new(m)), false)?),
-        Model::Seq(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Seq(Box::new(m)), false)?),
+    tower_session(cfg, p, build_model(cfg, p, &mut root.fork(2))?, false)
+}
+
+/// The session training `model`, a freshly built model of the configured kind; `show_plan`
+/// prints the memory plan (a tuner's many sessions keep quiet).
+fn tower_session<'a>(
+    cfg: &'a Config,
+    p: &'a Prepared,
+    model: Model,
+    show_plan: bool,
+) -> Result<Box<dyn AnySession + 'a>, TrainError> {
+    Ok(match model {
+        Model::Deep(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Deep(Box::new(m)), show_plan)?),
+        Model::Fm(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Fm(Box::new(m)), show_plan)?),
+        Model::Mind(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Mind(Box::new(m)), show_plan)?),
+        Model::Seq(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Seq(Box::new(m)), show_plan)?),
         Model::Popularity { .. } | Model::Neighbors(_) => Box::new(Counted { cfg, p, trained: None }),
     })
 }
