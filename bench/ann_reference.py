@@ -15,29 +15,12 @@ libraries) and with all threads.
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-VENV = os.path.join(HERE, ".venv")
+from pyvenv import ensure_venv
+
 PACKAGES = ["numpy", "hnswlib", "faiss-cpu"]
-
-
-def ensure_venv():
-    """Re-runs this script inside bench/.venv, creating and filling it on first use."""
-    py = os.path.join(VENV, "bin", "python")
-    if os.path.realpath(sys.prefix) == os.path.realpath(VENV):
-        return
-    marker = os.path.join(VENV, ".needle-ready")
-    if not os.path.exists(marker):
-        if not os.path.exists(py):
-            print(f"creating {VENV}", file=sys.stderr)
-            subprocess.check_call([sys.executable, "-m", "venv", VENV])
-        print("installing " + ", ".join(PACKAGES) + " (hnswlib compiles from source)", file=sys.stderr)
-        subprocess.check_call([py, "-m", "pip", "install", "--quiet"] + PACKAGES)
-        open(marker, "w").close()
-    os.execv(py, [py, os.path.abspath(__file__)] + sys.argv[1:])
 
 
 def recall(truth, got, k):
@@ -145,5 +128,5 @@ def main():
 
 
 if __name__ == "__main__":
-    ensure_venv()
+    ensure_venv(".venv", PACKAGES, "hnswlib compiles from source", __file__)
     main()

@@ -19,29 +19,12 @@ The first run creates bench/.venv-torch and installs numpy and torch from PyPI i
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-VENV = os.path.join(HERE, ".venv-torch")
+from pyvenv import ensure_venv
+
 PACKAGES = ["numpy", "torch"]
-
-
-def ensure_venv():
-    """Re-runs this script inside bench/.venv-torch, creating and filling it on first use."""
-    py = os.path.join(VENV, "bin", "python")
-    if os.path.realpath(sys.prefix) == os.path.realpath(VENV):
-        return
-    marker = os.path.join(VENV, ".needle-ready")
-    if not os.path.exists(marker):
-        if not os.path.exists(py):
-            print(f"creating {VENV}", file=sys.stderr)
-            subprocess.check_call([sys.executable, "-m", "venv", VENV])
-        print("installing " + ", ".join(PACKAGES) + " (torch is a large download)", file=sys.stderr)
-        subprocess.check_call([py, "-m", "pip", "install", "--quiet"] + PACKAGES)
-        open(marker, "w").close()
-    os.execv(py, [py, os.path.abspath(__file__)] + sys.argv[1:])
 
 
 def windows(path, max_len):
@@ -88,7 +71,7 @@ def main():
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.data, "ratings.dat")):
         sys.exit(f"{args.data}/ratings.dat not found: pass --data or set NEEDLE_DATA_DIR")
-    ensure_venv()
+    ensure_venv(".venv-torch", PACKAGES, "torch is a large download", __file__)
 
     import numpy as np
     import torch
