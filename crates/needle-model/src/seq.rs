@@ -13,7 +13,9 @@
 
 use crate::embedding::{Embedding, RowHash};
 use crate::fastexp::exp_shifted_sum;
-use crate::layers::{l2norm_backward, l2norm_forward, linear_backward, linear_forward, relu_backward, relu_forward};
+use crate::layers::{
+    dot, l2norm_backward, l2norm_forward, linear_backward, linear_forward, relu_backward, relu_forward,
+};
 use crate::mlp::fill_mask;
 use crate::rng::Rng;
 use crate::tower::{Grads, NamedTensor, Tower, UserBatch};
@@ -385,9 +387,9 @@ fn attention_backward(
                 for i in 0..n {
                     let pr = &prow[i * n..i * n + i + 1];
                     let dr = &mut drow[i * n..(i + 1) * n];
-                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    let pd = dot(pr, &dr[..=i]);
                     for j in 0..=i {
-                        dr[j] = pr[j] * (dr[j] - dot) * scale;
+                        dr[j] = pr[j] * (dr[j] - pd) * scale;
                     }
                     dr[i + 1..].fill(0.0);
                 }
@@ -415,7 +417,7 @@ fn newest_attention(qkv: &[f32], ctx: &mut [f32], off: &[usize], d: usize, heads
             for j in t0..=last {
                 let row = &qkv[j * 3 * d..(j + 1) * 3 * d];
                 let (k, v) = (&row[d + h * dh..][..dh], &row[2 * d + h * dh..][..dh]);
-                let score = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                let score = dot(q, k) * scale;
                 if score > max {
                     let r = (max - score).exp();
                     z *= r;
