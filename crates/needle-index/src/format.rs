@@ -4,7 +4,7 @@
 //! offset  size  field
 //!      0     8  magic "NEEDLEIX"
 //!      8     4  format version (u32 LE)
-//!     12     4  kind: 1 exact, 2 IVF-Flat, 3 HNSW
+//!     12     4  kind: 1 exact, 2 IVF-Flat, 3 HNSW, 4 IVF-PQ
 //!     16     4  metric: 1 inner product
 //!     20     4  dimension
 //!     24     8  vector count
@@ -68,6 +68,7 @@ fn kind_code(k: IndexKind) -> u32 {
         IndexKind::Exact => 1,
         IndexKind::Ivf => 2,
         IndexKind::Hnsw => 3,
+        IndexKind::IvfPq => 4,
     }
 }
 
@@ -227,6 +228,7 @@ pub(crate) fn read_verified(path: &Path) -> Result<(Header, Vec<u8>)> {
         1 => IndexKind::Exact,
         2 => IndexKind::Ivf,
         3 => IndexKind::Hnsw,
+        4 => IndexKind::IvfPq,
         k => return Err(corrupt(format!("unknown index kind code {k}"))),
     };
     let metric = u32_at(16);

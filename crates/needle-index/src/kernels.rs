@@ -398,6 +398,11 @@ impl Rows {
     }
 
     /// Number of rows.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Number of rows.
     pub fn rows(&self) -> usize {
         self.len.checked_div(self.dim).unwrap_or(0)
     }

@@ -1,7 +1,7 @@
 //! Top-K inner-product search over item vectors, the step between a trained two-tower model and
 //! serving: given a user vector, which item rows score highest?
 //!
-//! Three indexes share one small trait, [`Index`] (build, add, search one query or a batch,
+//! Four indexes share one small trait, [`Index`] (build, add, search one query or a batch,
 //! save, [`load`]), in the spirit of Faiss's interface:
 //!
 //! - [`ExactIndex`]: scans every vector. It is the reference that approximate indexes are
@@ -9,6 +9,9 @@
 //! - [`IvfIndex`]: k-means lists (IVF-Flat); a query scans the `nprobe` lists whose centroids
 //!   score highest, with the same scan kernel as the exact index.
 //! - [`HnswIndex`]: a hierarchical navigable small-world graph over the same contiguous vectors.
+//! - [`IvfPqIndex`]: k-means lists of 4-bit product-quantization codes scanned 32 at a time
+//!   (`fastscan.rs`), the best candidates re-scored from 8-bit codes or floats: the compressed
+//!   index for catalogues whose float vectors would not fit in memory.
 //!
 //! The metric is always the inner product. Models L2-normalise their vectors, but nothing here
 //! assumes it. Items are `u32` rows; the caller maps rows to its own ids.
@@ -19,9 +22,11 @@
 
 mod error;
 mod exact;
+pub mod fastscan;
 mod format;
 mod hnsw;
 mod ivf;
+mod ivfpq;
 pub mod kernels;
 mod kmeans;
 mod synth;
@@ -31,6 +36,7 @@ pub use exact::ExactIndex;
 pub use format::FORMAT_VERSION;
 pub use hnsw::HnswIndex;
 pub use ivf::IvfIndex;
+pub use ivfpq::{IvfPqIndex, COARSE_GRAPH_MIN_LISTS};
 pub use kmeans::kmeans;
 pub use synth::synthetic_clustered;
 
@@ -48,6 +54,7 @@ pub enum IndexKind {
     Exact,
     Ivf,
     Hnsw,
+    IvfPq,
 }
 
 impl fmt::Display for IndexKind {
@@ -56,6 +63,7 @@ impl fmt::Display for IndexKind {
             IndexKind::Exact => "exact",
             IndexKind::Ivf => "ivf",
             IndexKind::Hnsw => "hnsw",
+            IndexKind::IvfPq => "ivfpq",
         })
     }
 }
@@ -77,6 +85,53 @@ pub struct IvfParams {
 impl Default for IvfParams {
     fn default() -> Self {
         IvfParams { nlist: 0, nprobe: 16, train_iters: 10, seed: 42 }
+    }
+}
+
+/// Where IVF-PQ's final scores come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refine {
+    /// The 4-bit PQ scores themselves: the smallest index, the roughest ranking.
+    None,
+    /// 8-bit per-dimension codes: a quarter of the float vectors' size.
+    Sq8,
+    /// The float vectors, kept in the index.
+    Flat,
+}
+
+impl fmt::Display for Refine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Refine::None => "none",
+            Refine::Sq8 => "sq8",
+            Refine::Flat => "flat",
+        })
+    }
+}
+
+/// IVF-PQ build and search parameters (see [`IvfPqIndex`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IvfPqParams {
+    /// Number of k-means lists; 0 picks `4·√n` at build time.
+    pub nlist: usize,
+    /// Lists scanned per query: the speed/recall knob.
+    pub nprobe: usize,
+    /// Sub-quantizers of 16 codewords (4 bits) each; must divide the dimension. 0 picks
+    /// `dim / 2`: 16 bytes per 64-d vector.
+    pub m: usize,
+    /// Candidates re-scored per query; 0 picks `max(4k, 256)`. Ignored without re-ranking data.
+    pub rerank: usize,
+    /// What candidates are re-scored from.
+    pub refine: Refine,
+    /// Lloyd iterations of the coarse k-means.
+    pub train_iters: usize,
+    /// Seeds k-means, the quantizer's training sample and the coarse graph.
+    pub seed: u64,
+}
+
+impl Default for IvfPqParams {
+    fn default() -> Self {
+        IvfPqParams { nlist: 0, nprobe: 32, m: 0, rerank: 0, refine: Refine::Sq8, train_iters: 10, seed: 42 }
     }
 }
 
@@ -109,6 +164,7 @@ pub enum IndexParams {
     Exact,
     Ivf(IvfParams),
     Hnsw(HnswParams),
+    IvfPq(IvfPqParams),
 }
 
 impl IndexParams {
@@ -118,6 +174,7 @@ impl IndexParams {
             IndexParams::Exact => IndexKind::Exact,
             IndexParams::Ivf(_) => IndexKind::Ivf,
             IndexParams::Hnsw(_) => IndexKind::Hnsw,
+            IndexParams::IvfPq(_) => IndexKind::IvfPq,
         }
     }
 
@@ -152,6 +209,11 @@ impl fmt::Display for IndexParams {
                 "hnsw:m={},ef_construction={},ef_search={},seed={}",
                 p.m, p.ef_construction, p.ef_search, p.seed
             ),
+            IndexParams::IvfPq(p) => write!(
+                f,
+                "ivfpq:nlist={},nprobe={},m={},rerank={},refine={},train_iters={},seed={}",
+                p.nlist, p.nprobe, p.m, p.rerank, p.refine, p.train_iters, p.seed
+            ),
         }
     }
 }
@@ -165,10 +227,11 @@ impl FromStr for IndexParams {
         for item in rest.split(',').map(str::trim).filter(|x| !x.is_empty()) {
             let (k, v) =
                 item.split_once('=').ok_or_else(|| IndexError::Param(format!("{item:?} in {s:?} is not key=value")))?;
-            let v: u64 =
-                v.trim().parse().map_err(|_| IndexError::Param(format!("{k}={v:?} in {s:?} is not a whole number")))?;
-            pairs.push((k.trim().to_ascii_lowercase(), v));
+            pairs.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
         }
+        let num = |k: &str, v: &str| -> Result<u64> {
+            v.parse().map_err(|_| IndexError::Param(format!("{k}={v:?} in {s:?} is not a whole number")))
+        };
         let unknown =
             |k: &str, known: &str| IndexError::Param(format!("unknown parameter {k:?} for {kind}; known: {known}"));
         let params = match kind.trim().to_ascii_lowercase().as_str() {
@@ -182,10 +245,10 @@ impl FromStr for IndexParams {
                 let mut p = IvfParams::default();
                 for (k, v) in pairs {
                     match k.as_str() {
-                        "nlist" => p.nlist = v as usize,
-                        "nprobe" => p.nprobe = v as usize,
-                        "train_iters" | "iters" => p.train_iters = v as usize,
-                        "seed" => p.seed = v,
+                        "nlist" => p.nlist = num(&k, &v)? as usize,
+                        "nprobe" => p.nprobe = num(&k, &v)? as usize,
+                        "train_iters" | "iters" => p.train_iters = num(&k, &v)? as usize,
+                        "seed" => p.seed = num(&k, &v)?,
                         _ => return Err(unknown(&k, "nlist, nprobe, train_iters, seed")),
                     }
                 }
@@ -195,16 +258,45 @@ impl FromStr for IndexParams {
                 let mut p = HnswParams::default();
                 for (k, v) in pairs {
                     match k.as_str() {
-                        "m" => p.m = v as usize,
-                        "ef_construction" | "efc" => p.ef_construction = v as usize,
-                        "ef_search" | "ef" => p.ef_search = v as usize,
-                        "seed" => p.seed = v,
+                        "m" => p.m = num(&k, &v)? as usize,
+                        "ef_construction" | "efc" => p.ef_construction = num(&k, &v)? as usize,
+                        "ef_search" | "ef" => p.ef_search = num(&k, &v)? as usize,
+                        "seed" => p.seed = num(&k, &v)?,
                         _ => return Err(unknown(&k, "m, ef_construction, ef_search, seed")),
                     }
                 }
                 IndexParams::Hnsw(p)
             }
-            other => return Err(IndexError::Param(format!("unknown index kind {other:?}; known: exact, ivf, hnsw"))),
+            "ivfpq" | "ivf-pq" => {
+                let mut p = IvfPqParams::default();
+                for (k, v) in pairs {
+                    match k.as_str() {
+                        "nlist" => p.nlist = num(&k, &v)? as usize,
+                        "nprobe" => p.nprobe = num(&k, &v)? as usize,
+                        "m" => p.m = num(&k, &v)? as usize,
+                        "rerank" => p.rerank = num(&k, &v)? as usize,
+                        "refine" => {
+                            p.refine = match v.to_ascii_lowercase().as_str() {
+                                "none" => Refine::None,
+                                "sq8" => Refine::Sq8,
+                                "flat" => Refine::Flat,
+                                _ => {
+                                    return Err(IndexError::Param(format!(
+                                        "refine={v:?} in {s:?}: expected none, sq8 or flat"
+                                    )))
+                                }
+                            }
+                        }
+                        "train_iters" | "iters" => p.train_iters = num(&k, &v)? as usize,
+                        "seed" => p.seed = num(&k, &v)?,
+                        _ => return Err(unknown(&k, "nlist, nprobe, m, rerank, refine, train_iters, seed")),
+                    }
+                }
+                IndexParams::IvfPq(p)
+            }
+            other => {
+                return Err(IndexError::Param(format!("unknown index kind {other:?}; known: exact, ivf, hnsw, ivfpq")))
+            }
         };
         params.validate()?;
         Ok(params)
@@ -219,6 +311,19 @@ impl IndexParams {
             IndexParams::Ivf(p) => {
                 if p.nprobe == 0 {
                     return Err(IndexError::Param("ivf nprobe must be at least 1".into()));
+                }
+                Ok(())
+            }
+            IndexParams::IvfPq(p) => {
+                if p.nprobe == 0 {
+                    return Err(IndexError::Param("ivfpq nprobe must be at least 1".into()));
+                }
+                if p.m > fastscan::MAX_SUBQUANTIZERS {
+                    return Err(IndexError::Param(format!(
+                        "ivfpq m must be at most {}, got {}",
+                        fastscan::MAX_SUBQUANTIZERS,
+                        p.m
+                    )));
                 }
                 Ok(())
             }
@@ -329,6 +434,7 @@ pub fn build(params: &IndexParams, ids: &[u32], vectors: &[f32], dim: usize) -> 
             ix.add(ids, vectors)?;
             Box::new(ix)
         }
+        IndexParams::IvfPq(p) => Box::new(IvfPqIndex::build(p, ids, vectors, dim)?),
     })
 }
 
@@ -339,6 +445,7 @@ pub fn load(path: &Path) -> Result<Box<dyn Index>> {
         IndexKind::Exact => Box::new(ExactIndex::from_payload(&header, &payload, path)?),
         IndexKind::Ivf => Box::new(IvfIndex::from_payload(&header, &payload, path)?),
         IndexKind::Hnsw => Box::new(HnswIndex::from_payload(&header, &payload, path)?),
+        IndexKind::IvfPq => Box::new(IvfPqIndex::from_payload(&header, &payload, path)?),
     })
 }
 
@@ -372,7 +479,7 @@ pub fn recall_at_k(truth: &[Vec<(u32, f32)>], got: &[Vec<(u32, f32)>], k: usize)
 /// need a few IVF lists, near-uniform ones hundreds), so a fixed default cannot be right
 /// everywhere; a few hundred representative queries (e.g. user vectors) and their exact answers
 /// (`truth`, from [`ExactIndex`]'s `search_batch`) settle it in seconds. Efforts tried: `k`,
-/// then doubling, for HNSW (up to 8192); 1, 2, 4, … up to `nlist` for IVF. If no effort reaches
+/// then doubling, for HNSW (up to 8192); 1, 2, 4, … up to `nlist` for IVF and IVF-PQ. If no effort reaches
 /// the target, the largest is kept. The exact index returns `(0, 1.0)`.
 pub fn tune_effort(
     index: &mut dyn Index,
@@ -383,10 +490,10 @@ pub fn tune_effort(
 ) -> Result<(usize, f64)> {
     let ladder: Vec<usize> = match index.params() {
         IndexParams::Exact => return Ok((0, 1.0)),
-        IndexParams::Ivf(p) => {
+        IndexParams::Ivf(IvfParams { nlist, .. }) | IndexParams::IvfPq(IvfPqParams { nlist, .. }) => {
             let mut v: Vec<usize> =
-                std::iter::successors(Some(1usize), |&e| Some(e * 2)).take_while(|&e| e < p.nlist).collect();
-            v.push(p.nlist.max(1));
+                std::iter::successors(Some(1usize), |&e| Some(e * 2)).take_while(|&e| e < nlist).collect();
+            v.push(nlist.max(1));
             v
         }
         IndexParams::Hnsw(_) => {
@@ -448,13 +555,13 @@ pub(crate) fn check_add(dim: usize, have: usize, ids: &[u32], vectors: &[f32]) -
 mod tests {
     use super::*;
 
-    /// Byte offset of section `i` (0-based) in a file image.
-    fn section_offset(bytes: &[u8], i: usize) -> usize {
+    /// Byte offset of section `i` (0-based) in a file image whose first section holds
+    /// `first_elem`-byte elements and every later one skipped holds 4-byte elements.
+    fn section_offset(bytes: &[u8], i: usize, first_elem: usize) -> usize {
         let mut pos = format::HEADER_LEN;
-        for _ in 0..i {
+        for s in 0..i {
             let count = u64::from_le_bytes(bytes[pos..pos + 8].try_into().unwrap()) as usize;
-            let elem = 4; // every section skipped below holds 4-byte elements or is the 2×u64 one
-            let bytes_len = if pos == format::HEADER_LEN && count == 2 { 16 } else { count * elem };
+            let bytes_len = count * if s == 0 { first_elem } else { 4 };
             pos += 8 + bytes_len.div_ceil(8) * 8;
         }
         pos
@@ -489,7 +596,7 @@ mod tests {
         let ivf = build(&IndexParams::Ivf(IvfParams { nlist: 10, ..IvfParams::default() }), &ids, &data, dim).unwrap();
         // Sections: centroids, offsets. Make offsets[1] larger than offsets[2].
         let err = forge(ivf.as_ref(), |b| {
-            let off = section_offset(b, 1) + 8;
+            let off = section_offset(b, 1, 4) + 8;
             b[off + 4..off + 8].copy_from_slice(&1000u32.to_le_bytes());
         })
         .unwrap_err();
@@ -500,7 +607,7 @@ mod tests {
         // Sections: entry (2 × u64), ids, levels (u8), upper offsets, layer 0. Point node 0's
         // first link past the last node.
         let err = forge(hnsw.as_ref(), |b| {
-            let lv = section_offset(b, 2);
+            let lv = section_offset(b, 2, 8);
             let after_levels = lv + 8 + n.div_ceil(8) * 8;
             let upper = after_levels + 8 + (4 * n).div_ceil(8) * 8;
             let l0 = upper + 8;
@@ -515,5 +622,22 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("entry point"), "{err}");
+
+        let pq =
+            build(&IndexParams::IvfPq(IvfPqParams { nlist: 10, ..IvfPqParams::default() }), &ids, &data, dim).unwrap();
+        assert!(forge(pq.as_ref(), |_| ()).is_ok(), "resealing an untouched IVF-PQ file must load");
+        // Sections: settings [m, refine, train_iters], centroids, codebooks, offsets, ...
+        let settings = format::HEADER_LEN + 8;
+        let err = forge(pq.as_ref(), |b| b[settings..settings + 8].copy_from_slice(&3u64.to_le_bytes())).unwrap_err();
+        assert!(err.to_string().contains("must divide the dimension"), "{err}");
+        let err =
+            forge(pq.as_ref(), |b| b[settings + 8..settings + 16].copy_from_slice(&7u64.to_le_bytes())).unwrap_err();
+        assert!(err.to_string().contains("re-ranking code 7"), "{err}");
+        let err = forge(pq.as_ref(), |b| {
+            let off = section_offset(b, 3, 8) + 8;
+            b[off + 4..off + 8].copy_from_slice(&1000u32.to_le_bytes());
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("offsets"), "{err}");
     }
 }

@@ -1,9 +1,9 @@
-//! Behaviour of the three indexes on small generated data: correctness against brute force,
+//! Behaviour of the four indexes on small generated data: correctness against brute force,
 //! recall, filtering, incremental adds, persistence, and refusal of bad input and damaged files.
 
 use needle_index::{
     build, load, recall_at_k, synthetic_clustered, ExactIndex, HnswIndex, HnswParams, Index, IndexError, IndexKind,
-    IndexParams, IvfIndex, IvfParams, SearchOptions,
+    IndexParams, IvfIndex, IvfParams, IvfPqIndex, IvfPqParams, Refine, SearchOptions,
 };
 use needle_model::rng::Rng;
 use std::path::Path;
@@ -36,7 +36,18 @@ fn all_kinds() -> Vec<IndexParams> {
         IndexParams::Exact,
         IndexParams::Ivf(IvfParams { nlist: 32, nprobe: 8, ..IvfParams::default() }),
         IndexParams::Hnsw(HnswParams { m: 8, ef_construction: 64, ef_search: 64, seed: 1 }),
+        IndexParams::IvfPq(IvfPqParams { nlist: 32, nprobe: 8, ..IvfPqParams::default() }),
+        IndexParams::IvfPq(IvfPqParams { nlist: 16, nprobe: 4, refine: Refine::Flat, ..IvfPqParams::default() }),
     ]
+}
+
+/// How far a kind's reported scores may be from the true inner products: SQ8 re-ranking
+/// reports 8-bit reconstructions, everything else exact products.
+fn score_tolerance(params: &IndexParams) -> f32 {
+    match params {
+        IndexParams::IvfPq(IvfPqParams { refine: Refine::Sq8, .. }) => 0.02,
+        _ => 0.0,
+    }
 }
 
 #[test]
@@ -93,6 +104,42 @@ fn approximate_indexes_reach_high_recall_and_effort_buys_recall() {
     let mut out = Vec::new();
     hnsw.search_with(&queries[..dim], 10, &SearchOptions { effort: Some(128), keep: None }, &mut out).unwrap();
     assert_eq!(out.len(), 10);
+
+    let pq = |refine, rerank| IvfPqParams { nlist: 64, nprobe: 8, refine, rerank, seed: 5, ..IvfPqParams::default() };
+    let recall = |ix: &IvfPqIndex| recall_at_k(&truth, &ix.search_batch(&queries, 10).unwrap(), 10);
+    let mut sq8 = IvfPqIndex::build(&pq(Refine::Sq8, 0), &ids(6000), &data, dim).unwrap();
+    let bare = IvfPqIndex::build(&pq(Refine::None, 0), &ids(6000), &data, dim).unwrap();
+    let (r_sq8, r_bare) = (recall(&sq8), recall(&bare));
+    assert!(r_sq8 > 0.9, "ivf-pq + sq8 recall@10 {r_sq8}");
+    assert!(r_bare > 0.5 && r_bare < r_sq8, "4-bit codes alone should rank worse than re-ranked: {r_bare} vs {r_sq8}");
+    sq8.set_search_effort(2);
+    assert!(recall(&sq8) < r_sq8, "fewer lists should cost recall");
+    // Every list probed and every vector re-scored from the floats: exact search.
+    let mut flat = IvfPqIndex::build(&pq(Refine::Flat, 6000), &ids(6000), &data, dim).unwrap();
+    flat.set_search_effort(64);
+    assert_eq!(recall(&flat), 1.0, "re-ranking everything from floats is exact");
+}
+
+#[test]
+fn ivf_pq_pads_an_odd_number_of_subquantizers_and_uses_a_coarse_graph_for_many_lists() {
+    let dim = 12;
+    let n = 2 * needle_index::COARSE_GRAPH_MIN_LISTS + 500;
+    let (data, queries) = clustered(n, 50, dim, 17);
+    let truth = build(&IndexParams::Exact, &ids(n), &data, dim).unwrap().search_batch(&queries, 10).unwrap();
+    // m = 3: four dimensions per sub-quantizer, padded to 4 in the code blocks.
+    let p = IvfPqParams { nlist: needle_index::COARSE_GRAPH_MIN_LISTS, nprobe: 64, m: 3, ..IvfPqParams::default() };
+    let ix = IvfPqIndex::build(&p, &ids(n), &data, dim).unwrap();
+    assert_eq!(ix.nlist(), needle_index::COARSE_GRAPH_MIN_LISTS);
+    let r = recall_at_k(&truth, &ix.search_batch(&queries, 10).unwrap(), 10);
+    assert!(r > 0.85, "recall@10 with m = 3 and a coarse graph: {r}");
+    let dir = tempfile::tempdir().unwrap();
+    ix.save(&dir.path().join("g.idx")).unwrap();
+    let back = load(&dir.path().join("g.idx")).unwrap();
+    assert_eq!(back.search_batch(&queries, 10).unwrap(), ix.search_batch(&queries, 10).unwrap());
+    assert!(matches!(
+        build(&IndexParams::IvfPq(IvfPqParams { m: 5, ..IvfPqParams::default() }), &ids(n), &data, dim),
+        Err(IndexError::Param(_))
+    ));
 }
 
 #[test]
@@ -149,7 +196,7 @@ fn ranks_by_inner_product_not_cosine() {
         let mut out = Vec::new();
         ix.search(&[1.0, 0.0, 0.0, 0.0], 4, &mut out).unwrap();
         assert_eq!(out.iter().map(|p| p.0).collect::<Vec<_>>(), vec![11, 10, 12, 13], "{params}");
-        assert_eq!(out[0].1, 3.0);
+        assert!((out[0].1 - 3.0).abs() <= score_tolerance(&params), "{params}: {}", out[0].1);
     }
 }
 
@@ -187,8 +234,12 @@ fn bad_input_is_an_error_not_a_panic() {
 
 #[test]
 fn params_parse_print_and_validate() {
-    for s in ["exact", "ivf:nlist=100,nprobe=4,train_iters=5,seed=9", "hnsw:m=8,ef_construction=50,ef_search=20,seed=3"]
-    {
+    for s in [
+        "exact",
+        "ivf:nlist=100,nprobe=4,train_iters=5,seed=9",
+        "hnsw:m=8,ef_construction=50,ef_search=20,seed=3",
+        "ivfpq:nlist=100,nprobe=4,m=8,rerank=200,refine=flat,train_iters=5,seed=9",
+    ] {
         let p: IndexParams = s.parse().unwrap();
         assert_eq!(p.to_string(), s);
         assert_eq!(p.to_string().parse::<IndexParams>().unwrap(), p);
@@ -198,7 +249,23 @@ fn params_parse_print_and_validate() {
         IndexParams::Hnsw(HnswParams { ef_search: 300, ..HnswParams::default() })
     );
     assert_eq!("ivf".parse::<IndexParams>().unwrap().kind(), IndexKind::Ivf);
-    for bad in ["annoy", "hnsw:m=1", "hnsw:m=x", "ivf:nprobe=0", "hnsw:depth=3", "exact:nlist=3", "ivf:nlist"] {
+    assert_eq!(
+        "ivfpq:refine=none".parse::<IndexParams>().unwrap(),
+        IndexParams::IvfPq(IvfPqParams { refine: Refine::None, ..IvfPqParams::default() })
+    );
+    for bad in [
+        "annoy",
+        "hnsw:m=1",
+        "hnsw:m=x",
+        "ivf:nprobe=0",
+        "hnsw:depth=3",
+        "exact:nlist=3",
+        "ivf:nlist",
+        "ivfpq:refine=pq",
+        "ivfpq:m=300",
+        "ivfpq:nprobe=0",
+        "ivf:refine=sq8",
+    ] {
         assert!(bad.parse::<IndexParams>().is_err(), "{bad} parsed");
     }
 }

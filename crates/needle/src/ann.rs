@@ -9,6 +9,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use needle_index::{
     recall_at_k, synthetic_clustered, ExactIndex, HnswIndex, HnswParams, Index, IndexParams, IvfIndex, IvfParams,
+    IvfPqIndex, IvfPqParams,
 };
 use needle_model::rng::Rng;
 use rayon::prelude::*;
@@ -24,6 +25,8 @@ pub const SYNTH_SPREAD: f32 = 1.0;
 const K: usize = 100;
 /// IVF `nprobe` values swept.
 const NPROBES: [usize; 7] = [4, 8, 16, 32, 64, 128, 256];
+/// IVF-PQ re-ranking depths swept at the default `nprobe`.
+const RERANKS: [usize; 4] = [200, 400, 800, 1600];
 /// HNSW `ef_search` values swept (`ef` below `K` is raised to `K`).
 const EFS: [usize; 7] = [100, 128, 160, 200, 300, 500, 800];
 
@@ -187,6 +190,7 @@ fn run_table(base: &[f32], queries: &[f32], dim: usize) -> Result<()> {
     let nlist = ivf.nlist();
     let (default_nprobe, default_ef) = match IndexParams::recommended() {
         IndexParams::Ivf(p) => (p.nprobe, 0),
+        IndexParams::IvfPq(p) => (p.nprobe, 0),
         IndexParams::Hnsw(p) => (0, p.ef_search),
         IndexParams::Exact => (0, 0),
     };
@@ -209,6 +213,43 @@ fn run_table(base: &[f32], queries: &[f32], dim: usize) -> Result<()> {
         });
     }
     drop(ivf);
+
+    let pq = IvfPqParams::default();
+    let t = Instant::now();
+    let mut ivfpq = IvfPqIndex::build(&pq, &ids, base, dim)?;
+    let ivfpq_build = t.elapsed().as_secs_f64();
+    let IndexParams::IvfPq(built) = ivfpq.params() else { bail!("an IVF-PQ build reported other parameters") };
+    // Lists probed at the default re-ranking depth, then the depth at the default lists.
+    let sweep = NPROBES
+        .into_iter()
+        .filter(|&p| p <= built.nlist)
+        .map(|p| (p, built.rerank))
+        .chain(RERANKS.into_iter().map(|r| (built.nprobe, r)));
+    for (nprobe, rerank) in sweep {
+        ivfpq.set_search_effort(nprobe);
+        ivfpq.set_rerank(rerank);
+        let (got, qps_single) = single_thread(&ivfpq, queries, dim, nq)?;
+        let (_, qps_batch) = batched(&ivfpq, queries)?;
+        let default = nprobe == built.nprobe && rerank == built.rerank;
+        print_row(&Row {
+            index: "ivf-pq".into(),
+            params: format!(
+                "nlist={} m={}x4 refine={} rerank={} nprobe={nprobe}{}",
+                built.nlist,
+                built.m,
+                built.refine,
+                if rerank == 0 { format!("auto ({})", ivfpq.candidates(K)) } else { rerank.to_string() },
+                if default { " (default)" } else { "" }
+            ),
+            build_s: ivfpq_build,
+            memory_mb: ivfpq.memory_bytes() as f64 / 1e6,
+            recall10: recall_at_k(&truth, &got, 10),
+            recall100: recall_at_k(&truth, &got, K),
+            qps_single,
+            qps_batch,
+        });
+    }
+    drop(ivfpq);
 
     let hp = HnswParams::default();
     let t = Instant::now();

@@ -393,6 +393,10 @@ fn run(cli: Cli) -> Result<()> {
                     p.nlist = nlist.unwrap_or(p.nlist);
                     p.nprobe = nprobe.unwrap_or(p.nprobe);
                 }
+                needle_index::IndexParams::IvfPq(p) => {
+                    p.nlist = nlist.unwrap_or(p.nlist);
+                    p.nprobe = nprobe.unwrap_or(p.nprobe);
+                }
                 needle_index::IndexParams::Exact => {}
             }
             params.validate()?;
