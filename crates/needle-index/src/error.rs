@@ -99,6 +99,15 @@ pub enum IndexError {
         row: usize,
     },
 
+    /// A vector file (`.npy`) cannot be used: wrong dtype, order, shape or length.
+    #[error("{}: {reason}", path.display())]
+    Vectors {
+        /// The file that was read.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A build or search parameter is out of range, or a parameter string does not parse.
     #[error("invalid index parameter: {0}")]
     Param(String),

@@ -7,11 +7,12 @@
 //! query; top-K selection then scans each tile's scores against the heap threshold, which after
 //! the first tiles rejects almost everything with one comparison.
 
-use crate::format::{self, Header, Reader};
+use crate::format::{self, Backing, Header, Reader};
 use crate::kernels::{dot_rows_fn, gemm_nt, Rows, TopK};
 use crate::{check_add, check_flat, check_query, Index, IndexError, IndexKind, IndexParams, Result, SearchOptions};
 use rayon::prelude::*;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Rows scored per call of the single-query kernel (scores stay on the stack).
 const SCAN_BLOCK: usize = 256;
@@ -94,10 +95,10 @@ impl ExactIndex {
         tops
     }
 
-    pub(crate) fn from_payload(h: &Header, payload: &[u8], path: &Path) -> Result<Self> {
+    pub(crate) fn from_payload(h: &Header, backing: &Arc<Backing>, path: &Path) -> Result<Self> {
         let n = h.count as usize;
         let dim = h.dim as usize;
-        let mut r = Reader::new(payload, path);
+        let mut r = Reader::new(backing, path);
         let ids = r.u32s("ids", Some(n))?;
         let rows = r.rows("vectors", dim, n)?;
         r.finish()?;

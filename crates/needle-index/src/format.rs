@@ -25,7 +25,9 @@ use crate::kernels::Rows;
 use crate::IndexKind;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub(crate) const MAGIC: [u8; 8] = *b"NEEDLEIX";
 /// Bumped whenever the payload layout of any kind changes.
@@ -180,10 +182,35 @@ pub(crate) fn save(path: &Path, header: &Header, payload: impl FnOnce(&mut Write
     std::fs::rename(&tmp, path).map_err(|e| IndexError::Io { path: path.to_owned(), source: e })
 }
 
-/// Reads a whole index file in one read and checks magic, version, length and checksum.
-/// Returns the header and the verified payload bytes.
-pub(crate) fn read_verified(path: &Path) -> Result<(Header, Vec<u8>)> {
-    let bytes = std::fs::read(path).map_err(|e| IndexError::Io { path: path.to_owned(), source: e })?;
+/// The bytes of an index file, read onto the heap or mapped from disk. Arrays of a loaded index
+/// may point into it (see [`Slab`]), so a mapped file is read only as pages are touched and
+/// unmapped when the last index using it is dropped.
+pub(crate) enum Backing {
+    Heap(Vec<u8>),
+    Map(memmap2::Mmap),
+}
+
+impl Backing {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Heap(v) => v,
+            Backing::Map(m) => m,
+        }
+    }
+}
+
+/// How much of a file to check before using it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// Header, length and structure: cost independent of the file's size (a mapped open).
+    Header,
+    /// Also the checksum over every byte.
+    Full,
+}
+
+/// Checks magic, version, length and the header fields of a whole file image; the checksum only
+/// with [`Verify::Full`].
+fn check_image(bytes: &[u8], path: &Path, verify: Verify) -> Result<Header> {
     let corrupt = |reason: String| IndexError::Corrupt { path: path.to_owned(), reason };
     if bytes.len() >= 8 && bytes[..8] != MAGIC {
         return Err(IndexError::BadMagic { path: path.to_owned() });
@@ -217,12 +244,12 @@ pub(crate) fn read_verified(path: &Path) -> Result<(Header, Vec<u8>)> {
     if payload_len % 8 != 0 {
         return Err(corrupt(format!("payload length {payload_len} is not a multiple of 8")));
     }
-    let mut hash = Fnv64::new();
-    hash.words(&bytes[HEADER_LEN..]);
-    hash.words(&bytes[..72]);
-    let stored = u64_at(72);
-    if hash.0 != stored {
-        return Err(IndexError::Checksum { path: path.to_owned(), stored, computed: hash.0 });
+    if verify == Verify::Full {
+        let stored = u64_at(72);
+        let computed = checksum(bytes);
+        if computed != stored {
+            return Err(IndexError::Checksum { path: path.to_owned(), stored, computed });
+        }
     }
     let kind = match u32_at(12) {
         1 => IndexKind::Exact,
@@ -243,9 +270,109 @@ pub(crate) fn read_verified(path: &Path) -> Result<(Header, Vec<u8>)> {
     if header.count > u32::MAX as u64 {
         return Err(corrupt(format!("vector count {} exceeds the u32 row limit", header.count)));
     }
-    let mut payload = bytes;
-    payload.drain(..HEADER_LEN);
-    Ok((header, payload))
+    Ok(header)
+}
+
+/// The checksum of a whole file image: payload words, then header bytes 0..72.
+fn checksum(bytes: &[u8]) -> u64 {
+    let mut hash = Fnv64::new();
+    hash.words(&bytes[HEADER_LEN..]);
+    hash.words(&bytes[..72]);
+    hash.0
+}
+
+/// Reads a whole index file in one read and checks magic, version, length and checksum.
+pub(crate) fn read_verified(path: &Path) -> Result<(Header, Arc<Backing>)> {
+    let bytes = std::fs::read(path).map_err(|e| IndexError::Io { path: path.to_owned(), source: e })?;
+    let header = check_image(&bytes, path, Verify::Full)?;
+    Ok((header, Arc::new(Backing::Heap(bytes))))
+}
+
+/// Maps an index file and checks it as far as `verify` asks.
+pub(crate) fn map(path: &Path, verify: Verify) -> Result<(Header, Arc<Backing>)> {
+    let io = |e| IndexError::Io { path: path.to_owned(), source: e };
+    let file = File::open(path).map_err(io)?;
+    // SAFETY: index files are only ever replaced by renaming a new file over them, never
+    // rewritten in place, so the mapped bytes do not change while mapped.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    let header = check_image(&map, path, verify)?;
+    Ok((header, Arc::new(Backing::Map(map))))
+}
+
+/// Elements a [`Slab`] can view in place: plain little-endian numbers.
+pub(crate) trait Plain: Copy + Send + Sync + 'static {
+    const SIZE: usize;
+    fn read_le(b: &[u8]) -> Self;
+}
+
+impl Plain for u8 {
+    const SIZE: usize = 1;
+    fn read_le(b: &[u8]) -> Self {
+        b[0]
+    }
+}
+
+impl Plain for u32 {
+    const SIZE: usize = 4;
+    fn read_le(b: &[u8]) -> Self {
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+impl Plain for f32 {
+    const SIZE: usize = 4;
+    fn read_le(b: &[u8]) -> Self {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+/// A read-only array held on the heap or viewed in place inside a file's [`Backing`].
+pub(crate) enum Slab<T: Plain> {
+    Owned(Vec<T>),
+    View { backing: Arc<Backing>, start: usize, len: usize, _t: PhantomData<T> },
+}
+
+impl<T: Plain> Slab<T> {
+    /// `len` elements at byte `start` of `backing`: a view when the target is little-endian and
+    /// the bytes are aligned for `T`, a copy otherwise.
+    fn new(backing: &Arc<Backing>, start: usize, len: usize) -> Slab<T> {
+        let bytes = &backing.bytes()[start..start + len * T::SIZE];
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>());
+        if cfg!(target_endian = "little") && aligned {
+            Slab::View { backing: backing.clone(), start, len, _t: PhantomData }
+        } else {
+            Slab::Owned(bytes.chunks_exact(T::SIZE).map(T::read_le).collect())
+        }
+    }
+}
+
+impl<T: Plain> Default for Slab<T> {
+    fn default() -> Self {
+        Slab::Owned(Vec::new())
+    }
+}
+
+impl<T: Plain> From<Vec<T>> for Slab<T> {
+    fn from(v: Vec<T>) -> Self {
+        Slab::Owned(v)
+    }
+}
+
+impl<T: Plain> std::ops::Deref for Slab<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        match self {
+            Slab::Owned(v) => v,
+            Slab::View { backing, start, len, .. } => {
+                let bytes = &backing.bytes()[*start..*start + *len * T::SIZE];
+                // SAFETY: `Slab::new` checked that these bytes lie inside the backing, are
+                // aligned for `T`, and that the target is little-endian like the file; `T` is
+                // a plain number type for which every bit pattern is valid.
+                unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, *len) }
+            }
+        }
+    }
 }
 
 /// Walks the sections of a verified payload, turning every inconsistency into
@@ -254,11 +381,20 @@ pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    backing: &'a Arc<Backing>,
 }
 
 impl<'a> Reader<'a> {
-    pub fn new(buf: &'a [u8], path: &'a Path) -> Self {
-        Reader { buf, pos: 0, path }
+    /// Reads the payload of the file image in `backing`.
+    pub fn new(backing: &'a Arc<Backing>, path: &'a Path) -> Self {
+        Reader { buf: &backing.bytes()[HEADER_LEN..], pos: 0, path, backing }
+    }
+
+    /// The next section as an array that views the file in place when it can.
+    pub fn slab<T: Plain>(&mut self, what: &str, expected: Option<usize>) -> Result<Slab<T>> {
+        let b = self.section(what, T::SIZE, expected)?;
+        let start = b.as_ptr() as usize - self.backing.bytes().as_ptr() as usize;
+        Ok(Slab::new(self.backing, start, b.len() / T::SIZE))
     }
 
     /// An error about this file's content.
@@ -333,8 +469,6 @@ impl<'a> Reader<'a> {
 /// whose checksum is right (what a buggy writer or a malicious file would produce).
 #[cfg(test)]
 pub(crate) fn reseal(bytes: &mut [u8]) {
-    let mut h = Fnv64::new();
-    h.words(&bytes[HEADER_LEN..]);
-    h.words(&bytes[..72]);
-    bytes[72..80].copy_from_slice(&h.0.to_le_bytes());
+    let h = checksum(bytes);
+    bytes[72..80].copy_from_slice(&h.to_le_bytes());
 }

@@ -15,13 +15,14 @@
 //! the paper's heuristic (keep a candidate only if it is closer to the new node than to every
 //! neighbour already kept), which matters for clustered data.
 
-use crate::format::{self, Header, Reader};
+use crate::format::{self, Backing, Header, Reader, Writer};
 use crate::kernels::{dot_fn, prefetch, DotFn, Rows};
 use crate::{check_add, check_query, HnswParams, Index, IndexError, IndexKind, IndexParams, Result, SearchOptions};
 use needle_model::rng::Rng;
 use rayon::prelude::*;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
 
 /// Highest layer a node can be drawn on; with m ≥ 2 a draw above it has probability < 2⁻³⁰.
@@ -595,11 +596,34 @@ impl HnswIndex {
         sc.visited.clear();
     }
 
-    pub(crate) fn from_payload(h: &Header, payload: &[u8], path: &Path) -> Result<Self> {
-        let n = h.count as usize;
-        let dim = h.dim as usize;
+    pub(crate) fn from_payload(h: &Header, backing: &Arc<Backing>, path: &Path) -> Result<Self> {
+        let mut r = Reader::new(backing, path);
         let [m, efc, ef, seed] = h.params;
-        let mut r = Reader::new(payload, path);
+        let ix = Self::read_sections(&mut r, h.dim as usize, h.count as usize, [m, efc, ef], seed)?;
+        r.finish()?;
+        Ok(ix)
+    }
+
+    /// The id of every node, in node order.
+    pub(crate) fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// The graph and its vectors as file sections (the parameters go in the caller's header).
+    pub(crate) fn write_sections(&self, w: &mut Writer) -> Result<()> {
+        w.u64s(&[self.entry as u64, self.max_level as u64])?;
+        w.u32s(&self.ids)?;
+        w.u8s(&self.levels)?;
+        w.u32s(&self.upper_start)?;
+        w.u32s(&self.level0)?;
+        w.u32s(&self.upper)?;
+        w.f32s(self.rows.as_slice())
+    }
+
+    /// Reads the sections [`HnswIndex::write_sections`] wrote for `n` nodes, checking every
+    /// link; `params` are `m`, `ef_construction` and `ef_search` as stored.
+    pub(crate) fn read_sections(r: &mut Reader, dim: usize, n: usize, params: [u64; 3], seed: u64) -> Result<Self> {
+        let [m, efc, ef] = params;
         if !(2..=256).contains(&m) || efc == 0 || ef == 0 || efc > u32::MAX as u64 || ef > u32::MAX as u64 {
             return Err(r.corrupt(format!("HNSW parameters out of range: m={m} ef_construction={efc} ef_search={ef}")));
         }
@@ -612,7 +636,6 @@ impl HnswIndex {
         let level0 = r.u32s("layer-0 links", Some(n * (1 + 2 * m)))?;
         let upper = r.u32s("upper-layer links", None)?;
         let rows = r.rows("vectors", dim, n)?;
-        r.finish()?;
         let (entry, max_level) = (top[0], top[1]);
         let blocks = upper.len() / (1 + m);
         if upper.len() % (1 + m) != 0 {
@@ -770,14 +793,6 @@ impl Index for HnswIndex {
             count: self.len() as u64,
             params: [p.m as u64, p.ef_construction as u64, p.ef_search as u64, p.seed],
         };
-        format::save(path, &header, |w| {
-            w.u64s(&[self.entry as u64, self.max_level as u64])?;
-            w.u32s(&self.ids)?;
-            w.u8s(&self.levels)?;
-            w.u32s(&self.upper_start)?;
-            w.u32s(&self.level0)?;
-            w.u32s(&self.upper)?;
-            w.f32s(self.rows.as_slice())
-        })
+        format::save(path, &header, |w| self.write_sections(w))
     }
 }

@@ -9,11 +9,12 @@
 //! lists are probed by inner product with the query, the quantity being ranked.
 
 use crate::exact::ExactIndex;
-use crate::format::{self, Header, Reader};
+use crate::format::{self, Backing, Header, Reader};
 use crate::kernels::{dot_rows_fn, Rows, TopK};
 use crate::kmeans::{assign_nearest, kmeans};
 use crate::{check_add, check_query, Index, IndexError, IndexKind, IndexParams, IvfParams, Result, SearchOptions};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Inverted-file index with exact (flat) vectors in each list.
 #[derive(Clone)]
@@ -115,11 +116,11 @@ impl IvfIndex {
         }
     }
 
-    pub(crate) fn from_payload(h: &Header, payload: &[u8], path: &Path) -> Result<Self> {
+    pub(crate) fn from_payload(h: &Header, backing: &Arc<Backing>, path: &Path) -> Result<Self> {
         let n = h.count as usize;
         let dim = h.dim as usize;
         let [nlist, nprobe, train_iters, seed] = h.params;
-        let mut r = Reader::new(payload, path);
+        let mut r = Reader::new(backing, path);
         if nlist == 0 || nlist > n.max(1) as u64 {
             return Err(r.corrupt(format!("IVF with {nlist} lists over {n} vectors")));
         }

@@ -18,22 +18,33 @@
 //!   quantization over the data's range) or from the float vectors, and the best `k` returned.
 
 use crate::fastscan::{self, pack_block, unpack_block, BLOCK, CODEWORDS, MAX_SUBQUANTIZERS};
-use crate::format::{self, Header, Reader};
+use crate::format::{self, Backing, Header, Reader, Slab};
 use crate::hnsw::HnswIndex;
 use crate::kernels::{dot, dot_rows_fn, Rows, TopK};
-use crate::kmeans::{assign_nearest, kmeans};
+use crate::kmeans::{assign_nearest, kmeans, MAX_POINTS_PER_CENTROID};
+use crate::source::{SliceSource, VectorSource};
 use crate::{
-    check_add, check_query, HnswParams, Index, IndexError, IndexKind, IndexParams, IvfPqParams, Refine, Result,
-    SearchOptions,
+    check_add, check_query, HnswParams, Index, IndexError, IndexKind, IndexParams, IvfPqParams, NoProgress, Progress,
+    Refine, Result, SearchOptions,
 };
 use needle_model::rng::Rng;
 use rayon::prelude::*;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Lists from which the centroids are searched through a graph instead of a scan. At 64
 /// dimensions a scan of 2,048 centroids costs about as much as the list scans of a typical
 /// query; beyond it the scan would dominate.
 pub const COARSE_GRAPH_MIN_LISTS: usize = 2048;
+/// Most lists the default `nlist = 4·√n` picks: k-means over 64 sample points per list costs
+/// `64·nlist²·dim` multiply-adds per iteration, about a minute per iteration on 2 cores at 16,384
+/// lists and 64 dimensions, and it grows with the square.
+pub const MAX_DEFAULT_LISTS: usize = 16_384;
+/// Rows per block in the passes of a streaming build.
+const BUILD_BLOCK: usize = 1 << 16;
+/// Candidates a graph assignment re-scores by L2, and the graph's search effort for them.
+const ASSIGN_CANDIDATES: usize = 4;
+const ASSIGN_EF: usize = 32;
 /// Residuals the product quantizer is trained on.
 const PQ_TRAIN_SAMPLE: usize = 65_536;
 /// Lloyd iterations per sub-quantizer.
@@ -42,12 +53,11 @@ const PQ_TRAIN_ITERS: usize = 25;
 /// Per-dimension 8-bit codes of a vector's residual from its list centroid, over the residuals'
 /// range: `r_d ≈ lo_d + step_d · code_d`. Residuals span a fraction of the vectors' own range,
 /// so the same 8 bits resolve finer differences.
-#[derive(Clone)]
 struct Sq8 {
     lo: Vec<f32>,
     step: Vec<f32>,
     /// `len × dim` codes, in list order.
-    codes: Vec<u8>,
+    codes: Slab<u8>,
 }
 
 impl Sq8 {
@@ -63,7 +73,7 @@ impl Sq8 {
             }
         }
         let step = lo.iter().zip(&hi).map(|(&l, &h)| if h > l { (h - l) / 255.0 } else { 0.0 }).collect();
-        Sq8 { lo, step, codes: Vec::new() }
+        Sq8 { lo, step, codes: Slab::default() }
     }
 
     fn encode(&self, x: &[f32], out: &mut [u8]) {
@@ -95,11 +105,11 @@ impl Sq8 {
 }
 
 /// The data candidates are re-scored from.
-#[derive(Clone)]
 enum Refiner {
     None,
     Sq8(Sq8),
-    Flat(Rows),
+    /// `len × dim` floats, in list order.
+    Flat(Slab<f32>),
 }
 
 /// Inverted-file index with 4-bit PQ codes and optional re-ranking.
@@ -112,6 +122,8 @@ pub struct IvfPqIndex {
     /// Sub-quantizers per block: `m` rounded up to even.
     msub: usize,
     centroids: Rows,
+    /// `‖c‖²/2` of every centroid, for L2 assignment by inner products.
+    half_norms: Vec<f32>,
     /// HNSW over the centroids when there are many lists.
     coarse: Option<HnswIndex>,
     /// `m × 16 × dsub` codewords.
@@ -120,9 +132,9 @@ pub struct IvfPqIndex {
     offsets: Vec<u32>,
     /// List `l` holds code blocks `blocks[l]..blocks[l + 1]`; derived from `offsets`.
     blocks: Vec<u32>,
-    ids: Vec<u32>,
+    ids: Slab<u32>,
     /// `blocks[nlist] × msub × 16` bytes.
-    codes: Vec<u8>,
+    codes: Slab<u8>,
     refine: Refiner,
 }
 
@@ -169,47 +181,170 @@ fn check_shape(dim: usize, m: usize) -> Result<()> {
 
 impl IvfPqIndex {
     /// Trains the coarse quantizer, the product quantizer and (for SQ8 re-ranking) the scalar
-    /// ranges on `vectors`, then adds them. `nlist = 0` picks `4·√n`; `m = 0` picks `dim / 2`.
+    /// ranges on `vectors`, then adds them. `nlist = 0` picks `4·√n` (at most
+    /// [`MAX_DEFAULT_LISTS`]); `m = 0` picks `dim / 2`.
     pub fn build(p: &IvfPqParams, ids: &[u32], vectors: &[f32], dim: usize) -> Result<Self> {
+        if dim == 0 {
+            return Err(IndexError::Param("dimension must be at least 1".into()));
+        }
+        check_add(dim, 0, ids, vectors)?;
+        Self::build_from(p, &SliceSource::new(vectors, dim)?, Some(ids), &NoProgress)
+    }
+
+    /// Builds from any [`VectorSource`] with memory bounded by the index itself: the quantizers
+    /// train on a seeded sample of rows, then two passes read the rows in blocks, one to assign
+    /// lists and one to encode into place. Ids are `ids[row]`, or the row numbers.
+    pub fn build_from(
+        p: &IvfPqParams,
+        src: &dyn VectorSource,
+        ids: Option<&[u32]>,
+        progress: &dyn Progress,
+    ) -> Result<Self> {
+        let (n, dim) = (src.rows(), src.dim());
         if dim == 0 {
             return Err(IndexError::Param("dimension must be at least 1".into()));
         }
         let m = resolve_m(p.m, dim);
         check_shape(dim, m)?;
-        check_add(dim, 0, ids, vectors)?;
-        let n = ids.len();
         if n == 0 {
             return Err(IndexError::Param("an IVF-PQ index needs at least one vector to train on".into()));
+        }
+        if n as u64 > u32::MAX as u64 {
+            return Err(IndexError::TooLarge);
+        }
+        if let Some(ids) = ids {
+            if ids.len() != n {
+                return Err(IndexError::CountMismatch { ids: ids.len(), rows: n });
+            }
         }
         if p.nprobe == 0 {
             return Err(IndexError::Param("ivfpq nprobe must be at least 1".into()));
         }
-        let nlist = if p.nlist == 0 { ((4.0 * (n as f64).sqrt()).round() as usize).max(1) } else { p.nlist }.min(n);
-        let centroids = Rows::from_flat(dim, &kmeans(vectors, dim, nlist, p.train_iters, p.seed));
-        let dsub = dim / m;
-        let residuals = residual_sample(vectors, dim, centroids.as_slice(), p.seed);
+        let nlist = if p.nlist == 0 {
+            ((4.0 * (n as f64).sqrt()).round() as usize).clamp(1, MAX_DEFAULT_LISTS)
+        } else {
+            p.nlist
+        }
+        .min(n);
+
+        let rows = sample_rows(n, (nlist * MAX_POINTS_PER_CENTROID).max(PQ_TRAIN_SAMPLE), p.seed);
+        progress.stage("read training sample", rows.len() as u64);
+        let mut sample = vec![0.0f32; rows.len() * dim];
+        sample.par_chunks_mut(dim * 1024).zip(rows.par_chunks(1024)).try_for_each(|(out, rows)| {
+            for (v, &r) in out.chunks_exact_mut(dim).zip(rows) {
+                src.read(r, v)?;
+                if !v.iter().all(|x| x.is_finite()) {
+                    return Err(IndexError::NonFinite { what: "vectors", row: r });
+                }
+            }
+            progress.advance(rows.len() as u64);
+            Ok(())
+        })?;
+        progress.stage("train coarse k-means", 1);
+        let centroids = Rows::from_flat(dim, &kmeans(&sample, dim, nlist, p.train_iters, p.seed));
+        progress.advance(1);
+        progress.stage("train quantizers", 1);
+        let coarse = coarse_graph(&centroids, p.seed)?;
+        let residuals = residual_sample(&sample, dim, centroids.as_slice(), p.seed);
+        drop(sample);
         let codebooks = train_codebooks(&residuals, dim, m, p.seed);
-        let refine = match p.refine {
-            Refine::None => Refiner::None,
-            Refine::Sq8 => Refiner::Sq8(Sq8::train(&residuals, dim)),
-            Refine::Flat => Refiner::Flat(Rows::new(dim)),
-        };
-        let params = IvfPqParams { nlist, m, ..*p };
+        let mut sq8 = (p.refine == Refine::Sq8).then(|| Sq8::train(&residuals, dim));
+        drop(residuals);
+        progress.advance(1);
+        let msub = m.next_multiple_of(2);
         let mut ix = IvfPqIndex {
             dim,
-            params,
-            dsub,
-            msub: m.next_multiple_of(2),
-            coarse: coarse_graph(&centroids, p.seed)?,
+            params: IvfPqParams { nlist, m, ..*p },
+            dsub: dim / m,
+            msub,
+            half_norms: half_norms(&centroids),
+            coarse,
             centroids,
             codebooks,
             offsets: vec![0; nlist + 1],
             blocks: vec![0; nlist + 1],
-            ids: Vec::new(),
-            codes: Vec::new(),
-            refine,
+            ids: Slab::default(),
+            codes: Slab::default(),
+            refine: Refiner::None,
         };
-        ix.add(ids, vectors)?;
+
+        // Pass 1: the list of every row.
+        progress.stage("assign lists", n as u64);
+        let mut assign = vec![0u32; n];
+        let mut buf = vec![0.0f32; BUILD_BLOCK.min(n) * dim];
+        for (b, out) in assign.chunks_mut(BUILD_BLOCK).enumerate() {
+            let block = &mut buf[..out.len() * dim];
+            read_block(src, b * BUILD_BLOCK, block)?;
+            out.copy_from_slice(&ix.assign(block));
+            progress.advance(out.len() as u64);
+        }
+        let mut offsets = vec![0u32; nlist + 1];
+        assign.iter().for_each(|&a| offsets[a as usize + 1] += 1);
+        for l in 0..nlist {
+            offsets[l + 1] += offsets[l];
+        }
+        let blocks = block_offsets(&offsets);
+
+        // Pass 2: encode every row straight into its place in its list.
+        progress.stage("encode", n as u64);
+        let stride = msub * 16;
+        let mut codes = vec![0u8; blocks[nlist] as usize * stride];
+        let mut out_ids = vec![0u32; n];
+        let mut sq8_codes = vec![0u8; if sq8.is_some() { n * dim } else { 0 }];
+        let mut flat = vec![0.0f32; if p.refine == Refine::Flat { n * dim } else { 0 }];
+        let mut fill: Vec<usize> = offsets[..nlist].iter().map(|&o| o as usize).collect();
+        let mut sq_block = Vec::new();
+        for b in 0..n.div_ceil(BUILD_BLOCK) {
+            let start = b * BUILD_BLOCK;
+            let rows = (n - start).min(BUILD_BLOCK);
+            let block = &mut buf[..rows * dim];
+            read_block(src, start, block)?;
+            let lists = &assign[start..start + rows];
+            let pq = ix.encode(block, lists);
+            if let Some(sq) = &sq8 {
+                sq_block.resize(rows * dim, 0);
+                sq_block.par_chunks_mut(dim).zip(block.par_chunks(dim)).zip(lists.par_iter()).for_each_init(
+                    || vec![0.0f32; dim],
+                    |r, ((out, x), &l)| {
+                        let c = ix.centroids.row(l as usize);
+                        r.iter_mut().zip(x.iter().zip(c)).for_each(|(r, (x, c))| *r = x - c);
+                        sq.encode(r, out);
+                    },
+                );
+            }
+            for (i, &l) in lists.iter().enumerate() {
+                let l = l as usize;
+                let pos = fill[l];
+                fill[l] += 1;
+                out_ids[pos] = ids.map_or((start + i) as u32, |ids| ids[start + i]);
+                let within = pos - offsets[l] as usize;
+                let at = (blocks[l] as usize + within / BLOCK) * stride + within % 16;
+                let shift = if within % BLOCK < 16 { 0 } else { 4 };
+                for (j, &c) in pq[i * msub..(i + 1) * msub].iter().enumerate() {
+                    codes[at + j * 16] |= c << shift;
+                }
+                if sq8.is_some() {
+                    sq8_codes[pos * dim..(pos + 1) * dim].copy_from_slice(&sq_block[i * dim..(i + 1) * dim]);
+                }
+                if !flat.is_empty() {
+                    flat[pos * dim..(pos + 1) * dim].copy_from_slice(&block[i * dim..(i + 1) * dim]);
+                }
+            }
+            progress.advance(rows as u64);
+        }
+        ix.refine = match p.refine {
+            Refine::None => Refiner::None,
+            Refine::Sq8 => {
+                let mut s = sq8.take().expect("trained above for SQ8 re-ranking");
+                s.codes = sq8_codes.into();
+                Refiner::Sq8(s)
+            }
+            Refine::Flat => Refiner::Flat(flat.into()),
+        };
+        ix.offsets = offsets;
+        ix.blocks = blocks;
+        ix.ids = out_ids.into();
+        ix.codes = codes.into();
         Ok(ix)
     }
 
@@ -361,8 +496,10 @@ impl IvfPqIndex {
                 }
             }
             Refiner::Flat(rows) => {
+                let dim = self.dim;
                 for &(pos, _) in &pairs {
-                    top.push(dot(q, rows.row(pos as usize)), self.ids[pos as usize]);
+                    let p = pos as usize;
+                    top.push(dot(q, &rows[p * dim..(p + 1) * dim]), self.ids[p]);
                 }
             }
         }
@@ -386,16 +523,31 @@ impl IvfPqIndex {
         codes
     }
 
-    /// List of each vector: its L2-nearest centroid, what k-means minimised.
+    /// List of each vector: its L2-nearest centroid, what k-means minimised. With a coarse
+    /// graph, the nearest among the centroids the graph ranks highest by inner product (the
+    /// L2-nearest maximises `x·c − ‖c‖²/2`, and centroid norms vary little), which costs a graph
+    /// search instead of a scan of every centroid.
     fn assign(&self, vectors: &[f32]) -> Vec<u32> {
-        assign_nearest(vectors, self.dim, self.centroids.as_slice())
+        let Some(g) = &self.coarse else {
+            return assign_nearest(vectors, self.dim, self.centroids.as_slice());
+        };
+        vectors
+            .par_chunks(self.dim)
+            .map_init(Vec::new, |found, x| {
+                let opts = SearchOptions { effort: Some(ASSIGN_EF), keep: None };
+                // The graph holds every centroid and x is finite: no error is possible.
+                let _ = g.search_with(x, ASSIGN_CANDIDATES, &opts, found);
+                let best = found.iter().map(|&(l, s)| (s - self.half_norms[l as usize], l));
+                best.fold((f32::NEG_INFINITY, 0), |a, b| if b.0 > a.0 { b } else { a }).1
+            })
+            .collect()
     }
 
-    pub(crate) fn from_payload(h: &Header, payload: &[u8], path: &Path) -> Result<Self> {
+    pub(crate) fn from_payload(h: &Header, backing: &Arc<Backing>, path: &Path) -> Result<Self> {
         let n = h.count as usize;
         let dim = h.dim as usize;
         let [nlist, nprobe, rerank, seed] = h.params;
-        let mut r = Reader::new(payload, path);
+        let mut r = Reader::new(backing, path);
         if nlist == 0 || nlist > n.max(1) as u64 {
             return Err(r.corrupt(format!("IVF-PQ with {nlist} lists over {n} vectors")));
         }
@@ -403,7 +555,9 @@ impl IvfPqIndex {
             return Err(r.corrupt("IVF-PQ nprobe is 0"));
         }
         let nlist = nlist as usize;
-        let [m, refine_code, train_iters] = r.u64s("settings", Some(3))?[..] else { unreachable!() };
+        let [m, refine_code, train_iters, graph_m, graph_efc, graph_ef] = r.u64s("settings", Some(6))?[..] else {
+            unreachable!("the section was checked to hold 6 values")
+        };
         let m = m as usize;
         check_shape(dim, m).map_err(|e| r.corrupt(e.to_string()))?;
         let refine_kind = match refine_code {
@@ -415,14 +569,23 @@ impl IvfPqIndex {
         let dsub = dim / m;
         let msub = m.next_multiple_of(2);
         let centroids = r.rows("centroids", dim, nlist)?;
+        let coarse = if graph_m == 0 {
+            None
+        } else {
+            let g = HnswIndex::read_sections(&mut r, dim, nlist, [graph_m, graph_efc, graph_ef], seed)?;
+            if g.ids().iter().enumerate().any(|(i, &id)| id as usize != i) {
+                return Err(r.corrupt("the coarse graph's nodes are not the lists in order"));
+            }
+            Some(g)
+        };
         let codebooks = r.rows("codebooks", dsub, m * CODEWORDS)?.as_slice().to_vec();
         let offsets = r.u32s("list offsets", Some(nlist + 1))?;
         if offsets[0] != 0 || offsets[nlist] as usize != n || offsets.windows(2).any(|w| w[0] > w[1]) {
             return Err(r.corrupt("list offsets are not an increasing cover of the vectors"));
         }
         let blocks = block_offsets(&offsets);
-        let ids = r.u32s("ids", Some(n))?;
-        let codes = r.u8s("codes", Some(blocks[nlist] as usize * msub * 16))?;
+        let ids = r.slab("ids", Some(n))?;
+        let codes = r.slab("codes", Some(blocks[nlist] as usize * msub * 16))?;
         let refine = match refine_kind {
             Refine::None => Refiner::None,
             Refine::Sq8 => {
@@ -431,10 +594,10 @@ impl IvfPqIndex {
                 if !lo.iter().chain(&step).all(|x| x.is_finite()) || step.iter().any(|&s| s < 0.0) {
                     return Err(r.corrupt("sq8 ranges are not finite and non-negative"));
                 }
-                let codes = r.u8s("sq8 codes", Some(n * dim))?;
+                let codes = r.slab("sq8 codes", Some(n * dim))?;
                 Refiner::Sq8(Sq8 { lo, step, codes })
             }
-            Refine::Flat => Refiner::Flat(r.rows("vectors", dim, n)?),
+            Refine::Flat => Refiner::Flat(r.slab("vectors", Some(n * dim))?),
         };
         r.finish()?;
         let params = IvfPqParams {
@@ -451,7 +614,8 @@ impl IvfPqIndex {
             params,
             dsub,
             msub,
-            coarse: coarse_graph(&centroids, seed)?,
+            half_norms: half_norms(&centroids),
+            coarse,
             centroids,
             codebooks,
             offsets,
@@ -463,8 +627,9 @@ impl IvfPqIndex {
     }
 }
 
-/// The HNSW over the centroids, when there are enough of them to need one. Rebuilt on load
-/// (seeded, so it is the same graph): it takes a fraction of a second per ten thousand lists.
+/// The HNSW over the centroids (node `i` is list `i`), when there are enough of them to need
+/// one. It is saved with the index: a parallel build is not repeatable, and the lists a query
+/// probes must not change between a build and a reload.
 fn coarse_graph(centroids: &Rows, seed: u64) -> Result<Option<HnswIndex>> {
     let nlist = centroids.rows();
     if nlist < COARSE_GRAPH_MIN_LISTS {
@@ -474,6 +639,32 @@ fn coarse_graph(centroids: &Rows, seed: u64) -> Result<Option<HnswIndex>> {
     let ids: Vec<u32> = (0..nlist as u32).collect();
     g.add(&ids, centroids.as_slice())?;
     Ok(Some(g))
+}
+
+fn half_norms(centroids: &Rows) -> Vec<f32> {
+    (0..centroids.rows()).map(|l| 0.5 * centroids.row(l).iter().map(|x| x * x).sum::<f32>()).collect()
+}
+
+/// `want` distinct row numbers below `n` (all of them when `want ≥ n`), seeded, ascending.
+fn sample_rows(n: usize, want: usize, seed: u64) -> Vec<usize> {
+    if want >= n {
+        return (0..n).collect();
+    }
+    let mut rng = Rng::new(seed ^ 0x7361_6d70);
+    let mut rows: Vec<usize> = (0..want).map(|_| rng.below(n)).collect();
+    rows.sort_unstable();
+    rows.dedup();
+    rows
+}
+
+/// Reads rows from `start` into `block`, refusing non-finite values.
+fn read_block(src: &dyn VectorSource, start: usize, block: &mut [f32]) -> Result<()> {
+    let dim = src.dim();
+    block.par_chunks_mut(dim * 4096).enumerate().try_for_each(|(i, part)| src.read(start + i * 4096, part))?;
+    if let Some(r) = block.chunks_exact(dim).position(|v| !v.iter().all(|x| x.is_finite())) {
+        return Err(IndexError::NonFinite { what: "vectors", row: start + r });
+    }
+    Ok(())
 }
 
 /// Index of the codeword of sub-quantizer `j` nearest (L2) to `x`.
@@ -543,7 +734,7 @@ impl Index for IvfPqIndex {
         let refine = match &self.refine {
             Refiner::None => 0,
             Refiner::Sq8(s) => s.codes.len() + 8 * self.dim,
-            Refiner::Flat(rows) => rows.bytes(),
+            Refiner::Flat(rows) => rows.len() * 4,
         };
         self.codes.len()
             + self.ids.len() * 4
@@ -587,10 +778,10 @@ impl Index for IvfPqIndex {
         let mut codes = vec![0u8; blocks[nlist] as usize * stride];
         let mut new_ids = Vec::with_capacity(total);
         let mut sq8_codes = Vec::new();
-        let mut flat = Rows::new(dim);
+        let mut flat = Vec::new();
         match &self.refine {
             Refiner::Sq8(_) => sq8_codes.reserve(total * dim),
-            Refiner::Flat(_) => flat.reserve_values(total * dim),
+            Refiner::Flat(_) => flat.reserve(total * dim),
             Refiner::None => {}
         }
         let mut members = Vec::new();
@@ -630,19 +821,19 @@ impl Index for IvfPqIndex {
                     }
                 }
                 Refiner::Flat(rows) => {
-                    flat.extend(&rows.as_slice()[a * dim..b * dim]);
-                    fresh.iter().for_each(|&f| flat.extend(&vectors[f * dim..(f + 1) * dim]));
+                    flat.extend_from_slice(&rows[a * dim..b * dim]);
+                    fresh.iter().for_each(|&f| flat.extend_from_slice(&vectors[f * dim..(f + 1) * dim]));
                 }
                 Refiner::None => {}
             }
         }
         self.offsets = offsets;
         self.blocks = blocks;
-        self.ids = new_ids;
-        self.codes = codes;
+        self.ids = new_ids.into();
+        self.codes = codes.into();
         match &mut self.refine {
-            Refiner::Sq8(s) => s.codes = sq8_codes,
-            Refiner::Flat(rows) => *rows = flat,
+            Refiner::Sq8(s) => s.codes = sq8_codes.into(),
+            Refiner::Flat(rows) => *rows = flat.into(),
             Refiner::None => {}
         }
         Ok(())
@@ -675,9 +866,17 @@ impl Index for IvfPqIndex {
             Refine::Sq8 => 1,
             Refine::Flat => 2,
         };
+        let graph = self.coarse.as_ref().map(|g| g.params());
+        let graph = match graph {
+            Some(IndexParams::Hnsw(h)) => [h.m as u64, h.ef_construction as u64, h.ef_search as u64],
+            _ => [0; 3],
+        };
         format::save(path, &header, |w| {
-            w.u64s(&[p.m as u64, refine_code, p.train_iters as u64])?;
+            w.u64s(&[p.m as u64, refine_code, p.train_iters as u64, graph[0], graph[1], graph[2]])?;
             w.f32s(self.centroids.as_slice())?;
+            if let Some(g) = &self.coarse {
+                g.write_sections(w)?;
+            }
             w.f32s(&self.codebooks)?;
             w.u32s(&self.offsets)?;
             w.u32s(&self.ids)?;
@@ -689,7 +888,7 @@ impl Index for IvfPqIndex {
                     w.f32s(&s.step)?;
                     w.u8s(&s.codes)
                 }
-                Refiner::Flat(rows) => w.f32s(rows.as_slice()),
+                Refiner::Flat(rows) => w.f32s(rows),
             }
         })
     }

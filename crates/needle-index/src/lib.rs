@@ -29,15 +29,17 @@ mod ivf;
 mod ivfpq;
 pub mod kernels;
 mod kmeans;
+pub mod source;
 mod synth;
 
 pub use error::{IndexError, Result};
 pub use exact::ExactIndex;
-pub use format::FORMAT_VERSION;
+pub use format::{Verify, FORMAT_VERSION};
 pub use hnsw::HnswIndex;
 pub use ivf::IvfIndex;
 pub use ivfpq::{IvfPqIndex, COARSE_GRAPH_MIN_LISTS};
 pub use kmeans::kmeans;
+pub use source::{NpyFile, NpyWriter, SliceSource, SyntheticSource, VectorSource};
 pub use synth::synthetic_clustered;
 
 use rayon::prelude::*;
@@ -340,6 +342,22 @@ impl IndexParams {
     }
 }
 
+/// Receives the progress of a long build: each stage's name and size, then its advances.
+pub trait Progress: Sync {
+    /// A new stage of `total` units begins.
+    fn stage(&self, name: &str, total: u64);
+    /// `n` more units of the current stage are done.
+    fn advance(&self, n: u64);
+}
+
+/// Progress that goes nowhere.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn stage(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+}
+
 /// Per-query options for [`Index::search_with`].
 #[derive(Clone, Copy, Default)]
 pub struct SearchOptions<'a> {
@@ -438,14 +456,35 @@ pub fn build(params: &IndexParams, ids: &[u32], vectors: &[f32], dim: usize) -> 
     })
 }
 
-/// Reads an index file written by [`Index::save`], whatever its kind.
+/// Reads an index file written by [`Index::save`], whatever its kind, onto the heap, after
+/// checking its checksum over every byte.
 pub fn load(path: &Path) -> Result<Box<dyn Index>> {
-    let (header, payload) = format::read_verified(path)?;
+    let (header, backing) = format::read_verified(path)?;
+    from_backing(&header, &backing, path)
+}
+
+/// Opens an index file by mapping it into memory: the IVF-PQ kind searches the mapped codes in
+/// place (pages are read as queries touch them, and the map is released when the index is
+/// dropped), the other kinds copy their arrays out of the map.
+///
+/// With [`Verify::Header`] only the header, the file's length and the structure are checked,
+/// at a cost independent of the file's size; [`Verify::Full`] also checksums every byte (what
+/// [`load`] and `needle index verify` do).
+pub fn open(path: &Path, verify: Verify) -> Result<Box<dyn Index>> {
+    let (header, backing) = format::map(path, verify)?;
+    from_backing(&header, &backing, path)
+}
+
+fn from_backing(
+    header: &format::Header,
+    backing: &std::sync::Arc<format::Backing>,
+    path: &Path,
+) -> Result<Box<dyn Index>> {
     Ok(match header.kind {
-        IndexKind::Exact => Box::new(ExactIndex::from_payload(&header, &payload, path)?),
-        IndexKind::Ivf => Box::new(IvfIndex::from_payload(&header, &payload, path)?),
-        IndexKind::Hnsw => Box::new(HnswIndex::from_payload(&header, &payload, path)?),
-        IndexKind::IvfPq => Box::new(IvfPqIndex::from_payload(&header, &payload, path)?),
+        IndexKind::Exact => Box::new(ExactIndex::from_payload(header, backing, path)?),
+        IndexKind::Ivf => Box::new(IvfIndex::from_payload(header, backing, path)?),
+        IndexKind::Hnsw => Box::new(HnswIndex::from_payload(header, backing, path)?),
+        IndexKind::IvfPq => Box::new(IvfPqIndex::from_payload(header, backing, path)?),
     })
 }
 

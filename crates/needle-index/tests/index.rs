@@ -2,8 +2,8 @@
 //! recall, filtering, incremental adds, persistence, and refusal of bad input and damaged files.
 
 use needle_index::{
-    build, load, recall_at_k, synthetic_clustered, ExactIndex, HnswIndex, HnswParams, Index, IndexError, IndexKind,
-    IndexParams, IvfIndex, IvfParams, IvfPqIndex, IvfPqParams, Refine, SearchOptions,
+    build, load, open, recall_at_k, synthetic_clustered, ExactIndex, HnswIndex, HnswParams, Index, IndexError,
+    IndexKind, IndexParams, IvfIndex, IvfParams, IvfPqIndex, IvfPqParams, Refine, SearchOptions, Verify,
 };
 use needle_model::rng::Rng;
 use std::path::Path;
@@ -284,9 +284,12 @@ fn save_and_load_round_trip_exactly() {
     let dir = tempfile::tempdir().unwrap();
     for params in all_kinds() {
         let (ix, path, queries) = saved(&params, dir.path());
-        let back = load(&path).unwrap();
-        assert_eq!((back.kind(), back.dim(), back.len(), back.params()), (ix.kind(), ix.dim(), ix.len(), ix.params()));
-        assert_eq!(back.search_batch(&queries, 10).unwrap(), ix.search_batch(&queries, 10).unwrap(), "{params}");
+        let want = ix.search_batch(&queries, 10).unwrap();
+        for back in [load(&path).unwrap(), open(&path, Verify::Header).unwrap(), open(&path, Verify::Full).unwrap()] {
+            let got = (back.kind(), back.dim(), back.len(), back.params());
+            assert_eq!(got, (ix.kind(), ix.dim(), ix.len(), ix.params()));
+            assert_eq!(back.search_batch(&queries, 10).unwrap(), want, "{params}");
+        }
         assert!(!dir.path().join(format!("{}.idx.tmp", params.kind())).exists(), "temporary file left behind");
     }
 }
@@ -302,6 +305,9 @@ fn truncated_or_flipped_files_are_errors() {
         for cut in [0, 3, 8, 12, 40, 79, 80, 81, 100, len / 2, len - 8, len - 1] {
             std::fs::write(&broken, &good[..cut]).unwrap();
             let err = load(&broken).expect_err(&format!("{params}: truncation at {cut} loaded"));
+            assert!(matches!(err, IndexError::Truncated { .. }), "{params} cut {cut}: {err}");
+            // A mapped open checks the length before touching any section.
+            let err = open(&broken, Verify::Header).expect_err(&format!("{params}: truncation at {cut} opened"));
             assert!(matches!(err, IndexError::Truncated { .. }), "{params} cut {cut}: {err}");
         }
         let mut padded = good.clone();
@@ -321,6 +327,13 @@ fn truncated_or_flipped_files_are_errors() {
                     assert!(matches!(err, IndexError::BadMagic { .. }), "{msg}");
                 } else if at >= 80 {
                     assert!(matches!(err, IndexError::Checksum { .. }), "{params} flip at {at}: {msg}");
+                    let err = open(&broken, Verify::Full).expect_err(&format!("{params}: flip at {at} verified"));
+                    assert!(matches!(err, IndexError::Checksum { .. }), "{params} flip at {at}: {err}");
+                    // Without the checksum a flip in the payload may go unseen, but it never
+                    // crashes a search.
+                    if let Ok(ix) = open(&broken, Verify::Header) {
+                        let _ = ix.search_batch(&vec![0.5; ix.dim() * 3], 5);
+                    }
                 }
             }
         }
@@ -351,4 +364,51 @@ fn tune_effort_finds_the_smallest_effort_meeting_the_target() {
     }
     let mut ix = build(&IndexParams::Exact, &ids(5000), &data, dim).unwrap();
     assert!(needle_index::tune_effort(ix.as_mut(), &queries, &truth[..3], 20, 0.9).is_ok(), "exact needs no tuning");
+}
+
+/// Records every stage and how far it advanced.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<(String, u64, u64)>>);
+
+impl needle_index::Progress for Recorder {
+    fn stage(&self, name: &str, total: u64) {
+        self.0.lock().unwrap().push((name.to_owned(), total, 0));
+    }
+    fn advance(&self, n: u64) {
+        self.0.lock().unwrap().last_mut().unwrap().2 += n;
+    }
+}
+
+#[test]
+fn ivf_pq_streams_a_npy_file_into_the_same_index_as_from_memory() {
+    let dim = 16;
+    let n = 3000;
+    let (data, queries) = clustered(n, 20, dim, 41);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.npy");
+    let mut w = needle_index::NpyWriter::create(&path, n, dim).unwrap();
+    for rows in data.chunks(700 * dim) {
+        w.write(rows).unwrap();
+    }
+    w.finish().unwrap();
+    let npy = needle_index::NpyFile::open(&path).unwrap();
+    let p = IvfPqParams { nlist: 24, nprobe: 6, ..IvfPqParams::default() };
+    let from_memory = IvfPqIndex::build(&p, &ids(n), &data, dim).unwrap();
+    let progress = Recorder::default();
+    let streamed = IvfPqIndex::build_from(&p, &npy, None, &progress).unwrap();
+    assert_eq!(streamed.search_batch(&queries, 10).unwrap(), from_memory.search_batch(&queries, 10).unwrap());
+    let stages = progress.0.into_inner().unwrap();
+    for name in ["assign lists", "encode"] {
+        let s = stages.iter().find(|s| s.0 == name).unwrap_or_else(|| panic!("no stage {name}: {stages:?}"));
+        assert_eq!((s.1, s.2), (n as u64, n as u64), "{name}");
+    }
+
+    let mut bad = data.clone();
+    bad[1234 * dim + 3] = f32::NAN;
+    let mut w = needle_index::NpyWriter::create(&path, n, dim).unwrap();
+    w.write(&bad).unwrap();
+    w.finish().unwrap();
+    let npy = needle_index::NpyFile::open(&path).unwrap();
+    let err = IvfPqIndex::build_from(&p, &npy, None, &needle_index::NoProgress).err().unwrap();
+    assert!(matches!(err, IndexError::NonFinite { row: 1234, .. }), "{err}");
 }

@@ -9,11 +9,11 @@
 use anyhow::{bail, ensure, Context, Result};
 use needle_index::{
     recall_at_k, synthetic_clustered, ExactIndex, HnswIndex, HnswParams, Index, IndexParams, IvfIndex, IvfParams,
-    IvfPqIndex, IvfPqParams,
+    IvfPqIndex, IvfPqParams, NpyFile, NpyWriter,
 };
 use needle_model::rng::Rng;
 use rayon::prelude::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -318,83 +318,20 @@ pub fn memory_bandwidth_gbs() -> f64 {
     best
 }
 
-/// Writes a C-ordered little-endian `f32` array as a NumPy `.npy` file (format 1.0).
+/// Writes `data` as a NumPy `.npy` float32 array of `shape` (through a temporary file).
 pub fn write_npy_f32(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
     let expected: usize = shape.iter().product();
     ensure!(expected == data.len(), "shape {shape:?} holds {expected} values, data has {}", data.len());
-    let dims = match shape {
-        [] => "()".to_string(),
-        [n] => format!("({n},)"),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
-    };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
-    // NumPy pads the header with spaces and a newline so the data starts on a 64-byte boundary.
-    let unpadded = 10 + header.len() + 1;
-    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
-    header.push('\n');
-    ensure!(header.len() <= u16::MAX as usize, "npy header too long for format 1.0");
-    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut w = std::io::BufWriter::new(file);
-    let mut head = Vec::with_capacity(10 + header.len());
-    head.extend_from_slice(b"\x93NUMPY\x01\x00");
-    head.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    head.extend_from_slice(header.as_bytes());
-    w.write_all(&head).with_context(|| format!("cannot write {}", path.display()))?;
-    let mut buf = Vec::with_capacity(1 << 16);
-    for chunk in data.chunks(1 << 14) {
-        buf.clear();
-        chunk.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
-        w.write_all(&buf).with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    w.flush().with_context(|| format!("cannot write {}", path.display()))
+    let mut w = NpyWriter::with_shape(path, shape)?;
+    w.write(data)?;
+    Ok(w.finish()?)
 }
 
 /// Reads a NumPy `.npy` file holding a C-ordered little-endian `f32` array; returns the values
 /// and the shape. Other dtypes and Fortran order are refused with a message saying so.
 pub fn read_npy_f32(path: &Path) -> Result<(Vec<f32>, Vec<usize>)> {
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let p = path.display();
-    ensure!(bytes.len() >= 10 && bytes.starts_with(b"\x93NUMPY"), "{p}: not a .npy file");
-    let (header_len, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 => {
-            ensure!(bytes.len() >= 12, "{p}: truncated .npy header");
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
-        }
-        v => bail!("{p}: unsupported .npy format version {v}"),
-    };
-    ensure!(bytes.len() >= start + header_len, "{p}: truncated .npy header");
-    let header =
-        std::str::from_utf8(&bytes[start..start + header_len]).with_context(|| format!("{p}: header is not text"))?;
-    let value_after = |key: &str| -> Result<&str> {
-        let i = header.find(key).with_context(|| format!("{p}: header lacks {key}"))?;
-        Ok(header[i + key.len()..].trim_start().trim_start_matches(':').trim_start())
-    };
-    let descr = value_after("'descr'")?;
-    ensure!(
-        descr.starts_with("'<f4'") || descr.starts_with("\"<f4\""),
-        "{p}: dtype {} is not little-endian float32 ('<f4'); convert with arr.astype('<f4')",
-        descr.split(',').next().unwrap_or("?")
-    );
-    ensure!(value_after("'fortran_order'")?.starts_with("False"), "{p}: Fortran-ordered arrays are not supported");
-    let shape_text = value_after("'shape'")?;
-    ensure!(shape_text.starts_with('('), "{p}: malformed shape");
-    let close = shape_text.find(')').with_context(|| format!("{p}: malformed shape"))?;
-    let shape = shape_text[1..close]
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().with_context(|| format!("{p}: bad shape entry {s:?}")))
-        .collect::<Result<Vec<_>>>()?;
-    let count =
-        shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).with_context(|| format!("{p}: shape overflows"))?;
-    let data = &bytes[start + header_len..];
-    ensure!(data.len() == count * 4, "{p}: shape {shape:?} needs {} bytes of data, file has {}", count * 4, data.len());
-    let values = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    Ok((values, shape))
+    let f = NpyFile::open(path)?;
+    Ok((f.read_all()?, f.shape().to_vec()))
 }
 
 #[cfg(test)]
