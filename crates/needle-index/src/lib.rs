@@ -475,6 +475,18 @@ pub fn open(path: &Path, verify: Verify) -> Result<Box<dyn Index>> {
     from_backing(&header, &backing, path)
 }
 
+/// Index files up to this size are checksummed in full by [`open_for_serving`].
+pub const FULL_CHECK_MAX_BYTES: u64 = 1 << 30;
+
+/// Opens an index for a server: mapped, with the checksum verified over every byte when the
+/// file is at most [`FULL_CHECK_MAX_BYTES`] (well under a second), and only the header, length
+/// and structure above it, where a full pass would read gigabytes before the first request.
+/// Those files are checked at build time and by `needle index verify`.
+pub fn open_for_serving(path: &Path) -> Result<Box<dyn Index>> {
+    let size = std::fs::metadata(path).map_err(|e| IndexError::Io { path: path.to_owned(), source: e })?.len();
+    open(path, if size <= FULL_CHECK_MAX_BYTES { Verify::Full } else { Verify::Header })
+}
+
 fn from_backing(
     header: &format::Header,
     backing: &std::sync::Arc<format::Backing>,

@@ -85,7 +85,7 @@ impl Engine {
             }
             None
         } else if index_path.exists() {
-            let ix = needle_index::load(&index_path)
+            let ix = needle_index::open_for_serving(&index_path)
                 .map_err(|e| ServeError::Load(format!("{}: {e}", index_path.display())))?;
             if ix.dim() != model.dim() {
                 return Err(ServeError::Load(format!(

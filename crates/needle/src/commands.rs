@@ -61,6 +61,35 @@ pub fn count_bar(len: u64, msg: &str) -> ProgressBar {
         .with_message(msg.to_owned())
 }
 
+/// An index build's stages as a sequence of progress bars with ETA.
+#[derive(Default)]
+pub struct BarProgress(std::sync::Mutex<Option<ProgressBar>>);
+
+impl BarProgress {
+    /// Finishes the last bar.
+    pub fn finish(&self) {
+        if let Some(bar) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            bar.finish();
+        }
+    }
+}
+
+impl needle_index::Progress for BarProgress {
+    fn stage(&self, name: &str, total: u64) {
+        let mut cur = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(bar) = cur.take() {
+            bar.finish();
+        }
+        *cur = Some(count_bar(total, name));
+    }
+
+    fn advance(&self, n: u64) {
+        if let Some(bar) = &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            bar.inc(n);
+        }
+    }
+}
+
 /// Loads and splits a config's data through its binary dataset, with a progress bar while a
 /// text source is parsed, and says where the dataset came from.
 pub fn load_data_shown(

@@ -10,7 +10,7 @@ mod report;
 mod serve_cmd;
 mod tune_cmd;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -152,14 +152,19 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum IndexCmd {
-    /// Build an index over the run's item vectors and save it as RUN/index.bin.
+    /// Build an index over the run's item vectors and save it as RUN/index.bin, or over any
+    /// `.npy` vector file (--vectors, with --out).
     Build {
-        #[arg(long)]
-        run: PathBuf,
+        #[arg(long, required_unless_present = "vectors", conflicts_with = "vectors")]
+        run: Option<PathBuf>,
+        /// A float32 `[rows, dim]` `.npy` file to index instead of a run's items; ids are row
+        /// numbers. IVF-PQ streams it in blocks, so it may be larger than memory.
+        #[arg(long, requires = "out")]
+        vectors: Option<PathBuf>,
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// `hnsw` (the default), `ivf` or `exact`; also a full spec such as
-        /// `ivf:nlist=256,nprobe=64`.
+        /// `hnsw` (the default), `ivf`, `ivfpq` or `exact`; also a full spec such as
+        /// `ivf:nlist=256,nprobe=64` or `ivfpq:nlist=16384,nprobe=32,refine=sq8`.
         #[arg(long, default_value = "hnsw")]
         kind: String,
         /// HNSW links per node.
@@ -196,6 +201,11 @@ enum IndexCmd {
         /// Search effort to use instead of the built one (HNSW ef_search / IVF nprobe).
         #[arg(long)]
         effort: Option<usize>,
+    },
+    /// Check an index file's header, structure and checksum over every byte.
+    Verify {
+        /// The index file.
+        path: PathBuf,
     },
 }
 
@@ -379,7 +389,19 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Index {
             cmd:
-                IndexCmd::Build { run, data_dir, kind, m, ef_construction, ef_search, nlist, nprobe, synthetic_items, out },
+                IndexCmd::Build {
+                    run,
+                    vectors,
+                    data_dir,
+                    kind,
+                    m,
+                    ef_construction,
+                    ef_search,
+                    nlist,
+                    nprobe,
+                    synthetic_items,
+                    out,
+                },
         } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             let mut params: needle_index::IndexParams = kind.parse()?;
@@ -400,8 +422,15 @@ fn run(cli: Cli) -> Result<()> {
                 needle_index::IndexParams::Exact => {}
             }
             params.validate()?;
-            index_cmd::build(&run, data_dir.as_deref(), &params, synthetic_items, out.as_deref())
+            match (run, vectors) {
+                (_, Some(v)) => index_cmd::build_vectors(&v, &params, out.as_deref().context("--vectors needs --out")?),
+                (Some(run), None) => {
+                    index_cmd::build(&run, data_dir.as_deref(), &params, synthetic_items, out.as_deref())
+                }
+                (None, None) => bail!("give --run or --vectors"),
+            }
         }
+        Cmd::Index { cmd: IndexCmd::Verify { path } } => index_cmd::verify(&path),
         Cmd::Index { cmd: IndexCmd::Eval { run, data_dir, k, effort } } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             index_cmd::eval(&run, data_dir.as_deref(), &k, effort)
