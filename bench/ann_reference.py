@@ -4,6 +4,9 @@
 Usage:
     needle bench ann --items 1000000 --write-npy /tmp/ann   # writes base.npy + queries.npy
     python3 bench/ann_reference.py /tmp/ann
+    # the compressed kinds (IVF-PQ 4-bit fast scan, IVF-SQ8, HNSW-SQ8), as for 10^7 vectors:
+    needle bench ann --stream --items 10000000 --write-npy /tmp/ann7
+    python3 bench/ann_reference.py /tmp/ann7 --compressed
 
 The first run creates bench/.venv and installs numpy, hnswlib and faiss-cpu from PyPI into it
 (hnswlib compiles from source, ~1 minute); later runs reuse it. The script then prints the same
@@ -47,6 +50,10 @@ def main():
     ap.add_argument("--ef-construction", type=int, default=200)
     ap.add_argument("--ef", default="100,128,160,200,300,500", help="comma-separated ef_search values")
     ap.add_argument("--skip-faiss-hnsw", action="store_true", help="only hnswlib (Faiss HNSW builds slowly at 1M)")
+    ap.add_argument("--compressed", action="store_true",
+                    help="Faiss IVF-PQ fast scan (SQ8 re-ranking), IVF-SQ8 and HNSW-SQ8 instead of the float indexes")
+    ap.add_argument("--nlist", type=int, default=0, help="IVF lists (0: needle's default, min(4*sqrt(n), 16384))")
+    ap.add_argument("--nprobe", default="8,16,32,64,128,256", help="comma-separated nprobe values")
     args = ap.parse_args()
 
     import numpy as np
@@ -82,6 +89,9 @@ def main():
     qps1 = len(sub) / (time.perf_counter() - t)
     row("faiss IndexFlatIP", "-", build, base.nbytes / 1e6, 1.0, 1.0, qps1, qpsn)
     del flat
+    if args.compressed:
+        compressed(args, base, queries, truth, threads)
+        return
 
     # hnswlib: build with every core, as `needle` does.
     p = hnswlib.Index(space="ip", dim=d)
@@ -125,6 +135,63 @@ def main():
             qpsn = nq / (time.perf_counter() - t)
             row("faiss IndexHNSWFlat", f"M={args.m} efConstruction={args.ef_construction} efSearch={ef}", build, mem,
                 recall(truth, got, 10), recall(truth, got, k), qps1, qpsn)
+
+
+def compressed(args, base, queries, truth, threads):
+    """IVF-PQ 4-bit fast scan with SQ8 re-ranking (needle's default compressed kind), IVF-SQ8
+    and HNSW-SQ8, each built with all cores and swept over its search effort."""
+    import numpy as np
+    import faiss
+
+    n, d = base.shape
+    nq = queries.shape[0]
+    k = args.k
+    nlist = args.nlist or min(int(round(4 * np.sqrt(n))), 16384)
+    nprobes = [int(x) for x in args.nprobe.split(",") if x]
+
+    def sweep(name, spec, index, build, efforts, set_effort):
+        mem = faiss.serialize_index(index).nbytes / 1e6
+        for e in efforts:
+            set_effort(e)
+            faiss.omp_set_num_threads(1)
+            t = time.perf_counter()
+            _, got = index.search(queries, k)
+            qps1 = nq / (time.perf_counter() - t)
+            faiss.omp_set_num_threads(threads)
+            t = time.perf_counter()
+            index.search(queries, k)
+            qpsn = nq / (time.perf_counter() - t)
+            row(name, f"{spec} {e}", build, mem, recall(truth, got, 10), recall(truth, got, k), qps1, qpsn)
+
+    def build(spec):
+        faiss.omp_set_num_threads(threads)
+        index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+        t = time.perf_counter()
+        index.train(base)
+        index.add(base)
+        return index, time.perf_counter() - t
+
+    ps = faiss.ParameterSpace()
+    m = d // 2
+    spec = f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)"
+    index, secs = build(spec)
+    refine = faiss.downcast_index(index)
+    refine.k_factor = 4  # re-rank 4k candidates, needle's default depth
+    ivf = faiss.extract_index_ivf(refine.base_index)
+
+    def set_nprobe(e):
+        ivf.nprobe = e
+
+    sweep("faiss IVF-PQ fast scan + SQ8", spec + " k_factor=4 nprobe=", index, secs, nprobes, set_nprobe)
+    del index
+    spec = f"IVF{nlist},SQ8"
+    index, secs = build(spec)
+    sweep("faiss IVF-SQ8", spec + " nprobe=", index, secs, nprobes, lambda e: ps.set_index_parameter(index, "nprobe", e))
+    del index
+    spec = "HNSW32,SQ8"
+    index, secs = build(spec)
+    sweep("faiss HNSW-SQ8", spec + " efSearch=", index, secs, [100, 128, 200, 300, 500],
+          lambda e: ps.set_index_parameter(index, "efSearch", e))
 
 
 if __name__ == "__main__":

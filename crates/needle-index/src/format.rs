@@ -295,6 +295,11 @@ pub(crate) fn map(path: &Path, verify: Verify) -> Result<(Header, Arc<Backing>)>
     // SAFETY: index files are only ever replaced by renaming a new file over them, never
     // rewritten in place, so the mapped bytes do not change while mapped.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    // Start reading the file into the page cache in the background: searches then take minor
+    // faults instead of waiting on the disk, and the pages only count against this process
+    // once a search touches them. Only a hint, so a refusal changes nothing.
+    #[cfg(unix)]
+    let _ = map.advise(memmap2::Advice::WillNeed);
     let header = check_image(&map, path, verify)?;
     Ok((header, Arc::new(Backing::Map(map))))
 }

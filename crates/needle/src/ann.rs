@@ -22,7 +22,7 @@ use std::time::Instant;
 /// harder set (~56°), where every index needs several times the effort for the same recall.
 pub const SYNTH_SPREAD: f32 = 1.0;
 /// Top-K that recall and speed are measured at.
-const K: usize = 100;
+pub(crate) const K: usize = 100;
 /// IVF `nprobe` values swept.
 const NPROBES: [usize; 7] = [4, 8, 16, 32, 64, 128, 256];
 /// IVF-PQ re-ranking depths swept at the default `nprobe`.
@@ -124,7 +124,7 @@ fn print_row(r: &Row) {
 }
 
 /// Ranked `(id, score)` lists, one per query.
-type Results = Vec<Vec<(u32, f32)>>;
+pub(crate) type Results = Vec<Vec<(u32, f32)>>;
 
 /// One query at a time on this thread; returns results and queries per second.
 fn single_thread(ix: &dyn Index, queries: &[f32], dim: usize, limit: usize) -> Result<(Results, f64)> {

@@ -1,6 +1,7 @@
 //! `needle`: train, evaluate and query two-tower retrieval models from the command line.
 
 mod ann;
+mod ann_scale;
 mod bench;
 mod commands;
 mod crash;
@@ -340,6 +341,17 @@ enum BenchCmd {
         /// Also write base.npy and queries.npy here, for bench/ann_reference.py.
         #[arg(long)]
         write_npy: Option<PathBuf>,
+        /// Catalogue-scale mode (implied above 2,000,000 items): the set is generated row by
+        /// row and never held whole, ground truth is a streaming scan cached in --work, and
+        /// only the compressed kinds (--kind) are built, saved and searched mapped.
+        #[arg(long)]
+        stream: bool,
+        /// Index specs for --stream (repeatable).
+        #[arg(long, default_value = "ivfpq")]
+        kind: Vec<String>,
+        /// Folder for --stream's index file and cached ground truth.
+        #[arg(long, default_value = "bench-ann-work")]
+        work: PathBuf,
         /// Use these vectors (`.npy`, float32 [n, dim]) instead of the synthetic set,
         /// e.g. item_embeddings.npy from `needle export`.
         #[arg(long)]
@@ -477,7 +489,15 @@ fn run(cli: Cli) -> Result<()> {
             }
             data_cmd::synth(&spec, &out, quiet)
         }
-        Cmd::Bench { cmd: BenchCmd::Ann { items, dim, queries, seed, spread, write_npy, vectors, query_vectors } } => {
+        Cmd::Bench {
+            cmd: BenchCmd::Ann { items, dim, queries, seed, spread, write_npy, stream, kind, work, vectors, .. },
+        } if vectors.is_none() && (stream || items > 2_000_000) => {
+            commands::init_threads(cli.threads.unwrap_or(0))?;
+            ann_scale::bench_ann_stream(items, dim, queries, seed, spread, &kind, &work, write_npy.as_deref())
+        }
+        Cmd::Bench {
+            cmd: BenchCmd::Ann { items, dim, queries, seed, spread, write_npy, vectors, query_vectors, .. },
+        } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             match vectors {
                 Some(v) => ann::bench_ann_vectors(&v, query_vectors.as_deref(), queries, seed),
