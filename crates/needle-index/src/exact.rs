@@ -8,6 +8,7 @@
 //! the first tiles rejects almost everything with one comparison.
 
 use crate::format::{self, Backing, Header, Reader};
+use crate::idmap::LazyIdMap;
 use crate::kernels::{dot_rows_fn, gemm_nt, Rows, TopK};
 use crate::{check_add, check_flat, check_query, Index, IndexError, IndexKind, IndexParams, Result, SearchOptions};
 use rayon::prelude::*;
@@ -28,6 +29,7 @@ pub struct ExactIndex {
     dim: usize,
     ids: Vec<u32>,
     rows: Rows,
+    id_map: LazyIdMap,
 }
 
 impl std::fmt::Debug for ExactIndex {
@@ -42,7 +44,7 @@ impl ExactIndex {
         if dim == 0 {
             return Err(IndexError::Param("dimension must be at least 1".into()));
         }
-        Ok(ExactIndex { dim, ids: Vec::new(), rows: Rows::new(dim) })
+        Ok(ExactIndex { dim, ids: Vec::new(), rows: Rows::new(dim), id_map: LazyIdMap::default() })
     }
 
     /// Offers every vector in `ids`/`rows` to `top`, skipping ids `keep` rejects.
@@ -102,8 +104,22 @@ impl ExactIndex {
         let ids = r.u32s("ids", Some(n))?;
         let rows = r.rows("vectors", dim, n)?;
         r.finish()?;
-        Ok(ExactIndex { dim, ids, rows })
+        Ok(ExactIndex { dim, ids, rows, id_map: LazyIdMap::default() })
     }
+}
+
+/// Exact scores of `ids` from float rows, for [`Index::score_ids`].
+pub(crate) fn score_rows(
+    query: &[f32],
+    ids: &[u32],
+    map: &crate::idmap::IdMap,
+    rows: &Rows,
+    out: &mut Vec<(u32, f32)>,
+) -> Result<()> {
+    check_query(rows.dim(), query)?;
+    let dot = crate::kernels::dot_fn();
+    out.extend(ids.iter().filter_map(|&id| map.row(id).map(|r| (id, dot(query, rows.row(r))))));
+    Ok(())
 }
 
 impl Index for ExactIndex {
@@ -130,11 +146,16 @@ impl Index for ExactIndex {
     fn add(&mut self, ids: &[u32], vectors: &[f32]) -> Result<()> {
         check_add(self.dim, self.len(), ids, vectors)?;
         self.ids.extend_from_slice(ids);
+        self.id_map = LazyIdMap::default();
         self.rows.extend(vectors);
         Ok(())
     }
 
     fn set_search_effort(&mut self, _effort: usize) {}
+
+    fn score_ids(&self, query: &[f32], ids: &[u32], out: &mut Vec<(u32, f32)>) -> Result<()> {
+        score_rows(query, ids, self.id_map.get(&self.ids), &self.rows, out)
+    }
 
     fn search_with(&self, query: &[f32], k: usize, opts: &SearchOptions, out: &mut Vec<(u32, f32)>) -> Result<()> {
         check_query(self.dim, query)?;

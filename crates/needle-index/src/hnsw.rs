@@ -16,6 +16,7 @@
 //! neighbour already kept), which matters for clustered data.
 
 use crate::format::{self, Backing, Header, Reader, Writer};
+use crate::idmap::LazyIdMap;
 use crate::kernels::{dot_fn, prefetch, DotFn, Rows};
 use crate::{check_add, check_query, HnswParams, Index, IndexError, IndexKind, IndexParams, Result, SearchOptions};
 use needle_model::rng::Rng;
@@ -433,6 +434,7 @@ pub struct HnswIndex {
     entry: u32,
     max_level: u8,
     scratch: ScratchPool,
+    id_map: LazyIdMap,
 }
 
 impl std::fmt::Debug for HnswIndex {
@@ -465,6 +467,7 @@ impl HnswIndex {
             entry: 0,
             max_level: 0,
             scratch: ScratchPool::default(),
+            id_map: LazyIdMap::default(),
         })
     }
 
@@ -666,6 +669,7 @@ impl HnswIndex {
             entry: entry as u32,
             max_level: max_level as u8,
             scratch: ScratchPool::default(),
+            id_map: LazyIdMap::default(),
         };
         // Every link must name an existing node that lives on that layer, or a search could
         // index out of bounds.
@@ -735,6 +739,7 @@ impl Index for HnswIndex {
             blocks += level as usize;
         }
         self.ids.extend_from_slice(ids);
+        self.id_map = LazyIdMap::default();
         self.rows.extend(vectors);
         self.level0.resize(total * (1 + 2 * m), 0);
         self.upper.resize(blocks * (1 + m), 0);
@@ -783,6 +788,15 @@ impl Index for HnswIndex {
             Some(keep) => self.search_impl(query, k, ef, &keep, out),
         }
         Ok(())
+    }
+
+    fn score_ids(&self, query: &[f32], ids: &[u32], out: &mut Vec<(u32, f32)>) -> Result<()> {
+        crate::exact::score_rows(query, ids, self.id_map.get(&self.ids), &self.rows, out)
+    }
+
+    /// A walk visits about `ef` nodes and compares each one's layer-0 neighbours.
+    fn scan_estimate(&self, k: usize) -> usize {
+        self.params.ef_search.max(k) * 2 * self.params.m
     }
 
     fn save(&self, path: &Path) -> Result<()> {

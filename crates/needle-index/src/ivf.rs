@@ -10,6 +10,7 @@
 
 use crate::exact::ExactIndex;
 use crate::format::{self, Backing, Header, Reader};
+use crate::idmap::LazyIdMap;
 use crate::kernels::{dot_rows_fn, Rows, TopK};
 use crate::kmeans::{assign_nearest, kmeans};
 use crate::{check_add, check_query, Index, IndexError, IndexKind, IndexParams, IvfParams, Result, SearchOptions};
@@ -26,6 +27,7 @@ pub struct IvfIndex {
     offsets: Vec<u32>,
     ids: Vec<u32>,
     rows: Rows,
+    id_map: LazyIdMap,
 }
 
 impl std::fmt::Debug for IvfIndex {
@@ -62,6 +64,7 @@ impl IvfIndex {
             offsets: vec![0; nlist + 1],
             ids: Vec::new(),
             rows: Rows::new(dim),
+            id_map: LazyIdMap::default(),
         };
         ix.add(ids, vectors)?;
         Ok(ix)
@@ -138,7 +141,7 @@ impl IvfIndex {
         r.finish()?;
         let params =
             IvfParams { nlist, nprobe: nprobe.min(nlist as u64) as usize, train_iters: train_iters as usize, seed };
-        Ok(IvfIndex { dim, params, centroids, offsets, ids, rows })
+        Ok(IvfIndex { dim, params, centroids, offsets, ids, rows, id_map: LazyIdMap::default() })
     }
 }
 
@@ -205,11 +208,20 @@ impl Index for IvfIndex {
         self.offsets = new_offsets;
         self.ids = new_ids;
         self.rows = new_rows;
+        self.id_map = LazyIdMap::default();
         Ok(())
     }
 
     fn set_search_effort(&mut self, effort: usize) {
         self.params.nprobe = effort.clamp(1, self.params.nlist.max(1));
+    }
+
+    fn score_ids(&self, query: &[f32], ids: &[u32], out: &mut Vec<(u32, f32)>) -> Result<()> {
+        crate::exact::score_rows(query, ids, self.id_map.get(&self.ids), &self.rows, out)
+    }
+
+    fn scan_estimate(&self, _k: usize) -> usize {
+        self.params.nprobe * self.len() / self.params.nlist.max(1)
     }
 
     fn search_with(&self, query: &[f32], k: usize, opts: &SearchOptions, out: &mut Vec<(u32, f32)>) -> Result<()> {

@@ -20,6 +20,7 @@
 use crate::fastscan::{self, pack_block, unpack_block, BLOCK, CODEWORDS, MAX_SUBQUANTIZERS};
 use crate::format::{self, Backing, Header, Reader, Slab};
 use crate::hnsw::HnswIndex;
+use crate::idmap::LazyIdMap;
 use crate::kernels::{dot, dot_rows_fn, Rows, TopK};
 use crate::kmeans::{assign_nearest, kmeans, MAX_POINTS_PER_CENTROID};
 use crate::source::{SliceSource, VectorSource};
@@ -136,6 +137,7 @@ pub struct IvfPqIndex {
     /// `blocks[nlist] × msub × 16` bytes.
     codes: Slab<u8>,
     refine: Refiner,
+    id_map: LazyIdMap,
 }
 
 impl std::fmt::Debug for IvfPqIndex {
@@ -266,6 +268,7 @@ impl IvfPqIndex {
             ids: Slab::default(),
             codes: Slab::default(),
             refine: Refiner::None,
+            id_map: LazyIdMap::default(),
         };
 
         // Pass 1: the list of every row.
@@ -484,26 +487,31 @@ impl IvfPqIndex {
         let mut pairs = Vec::new();
         cand.drain_sorted(&mut pairs);
         let mut top = TopK::new(k);
-        match &self.refine {
-            Refiner::None => pairs.iter().for_each(|&(pos, s)| top.push(s, self.ids[pos as usize])),
-            Refiner::Sq8(sq) => {
-                let qs: Vec<f32> = q.iter().zip(&sq.step).map(|(a, b)| a * b).collect();
-                let qb = dot(q, &sq.lo);
-                for &(pos, _) in &pairs {
-                    let l = self.offsets.partition_point(|&o| o <= pos) - 1;
-                    let s = dot(q, self.centroids.row(l)) + sq.score(&qs, qb, pos as usize);
-                    top.push(s, self.ids[pos as usize]);
-                }
-            }
-            Refiner::Flat(rows) => {
-                let dim = self.dim;
-                for &(pos, _) in &pairs {
-                    let p = pos as usize;
-                    top.push(dot(q, &rows[p * dim..(p + 1) * dim]), self.ids[p]);
-                }
-            }
+        if let Refiner::None = self.refine {
+            pairs.iter().for_each(|&(pos, s)| top.push(s, self.ids[pos as usize]));
+        } else {
+            let scorer = Scorer::new(self, q);
+            pairs.iter().for_each(|&(pos, _)| top.push(scorer.score(pos as usize), self.ids[pos as usize]));
         }
         top.drain_sorted(out);
+    }
+
+    /// List holding position `pos`.
+    #[inline]
+    fn list_of(&self, pos: usize) -> usize {
+        self.offsets.partition_point(|&o| o as usize <= pos) - 1
+    }
+
+    /// Sub-quantizer `j`'s code of the vector at position `pos` of list `l`.
+    #[inline]
+    fn code_at(&self, l: usize, pos: usize, j: usize) -> u8 {
+        let within = pos - self.offsets[l] as usize;
+        let byte = self.codes[(self.blocks[l] as usize + within / BLOCK) * self.msub * 16 + j * 16 + within % 16];
+        if within % BLOCK < 16 {
+            byte & 15
+        } else {
+            byte >> 4
+        }
     }
 
     /// PQ codes (`n × msub`, unpacked) of `vectors`' residuals from their assigned centroids.
@@ -623,7 +631,55 @@ impl IvfPqIndex {
             ids,
             codes,
             refine,
+            id_map: LazyIdMap::default(),
         })
+    }
+}
+
+/// Scores stored vectors for one query the way the final ranking does: from the re-ranking data,
+/// or from the PQ codes decoded exactly (no byte rounding) when there is none.
+struct Scorer<'a> {
+    ix: &'a IvfPqIndex,
+    q: &'a [f32],
+    /// SQ8: `q ⊙ step` and `q · lo`. Without re-ranking data: the float table of sub-scores.
+    qs: Vec<f32>,
+    qb: f32,
+}
+
+impl<'a> Scorer<'a> {
+    fn new(ix: &'a IvfPqIndex, q: &'a [f32]) -> Self {
+        match &ix.refine {
+            Refiner::Sq8(sq) => {
+                Scorer { ix, q, qs: q.iter().zip(&sq.step).map(|(a, b)| a * b).collect(), qb: dot(q, &sq.lo) }
+            }
+            Refiner::Flat(_) => Scorer { ix, q, qs: Vec::new(), qb: 0.0 },
+            Refiner::None => {
+                let dsub = ix.dsub;
+                let table = (0..ix.params.m * CODEWORDS)
+                    .map(|jc| {
+                        let j = jc / CODEWORDS;
+                        dot(&q[j * dsub..(j + 1) * dsub], &ix.codebooks[jc * dsub..(jc + 1) * dsub])
+                    })
+                    .collect();
+                Scorer { ix, q, qs: table, qb: 0.0 }
+            }
+        }
+    }
+
+    fn score(&self, pos: usize) -> f32 {
+        let ix = self.ix;
+        match &ix.refine {
+            Refiner::Flat(rows) => dot(self.q, &rows[pos * ix.dim..(pos + 1) * ix.dim]),
+            Refiner::Sq8(sq) => {
+                let l = ix.list_of(pos);
+                dot(self.q, ix.centroids.row(l)) + sq.score(&self.qs, self.qb, pos)
+            }
+            Refiner::None => {
+                let l = ix.list_of(pos);
+                let codes = (0..ix.params.m).map(|j| self.qs[j * CODEWORDS + ix.code_at(l, pos, j) as usize]);
+                dot(self.q, ix.centroids.row(l)) + codes.sum::<f32>()
+            }
+        }
     }
 }
 
@@ -830,6 +886,7 @@ impl Index for IvfPqIndex {
         self.offsets = offsets;
         self.blocks = blocks;
         self.ids = new_ids.into();
+        self.id_map = LazyIdMap::default();
         self.codes = codes.into();
         match &mut self.refine {
             Refiner::Sq8(s) => s.codes = sq8_codes.into(),
@@ -841,6 +898,18 @@ impl Index for IvfPqIndex {
 
     fn set_search_effort(&mut self, effort: usize) {
         self.params.nprobe = effort.clamp(1, self.params.nlist.max(1));
+    }
+
+    fn score_ids(&self, query: &[f32], ids: &[u32], out: &mut Vec<(u32, f32)>) -> Result<()> {
+        check_query(self.dim, query)?;
+        let map = self.id_map.get(&self.ids);
+        let scorer = Scorer::new(self, query);
+        out.extend(ids.iter().filter_map(|&id| map.row(id).map(|pos| (id, scorer.score(pos)))));
+        Ok(())
+    }
+
+    fn scan_estimate(&self, _k: usize) -> usize {
+        self.params.nprobe * self.len() / self.params.nlist.max(1)
     }
 
     fn search_with(&self, query: &[f32], k: usize, opts: &SearchOptions, out: &mut Vec<(u32, f32)>) -> Result<()> {
@@ -942,6 +1011,13 @@ mod tests {
             for &(id, s) in &out {
                 let want = dot(q, &decoded[id as usize * dim..(id as usize + 1) * dim]);
                 assert!((s - want).abs() <= bound, "id {id}: table score {s}, decoded {want}, bound {bound}");
+            }
+            // Scoring chosen ids decodes exactly, without the byte rounding.
+            let mut scored = Vec::new();
+            ix.score_ids(q, &ids, &mut scored).unwrap();
+            for &(id, s) in &scored {
+                let want = dot(q, &decoded[id as usize * dim..(id as usize + 1) * dim]);
+                assert!((s - want).abs() <= 1e-4, "id {id}: scored {s}, decoded {want}");
             }
         }
     }

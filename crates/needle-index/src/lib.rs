@@ -25,6 +25,7 @@ mod exact;
 pub mod fastscan;
 mod format;
 mod hnsw;
+mod idmap;
 mod ivf;
 mod ivfpq;
 pub mod kernels;
@@ -42,6 +43,7 @@ pub use kmeans::kmeans;
 pub use source::{NpyFile, NpyWriter, SliceSource, SyntheticSource, VectorSource};
 pub use synth::synthetic_clustered;
 
+use kernels::TopK;
 use rayon::prelude::*;
 use std::fmt;
 use std::path::Path;
@@ -435,6 +437,71 @@ pub trait Index: Send + Sync + fmt::Debug {
 
     /// Writes the index to `path` (atomically, via a temporary file).
     fn save(&self, path: &Path) -> Result<()>;
+
+    /// Appends `(id, score)` for each of `ids` the index holds (others are skipped), scored as
+    /// the index's final ranking scores them: exactly from float rows, from the re-ranking data
+    /// for IVF-PQ. The direct side of a selective filter ([`search_among`]).
+    fn score_ids(&self, query: &[f32], ids: &[u32], out: &mut Vec<(u32, f32)>) -> Result<()>;
+
+    /// About how many stored vectors a top-`k` search at the default effort compares: what
+    /// [`search_among`] weighs a filter's size against.
+    fn scan_estimate(&self, k: usize) -> usize {
+        let _ = k;
+        self.len()
+    }
+}
+
+/// How [`search_among`] answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterPath {
+    /// Every allowed id was scored directly: the filter was too selective for the index's scan to
+    /// meet `k` of its ids.
+    Direct,
+    /// The index searched as usual, skipping ids outside the filter.
+    Index,
+}
+
+/// The `k` best among `allowed` (ascending, distinct ids, e.g. the items of one category) that
+/// `keep` also accepts (e.g. not yet seen).
+///
+/// A search at the index's default effort compares about [`Index::scan_estimate`] vectors. The
+/// allowed ids are scored directly when that is cheaper (they number at most a quarter of the
+/// scan: a direct score is a random read, several times a scanned one) or when fewer than `2k`
+/// of them are expected among the scanned vectors, where the index path would come back short
+/// or have to scan on. Otherwise the index searches
+/// with a membership test, and should that still come back short, the direct path answers. The
+/// result is therefore never short while `allowed` holds `k` ids the index has and `keep`
+/// accepts.
+pub fn search_among(
+    index: &dyn Index,
+    query: &[f32],
+    k: usize,
+    allowed: &[u32],
+    keep: &dyn Fn(u32) -> bool,
+    out: &mut Vec<(u32, f32)>,
+) -> Result<FilterPath> {
+    check_query(index.dim(), query)?;
+    if !allowed.windows(2).all(|w| w[0] < w[1]) {
+        return Err(IndexError::Param("the allowed ids of a filtered search must be ascending and distinct".into()));
+    }
+    let n = index.len().max(1);
+    let scan = index.scan_estimate(k).min(n);
+    let expected = allowed.len() as f64 * scan as f64 / n as f64;
+    if expected >= 2.0 * k as f64 && allowed.len() > scan / 4 {
+        let member = |id: u32| allowed.binary_search(&id).is_ok() && keep(id);
+        index.search_filtered(query, k, &member, out)?;
+        if out.len() >= k {
+            return Ok(FilterPath::Index);
+        }
+    }
+    let mut scored = Vec::with_capacity(allowed.len().min(1 << 20));
+    let mut pass = Vec::with_capacity(allowed.len().min(1 << 20));
+    pass.extend(allowed.iter().copied().filter(|&id| keep(id)));
+    index.score_ids(query, &pass, &mut scored)?;
+    let mut top = TopK::new(k);
+    scored.iter().for_each(|&(id, s)| top.push(s, id));
+    top.drain_sorted(out);
+    Ok(FilterPath::Direct)
 }
 
 /// Builds an index of the given kind over `ids` and their vectors (`ids.len() × dim` values).

@@ -412,3 +412,43 @@ fn ivf_pq_streams_a_npy_file_into_the_same_index_as_from_memory() {
     let err = IvfPqIndex::build_from(&p, &npy, None, &needle_index::NoProgress).err().unwrap();
     assert!(matches!(err, IndexError::NonFinite { row: 1234, .. }), "{err}");
 }
+
+#[test]
+fn search_among_scores_selective_filters_directly_and_is_never_short() {
+    let dim = 16;
+    let n = 4000;
+    let (data, queries) = clustered(n, 10, dim, 12);
+    for params in all_kinds() {
+        let ix = build(&params, &ids(n), &data, dim).unwrap();
+        let tol = score_tolerance(&params).max(1e-4);
+        let mut out = Vec::new();
+        for q in queries.chunks_exact(dim) {
+            // 30 ids spread over the catalogue: far too few for any index scan to meet 10.
+            let few: Vec<u32> = (0..30).map(|i| i * 131 + 7).collect();
+            let keep = |id: u32| id != 7;
+            let path = needle_index::search_among(ix.as_ref(), q, 10, &few, &keep, &mut out).unwrap();
+            assert_eq!(path, needle_index::FilterPath::Direct, "{params}");
+            let want = brute_force(&data, dim, q, 10, |id| few.contains(&id) && keep(id));
+            assert_eq!(out.len(), 10, "{params}");
+            for (got, w) in out.iter().zip(&want) {
+                assert!((got.1 - w.1).abs() <= tol, "{params}: {got:?} vs {w:?}");
+            }
+            if tol <= 1e-4 {
+                assert_eq!(out.iter().map(|p| p.0).collect::<Vec<_>>(), want.iter().map(|p| p.0).collect::<Vec<_>>());
+            }
+            // Half the catalogue: the index searches with a membership test.
+            let half: Vec<u32> = (0..n as u32).filter(|i| i % 2 == 1).collect();
+            let path = needle_index::search_among(ix.as_ref(), q, 10, &half, &|_| true, &mut out).unwrap();
+            assert_eq!(out.len(), 10, "{params}");
+            assert!(out.iter().all(|p| p.0 % 2 == 1), "{params}: an id outside the filter");
+            if params.kind() != IndexKind::Exact {
+                assert_eq!(path, needle_index::FilterPath::Index, "{params}");
+            }
+        }
+        let mut scored = Vec::new();
+        ix.score_ids(&queries[..dim], &[5, 999_999, 6], &mut scored).unwrap();
+        assert_eq!(scored.iter().map(|p| p.0).collect::<Vec<_>>(), vec![5, 6], "{params}: unknown ids are skipped");
+        let err = needle_index::search_among(ix.as_ref(), &queries[..dim], 5, &[9, 3], &|_| true, &mut out);
+        assert!(matches!(err, Err(IndexError::Param(_))), "{params}: unsorted ids accepted");
+    }
+}
