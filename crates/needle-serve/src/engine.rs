@@ -4,6 +4,7 @@
 //! Everything here is synchronous CPU work of well under a millisecond per request at ML-1M
 //! scale, so handlers call it inline.
 
+use crate::filter::{Attributes, Filter};
 use crate::ServeError;
 use needle_data::Dataset;
 use needle_data::Vocab;
@@ -36,6 +37,19 @@ pub struct Engine {
     popular: Vec<(u32, f32)>,
     /// Newest history items the user tower reads.
     pub max_seq_len: usize,
+    /// What request filters select on; empty until [`Engine::set_attributes`].
+    attributes: Attributes,
+}
+
+/// What a recall may return beyond the user's own history.
+#[derive(Clone, Copy, Default)]
+pub struct Restrict<'a> {
+    /// Leave out the items of the user's history.
+    pub exclude_seen: bool,
+    /// Only these item rows (ascending), from a request filter.
+    pub allowed: Option<&'a [u32]>,
+    /// Never these item rows (ascending).
+    pub excluded: &'a [u32],
 }
 
 /// Where an answer's items came from.
@@ -133,6 +147,36 @@ impl Engine {
             feature_vocabs: run.user_feature_vocabs,
             index,
             popular,
+            attributes: Attributes::default(),
+        })
+    }
+
+    /// Sets the attributes request filters select on.
+    pub fn set_attributes(&mut self, attributes: Attributes) {
+        self.attributes = attributes;
+    }
+
+    /// Real item rows (`1..`) with their raw ids, and the synthetic rows padding the index past
+    /// them (`first`, `count`).
+    pub fn catalogue_rows(&self) -> (Vec<(u32, String)>, (u32, u32)) {
+        let rows = self.model.item_rows() as u32;
+        let real: Vec<(u32, String)> =
+            (1..rows).filter_map(|r| self.items.raw(r).map(|raw| (r, raw.to_owned()))).collect();
+        let synthetic = self.index_len().saturating_sub(real.len()) as u32;
+        (real, (rows, synthetic))
+    }
+
+    /// The ascending item rows a request filter allows.
+    pub fn filter_rows(&self, filter: &Filter) -> Result<std::borrow::Cow<'_, [u32]>, String> {
+        self.attributes.allowed(filter)
+    }
+
+    /// The row of a raw item id, synthetic padding (`synthetic-ROW`) included.
+    pub fn item_row(&self, raw: &str) -> Option<u32> {
+        self.items.get(raw).or_else(|| {
+            let row: u32 = raw.strip_prefix("synthetic-")?.parse().ok()?;
+            (row >= self.model.item_rows() as u32 && (row as usize) < self.model.item_rows() + self.index_len())
+                .then_some(row)
         })
     }
 
@@ -159,8 +203,9 @@ impl Engine {
         &self.feature_names
     }
 
-    /// Top `k` items for one user; items in the history are left out when `exclude_seen`.
-    pub fn recall(&self, user: &UserInput<'_>, k: usize, exclude_seen: bool) -> Result<Recalled, ServeError> {
+    /// Top `k` items for one user among those `restrict` allows.
+    pub fn recall(&self, user: &UserInput<'_>, k: usize, restrict: Restrict<'_>) -> Result<Recalled, ServeError> {
+        let exclude_seen = restrict.exclude_seen;
         let mut rows: Vec<u32> = Vec::with_capacity(user.history.len());
         let mut unknown_history = 0;
         for raw in user.history {
@@ -172,7 +217,16 @@ impl Engine {
         let mut seen = rows.clone();
         seen.sort_unstable();
         seen.dedup();
-        let keep = |id: u32| seen.binary_search(&id).is_err();
+        let keep = |id: u32| {
+            (!exclude_seen || seen.binary_search(&id).is_err())
+                && restrict.excluded.binary_search(&id).is_err()
+                && restrict.allowed.is_none_or(|a| a.binary_search(&id).is_ok())
+        };
+        // What the index is told to skip; the allowed list goes to it separately.
+        let skip = |id: u32| {
+            (!exclude_seen || seen.binary_search(&id).is_err()) && restrict.excluded.binary_search(&id).is_err()
+        };
+        let plain = !exclude_seen && restrict.excluded.is_empty();
 
         let feats: Vec<u32> = self
             .feature_names
@@ -186,7 +240,7 @@ impl Engine {
             .collect();
         let knows_user = feats.iter().any(|&f| f != 0);
         if rows.is_empty() && !knows_user {
-            let items = self.popular.iter().copied().filter(|&(id, _)| !exclude_seen || keep(id)).take(k).collect();
+            let items = self.popular.iter().copied().filter(|&(id, _)| keep(id)).take(k).collect();
             return Ok(Recalled { items, source: Source::Popularity, unknown_history });
         }
 
@@ -194,9 +248,7 @@ impl Engine {
             (Some(ix), _) => ix,
             (None, Some(n)) => {
                 let mut items = Vec::with_capacity(k);
-                NEIGHBOR_SCRATCH.with_borrow_mut(|scratch| {
-                    n.recall(&rows, k, &|id| !exclude_seen || keep(id), scratch, &mut items)
-                });
+                NEIGHBOR_SCRATCH.with_borrow_mut(|scratch| n.recall(&rows, k, &keep, scratch, &mut items));
                 return Ok(Recalled { items, source: Source::Model, unknown_history });
             }
             (None, None) => {
@@ -209,8 +261,11 @@ impl Engine {
         let mut scores = vec![f32::NEG_INFINITY; ni * k];
         let mut buf = Vec::with_capacity(k);
         for (i, q) in uv.chunks_exact(d).enumerate() {
-            let res =
-                if exclude_seen { index.search_filtered(q, k, &keep, &mut buf) } else { index.search(q, k, &mut buf) };
+            let res = match restrict.allowed {
+                Some(allowed) => needle_index::search_among(index.as_ref(), q, k, allowed, &skip, &mut buf).map(|_| ()),
+                None if plain => index.search(q, k, &mut buf),
+                None => index.search_filtered(q, k, &skip, &mut buf),
+            };
             res.map_err(|e| ServeError::Internal(e.to_string()))?;
             for (slot, &(id, s)) in buf.iter().enumerate().take(k) {
                 ids[i * k + slot] = id;

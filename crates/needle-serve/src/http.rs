@@ -2,7 +2,8 @@
 //! hot reload (POST /admin/reload or SIGHUP) and graceful shutdown (SIGTERM / Ctrl-C).
 
 use crate::auth::AdminAuth;
-use crate::engine::{Engine, Source, StoreContents, UserInput};
+use crate::engine::{Engine, Restrict, Source, StoreContents, UserInput};
+use crate::filter::{Attributes, Filter};
 use crate::metrics::Metrics;
 use crate::ServeError;
 use axum::body::Bytes;
@@ -223,7 +224,28 @@ async fn load_engine(
             );
         }
     }
-    in_background(move || Engine::new(served, index.as_deref())).await?
+    let mut engine = in_background(move || Engine::new(served, index.as_deref())).await??;
+    let t = Instant::now();
+    let (real, (first, synthetic)) = engine.catalogue_rows();
+    let mut details = Vec::with_capacity(real.len());
+    if let Some(store) = store {
+        for chunk in real.chunks(1024) {
+            let ids: Vec<&str> = chunk.iter().map(|(_, raw)| raw.as_str()).collect();
+            details.extend(store.items(&ids).await?);
+        }
+    }
+    let with_details = real.iter().zip(&details).filter_map(|((row, _), d)| d.as_ref().map(|d| (*row, d)));
+    let mut attributes = Attributes::from_items(with_details);
+    if synthetic > 0 {
+        attributes.add_synthetic_shards(first, synthetic);
+    }
+    tracing::info!(
+        "filterable item attributes: {} ({:.2}s)",
+        if attributes.names().is_empty() { "none".to_owned() } else { attributes.names().join(", ") },
+        t.elapsed().as_secs_f64()
+    );
+    engine.set_attributes(attributes);
+    Ok(engine)
 }
 
 /// Runs `f` on a thread of its own at a lower CPU priority (nice 10): loading a model and freeing
@@ -377,7 +399,11 @@ impl ApiError {
 
 impl From<ServeError> for ApiError {
     fn from(e: ServeError) -> Self {
-        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string() }
+        let status = match e {
+            ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError { status, message: e.to_string() }
     }
 }
 
@@ -442,6 +468,10 @@ struct RecallRequest {
     history: Option<Vec<Id>>,
     k: Option<i64>,
     exclude_seen: Option<bool>,
+    /// Item ids never to return.
+    exclude: Option<Vec<Id>>,
+    /// Conditions on item attributes, all of which a returned item meets.
+    filter: Option<Filter>,
 }
 
 #[derive(Serialize)]
@@ -563,11 +593,21 @@ async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response
     }
     let history = history.unwrap_or(stored_history);
     let exclude_seen = req.exclude_seen.unwrap_or(true);
+    let mut excluded: Vec<u32> =
+        req.exclude.unwrap_or_default().iter().filter_map(|id| engine.item_row(&id.0)).collect();
+    excluded.sort_unstable();
+    excluded.dedup();
+    let filter = req.filter;
     let work = {
         let engine = engine.clone();
         move || {
             let input = UserInput { user_id: user_id.as_deref(), features: &features, history: &history };
-            engine.recall(&input, k, exclude_seen)
+            let allowed = match &filter {
+                Some(f) => Some(engine.filter_rows(f).map_err(ServeError::BadRequest)?),
+                None => None,
+            };
+            let restrict = Restrict { exclude_seen, allowed: allowed.as_deref(), excluded: &excluded };
+            engine.recall(&input, k, restrict)
         }
     };
     let rec = match app.compute.run(work).await {

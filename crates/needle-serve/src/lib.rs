@@ -9,6 +9,7 @@ pub mod auth;
 pub mod compute;
 pub mod conn;
 pub mod engine;
+pub mod filter;
 pub mod http;
 pub mod loadgen;
 pub mod metrics;
@@ -28,6 +29,10 @@ pub enum ServeError {
     Store(#[from] needle_store::StoreError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request asks for something the served run cannot do (e.g. filter on an attribute
+    /// it does not have).
+    #[error("{0}")]
+    BadRequest(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]

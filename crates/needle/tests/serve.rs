@@ -504,6 +504,27 @@ fn catalogue_items_without_events_are_recalled_when_their_features_fit() {
     let v = post(&srv.addr, "/v1/recall", &json!({"user_id": user, "k": 50})).json();
     let served = ids(&v);
     assert!(served.iter().any(|i| cold.contains(i.as_str())), "no cold item served to {user}: {served:?}");
+
+    // Filters on the catalogue's attributes and explicit exclusions: every item meets the
+    // filter, the answer is never short, and excluded items never come back.
+    let wanted = category[&served[0]].clone();
+    let in_category = category.values().filter(|c| **c == wanted).count();
+    let v = post(&srv.addr, "/v1/recall", &json!({"user_id": user, "k": 20, "filter": {"category": wanted}})).json();
+    let filtered = ids(&v);
+    assert_eq!(filtered.len(), 20.min(in_category), "{v}");
+    assert!(filtered.iter().all(|i| category[i] == wanted), "{filtered:?} outside {wanted}");
+    let rare: Vec<String> = category.values().filter(|c| **c != wanted).take(1).cloned().collect();
+    let v =
+        post(&srv.addr, "/v1/recall", &json!({"user_id": user, "k": 10, "filter": {"category": [wanted, rare[0]]}}))
+            .json();
+    assert!(ids(&v).iter().all(|i| category[i] == wanted || category[i] == rare[0]), "{v}");
+    let v = post(&srv.addr, "/v1/recall", &json!({"user_id": user, "k": 50, "exclude": [served[0], served[1]]})).json();
+    let again = ids(&v);
+    assert_eq!(again.len(), 50);
+    assert!(!again.contains(&served[0]) && !again.contains(&served[1]), "excluded items returned");
+    post(&srv.addr, "/v1/recall", &json!({"user_id": user, "filter": {"colour": "red"}})).rejects(400, "category");
+    post(&srv.addr, "/v1/recall", &json!({"user_id": user, "filter": {"category": {"between": 1}}}))
+        .rejects(400, "between");
     drop(srv);
 
     // A model whose item tower reads ids only says so, and never returns them.

@@ -1,0 +1,277 @@
+//! Request filters over item attributes: `{"genres": "Comedy"}`, `{"genres": ["Comedy",
+//! "Drama"]}` (any of), `{"year": {"gte": 1990, "lt": 2000}}` (a numeric range), several
+//! attributes combined with AND.
+//!
+//! The attributes come from the store's item details (the catalogue's categorical columns), held
+//! as sorted posting lists of item rows per value, so a filter becomes the ascending list of
+//! allowed rows that [`needle_index::search_among`] takes: one posting list is used as is,
+//! several are merged or intersected. Synthetic items padding a benchmark index get one
+//! attribute, `shard` (`row % 100`), so a filter passing 1% of a synthetic catalogue exists.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+
+use needle_store::ItemDetails;
+use serde::Deserialize;
+
+/// Shards of the synthetic items' `shard` attribute.
+pub const SYNTHETIC_SHARDS: u32 = 100;
+
+/// One attribute's condition in a request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Condition {
+    /// Equal to this value.
+    One(Scalar),
+    /// Equal to any of these values.
+    Any(Vec<Scalar>),
+    /// Within a numeric range; values that are not numbers never match.
+    Range(Range),
+}
+
+/// A value as JSON gives it: `"Comedy"` or `1995`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Scalar {
+    Text(String),
+    Number(f64),
+}
+
+impl Scalar {
+    fn of(v: &serde_json::Value) -> Option<Scalar> {
+        match v {
+            serde_json::Value::String(s) => Some(Scalar::Text(s.clone())),
+            serde_json::Value::Number(n) => n.as_f64().map(Scalar::Number),
+            _ => None,
+        }
+    }
+}
+
+// By hand rather than untagged, so a malformed condition gets a message that says what is wrong.
+impl<'de> Deserialize<'de> for Condition {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let v = serde_json::Value::deserialize(d)?;
+        if let Some(s) = Scalar::of(&v) {
+            return Ok(Condition::One(s));
+        }
+        match v {
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|x| {
+                    Scalar::of(x)
+                        .ok_or_else(|| D::Error::custom(format!("filter values must be strings or numbers, got {x}")))
+                })
+                .collect::<Result<_, _>>()
+                .map(Condition::Any),
+            serde_json::Value::Object(_) => serde_json::from_value::<Range>(v)
+                .map(Condition::Range)
+                .map_err(|e| D::Error::custom(format!("a range takes gte, gt, lte and lt: {e}"))),
+            other => Err(D::Error::custom(format!(
+                "a filter condition is a value, a list of values or a range object, got {other}"
+            ))),
+        }
+    }
+}
+
+impl Scalar {
+    fn text(&self) -> Cow<'_, str> {
+        match self {
+            Scalar::Text(s) => Cow::Borrowed(s),
+            Scalar::Number(n) => Cow::Owned(format_number(*n)),
+        }
+    }
+}
+
+/// `1995.0` as `1995`: how a catalogue writes whole numbers.
+fn format_number(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        n.to_string()
+    }
+}
+
+/// Bounds of a numeric range; at least one is given.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Range {
+    pub gte: Option<f64>,
+    pub gt: Option<f64>,
+    pub lte: Option<f64>,
+    pub lt: Option<f64>,
+}
+
+impl Range {
+    fn contains(&self, x: f64) -> bool {
+        self.gte.is_none_or(|b| x >= b)
+            && self.gt.is_none_or(|b| x > b)
+            && self.lte.is_none_or(|b| x <= b)
+            && self.lt.is_none_or(|b| x < b)
+    }
+}
+
+/// A request's filter: every named attribute's condition must hold.
+pub type Filter = BTreeMap<String, Condition>;
+
+/// One attribute: the ascending item rows of every value.
+#[derive(Default)]
+struct Attribute {
+    postings: BTreeMap<String, Vec<u32>>,
+}
+
+/// Every filterable attribute of a catalogue.
+#[derive(Default)]
+pub struct Attributes {
+    by_name: HashMap<String, Attribute>,
+}
+
+impl Attributes {
+    /// Posting lists from `(row, details)` pairs (rows in any order).
+    pub fn from_items<'a>(items: impl IntoIterator<Item = (u32, &'a ItemDetails)>) -> Attributes {
+        let mut by_name: HashMap<String, Attribute> = HashMap::new();
+        for (row, details) in items {
+            for (name, values) in &details.attributes {
+                let attr = by_name.entry(name.clone()).or_default();
+                for v in values {
+                    attr.postings.entry(v.clone()).or_default().push(row);
+                }
+            }
+        }
+        for attr in by_name.values_mut() {
+            for rows in attr.postings.values_mut() {
+                rows.sort_unstable();
+                rows.dedup();
+            }
+        }
+        Attributes { by_name }
+    }
+
+    /// Gives the synthetic rows `first..first + count` the attribute `shard` = `row % 100`.
+    pub fn add_synthetic_shards(&mut self, first: u32, count: u32) {
+        let attr = self.by_name.entry("shard".into()).or_default();
+        for s in 0..SYNTHETIC_SHARDS {
+            let rows = attr.postings.entry(s.to_string()).or_default();
+            let start = first + (s + SYNTHETIC_SHARDS - first % SYNTHETIC_SHARDS) % SYNTHETIC_SHARDS;
+            rows.extend((start..first + count).step_by(SYNTHETIC_SHARDS as usize));
+            rows.sort_unstable();
+            rows.dedup();
+        }
+    }
+
+    /// Names of the attributes a filter may use, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut n: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
+        n.sort_unstable();
+        n
+    }
+
+    /// The ascending rows `filter` allows; an error names an unknown attribute or an empty range.
+    pub fn allowed(&self, filter: &Filter) -> Result<Cow<'_, [u32]>, String> {
+        let mut result: Option<Cow<'_, [u32]>> = None;
+        for (name, cond) in filter {
+            let attr = self.by_name.get(name).ok_or_else(|| {
+                let known = self.names();
+                format!(
+                    "unknown filter attribute `{name}`; filterable: {}",
+                    if known.is_empty() {
+                        "none (the store holds no item attributes)".into()
+                    } else {
+                        known.join(", ")
+                    }
+                )
+            })?;
+            let rows = attr.matching(cond)?;
+            result = Some(match result {
+                None => rows,
+                Some(prev) => Cow::Owned(intersect(&prev, &rows)),
+            });
+        }
+        Ok(result.unwrap_or(Cow::Borrowed(&[])))
+    }
+}
+
+impl Attribute {
+    fn matching(&self, cond: &Condition) -> Result<Cow<'_, [u32]>, String> {
+        let lists: Vec<&[u32]> = match cond {
+            Condition::One(v) => {
+                return Ok(self.postings.get(v.text().as_ref()).map_or(Cow::Borrowed(&[]), |r| Cow::Borrowed(r)))
+            }
+            Condition::Any(vs) => {
+                vs.iter().filter_map(|v| self.postings.get(v.text().as_ref()).map(Vec::as_slice)).collect()
+            }
+            Condition::Range(r) => {
+                if r == &Range::default() {
+                    return Err("a range filter needs at least one of gte, gt, lte, lt".into());
+                }
+                self.postings
+                    .iter()
+                    .filter(|(v, _)| v.trim().parse::<f64>().is_ok_and(|x| r.contains(x)))
+                    .map(|(_, rows)| rows.as_slice())
+                    .collect()
+            }
+        };
+        Ok(match lists[..] {
+            [] => Cow::Borrowed(&[]),
+            [one] => Cow::Borrowed(one),
+            _ => Cow::Owned(union(&lists)),
+        })
+    }
+}
+
+fn union(lists: &[&[u32]]) -> Vec<u32> {
+    let mut all: Vec<u32> = lists.iter().flat_map(|l| l.iter().copied()).collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
+fn intersect(a: &[u32], b: &[u32]) -> Vec<u32> {
+    let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    small.iter().copied().filter(|x| large.binary_search(x).is_ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn details(pairs: &[(&str, &[&str])]) -> ItemDetails {
+        ItemDetails {
+            title: None,
+            attributes: pairs.iter().map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect())).collect(),
+        }
+    }
+
+    #[test]
+    fn filters_select_by_value_any_of_range_and_combine_with_and() {
+        let items = [
+            details(&[("genres", &["Comedy", "Drama"]), ("year", &["1995"])]),
+            details(&[("genres", &["Drama"]), ("year", &["1999"])]),
+            details(&[("genres", &["Comedy"]), ("year", &["2003"])]),
+            details(&[("genres", &["Horror"]), ("year", &["unknown"])]),
+        ];
+        let attrs = Attributes::from_items(items.iter().enumerate().map(|(i, d)| (i as u32 + 1, d)));
+        let f = |json: &str| -> Result<Vec<u32>, String> {
+            let filter: Filter = serde_json::from_str(json).unwrap();
+            attrs.allowed(&filter).map(|c| c.into_owned())
+        };
+        assert_eq!(f(r#"{"genres": "Comedy"}"#).unwrap(), vec![1, 3]);
+        assert_eq!(f(r#"{"genres": ["Horror", "Drama"]}"#).unwrap(), vec![1, 2, 4]);
+        assert_eq!(f(r#"{"year": {"gte": 1995, "lt": 2000}}"#).unwrap(), vec![1, 2]);
+        assert_eq!(f(r#"{"year": 2003}"#).unwrap(), vec![3]);
+        assert_eq!(f(r#"{"genres": "Comedy", "year": {"gt": 1995}}"#).unwrap(), vec![3]);
+        assert_eq!(f(r#"{"genres": "Western"}"#).unwrap(), Vec::<u32>::new());
+        let err = f(r#"{"rating": "PG"}"#).unwrap_err();
+        assert!(err.contains("unknown filter attribute `rating`") && err.contains("genres, year"), "{err}");
+        assert!(f(r#"{"year": {}}"#).is_err(), "an empty range");
+        assert!(serde_json::from_str::<Filter>(r#"{"year": {"between": 3}}"#).is_err(), "unknown range key");
+    }
+
+    #[test]
+    fn synthetic_shards_split_rows_by_remainder() {
+        let mut attrs = Attributes::default();
+        attrs.add_synthetic_shards(1003, 1000);
+        let filter: Filter = serde_json::from_str(r#"{"shard": "7"}"#).unwrap();
+        let rows = attrs.allowed(&filter).unwrap();
+        assert_eq!(rows.len(), 10);
+        assert!(rows.iter().all(|r| r % 100 == 7 && (1003..2003).contains(r)), "{rows:?}");
+    }
+}
