@@ -1,5 +1,5 @@
-//! 4-bit product-quantization "fast scan": the scores of 32 codes at a time through byte
-//! shuffles.
+//! The scan kernels of the compressed index: 4-bit product-quantization "fast scan" (the scores
+//! of 32 codes at a time through byte shuffles) and 8-bit scalar codes against a 16-bit query.
 //!
 //! With 16 codewords per sub-quantizer, a query's table of codeword scores for one
 //! sub-quantizer is 16 numbers. Quantised to bytes (one scale shared by all sub-quantizers so the
@@ -42,6 +42,44 @@ pub fn scan_fn() -> ScanFn {
         }
         scan_portable
     })
+}
+
+/// Bit `v` set when `acc[v] ≥ lim`: which of a block's vectors can enter the candidates.
+pub type MaskFn = fn(acc: &[u16; BLOCK], lim: u16) -> u32;
+
+/// The fastest threshold mask this CPU supports.
+pub fn mask_fn() -> MaskFn {
+    static F: OnceLock<MaskFn> = OnceLock::new();
+    *F.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: AVX2 was detected; the loads read the 64 bytes of `acc`.
+                return |acc, lim| unsafe { mask_avx2(acc, lim) };
+            }
+        }
+        mask_portable
+    })
+}
+
+/// The reference threshold mask.
+pub fn mask_portable(acc: &[u16; BLOCK], lim: u16) -> u32 {
+    acc.iter().enumerate().fold(0u32, |m, (v, &a)| m | (u32::from(a >= lim) << v))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn mask_avx2(acc: &[u16; BLOCK], lim: u16) -> u32 {
+    use std::arch::x86_64::*;
+    let l = _mm256_set1_epi16(lim as i16);
+    let p = acc.as_ptr() as *const __m256i;
+    let (a, b) = unsafe { (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1))) };
+    // Unsigned a ≥ l exactly when max(a, l) = a.
+    let ga = _mm256_cmpeq_epi16(_mm256_max_epu16(a, l), a);
+    let gb = _mm256_cmpeq_epi16(_mm256_max_epu16(b, l), b);
+    // Packing interleaves 128-bit lanes (a0-7, b0-7, a8-15, b8-15); the permute restores order.
+    let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(ga, gb));
+    _mm256_movemask_epi8(packed) as u32
 }
 
 /// The reference block scan, one table lookup per code.
@@ -87,6 +125,65 @@ unsafe fn scan_avx2(block: &[u8], lut: &[u8], msub: usize, acc: &mut [u16; BLOCK
     }
 }
 
+/// `out[i]` = Σ_d `codes[i·dim + d] · q[d]` for `out.len()` rows of 8-bit codes, with a query
+/// quantised to 16 bits: the SQ8 scan. Sums fit `i32` for `dim` up to 256 (255 · 32767 · 256).
+pub type Sq8DotsFn = fn(codes: &[u8], q: &[i16], out: &mut [i32]);
+
+/// The fastest SQ8 scan this CPU supports.
+pub fn sq8_dots_fn() -> Sq8DotsFn {
+    static F: OnceLock<Sq8DotsFn> = OnceLock::new();
+    *F.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                return |codes, q, out| {
+                    assert!(codes.len() >= out.len() * q.len(), "SQ8 scan shape");
+                    // SAFETY: AVX2 was detected, and the assert bounds every load.
+                    unsafe { sq8_dots_avx2(codes, q, out) }
+                };
+            }
+        }
+        sq8_dots_portable
+    })
+}
+
+/// The reference SQ8 scan.
+pub fn sq8_dots_portable(codes: &[u8], q: &[i16], out: &mut [i32]) {
+    let dim = q.len();
+    for (o, c) in out.iter_mut().zip(codes.chunks_exact(dim)) {
+        *o = c.iter().zip(q).map(|(&c, &q)| c as i32 * q as i32).sum();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sq8_dots_avx2(codes: &[u8], q: &[i16], out: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let dim = q.len();
+    let wide = dim / 16 * 16;
+    for (i, o) in out.iter_mut().enumerate() {
+        let row = unsafe { codes.as_ptr().add(i * dim) };
+        let mut acc = _mm256_setzero_si256();
+        let mut d = 0;
+        while d < wide {
+            // 16 codes widened to 16-bit lanes, multiplied by the query's lanes and summed in
+            // pairs into 32 bits.
+            let c = _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(row.add(d) as *const __m128i) });
+            let w = unsafe { _mm256_loadu_si256(q.as_ptr().add(d) as *const __m256i) };
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(c, w));
+            d += 16;
+        }
+        let s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256::<1>(acc));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        let mut total = _mm_cvtsi128_si32(s);
+        for (d, &w) in q.iter().enumerate().skip(wide) {
+            total += unsafe { *row.add(d) } as i32 * w as i32;
+        }
+        *o = total;
+    }
+}
+
 /// Packs up to 32 vectors' codes (`codes[v · msub + j]`, each below 16) into one block of
 /// `msub × 16` bytes; slots past `nvec` get code 0.
 pub fn pack_block(codes: &[u8], nvec: usize, msub: usize, out: &mut [u8]) {
@@ -115,6 +212,22 @@ mod tests {
     use needle_model::rng::Rng;
 
     #[test]
+    fn sq8_scan_matches_the_reference_at_awkward_widths() {
+        let mut rng = Rng::new(8);
+        for dim in [1usize, 15, 16, 17, 64, 100, 256] {
+            let rows = 9;
+            let codes: Vec<u8> = (0..rows * dim).map(|_| rng.below(256) as u8).collect();
+            let q: Vec<i16> = (0..dim).map(|_| rng.below(65535) as i32 - 32767).map(|x| x as i16).collect();
+            let (mut want, mut got) = (vec![0i32; rows], vec![0i32; rows]);
+            sq8_dots_portable(&codes, &q, &mut want);
+            sq8_dots_fn()(&codes, &q, &mut got);
+            assert_eq!(got, want, "dim {dim}");
+            let direct: i64 = (0..dim).map(|d| codes[2 * dim + d] as i64 * q[d] as i64).sum();
+            assert_eq!(want[2] as i64, direct);
+        }
+    }
+
+    #[test]
     fn dispatched_scan_matches_the_reference_and_direct_sums() {
         let mut rng = Rng::new(5);
         for msub in [2usize, 4, 32, 64, 256] {
@@ -130,6 +243,13 @@ mod tests {
                 scan_portable(&block, &lut, msub, &mut want);
                 scan_fn()(&block, &lut, msub, &mut got);
                 assert_eq!(got, want, "msub {msub}, {nvec} vectors");
+                for lim in [0u16, 1, want[5], want[17], u16::MAX] {
+                    assert_eq!(mask_fn()(&want, lim), mask_portable(&want, lim), "lim {lim}");
+                    assert_eq!(
+                        mask_portable(&want, lim).count_ones() as usize,
+                        want.iter().filter(|&&a| a >= lim).count()
+                    );
+                }
                 for (v, &w) in want.iter().enumerate() {
                     let direct: u32 = (0..msub)
                         .map(|j| if v < nvec { lut[j * 16 + codes[v * msub + j] as usize] } else { lut[j * 16] } as u32)

@@ -26,7 +26,7 @@ use crate::kmeans::{assign_nearest, kmeans, MAX_POINTS_PER_CENTROID};
 use crate::source::{SliceSource, VectorSource};
 use crate::{
     check_add, check_query, HnswParams, Index, IndexError, IndexKind, IndexParams, IvfPqParams, NoProgress, Progress,
-    Refine, Result, SearchOptions,
+    Refine, Result, Scan, SearchOptions,
 };
 use needle_model::rng::Rng;
 use rayon::prelude::*;
@@ -41,6 +41,8 @@ pub const COARSE_GRAPH_MIN_LISTS: usize = 2048;
 /// `64·nlist²·dim` multiply-adds per iteration, about a minute per iteration on 2 cores at 16,384
 /// lists and 64 dimensions, and it grows with the square.
 pub const MAX_DEFAULT_LISTS: usize = 16_384;
+/// Vectors per call of the SQ8 scan kernel.
+const SQ8_CHUNK: usize = 64;
 /// Rows per block in the passes of a streaming build.
 const BUILD_BLOCK: usize = 1 << 16;
 /// Candidates a graph assignment re-scores by L2, and the graph's search effort for them.
@@ -85,6 +87,16 @@ impl Sq8 {
                 0
             };
         }
+    }
+
+    /// The query for the integer scan: `q ⊙ step` quantised to 16 bits, its scale, and `q · lo`,
+    /// so that `q · r̂ ≈ bias + scale · Σ_d q16_d · code_d`.
+    fn quantise_query(&self, q: &[f32]) -> (Vec<i16>, f32, f32) {
+        let qs: Vec<f32> = q.iter().zip(&self.step).map(|(a, b)| a * b).collect();
+        let max = qs.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let scale = if max > 0.0 { max / 32767.0 } else { 1.0 };
+        let q16 = qs.iter().map(|x| (x / scale).round().clamp(-32767.0, 32767.0) as i16).collect();
+        (q16, scale, dot(q, &self.lo))
     }
 
     /// `q · r̂` for the row at `pos`, given `qs = q ⊙ step` and `bias = q · lo`.
@@ -206,8 +218,12 @@ impl IvfPqIndex {
         if dim == 0 {
             return Err(IndexError::Param("dimension must be at least 1".into()));
         }
-        let m = resolve_m(p.m, dim);
-        check_shape(dim, m)?;
+        let sq8_scan = p.scan == Scan::Sq8;
+        let m = if sq8_scan { 0 } else { resolve_m(p.m, dim) };
+        if !sq8_scan {
+            check_shape(dim, m)?;
+        }
+        let refine = if sq8_scan { Refine::Sq8 } else { p.refine };
         if n == 0 {
             return Err(IndexError::Param("an IVF-PQ index needs at least one vector to train on".into()));
         }
@@ -249,15 +265,15 @@ impl IvfPqIndex {
         let coarse = coarse_graph(&centroids, p.seed)?;
         let residuals = residual_sample(&sample, dim, centroids.as_slice(), p.seed);
         drop(sample);
-        let codebooks = train_codebooks(&residuals, dim, m, p.seed);
-        let mut sq8 = (p.refine == Refine::Sq8).then(|| Sq8::train(&residuals, dim));
+        let codebooks = if sq8_scan { Vec::new() } else { train_codebooks(&residuals, dim, m, p.seed) };
+        let mut sq8 = (refine == Refine::Sq8).then(|| Sq8::train(&residuals, dim));
         drop(residuals);
         progress.advance(1);
         let msub = m.next_multiple_of(2);
         let mut ix = IvfPqIndex {
             dim,
-            params: IvfPqParams { nlist, m, ..*p },
-            dsub: dim / m,
+            params: IvfPqParams { nlist, m, refine, ..*p },
+            dsub: dim.checked_div(m).unwrap_or(0),
             msub,
             half_norms: half_norms(&centroids),
             coarse,
@@ -294,7 +310,7 @@ impl IvfPqIndex {
         let mut codes = vec![0u8; blocks[nlist] as usize * stride];
         let mut out_ids = vec![0u32; n];
         let mut sq8_codes = vec![0u8; if sq8.is_some() { n * dim } else { 0 }];
-        let mut flat = vec![0.0f32; if p.refine == Refine::Flat { n * dim } else { 0 }];
+        let mut flat = vec![0.0f32; if refine == Refine::Flat { n * dim } else { 0 }];
         let mut fill: Vec<usize> = offsets[..nlist].iter().map(|&o| o as usize).collect();
         let mut sq_block = Vec::new();
         for b in 0..n.div_ceil(BUILD_BLOCK) {
@@ -335,7 +351,7 @@ impl IvfPqIndex {
             }
             progress.advance(rows as u64);
         }
-        ix.refine = match p.refine {
+        ix.refine = match refine {
             Refine::None => Refiner::None,
             Refine::Sq8 => {
                 let mut s = sq8.take().expect("trained above for SQ8 re-ranking");
@@ -354,6 +370,18 @@ impl IvfPqIndex {
     /// Number of lists.
     pub fn nlist(&self) -> usize {
         self.params.nlist
+    }
+
+    /// Opens an IVF-PQ index file mapped (see [`crate::open`]); another kind is an error.
+    pub fn open(path: &Path, verify: crate::Verify) -> Result<Self> {
+        let (header, backing) = format::map(path, verify)?;
+        if header.kind != IndexKind::IvfPq {
+            return Err(IndexError::Corrupt {
+                path: path.to_owned(),
+                reason: format!("a {} index, not ivfpq", header.kind),
+            });
+        }
+        Self::from_payload(&header, &backing, path)
     }
 
     /// Sets how many candidates a search re-scores (0: the default depth).
@@ -437,53 +465,47 @@ impl IvfPqIndex {
         if k == 0 || self.ids.is_empty() {
             return;
         }
+        if self.params.scan == Scan::Sq8 {
+            return self.search_sq8(q, k, nprobe, keep, out);
+        }
         let mut lut = Vec::new();
         let (scale, bias) = self.lookup_table(q, &mut lut);
         let mut cand = TopK::new(self.candidates(k));
         let scan = fastscan::scan_fn();
+        let mask = fastscan::mask_fn();
         let mut acc = [0u16; BLOCK];
         let stride = self.msub * 16;
+        // The largest table sum any code can reach: a list whose bound cannot beat the
+        // candidates' worst is skipped whole.
+        let acc_max: f32 = lut.chunks_exact(16).map(|t| *t.iter().max().unwrap_or(&0) as f32).sum();
         let mut scan_list = |l: usize, list_score: f32, cand: &mut TopK| {
             let base = list_score + bias;
+            if base + scale * acc_max < cand.threshold() {
+                return;
+            }
             let (start, end) = (self.offsets[l] as usize, self.offsets[l + 1] as usize);
             for (i, b) in (self.blocks[l] as usize..self.blocks[l + 1] as usize).enumerate() {
                 scan(&self.codes[b * stride..(b + 1) * stride], &lut, self.msub, &mut acc);
                 let first = start + i * BLOCK;
                 let nv = (end - first).min(BLOCK);
                 // Candidates below the heap's worst cannot enter: compare in table units.
-                let limit = (cand.threshold() - base) / scale;
-                for (v, &a) in acc[..nv].iter().enumerate() {
-                    let a = a as f32;
-                    if a >= limit {
-                        let pos = first + v;
-                        if keep(self.ids[pos]) {
-                            cand.push(base + scale * a, pos as u32);
-                        }
+                let limit = ((cand.threshold() - base) / scale).ceil();
+                let lim = if limit.is_nan() || limit <= 0.0 { 0 } else { limit.min(65535.0) as u16 };
+                let mut bits = mask(&acc, lim) & if nv == BLOCK { u32::MAX } else { (1u32 << nv) - 1 };
+                while bits != 0 {
+                    let v = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let pos = first + v;
+                    if keep(self.ids[pos]) {
+                        cand.push(base + scale * acc[v] as f32, pos as u32);
                     }
                 }
             }
         };
-        let probe = self.probe_lists(q, nprobe);
-        for &(l, s) in &probe {
-            scan_list(l as usize, s, &mut cand);
-        }
-        if cand.len() < k && probe.len() < self.params.nlist {
-            // A strict filter or small lists left the result short: go on through the
-            // remaining lists, best centroid first, until `k` pass.
-            let mut probed = vec![false; self.params.nlist];
-            probe.iter().for_each(|&(l, _)| probed[l as usize] = true);
-            let mut scores = vec![0.0f32; self.params.nlist];
-            dot_rows_fn()(q, self.centroids.as_slice(), self.dim, &mut scores);
-            let mut rest: Vec<(f32, u32)> =
-                scores.iter().enumerate().filter(|(l, _)| !probed[*l]).map(|(l, &s)| (s, l as u32)).collect();
-            rest.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
-            for (s, l) in rest {
-                if cand.len() >= k {
-                    break;
-                }
-                scan_list(l as usize, s, &mut cand);
-            }
-        }
+        self.visit_lists(q, nprobe, |l, s| {
+            scan_list(l, s, &mut cand);
+            cand.len() >= k
+        });
         let mut pairs = Vec::new();
         cand.drain_sorted(&mut pairs);
         let mut top = TopK::new(k);
@@ -494,6 +516,61 @@ impl IvfPqIndex {
             pairs.iter().for_each(|&(pos, _)| top.push(scorer.score(pos as usize), self.ids[pos as usize]));
         }
         top.drain_sorted(out);
+    }
+
+    /// IVF-SQ8: every vector of the probed lists scored from its 8-bit codes against the query
+    /// quantised to 16 bits, straight into the top `k`.
+    fn search_sq8<F: Fn(u32) -> bool>(&self, q: &[f32], k: usize, nprobe: usize, keep: &F, out: &mut Vec<(u32, f32)>) {
+        let Refiner::Sq8(sq) = &self.refine else { unreachable!("an SQ8-scan index always holds SQ8 codes") };
+        let dim = self.dim;
+        let (q16, qscale, qb) = sq.quantise_query(q);
+        let dots_fn = fastscan::sq8_dots_fn();
+        let mut dots = [0i32; SQ8_CHUNK];
+        let mut top = TopK::new(k);
+        self.visit_lists(q, nprobe, |l, list_score| {
+            let base = list_score + qb;
+            let (start, end) = (self.offsets[l] as usize, self.offsets[l + 1] as usize);
+            for a in (start..end).step_by(SQ8_CHUNK) {
+                let n = (end - a).min(SQ8_CHUNK);
+                dots_fn(&sq.codes[a * dim..(a + n) * dim], &q16, &mut dots[..n]);
+                let mut thr = top.threshold();
+                for (i, &d) in dots[..n].iter().enumerate() {
+                    let s = base + qscale * d as f32;
+                    if s >= thr && keep(self.ids[a + i]) {
+                        top.push(s, self.ids[a + i]);
+                        thr = top.threshold();
+                    }
+                }
+            }
+            top.len() >= k
+        });
+        top.drain_sorted(out);
+    }
+
+    /// Calls `visit(list, q · centroid)` for the `nprobe` best lists, then, while it returns
+    /// false (the result is still short, as under a strict filter), for the remaining lists in
+    /// order of centroid score.
+    fn visit_lists(&self, q: &[f32], nprobe: usize, mut visit: impl FnMut(usize, f32) -> bool) {
+        let probe = self.probe_lists(q, nprobe);
+        let mut full = false;
+        for &(l, s) in &probe {
+            full = visit(l as usize, s);
+        }
+        if full || probe.len() >= self.params.nlist {
+            return;
+        }
+        let mut probed = vec![false; self.params.nlist];
+        probe.iter().for_each(|&(l, _)| probed[l as usize] = true);
+        let mut scores = vec![0.0f32; self.params.nlist];
+        dot_rows_fn()(q, self.centroids.as_slice(), self.dim, &mut scores);
+        let mut rest: Vec<(f32, u32)> =
+            scores.iter().enumerate().filter(|(l, _)| !probed[*l]).map(|(l, &s)| (s, l as u32)).collect();
+        rest.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+        for (s, l) in rest {
+            if visit(l as usize, s) {
+                break;
+            }
+        }
     }
 
     /// List holding position `pos`.
@@ -517,6 +594,9 @@ impl IvfPqIndex {
     /// PQ codes (`n × msub`, unpacked) of `vectors`' residuals from their assigned centroids.
     fn encode(&self, vectors: &[f32], assign: &[u32]) -> Vec<u8> {
         let (dim, m, msub, dsub) = (self.dim, self.params.m, self.msub, self.dsub);
+        if msub == 0 {
+            return Vec::new();
+        }
         let mut codes = vec![0u8; assign.len() * msub];
         codes.par_chunks_mut(msub).zip(vectors.par_chunks(dim)).zip(assign.par_iter()).for_each_init(
             || vec![0.0f32; dim],
@@ -563,18 +643,26 @@ impl IvfPqIndex {
             return Err(r.corrupt("IVF-PQ nprobe is 0"));
         }
         let nlist = nlist as usize;
-        let [m, refine_code, train_iters, graph_m, graph_efc, graph_ef] = r.u64s("settings", Some(6))?[..] else {
-            unreachable!("the section was checked to hold 6 values")
+        let [m, refine_code, train_iters, graph_m, graph_efc, graph_ef, scan_code] = r.u64s("settings", Some(7))?[..]
+        else {
+            unreachable!("the section was checked to hold 7 values")
         };
         let m = m as usize;
-        check_shape(dim, m).map_err(|e| r.corrupt(e.to_string()))?;
+        let scan = match scan_code {
+            0 => Scan::Pq4,
+            1 if m == 0 && refine_code == 1 => Scan::Sq8,
+            c => return Err(r.corrupt(format!("unknown scan code {c} (with m = {m}, re-ranking code {refine_code})"))),
+        };
+        if scan == Scan::Pq4 {
+            check_shape(dim, m).map_err(|e| r.corrupt(e.to_string()))?;
+        }
         let refine_kind = match refine_code {
             0 => Refine::None,
             1 => Refine::Sq8,
             2 => Refine::Flat,
             c => return Err(r.corrupt(format!("unknown re-ranking code {c}"))),
         };
-        let dsub = dim / m;
+        let dsub = dim.checked_div(m).unwrap_or(0);
         let msub = m.next_multiple_of(2);
         let centroids = r.rows("centroids", dim, nlist)?;
         let coarse = if graph_m == 0 {
@@ -586,7 +674,7 @@ impl IvfPqIndex {
             }
             Some(g)
         };
-        let codebooks = r.rows("codebooks", dsub, m * CODEWORDS)?.as_slice().to_vec();
+        let codebooks = if m == 0 { Vec::new() } else { r.rows("codebooks", dsub, m * CODEWORDS)?.as_slice().to_vec() };
         let offsets = r.u32s("list offsets", Some(nlist + 1))?;
         if offsets[0] != 0 || offsets[nlist] as usize != n || offsets.windows(2).any(|w| w[0] > w[1]) {
             return Err(r.corrupt("list offsets are not an increasing cover of the vectors"));
@@ -614,6 +702,7 @@ impl IvfPqIndex {
             m,
             rerank: rerank as usize,
             refine: refine_kind,
+            scan,
             train_iters: train_iters as usize,
             seed,
         };
@@ -941,12 +1030,18 @@ impl Index for IvfPqIndex {
             _ => [0; 3],
         };
         format::save(path, &header, |w| {
-            w.u64s(&[p.m as u64, refine_code, p.train_iters as u64, graph[0], graph[1], graph[2]])?;
+            let scan = match p.scan {
+                Scan::Pq4 => 0,
+                Scan::Sq8 => 1,
+            };
+            w.u64s(&[p.m as u64, refine_code, p.train_iters as u64, graph[0], graph[1], graph[2], scan])?;
             w.f32s(self.centroids.as_slice())?;
             if let Some(g) = &self.coarse {
                 g.write_sections(w)?;
             }
-            w.f32s(&self.codebooks)?;
+            if p.m > 0 {
+                w.f32s(&self.codebooks)?;
+            }
             w.u32s(&self.offsets)?;
             w.u32s(&self.ids)?;
             w.u8s(&self.codes)?;

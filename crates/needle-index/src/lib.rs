@@ -38,7 +38,7 @@ pub use exact::ExactIndex;
 pub use format::{Verify, FORMAT_VERSION};
 pub use hnsw::HnswIndex;
 pub use ivf::IvfIndex;
-pub use ivfpq::{IvfPqIndex, COARSE_GRAPH_MIN_LISTS};
+pub use ivfpq::{IvfPqIndex, COARSE_GRAPH_MIN_LISTS, MAX_DEFAULT_LISTS};
 pub use kmeans::kmeans;
 pub use source::{NpyFile, NpyWriter, SliceSource, SyntheticSource, VectorSource};
 pub use synth::synthetic_clustered;
@@ -113,6 +113,16 @@ impl fmt::Display for Refine {
     }
 }
 
+/// What an IVF-PQ search scans in the probed lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scan {
+    /// 4-bit PQ codes with the fast-scan kernel, then the best candidates re-scored.
+    Pq4,
+    /// The 8-bit codes themselves, every vector of the probed lists scored from them (IVF-SQ8):
+    /// 64 bytes per 64-d vector instead of 16 + 64, no candidate stage, no PQ error.
+    Sq8,
+}
+
 /// IVF-PQ build and search parameters (see [`IvfPqIndex`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IvfPqParams {
@@ -125,8 +135,10 @@ pub struct IvfPqParams {
     pub m: usize,
     /// Candidates re-scored per query; 0 picks `max(4k, 256)`. Ignored without re-ranking data.
     pub rerank: usize,
-    /// What candidates are re-scored from.
+    /// What candidates are re-scored from (always SQ8 with `scan = Sq8`).
     pub refine: Refine,
+    /// What the probed lists are scanned with.
+    pub scan: Scan,
     /// Lloyd iterations of the coarse k-means.
     pub train_iters: usize,
     /// Seeds k-means, the quantizer's training sample and the coarse graph.
@@ -135,7 +147,16 @@ pub struct IvfPqParams {
 
 impl Default for IvfPqParams {
     fn default() -> Self {
-        IvfPqParams { nlist: 0, nprobe: 32, m: 0, rerank: 0, refine: Refine::Sq8, train_iters: 10, seed: 42 }
+        IvfPqParams {
+            nlist: 0,
+            nprobe: 32,
+            m: 0,
+            rerank: 0,
+            refine: Refine::Sq8,
+            scan: Scan::Pq4,
+            train_iters: 10,
+            seed: 42,
+        }
     }
 }
 
@@ -213,6 +234,9 @@ impl fmt::Display for IndexParams {
                 "hnsw:m={},ef_construction={},ef_search={},seed={}",
                 p.m, p.ef_construction, p.ef_search, p.seed
             ),
+            IndexParams::IvfPq(p) if p.scan == Scan::Sq8 => {
+                write!(f, "ivfsq8:nlist={},nprobe={},train_iters={},seed={}", p.nlist, p.nprobe, p.train_iters, p.seed)
+            }
             IndexParams::IvfPq(p) => write!(
                 f,
                 "ivfpq:nlist={},nprobe={},m={},rerank={},refine={},train_iters={},seed={}",
@@ -298,8 +322,23 @@ impl FromStr for IndexParams {
                 }
                 IndexParams::IvfPq(p)
             }
+            "ivfsq8" | "ivf-sq8" => {
+                let mut p = IvfPqParams { scan: Scan::Sq8, ..IvfPqParams::default() };
+                for (k, v) in pairs {
+                    match k.as_str() {
+                        "nlist" => p.nlist = num(&k, &v)? as usize,
+                        "nprobe" => p.nprobe = num(&k, &v)? as usize,
+                        "train_iters" | "iters" => p.train_iters = num(&k, &v)? as usize,
+                        "seed" => p.seed = num(&k, &v)?,
+                        _ => return Err(unknown(&k, "nlist, nprobe, train_iters, seed")),
+                    }
+                }
+                IndexParams::IvfPq(p)
+            }
             other => {
-                return Err(IndexError::Param(format!("unknown index kind {other:?}; known: exact, ivf, hnsw, ivfpq")))
+                return Err(IndexError::Param(format!(
+                    "unknown index kind {other:?}; known: exact, ivf, hnsw, ivfpq, ivfsq8"
+                )))
             }
         };
         params.validate()?;

@@ -3,7 +3,7 @@
 
 use needle_index::{
     build, load, open, recall_at_k, synthetic_clustered, ExactIndex, HnswIndex, HnswParams, Index, IndexError,
-    IndexKind, IndexParams, IvfIndex, IvfParams, IvfPqIndex, IvfPqParams, Refine, SearchOptions, Verify,
+    IndexKind, IndexParams, IvfIndex, IvfParams, IvfPqIndex, IvfPqParams, Refine, Scan, SearchOptions, Verify,
 };
 use needle_model::rng::Rng;
 use std::path::Path;
@@ -38,6 +38,7 @@ fn all_kinds() -> Vec<IndexParams> {
         IndexParams::Hnsw(HnswParams { m: 8, ef_construction: 64, ef_search: 64, seed: 1 }),
         IndexParams::IvfPq(IvfPqParams { nlist: 32, nprobe: 8, ..IvfPqParams::default() }),
         IndexParams::IvfPq(IvfPqParams { nlist: 16, nprobe: 4, refine: Refine::Flat, ..IvfPqParams::default() }),
+        IndexParams::IvfPq(IvfPqParams { nlist: 32, nprobe: 8, scan: Scan::Sq8, ..IvfPqParams::default() }),
     ]
 }
 
@@ -239,6 +240,7 @@ fn params_parse_print_and_validate() {
         "ivf:nlist=100,nprobe=4,train_iters=5,seed=9",
         "hnsw:m=8,ef_construction=50,ef_search=20,seed=3",
         "ivfpq:nlist=100,nprobe=4,m=8,rerank=200,refine=flat,train_iters=5,seed=9",
+        "ivfsq8:nlist=100,nprobe=4,train_iters=5,seed=9",
     ] {
         let p: IndexParams = s.parse().unwrap();
         assert_eq!(p.to_string(), s);
@@ -265,6 +267,7 @@ fn params_parse_print_and_validate() {
         "ivfpq:m=300",
         "ivfpq:nprobe=0",
         "ivf:refine=sq8",
+        "ivfsq8:m=8",
     ] {
         assert!(bad.parse::<IndexParams>().is_err(), "{bad} parsed");
     }

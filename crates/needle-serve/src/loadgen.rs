@@ -42,6 +42,8 @@ pub struct LoadOptions {
     /// Report per window of this length (and sample the server's memory and descriptors at
     /// each window's end).
     pub window: Duration,
+    /// A filter object sent with every recall (JSON text), e.g. `{"shard": "7"}`.
+    pub filter: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -381,7 +383,14 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
                 let at_ms = scheduled.saturating_duration_since(start).as_millis() as u32;
                 let user = &opts.users[n % opts.users.len()];
                 n += opts.concurrency;
-                let body = format!("{{\"user_id\":{},\"k\":{}}}", serde_json::Value::from(user.as_str()), opts.k);
+                let body = match &opts.filter {
+                    None => format!("{{\"user_id\":{},\"k\":{}}}", serde_json::Value::from(user.as_str()), opts.k),
+                    Some(f) => format!(
+                        "{{\"user_id\":{},\"k\":{},\"filter\":{f}}}",
+                        serde_json::Value::from(user.as_str()),
+                        opts.k
+                    ),
+                };
                 if conn.is_none() {
                     conn = Conn::open(opts.addr).await.ok();
                 }

@@ -11,7 +11,7 @@ use crate::ann::{synth_clusters, Results, K};
 use anyhow::{ensure, Context, Result};
 use needle_index::kernels::{gemm_nt, TopK};
 use needle_index::{
-    open, recall_at_k, Index, IndexParams, IvfPqIndex, NpyWriter, SyntheticSource, VectorSource, Verify,
+    recall_at_k, Index, IndexParams, IvfPqIndex, NpyWriter, Scan, SyntheticSource, VectorSource, Verify,
 };
 use rayon::prelude::*;
 use std::io::Write;
@@ -22,6 +22,8 @@ use std::time::Instant;
 const BLOCK: usize = 1 << 15;
 /// IVF-PQ `nprobe` values swept on the opened index.
 const NPROBES: [usize; 6] = [8, 16, 32, 64, 128, 256];
+/// Re-ranking depths swept at 16 lists.
+const RERANKS: [usize; 4] = [100, 200, 800, 1600];
 
 /// The first `rows` rows of another source: the base set, with the queries after it.
 struct Head<'a> {
@@ -128,23 +130,88 @@ fn cached_truth(work: &Path, key: &str, base: &dyn VectorSource, queries: &[f32]
     Ok((truth, secs))
 }
 
+/// Opens `path` mapped, as a server does, and prints a row per `nprobe`; `built` holds the
+/// build seconds, build peak RSS and size on disk columns.
+fn sweep(path: &Path, built: [String; 3], q: &[f32], truth: &Results) -> Result<()> {
+    reset_peak_rss();
+    let mut ix = IvfPqIndex::open(path, Verify::Header)?;
+    let dim = ix.dim();
+    let queries = q.len() / dim;
+    ensure!(dim > 0 && truth.len() == queries, "{} does not match the benchmark's queries", path.display());
+    // One untimed pass at the largest effort brings the pages searches touch into memory, as a
+    // server's first minutes would.
+    ix.set_search_effort(NPROBES[NPROBES.len() - 1]);
+    let _ = ix.search_batch(q, K)?;
+    let IndexParams::IvfPq(built_params) = ix.params() else { unreachable!("opened as IVF-PQ") };
+    // Lists probed at the built re-ranking depth, then (with a candidate stage) the depth at
+    // 16 lists.
+    let reranks = if built_params.scan == Scan::Pq4 { &RERANKS[..] } else { &[] };
+    let grid = NPROBES.map(|p| (p, built_params.rerank)).into_iter().chain(reranks.iter().map(|&r| (16, r)));
+    for (nprobe, rerank) in grid {
+        ix.set_search_effort(nprobe);
+        ix.set_rerank(rerank);
+        let mut got = Vec::with_capacity(queries);
+        let mut buf = Vec::new();
+        let t = Instant::now();
+        for qv in q.chunks_exact(dim) {
+            ix.search(qv, K, &mut buf)?;
+            got.push(buf.clone());
+        }
+        let single = queries as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let _ = ix.search_batch(q, K)?;
+        let batched = queries as f64 / t.elapsed().as_secs_f64();
+        let shown = match ix.params() {
+            IndexParams::IvfPq(b) if b.scan == Scan::Sq8 => format!("nlist={} nprobe={nprobe}", b.nlist),
+            IndexParams::IvfPq(b) => format!(
+                "nlist={} m={}x4 refine={} rerank={} nprobe={nprobe}",
+                b.nlist,
+                b.m,
+                b.refine,
+                if b.rerank == 0 { format!("auto ({})", ix.candidates(K)) } else { b.rerank.to_string() }
+            ),
+            other => other.to_string(),
+        };
+        let [b_s, b_rss, disk] = built.clone();
+        row(&[
+            if built_params.scan == Scan::Sq8 { "ivfsq8".into() } else { ix.kind().to_string() },
+            shown,
+            b_s,
+            b_rss,
+            disk,
+            format!("{:.2}", peak_rss_gb()),
+            format!("{:.4}", recall_at_k(truth, &got, 10)),
+            format!("{:.4}", recall_at_k(truth, &got, K)),
+            format!("{single:.0}"),
+            format!("{batched:.0}"),
+        ]);
+    }
+    Ok(())
+}
+
 fn row(cells: &[String]) {
     println!("| {} |", cells.join(" | "));
     let _ = std::io::stdout().flush();
 }
 
-/// Runs the benchmark; `kinds` are IVF-PQ parameter strings (`ivfpq:...`).
-#[allow(clippy::too_many_arguments)]
-pub fn bench_ann_stream(
-    items: usize,
-    dim: usize,
-    queries: usize,
-    seed: u64,
-    spread: f32,
-    kinds: &[String],
-    work: &Path,
-    write_npy: Option<&Path>,
-) -> Result<()> {
+/// What `needle bench ann --stream` measures.
+pub struct StreamBench<'a> {
+    pub items: usize,
+    pub dim: usize,
+    pub queries: usize,
+    pub seed: u64,
+    pub spread: f32,
+    /// IVF-PQ parameter strings (`ivfpq:...`), each built and searched.
+    pub kinds: &'a [String],
+    /// Search this index file (built over the same set) instead of building.
+    pub index: Option<&'a Path>,
+    pub work: &'a Path,
+    pub write_npy: Option<&'a Path>,
+}
+
+/// Runs the benchmark.
+pub fn bench_ann_stream(b: &StreamBench<'_>) -> Result<()> {
+    let StreamBench { items, dim, queries, seed, spread, kinds, index, work, write_npy } = *b;
     ensure!(items > 0 && dim > 0 && queries > 0, "items, dim and queries must all be positive");
     std::fs::create_dir_all(work).with_context(|| format!("cannot create {}", work.display()))?;
     let clusters = synth_clusters(items);
@@ -197,63 +264,36 @@ pub fn bench_ann_stream(
     ]
     .map(String::from));
     row(&["---"; 10].map(String::from));
-    for spec in kinds {
-        let params: IndexParams = spec.parse()?;
-        let IndexParams::IvfPq(p) = params else {
-            anyhow::bail!("--stream benchmarks the compressed kind only; {spec:?} is not ivfpq:...");
-        };
-        let path: PathBuf = work.join("bench.idx");
-        reset_peak_rss();
-        let t0 = Instant::now();
-        let progress = crate::commands::BarProgress::default();
-        let ix = IvfPqIndex::build_from(&p, &base, None, &progress)?;
-        progress.finish();
-        let build_s = t0.elapsed().as_secs_f64();
-        ix.save(&path)?;
-        let build_rss = peak_rss_gb();
-        drop(ix);
-        let disk_gb = std::fs::metadata(&path)?.len() as f64 / 1e9;
-        reset_peak_rss();
-        let mut ix = open(&path, Verify::Header)?;
-        // One untimed pass at the largest effort brings the pages searches touch into memory,
-        // as a server's first minutes would.
-        ix.set_search_effort(NPROBES[NPROBES.len() - 1]);
-        let _ = ix.search_batch(&q, K)?;
-        for nprobe in NPROBES {
-            ix.set_search_effort(nprobe);
-            let mut got = Vec::with_capacity(queries);
-            let mut buf = Vec::new();
-            let t = Instant::now();
-            for qv in q.chunks_exact(dim) {
-                ix.search(qv, K, &mut buf)?;
-                got.push(buf.clone());
+    match index {
+        Some(path) => {
+            let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+            sweep(path, ["-".into(), "-".into(), format!("{:.2}", size as f64 / 1e9)], &q, &truth)?;
+        }
+        None => {
+            for spec in kinds {
+                let params: IndexParams = spec.parse()?;
+                let IndexParams::IvfPq(p) = params else {
+                    anyhow::bail!("--stream benchmarks the compressed kind only; {spec:?} is not ivfpq:...");
+                };
+                let name: String = spec.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+                let path: PathBuf = work.join(format!("{name}.idx"));
+                reset_peak_rss();
+                let t0 = Instant::now();
+                let progress = crate::commands::BarProgress::default();
+                let ix = IvfPqIndex::build_from(&p, &base, None, &progress)?;
+                progress.finish();
+                let build_s = t0.elapsed().as_secs_f64();
+                ix.save(&path)?;
+                let build_rss = peak_rss_gb();
+                drop(ix);
+                let disk_gb = std::fs::metadata(&path)?.len() as f64 / 1e9;
+                sweep(
+                    &path,
+                    [format!("{build_s:.0}"), format!("{build_rss:.2}"), format!("{disk_gb:.2}")],
+                    &q,
+                    &truth,
+                )?;
             }
-            let single = queries as f64 / t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let _ = ix.search_batch(&q, K)?;
-            let batched = queries as f64 / t.elapsed().as_secs_f64();
-            let shown = match ix.params() {
-                IndexParams::IvfPq(b) => format!(
-                    "nlist={} m={}x4 refine={} rerank={} nprobe={nprobe}",
-                    b.nlist,
-                    b.m,
-                    b.refine,
-                    if b.rerank == 0 { "auto".to_string() } else { b.rerank.to_string() }
-                ),
-                other => other.to_string(),
-            };
-            row(&[
-                "ivf-pq".into(),
-                shown,
-                format!("{build_s:.0}"),
-                format!("{build_rss:.2}"),
-                format!("{disk_gb:.2}"),
-                format!("{:.2}", peak_rss_gb()),
-                format!("{:.4}", recall_at_k(&truth, &got, 10)),
-                format!("{:.4}", recall_at_k(&truth, &got, K)),
-                format!("{single:.0}"),
-                format!("{batched:.0}"),
-            ]);
         }
     }
     Ok(())

@@ -104,15 +104,28 @@ pub fn build(
     out: Option<&Path>,
 ) -> Result<()> {
     let r = load_run(run, data_dir)?;
-    let (mut ids, mut vecs, d) = item_rows(&r.model)?;
-    if let Some(n) = synthetic_items {
-        if n < ids.len() {
-            bail!("--synthetic-items {n} is fewer than the run's {} items", ids.len());
-        }
-        pad_with_synthetic(&mut ids, &mut vecs, d, n);
+    let (ids, vecs, d) = item_rows(&r.model)?;
+    let total = synthetic_items.unwrap_or(ids.len());
+    if total < ids.len() {
+        bail!("--synthetic-items {total} is fewer than the run's {} items", ids.len());
     }
+    // Synthetic ids start past every vocabulary row, where the server looks for them.
+    let padded = Padded::new(&ids, &vecs, d, total, r.model.item_rows() as u32)?;
     let t0 = Instant::now();
-    let index = needle_index::build(params, &ids, &vecs, d)?;
+    let index: Box<dyn Index> = match params {
+        // The compressed kind streams the padded set: at 10^8 items its floats would not fit.
+        IndexParams::IvfPq(p) => {
+            let progress = crate::commands::BarProgress::default();
+            let ix = needle_index::IvfPqIndex::build_from(p, &padded, Some(&padded.ids), &progress)?;
+            progress.finish();
+            Box::new(ix)
+        }
+        _ => {
+            let mut all = vec![0.0f32; total * d];
+            padded.read(0, &mut all)?;
+            needle_index::build(params, &padded.ids, &all, d)?
+        }
+    };
     let secs = t0.elapsed().as_secs_f64();
     let path = out.map(Path::to_owned).unwrap_or_else(|| run.join(INDEX_FILE));
     index.save(&path)?;
@@ -185,27 +198,61 @@ pub fn verify(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Adds vectors until there are `n`: each is a random real item's vector plus Gaussian noise of
-/// about half its norm, rescaled to that norm, so the padded catalogue keeps the real one's geometry. Their ids follow
-/// the real rows; the server names them `synthetic-ID`.
-fn pad_with_synthetic(ids: &mut Vec<u32>, vecs: &mut Vec<f32>, d: usize, n: usize) {
-    let real = ids.len();
-    let mut rng = needle_model::rng::Rng::new(7);
-    let first = ids.iter().copied().max().unwrap_or(0) + 1;
-    let sigma = 0.5 / (d as f32).sqrt();
-    vecs.reserve((n - real) * d);
-    for id in first..first + (n - real) as u32 {
-        let src = rng.below(real);
-        let norm = vecs[src * d..(src + 1) * d].iter().map(|x| x * x).sum::<f32>().sqrt();
-        let start = vecs.len();
-        for j in 0..d {
-            let v = vecs[src * d + j] + rng.normal() * sigma * norm;
-            vecs.push(v);
+/// A run's item vectors padded to `total` rows with synthetic ones, for benchmarking serving at
+/// a large catalogue's scale. Synthetic row `i` is a real item's vector (chosen by `i`'s own
+/// seeded stream) plus Gaussian noise of about half its norm, rescaled to that norm, so the
+/// padded catalogue keeps the real one's geometry and synthetic items neither crowd out nor
+/// hide behind real ones. Rows are made on demand, so the padded set is never held whole. Their
+/// ids follow the real ids; the server names them `synthetic-ID`.
+struct Padded<'a> {
+    real: &'a [f32],
+    norms: Vec<f32>,
+    d: usize,
+    ids: Vec<u32>,
+    rng: needle_model::rng::Rng,
+}
+
+impl<'a> Padded<'a> {
+    fn new(ids: &[u32], real: &'a [f32], d: usize, total: usize, first: u32) -> Result<Self> {
+        if ids.is_empty() || first as usize + total > u32::MAX as usize {
+            bail!("cannot pad {} items to {total}", ids.len());
         }
-        // Same norm as the source, so synthetic items neither crowd out nor hide behind real ones.
-        let new_norm = vecs[start..].iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
-        vecs[start..].iter_mut().for_each(|x| *x *= norm / new_norm);
-        ids.push(id);
+        let mut all = Vec::with_capacity(total);
+        all.extend_from_slice(ids);
+        all.extend(first..first + (total - ids.len()) as u32);
+        let norms = real.chunks_exact(d).map(|v| v.iter().map(|x| x * x).sum::<f32>().sqrt()).collect();
+        Ok(Padded { real, norms, d, ids: all, rng: needle_model::rng::Rng::new(7) })
+    }
+}
+
+impl VectorSource for Padded<'_> {
+    fn dim(&self) -> usize {
+        self.d
+    }
+
+    fn rows(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn read(&self, start: usize, out: &mut [f32]) -> needle_index::Result<()> {
+        let (d, n_real) = (self.d, self.norms.len());
+        let sigma = 0.5 / (d as f32).sqrt();
+        for (i, v) in out.chunks_exact_mut(d).enumerate() {
+            let row = start + i;
+            if row < n_real {
+                v.copy_from_slice(&self.real[row * d..(row + 1) * d]);
+                continue;
+            }
+            let mut rng = self.rng.fork(row as u64);
+            let src = rng.below(n_real);
+            let norm = self.norms[src];
+            for (x, &r) in v.iter_mut().zip(&self.real[src * d..(src + 1) * d]) {
+                *x = r + rng.normal() * sigma * norm;
+            }
+            let new_norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+            v.iter_mut().for_each(|x| *x *= norm / new_norm);
+        }
+        Ok(())
     }
 }
 

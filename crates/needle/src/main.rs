@@ -352,6 +352,10 @@ enum BenchCmd {
         /// Folder for --stream's index file and cached ground truth.
         #[arg(long, default_value = "bench-ann-work")]
         work: PathBuf,
+        /// With --stream: search this index (built over the same set, e.g. WORK/ivfpq.idx)
+        /// instead of building one.
+        #[arg(long)]
+        index: Option<PathBuf>,
         /// Use these vectors (`.npy`, float32 [n, dim]) instead of the synthetic set,
         /// e.g. item_embeddings.npy from `needle export`.
         #[arg(long)]
@@ -490,10 +494,20 @@ fn run(cli: Cli) -> Result<()> {
             data_cmd::synth(&spec, &out, quiet)
         }
         Cmd::Bench {
-            cmd: BenchCmd::Ann { items, dim, queries, seed, spread, write_npy, stream, kind, work, vectors, .. },
+            cmd: BenchCmd::Ann { items, dim, queries, seed, spread, write_npy, stream, kind, work, index, vectors, .. },
         } if vectors.is_none() && (stream || items > 2_000_000) => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
-            ann_scale::bench_ann_stream(items, dim, queries, seed, spread, &kind, &work, write_npy.as_deref())
+            ann_scale::bench_ann_stream(&ann_scale::StreamBench {
+                items,
+                dim,
+                queries,
+                seed,
+                spread,
+                kinds: &kind,
+                index: index.as_deref(),
+                work: &work,
+                write_npy: write_npy.as_deref(),
+            })
         }
         Cmd::Bench {
             cmd: BenchCmd::Ann { items, dim, queries, seed, spread, write_npy, vectors, query_vectors, .. },

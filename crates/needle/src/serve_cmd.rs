@@ -269,10 +269,22 @@ pub struct BenchServeFlags {
     /// Print a row per window of this length (p99, shed, server memory and descriptors).
     #[arg(long, value_parser = parse_duration)]
     pub window: Option<Duration>,
+    /// Send this filter (a JSON object) with every recall, e.g. `{"shard": "7"}` on an index
+    /// padded with synthetic items (1% of them).
+    #[arg(long, value_parser = parse_filter)]
+    pub filter: Option<String>,
     /// The admin token for reloads and events (default: $NEEDLE_ADMIN_TOKEN, else the
     /// server's RUN/admin.token).
     #[arg(long, value_name = "PATH")]
     pub admin_token_file: Option<PathBuf>,
+}
+
+fn parse_filter(s: &str) -> Result<String, String> {
+    match serde_json::from_str::<serde_json::Value>(s) {
+        Ok(v) if v.is_object() => Ok(v.to_string()),
+        Ok(_) => Err("a filter is a JSON object, e.g. {\"genres\": \"Comedy\"}".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
 }
 
 /// The raw ids of one of the run's vocabularies (`users`, `items`), padding left out.
@@ -315,6 +327,7 @@ pub fn bench_serve(f: BenchServeFlags) -> Result<()> {
         surge,
         slow,
         window: f.window.unwrap_or(Duration::from_secs(1)),
+        filter: f.filter.clone(),
     };
     // One thread, so the server keeps the other core(s).
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
