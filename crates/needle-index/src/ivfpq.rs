@@ -407,7 +407,7 @@ impl IvfPqIndex {
         let mut out = Vec::with_capacity(nprobe);
         match &self.coarse {
             Some(g) => {
-                let opts = SearchOptions { effort: Some((2 * nprobe).max(64)), keep: None };
+                let opts = SearchOptions { effort: Some(coarse_effort(nprobe)), keep: None };
                 // The graph holds every centroid, and a query is finite: no error is possible.
                 let _ = g.search_with(q, nprobe, &opts, &mut out);
             }
@@ -784,6 +784,12 @@ fn coarse_graph(centroids: &Rows, seed: u64) -> Result<Option<HnswIndex>> {
     let ids: Vec<u32> = (0..nlist as u32).collect();
     g.add(&ids, centroids.as_slice())?;
     Ok(Some(g))
+}
+
+/// The coarse graph's search effort for `nprobe` lists: measured on 10^7 vectors, a walk wider
+/// than `nprobe + 16` finds the same lists at a higher cost.
+fn coarse_effort(nprobe: usize) -> usize {
+    nprobe + 16
 }
 
 fn half_norms(centroids: &Rows) -> Vec<f32> {
