@@ -522,6 +522,39 @@ fn catalogue_items_without_events_are_recalled_when_their_features_fit() {
     let again = ids(&v);
     assert_eq!(again.len(), 50);
     assert!(!again.contains(&served[0]) && !again.contains(&served[1]), "excluded items returned");
+    // 1,000 random filters over both attributes: every item passes, and nothing is short.
+    let items = csv_rows(&dir.join("data/items.csv"));
+    let values = |col: usize| {
+        let mut v: Vec<String> = items.iter().map(|r| r[col].clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let (categories, bands) = (values(1), values(2));
+    let users: Vec<&str> = tastes.keys().copied().collect();
+    let mut state = 99u64;
+    let mut next = move |n: usize| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 33) as usize) % n
+    };
+    for _ in 0..1000 {
+        let cats: Vec<&String> = (0..1 + next(3)).map(|_| &categories[next(categories.len())]).collect();
+        let mut filter = serde_json::Map::new();
+        filter.insert("category".into(), json!(cats));
+        let band = (next(2) == 0).then(|| &bands[next(bands.len())]);
+        if let Some(b) = band {
+            filter.insert("price_band".into(), json!(b));
+        }
+        let passes = |r: &Vec<String>| cats.contains(&&r[1]) && band.is_none_or(|b| &r[2] == b);
+        let passing = items.iter().filter(|r| passes(r)).count();
+        let k = 1 + next(60);
+        let body = json!({"user_id": users[next(users.len())], "k": k, "exclude_seen": false, "filter": filter});
+        let v = post(&srv.addr, "/v1/recall", &body).json();
+        let got = ids(&v);
+        assert_eq!(got.len(), k.min(passing), "{body}: {got:?}");
+        let by_id: std::collections::HashMap<&str, &Vec<String>> = items.iter().map(|r| (r[0].as_str(), r)).collect();
+        assert!(got.iter().all(|i| passes(by_id[i.as_str()])), "{body}: {got:?}");
+    }
     post(&srv.addr, "/v1/recall", &json!({"user_id": user, "filter": {"colour": "red"}})).rejects(400, "category");
     post(&srv.addr, "/v1/recall", &json!({"user_id": user, "filter": {"category": {"between": 1}}}))
         .rejects(400, "between");
