@@ -19,7 +19,7 @@ use needle_data::packed;
 use needle_data::split::time_ordered;
 use needle_data::synth::{write_synth, SynthSpec};
 use needle_data::{load_csv, load_ml1m, Dataset, LoadOptions};
-use needle_index::{build, synthetic_clustered, HnswParams, IndexParams, IvfParams, IvfPqParams};
+use needle_index::{build, synthetic_clustered, HnswParams, IndexParams, IvfParams, IvfPqParams, Scan};
 
 type Seeds = Vec<(String, Vec<u8>)>;
 
@@ -231,6 +231,7 @@ fn index() -> Seeds {
         ("ivf", IndexParams::Ivf(IvfParams { nlist: 6, nprobe: 2, ..IvfParams::default() })),
         ("hnsw", IndexParams::Hnsw(HnswParams { m: 4, ef_construction: 32, ef_search: 16, seed: 1 })),
         ("ivfpq", IndexParams::IvfPq(IvfPqParams { nlist: 4, nprobe: 2, ..IvfPqParams::default() })),
+        ("ivfsq8", IndexParams::IvfPq(IvfPqParams { nlist: 4, nprobe: 2, scan: Scan::Sq8, ..IvfPqParams::default() })),
     ];
     for (name, params) in kinds {
         let ix = build(&params, &ids, &data, dim).expect("index");
