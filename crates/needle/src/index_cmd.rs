@@ -261,7 +261,7 @@ fn load_index(run: &Path, model_dim: usize) -> Result<(Box<dyn Index>, IndexInfo
     if !path.exists() {
         bail!("{} has no index; build one with `needle index build --run {}`", run.display(), run.display());
     }
-    let index = needle_index::load(&path)?;
+    let index = needle_index::open_for_serving(&path)?;
     let info_path = run.join(INDEX_INFO);
     let text = std::fs::read_to_string(&info_path).with_context(|| format!("cannot read {}", info_path.display()))?;
     let info: IndexInfo = toml::from_str(&text).with_context(|| format!("{} is not valid", info_path.display()))?;
