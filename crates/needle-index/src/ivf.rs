@@ -84,39 +84,14 @@ impl IvfIndex {
     /// vectors that pass `keep`, goes on to the next-best lists until `k` are found, so a
     /// small list or a strict filter never shortens the result.
     fn search_impl<F: Fn(u32) -> bool>(&self, q: &[f32], k: usize, nprobe: usize, keep: &F, top: &mut TopK) {
-        let nlist = self.params.nlist;
-        let mut coarse = vec![0.0f32; nlist];
-        dot_rows_fn()(q, self.centroids.as_slice(), self.dim, &mut coarse);
-        let mut lists = TopK::new(nprobe.clamp(1, nlist));
-        for (l, &s) in coarse.iter().enumerate() {
-            if s >= lists.threshold() {
-                lists.push(s, l as u32);
-            }
-        }
-        let mut probe = Vec::new();
-        lists.drain_sorted(&mut probe);
         top.reset(k);
         let rows = self.rows.as_slice();
-        let scan = |l: u32, top: &mut TopK| {
-            let (a, b) = (self.offsets[l as usize] as usize, self.offsets[l as usize + 1] as usize);
+        let probe = top_lists(q, &self.centroids, nprobe);
+        visit_lists(q, &self.centroids, &probe, |l, _| {
+            let (a, b) = (self.offsets[l] as usize, self.offsets[l + 1] as usize);
             ExactIndex::scan_into(q, &self.ids[a..b], &rows[a * self.dim..b * self.dim], self.dim, keep, top);
-        };
-        for &(l, _) in &probe {
-            scan(l, top);
-        }
-        if top.len() < k && probe.len() < nlist {
-            let mut probed = vec![false; nlist];
-            probe.iter().for_each(|&(l, _)| probed[l as usize] = true);
-            let mut rest: Vec<(f32, u32)> =
-                coarse.iter().enumerate().filter(|(l, _)| !probed[*l]).map(|(l, &s)| (s, l as u32)).collect();
-            rest.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
-            for (_, l) in rest {
-                if top.len() >= k {
-                    break;
-                }
-                scan(l, top);
-            }
-        }
+            top.len() >= k
+        });
     }
 
     pub(crate) fn from_payload(h: &Header, backing: &Arc<Backing>, path: &Path) -> Result<Self> {
@@ -142,6 +117,54 @@ impl IvfIndex {
         let params =
             IvfParams { nlist, nprobe: nprobe.min(nlist as u64) as usize, train_iters: train_iters as usize, seed };
         Ok(IvfIndex { dim, params, centroids, offsets, ids, rows, id_map: LazyIdMap::default() })
+    }
+}
+
+/// The `nprobe` (at least 1, at most all) lists whose centroids score highest for `q`, as
+/// `(list, q · centroid)`, best first.
+pub(crate) fn top_lists(q: &[f32], centroids: &Rows, nprobe: usize) -> Vec<(u32, f32)> {
+    let nlist = centroids.rows();
+    let mut scores = vec![0.0f32; nlist];
+    dot_rows_fn()(q, centroids.as_slice(), centroids.dim(), &mut scores);
+    let mut lists = TopK::new(nprobe.clamp(1, nlist.max(1)));
+    for (l, &s) in scores.iter().enumerate() {
+        if s >= lists.threshold() {
+            lists.push(s, l as u32);
+        }
+    }
+    let mut out = Vec::new();
+    lists.drain_sorted(&mut out);
+    out
+}
+
+/// Calls `visit(list, q · centroid)` for each list of `probe`, then, while it returns false (the
+/// result is still short, as under a strict filter), for the remaining lists in order of
+/// centroid score.
+pub(crate) fn visit_lists(
+    q: &[f32],
+    centroids: &Rows,
+    probe: &[(u32, f32)],
+    mut visit: impl FnMut(usize, f32) -> bool,
+) {
+    let nlist = centroids.rows();
+    let mut full = false;
+    for &(l, s) in probe {
+        full = visit(l as usize, s);
+    }
+    if full || probe.len() >= nlist {
+        return;
+    }
+    let mut probed = vec![false; nlist];
+    probe.iter().for_each(|&(l, _)| probed[l as usize] = true);
+    let mut scores = vec![0.0f32; nlist];
+    dot_rows_fn()(q, centroids.as_slice(), centroids.dim(), &mut scores);
+    let mut rest: Vec<(f32, u32)> =
+        scores.iter().enumerate().filter(|(l, _)| !probed[*l]).map(|(l, &s)| (s, l as u32)).collect();
+    rest.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+    for (s, l) in rest {
+        if visit(l as usize, s) {
+            break;
+        }
     }
 }
 

@@ -21,7 +21,8 @@ use crate::fastscan::{self, pack_block, unpack_block, BLOCK, CODEWORDS, MAX_SUBQ
 use crate::format::{self, Backing, Header, Reader, Slab};
 use crate::hnsw::HnswIndex;
 use crate::idmap::LazyIdMap;
-use crate::kernels::{dot, dot_rows_fn, Rows, TopK};
+use crate::ivf::{top_lists, visit_lists};
+use crate::kernels::{dot, Rows, TopK};
 use crate::kmeans::{assign_nearest, kmeans, MAX_POINTS_PER_CENTROID};
 use crate::source::{SliceSource, VectorSource};
 use crate::{
@@ -411,17 +412,7 @@ impl IvfPqIndex {
                 // The graph holds every centroid, and a query is finite: no error is possible.
                 let _ = g.search_with(q, nprobe, &opts, &mut out);
             }
-            None => {
-                let mut scores = vec![0.0f32; self.params.nlist];
-                dot_rows_fn()(q, self.centroids.as_slice(), self.dim, &mut scores);
-                let mut top = TopK::new(nprobe);
-                for (l, &s) in scores.iter().enumerate() {
-                    if s >= top.threshold() {
-                        top.push(s, l as u32);
-                    }
-                }
-                top.drain_sorted(&mut out);
-            }
+            None => out = top_lists(q, &self.centroids, nprobe),
         }
         out
     }
@@ -548,29 +539,9 @@ impl IvfPqIndex {
     }
 
     /// Calls `visit(list, q · centroid)` for the `nprobe` best lists, then, while it returns
-    /// false (the result is still short, as under a strict filter), for the remaining lists in
-    /// order of centroid score.
-    fn visit_lists(&self, q: &[f32], nprobe: usize, mut visit: impl FnMut(usize, f32) -> bool) {
-        let probe = self.probe_lists(q, nprobe);
-        let mut full = false;
-        for &(l, s) in &probe {
-            full = visit(l as usize, s);
-        }
-        if full || probe.len() >= self.params.nlist {
-            return;
-        }
-        let mut probed = vec![false; self.params.nlist];
-        probe.iter().for_each(|&(l, _)| probed[l as usize] = true);
-        let mut scores = vec![0.0f32; self.params.nlist];
-        dot_rows_fn()(q, self.centroids.as_slice(), self.dim, &mut scores);
-        let mut rest: Vec<(f32, u32)> =
-            scores.iter().enumerate().filter(|(l, _)| !probed[*l]).map(|(l, &s)| (s, l as u32)).collect();
-        rest.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
-        for (s, l) in rest {
-            if visit(l as usize, s) {
-                break;
-            }
-        }
+    /// false, for the rest (see [`visit_lists`]).
+    fn visit_lists(&self, q: &[f32], nprobe: usize, visit: impl FnMut(usize, f32) -> bool) {
+        visit_lists(q, &self.centroids, &self.probe_lists(q, nprobe), visit);
     }
 
     /// List holding position `pos`.
