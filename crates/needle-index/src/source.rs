@@ -4,6 +4,7 @@
 //! the seeded synthetic generator, which makes any row on demand.
 
 use crate::error::{IndexError, Result};
+use crate::synth;
 use needle_model::rng::Rng;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -261,27 +262,9 @@ impl SyntheticSource {
             return Err(IndexError::Param("dimension must be at least 1".into()));
         }
         let mut rng = Rng::new(seed);
-        let mut centres = vec![0.0f32; clusters * dim];
-        for c in centres.chunks_exact_mut(dim) {
-            c.iter_mut().for_each(|x| *x = rng.normal());
-            unit(c);
-        }
-        let sigma = if clusters == 0 { 1.0 } else { spread / (dim as f32).sqrt() };
+        let centres = synth::centres(&mut rng, clusters, dim);
+        let sigma = synth::noise_sigma(clusters, dim, spread);
         Ok(SyntheticSource { rows, dim, centres, sigma, rng: rng.fork(0x5e7) })
-    }
-
-    fn row(&self, i: usize, v: &mut [f32]) {
-        let mut rng = self.rng.fork(i as u64);
-        let clusters = self.centres.len() / self.dim;
-        if clusters == 0 {
-            v.iter_mut().for_each(|x| *x = rng.normal());
-        } else {
-            let c = rng.below(clusters);
-            for (x, &m) in v.iter_mut().zip(&self.centres[c * self.dim..(c + 1) * self.dim]) {
-                *x = m + self.sigma * rng.normal();
-            }
-        }
-        unit(v);
     }
 }
 
@@ -296,16 +279,9 @@ impl VectorSource for SyntheticSource {
 
     fn read(&self, start: usize, out: &mut [f32]) -> Result<()> {
         for (i, v) in out.chunks_exact_mut(self.dim).enumerate() {
-            self.row(start + i, v);
+            synth::draw(&mut self.rng.fork((start + i) as u64), &self.centres, self.sigma, v);
         }
         Ok(())
-    }
-}
-
-fn unit(v: &mut [f32]) {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
     }
 }
 

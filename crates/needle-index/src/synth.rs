@@ -15,25 +15,48 @@ use needle_model::rng::Rng;
 /// `q` as queries gives queries from the same distribution as the items.
 pub fn synthetic_clustered(n: usize, dim: usize, clusters: usize, spread: f32, seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed);
+    let centres = centres(&mut rng, clusters, dim);
+    let sigma = noise_sigma(clusters, dim, spread);
+    let mut out = vec![0.0f32; n * dim];
+    for v in out.chunks_exact_mut(dim.max(1)) {
+        draw(&mut rng, &centres, sigma, v);
+    }
+    out
+}
+
+/// `clusters` centres uniform on the unit sphere (normalised Gaussians), row-major.
+pub(crate) fn centres(rng: &mut Rng, clusters: usize, dim: usize) -> Vec<f32> {
     let mut centres = vec![0.0f32; clusters * dim];
     for c in centres.chunks_exact_mut(dim.max(1)) {
         c.iter_mut().for_each(|x| *x = rng.normal());
         unit(c);
     }
-    let sigma = if clusters == 0 { 1.0 } else { spread / (dim.max(1) as f32).sqrt() };
-    let mut out = vec![0.0f32; n * dim];
-    for v in out.chunks_exact_mut(dim.max(1)) {
-        if clusters == 0 {
-            v.iter_mut().for_each(|x| *x = rng.normal());
-        } else {
-            let c = rng.below(clusters);
-            for (x, &m) in v.iter_mut().zip(&centres[c * dim..(c + 1) * dim]) {
-                *x = m + sigma * rng.normal();
-            }
-        }
-        unit(v);
+    centres
+}
+
+/// Per-coordinate noise for a noise norm of about `spread`; 1 when there are no centres.
+pub(crate) fn noise_sigma(clusters: usize, dim: usize, spread: f32) -> f32 {
+    if clusters == 0 {
+        1.0
+    } else {
+        spread / (dim.max(1) as f32).sqrt()
     }
-    out
+}
+
+/// One vector into `v`: a centre picked by `rng` plus Gaussian noise of `sigma` per coordinate
+/// (a plain Gaussian when there are no centres), normalised.
+pub(crate) fn draw(rng: &mut Rng, centres: &[f32], sigma: f32, v: &mut [f32]) {
+    let dim = v.len();
+    let clusters = centres.len().checked_div(dim).unwrap_or(0);
+    if clusters == 0 {
+        v.iter_mut().for_each(|x| *x = rng.normal());
+    } else {
+        let c = rng.below(clusters);
+        for (x, &m) in v.iter_mut().zip(&centres[c * dim..(c + 1) * dim]) {
+            *x = m + sigma * rng.normal();
+        }
+    }
+    unit(v);
 }
 
 fn unit(v: &mut [f32]) {
