@@ -262,6 +262,17 @@ impl FromStr for IndexParams {
         };
         let unknown =
             |k: &str, known: &str| IndexError::Param(format!("unknown parameter {k:?} for {kind}; known: {known}"));
+        // The keys every list-based kind shares; false for any other key.
+        let list_key = |k: &str, v: &str, nlist: &mut usize, nprobe: &mut usize, iters: &mut usize, seed: &mut u64| {
+            match k {
+                "nlist" => *nlist = num(k, v)? as usize,
+                "nprobe" => *nprobe = num(k, v)? as usize,
+                "train_iters" | "iters" => *iters = num(k, v)? as usize,
+                "seed" => *seed = num(k, v)?,
+                _ => return Ok(false),
+            }
+            Ok::<_, IndexError>(true)
+        };
         let params = match kind.trim().to_ascii_lowercase().as_str() {
             "exact" | "flat" => {
                 if let Some((k, _)) = pairs.first() {
@@ -272,12 +283,8 @@ impl FromStr for IndexParams {
             "ivf" | "ivf-flat" | "ivfflat" => {
                 let mut p = IvfParams::default();
                 for (k, v) in pairs {
-                    match k.as_str() {
-                        "nlist" => p.nlist = num(&k, &v)? as usize,
-                        "nprobe" => p.nprobe = num(&k, &v)? as usize,
-                        "train_iters" | "iters" => p.train_iters = num(&k, &v)? as usize,
-                        "seed" => p.seed = num(&k, &v)?,
-                        _ => return Err(unknown(&k, "nlist, nprobe, train_iters, seed")),
+                    if !list_key(&k, &v, &mut p.nlist, &mut p.nprobe, &mut p.train_iters, &mut p.seed)? {
+                        return Err(unknown(&k, "nlist, nprobe, train_iters, seed"));
                     }
                 }
                 IndexParams::Ivf(p)
@@ -298,9 +305,10 @@ impl FromStr for IndexParams {
             "ivfpq" | "ivf-pq" => {
                 let mut p = IvfPqParams::default();
                 for (k, v) in pairs {
+                    if list_key(&k, &v, &mut p.nlist, &mut p.nprobe, &mut p.train_iters, &mut p.seed)? {
+                        continue;
+                    }
                     match k.as_str() {
-                        "nlist" => p.nlist = num(&k, &v)? as usize,
-                        "nprobe" => p.nprobe = num(&k, &v)? as usize,
                         "m" => p.m = num(&k, &v)? as usize,
                         "rerank" => p.rerank = num(&k, &v)? as usize,
                         "refine" => {
@@ -315,8 +323,6 @@ impl FromStr for IndexParams {
                                 }
                             }
                         }
-                        "train_iters" | "iters" => p.train_iters = num(&k, &v)? as usize,
-                        "seed" => p.seed = num(&k, &v)?,
                         _ => return Err(unknown(&k, "nlist, nprobe, m, rerank, refine, train_iters, seed")),
                     }
                 }
@@ -325,12 +331,8 @@ impl FromStr for IndexParams {
             "ivfsq8" | "ivf-sq8" => {
                 let mut p = IvfPqParams { scan: Scan::Sq8, ..IvfPqParams::default() };
                 for (k, v) in pairs {
-                    match k.as_str() {
-                        "nlist" => p.nlist = num(&k, &v)? as usize,
-                        "nprobe" => p.nprobe = num(&k, &v)? as usize,
-                        "train_iters" | "iters" => p.train_iters = num(&k, &v)? as usize,
-                        "seed" => p.seed = num(&k, &v)?,
-                        _ => return Err(unknown(&k, "nlist, nprobe, train_iters, seed")),
+                    if !list_key(&k, &v, &mut p.nlist, &mut p.nprobe, &mut p.train_iters, &mut p.seed)? {
+                        return Err(unknown(&k, "nlist, nprobe, train_iters, seed"));
                     }
                 }
                 IndexParams::IvfPq(p)
