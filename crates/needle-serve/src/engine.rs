@@ -217,15 +217,12 @@ impl Engine {
         let mut seen = rows.clone();
         seen.sort_unstable();
         seen.dedup();
-        let keep = |id: u32| {
-            (!exclude_seen || seen.binary_search(&id).is_err())
-                && restrict.excluded.binary_search(&id).is_err()
-                && restrict.allowed.is_none_or(|a| a.binary_search(&id).is_ok())
-        };
-        // What the index is told to skip; the allowed list goes to it separately.
-        let skip = |id: u32| {
+        // Neither seen (when that matters) nor excluded: what the index is told to accept, the
+        // allowed list going to it separately.
+        let not_excluded = |id: u32| {
             (!exclude_seen || seen.binary_search(&id).is_err()) && restrict.excluded.binary_search(&id).is_err()
         };
+        let keep = |id: u32| not_excluded(id) && restrict.allowed.is_none_or(|a| a.binary_search(&id).is_ok());
         let plain = !exclude_seen && restrict.excluded.is_empty();
 
         let feats: Vec<u32> = self
@@ -262,9 +259,11 @@ impl Engine {
         let mut buf = Vec::with_capacity(k);
         for (i, q) in uv.chunks_exact(d).enumerate() {
             let res = match restrict.allowed {
-                Some(allowed) => needle_index::search_among(index.as_ref(), q, k, allowed, &skip, &mut buf).map(|_| ()),
+                Some(allowed) => {
+                    needle_index::search_among(index.as_ref(), q, k, allowed, &not_excluded, &mut buf).map(|_| ())
+                }
                 None if plain => index.search(q, k, &mut buf),
-                None => index.search_filtered(q, k, &skip, &mut buf),
+                None => index.search_filtered(q, k, &not_excluded, &mut buf),
             };
             res.map_err(|e| ServeError::Internal(e.to_string()))?;
             for (slot, &(id, s)) in buf.iter().enumerate().take(k) {

@@ -112,20 +112,7 @@ pub fn build(
     // Synthetic ids start past every vocabulary row, where the server looks for them.
     let padded = Padded::new(&ids, &vecs, d, total, r.model.item_rows() as u32)?;
     let t0 = Instant::now();
-    let index: Box<dyn Index> = match params {
-        // The compressed kind streams the padded set: at 10^8 items its floats would not fit.
-        IndexParams::IvfPq(p) => {
-            let progress = crate::commands::BarProgress::default();
-            let ix = needle_index::IvfPqIndex::build_from(p, &padded, Some(&padded.ids), &progress)?;
-            progress.finish();
-            Box::new(ix)
-        }
-        _ => {
-            let mut all = vec![0.0f32; total * d];
-            padded.read(0, &mut all)?;
-            needle_index::build(params, &padded.ids, &all, d)?
-        }
-    };
+    let index = build_over(params, &padded, Some(&padded.ids))?;
     let secs = t0.elapsed().as_secs_f64();
     let path = out.map(Path::to_owned).unwrap_or_else(|| run.join(INDEX_FILE));
     index.save(&path)?;
@@ -151,23 +138,35 @@ pub fn build(
     Ok(())
 }
 
+/// Builds an index over every row of `src`, with ids `ids` or the row numbers. The compressed
+/// kinds stream the rows in blocks (at 10^8 rows the floats would not fit in memory); the other
+/// kinds read them whole.
+fn build_over(params: &IndexParams, src: &dyn VectorSource, ids: Option<&[u32]>) -> Result<Box<dyn Index>> {
+    if let IndexParams::IvfPq(p) = params {
+        let progress = crate::commands::BarProgress::default();
+        let ix = needle_index::IvfPqIndex::build_from(p, src, ids, &progress)?;
+        progress.finish();
+        return Ok(Box::new(ix));
+    }
+    let mut all = vec![0.0f32; src.rows() * src.dim()];
+    src.read(0, &mut all)?;
+    let rows: Vec<u32>;
+    let ids = match ids {
+        Some(ids) => ids,
+        None => {
+            rows = (0..src.rows() as u32).collect();
+            &rows
+        }
+    };
+    Ok(needle_index::build(params, ids, &all, src.dim())?)
+}
+
 /// Builds an index over the rows of a `.npy` file (ids = row numbers) and saves it at `out`.
 /// IVF-PQ streams the file in blocks; the other kinds read it whole.
 pub fn build_vectors(vectors: &Path, params: &IndexParams, out: &Path) -> Result<()> {
     let npy = needle_index::NpyFile::open(vectors)?;
     let t0 = Instant::now();
-    let index: Box<dyn Index> = match params {
-        IndexParams::IvfPq(p) => {
-            let progress = crate::commands::BarProgress::default();
-            let ix = needle_index::IvfPqIndex::build_from(p, &npy, None, &progress)?;
-            progress.finish();
-            Box::new(ix)
-        }
-        _ => {
-            let ids: Vec<u32> = (0..npy.rows() as u32).collect();
-            needle_index::build(params, &ids, &npy.read_all()?, npy.dim())?
-        }
-    };
+    let index = build_over(params, &npy, None)?;
     let secs = t0.elapsed().as_secs_f64();
     index.save(out)?;
     eprintln!(
