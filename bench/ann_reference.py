@@ -122,19 +122,31 @@ def main():
         t = time.perf_counter()
         index.add(base)
         build = time.perf_counter() - t
-        mem = faiss.serialize_index(index).nbytes / 1e6
-        for ef in efs:
-            index.hnsw.efSearch = ef
-            faiss.omp_set_num_threads(1)
-            t = time.perf_counter()
-            _, got = index.search(queries, k)
-            qps1 = nq / (time.perf_counter() - t)
-            faiss.omp_set_num_threads(threads)
-            t = time.perf_counter()
-            index.search(queries, k)
-            qpsn = nq / (time.perf_counter() - t)
-            row("faiss IndexHNSWFlat", f"M={args.m} efConstruction={args.ef_construction} efSearch={ef}", build, mem,
-                recall(truth, got, 10), recall(truth, got, k), qps1, qpsn)
+
+        def set_ef(e):
+            index.hnsw.efSearch = e
+
+        faiss_sweep("faiss IndexHNSWFlat", f"M={args.m} efConstruction={args.ef_construction} efSearch=", index, build,
+                    efs, set_ef, queries, truth, k, threads)
+
+
+def faiss_sweep(name, spec, index, build, efforts, set_effort, queries, truth, k, threads):
+    """One row per search effort: recall, queries/s on one thread and on all of them."""
+    import faiss
+
+    nq = queries.shape[0]
+    mem = faiss.serialize_index(index).nbytes / 1e6
+    for e in efforts:
+        set_effort(e)
+        faiss.omp_set_num_threads(1)
+        t = time.perf_counter()
+        _, got = index.search(queries, k)
+        qps1 = nq / (time.perf_counter() - t)
+        faiss.omp_set_num_threads(threads)
+        t = time.perf_counter()
+        index.search(queries, k)
+        qpsn = nq / (time.perf_counter() - t)
+        row(name, f"{spec}{e}", build, mem, recall(truth, got, 10), recall(truth, got, k), qps1, qpsn)
 
 
 def compressed(args, base, queries, truth, threads):
@@ -144,24 +156,12 @@ def compressed(args, base, queries, truth, threads):
     import faiss
 
     n, d = base.shape
-    nq = queries.shape[0]
     k = args.k
     nlist = args.nlist or min(int(round(4 * np.sqrt(n))), 16384)
     nprobes = [int(x) for x in args.nprobe.split(",") if x]
 
     def sweep(name, spec, index, build, efforts, set_effort):
-        mem = faiss.serialize_index(index).nbytes / 1e6
-        for e in efforts:
-            set_effort(e)
-            faiss.omp_set_num_threads(1)
-            t = time.perf_counter()
-            _, got = index.search(queries, k)
-            qps1 = nq / (time.perf_counter() - t)
-            faiss.omp_set_num_threads(threads)
-            t = time.perf_counter()
-            index.search(queries, k)
-            qpsn = nq / (time.perf_counter() - t)
-            row(name, f"{spec} {e}", build, mem, recall(truth, got, 10), recall(truth, got, k), qps1, qpsn)
+        faiss_sweep(name, spec, index, build, efforts, set_effort, queries, truth, k, threads)
 
     def build(spec):
         faiss.omp_set_num_threads(threads)
