@@ -45,6 +45,7 @@ pub use synth::synthetic_clustered;
 
 use kernels::TopK;
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -492,6 +493,78 @@ pub trait Index: Send + Sync + fmt::Debug {
     }
 }
 
+/// The ids a filtered search may return: ascending and distinct, checked once when built, with
+/// a directory of where each block of ids sharing their high bits starts.
+///
+/// Membership is a binary search within one block. Over the whole list, 10^6 allowed ids take
+/// 20 dependent reads spread over 4 MB, most of them cache misses; the index path tests every
+/// scanned id that could enter its top `k`, so at 10^8 items that search dominated a filtered
+/// query. Blocks are sized to hold about 16 ids (one or two cache lines), so a test costs the
+/// directory read and one block: the directory takes a quarter of the list's own memory.
+/// Servers build one per posting list at load, so no request pays for the check or the
+/// directory.
+#[derive(Clone, Debug, Default)]
+pub struct Allowed<'a> {
+    ids: Cow<'a, [u32]>,
+    /// Ids `id >> shift == b` are `ids[starts[b]..starts[b + 1]]`.
+    shift: u32,
+    starts: Vec<u32>,
+}
+
+/// Ids per directory block that [`Allowed`] aims for.
+const ALLOWED_BLOCK_IDS: u64 = 16;
+
+impl<'a> Allowed<'a> {
+    /// Fails unless `ids` is ascending and distinct. One pass over the ids.
+    pub fn new(ids: impl Into<Cow<'a, [u32]>>) -> Result<Allowed<'a>> {
+        let ids = ids.into();
+        if !ids.windows(2).all(|w| w[0] < w[1]) {
+            return Err(IndexError::Param(
+                "the allowed ids of a filtered search must be ascending and distinct".into(),
+            ));
+        }
+        let Some(&max) = ids.last() else { return Ok(Allowed { ids, shift: 32, starts: Vec::new() }) };
+        // The widest block that still holds about ALLOWED_BLOCK_IDS ids on average.
+        let span = (max as u64 + 1) * ALLOWED_BLOCK_IDS / ids.len() as u64;
+        let shift = span.max(1).ilog2().min(31);
+        let blocks = (max >> shift) as usize + 1;
+        let mut starts = Vec::with_capacity(blocks + 1);
+        for (i, &id) in ids.iter().enumerate() {
+            let b = (id >> shift) as usize;
+            while starts.len() <= b {
+                starts.push(i as u32);
+            }
+        }
+        starts.push(ids.len() as u32);
+        Ok(Allowed { ids, shift, starts })
+    }
+
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn contains(&self, id: u32) -> bool {
+        let b = id.checked_shr(self.shift).unwrap_or(0) as usize;
+        match (self.starts.get(b), self.starts.get(b + 1)) {
+            (Some(&s), Some(&e)) => self.ids[s as usize..e as usize].binary_search(&id).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// The same set, owning its ids.
+    pub fn into_owned(self) -> Allowed<'static> {
+        Allowed { ids: Cow::Owned(self.ids.into_owned()), shift: self.shift, starts: self.starts }
+    }
+}
+
 /// How [`search_among`] answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FilterPath {
@@ -502,7 +575,7 @@ pub enum FilterPath {
     Index,
 }
 
-/// The `k` best among `allowed` (ascending, distinct ids, e.g. the items of one category) that
+/// The `k` best among `allowed` (e.g. the items of one category) that
 /// `keep` also accepts (e.g. not yet seen).
 ///
 /// A search at the index's default effort compares about [`Index::scan_estimate`] vectors. The
@@ -517,19 +590,16 @@ pub fn search_among(
     index: &dyn Index,
     query: &[f32],
     k: usize,
-    allowed: &[u32],
+    allowed: &Allowed<'_>,
     keep: &dyn Fn(u32) -> bool,
     out: &mut Vec<(u32, f32)>,
 ) -> Result<FilterPath> {
     check_query(index.dim(), query)?;
-    if !allowed.windows(2).all(|w| w[0] < w[1]) {
-        return Err(IndexError::Param("the allowed ids of a filtered search must be ascending and distinct".into()));
-    }
     let n = index.len().max(1);
     let scan = index.scan_estimate(k).min(n);
     let expected = allowed.len() as f64 * scan as f64 / n as f64;
     if expected >= 2.0 * k as f64 && allowed.len() > scan / 4 {
-        let member = |id: u32| allowed.binary_search(&id).is_ok() && keep(id);
+        let member = |id: u32| allowed.contains(id) && keep(id);
         index.search_filtered(query, k, &member, out)?;
         if out.len() >= k {
             return Ok(FilterPath::Index);
@@ -537,7 +607,7 @@ pub fn search_among(
     }
     let mut scored = Vec::with_capacity(allowed.len().min(1 << 20));
     let mut pass = Vec::with_capacity(allowed.len().min(1 << 20));
-    pass.extend(allowed.iter().copied().filter(|&id| keep(id)));
+    pass.extend(allowed.ids().iter().copied().filter(|&id| keep(id)));
     index.score_ids(query, &pass, &mut scored)?;
     let mut top = TopK::new(k);
     scored.iter().for_each(|&(id, s)| top.push(s, id));

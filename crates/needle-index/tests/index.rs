@@ -2,7 +2,7 @@
 //! recall, filtering, incremental adds, persistence, and refusal of bad input and damaged files.
 
 use needle_index::{
-    build, load, open, recall_at_k, synthetic_clustered, ExactIndex, HnswIndex, HnswParams, Index, IndexError,
+    build, load, open, recall_at_k, synthetic_clustered, Allowed, ExactIndex, HnswIndex, HnswParams, Index, IndexError,
     IndexKind, IndexParams, IvfIndex, IvfParams, IvfPqIndex, IvfPqParams, Refine, Scan, SearchOptions, Verify,
 };
 use needle_model::rng::Rng;
@@ -429,7 +429,8 @@ fn search_among_scores_selective_filters_directly_and_is_never_short() {
             // 30 ids spread over the catalogue: far too few for any index scan to meet 10.
             let few: Vec<u32> = (0..30).map(|i| i * 131 + 7).collect();
             let keep = |id: u32| id != 7;
-            let path = needle_index::search_among(ix.as_ref(), q, 10, &few, &keep, &mut out).unwrap();
+            let allowed = Allowed::new(&few[..]).unwrap();
+            let path = needle_index::search_among(ix.as_ref(), q, 10, &allowed, &keep, &mut out).unwrap();
             assert_eq!(path, needle_index::FilterPath::Direct, "{params}");
             let want = brute_force(&data, dim, q, 10, |id| few.contains(&id) && keep(id));
             assert_eq!(out.len(), 10, "{params}");
@@ -441,7 +442,8 @@ fn search_among_scores_selective_filters_directly_and_is_never_short() {
             }
             // Half the catalogue: the index searches with a membership test.
             let half: Vec<u32> = (0..n as u32).filter(|i| i % 2 == 1).collect();
-            let path = needle_index::search_among(ix.as_ref(), q, 10, &half, &|_| true, &mut out).unwrap();
+            let allowed = Allowed::new(half).unwrap();
+            let path = needle_index::search_among(ix.as_ref(), q, 10, &allowed, &|_| true, &mut out).unwrap();
             assert_eq!(out.len(), 10, "{params}");
             assert!(out.iter().all(|p| p.0 % 2 == 1), "{params}: an id outside the filter");
             if params.kind() != IndexKind::Exact {
@@ -451,7 +453,29 @@ fn search_among_scores_selective_filters_directly_and_is_never_short() {
         let mut scored = Vec::new();
         ix.score_ids(&queries[..dim], &[5, 999_999, 6], &mut scored).unwrap();
         assert_eq!(scored.iter().map(|p| p.0).collect::<Vec<_>>(), vec![5, 6], "{params}: unknown ids are skipped");
-        let err = needle_index::search_among(ix.as_ref(), &queries[..dim], 5, &[9, 3], &|_| true, &mut out);
-        assert!(matches!(err, Err(IndexError::Param(_))), "{params}: unsorted ids accepted");
+    }
+    let err = Allowed::new(vec![9, 3]).err();
+    assert!(matches!(err, Some(IndexError::Param(_))), "unsorted ids accepted");
+    assert!(Allowed::new(vec![3, 3]).is_err(), "repeated ids accepted");
+}
+
+#[test]
+fn allowed_membership_agrees_with_a_binary_search() {
+    let mut state = 99u64;
+    let mut next = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    for (n, span) in [(0usize, 1u32), (1, 1), (1000, 200_000), (5000, 1 << 20), (300, u32::MAX)] {
+        let mut ids: Vec<u32> = (0..n).map(|_| next() % span.max(1)).collect();
+        ids.extend([0, 65_535, 65_536, u32::MAX].iter().filter(|_| n > 500));
+        ids.sort_unstable();
+        ids.dedup();
+        let set = Allowed::new(&ids[..]).unwrap();
+        let probes =
+            (0..20_000).map(|_| next() % span.max(1)).chain([0, 1, 65_535, 65_536, 65_537, u32::MAX - 1, u32::MAX]);
+        for id in probes.chain(ids.iter().copied()) {
+            assert_eq!(set.contains(id), ids.binary_search(&id).is_ok(), "id {id} in a set of {}", ids.len());
+        }
     }
 }

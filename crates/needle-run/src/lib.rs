@@ -12,6 +12,7 @@
 //! Training writes runs and serving reads them; this crate is the format both agree on, so the
 //! server never links the training code.
 
+pub mod channels;
 pub mod config;
 pub mod model;
 
@@ -87,6 +88,19 @@ pub struct RunInfo {
     pub seq: Option<SeqSpec>,
     pub training: TrainingSummary,
     pub config: Config,
+}
+
+/// Serves allocations of 1 MiB and more from their own mappings, returned to the OS when freed.
+/// glibc otherwise raises that threshold each time such a block is freed, so after a reload or
+/// two a long-running server keeps its large buffers (posting lists, model tables) in the heap,
+/// and [`trim_heap`] then spends tens of milliseconds releasing them while holding the lock of an
+/// arena that request threads allocate from: a latency spike on every reload.
+pub fn map_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes an allocator tuning parameter.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }
 
 /// Hands freed heap pages back to the OS (glibc keeps them otherwise): called after a large

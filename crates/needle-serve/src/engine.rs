@@ -8,17 +8,21 @@ use crate::filter::{Attributes, Filter};
 use crate::ServeError;
 use needle_data::Dataset;
 use needle_data::Vocab;
-use needle_index::{Index, IndexParams};
+use needle_index::{Allowed, Index, IndexParams};
 use needle_model::neighbors::Scratch;
+use needle_run::channels::{mix, ChannelKind, ChannelsConfig, MixScratch};
 use needle_run::{merge_interests, Model, RunInfo, ServingRun, USER_ID_FEATURE};
 use needle_store::{ItemDetails, ItemRecord, Store, UserProfile, UserRecord};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 thread_local! {
     /// Buffers of item-to-item scoring, reused by each compute thread from request to request.
     static NEIGHBOR_SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    /// Buffers of the channel mix, likewise.
+    static MIX_SCRATCH: std::cell::RefCell<MixScratch> = std::cell::RefCell::new(MixScratch::default());
 }
 
 pub struct Engine {
@@ -39,6 +43,17 @@ pub struct Engine {
     pub max_seq_len: usize,
     /// What request filters select on; empty until [`Engine::set_attributes`].
     attributes: Attributes,
+    /// Item vectors by row, computed on first use by a `similar` channel.
+    item_vecs: std::sync::OnceLock<Vec<f32>>,
+    /// Recall channels mixed into every answer; `None`: this run's own recall alone.
+    channels: Option<ChannelSet>,
+}
+
+/// The channels of a channel file, each bound to the engine it reads.
+pub struct ChannelSet {
+    pub cfg: ChannelsConfig,
+    /// `None`: the channel reads the served run itself.
+    engines: Vec<Option<Arc<Engine>>>,
 }
 
 /// What a recall may return beyond the user's own history.
@@ -46,8 +61,8 @@ pub struct Engine {
 pub struct Restrict<'a> {
     /// Leave out the items of the user's history.
     pub exclude_seen: bool,
-    /// Only these item rows (ascending), from a request filter.
-    pub allowed: Option<&'a [u32]>,
+    /// Only these item rows, from a request filter.
+    pub allowed: Option<&'a Allowed<'a>>,
     /// Never these item rows (ascending).
     pub excluded: &'a [u32],
 }
@@ -71,6 +86,8 @@ pub struct UserInput<'a> {
 pub struct Recalled {
     /// `(item row, score)`, best first.
     pub items: Vec<(u32, f32)>,
+    /// With channels: for each item, the set of channels (bit `c` = channel `c`) that found it.
+    pub found_by: Vec<u64>,
     pub source: Source,
     /// History items the model has no row for (skipped).
     pub unknown_history: usize,
@@ -148,7 +165,48 @@ impl Engine {
             index,
             popular,
             attributes: Attributes::default(),
+            item_vecs: std::sync::OnceLock::new(),
+            channels: None,
         })
+    }
+
+    /// Mixes `cfg`'s channels into every answer; `engines[c]` is channel `c`'s run when it is
+    /// not this one. Every run must share this run's item vocabulary, so rows mean the same items.
+    pub fn set_channels(&mut self, cfg: ChannelsConfig, engines: Vec<Option<Arc<Engine>>>) -> Result<(), ServeError> {
+        for (c, e) in cfg.channels.iter().zip(&engines) {
+            if let Some(e) = e {
+                if e.items != self.items {
+                    return Err(ServeError::Load(format!(
+                        "channel `{}`: {} has another item vocabulary than {}; the channels of one server must be trained on the same data",
+                        c.name,
+                        e.run_dir.display(),
+                        self.run_dir.display()
+                    )));
+                }
+            }
+            if c.kind == ChannelKind::Similar && e.as_deref().unwrap_or(self).model.dim() == 0 {
+                return Err(ServeError::Load(format!(
+                    "channel `{}`: a `similar` channel needs a run with item vectors, not an item-to-item model",
+                    c.name
+                )));
+            }
+        }
+        self.channels = Some(ChannelSet { cfg, engines });
+        Ok(())
+    }
+
+    /// Overrides the index's built search effort (HNSW `ef_search`, IVF `nprobe`): the
+    /// speed/recall knob, turned at start without rebuilding the index.
+    pub fn set_search_effort(&mut self, effort: usize) {
+        if let Some(ix) = &mut self.index {
+            ix.set_search_effort(effort);
+            self.index_params = ix.params().to_string();
+        }
+    }
+
+    /// Channel names, when channels are mixed.
+    pub fn channel_names(&self) -> Option<Vec<&str>> {
+        self.channels.as_ref().map(|s| s.cfg.channels.iter().map(|c| c.name.as_str()).collect())
     }
 
     /// Sets the attributes request filters select on.
@@ -167,7 +225,7 @@ impl Engine {
     }
 
     /// The ascending item rows a request filter allows.
-    pub fn filter_rows(&self, filter: &Filter) -> Result<std::borrow::Cow<'_, [u32]>, String> {
+    pub fn filter_rows(&self, filter: &Filter) -> Result<std::borrow::Cow<'_, Allowed<'static>>, String> {
         self.attributes.allowed(filter)
     }
 
@@ -203,28 +261,60 @@ impl Engine {
         &self.feature_names
     }
 
-    /// Top `k` items for one user among those `restrict` allows.
+    /// Top `k` items for one user among those `restrict` allows: this run's own recall, or the
+    /// mix of the channels when they are set.
     pub fn recall(&self, user: &UserInput<'_>, k: usize, restrict: Restrict<'_>) -> Result<Recalled, ServeError> {
-        let exclude_seen = restrict.exclude_seen;
-        let mut rows: Vec<u32> = Vec::with_capacity(user.history.len());
+        let Some(set) = &self.channels else { return self.recall_own(user, k, restrict) };
+        let mut lists: Vec<Vec<(u32, f32)>> = Vec::with_capacity(set.cfg.channels.len());
+        let mut source = Source::Popularity;
         let mut unknown_history = 0;
-        for raw in user.history {
-            match self.items.get(raw) {
-                Some(r) => rows.push(r),
-                None => unknown_history += 1,
-            }
+        for (c, e) in set.cfg.channels.iter().zip(&set.engines) {
+            let e = e.as_deref().unwrap_or(self);
+            lists.push(match c.kind {
+                ChannelKind::Run => {
+                    let r = e.recall_own(user, k, restrict)?;
+                    if r.source == Source::Model {
+                        source = Source::Model;
+                    }
+                    unknown_history = unknown_history.max(r.unknown_history);
+                    r.items
+                }
+                ChannelKind::Similar => {
+                    let items = e.similar(user.history, c.recent, k, restrict)?;
+                    if !items.is_empty() {
+                        source = Source::Model;
+                    }
+                    items
+                }
+                ChannelKind::Popularity => {
+                    let (rows, _) = self.history_rows(user.history);
+                    let keep = Keep::new(&rows, restrict);
+                    self.popular.iter().copied().filter(|&(id, _)| keep.test(id)).take(k).collect()
+                }
+            });
         }
-        let mut seen = rows.clone();
-        seen.sort_unstable();
-        seen.dedup();
-        // Neither seen (when that matters) nor excluded: what the index is told to accept, the
-        // allowed list going to it separately.
-        let not_excluded = |id: u32| {
-            (!exclude_seen || seen.binary_search(&id).is_err()) && restrict.excluded.binary_search(&id).is_err()
-        };
-        let keep = |id: u32| not_excluded(id) && restrict.allowed.is_none_or(|a| a.binary_search(&id).is_ok());
-        let plain = !exclude_seen && restrict.excluded.is_empty();
+        let refs: Vec<&[(u32, f32)]> = lists.iter().map(Vec::as_slice).collect();
+        let mut mixed = Vec::with_capacity(k);
+        MIX_SCRATCH.with_borrow_mut(|scratch| mix(&set.cfg, &refs, k, scratch, &mut mixed));
+        Ok(Recalled {
+            items: mixed.iter().map(|m| (m.item, m.score)).collect(),
+            found_by: mixed.iter().map(|m| m.found_by).collect(),
+            source,
+            unknown_history,
+        })
+    }
 
+    /// The model rows of the history's known items, and how many it did not know.
+    fn history_rows(&self, history: &[String]) -> (Vec<u32>, usize) {
+        let rows: Vec<u32> = history.iter().filter_map(|raw| self.items.get(raw)).collect();
+        let unknown = history.len() - rows.len();
+        (rows, unknown)
+    }
+
+    /// This run's own recall: the user tower searching the index, its neighbour lists, or the
+    /// most popular items for a user nothing is known about.
+    fn recall_own(&self, user: &UserInput<'_>, k: usize, restrict: Restrict<'_>) -> Result<Recalled, ServeError> {
+        let (rows, unknown_history) = self.history_rows(user.history);
         let feats: Vec<u32> = self
             .feature_names
             .iter()
@@ -236,33 +326,61 @@ impl Engine {
             })
             .collect();
         let knows_user = feats.iter().any(|&f| f != 0);
+        let keep = Keep::new(&rows, restrict);
         if rows.is_empty() && !knows_user {
-            let items = self.popular.iter().copied().filter(|&(id, _)| keep(id)).take(k).collect();
-            return Ok(Recalled { items, source: Source::Popularity, unknown_history });
+            let items = self.popular.iter().copied().filter(|&(id, _)| keep.test(id)).take(k).collect();
+            return Ok(Recalled { items, found_by: Vec::new(), source: Source::Popularity, unknown_history });
         }
-
-        let index = match (&self.index, self.model.neighbors()) {
-            (Some(ix), _) => ix,
-            (None, Some(n)) => {
-                let mut items = Vec::with_capacity(k);
-                NEIGHBOR_SCRATCH.with_borrow_mut(|scratch| n.recall(&rows, k, &keep, scratch, &mut items));
-                return Ok(Recalled { items, source: Source::Model, unknown_history });
-            }
-            (None, None) => {
-                return Err(ServeError::Internal("the engine has neither an index nor neighbour lists".into()))
-            }
-        };
+        if self.index.is_none() {
+            let Some(n) = self.model.neighbors() else {
+                return Err(ServeError::Internal("the engine has neither an index nor neighbour lists".into()));
+            };
+            let mut items = Vec::with_capacity(k);
+            NEIGHBOR_SCRATCH.with_borrow_mut(|scratch| n.recall(&rows, k, &|id| keep.test(id), scratch, &mut items));
+            return Ok(Recalled { items, found_by: Vec::new(), source: Source::Model, unknown_history });
+        }
         let uv = self.model.user_vector(&feats, &rows);
-        let (d, ni) = (self.model.dim(), self.model.interests());
-        let mut ids = vec![u32::MAX; ni * k];
-        let mut scores = vec![f32::NEG_INFINITY; ni * k];
+        let items = self.search(&uv, k, &keep)?;
+        Ok(Recalled { items, found_by: Vec::new(), source: Source::Model, unknown_history })
+    }
+
+    /// The items nearest the newest `recent` known history items by item vector, each scored by
+    /// its best match; empty without a known history item.
+    fn similar(
+        &self,
+        history: &[String],
+        recent: usize,
+        k: usize,
+        restrict: Restrict<'_>,
+    ) -> Result<Vec<(u32, f32)>, ServeError> {
+        let (rows, _) = self.history_rows(history);
+        if rows.is_empty() || self.index.is_none() {
+            return Ok(Vec::new());
+        }
+        let iv = self.item_vecs.get_or_init(|| self.model.item_vectors());
+        let d = self.model.dim();
+        let queries: Vec<f32> =
+            rows.iter().rev().take(recent).flat_map(|&r| &iv[r as usize * d..(r as usize + 1) * d]).copied().collect();
+        let keep = Keep::new(&rows, restrict);
+        self.search(&queries, k, &keep)
+    }
+
+    /// Top `k` by index search for each `dim`-wide query among the items `keep` passes, merged
+    /// by best score.
+    fn search(&self, queries: &[f32], k: usize, keep: &Keep<'_>) -> Result<Vec<(u32, f32)>, ServeError> {
+        let index = self.index.as_ref().ok_or_else(|| ServeError::Internal("no item index".into()))?;
+        let d = self.model.dim();
+        let nq = queries.len() / d;
+        let mut ids = vec![u32::MAX; nq * k];
+        let mut scores = vec![f32::NEG_INFINITY; nq * k];
         let mut buf = Vec::with_capacity(k);
-        for (i, q) in uv.chunks_exact(d).enumerate() {
-            let res = match restrict.allowed {
+        let not_excluded = |id: u32| keep.not_excluded(id);
+        for (i, q) in queries.chunks_exact(d).enumerate() {
+            let res = match keep.restrict.allowed {
                 Some(allowed) => {
                     needle_index::search_among(index.as_ref(), q, k, allowed, &not_excluded, &mut buf).map(|_| ())
                 }
-                None if plain => index.search(q, k, &mut buf),
+                None if keep.plain() => index.search(q, k, &mut buf),
                 None => index.search_filtered(q, k, &not_excluded, &mut buf),
             };
             res.map_err(|e| ServeError::Internal(e.to_string()))?;
@@ -271,9 +389,39 @@ impl Engine {
                 scores[i * k + slot] = s;
             }
         }
-        let (ids, scores) = if ni > 1 { merge_interests(&ids, &scores, 1, ni, k) } else { (ids, scores) };
-        let items = ids.into_iter().zip(scores).take_while(|&(id, _)| id != u32::MAX).collect();
-        Ok(Recalled { items, source: Source::Model, unknown_history })
+        let (ids, scores) = if nq > 1 { merge_interests(&ids, &scores, 1, nq, k) } else { (ids, scores) };
+        Ok(ids.into_iter().zip(scores).take_while(|&(id, _)| id != u32::MAX).collect())
+    }
+}
+
+/// What one recall may return: the restriction of the request and the user's seen items.
+struct Keep<'a> {
+    /// The history's rows, sorted, when seen items are excluded; else empty.
+    seen: Vec<u32>,
+    restrict: Restrict<'a>,
+}
+
+impl<'a> Keep<'a> {
+    fn new(history_rows: &[u32], restrict: Restrict<'a>) -> Keep<'a> {
+        let mut seen = if restrict.exclude_seen { history_rows.to_vec() } else { Vec::new() };
+        seen.sort_unstable();
+        seen.dedup();
+        Keep { seen, restrict }
+    }
+
+    /// Neither seen nor excluded: what the index is told to accept, the allowed list going to
+    /// it separately.
+    fn not_excluded(&self, id: u32) -> bool {
+        self.seen.binary_search(&id).is_err() && self.restrict.excluded.binary_search(&id).is_err()
+    }
+
+    fn test(&self, id: u32) -> bool {
+        self.not_excluded(id) && self.restrict.allowed.is_none_or(|a| a.contains(id))
+    }
+
+    /// Nothing to leave out beyond an allowed list.
+    fn plain(&self) -> bool {
+        self.seen.is_empty() && self.restrict.excluded.is_empty()
     }
 }
 

@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
+use needle_index::Allowed;
 use needle_store::ItemDetails;
 use serde::Deserialize;
 
@@ -112,10 +113,17 @@ impl Range {
 /// A request's filter: every named attribute's condition must hold.
 pub type Filter = BTreeMap<String, Condition>;
 
-/// One attribute: the ascending item rows of every value.
+/// One attribute: the item rows of every value, ready for membership tests.
 #[derive(Default)]
 struct Attribute {
-    postings: BTreeMap<String, Vec<u32>>,
+    postings: BTreeMap<String, Allowed<'static>>,
+}
+
+/// Rows in any order, as a posting list.
+fn posting(mut rows: Vec<u32>) -> Allowed<'static> {
+    rows.sort_unstable();
+    rows.dedup();
+    Allowed::new(rows).expect("sorted and deduplicated")
 }
 
 /// Every filterable attribute of a catalogue.
@@ -127,21 +135,21 @@ pub struct Attributes {
 impl Attributes {
     /// Posting lists from `(row, details)` pairs (rows in any order).
     pub fn from_items<'a>(items: impl IntoIterator<Item = (u32, &'a ItemDetails)>) -> Attributes {
-        let mut by_name: HashMap<String, Attribute> = HashMap::new();
+        let mut rows: HashMap<String, BTreeMap<String, Vec<u32>>> = HashMap::new();
         for (row, details) in items {
             for (name, values) in &details.attributes {
-                let attr = by_name.entry(name.clone()).or_default();
+                let attr = rows.entry(name.clone()).or_default();
                 for v in values {
-                    attr.postings.entry(v.clone()).or_default().push(row);
+                    attr.entry(v.clone()).or_default().push(row);
                 }
             }
         }
-        for attr in by_name.values_mut() {
-            for rows in attr.postings.values_mut() {
-                rows.sort_unstable();
-                rows.dedup();
-            }
-        }
+        let by_name = rows
+            .into_iter()
+            .map(|(name, values)| {
+                (name, Attribute { postings: values.into_iter().map(|(v, r)| (v, posting(r))).collect() })
+            })
+            .collect();
         Attributes { by_name }
     }
 
@@ -149,11 +157,11 @@ impl Attributes {
     pub fn add_synthetic_shards(&mut self, first: u32, count: u32) {
         let attr = self.by_name.entry("shard".into()).or_default();
         for s in 0..SYNTHETIC_SHARDS {
-            let rows = attr.postings.entry(s.to_string()).or_default();
+            let list = attr.postings.entry(s.to_string()).or_default();
+            let mut rows = std::mem::take(list).ids().to_vec();
             let start = first + (s + SYNTHETIC_SHARDS - first % SYNTHETIC_SHARDS) % SYNTHETIC_SHARDS;
             rows.extend((start..first + count).step_by(SYNTHETIC_SHARDS as usize));
-            rows.sort_unstable();
-            rows.dedup();
+            *list = posting(rows);
         }
     }
 
@@ -164,9 +172,10 @@ impl Attributes {
         n
     }
 
-    /// The ascending rows `filter` allows; an error names an unknown attribute or an empty range.
-    pub fn allowed(&self, filter: &Filter) -> Result<Cow<'_, [u32]>, String> {
-        let mut result: Option<Cow<'_, [u32]>> = None;
+    /// The rows `filter` allows; an error names an unknown attribute or an empty range. A
+    /// single condition on one value lends its posting list; anything else builds a new one.
+    pub fn allowed(&self, filter: &Filter) -> Result<Cow<'_, Allowed<'static>>, String> {
+        let mut result: Option<Cow<'_, Allowed<'static>>> = None;
         for (name, cond) in filter {
             let attr = self.by_name.get(name).ok_or_else(|| {
                 let known = self.names();
@@ -185,19 +194,17 @@ impl Attributes {
                 Some(prev) => Cow::Owned(intersect(&prev, &rows)),
             });
         }
-        Ok(result.unwrap_or(Cow::Borrowed(&[])))
+        Ok(result.unwrap_or_default())
     }
 }
 
 impl Attribute {
-    fn matching(&self, cond: &Condition) -> Result<Cow<'_, [u32]>, String> {
-        let lists: Vec<&[u32]> = match cond {
+    fn matching(&self, cond: &Condition) -> Result<Cow<'_, Allowed<'static>>, String> {
+        let lists: Vec<&Allowed<'static>> = match cond {
             Condition::One(v) => {
-                return Ok(self.postings.get(v.text().as_ref()).map_or(Cow::Borrowed(&[]), |r| Cow::Borrowed(r)))
+                return Ok(self.postings.get(v.text().as_ref()).map_or_else(Cow::default, Cow::Borrowed))
             }
-            Condition::Any(vs) => {
-                vs.iter().filter_map(|v| self.postings.get(v.text().as_ref()).map(Vec::as_slice)).collect()
-            }
+            Condition::Any(vs) => vs.iter().filter_map(|v| self.postings.get(v.text().as_ref())).collect(),
             Condition::Range(r) => {
                 if r == &Range::default() {
                     return Err("a range filter needs at least one of gte, gt, lte, lt".into());
@@ -205,28 +212,22 @@ impl Attribute {
                 self.postings
                     .iter()
                     .filter(|(v, _)| v.trim().parse::<f64>().is_ok_and(|x| r.contains(x)))
-                    .map(|(_, rows)| rows.as_slice())
+                    .map(|(_, rows)| rows)
                     .collect()
             }
         };
         Ok(match lists[..] {
-            [] => Cow::Borrowed(&[]),
+            [] => Cow::default(),
             [one] => Cow::Borrowed(one),
-            _ => Cow::Owned(union(&lists)),
+            _ => Cow::Owned(posting(lists.iter().flat_map(|l| l.ids().iter().copied()).collect())),
         })
     }
 }
 
-fn union(lists: &[&[u32]]) -> Vec<u32> {
-    let mut all: Vec<u32> = lists.iter().flat_map(|l| l.iter().copied()).collect();
-    all.sort_unstable();
-    all.dedup();
-    all
-}
-
-fn intersect(a: &[u32], b: &[u32]) -> Vec<u32> {
+fn intersect(a: &Allowed<'_>, b: &Allowed<'_>) -> Allowed<'static> {
     let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
-    small.iter().copied().filter(|x| large.binary_search(x).is_ok()).collect()
+    let rows: Vec<u32> = small.ids().iter().copied().filter(|&x| large.contains(x)).collect();
+    Allowed::new(rows).expect("a subsequence of an ascending list")
 }
 
 #[cfg(test)]
@@ -251,7 +252,7 @@ mod tests {
         let attrs = Attributes::from_items(items.iter().enumerate().map(|(i, d)| (i as u32 + 1, d)));
         let f = |json: &str| -> Result<Vec<u32>, String> {
             let filter: Filter = serde_json::from_str(json).unwrap();
-            attrs.allowed(&filter).map(|c| c.into_owned())
+            attrs.allowed(&filter).map(|c| c.ids().to_vec())
         };
         assert_eq!(f(r#"{"genres": "Comedy"}"#).unwrap(), vec![1, 3]);
         assert_eq!(f(r#"{"genres": ["Horror", "Drama"]}"#).unwrap(), vec![1, 2, 4]);
@@ -272,6 +273,6 @@ mod tests {
         let filter: Filter = serde_json::from_str(r#"{"shard": "7"}"#).unwrap();
         let rows = attrs.allowed(&filter).unwrap();
         assert_eq!(rows.len(), 10);
-        assert!(rows.iter().all(|r| r % 100 == 7 && (1003..2003).contains(r)), "{rows:?}");
+        assert!(rows.ids().iter().all(|r| r % 100 == 7 && (1003..2003).contains(r)), "{:?}", rows.ids());
     }
 }

@@ -14,6 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use needle_run::channels::ChannelsConfig;
 use needle_store::{ItemDetails, Store, StoreSpec};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
@@ -66,6 +67,10 @@ pub struct ServeOptions {
     pub data_dir: Option<PathBuf>,
     /// An index file to serve instead of the run's own `index.bin`.
     pub index: Option<PathBuf>,
+    /// A channel file whose channels are mixed into every answer (re-read on reload).
+    pub channels: Option<PathBuf>,
+    /// The served index's search effort instead of the built one.
+    pub effort: Option<usize>,
     pub store: StoreSpec,
     pub addr: SocketAddr,
     pub limits: Limits,
@@ -91,6 +96,8 @@ struct App {
     data_dir: Option<PathBuf>,
     /// The run the `--index` override belongs to.
     index_override: Option<(PathBuf, PathBuf)>,
+    channels: Option<PathBuf>,
+    effort: Option<usize>,
     reload_lock: tokio::sync::Mutex<()>,
     started: Instant,
     boot: u32,
@@ -125,6 +132,7 @@ type Shared = Arc<App>;
 /// Prints `listening on ADDR` on stdout once requests are accepted.
 pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let t0 = Instant::now();
+    needle_run::map_large_allocations();
     if opts.limits.max_in_flight == 0 {
         return Err(ServeError::Load("--max-in-flight must be at least 1".into()));
     }
@@ -137,7 +145,8 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         .await
         .map_err(|e| ServeError::Load(format!("cannot listen on {}: {e}", opts.addr)))?;
     let store = needle_store::open(&opts.store, &opts.run.join(EMBEDDED_STORE_FILE)).await?;
-    let engine = load_engine(&opts.run, opts.data_dir.clone(), opts.index.clone(), Some(&*store)).await?;
+    let sources = Sources { index: opts.index.clone(), channels: opts.channels.clone(), effort: opts.effort };
+    let engine = load_engine(&opts.run, opts.data_dir.clone(), sources, Some(&*store)).await?;
     tracing::info!(
         model = %engine.run_id,
         index = %engine.index_params,
@@ -165,6 +174,8 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         auth: opts.auth.clone(),
         data_dir: opts.data_dir.clone(),
         index_override: opts.index.clone().map(|i| (opts.run.clone(), i)),
+        channels: opts.channels.clone(),
+        effort: opts.effort,
         reload_lock: tokio::sync::Mutex::new(()),
         started: Instant::now(),
         boot: std::process::id() ^ (t0.elapsed().subsec_nanos()),
@@ -185,12 +196,23 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
 /// Loads a run into an engine on the blocking pool, from the run directory alone. With a store
 /// that holds nothing yet, also reads the run's training data to fill it; warns when the store
 /// was filled from other data.
+/// What a served run is searched with beyond the run directory itself.
+struct Sources {
+    /// An index file instead of the run's own.
+    index: Option<PathBuf>,
+    /// A channel file.
+    channels: Option<PathBuf>,
+    /// A search effort instead of the index's built one.
+    effort: Option<usize>,
+}
+
 async fn load_engine(
     run: &Path,
     data_dir: Option<PathBuf>,
-    index: Option<PathBuf>,
+    sources: Sources,
     store: Option<&dyn Store>,
 ) -> Result<Engine, ServeError> {
+    let Sources { index, channels, effort } = sources;
     // `None`: no store; `Some(None)`: a store that holds nothing yet, or whose last load was cut
     // short (loads are idempotent, so loading again repairs it).
     let tag = match store {
@@ -245,7 +267,48 @@ async fn load_engine(
         t.elapsed().as_secs_f64()
     );
     engine.set_attributes(attributes);
+    if let Some(e) = effort {
+        engine.set_search_effort(e);
+    }
+    if let Some(path) = channels {
+        let main = run.to_owned();
+        let engine = in_background(move || -> Result<Engine, ServeError> {
+            let cfg = ChannelsConfig::read(&path).map_err(ServeError::Load)?;
+            // Each run once, however many channels read it.
+            let mut loaded: Vec<(PathBuf, Arc<Engine>)> = Vec::new();
+            let mut engines = Vec::with_capacity(cfg.channels.len());
+            for c in &cfg.channels {
+                let dir = match &c.run {
+                    Some(d) if !same_dir(d, &main) => d,
+                    _ => {
+                        engines.push(None);
+                        continue;
+                    }
+                };
+                if let Some((_, e)) = loaded.iter().find(|(d, _)| same_dir(d, dir)) {
+                    engines.push(Some(e.clone()));
+                    continue;
+                }
+                let served = needle_run::load_for_serving(dir)
+                    .map_err(|e| ServeError::Load(format!("channel `{}`: {}: {e}", c.name, dir.display())))?;
+                let e = Arc::new(Engine::new(served, None)?);
+                loaded.push((dir.clone(), e.clone()));
+                engines.push(Some(e));
+            }
+            let mut engine = engine;
+            engine.set_channels(cfg, engines)?;
+            Ok(engine)
+        })
+        .await??;
+        tracing::info!("recall channels: {}", engine.channel_names().unwrap_or_default().join(", "));
+        return Ok(engine);
+    }
     Ok(engine)
+}
+
+/// Whether two paths name the same directory (as written or once resolved).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
 /// Runs `f` on a thread of its own at a lower CPU priority (nice 10): loading a model and freeing
@@ -478,6 +541,9 @@ struct RecallRequest {
 struct RecalledItem<'a> {
     id: std::borrow::Cow<'a, str>,
     score: f32,
+    /// With recall channels: the channels that found the item.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channels: Option<Vec<&'a str>>,
     #[serde(flatten)]
     details: ItemDetails,
 }
@@ -625,11 +691,24 @@ async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response
     let ids: Vec<std::borrow::Cow<'_, str>> = rec.items.iter().map(|&(row, _)| engine.item_raw(row)).collect();
     let refs: Vec<&str> = ids.iter().map(|c| c.as_ref()).collect();
     let details = app.store.items(&refs).await.map_err(|e| app.store_error(e))?;
+    let names = engine.channel_names();
+    let found_by = |i: usize| {
+        names.as_ref().map(|n| {
+            let bits = rec.found_by.get(i).copied().unwrap_or(0);
+            n.iter().enumerate().filter(|(c, _)| bits >> c & 1 == 1).map(|(_, &name)| name).collect()
+        })
+    };
     let items = ids
         .iter()
         .zip(&rec.items)
         .zip(details)
-        .map(|((id, &(_, score)), d)| RecalledItem { id: id.clone(), score, details: d.unwrap_or_default() })
+        .enumerate()
+        .map(|(i, ((id, &(_, score)), d))| RecalledItem {
+            id: id.clone(),
+            score,
+            channels: found_by(i),
+            details: d.unwrap_or_default(),
+        })
         .collect();
     let resp = RecallResponse {
         items,
@@ -782,7 +861,8 @@ async fn reload(app: &App, run: Option<PathBuf>) -> Result<(String, String), Ser
     let current = app.engine();
     let dir = run.unwrap_or_else(|| current.run_dir.clone());
     let index = app.index_override.as_ref().filter(|(r, _)| *r == dir).map(|(_, i)| i.clone());
-    let result = load_engine(&dir, app.data_dir.clone(), index, Some(&*app.store)).await;
+    let sources = Sources { index, channels: app.channels.clone(), effort: app.effort };
+    let result = load_engine(&dir, app.data_dir.clone(), sources, Some(&*app.store)).await;
     let engine = match result {
         Ok(e) => e,
         Err(e) => {

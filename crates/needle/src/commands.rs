@@ -116,7 +116,7 @@ pub fn load_data_shown(
 }
 
 /// The test users to score, saying so when it is a sample.
-fn eval_users_of(p: &needle_train::Prepared, n: Option<usize>, seed: u64) -> Vec<usize> {
+pub(crate) fn eval_users_of(p: &needle_train::Prepared, n: Option<usize>, seed: u64) -> Vec<usize> {
     let all = p.test.items.len();
     let users = needle_train::model::eval_users(p, Stage::Test, n, seed);
     if users.len() < all {

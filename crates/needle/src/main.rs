@@ -3,6 +3,7 @@
 mod ann;
 mod ann_scale;
 mod bench;
+mod channels_cmd;
 mod commands;
 mod crash;
 mod data_cmd;
@@ -71,9 +72,17 @@ enum Cmd {
         quiet: bool,
     },
     /// Evaluate a run on its test targets over the full item corpus; writes RUN/metrics.json.
+    /// With --channels, every channel of a channel file alone and their mix instead.
     Eval {
+        #[arg(long, required_unless_present = "channels", conflicts_with = "channels")]
+        run: Option<PathBuf>,
+        /// A channel file (TOML: `[[channel]]` entries and a merge rule; see the README).
         #[arg(long)]
-        run: PathBuf,
+        channels: Option<PathBuf>,
+        /// With --channels: score the validation targets (where quotas are chosen) instead of
+        /// the test targets.
+        #[arg(long, requires = "channels")]
+        valid: bool,
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Keep the user's known items in the ranking (by default they are excluded).
@@ -395,9 +404,24 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
             threads: cli.threads,
         }),
-        Cmd::Eval { run, data_dir, keep_seen, k, ann, eval_users } => {
+        Cmd::Eval { run, channels, valid, data_dir, keep_seen, k, ann, eval_users } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
-            commands::eval(&run, data_dir.as_deref(), keep_seen, &k, ann, eval_users)
+            match (run, channels) {
+                (_, Some(file)) => {
+                    if keep_seen || ann {
+                        bail!("--channels evaluates with known items excluded and exact search; drop --keep-seen and --ann");
+                    }
+                    channels_cmd::eval_channels(
+                        &file,
+                        data_dir.as_deref(),
+                        &k,
+                        eval_users,
+                        if valid { needle_train::Stage::Valid } else { needle_train::Stage::Test },
+                    )
+                }
+                (Some(run), None) => commands::eval(&run, data_dir.as_deref(), keep_seen, &k, ann, eval_users),
+                (None, None) => unreachable!("clap requires --run or --channels"),
+            }
         }
         Cmd::Export { run, data_dir, out } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;

@@ -68,6 +68,14 @@ pub struct ServeArgs {
     /// Serve this index file instead of RUN/index.bin.
     #[arg(long)]
     pub index: Option<PathBuf>,
+    /// Mix the recall channels of this file (TOML, as `needle eval --channels` reads) into
+    /// every answer; each item then lists the channels that found it.
+    #[arg(long)]
+    pub channels: Option<PathBuf>,
+    /// Search effort of the served index instead of the one it was built with (IVF `nprobe`,
+    /// HNSW `ef_search`): fewer lists or a narrower walk answer faster at lower recall.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub effort: Option<u64>,
     /// Largest k a request may ask for.
     #[arg(long, default_value_t = 1000)]
     pub max_k: usize,
@@ -188,6 +196,8 @@ pub fn serve(f: ServeArgs, threads: Option<usize>) -> Result<()> {
         run: f.run,
         data_dir: f.data_dir,
         index: f.index,
+        channels: f.channels,
+        effort: f.effort.map(|e| e as usize),
         store,
         addr: f.addr,
         auth,

@@ -432,7 +432,8 @@ fn redis_store_serves_and_takes_events() {
 
     // A store that is down is a clear error at start.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let out = needle(&["serve", "--run", "runs/yt", "--store", &format!("redis://127.0.0.1:{port}")], dir);
+    let store = format!("redis://127.0.0.1:{port}");
+    let out = needle(&["serve", "--run", "runs/yt", "--store", &store, "--addr", "127.0.0.1:0"], dir);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("127.0.0.1:{port}")));
 }
@@ -839,4 +840,98 @@ fn a_sequential_run_serves_from_the_newest_items_and_follows_events() {
         assert_eq!(v["source"], "model", "{v}");
         assert!(leads(&v, &next), "after {item}: {v}");
     }
+}
+
+#[test]
+fn channels_mix_in_eval_and_in_serving_and_say_who_found_each_item() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    trained(dir);
+    write_config(dir, "tr.toml", "[model]\nkind = \"transitions\"\nrecent = 3\nmax_seq_len = 10\n");
+    ok(&needle(&["train", "--config", "tr.toml", "--out", "runs/tr", "--quiet"], dir));
+    let channels = r#"
+merge = "quota"
+[[channel]]
+name = "yt"
+kind = "run"
+run = "runs/yt"
+quota = 2
+[[channel]]
+name = "tr"
+kind = "run"
+run = "runs/tr"
+quota = 1
+[[channel]]
+name = "near"
+kind = "similar"
+run = "runs/yt"
+recent = 2
+quota = 1
+[[channel]]
+name = "popular"
+kind = "popularity"
+quota = 1
+"#;
+    std::fs::write(dir.join("channels.toml"), channels).unwrap();
+
+    // Offline: each channel alone is scored as its run is by `needle eval`, then the mix.
+    let table = ok(&needle(&["eval", "--channels", "channels.toml", "--k", "5,10"], dir));
+    let row = |name: &str| -> Vec<f64> {
+        let line = table.lines().find(|l| l.starts_with(&format!("| {name} |"))).unwrap_or_else(|| panic!("{table}"));
+        line.split('|').filter_map(|c| c.trim().parse().ok()).collect()
+    };
+    for (name, run) in [("yt", "runs/yt"), ("tr", "runs/tr")] {
+        let alone = ok(&needle(&["eval", "--run", run, "--k", "5,10"], dir));
+        let hr10: f64 = alone
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some("10"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((row(name)[1] - hr10).abs() < 1e-4, "{name}: {table}\n{alone}");
+    }
+    let mix = row("mix (quota)");
+    assert_eq!(mix.len(), 4, "{table}");
+    assert!(mix.iter().all(|v| (0.0..=1.0).contains(v)), "{table}");
+    assert!(mix[1] >= mix[0], "HR@10 below HR@5: {table}");
+
+    // Online: the same mix, each item naming the channels that found it.
+    let history = ["c1_3", "c1_4", "c1_5"];
+    let req = json!({"history": history, "k": 10});
+    let answer = |args: &[&str]| {
+        let srv = Server::start(dir, args);
+        post(&srv.addr, "/v1/recall", &req).json()
+    };
+    let yt = ids(&answer(&["--run", "runs/yt"]));
+    let tr = ids(&answer(&["--run", "runs/tr"]));
+    let v = answer(&["--run", "runs/yt", "--channels", "channels.toml"]);
+    let got = ids(&v);
+    assert_eq!(got.len(), 10, "{v}");
+    let mut distinct = got.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 10, "duplicates: {v}");
+    // Shares of k = 10 at quotas 2:1:1:1 are 4, 2, 2, 2, and yt fills its share first.
+    assert_eq!(got[..4], yt[..4], "{v}");
+    for item in v["items"].as_array().unwrap() {
+        let id = item["id"].as_str().unwrap().to_owned();
+        let found: Vec<&str> = item["channels"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+        assert!(!found.is_empty(), "{item}");
+        assert_eq!(found.contains(&"yt"), yt.contains(&id), "{item}");
+        assert_eq!(found.contains(&"tr"), tr.contains(&id), "{item}");
+        assert!(!history.contains(&id.as_str()), "a seen item came back: {item}");
+    }
+    assert!(got[4..6].iter().all(|i| tr.contains(i)), "tr's share: {v}");
+
+    // A channel that cannot work is refused at start, saying why.
+    std::fs::write(
+        dir.join("bad.toml"),
+        "[[channel]]\nname = \"n\"\nkind = \"similar\"\nrun = \"runs/tr\"\nquota = 1\n",
+    )
+    .unwrap();
+    let out = needle(&["serve", "--run", "runs/yt", "--channels", "bad.toml", "--addr", "127.0.0.1:0"], dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs a run with item vectors"), "{err}");
 }
