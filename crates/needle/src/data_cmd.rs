@@ -96,11 +96,13 @@ pub fn synth(spec: &needle_data::synth::SynthSpec, out: &Path, quiet: bool) -> R
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
     } else {
-        indicatif::ProgressBar::new(spec.events).with_style(
-            indicatif::ProgressStyle::with_template(
-                "synth [{bar:30}] {human_pos}/{human_len} events {per_sec} ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        crate::commands::for_logs(
+            indicatif::ProgressBar::new(spec.events).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "synth [{bar:30}] {human_pos}/{human_len} events {per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            ),
         )
     };
     let report = needle_data::synth::write_synth(spec, out, &mut |done, _| bar.set_position(done))?;

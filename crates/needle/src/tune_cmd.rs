@@ -135,10 +135,12 @@ pub fn tune(a: TuneArgs<'_>) -> Result<()> {
     let bar = if a.quiet {
         ProgressBar::hidden()
     } else {
-        ProgressBar::new(0).with_style(
-            ProgressStyle::with_template("tune [{bar:30}] {pos}/{len} epochs  {msg}  ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+        crate::commands::for_logs(
+            ProgressBar::new(0).with_style(
+                ProgressStyle::with_template("tune [{bar:30}] {pos}/{len} epochs  {msg}  ETA {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            ),
         )
     };
     let mut shown =
