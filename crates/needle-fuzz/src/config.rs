@@ -66,8 +66,37 @@ fn index_params(text: &str) -> bool {
     true
 }
 
-/// Text configuration parsers. Selector modulo 3: 0 the training config (`configs/*.toml`), 1 a
-/// dataset schema, 2 an index parameter string. Input that is not UTF-8 is rejected as the
+/// A channel file (`needle eval/serve --channels`): a valid one must share out any `k` exactly
+/// and mix candidate lists into at most `k` distinct items, each found by some channel.
+fn channels(text: &str) -> bool {
+    use needle_run::channels::{mix, ChannelsConfig, MixScratch};
+    let Ok(cfg) = toml::from_str::<ChannelsConfig>(text) else {
+        return false;
+    };
+    if cfg.validate().is_err() {
+        return false;
+    }
+    let n = cfg.channels.len();
+    for k in [0, 1, 7, 100] {
+        let shares = cfg.shares(k);
+        assert_eq!(shares.iter().sum::<usize>(), k, "shares of {k} over {n} channels: {shares:?}");
+    }
+    // Overlapping candidate lists: channel c proposes items c, c + 1, ..., c + 9.
+    let lists: Vec<Vec<(u32, f32)>> = (0..n as u32).map(|c| (c..c + 10).map(|i| (i, -(i as f32))).collect()).collect();
+    let refs: Vec<&[(u32, f32)]> = lists.iter().map(Vec::as_slice).collect();
+    let mut out = Vec::new();
+    mix(&cfg, &refs, 8, &mut MixScratch::default(), &mut out);
+    assert!(out.len() <= 8, "{} items for k = 8", out.len());
+    let mut items: Vec<u32> = out.iter().map(|m| m.item).collect();
+    items.sort_unstable();
+    items.dedup();
+    assert_eq!(items.len(), out.len(), "a mixed list repeats an item");
+    assert!(out.iter().all(|m| m.found_by != 0), "an item no channel found");
+    true
+}
+
+/// Text configuration parsers. Selector modulo 3: 0 the training config (`configs/*.toml`) and
+/// the channel file, 1 a dataset schema, 2 an index parameter string. Input that is not UTF-8 is rejected as the
 /// readers reject it.
 pub fn config_toml(data: &[u8]) -> bool {
     let (sel, body) = selector(data);
@@ -75,7 +104,10 @@ pub fn config_toml(data: &[u8]) -> bool {
         return false;
     };
     match sel % 3 {
-        0 => training_config(text),
+        0 => {
+            let training = training_config(text);
+            channels(text) || training
+        }
         1 => schema(text),
         _ => index_params(text),
     }
