@@ -262,36 +262,38 @@ impl Engine {
     }
 
     /// Top `k` items for one user among those `restrict` allows: this run's own recall, or the
-    /// mix of the channels when they are set.
+    /// mix of the channels when they are set. Channel runs share this run's item vocabulary
+    /// (checked when they are set), so the history's rows and what to keep serve them all.
     pub fn recall(&self, user: &UserInput<'_>, k: usize, restrict: Restrict<'_>) -> Result<Recalled, ServeError> {
-        let Some(set) = &self.channels else { return self.recall_own(user, k, restrict) };
+        let rows: Vec<u32> = user.history.iter().filter_map(|raw| self.items.get(raw)).collect();
+        let unknown_history = user.history.len() - rows.len();
+        let keep = Keep::new(&rows, restrict);
+        let Some(set) = &self.channels else {
+            let (items, source) = self.recall_own(user, &rows, k, &keep)?;
+            return Ok(Recalled { items, found_by: Vec::new(), source, unknown_history });
+        };
         let mut lists: Vec<Vec<(u32, f32)>> = Vec::with_capacity(set.cfg.channels.len());
         let mut source = Source::Popularity;
-        let mut unknown_history = 0;
         for (c, e) in set.cfg.channels.iter().zip(&set.engines) {
             let e = e.as_deref().unwrap_or(self);
-            lists.push(match c.kind {
+            let items = match c.kind {
                 ChannelKind::Run => {
-                    let r = e.recall_own(user, k, restrict)?;
-                    if r.source == Source::Model {
+                    let (items, s) = e.recall_own(user, &rows, k, &keep)?;
+                    if s == Source::Model {
                         source = Source::Model;
                     }
-                    unknown_history = unknown_history.max(r.unknown_history);
-                    r.items
+                    items
                 }
                 ChannelKind::Similar => {
-                    let items = e.similar(user.history, c.recent, k, restrict)?;
+                    let items = e.similar(&rows, c.recent, k, &keep)?;
                     if !items.is_empty() {
                         source = Source::Model;
                     }
                     items
                 }
-                ChannelKind::Popularity => {
-                    let (rows, _) = self.history_rows(user.history);
-                    let keep = Keep::new(&rows, restrict);
-                    self.popular.iter().copied().filter(|&(id, _)| keep.test(id)).take(k).collect()
-                }
-            });
+                ChannelKind::Popularity => self.popular_items(k, &keep),
+            };
+            lists.push(items);
         }
         let refs: Vec<&[(u32, f32)]> = lists.iter().map(Vec::as_slice).collect();
         let mut mixed = Vec::with_capacity(k);
@@ -304,17 +306,20 @@ impl Engine {
         })
     }
 
-    /// The model rows of the history's known items, and how many it did not know.
-    fn history_rows(&self, history: &[String]) -> (Vec<u32>, usize) {
-        let rows: Vec<u32> = history.iter().filter_map(|raw| self.items.get(raw)).collect();
-        let unknown = history.len() - rows.len();
-        (rows, unknown)
+    /// The `k` most trained-on items `keep` passes.
+    fn popular_items(&self, k: usize, keep: &Keep<'_>) -> Vec<(u32, f32)> {
+        self.popular.iter().copied().filter(|&(id, _)| keep.test(id)).take(k).collect()
     }
 
-    /// This run's own recall: the user tower searching the index, its neighbour lists, or the
-    /// most popular items for a user nothing is known about.
-    fn recall_own(&self, user: &UserInput<'_>, k: usize, restrict: Restrict<'_>) -> Result<Recalled, ServeError> {
-        let (rows, unknown_history) = self.history_rows(user.history);
+    /// This run's own recall for a user whose history is `rows`: the user tower searching the
+    /// index, its neighbour lists, or the most popular items for a user nothing is known about.
+    fn recall_own(
+        &self,
+        user: &UserInput<'_>,
+        rows: &[u32],
+        k: usize,
+        keep: &Keep<'_>,
+    ) -> Result<(Vec<(u32, f32)>, Source), ServeError> {
         let feats: Vec<u32> = self
             .feature_names
             .iter()
@@ -326,34 +331,24 @@ impl Engine {
             })
             .collect();
         let knows_user = feats.iter().any(|&f| f != 0);
-        let keep = Keep::new(&rows, restrict);
         if rows.is_empty() && !knows_user {
-            let items = self.popular.iter().copied().filter(|&(id, _)| keep.test(id)).take(k).collect();
-            return Ok(Recalled { items, found_by: Vec::new(), source: Source::Popularity, unknown_history });
+            return Ok((self.popular_items(k, keep), Source::Popularity));
         }
         if self.index.is_none() {
             let Some(n) = self.model.neighbors() else {
                 return Err(ServeError::Internal("the engine has neither an index nor neighbour lists".into()));
             };
             let mut items = Vec::with_capacity(k);
-            NEIGHBOR_SCRATCH.with_borrow_mut(|scratch| n.recall(&rows, k, &|id| keep.test(id), scratch, &mut items));
-            return Ok(Recalled { items, found_by: Vec::new(), source: Source::Model, unknown_history });
+            NEIGHBOR_SCRATCH.with_borrow_mut(|scratch| n.recall(rows, k, &|id| keep.test(id), scratch, &mut items));
+            return Ok((items, Source::Model));
         }
-        let uv = self.model.user_vector(&feats, &rows);
-        let items = self.search(&uv, k, &keep)?;
-        Ok(Recalled { items, found_by: Vec::new(), source: Source::Model, unknown_history })
+        let uv = self.model.user_vector(&feats, rows);
+        Ok((self.search(&uv, k, keep)?, Source::Model))
     }
 
-    /// The items nearest the newest `recent` known history items by item vector, each scored by
-    /// its best match; empty without a known history item.
-    fn similar(
-        &self,
-        history: &[String],
-        recent: usize,
-        k: usize,
-        restrict: Restrict<'_>,
-    ) -> Result<Vec<(u32, f32)>, ServeError> {
-        let (rows, _) = self.history_rows(history);
+    /// The items nearest the newest `recent` history rows by item vector, each scored by its
+    /// best match; empty without a history.
+    fn similar(&self, rows: &[u32], recent: usize, k: usize, keep: &Keep<'_>) -> Result<Vec<(u32, f32)>, ServeError> {
         if rows.is_empty() || self.index.is_none() {
             return Ok(Vec::new());
         }
@@ -361,8 +356,7 @@ impl Engine {
         let d = self.model.dim();
         let queries: Vec<f32> =
             rows.iter().rev().take(recent).flat_map(|&r| &iv[r as usize * d..(r as usize + 1) * d]).copied().collect();
-        let keep = Keep::new(&rows, restrict);
-        self.search(&queries, k, &keep)
+        self.search(&queries, k, keep)
     }
 
     /// Top `k` by index search for each `dim`-wide query among the items `keep` passes, merged

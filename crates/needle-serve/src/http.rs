@@ -193,9 +193,6 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Loads a run into an engine on the blocking pool, from the run directory alone. With a store
-/// that holds nothing yet, also reads the run's training data to fill it; warns when the store
-/// was filled from other data.
 /// What a served run is searched with beyond the run directory itself.
 struct Sources {
     /// An index file instead of the run's own.
@@ -206,6 +203,9 @@ struct Sources {
     effort: Option<usize>,
 }
 
+/// Loads a run into an engine on the blocking pool, from the run directory alone. With a store
+/// that holds nothing yet, also reads the run's training data to fill it; warns when the store
+/// was filled from other data.
 async fn load_engine(
     run: &Path,
     data_dir: Option<PathBuf>,
@@ -272,7 +272,7 @@ async fn load_engine(
     }
     if let Some(path) = channels {
         let main = run.to_owned();
-        let engine = in_background(move || -> Result<Engine, ServeError> {
+        engine = in_background(move || -> Result<Engine, ServeError> {
             let cfg = ChannelsConfig::read(&path).map_err(ServeError::Load)?;
             // Each run once, however many channels read it.
             let mut loaded: Vec<(PathBuf, Arc<Engine>)> = Vec::new();
@@ -295,13 +295,11 @@ async fn load_engine(
                 loaded.push((dir.clone(), e.clone()));
                 engines.push(Some(e));
             }
-            let mut engine = engine;
             engine.set_channels(cfg, engines)?;
             Ok(engine)
         })
         .await??;
         tracing::info!("recall channels: {}", engine.channel_names().unwrap_or_default().join(", "));
-        return Ok(engine);
     }
     Ok(engine)
 }

@@ -70,7 +70,13 @@ pub fn eval_channels(
                 Ranked { ids, scores }
             }
             ChannelKind::Similar => similar(run(c.run.as_ref().expect("validated")), &users, stage, c.recent, kmax)?,
-            ChannelKind::Popularity => popular(p, &users, stage, kmax),
+            ChannelKind::Popularity => {
+                // The base run's training counts, through the retrieval a popularity run uses.
+                let counts =
+                    needle_run::Model::Popularity { counts: p.item_counts.iter().map(|&c| c as f32).collect() };
+                let (ids, scores) = recall_top_k(&counts, p, &users, stage, kmax, false);
+                Ranked { ids, scores }
+            }
         });
         bar.inc(1);
     }
@@ -170,25 +176,6 @@ fn similar(r: &LoadedRun, users: &[usize], stage: Stage, recent: usize, k: usize
         ids[row * k..(row + 1) * k].fill(u32::MAX);
     }
     Ok(Ranked { ids, scores })
-}
-
-/// The most trained-on items, seen ones left out.
-fn popular(p: &needle_train::Prepared, users: &[usize], stage: Stage, k: usize) -> Ranked {
-    let mut order: Vec<u32> = (1..p.item_counts.len() as u32).collect();
-    order.sort_by(|&a, &b| p.item_counts[b as usize].cmp(&p.item_counts[a as usize]).then(a.cmp(&b)));
-    let (mut ids, mut scores) = (Vec::with_capacity(users.len() * k), Vec::with_capacity(users.len() * k));
-    for &u in users {
-        let mut seen: Vec<u32> = p.history(u, stage).collect();
-        seen.sort_unstable();
-        let start = ids.len();
-        for &i in order.iter().filter(|i| seen.binary_search(i).is_err()).take(k) {
-            ids.push(i);
-            scores.push(p.item_counts[i as usize] as f32);
-        }
-        ids.resize(start + k, u32::MAX);
-        scores.resize(start + k, f32::NEG_INFINITY);
-    }
-    Ranked { ids, scores }
 }
 
 /// `name | HR@k… | NDCG@k…`, one row per report, as a Markdown table.

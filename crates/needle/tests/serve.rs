@@ -21,6 +21,12 @@ fn trained(dir: &Path) {
     ok(&needle(&["train", "--config", "pop.toml", "--out", "runs/pop", "--quiet"], dir));
 }
 
+/// Trains `runs/tr`: item transitions from the newest three history items.
+fn trained_transitions(dir: &Path) {
+    write_config(dir, "tr.toml", "[model]\nkind = \"transitions\"\nrecent = 3\nmax_seq_len = 10\n");
+    ok(&needle(&["train", "--config", "tr.toml", "--out", "runs/tr", "--quiet"], dir));
+}
+
 /// The admin token the test servers are started with; [`post`] sends it.
 const TOKEN: &str = "test-admin-token-0123456789";
 
@@ -766,8 +772,7 @@ fn a_transitions_run_serves_from_its_neighbour_lists() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     planted_log(dir);
-    write_config(dir, "tr.toml", "[model]\nkind = \"transitions\"\nrecent = 3\nmax_seq_len = 10\n");
-    ok(&needle(&["train", "--config", "tr.toml", "--out", "runs/tr", "--quiet"], dir));
+    trained_transitions(dir);
     ok(&needle(&["export", "--run", "runs/tr", "--out", "exp"], dir));
     let pairs: std::collections::HashMap<(String, String), f64> =
         std::fs::read_to_string(dir.join("exp/item_neighbors.tsv"))
@@ -847,8 +852,7 @@ fn channels_mix_in_eval_and_in_serving_and_say_who_found_each_item() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     trained(dir);
-    write_config(dir, "tr.toml", "[model]\nkind = \"transitions\"\nrecent = 3\nmax_seq_len = 10\n");
-    ok(&needle(&["train", "--config", "tr.toml", "--out", "runs/tr", "--quiet"], dir));
+    trained_transitions(dir);
     let channels = r#"
 merge = "quota"
 [[channel]]
