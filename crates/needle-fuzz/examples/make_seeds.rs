@@ -281,6 +281,12 @@ fn request_json() -> Seeds {
         seed("bad-recall-k-zero", 0, br#"{"user_id": "42", "k": 0}"#),
         seed("bad-recall-unknown-field", 0, br#"{"user": "42"}"#),
         seed("bad-event-empty-user", 1, br#"{"user_id": "", "item_id": "1"}"#),
+        seed(
+            "items-publish",
+            3,
+            br#"{"items": [{"id": "new-1", "title": "New", "genres": ["Comedy", "Drama"], "year": 1999}, {"id": 7}]}"#,
+        ),
+        seed("bad-items-duplicate", 3, br#"{"items": [{"id": "a"}, {"id": "a"}]}"#),
     ]
 }
 

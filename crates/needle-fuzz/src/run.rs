@@ -17,8 +17,14 @@ use needle_run::{load_for_serving, read_info, write_run, Model, RunContents, Run
 use crate::{put, scratch, selector};
 
 /// The files of a run that serving reads, in selector order.
-pub const RUN_FILES: [&str; 5] =
-    ["model.toml", "model.safetensors", "item_counts.tsv", "vocab/items.tsv", "vocab/user_feat.gender.tsv"];
+pub const RUN_FILES: [&str; 6] = [
+    "model.toml",
+    "model.safetensors",
+    "item_counts.tsv",
+    "vocab/items.tsv",
+    "vocab/user_feat.gender.tsv",
+    "vocab/item_feat.genres.tsv",
+];
 
 /// The model kinds of the template runs, in selector order.
 pub const KINDS: [ModelKind; 6] = [
@@ -136,6 +142,7 @@ fn build_template(kind: ModelKind) -> RunTemplate {
     let items = Vocab::from_ids(&["i1", "i2", "i3", "i4", "i5"]);
     let users = Vocab::from_ids(&["u1", "u2"]);
     let gender = Vocab::from_ids(&["F", "M"]);
+    let genres = Vocab::from_ids(&["Comedy", "Drama", "Horror"]);
     let model_config = ModelConfig {
         kind,
         dim: 4,
@@ -181,7 +188,12 @@ fn build_template(kind: ModelKind) -> RunTemplate {
         },
     };
     let contents = RunContents {
-        vocabs: vec![("items".into(), &items), ("users".into(), &users), ("user_feat.gender".into(), &gender)],
+        vocabs: vec![
+            ("items".into(), &items),
+            ("users".into(), &users),
+            ("user_feat.gender".into(), &gender),
+            ("item_feat.genres".into(), &genres),
+        ],
         item_counts: &ITEM_COUNTS,
         model: &model,
     };
@@ -205,9 +217,9 @@ pub fn templates() -> &'static [RunTemplate] {
 
 /// Checkpoints and run directories.
 ///
-/// The selector modulo 5 picks the template run (YouTubeDNN, FM, MIND, popularity,
-/// transitions); the selector divided by 5, modulo 6, picks what the bytes are: 0 a checkpoint read with `Checkpoint::read`
-/// and loaded into a tiny tower of that kind; 1–5 one of [`RUN_FILES`], put in place of the
+/// The selector modulo 6 picks the template run (YouTubeDNN, FM, MIND, popularity,
+/// transitions, sequential); the selector divided by 6, modulo 7, picks what the bytes are: 0 a checkpoint read with `Checkpoint::read`
+/// and loaded into a tiny tower of that kind; 1–6 one of [`RUN_FILES`], put in place of the
 /// template's file before `load_for_serving` reads the whole run. A model that loads computes
 /// every item vector and a user vector from the largest feature value and item row the run's
 /// vocabularies hold, as the server would for such a request.
@@ -271,6 +283,13 @@ fn use_run(run: &ServingRun) {
     let features: Vec<u32> = run.user_feature_vocabs.iter().map(|v| (v.len() - 1) as u32).collect();
     let history: Vec<u32> = (1..run.items.len() as u32).collect();
     use_model(&run.model, &features, &history);
+    // An item published while serving: embedded from the largest value row of each item feature.
+    assert_eq!(run.item_feature_vocabs.len(), run.item_feature_names.len());
+    let values: Vec<Vec<u32>> = run.item_feature_vocabs.iter().map(|v| vec![(v.len() - 1) as u32]).collect();
+    let refs: Vec<&[u32]> = values.iter().map(Vec::as_slice).collect();
+    if let Some(v) = run.model.item_vector_of(None, &refs) {
+        assert_eq!(v.len(), run.model.dim());
+    }
 }
 
 /// Rows of the model's user feature tables, in the order the tower reads the features.

@@ -47,14 +47,14 @@ pub fn store_records(data: &[u8]) -> bool {
 }
 
 /// Routes with a JSON body, in selector order.
-pub const ROUTES: [&str; 3] = ["/v1/recall", "/v1/events", "/admin/reload"];
+pub const ROUTES: [&str; 4] = ["/v1/recall", "/v1/events", "/admin/reload", "/v1/items"];
 
 /// Request bodies as the server's handlers parse and check them before the model or the store is
 /// consulted (`needle_serve::http::check_request_body`), under the default limits.
 ///
-/// Selector modulo 3 picks the route from [`ROUTES`].
+/// Selector modulo 4 picks the route from [`ROUTES`].
 pub fn request_json(data: &[u8]) -> bool {
     let (sel, body) = selector(data);
-    let route = ROUTES[usize::from(sel % 3)];
+    let route = ROUTES[usize::from(sel) % ROUTES.len()];
     check_request_body(route, body, &Limits::default()).is_ok()
 }

@@ -267,29 +267,48 @@ pub fn pool_item_inputs(
     raw.par_chunks_mut(di * ROWS_PER_TASK).zip(ids.par_chunks(ROWS_PER_TASK)).for_each(|(raw, ids)| {
         for (row, &id) in raw.chunks_exact_mut(di).zip(ids) {
             let (id, dropped) = crate::tower::item_row(id);
-            if dropped {
-                row[..de].fill(0.0);
-            } else {
-                row[..de].copy_from_slice(item_emb.row(id));
-            }
-            let mut off = de;
-            for (fe, bags) in feat_emb.iter().zip(bags) {
-                let out = &mut row[off..off + fe.dim];
-                out.fill(0.0);
-                let bag = bags.of(id);
-                for &k in bag {
-                    for (a, v) in out.iter_mut().zip(fe.row(k)) {
-                        *a += v;
-                    }
-                }
-                if !bag.is_empty() {
-                    let inv = 1.0 / bag.len() as f32;
-                    out.iter_mut().for_each(|a| *a *= inv);
-                }
-                off += fe.dim;
-            }
+            let id_row = (!dropped).then(|| item_emb.row(id));
+            pool_item_row(row, id_row, feat_emb, |f| bags[f].of(id));
         }
     });
+}
+
+/// `v / ‖v‖`, as the towers' output layer computes it.
+pub fn normalized(v: &[f32]) -> Vec<f32> {
+    let (mut out, mut norm) = (vec![0.0; v.len()], [0.0]);
+    l2norm_forward(&mut out, &mut norm, v, v.len());
+    out
+}
+
+/// One item tower input row: the id embedding (zeros without one), then the mean embedding of
+/// each item feature's values (`bag(f)`: value rows of feature `f`).
+pub fn pool_item_row<'b>(
+    row: &mut [f32],
+    id_row: Option<&[f32]>,
+    feat_emb: &[Embedding],
+    bag: impl Fn(usize) -> &'b [u32],
+) {
+    let de = row.len() - feat_emb.iter().map(|e| e.dim).sum::<usize>();
+    match id_row {
+        Some(v) => row[..de].copy_from_slice(v),
+        None => row[..de].fill(0.0),
+    }
+    let mut off = de;
+    for (f, fe) in feat_emb.iter().enumerate() {
+        let out = &mut row[off..off + fe.dim];
+        out.fill(0.0);
+        let bag = bag(f);
+        for &k in bag {
+            for (a, v) in out.iter_mut().zip(fe.row(k)) {
+                *a += v;
+            }
+        }
+        if !bag.is_empty() {
+            let inv = 1.0 / bag.len() as f32;
+            out.iter_mut().for_each(|a| *a *= inv);
+        }
+        off += fe.dim;
+    }
 }
 
 /// Gradient of [`pool_item_inputs`]: table 0 gets the id part, tables `feat0..` the features.
@@ -414,6 +433,21 @@ impl Tower for DeepTwoTower {
 
     fn item_out<'a>(&self, acts: &'a ItemActs) -> &'a [f32] {
         &acts.out
+    }
+
+    fn item_vector_of(&self, id: Option<u32>, features: &[&[u32]]) -> Option<Vec<f32>> {
+        if self.item_feat_emb.is_empty() {
+            return None;
+        }
+        let mut raw = vec![0.0; self.spec.item_input_dim()];
+        let bag = |f: usize| features.get(f).copied().unwrap_or(&[]);
+        pool_item_row(&mut raw, id.map(|r| self.item_emb.row(r)), &self.item_feat_emb, bag);
+        let mut acts = MlpActs::default();
+        let z = match &self.item_mlp {
+            Some(mlp) => mlp.forward(&raw, 1, &mut acts),
+            None => &raw[..],
+        };
+        Some(normalized(z))
     }
 
     fn item_backward(&self, ids: &[u32], acts: &mut ItemActs, dout: &[f32], grads: &mut Grads) {
@@ -618,6 +652,17 @@ mod tests {
             crate::tower::clear_item_rows(&mut cleared, 2);
             assert_eq!(vector(&model, 2 | ID_DROPPED), vector(&cleared, 2));
             assert_ne!(vector(&model, 2 | ID_DROPPED), vector(&model, 2));
+        }
+    }
+
+    #[test]
+    fn an_item_is_embedded_from_given_features_as_from_its_own() {
+        for (history, hidden) in [(HistoryMode::Shared, None), (HistoryMode::Own, Some(vec![5]))] {
+            let (model, _, _) = tiny(history, hidden, 11);
+            crate::tower::testing::check_item_vector_of(&model, &model.item_bags);
+            let mut id_only = model.clone();
+            id_only.item_feat_emb.clear();
+            assert!(id_only.item_vector_of(None, &[]).is_none(), "an id-only tower has no vector for a new item");
         }
     }
 

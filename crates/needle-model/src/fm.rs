@@ -60,6 +60,42 @@ pub struct ItemActs {
 const INIT: f32 = 0.05;
 
 impl FmTwoTower {
+    /// One item's `[linear + pairwise ; Σ v x]` from its id row (`None`: left out) and the
+    /// value rows of each item feature (`bag(f)`); `q` is scratch of width `k`.
+    fn item_row_vector<'b>(&self, row: &mut [f32], id: Option<u32>, bag: impl Fn(usize) -> &'b [u32], q: &mut [f32]) {
+        let (first, s) = row.split_at_mut(1);
+        let mut linear = 0.0;
+        match id {
+            None => {
+                s.fill(0.0);
+                q.fill(0.0);
+            }
+            Some(id) => {
+                linear = self.item_w.row(id)[0];
+                for (t, v) in self.item_v.row(id).iter().enumerate() {
+                    s[t] = *v;
+                    q[t] = v * v;
+                }
+            }
+        }
+        for (f, (fv, fw)) in self.feat_v.iter().zip(&self.feat_w).enumerate() {
+            let bag = bag(f);
+            if bag.is_empty() {
+                continue;
+            }
+            let x = 1.0 / bag.len() as f32;
+            for &key in bag {
+                linear += x * fw.row(key)[0];
+                for (t, v) in fv.row(key).iter().enumerate() {
+                    s[t] += x * v;
+                    q[t] += x * x * v * v;
+                }
+            }
+        }
+        let pair: f32 = s.iter().zip(q.iter()).map(|(a, b)| a * a - b).sum();
+        first[0] = linear + 0.5 * pair;
+    }
+
     pub fn new(spec: FmSpec, item_bags: Vec<ItemBags>, rng: &mut Rng) -> Result<Self, String> {
         if item_bags.len() != spec.item_features.len() {
             return Err(format!("{} item features but {} bag lists", spec.item_features.len(), item_bags.len()));
@@ -160,41 +196,24 @@ impl Tower for FmTwoTower {
     }
 
     fn item_forward(&self, ids: &[u32], acts: &mut ItemActs) {
-        let (k, d) = (self.spec.k, self.spec.k + 1);
+        let d = self.spec.k + 1;
         acts.out.clear();
         acts.out.resize(ids.len() * d, 0.0);
-        let mut q = vec![0.0f32; k];
+        let mut q = vec![0.0f32; self.spec.k];
         for (row, &id) in acts.out.chunks_exact_mut(d).zip(ids) {
             let (id, dropped) = crate::tower::item_row(id);
-            let (first, s) = row.split_at_mut(1);
-            let mut linear = 0.0;
-            if dropped {
-                s.fill(0.0);
-                q.fill(0.0);
-            } else {
-                linear = self.item_w.row(id)[0];
-                for (t, v) in self.item_v.row(id).iter().enumerate() {
-                    s[t] = *v;
-                    q[t] = v * v;
-                }
-            }
-            for ((fv, fw), bags) in self.feat_v.iter().zip(&self.feat_w).zip(&self.item_bags) {
-                let bag = bags.of(id);
-                if bag.is_empty() {
-                    continue;
-                }
-                let x = 1.0 / bag.len() as f32;
-                for &key in bag {
-                    linear += x * fw.row(key)[0];
-                    for (t, v) in fv.row(key).iter().enumerate() {
-                        s[t] += x * v;
-                        q[t] += x * x * v * v;
-                    }
-                }
-            }
-            let pair: f32 = s.iter().zip(&q).map(|(a, b)| a * a - b).sum();
-            first[0] = linear + 0.5 * pair;
+            self.item_row_vector(row, (!dropped).then_some(id), |f| self.item_bags[f].of(id), &mut q);
         }
+    }
+
+    fn item_vector_of(&self, id: Option<u32>, features: &[&[u32]]) -> Option<Vec<f32>> {
+        if self.feat_v.is_empty() {
+            return None;
+        }
+        let mut out = vec![0.0; self.spec.k + 1];
+        let mut q = vec![0.0; self.spec.k];
+        self.item_row_vector(&mut out, id, |f| features.get(f).copied().unwrap_or(&[]), &mut q);
+        Some(out)
     }
 
     fn item_out<'a>(&self, acts: &'a ItemActs) -> &'a [f32] {
@@ -372,6 +391,12 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn an_fm_item_is_embedded_from_given_features_as_from_its_own() {
+        let (m, _, _) = tiny(3);
+        crate::tower::testing::check_item_vector_of(&m, &m.item_bags);
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //!
 //! Item tower: `[item embedding ‖ pooled item features]` → L2 norm, as in YouTubeDNN.
 
-use crate::deep::{bag_tensors, pool_item_inputs, scatter_item_input_grads, CategoricalSpec, ItemBags};
+use crate::deep::{
+    bag_tensors, normalized, pool_item_inputs, pool_item_row, scatter_item_input_grads, CategoricalSpec, ItemBags,
+};
 use crate::embedding::{Embedding, RowHash};
 use crate::gemm::{matmul, Layout};
 use crate::layers::{l2norm_backward, l2norm_forward};
@@ -374,6 +376,16 @@ impl Tower for MindTwoTower {
         &acts.out
     }
 
+    fn item_vector_of(&self, id: Option<u32>, features: &[&[u32]]) -> Option<Vec<f32>> {
+        if self.item_feat_emb.is_empty() {
+            return None;
+        }
+        let mut raw = vec![0.0; self.spec.out_dim()];
+        let bag = |f: usize| features.get(f).copied().unwrap_or(&[]);
+        pool_item_row(&mut raw, id.map(|r| self.item_emb.row(r)), &self.item_feat_emb, bag);
+        Some(normalized(&raw))
+    }
+
     fn item_backward(&self, ids: &[u32], acts: &mut ItemActs, dout: &[f32], grads: &mut Grads) {
         let d = self.spec.out_dim();
         acts.draw.resize(ids.len() * d, 0.0);
@@ -458,6 +470,12 @@ mod tests {
         batch.hist_len.copy_from_slice(&[5, 2, 1]);
         batch.feats.copy_from_slice(&[1, 2, 0]);
         (m, batch)
+    }
+
+    #[test]
+    fn a_mind_item_is_embedded_from_given_features_as_from_its_own() {
+        let (m, _) = tiny(false);
+        crate::tower::testing::check_item_vector_of(&m, &m.item_bags);
     }
 
     #[test]

@@ -132,6 +132,14 @@ pub trait Tower: Send + Sync {
         Vec::new()
     }
 
+    /// The vector of one item from its id row (`None`: an item the model was not trained on,
+    /// embedded from its features alone, like an item with [`ID_DROPPED`]) and the value rows
+    /// of each of its item features, in the model's order. `None` when the item tower reads no
+    /// features, so an item it was not trained on has no vector.
+    fn item_vector_of(&self, _id: Option<u32>, _features: &[&[u32]]) -> Option<Vec<f32>> {
+        None
+    }
+
     /// Vectors of every item row (row 0 included), `[item_rows × out_dim]`.
     fn all_item_vectors(&self) -> Vec<f32> {
         let ids: Vec<u32> = (0..self.item_rows() as u32).collect();
@@ -166,6 +174,27 @@ pub fn table_tensor(name: String, t: &Embedding) -> NamedTensor<'_> {
 pub(crate) mod testing {
     use super::*;
     use crate::rng::Rng;
+
+    /// [`Tower::item_vector_of`] given each item's own id row and feature bags gives the vector
+    /// `item_forward` gives for that row, and without the id row the vector of the row with
+    /// [`ID_DROPPED`].
+    pub fn check_item_vector_of<T: Tower>(m: &T, bags: &[crate::deep::ItemBags]) {
+        let forward = |id: u32| {
+            let mut acts = T::ItemActs::default();
+            m.item_forward(&[id], &mut acts);
+            m.item_out(&acts).to_vec()
+        };
+        for row in 1..m.item_rows() as u32 {
+            let feats: Vec<&[u32]> = bags.iter().map(|b| b.of(row)).collect();
+            for (id, expected) in [(Some(row), forward(row)), (None, forward(row | ID_DROPPED))] {
+                let got = m.item_vector_of(id, &feats).expect("a tower with item features");
+                assert_eq!(got.len(), expected.len());
+                for (a, b) in got.iter().zip(&expected) {
+                    assert!((a - b).abs() <= 1e-5, "row {row} (id {id:?}): {got:?} vs {expected:?}");
+                }
+            }
+        }
+    }
 
     /// `loss = Σ r ⊙ user outputs + Σ q ⊙ item outputs` and its analytic gradients.
     fn loss_and_grads<T: Tower>(m: &T, batch: &UserBatch, items: &[u32], r: &[f32], q: &[f32]) -> (f64, Grads) {

@@ -264,6 +264,10 @@ pub struct ServingRun {
     pub user_feature_vocabs: Vec<Vocab>,
     /// Training events per item row (row 0 = padding).
     pub item_counts: Vec<u64>,
+    /// The item features the item tower reads, in its order, and their value vocabularies;
+    /// empty for towers that read item ids only.
+    pub item_feature_names: Vec<String>,
+    pub item_feature_vocabs: Vec<Vocab>,
     pub model: Model,
 }
 
@@ -311,6 +315,23 @@ pub fn load_for_serving(dir: &Path) -> Result<ServingRun, RunError> {
             }
         }
     }
+    // Only towers that embed items from features need their vocabularies.
+    let item_feature_names =
+        if model.reads_item_features() { info.config.model.item_features.clone() } else { Vec::new() };
+    let item_feature_vocabs =
+        item_feature_names.iter().map(|n| read_vocab(dir, &format!("item_feat.{n}"))).collect::<Result<Vec<_>, _>>()?;
+    for (name, vocab) in item_feature_names.iter().zip(&item_feature_vocabs) {
+        let table = format!("item_feat.{name}");
+        if let Some((_, rows, _)) = tables.iter().find(|t| t.0 == table) {
+            if vocab.len() > *rows {
+                return Err(RunError::Invalid(format!(
+                    "{}: vocab/item_feat.{name}.tsv has {} values but the model's table has {rows} rows",
+                    dir.display(),
+                    vocab.len()
+                )));
+            }
+        }
+    }
     if model.item_rows() != items.len() {
         return Err(RunError::Invalid(format!(
             "{}: the model has {} item rows but vocab/items.tsv has {}",
@@ -319,7 +340,17 @@ pub fn load_for_serving(dir: &Path) -> Result<ServingRun, RunError> {
             items.len()
         )));
     }
-    Ok(ServingRun { dir: dir.to_owned(), info, items, user_feature_names, user_feature_vocabs, item_counts, model })
+    Ok(ServingRun {
+        dir: dir.to_owned(),
+        info,
+        items,
+        user_feature_names,
+        user_feature_vocabs,
+        item_counts,
+        item_feature_names,
+        item_feature_vocabs,
+        model,
+    })
 }
 
 /// Widths and lengths past this are not a recall model but a damaged manifest (and a tower built

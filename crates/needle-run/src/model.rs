@@ -80,11 +80,35 @@ impl Model {
         ((1..(all.len() / d) as u32).collect(), all[d..].to_vec())
     }
 
+    /// Whether the item tower reads item features, so that an item it was not trained on can
+    /// be embedded from them ([`Model::item_vector_of`]).
+    pub fn reads_item_features(&self) -> bool {
+        with_tower!(self, m => m.item_vector_of(None, &[]).is_some(), pop _c => false, nb _n => false)
+    }
+
+    /// The vector of one item from its id row (`None` for an item the model was not trained
+    /// on) and its feature value rows, one list per item feature in the model's order; `None`
+    /// when the item tower reads ids only.
+    pub fn item_vector_of(&self, id: Option<u32>, features: &[&[u32]]) -> Option<Vec<f32>> {
+        with_tower!(self, m => m.item_vector_of(id, features), pop _c => None, nb _n => None)
+    }
+
+    /// The vector of item `row` as the index holds it.
+    pub fn item_vector(&self, row: u32) -> Vec<f32> {
+        with_tower!(self, m => one_item_vector(m.as_ref(), row), pop counts => vec![counts.get(row as usize).copied().unwrap_or(0.0)], nb _n => Vec::new())
+    }
+
     /// The `interests × dim` vectors of one user given feature value rows (in the model's user
     /// feature order; 0 = unknown) and item rows, oldest first; only the newest `max_seq_len` count.
     pub fn user_vector(&self, features: &[u32], history: &[u32]) -> Vec<f32> {
         with_tower!(self, m => one_user_vector(m.as_ref(), features, history), pop _c => vec![1.0], nb _n => Vec::new())
     }
+}
+
+fn one_item_vector<T: Tower>(m: &T, row: u32) -> Vec<f32> {
+    let mut acts = T::ItemActs::default();
+    m.item_forward(&[row], &mut acts);
+    m.item_out(&acts).to_vec()
 }
 
 fn one_user_vector<T: Tower>(m: &T, features: &[u32], history: &[u32]) -> Vec<f32> {

@@ -5,6 +5,7 @@
 //! scale, so handlers call it inline.
 
 use crate::filter::{Attributes, Filter};
+use crate::live::{LiveState, Prepared};
 use crate::ServeError;
 use needle_data::Dataset;
 use needle_data::Vocab;
@@ -12,10 +13,10 @@ use needle_index::{Allowed, Index, IndexParams};
 use needle_model::neighbors::Scratch;
 use needle_run::channels::{mix, ChannelKind, ChannelsConfig, MixScratch};
 use needle_run::{merge_interests, Model, RunInfo, ServingRun, USER_ID_FEATURE};
-use needle_store::{ItemDetails, ItemRecord, Store, UserProfile, UserRecord};
+use needle_store::{ItemDetails, ItemRecord, LiveChanges, Store, UserProfile, UserRecord};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 thread_local! {
@@ -47,6 +48,11 @@ pub struct Engine {
     item_vecs: std::sync::OnceLock<Vec<f32>>,
     /// Recall channels mixed into every answer; `None`: this run's own recall alone.
     channels: Option<ChannelSet>,
+    /// The item features the item tower reads and their vocabularies (empty: ids only).
+    item_feature_names: Vec<String>,
+    item_feature_vocabs: Vec<Vocab>,
+    /// Items published and deleted while serving.
+    live: RwLock<LiveState>,
 }
 
 /// The channels of a channel file, each bound to the engine it reads.
@@ -63,6 +69,8 @@ pub struct Restrict<'a> {
     pub exclude_seen: bool,
     /// Only these item rows, from a request filter.
     pub allowed: Option<&'a Allowed<'a>>,
+    /// The filter `allowed` came from, for items whose attributes changed while serving.
+    pub filter: Option<&'a Filter>,
     /// Never these item rows (ascending).
     pub excluded: &'a [u32],
 }
@@ -149,10 +157,11 @@ impl Engine {
             Some(ix) => ix.params().to_string(),
             None => format!("neighbors({} per item)", model.neighbors().map_or(0, |n| n.spec.neighbors)),
         };
+        let dim = model.dim();
         let mut popular: Vec<(u32, f32)> =
             run.item_counts.iter().enumerate().skip(1).map(|(row, &c)| (row as u32, c as f32)).collect();
         popular.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        Ok(Engine {
+        let mut engine = Engine {
             run_id: format!("{name}:{:08x}", checksum >> 32),
             run_dir: dir,
             kind: format!("{:?}", run.info.kind).to_lowercase(),
@@ -167,7 +176,114 @@ impl Engine {
             attributes: Attributes::default(),
             item_vecs: std::sync::OnceLock::new(),
             channels: None,
-        })
+            item_feature_names: run.item_feature_names,
+            item_feature_vocabs: run.item_feature_vocabs,
+            live: RwLock::new(LiveState::default()),
+        };
+        // Items published live get rows past every row the index holds (synthetic padding too).
+        let (_, (first, synthetic)) = engine.catalogue_rows();
+        engine.live = RwLock::new(LiveState::new(first + synthetic, dim));
+        Ok(engine)
+    }
+
+    fn live(&self) -> RwLockReadGuard<'_, LiveState> {
+        // A panic while holding the lock cannot leave the state half-changed: every change is
+        // one call that allocates before it mutates.
+        self.live.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Items published into the live segment and index rows deleted, for `/healthz`.
+    pub fn live_counts(&self) -> (usize, usize) {
+        let live = self.live();
+        (live.published(), live.deleted())
+    }
+
+    /// Embeds items to publish: each item's vector from its features (the item tower), or the
+    /// trained vector of a known item whose tower reads ids only. An item the model has no way
+    /// to embed (a new id for an id-only tower, or none of its feature values known) is a
+    /// [`ServeError::Conflict`].
+    pub fn prepare(&self, items: Vec<ItemRecord>) -> Result<Vec<Prepared>, ServeError> {
+        items.into_iter().map(|it| self.prepare_one(it)).collect()
+    }
+
+    fn prepare_one(&self, item: ItemRecord) -> Result<Prepared, ServeError> {
+        let row = self.items.get(&item.id);
+        let conflict = |why: String| ServeError::Conflict(format!("item {:?}: {why}", item.id));
+        let vector = if self.index.is_none() {
+            // Neighbour lists cannot take an item nobody has interacted with.
+            if row.is_none() {
+                return Err(conflict(format!(
+                    "this is an item-to-item model ({}), which recalls only items seen in training",
+                    self.kind
+                )));
+            }
+            None
+        } else if self.item_feature_names.is_empty() {
+            let Some(r) = row else {
+                return Err(conflict(format!(
+                    "the {} item tower reads only item ids, so an item it was not trained on has no vector; \
+                     serve a model whose item tower reads item features (`[model] item_features`, trained \
+                     with `item_id_dropout`) to publish new items",
+                    self.kind
+                )));
+            };
+            Some(self.model.item_vector(r))
+        } else {
+            let values: Vec<Vec<u32>> = self
+                .item_feature_names
+                .iter()
+                .zip(&self.item_feature_vocabs)
+                .map(|(name, vocab)| {
+                    let given = item.details.attributes.get(name).map(Vec::as_slice).unwrap_or_default();
+                    given.iter().filter_map(|v| vocab.get(v)).collect()
+                })
+                .collect();
+            if row.is_none() && values.iter().all(Vec::is_empty) {
+                return Err(conflict(format!(
+                    "none of its item features ({}) has a value the model was trained on, so it has no vector",
+                    self.item_feature_names.join(", ")
+                )));
+            }
+            let refs: Vec<&[u32]> = values.iter().map(Vec::as_slice).collect();
+            self.model.item_vector_of(row, &refs)
+        };
+        Ok(Prepared { id: item.id, row, vector, details: item.details })
+    }
+
+    /// Applies prepared upserts.
+    pub fn publish(&self, items: Vec<Prepared>) {
+        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+        for it in items {
+            live.upsert(it);
+        }
+    }
+
+    /// Deletes an item; whether the engine had it.
+    pub fn delete(&self, raw: &str) -> bool {
+        let row = self.items.get(raw);
+        self.live.write().unwrap_or_else(|e| e.into_inner()).delete(raw, row)
+    }
+
+    /// Applies the changes a store recorded; returns how many upserts could not be applied
+    /// (items this model cannot embed), each logged.
+    pub fn apply_changes(&self, changes: &LiveChanges) -> usize {
+        let mut ready = Vec::with_capacity(changes.upserted.len());
+        let mut refused = 0;
+        for it in &changes.upserted {
+            match self.prepare_one(it.clone()) {
+                Ok(p) => ready.push(p),
+                Err(e) => {
+                    refused += 1;
+                    tracing::warn!("live item not applied: {e}");
+                }
+            }
+        }
+        self.publish(ready);
+        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+        for raw in &changes.deleted {
+            live.delete(raw, self.items.get(raw));
+        }
+        refused
     }
 
     /// Mixes `cfg`'s channels into every answer; `engines[c]` is channel `c`'s run when it is
@@ -229,9 +345,10 @@ impl Engine {
         self.attributes.allowed(filter)
     }
 
-    /// The row of a raw item id, synthetic padding (`synthetic-ROW`) included.
+    /// The row of a raw item id, items published live and synthetic padding (`synthetic-ROW`)
+    /// included.
     pub fn item_row(&self, raw: &str) -> Option<u32> {
-        self.items.get(raw).or_else(|| {
+        self.items.get(raw).or_else(|| self.live().new_row(raw)).or_else(|| {
             let row: u32 = raw.strip_prefix("synthetic-")?.parse().ok()?;
             (row >= self.model.item_rows() as u32 && (row as usize) < self.model.item_rows() + self.index_len())
                 .then_some(row)
@@ -243,15 +360,19 @@ impl Engine {
         self.index.as_ref().map_or_else(|| self.model.item_rows() - 1, |ix| ix.len())
     }
 
+    /// Whether the model was trained on the item or it was published live.
     pub fn has_item(&self, raw: &str) -> bool {
-        self.items.get(raw).is_some()
+        self.items.get(raw).is_some() || self.live().new_row(raw).is_some()
     }
 
     /// The raw id of an item row; rows past the vocabulary (synthetic items added to a large
     /// benchmark index) are named `synthetic-ROW`.
     pub fn item_raw(&self, row: u32) -> std::borrow::Cow<'_, str> {
-        match self.items.raw(row) {
-            Some(s) => s.into(),
+        if let Some(s) = self.items.raw(row) {
+            return s.into();
+        }
+        match self.live().new_raw(row) {
+            Some(s) => s.to_owned().into(),
             None => format!("synthetic-{row}").into(),
         }
     }
@@ -265,9 +386,16 @@ impl Engine {
     /// mix of the channels when they are set. Channel runs share this run's item vocabulary
     /// (checked when they are set), so the history's rows and what to keep serve them all.
     pub fn recall(&self, user: &UserInput<'_>, k: usize, restrict: Restrict<'_>) -> Result<Recalled, ServeError> {
+        let live = self.live();
         let rows: Vec<u32> = user.history.iter().filter_map(|raw| self.items.get(raw)).collect();
-        let unknown_history = user.history.len() - rows.len();
-        let keep = Keep::new(&rows, restrict);
+        // Items published live have no row in the towers' tables, but they were seen.
+        let live_seen: Vec<u32> = if live.published() > 0 && rows.len() < user.history.len() {
+            user.history.iter().filter_map(|raw| live.new_row(raw)).collect()
+        } else {
+            Vec::new()
+        };
+        let unknown_history = user.history.len() - rows.len() - live_seen.len();
+        let keep = Keep::new(&rows, &live_seen, restrict, &live, self);
         let Some(set) = &self.channels else {
             let (items, source) = self.recall_own(user, &rows, k, &keep)?;
             return Ok(Recalled { items, found_by: Vec::new(), source, unknown_history });
@@ -368,7 +496,9 @@ impl Engine {
         let mut ids = vec![u32::MAX; nq * k];
         let mut scores = vec![f32::NEG_INFINITY; nq * k];
         let mut buf = Vec::with_capacity(k);
-        let not_excluded = |id: u32| keep.not_excluded(id);
+        let own = std::ptr::eq(self, keep.owner);
+        let not_excluded = |id: u32| keep.admits(id, own);
+        let not_seen = |id: u32| keep.not_seen(id);
         for (i, q) in queries.chunks_exact(d).enumerate() {
             let res = match keep.restrict.allowed {
                 Some(allowed) => {
@@ -378,6 +508,9 @@ impl Engine {
                 None => index.search_filtered(q, k, &not_excluded, &mut buf),
             };
             res.map_err(|e| ServeError::Internal(e.to_string()))?;
+            if own {
+                keep.live.search_into(q, k, keep.restrict.filter, &not_seen, &mut buf);
+            }
             for (slot, &(id, s)) in buf.iter().enumerate().take(k) {
                 ids[i * k + slot] = id;
                 scores[i * k + slot] = s;
@@ -388,34 +521,54 @@ impl Engine {
     }
 }
 
-/// What one recall may return: the restriction of the request and the user's seen items.
+/// What one recall may return: the restriction of the request, the user's seen items and the
+/// live changes of the engine that answers it.
 struct Keep<'a> {
     /// The history's rows, sorted, when seen items are excluded; else empty.
     seen: Vec<u32>,
     restrict: Restrict<'a>,
+    live: &'a LiveState,
+    /// The engine whose live segment and tombstones these are.
+    owner: &'a Engine,
 }
 
 impl<'a> Keep<'a> {
-    fn new(history_rows: &[u32], restrict: Restrict<'a>) -> Keep<'a> {
-        let mut seen = if restrict.exclude_seen { history_rows.to_vec() } else { Vec::new() };
+    fn new(
+        history_rows: &[u32],
+        live_rows: &[u32],
+        restrict: Restrict<'a>,
+        live: &'a LiveState,
+        owner: &'a Engine,
+    ) -> Keep<'a> {
+        let mut seen = Vec::new();
+        if restrict.exclude_seen {
+            seen.extend_from_slice(history_rows);
+            seen.extend_from_slice(live_rows);
+        }
         seen.sort_unstable();
         seen.dedup();
-        Keep { seen, restrict }
+        Keep { seen, restrict, live, owner }
     }
 
-    /// Neither seen nor excluded: what the index is told to accept, the allowed list going to
-    /// it separately.
-    fn not_excluded(&self, id: u32) -> bool {
+    /// Neither seen nor excluded.
+    fn not_seen(&self, id: u32) -> bool {
         self.seen.binary_search(&id).is_err() && self.restrict.excluded.binary_search(&id).is_err()
     }
 
+    /// Neither seen, excluded, deleted, nor (in the owner's index) superseded: what an index is
+    /// told to accept, the allowed list going to it separately.
+    fn admits(&self, id: u32, own_index: bool) -> bool {
+        self.not_seen(id) && (self.live.is_empty() || self.live.admits(id, self.restrict.filter, own_index))
+    }
+
+    /// For rows that come from no index (popularity, neighbour lists).
     fn test(&self, id: u32) -> bool {
-        self.not_excluded(id) && self.restrict.allowed.is_none_or(|a| a.contains(id))
+        self.admits(id, false) && self.restrict.allowed.is_none_or(|a| a.contains(id))
     }
 
     /// Nothing to leave out beyond an allowed list.
     fn plain(&self) -> bool {
-        self.seen.is_empty() && self.restrict.excluded.is_empty()
+        self.seen.is_empty() && self.restrict.excluded.is_empty() && self.live.is_empty()
     }
 }
 

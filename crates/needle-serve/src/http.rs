@@ -4,18 +4,19 @@
 use crate::auth::AdminAuth;
 use crate::engine::{Engine, Restrict, Source, StoreContents, UserInput};
 use crate::filter::{Attributes, Filter};
+use crate::live::Prepared;
 use crate::metrics::Metrics;
 use crate::ServeError;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use needle_run::channels::ChannelsConfig;
-use needle_store::{ItemDetails, Store, StoreSpec};
+use needle_store::{ItemDetails, ItemRecord, Store, StoreSpec};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -163,7 +164,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     };
     let compute = crate::compute::Compute::new(threads, opts.limits.max_queue_wait)?;
     let app = Arc::new(App {
-        engine: RwLock::new(Arc::new(engine)),
+        engine: RwLock::new(engine),
         store,
         metrics: Metrics::default(),
         limits: opts.limits.clone(),
@@ -211,7 +212,7 @@ async fn load_engine(
     data_dir: Option<PathBuf>,
     sources: Sources,
     store: Option<&dyn Store>,
-) -> Result<Engine, ServeError> {
+) -> Result<Arc<Engine>, ServeError> {
     let Sources { index, channels, effort } = sources;
     // `None`: no store; `Some(None)`: a store that holds nothing yet, or whose last load was cut
     // short (loads are idempotent, so loading again repairs it).
@@ -301,7 +302,30 @@ async fn load_engine(
         .await??;
         tracing::info!("recall channels: {}", engine.channel_names().unwrap_or_default().join(", "));
     }
+    let engine = Arc::new(engine);
+    if let Some(store) = store {
+        apply_live_changes(&engine, store).await?;
+    }
     Ok(engine)
+}
+
+/// Applies the catalogue changes the store recorded (items published and deleted while
+/// serving) to an engine.
+async fn apply_live_changes(engine: &Arc<Engine>, store: &dyn Store) -> Result<(), ServeError> {
+    let changes = store.live_changes().await?;
+    if changes.upserted.is_empty() && changes.deleted.is_empty() {
+        return Ok(());
+    }
+    let t = Instant::now();
+    let (n_up, n_del) = (changes.upserted.len(), changes.deleted.len());
+    let e = engine.clone();
+    let refused = in_background(move || e.apply_changes(&changes)).await?;
+    tracing::info!(
+        "applied the store's live catalogue: {} published ({refused} this model cannot embed), {n_del} deleted ({:.2}s)",
+        n_up - refused,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Whether two paths name the same directory (as written or once resolved).
@@ -338,6 +362,8 @@ fn router(app: Shared) -> Router {
     // Routes that change state answer only to the admin token.
     let guarded = Router::new()
         .route("/v1/events", post(events).fallback(method_not_allowed))
+        .route("/v1/items", post(upsert_items).fallback(method_not_allowed))
+        .route("/v1/items/{id}", delete(delete_item).fallback(method_not_allowed))
         .route("/admin/reload", post(admin_reload).fallback(method_not_allowed))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
     Router::new()
@@ -359,6 +385,8 @@ fn route_name(path: &str) -> &'static str {
     match path {
         "/v1/recall" => "recall",
         "/v1/events" => "events",
+        "/v1/items" => "items",
+        p if p.starts_with("/v1/items/") => "items",
         "/healthz" => "healthz",
         "/metrics" => "metrics",
         "/openapi.json" => "openapi",
@@ -462,6 +490,7 @@ impl From<ServeError> for ApiError {
     fn from(e: ServeError) -> Self {
         let status = match e {
             ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ServeError::Conflict(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError { status, message: e.to_string() }
@@ -609,6 +638,7 @@ pub fn check_request_body(route: &str, body: &[u8], limits: &Limits) -> Result<(
     let checked = match route {
         "/v1/recall" => parse_body::<RecallRequest>(body).and_then(|r| check_recall(&r, limits).map(drop)),
         "/v1/events" => parse_body::<EventRequest>(body).and_then(|e| check_event(&e)),
+        "/v1/items" => parse_body::<ItemsRequest>(body).and_then(check_items).map(drop),
         "/admin/reload" => parse_reload(body).map(drop),
         other => return Err(format!("{other} takes no JSON body")),
     };
@@ -670,7 +700,8 @@ async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response
                 Some(f) => Some(engine.filter_rows(f).map_err(ServeError::BadRequest)?),
                 None => None,
             };
-            let restrict = Restrict { exclude_seen, allowed: allowed.as_deref(), excluded: &excluded };
+            let restrict =
+                Restrict { exclude_seen, allowed: allowed.as_deref(), filter: filter.as_ref(), excluded: &excluded };
             engine.recall(&input, k, restrict)
         }
     };
@@ -721,6 +752,133 @@ async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response
         took_ms: (t.elapsed().as_secs_f64() * 1e6).round() / 1e3,
     };
     Ok(json_response(&resp))
+}
+
+/// `POST /v1/items`: items as recall returns them, `{"id", "title", attribute: value(s), …}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ItemsRequest {
+    items: Vec<ItemIn>,
+}
+
+#[derive(Deserialize)]
+struct ItemIn {
+    id: Id,
+    title: Option<String>,
+    #[serde(flatten)]
+    attributes: BTreeMap<String, AttributeValue>,
+}
+
+/// An attribute as a client may send it: one value or a list, strings or numbers.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AttributeValue {
+    One(Id),
+    Many(Vec<Id>),
+}
+
+/// Items one request may publish; more go in several requests.
+pub const MAX_ITEMS_PER_REQUEST: usize = 1_000;
+
+/// Checks a publish request and turns it into store records.
+fn check_items(req: ItemsRequest) -> Result<Vec<ItemRecord>, ApiError> {
+    if req.items.is_empty() {
+        return Err(ApiError::bad("items is empty"));
+    }
+    if req.items.len() > MAX_ITEMS_PER_REQUEST {
+        return Err(ApiError::bad(format!(
+            "{} items in one request; send at most {MAX_ITEMS_PER_REQUEST} per request",
+            req.items.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    req.items
+        .into_iter()
+        .map(|it| {
+            let id = it.id.0;
+            check_item_id(&id)?;
+            if !seen.insert(id.clone()) {
+                return Err(ApiError::bad(format!("item {id:?} appears twice in one request")));
+            }
+            let attributes = it
+                .attributes
+                .into_iter()
+                .map(|(name, v)| match v {
+                    AttributeValue::One(x) => (name, vec![x.0]),
+                    AttributeValue::Many(xs) => (name, xs.into_iter().map(|x| x.0).collect()),
+                })
+                .collect();
+            Ok(ItemRecord { id, details: ItemDetails { title: it.title, attributes } })
+        })
+        .collect()
+}
+
+/// Ids are keys in the store and lines in its histories.
+fn check_item_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > 256 || id.contains(['\n', '\r']) {
+        return Err(ApiError::bad(format!("item id {id:?} must be 1 to 256 bytes without line breaks")));
+    }
+    Ok(())
+}
+
+async fn upsert_items(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+    match publish(&app, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Embeds the items with the served model, records them in the store, then makes them
+/// recallable. The store write comes first, so an item that was acknowledged survives a
+/// restart; an engine swapped in meanwhile re-reads the store after its swap, and this request
+/// embeds again with the engine it finds after writing, so no swap can miss the item.
+async fn publish(app: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let records = check_items(parse_body(body)?)?;
+    let t = Instant::now();
+    let engine = app.engine();
+    async fn prepare(engine: Arc<Engine>, records: Vec<ItemRecord>) -> Result<Vec<Prepared>, ServeError> {
+        in_background(move || engine.prepare(records)).await?
+    }
+    let prepared = prepare(engine.clone(), records.clone()).await?;
+    let fut = app.store.upsert_items(&records);
+    match tokio::time::timeout(app.limits.timeout, fut).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(app.store_error(e)),
+        Err(_) => return Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: "store timed out".into() }),
+    }
+    let now = app.engine();
+    let prepared = if Arc::ptr_eq(&now, &engine) { prepared } else { prepare(now.clone(), records).await? };
+    let n = prepared.len();
+    now.publish(prepared);
+    app.metrics.items_published.fetch_add(n as u64, Relaxed);
+    Ok(json_response(&serde_json::json!({
+        "upserted": n, "model": now.run_id, "took_ms": (t.elapsed().as_secs_f64() * 1e6).round() / 1e3
+    })))
+}
+
+async fn delete_item(State(app): State<Shared>, UrlPath(id): UrlPath<String>) -> Response {
+    if let Err(e) = check_item_id(&id) {
+        return e.into_response();
+    }
+    let engine = app.engine();
+    let known = engine.has_item(&id);
+    let ids = [id.as_str()];
+    let fut = app.store.delete_items(&ids);
+    let had_details = match tokio::time::timeout(app.limits.timeout, fut).await {
+        Ok(Ok(n)) => n > 0,
+        Ok(Err(e)) => return app.store_error(e).into_response(),
+        Err(_) => {
+            return ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: "store timed out".into() }
+                .into_response()
+        }
+    };
+    // As for publishing: the engine found after the store write is the one to change.
+    app.engine().delete(&id);
+    if !known && !had_details {
+        return ApiError { status: StatusCode::NOT_FOUND, message: format!("no item {id:?}") }.into_response();
+    }
+    app.metrics.items_deleted.fetch_add(1, Relaxed);
+    json_response(&serde_json::json!({"deleted": id}))
 }
 
 #[derive(Deserialize)]
@@ -777,6 +935,8 @@ async fn healthz(State(app): State<Shared>) -> Response {
         "kind": e.kind,
         "index": e.index_params,
         "index_items": e.index_len(),
+        "live_items": e.live_counts().0,
+        "deleted_items": e.live_counts().1,
         "store": app.store.describe(),
         "uptime_s": app.started.elapsed().as_secs_f64(),
     }))
@@ -870,7 +1030,12 @@ async fn reload(app: &App, run: Option<PathBuf>) -> Result<(String, String), Ser
         }
     };
     let new_id = engine.run_id.clone();
-    *app.engine.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(engine);
+    *app.engine.write().unwrap_or_else(|e| e.into_inner()) = engine.clone();
+    // Items published while the new engine loaded went to the old one and to the store: read
+    // the store again now that every later change goes to the new engine.
+    if let Err(e) = apply_live_changes(&engine, &*app.store).await {
+        tracing::warn!("reloaded, but re-reading the live catalogue failed (a later reload repairs it): {e}");
+    }
     app.metrics.reloads.fetch_add(1, Relaxed);
     tracing::info!(previous = %current.run_id, model = %new_id, "reloaded");
     let previous = current.run_id.clone();

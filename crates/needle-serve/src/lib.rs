@@ -11,6 +11,7 @@ pub mod conn;
 pub mod engine;
 pub mod filter;
 pub mod http;
+pub mod live;
 pub mod loadgen;
 pub mod metrics;
 
@@ -33,6 +34,10 @@ pub enum ServeError {
     /// it does not have).
     #[error("{0}")]
     BadRequest(String),
+    /// The request is well-formed but the served model cannot do it (e.g. embed an item it
+    /// was not trained on with an id-only item tower).
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]

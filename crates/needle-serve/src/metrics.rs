@@ -36,6 +36,8 @@ pub struct Metrics {
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
     pub events: AtomicU64,
+    pub items_published: AtomicU64,
+    pub items_deleted: AtomicU64,
     /// Requests turned away with 503 because `max_in_flight` were being handled.
     pub shed: AtomicU64,
 }
@@ -94,6 +96,8 @@ impl Metrics {
             ),
             ("needle_store_errors_total", "Store calls that failed.", &self.store_errors),
             ("needle_events_total", "Events appended to user histories.", &self.events),
+            ("needle_items_published_total", "Items published or updated through POST /v1/items.", &self.items_published),
+            ("needle_items_deleted_total", "Items deleted through DELETE /v1/items.", &self.items_deleted),
             ("needle_reloads_total", "Successful model reloads.", &self.reloads),
             ("needle_shed_total", "Requests turned away (503) over capacity: --max-in-flight in flight, or a compute queue longer than --max-queue-wait.", &self.shed),
             (

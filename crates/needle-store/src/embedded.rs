@@ -3,7 +3,8 @@
 //! request threads free while the file syncs.
 
 use crate::{
-    newest, truncate_front, ItemDetails, ItemRecord, Result, Store, StoreError, StoreFuture, UserProfile, UserRecord,
+    newest, truncate_front, ItemDetails, ItemRecord, LiveChanges, Result, Store, StoreError, StoreFuture, UserProfile,
+    UserRecord,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,10 @@ const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 /// User id → history, item ids joined by '\n' (ids never hold a newline: loaders split lines).
 const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Ids of items published while serving (their details are in `items`).
+const LIVE: TableDefinition<&str, ()> = TableDefinition::new("live_items");
+/// Ids of items deleted while serving.
+const DELETED: TableDefinition<&str, ()> = TableDefinition::new("deleted_items");
 
 /// Records written per transaction while loading.
 const LOAD_BATCH: usize = 10_000;
@@ -44,6 +49,8 @@ impl EmbeddedStore {
             tx.open_table(USERS)?;
             tx.open_table(HISTORY)?;
             tx.open_table(META)?;
+            tx.open_table(LIVE)?;
+            tx.open_table(DELETED)?;
             Ok(())
         })?;
         Ok(store)
@@ -74,6 +81,40 @@ impl EmbeddedStore {
                 None => Ok(None),
             })
             .collect()
+    }
+
+    /// Runs a durable write on tokio's blocking pool (the commit syncs the file), or inline
+    /// outside a runtime.
+    async fn write_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error> + Send + 'static,
+    ) -> Result<T> {
+        let this = EmbeddedStore { db: self.db.clone(), path: self.path.clone() };
+        let job = move || this.write(f);
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::spawn_blocking(job).await.map_err(|e| self.err(e))?,
+            Err(_) => job(),
+        }
+    }
+
+    fn read_live(&self) -> Result<LiveChanges> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let ids = |def: TableDefinition<&str, ()>| -> Result<Vec<String>> {
+            let t = tx.open_table(def).map_err(|e| self.err(e))?;
+            let rows = t.iter().map_err(|e| self.err(e))?;
+            rows.map(|r| r.map(|(k, _)| k.value().to_owned()).map_err(|e| self.err(e))).collect()
+        };
+        let (live, deleted) = (ids(LIVE)?, ids(DELETED)?);
+        drop(tx);
+        let refs: Vec<&str> = live.iter().map(String::as_str).collect();
+        let details = self.read_items(&refs)?;
+        // A live mark without details cannot be written (both change in one transaction).
+        let upserted = live
+            .iter()
+            .zip(details)
+            .filter_map(|(id, d)| d.map(|details| ItemRecord { id: id.clone(), details }))
+            .collect();
+        Ok(LiveChanges { upserted, deleted })
     }
 
     fn read_user(&self, id: &str, max_history: usize) -> Result<Option<UserProfile>> {
@@ -129,25 +170,15 @@ impl Store for EmbeddedStore {
     }
 
     fn append_event<'a>(&'a self, user: &'a str, item: &'a str, max_history: usize) -> StoreFuture<'a, usize> {
-        let (db, path) = (self.db.clone(), self.path.clone());
         let (user, item) = (user.to_owned(), item.to_owned());
-        Box::pin(async move {
-            let this = EmbeddedStore { db, path };
-            let job = move || {
-                this.write(|tx| {
-                    let mut table = tx.open_table(HISTORY)?;
-                    let mut history = table.get(user.as_str())?.map(|v| split_history(v.value())).unwrap_or_default();
-                    history.push(item);
-                    truncate_front(&mut history, max_history);
-                    table.insert(user.as_str(), join_history(&history).as_slice())?;
-                    Ok(history.len())
-                })
-            };
-            match tokio::runtime::Handle::try_current() {
-                Ok(_) => tokio::task::spawn_blocking(job).await.map_err(|e| self.err(e))?,
-                Err(_) => job(),
-            }
-        })
+        Box::pin(self.write_blocking(move |tx| {
+            let mut table = tx.open_table(HISTORY)?;
+            let mut history = table.get(user.as_str())?.map(|v| split_history(v.value())).unwrap_or_default();
+            history.push(item);
+            truncate_front(&mut history, max_history);
+            table.insert(user.as_str(), join_history(&history).as_slice())?;
+            Ok(history.len())
+        }))
     }
 
     fn load<'a>(
@@ -189,6 +220,37 @@ impl Store for EmbeddedStore {
             }
             Ok(())
         })
+    }
+
+    fn upsert_items<'a>(&'a self, items: &'a [ItemRecord]) -> StoreFuture<'a, ()> {
+        let records: Vec<(String, Vec<u8>)> = items.iter().map(|it| (it.id.clone(), to_json(&it.details))).collect();
+        Box::pin(self.write_blocking(move |tx| {
+            let (mut t, mut live, mut deleted) = (tx.open_table(ITEMS)?, tx.open_table(LIVE)?, tx.open_table(DELETED)?);
+            for (id, json) in &records {
+                t.insert(id.as_str(), json.as_slice())?;
+                live.insert(id.as_str(), ())?;
+                deleted.remove(id.as_str())?;
+            }
+            Ok(())
+        }))
+    }
+
+    fn delete_items<'a>(&'a self, ids: &'a [&'a str]) -> StoreFuture<'a, usize> {
+        let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+        Box::pin(self.write_blocking(move |tx| {
+            let (mut t, mut live, mut deleted) = (tx.open_table(ITEMS)?, tx.open_table(LIVE)?, tx.open_table(DELETED)?);
+            let mut had = 0;
+            for id in &ids {
+                had += usize::from(t.remove(id.as_str())?.is_some());
+                live.remove(id.as_str())?;
+                deleted.insert(id.as_str(), ())?;
+            }
+            Ok(had)
+        }))
+    }
+
+    fn live_changes(&self) -> StoreFuture<'_, LiveChanges> {
+        Box::pin(async move { self.read_live() })
     }
 
     fn loaded_tag(&self) -> StoreFuture<'_, Option<String>> {

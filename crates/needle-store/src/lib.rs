@@ -46,7 +46,7 @@ pub struct ItemDetails {
 }
 
 /// One item to load.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ItemRecord {
     pub id: String,
     pub details: ItemDetails,
@@ -66,6 +66,16 @@ pub struct UserProfile {
 pub struct UserRecord {
     pub id: String,
     pub profile: UserProfile,
+}
+
+/// The catalogue changes made while serving (`POST` / `DELETE /v1/items`), which an engine
+/// loaded later applies on top of its run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LiveChanges {
+    /// Items published or updated, with their current details.
+    pub upserted: Vec<ItemRecord>,
+    /// Ids removed and not published again since.
+    pub deleted: Vec<String>,
 }
 
 /// A boxed future, so that [`Store`] can be used as a trait object.
@@ -95,6 +105,18 @@ pub trait Store: Send + Sync {
         max_history: usize,
         progress: &'a (dyn Fn(usize) + Send + Sync),
     ) -> StoreFuture<'a, ()>;
+
+    /// Writes items published while serving: their details, and a mark that they came live,
+    /// so that an engine loaded later (a restart, a reload, another server) applies them again.
+    /// An upsert cancels an earlier deletion of the same id. All or nothing.
+    fn upsert_items<'a>(&'a self, items: &'a [ItemRecord]) -> StoreFuture<'a, ()>;
+
+    /// Removes items: their details and live marks go, and a deletion mark stays, so a trained
+    /// item stays removed across restarts. Returns how many of them had details. All or nothing.
+    fn delete_items<'a>(&'a self, ids: &'a [&'a str]) -> StoreFuture<'a, usize>;
+
+    /// Every live upsert (with its current details) and deletion recorded so far.
+    fn live_changes(&self) -> StoreFuture<'_, LiveChanges>;
 
     /// A free-form tag recorded after the last complete [`Store::load`] (needle stores the run's
     /// data fingerprint), or `None` when nothing was loaded. `load` removes the tag before it
@@ -226,5 +248,36 @@ pub(crate) mod conformance {
         assert_eq!(store.user("u6", 10).await.unwrap().unwrap().history, vec!["i7"]);
         assert_eq!(store.loaded_tag().await.unwrap(), None);
         store.set_loaded_tag("fp1").await.unwrap();
+
+        // Live catalogue changes: recorded, replayable, and an upsert undoes a deletion.
+        assert_eq!(store.live_changes().await.unwrap(), LiveChanges::default());
+        let fresh = ItemRecord {
+            id: "new-1".into(),
+            details: ItemDetails {
+                title: Some("Fresh".into()),
+                attributes: BTreeMap::from([("genres".to_owned(), vec!["g1".to_owned()])]),
+            },
+        };
+        store.upsert_items(std::slice::from_ref(&fresh)).await.unwrap();
+        assert_eq!(store.items(&["new-1"]).await.unwrap()[0].as_ref(), Some(&fresh.details));
+        assert_eq!(store.delete_items(&["i3", "ghost"]).await.unwrap(), 1);
+        assert_eq!(store.items(&["i3"]).await.unwrap()[0], None);
+        let changes = store.live_changes().await.unwrap();
+        assert_eq!(changes.upserted.len(), 1);
+        assert_eq!(changes.upserted[0].id, "new-1");
+        assert_eq!(changes.upserted[0].details, fresh.details);
+        let mut deleted = changes.deleted.clone();
+        deleted.sort();
+        assert_eq!(deleted, vec!["ghost", "i3"]);
+        // Deleting a live item removes its live mark; upserting a deleted one clears the deletion.
+        assert_eq!(store.delete_items(&["new-1"]).await.unwrap(), 1);
+        let again = ItemRecord { id: "i3".into(), details: items[3].details.clone() };
+        store.upsert_items(&[again]).await.unwrap();
+        let changes = store.live_changes().await.unwrap();
+        assert_eq!(changes.upserted.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["i3"]);
+        let mut deleted = changes.deleted;
+        deleted.sort();
+        assert_eq!(deleted, vec!["ghost", "new-1"]);
+        assert_eq!(store.items(&["i3"]).await.unwrap()[0].as_ref(), Some(&items[3].details));
     }
 }

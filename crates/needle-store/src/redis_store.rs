@@ -4,7 +4,7 @@
 //! pipeline on the wire without a pool; when Redis goes away, calls fail fast and the connection
 //! is re-established in the background, so serving recovers when Redis comes back.
 
-use crate::{ItemDetails, ItemRecord, Result, Store, StoreError, StoreFuture, UserProfile, UserRecord};
+use crate::{ItemDetails, ItemRecord, LiveChanges, Result, Store, StoreError, StoreFuture, UserProfile, UserRecord};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::time::Duration;
 
@@ -12,6 +12,10 @@ const ITEM: &str = "needle:item:";
 const USER: &str = "needle:user:";
 const HIST: &str = "needle:hist:";
 const TAG: &str = "needle:loaded";
+/// Set of the ids of items published while serving.
+const LIVE: &str = "needle:live";
+/// Set of the ids of items deleted while serving.
+const DELETED: &str = "needle:deleted";
 /// Commands per pipeline while loading.
 const LOAD_BATCH: usize = 2_000;
 
@@ -157,6 +161,80 @@ impl Store for RedisStore {
                 progress(done);
             }
             Ok(())
+        })
+    }
+
+    fn upsert_items<'a>(&'a self, items: &'a [ItemRecord]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            if items.is_empty() {
+                return Ok(());
+            }
+            let mut p = redis::pipe();
+            p.atomic();
+            for it in items {
+                let json = serde_json::to_vec(&it.details).map_err(|e| corrupt(it.id.clone(), e))?;
+                p.cmd("SET").arg(format!("{ITEM}{}", it.id)).arg(json).ignore();
+            }
+            let ids: Vec<&str> = items.iter().map(|it| it.id.as_str()).collect();
+            p.cmd("SADD").arg(LIVE).arg(&ids).ignore();
+            p.cmd("SREM").arg(DELETED).arg(&ids).ignore();
+            let mut con = self.con.clone();
+            p.query_async::<()>(&mut con).await.map_err(|e| self.err(e))
+        })
+    }
+
+    fn delete_items<'a>(&'a self, ids: &'a [&'a str]) -> StoreFuture<'a, usize> {
+        Box::pin(async move {
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let keys: Vec<String> = ids.iter().map(|id| format!("{ITEM}{id}")).collect();
+            let mut con = self.con.clone();
+            let (had,): (usize,) = redis::pipe()
+                .atomic()
+                .cmd("DEL")
+                .arg(&keys)
+                .cmd("SREM")
+                .arg(LIVE)
+                .arg(ids)
+                .ignore()
+                .cmd("SADD")
+                .arg(DELETED)
+                .arg(ids)
+                .ignore()
+                .query_async(&mut con)
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(had)
+        })
+    }
+
+    fn live_changes(&self) -> StoreFuture<'_, LiveChanges> {
+        Box::pin(async move {
+            let mut con = self.con.clone();
+            let (mut live, mut deleted): (Vec<String>, Vec<String>) = redis::pipe()
+                .cmd("SMEMBERS")
+                .arg(LIVE)
+                .cmd("SMEMBERS")
+                .arg(DELETED)
+                .query_async(&mut con)
+                .await
+                .map_err(|e| self.err(e))?;
+            // Sets come back in hash order; sorted, every server applies them alike.
+            live.sort_unstable();
+            deleted.sort_unstable();
+            let mut upserted = Vec::with_capacity(live.len());
+            for chunk in live.chunks(LOAD_BATCH) {
+                let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                let details = self.items(&refs).await?;
+                upserted.extend(
+                    chunk
+                        .iter()
+                        .zip(details)
+                        .filter_map(|(id, d)| d.map(|details| ItemRecord { id: id.clone(), details })),
+                );
+            }
+            Ok(LiveChanges { upserted, deleted })
         })
     }
 

@@ -451,7 +451,7 @@ fn csv_rows(path: &Path) -> Vec<Vec<String>> {
 }
 
 #[test]
-fn catalogue_items_without_events_are_recalled_when_their_features_fit() {
+fn items_without_events_or_published_live_are_recalled_when_their_features_fit() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let synth = ["data", "synth", "--users", "3000", "--items", "1500", "--events", "60000", "--csv"];
@@ -565,6 +565,53 @@ fn catalogue_items_without_events_are_recalled_when_their_features_fit() {
     post(&srv.addr, "/v1/recall", &json!({"user_id": user, "filter": {"colour": "red"}})).rejects(400, "category");
     post(&srv.addr, "/v1/recall", &json!({"user_id": user, "filter": {"category": {"between": 1}}}))
         .rejects(400, "between");
+
+    // Live catalogue. An item published with the features of a cold item this user is served
+    // (so the same vector) is in the very next recall, with its details, and obeys filters.
+    let by_id: std::collections::HashMap<&str, &Vec<String>> = items.iter().map(|r| (r[0].as_str(), r)).collect();
+    let twin = served.iter().take(45).find(|i| cold.contains(i.as_str())).expect("a cold item in the top 45");
+    let (cat, band) = (by_id[twin.as_str()][1].clone(), by_id[twin.as_str()][2].clone());
+    let published = json!({"items": [{"id": "live-1", "title": "Published", "category": cat, "price_band": band}]});
+    let t = Instant::now();
+    let r = post(&srv.addr, "/v1/items", &published);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = post(&srv.addr, "/v1/recall", &json!({"user_id": user, "k": 50})).json();
+    eprintln!("published item recalled {:.1} ms after the upsert was sent", t.elapsed().as_secs_f64() * 1e3);
+    let live = v["items"].as_array().unwrap().iter().find(|i| i["id"] == "live-1").unwrap_or_else(|| panic!("{v}"));
+    assert_eq!((live["title"].as_str(), live["category"][0].as_str()), (Some("Published"), Some(cat.as_str())));
+    let other = categories.iter().find(|c| **c != cat).unwrap();
+    let only = |c: &str| {
+        ids(&post(&srv.addr, "/v1/recall", &json!({"user_id": user, "k": 50, "filter": {"category": c}})).json())
+    };
+    assert!(only(&cat).contains(&"live-1".to_owned()) && !only(other).contains(&"live-1".to_owned()));
+    // Deleting a trained item hides it from every answer.
+    let gone = served[0].clone();
+    assert_eq!(http(&srv.addr, "DELETE", &format!("/v1/items/{gone}"), b"", &bearer(TOKEN)).status, 200);
+    let recalled = |srv: &Server| ids(&post(&srv.addr, "/v1/recall", &json!({"user_id": user, "k": 50})).json());
+    assert!(!recalled(&srv).contains(&gone));
+    let health = http(&srv.addr, "GET", "/healthz", b"", "").json();
+    assert_eq!((health["live_items"].as_u64(), health["deleted_items"].as_u64()), (Some(1), Some(1)), "{health}");
+    // Bad publishes: an empty list, a duplicate id, no token; none changes anything.
+    post(&srv.addr, "/v1/items", &json!({"items": []})).rejects(400, "empty");
+    post(&srv.addr, "/v1/items", &json!({"items": [{"id": "a"}, {"id": "a"}]})).rejects(400, "twice");
+    let unknown = json!({"items": [{"id": "live-2", "category": "no-such-category"}]});
+    post(&srv.addr, "/v1/items", &unknown).rejects(409, "no vector");
+    let r = http(&srv.addr, "POST", "/v1/items", published.to_string().as_bytes(), "");
+    assert_eq!(r.status, 401);
+    assert_eq!(http(&srv.addr, "DELETE", "/v1/items/live-1", b"", "").status, 401);
+    assert_eq!(http(&srv.addr, "DELETE", "/v1/items/no-such-item", b"", &bearer(TOKEN)).status, 404);
+    // A restart (kill -9) keeps both changes: the store holds them and the new engine applies them.
+    drop(srv);
+    let srv = Server::start(dir, &["--run", "runs/yt"]);
+    let after = recalled(&srv);
+    assert!(after.contains(&"live-1".to_owned()) && !after.contains(&gone), "{after:?}");
+    // Deleted, the published item never comes back, not after a restart either.
+    assert_eq!(http(&srv.addr, "DELETE", "/v1/items/live-1", b"", &bearer(TOKEN)).status, 200);
+    assert!(!recalled(&srv).contains(&"live-1".to_owned()));
+    drop(srv);
+    let srv = Server::start(dir, &["--run", "runs/yt"]);
+    let after = recalled(&srv);
+    assert!(!after.contains(&"live-1".to_owned()) && !after.contains(&gone), "{after:?}");
     drop(srv);
 
     // A model whose item tower reads ids only says so, and never returns them.
@@ -578,6 +625,10 @@ fn catalogue_items_without_events_are_recalled_when_their_features_fit() {
     assert!(err.contains("reads item ids only"), "{err}");
     let recall = ok(&needle(&["recall", "--run", "runs/ids", "--k", "50"], dir));
     assert!(recall.lines().all(|l| !l.split(['\t', ',']).any(|i| cold.contains(i))));
+    // Nor can it publish a new item: 409, saying why.
+    let srv = Server::start(dir, &["--run", "runs/ids"]);
+    post(&srv.addr, "/v1/items", &published).rejects(409, "reads only item ids");
+    assert!(!ids(&post(&srv.addr, "/v1/recall", &json!({"user_id": user, "k": 50})).json()).contains(&"live-1".into()));
 }
 
 #[test]
@@ -600,9 +651,16 @@ fn admin_and_write_routes_need_the_admin_token() {
     }
     let recall = br#"{"user_id": "u3", "k": 5}"#;
     let before = http(a, "POST", "/v1/recall", recall, "").json();
-    for (path, body) in [("/v1/events", event.as_bytes()), ("/admin/reload", &b""[..])] {
+    let item = br#"{"items": [{"id": "i1", "title": "changed"}]}"#;
+    let writes = [
+        ("POST", "/v1/events", event.as_bytes()),
+        ("POST", "/admin/reload", &b""[..]),
+        ("POST", "/v1/items", &item[..]),
+        ("DELETE", "/v1/items/i1", &b""[..]),
+    ];
+    for (method, path, body) in writes {
         for header in [String::new(), bearer("wrong-token-0123456789"), format!("authorization: {token}\r\n")] {
-            let r = http(a, "POST", path, body, &header);
+            let r = http(a, method, path, body, &header);
             r.rejects(401, "needs the admin token");
             assert!(r.headers.to_ascii_lowercase().contains("www-authenticate: bearer"), "{}", r.headers);
         }
@@ -610,7 +668,9 @@ fn admin_and_write_routes_need_the_admin_token() {
     // Refused requests changed nothing: no event stored, no reload, the same answer for u3.
     let metrics = metrics_text(a);
     assert!(
-        metrics.contains("\nneedle_events_total 0\n") && metrics.contains("\nneedle_reloads_total 0\n"),
+        ["events", "reloads", "items_published", "items_deleted"]
+            .iter()
+            .all(|m| metrics.contains(&format!("\nneedle_{m}_total 0\n"))),
         "{metrics}"
     );
     let after = http(a, "POST", "/v1/recall", recall, "").json();
