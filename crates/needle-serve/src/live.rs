@@ -15,7 +15,8 @@
 
 use crate::filter::{self, Filter};
 use needle_store::ItemDetails;
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 /// The live changes applied to one engine.
 #[derive(Default)]
@@ -192,22 +193,53 @@ impl LiveState {
         out: &mut Vec<(u32, f32)>,
     ) {
         let seg = &self.segment;
-        if seg.rows.is_empty() {
+        if seg.rows.is_empty() || k == 0 {
             return;
         }
         let mut scores = vec![0.0f32; seg.rows.len()];
         (needle_index::kernels::dot_rows_fn())(query, &seg.vectors, seg.dim, &mut scores);
-        let floor = if out.len() >= k { out[k - 1].1 } else { f32::NEG_INFINITY };
-        let before = out.len();
+        // A bounded heap whose worst entry rises as better items arrive, so most of the segment
+        // is turned away by one comparison and only contenders pay for `keep` and the filter.
+        let mut best: BinaryHeap<Reverse<Ranked>> = out.iter().map(|&(row, s)| Reverse(Ranked(s, row))).collect();
+        while best.len() > k {
+            best.pop();
+        }
+        let before = best.len();
         for (p, (&row, &s)) in seg.rows.iter().zip(&scores).enumerate() {
-            if s > floor && keep(row) && filter.is_none_or(|f| filter::matches(f, &seg.details[p])) {
-                out.push((row, s));
+            let cand = Ranked(s, row);
+            if best.len() == k && best.peek().is_some_and(|w| cand <= w.0) {
+                continue;
+            }
+            if keep(row) && filter.is_none_or(|f| filter::matches(f, &seg.details[p])) {
+                best.push(Reverse(cand));
+                if best.len() > k {
+                    best.pop();
+                }
             }
         }
-        if out.len() > before {
-            out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            out.truncate(k);
+        if best.len() == before && out.len() <= k {
+            return;
         }
+        out.clear();
+        out.extend(best.into_sorted_vec().into_iter().map(|Reverse(Ranked(s, row))| (row, s)));
+    }
+}
+
+/// A scored row ordered by score, then by lower row (as answers break ties).
+#[derive(Clone, Copy, PartialEq)]
+struct Ranked(f32, u32);
+
+impl Eq for Ranked {}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0).then(other.1.cmp(&self.1))
     }
 }
 
