@@ -204,7 +204,7 @@ impl LiveState {
         while best.len() > k {
             best.pop();
         }
-        let before = best.len();
+        let mut entered = false;
         for (p, (&row, &s)) in seg.rows.iter().zip(&scores).enumerate() {
             let cand = Ranked(s, row);
             if best.len() == k && best.peek().is_some_and(|w| cand <= w.0) {
@@ -212,12 +212,13 @@ impl LiveState {
             }
             if keep(row) && filter.is_none_or(|f| filter::matches(f, &seg.details[p])) {
                 best.push(Reverse(cand));
+                entered = true;
                 if best.len() > k {
                     best.pop();
                 }
             }
         }
-        if best.len() == before && out.len() <= k {
+        if !entered && out.len() <= k {
             return;
         }
         out.clear();
@@ -275,6 +276,10 @@ mod tests {
             out
         };
         assert_eq!(search(&live, None), vec![(10, 1.0), (7, 0.9), (3, 0.6)]);
+        // When the index already gave k items, a better segment item takes the worst one's place.
+        let mut full = vec![(7, 0.9), (8, 0.5)];
+        live.search_into(&[1.0, 0.0], 2, None, &|_| true, &mut full);
+        assert_eq!(full, vec![(10, 1.0), (7, 0.9)]);
         let drama: Filter = serde_json::from_str(r#"{"genres": "Drama"}"#).unwrap();
         assert_eq!(search(&live, Some(&drama)), vec![(7, 0.9), (3, 0.6), (11, 0.0)]);
         assert!(!live.admits(3, Some(&serde_json::from_str(r#"{"genres": "Comedy"}"#).unwrap()), false));
