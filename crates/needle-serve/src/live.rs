@@ -13,7 +13,7 @@
 //! The store is the record of these changes (`Store::live_changes`): an engine loaded later
 //! (restart, reload, another server) starts empty and applies them again.
 
-use crate::filter::{self, Filter};
+use crate::filter::{self, Filter, ValueIds};
 use needle_store::ItemDetails;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -32,6 +32,8 @@ pub struct LiveState {
     deleted: HashSet<u32>,
     /// Index rows whose vector a segment entry replaces: the engine's own index skips them.
     replaced: HashSet<u32>,
+    /// The segment's attribute values, interned.
+    values: ValueIds,
 }
 
 /// Published vectors, contiguous, scanned with the index's dot kernel.
@@ -41,22 +43,26 @@ struct Segment {
     rows: Vec<u32>,
     vectors: Vec<f32>,
     details: Vec<ItemDetails>,
+    /// Each entry's attribute values as [`ValueIds`], for filters.
+    value_ids: Vec<Vec<u32>>,
     /// Row → position in the arrays above.
     pos: HashMap<u32, usize>,
 }
 
 impl Segment {
-    fn put(&mut self, row: u32, vector: &[f32], details: ItemDetails) {
+    fn put(&mut self, row: u32, vector: &[f32], details: ItemDetails, value_ids: Vec<u32>) {
         match self.pos.get(&row) {
             Some(&p) => {
                 self.vectors[p * self.dim..(p + 1) * self.dim].copy_from_slice(vector);
                 self.details[p] = details;
+                self.value_ids[p] = value_ids;
             }
             None => {
                 self.pos.insert(row, self.rows.len());
                 self.rows.push(row);
                 self.vectors.extend_from_slice(vector);
                 self.details.push(details);
+                self.value_ids.push(value_ids);
             }
         }
     }
@@ -69,11 +75,13 @@ impl Segment {
             let moved = self.rows[last];
             self.rows.swap(p, last);
             self.details.swap(p, last);
+            self.value_ids.swap(p, last);
             self.vectors.copy_within(last * self.dim..(last + 1) * self.dim, p * self.dim);
             self.pos.insert(moved, p);
         }
         self.rows.pop();
         self.details.pop();
+        self.value_ids.pop();
         self.vectors.truncate(last * self.dim);
         true
     }
@@ -145,7 +153,8 @@ impl LiveState {
                 }
             },
         };
-        self.segment.put(row, &vector, item.details);
+        let ids = self.values.intern(&item.details);
+        self.segment.put(row, &vector, item.details, ids);
     }
 
     /// Deletes the item at `row` (an index row) or the new item `raw`; whether anything was
@@ -196,6 +205,11 @@ impl LiveState {
         if seg.rows.is_empty() || k == 0 {
             return;
         }
+        let compiled = filter.map(|f| self.values.compile(f));
+        if compiled.as_ref().is_some_and(|c| c.iter().any(Vec::is_empty)) {
+            // A condition no published value meets: no segment item passes.
+            return;
+        }
         let mut scores = vec![0.0f32; seg.rows.len()];
         (needle_index::kernels::dot_rows_fn())(query, &seg.vectors, seg.dim, &mut scores);
         // A bounded heap whose worst entry rises as better items arrive, so most of the segment
@@ -210,7 +224,7 @@ impl LiveState {
             if best.len() == k && best.peek().is_some_and(|w| cand <= w.0) {
                 continue;
             }
-            if keep(row) && filter.is_none_or(|f| filter::matches(f, &seg.details[p])) {
+            if keep(row) && compiled.as_ref().is_none_or(|c| filter::matches_ids(c, &seg.value_ids[p])) {
                 best.push(Reverse(cand));
                 entered = true;
                 if best.len() > k {
