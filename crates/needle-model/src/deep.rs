@@ -280,6 +280,20 @@ pub fn normalized(v: &[f32]) -> Vec<f32> {
     out
 }
 
+/// The item tower input row of one item given by its id row (`None`: none) and the value rows
+/// of each item feature, `width` wide.
+pub fn pool_given_item(
+    item_emb: &Embedding,
+    feat_emb: &[Embedding],
+    width: usize,
+    id: Option<u32>,
+    features: &[&[u32]],
+) -> Vec<f32> {
+    let mut raw = vec![0.0; width];
+    pool_item_row(&mut raw, id.map(|r| item_emb.row(r)), feat_emb, |f| features.get(f).copied().unwrap_or(&[]));
+    raw
+}
+
 /// One item tower input row: the id embedding (zeros without one), then the mean embedding of
 /// each item feature's values (`bag(f)`: value rows of feature `f`).
 pub fn pool_item_row<'b>(
@@ -439,9 +453,7 @@ impl Tower for DeepTwoTower {
         if self.item_feat_emb.is_empty() {
             return None;
         }
-        let mut raw = vec![0.0; self.spec.item_input_dim()];
-        let bag = |f: usize| features.get(f).copied().unwrap_or(&[]);
-        pool_item_row(&mut raw, id.map(|r| self.item_emb.row(r)), &self.item_feat_emb, bag);
+        let raw = pool_given_item(&self.item_emb, &self.item_feat_emb, self.spec.item_input_dim(), id, features);
         let mut acts = MlpActs::default();
         let z = match &self.item_mlp {
             Some(mlp) => mlp.forward(&raw, 1, &mut acts),

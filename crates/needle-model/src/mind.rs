@@ -15,7 +15,7 @@
 //! Item tower: `[item embedding ‖ pooled item features]` → L2 norm, as in YouTubeDNN.
 
 use crate::deep::{
-    bag_tensors, normalized, pool_item_inputs, pool_item_row, scatter_item_input_grads, CategoricalSpec, ItemBags,
+    bag_tensors, normalized, pool_given_item, pool_item_inputs, scatter_item_input_grads, CategoricalSpec, ItemBags,
 };
 use crate::embedding::{Embedding, RowHash};
 use crate::gemm::{matmul, Layout};
@@ -380,9 +380,7 @@ impl Tower for MindTwoTower {
         if self.item_feat_emb.is_empty() {
             return None;
         }
-        let mut raw = vec![0.0; self.spec.out_dim()];
-        let bag = |f: usize| features.get(f).copied().unwrap_or(&[]);
-        pool_item_row(&mut raw, id.map(|r| self.item_emb.row(r)), &self.item_feat_emb, bag);
+        let raw = pool_given_item(&self.item_emb, &self.item_feat_emb, self.spec.out_dim(), id, features);
         Some(normalized(&raw))
     }
 

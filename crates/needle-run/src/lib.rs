@@ -298,40 +298,13 @@ pub fn load_for_serving(dir: &Path) -> Result<ServingRun, RunError> {
     let items = read_vocab(dir, "items")?;
     let item_counts = read_item_counts(dir, items.len())?;
     let user_feature_names = info.config.model.read_user_features().to_vec();
-    let user_feature_vocabs =
-        user_feature_names.iter().map(|n| read_vocab(dir, &format!("user_feat.{n}"))).collect::<Result<Vec<_>, _>>()?;
-    let model = load_model(&info, dir, &item_counts)?;
-    // A value past its table would index out of it in the user tower at request time.
     let (tables, _) = declared_shapes(&info);
-    for (name, vocab) in user_feature_names.iter().zip(&user_feature_vocabs) {
-        let table = format!("user_feat.{name}");
-        if let Some((_, rows, _)) = tables.iter().find(|t| t.0 == table) {
-            if vocab.len() > *rows {
-                return Err(RunError::Invalid(format!(
-                    "{}: vocab/user_feat.{name}.tsv has {} values but the model's table has {rows} rows",
-                    dir.display(),
-                    vocab.len()
-                )));
-            }
-        }
-    }
+    let user_feature_vocabs = read_feature_vocabs(dir, "user_feat", &user_feature_names, &tables)?;
+    let model = load_model(&info, dir, &item_counts)?;
     // Only towers that embed items from features need their vocabularies.
     let item_feature_names =
         if model.reads_item_features() { info.config.model.item_features.clone() } else { Vec::new() };
-    let item_feature_vocabs =
-        item_feature_names.iter().map(|n| read_vocab(dir, &format!("item_feat.{n}"))).collect::<Result<Vec<_>, _>>()?;
-    for (name, vocab) in item_feature_names.iter().zip(&item_feature_vocabs) {
-        let table = format!("item_feat.{name}");
-        if let Some((_, rows, _)) = tables.iter().find(|t| t.0 == table) {
-            if vocab.len() > *rows {
-                return Err(RunError::Invalid(format!(
-                    "{}: vocab/item_feat.{name}.tsv has {} values but the model's table has {rows} rows",
-                    dir.display(),
-                    vocab.len()
-                )));
-            }
-        }
-    }
+    let item_feature_vocabs = read_feature_vocabs(dir, "item_feat", &item_feature_names, &tables)?;
     if model.item_rows() != items.len() {
         return Err(RunError::Invalid(format!(
             "{}: the model has {} item rows but vocab/items.tsv has {}",
@@ -351,6 +324,34 @@ pub fn load_for_serving(dir: &Path) -> Result<ServingRun, RunError> {
         item_feature_vocabs,
         model,
     })
+}
+
+/// The value vocabularies `vocab/PREFIX.NAME.tsv` of the named features. A vocabulary longer
+/// than the model's table (`tables`, as [`declared_shapes`] gives them) is refused: its values
+/// would index past the table when a request names them.
+fn read_feature_vocabs(
+    dir: &Path,
+    prefix: &str,
+    names: &[String],
+    tables: &[(String, usize, usize)],
+) -> Result<Vec<Vocab>, RunError> {
+    names
+        .iter()
+        .map(|name| {
+            let vocab = read_vocab(dir, &format!("{prefix}.{name}"))?;
+            let table = format!("{prefix}.{name}");
+            if let Some((_, rows, _)) = tables.iter().find(|t| t.0 == table) {
+                if vocab.len() > *rows {
+                    return Err(RunError::Invalid(format!(
+                        "{}: vocab/{table}.tsv has {} values but the model's table has {rows} rows",
+                        dir.display(),
+                        vocab.len()
+                    )));
+                }
+            }
+            Ok(vocab)
+        })
+        .collect()
 }
 
 /// Widths and lengths past this are not a recall model but a damaged manifest (and a tower built

@@ -181,7 +181,7 @@ impl Engine {
             live: RwLock::new(LiveState::default()),
         };
         // Items published live get rows past every row the index holds (synthetic padding too).
-        let (_, (first, synthetic)) = engine.catalogue_rows();
+        let (first, synthetic) = engine.padding_rows();
         engine.live = RwLock::new(LiveState::new(first + synthetic, dim));
         Ok(engine)
     }
@@ -266,11 +266,11 @@ impl Engine {
 
     /// Applies the changes a store recorded; returns how many upserts could not be applied
     /// (items this model cannot embed), each logged.
-    pub fn apply_changes(&self, changes: &LiveChanges) -> usize {
+    pub fn apply_changes(&self, changes: LiveChanges) -> usize {
         let mut ready = Vec::with_capacity(changes.upserted.len());
         let mut refused = 0;
-        for it in &changes.upserted {
-            match self.prepare_one(it.clone()) {
+        for it in changes.upserted {
+            match self.prepare_one(it) {
                 Ok(p) => ready.push(p),
                 Err(e) => {
                     refused += 1;
@@ -330,14 +330,17 @@ impl Engine {
         self.attributes = attributes;
     }
 
-    /// Real item rows (`1..`) with their raw ids, and the synthetic rows padding the index past
-    /// them (`first`, `count`).
-    pub fn catalogue_rows(&self) -> (Vec<(u32, String)>, (u32, u32)) {
+    /// Real item rows (`1..`) with their raw ids.
+    pub fn catalogue_rows(&self) -> Vec<(u32, String)> {
         let rows = self.model.item_rows() as u32;
-        let real: Vec<(u32, String)> =
-            (1..rows).filter_map(|r| self.items.raw(r).map(|raw| (r, raw.to_owned()))).collect();
-        let synthetic = self.index_len().saturating_sub(real.len()) as u32;
-        (real, (rows, synthetic))
+        (1..rows).filter_map(|r| self.items.raw(r).map(|raw| (r, raw.to_owned()))).collect()
+    }
+
+    /// The synthetic rows padding the index past the real items: `(first, count)`. Every row
+    /// below the model's table has a raw id (checked when the run is loaded).
+    pub fn padding_rows(&self) -> (u32, u32) {
+        let rows = self.model.item_rows();
+        (rows as u32, self.index_len().saturating_sub(rows.saturating_sub(1)) as u32)
     }
 
     /// The ascending item rows a request filter allows.

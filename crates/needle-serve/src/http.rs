@@ -125,6 +125,15 @@ impl App {
         self.metrics.store_errors.fetch_add(1, Relaxed);
         ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: format!("store: {e}") }
     }
+
+    /// A store write bounded by the request timeout; failure and timeout are both a 503.
+    async fn store_write<T>(&self, fut: needle_store::StoreFuture<'_, T>) -> Result<T, ApiError> {
+        match tokio::time::timeout(self.limits.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.store_error(e)),
+            Err(_) => Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: "store timed out".into() }),
+        }
+    }
 }
 
 type Shared = Arc<App>;
@@ -249,7 +258,8 @@ async fn load_engine(
     }
     let mut engine = in_background(move || Engine::new(served, index.as_deref())).await??;
     let t = Instant::now();
-    let (real, (first, synthetic)) = engine.catalogue_rows();
+    let real = engine.catalogue_rows();
+    let (first, synthetic) = engine.padding_rows();
     let mut details = Vec::with_capacity(real.len());
     if let Some(store) = store {
         for chunk in real.chunks(1024) {
@@ -319,7 +329,7 @@ async fn apply_live_changes(engine: &Arc<Engine>, store: &dyn Store) -> Result<(
     let t = Instant::now();
     let (n_up, n_del) = (changes.upserted.len(), changes.deleted.len());
     let e = engine.clone();
-    let refused = in_background(move || e.apply_changes(&changes)).await?;
+    let refused = in_background(move || e.apply_changes(changes)).await?;
     tracing::info!(
         "applied the store's live catalogue: {} published ({refused} this model cannot embed), {n_del} deleted ({:.2}s)",
         n_up - refused,
@@ -840,12 +850,7 @@ async fn publish(app: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Re
         in_background(move || engine.prepare(records)).await?
     }
     let prepared = prepare(engine.clone(), records.clone()).await?;
-    let fut = app.store.upsert_items(&records);
-    match tokio::time::timeout(app.limits.timeout, fut).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(app.store_error(e)),
-        Err(_) => return Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: "store timed out".into() }),
-    }
+    app.store_write(app.store.upsert_items(&records)).await?;
     let now = app.engine();
     let prepared = if Arc::ptr_eq(&now, &engine) { prepared } else { prepare(now.clone(), records).await? };
     let n = prepared.len();
@@ -863,14 +868,9 @@ async fn delete_item(State(app): State<Shared>, UrlPath(id): UrlPath<String>) ->
     let engine = app.engine();
     let known = engine.has_item(&id);
     let ids = [id.as_str()];
-    let fut = app.store.delete_items(&ids);
-    let had_details = match tokio::time::timeout(app.limits.timeout, fut).await {
-        Ok(Ok(n)) => n > 0,
-        Ok(Err(e)) => return app.store_error(e).into_response(),
-        Err(_) => {
-            return ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: "store timed out".into() }
-                .into_response()
-        }
+    let had_details = match app.store_write(app.store.delete_items(&ids)).await {
+        Ok(n) => n > 0,
+        Err(e) => return e.into_response(),
     };
     // As for publishing: the engine found after the store write is the one to change.
     app.engine().delete(&id);
@@ -913,30 +913,27 @@ async fn events(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) 
         ))
         .into_response();
     }
-    let fut = app.store.append_event(&ev.user_id.0, &ev.item_id.0, engine.max_seq_len);
-    match tokio::time::timeout(app.limits.timeout, fut).await {
-        Ok(Ok(len)) => {
+    match app.store_write(app.store.append_event(&ev.user_id.0, &ev.item_id.0, engine.max_seq_len)).await {
+        Ok(len) => {
             app.metrics.events.fetch_add(1, Relaxed);
             tracing::debug!(user = %ev.user_id.0, item = %ev.item_id.0, ts = ev.ts, "event");
             json_response(&serde_json::json!({"user_id": ev.user_id.0, "history_len": len}))
         }
-        Ok(Err(e)) => app.store_error(e).into_response(),
-        Err(_) => {
-            ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: "store timed out".into() }.into_response()
-        }
+        Err(e) => e.into_response(),
     }
 }
 
 async fn healthz(State(app): State<Shared>) -> Response {
     let e = app.engine();
+    let (live_items, deleted_items) = e.live_counts();
     json_response(&serde_json::json!({
         "status": "ok",
         "model": e.run_id,
         "kind": e.kind,
         "index": e.index_params,
         "index_items": e.index_len(),
-        "live_items": e.live_counts().0,
-        "deleted_items": e.live_counts().1,
+        "live_items": live_items,
+        "deleted_items": deleted_items,
         "store": app.store.describe(),
         "uptime_s": app.started.elapsed().as_secs_f64(),
     }))
