@@ -5,7 +5,8 @@ use crate::auth::AdminAuth;
 use crate::engine::{Engine, Restrict, Source, StoreContents, UserInput};
 use crate::filter::{Attributes, Filter};
 use crate::live::Prepared;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, VersionView};
+use crate::versions::{Version, VersionError, Versions};
 use crate::ServeError;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -78,13 +79,19 @@ pub struct ServeOptions {
     /// What `/admin/*` and the write routes require.
     pub auth: AdminAuth,
     pub conn: crate::conn::ConnLimits,
+    /// The name of the version `run` is served as (default: the run directory's name).
+    pub name: Option<String>,
+    /// More runs served side by side, by version name; they get traffic only from `traffic`.
+    pub versions: Vec<(String, PathBuf)>,
+    /// The traffic weights by version name (default: all to `run`).
+    pub traffic: Option<BTreeMap<String, u32>>,
 }
 
 /// The embedded store's file inside a run directory.
 pub const EMBEDDED_STORE_FILE: &str = "store.redb";
 
 struct App {
-    engine: RwLock<Arc<Engine>>,
+    versions: RwLock<Arc<Versions>>,
     store: Box<dyn Store>,
     metrics: Metrics,
     limits: Limits,
@@ -99,10 +106,14 @@ struct App {
     index_override: Option<(PathBuf, PathBuf)>,
     channels: Option<PathBuf>,
     effort: Option<usize>,
-    reload_lock: tokio::sync::Mutex<()>,
+    /// Held by every change to the served versions (reloads, adds, removals, weights), so
+    /// that no change is built on a snapshot another change has replaced.
+    admin_lock: tokio::sync::Mutex<()>,
     started: Instant,
     boot: u32,
     seq: AtomicU64,
+    /// Spreads recalls that name no user over the versions.
+    anonymous: AtomicU64,
 }
 
 impl App {
@@ -115,9 +126,20 @@ impl App {
         }
     }
 
-    fn engine(&self) -> Arc<Engine> {
-        // A poisoned lock still holds a valid engine: swaps are a single assignment.
-        self.engine.read().unwrap_or_else(|e| e.into_inner()).clone()
+    fn versions(&self) -> Arc<Versions> {
+        // A poisoned lock still holds a valid snapshot: swaps are a single assignment.
+        self.versions.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Swaps in new versions; callers hold `admin_lock`.
+    fn set_versions(&self, v: Versions) {
+        *self.versions.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v);
+    }
+
+    /// The sources a run is loaded with (the index override belongs to one run only).
+    fn sources(&self, dir: &Path) -> Sources {
+        let index = self.index_override.as_ref().filter(|(r, _)| same_dir(r, dir)).map(|(_, i)| i.clone());
+        Sources { index, channels: self.channels.clone(), effort: self.effort }
     }
 
     /// A failed store call: counted, and answered 503 (the request was fine; try again).
@@ -155,9 +177,15 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         .await
         .map_err(|e| ServeError::Load(format!("cannot listen on {}: {e}", opts.addr)))?;
     let store = needle_store::open(&opts.store, &opts.run.join(EMBEDDED_STORE_FILE)).await?;
+    let name = match &opts.name {
+        Some(n) => n.clone(),
+        None => default_version_name(&opts.run),
+    };
+    crate::versions::check_name(&name).map_err(|e| ServeError::Load(e.to_string()))?;
     let sources = Sources { index: opts.index.clone(), channels: opts.channels.clone(), effort: opts.effort };
     let engine = load_engine(&opts.run, opts.data_dir.clone(), sources, Some(&*store)).await?;
     tracing::info!(
+        version = %name,
         model = %engine.run_id,
         index = %engine.index_params,
         items = engine.index_len(),
@@ -165,6 +193,19 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         "loaded in {:.2}s",
         t0.elapsed().as_secs_f64()
     );
+    let mut versions = Versions::single(name, engine);
+    for (name, dir) in &opts.versions {
+        let index = opts.index.clone().filter(|_| same_dir(dir, &opts.run));
+        let sources = Sources { index, channels: opts.channels.clone(), effort: opts.effort };
+        let engine = load_engine(dir, opts.data_dir.clone(), sources, Some(&*store))
+            .await
+            .map_err(|e| ServeError::Load(format!("version {name:?} ({}): {e}", dir.display())))?;
+        tracing::info!(version = %name, model = %engine.run_id, "loaded");
+        versions = versions.with_added(name.clone(), engine).map_err(|e| ServeError::Load(e.to_string()))?;
+    }
+    if let Some(w) = &opts.traffic {
+        versions = versions.with_weights(w).map_err(|e| ServeError::Load(format!("--traffic: {e}")))?;
+    }
     let addr = listener.local_addr()?;
     let (listener, conn_slots) = crate::conn::GuardedListener::new(listener, opts.conn);
     let threads = match opts.limits.compute_threads {
@@ -173,7 +214,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     };
     let compute = crate::compute::Compute::new(threads, opts.limits.max_queue_wait)?;
     let app = Arc::new(App {
-        engine: RwLock::new(engine),
+        versions: RwLock::new(Arc::new(versions)),
         store,
         metrics: Metrics::default(),
         limits: opts.limits.clone(),
@@ -186,10 +227,11 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         index_override: opts.index.clone().map(|i| (opts.run.clone(), i)),
         channels: opts.channels.clone(),
         effort: opts.effort,
-        reload_lock: tokio::sync::Mutex::new(()),
+        admin_lock: tokio::sync::Mutex::new(()),
         started: Instant::now(),
         boot: std::process::id() ^ (t0.elapsed().subsec_nanos()),
         seq: AtomicU64::new(0),
+        anonymous: AtomicU64::new(0),
     });
     trim_heap();
     tokio::spawn(reload_on_sighup(app.clone()));
@@ -201,6 +243,15 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A run directory's own name, when it makes a valid version name.
+fn default_version_name(run: &Path) -> String {
+    let dir = run.canonicalize().unwrap_or_else(|_| run.to_owned());
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| crate::versions::check_name(n).is_ok())
+        .map_or_else(|| "main".to_owned(), str::to_owned)
 }
 
 /// What a served run is searched with beyond the run directory itself.
@@ -375,6 +426,10 @@ fn router(app: Shared) -> Router {
         .route("/v1/items", post(upsert_items).fallback(method_not_allowed))
         .route("/v1/items/{id}", delete(delete_item).fallback(method_not_allowed))
         .route("/admin/reload", post(admin_reload).fallback(method_not_allowed))
+        .route("/admin/versions", get(list_versions).post(add_version).fallback(method_not_allowed))
+        .route("/admin/versions/{name}", delete(remove_version).fallback(method_not_allowed))
+        .route("/admin/traffic", get(get_traffic).post(set_traffic).fallback(method_not_allowed))
+        .route("/admin/rollback", post(rollback).fallback(method_not_allowed))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
     Router::new()
         .route("/v1/recall", post(recall).fallback(method_not_allowed))
@@ -401,6 +456,8 @@ fn route_name(path: &str) -> &'static str {
         "/metrics" => "metrics",
         "/openapi.json" => "openapi",
         "/admin/reload" => "reload",
+        "/admin/traffic" | "/admin/rollback" | "/admin/versions" => "admin",
+        p if p.starts_with("/admin/versions/") => "admin",
         _ => "other",
     }
 }
@@ -572,6 +629,8 @@ struct RecallRequest {
     exclude: Option<Vec<Id>>,
     /// Conditions on item attributes, all of which a returned item meets.
     filter: Option<Filter>,
+    /// The version to answer with, instead of the one the user is routed to.
+    version: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -589,6 +648,8 @@ struct RecalledItem<'a> {
 struct RecallResponse<'a> {
     items: Vec<RecalledItem<'a>>,
     model: &'a str,
+    /// The served version that answered.
+    version: &'a str,
     /// `model`, or `popularity` when nothing was known about the user.
     source: &'static str,
     /// Whether the store or the model knew the user.
@@ -611,7 +672,11 @@ async fn recall(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) 
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    match tokio::time::timeout(app.limits.timeout, do_recall(&app, req, t)).await {
+    let version = match pick_version(&app, &req) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let resp = match tokio::time::timeout(app.limits.timeout, do_recall(&app, &version, req, t)).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => e.into_response(),
         Err(_) => ApiError {
@@ -619,7 +684,26 @@ async fn recall(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) 
             message: format!("timed out after {} ms", app.limits.timeout.as_millis()),
         }
         .into_response(),
+    };
+    version.stats.record(resp.status().as_u16(), t.elapsed());
+    resp
+}
+
+/// The version a recall goes to: the one it names, or the one its user id hashes to (a
+/// request without one is spread by arrival).
+fn pick_version(app: &App, req: &RecallRequest) -> Result<Version, ApiError> {
+    let versions = app.versions();
+    if let Some(name) = &req.version {
+        return versions.get(name).cloned().ok_or_else(|| {
+            let names: Vec<&str> = versions.list().iter().map(|v| v.name.as_str()).collect();
+            ApiError::bad(format!("no version {name:?}; serving: {}", names.join(", ")))
+        });
     }
+    let key = match &req.user_id {
+        Some(id) => crate::versions::user_hash(id.0.as_bytes()),
+        None => crate::versions::user_hash(&app.anonymous.fetch_add(1, Relaxed).to_le_bytes()),
+    };
+    Ok(versions.route(key).clone())
 }
 
 /// The recall checks that need only the limits; returns `k`.
@@ -650,14 +734,16 @@ pub fn check_request_body(route: &str, body: &[u8], limits: &Limits) -> Result<(
         "/v1/events" => parse_body::<EventRequest>(body).and_then(|e| check_event(&e)),
         "/v1/items" => parse_body::<ItemsRequest>(body).and_then(check_items).map(drop),
         "/admin/reload" => parse_reload(body).map(drop),
+        "/admin/traffic" => parse_body::<TrafficRequest>(body).map(drop),
+        "/admin/versions" => parse_body::<AddVersion>(body).map(drop),
         other => return Err(format!("{other} takes no JSON body")),
     };
     checked.map_err(|e| e.message)
 }
 
-async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response, ApiError> {
+async fn do_recall(app: &App, version: &Version, req: RecallRequest, t: Instant) -> Result<Response, ApiError> {
     let k = check_recall(&req, &app.limits)?;
-    let engine = app.engine();
+    let engine = version.engine.clone();
     let history: Option<Vec<String>> = req.history.map(|h| h.into_iter().map(|i| i.0).collect());
     if let Some(h) = &history {
         let unknown: Vec<&str> = h.iter().map(String::as_str).filter(|id| !engine.has_item(id)).collect();
@@ -752,6 +838,7 @@ async fn do_recall(app: &App, req: RecallRequest, t: Instant) -> Result<Response
     let resp = RecallResponse {
         items,
         model: &engine.run_id,
+        version: &version.name,
         source: match rec.source {
             Source::Model => "model",
             Source::Popularity => "popularity",
@@ -838,42 +925,76 @@ async fn upsert_items(State(app): State<Shared>, body: Result<Bytes, BytesReject
     }
 }
 
-/// Embeds the items with the served model, records them in the store, then makes them
+/// Embeds the items with every served version, records them in the store, then makes them
 /// recallable. The store write comes first, so an item that was acknowledged survives a
 /// restart; an engine swapped in meanwhile re-reads the store after its swap, and this request
-/// embeds again with the engine it finds after writing, so no swap can miss the item.
+/// embeds again with the engines it finds after writing, so no swap can miss the item. A
+/// version whose model cannot embed the items skips them; when none can, the request is
+/// refused.
 async fn publish(app: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let records = check_items(parse_body(body)?)?;
     let t = Instant::now();
-    let engine = app.engine();
-    async fn prepare(engine: Arc<Engine>, records: Vec<ItemRecord>) -> Result<Vec<Prepared>, ServeError> {
-        in_background(move || engine.prepare(records)).await?
+    let before = app.versions();
+    let engines: Vec<Arc<Engine>> = before.list().iter().map(|v| v.engine.clone()).collect();
+    let prepared = prepare_all(engines, records.clone()).await?;
+    if prepared.iter().all(Result::is_err) {
+        let first = prepared.into_iter().find_map(Result::err).expect("one version at least");
+        return Err(first.into());
     }
-    let prepared = prepare(engine.clone(), records.clone()).await?;
     app.store_write(app.store.upsert_items(&records)).await?;
-    let now = app.engine();
-    let prepared = if Arc::ptr_eq(&now, &engine) { prepared } else { prepare(now.clone(), records).await? };
-    let n = prepared.len();
-    now.publish(prepared);
+    let now = app.versions();
+    let unchanged = now.list().len() == before.list().len()
+        && now.list().iter().zip(before.list()).all(|(a, b)| Arc::ptr_eq(&a.engine, &b.engine));
+    let prepared = if unchanged {
+        prepared
+    } else {
+        prepare_all(now.list().iter().map(|v| v.engine.clone()).collect(), records).await?
+    };
+    let mut n = 0;
+    let mut refused = serde_json::Map::new();
+    for (v, p) in now.list().iter().zip(prepared) {
+        match p {
+            Ok(p) => {
+                n = p.len();
+                v.engine.publish(p);
+            }
+            Err(e) => {
+                refused.insert(v.name.clone(), e.to_string().into());
+            }
+        }
+    }
     app.metrics.items_published.fetch_add(n as u64, Relaxed);
-    Ok(json_response(&serde_json::json!({
-        "upserted": n, "model": now.run_id, "took_ms": (t.elapsed().as_secs_f64() * 1e6).round() / 1e3
-    })))
+    let mut out = serde_json::json!({
+        "upserted": n, "model": now.primary().engine.run_id, "took_ms": (t.elapsed().as_secs_f64() * 1e6).round() / 1e3
+    });
+    if !refused.is_empty() {
+        out["refused_by"] = refused.into();
+    }
+    Ok(json_response(&out))
+}
+
+/// Each engine's vectors for the items (or why it cannot make them), off the async workers.
+async fn prepare_all(
+    engines: Vec<Arc<Engine>>,
+    records: Vec<ItemRecord>,
+) -> Result<Vec<Result<Vec<Prepared>, ServeError>>, ServeError> {
+    in_background(move || engines.iter().map(|e| e.prepare(records.clone())).collect()).await
 }
 
 async fn delete_item(State(app): State<Shared>, UrlPath(id): UrlPath<String>) -> Response {
     if let Err(e) = check_item_id(&id) {
         return e.into_response();
     }
-    let engine = app.engine();
-    let known = engine.has_item(&id);
+    let known = app.versions().list().iter().any(|v| v.engine.has_item(&id));
     let ids = [id.as_str()];
     let had_details = match app.store_write(app.store.delete_items(&ids)).await {
         Ok(n) => n > 0,
         Err(e) => return e.into_response(),
     };
-    // As for publishing: the engine found after the store write is the one to change.
-    app.engine().delete(&id);
+    // As for publishing: the engines found after the store write are the ones to change.
+    for v in app.versions().list() {
+        v.engine.delete(&id);
+    }
     if !known && !had_details {
         return ApiError { status: StatusCode::NOT_FOUND, message: format!("no item {id:?}") }.into_response();
     }
@@ -905,15 +1026,15 @@ async fn events(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) 
     if let Err(e) = check_event(&ev) {
         return e.into_response();
     }
-    let engine = app.engine();
-    if !engine.has_item(&ev.item_id.0) {
+    let versions = app.versions();
+    if !versions.list().iter().any(|v| v.engine.has_item(&ev.item_id.0)) {
         return ApiError::bad(format!(
             "unknown item id {:?}; the model knows only items seen in training",
             ev.item_id.0
         ))
         .into_response();
     }
-    match app.store_write(app.store.append_event(&ev.user_id.0, &ev.item_id.0, engine.max_seq_len)).await {
+    match app.store_write(app.store.append_event(&ev.user_id.0, &ev.item_id.0, versions.max_seq_len())).await {
         Ok(len) => {
             app.metrics.events.fetch_add(1, Relaxed);
             tracing::debug!(user = %ev.user_id.0, item = %ev.item_id.0, ts = ev.ts, "event");
@@ -924,9 +1045,16 @@ async fn events(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) 
 }
 
 async fn healthz(State(app): State<Shared>) -> Response {
-    let e = app.engine();
+    let versions = app.versions();
+    let e = &versions.primary().engine;
     let (live_items, deleted_items) = e.live_counts();
+    let list: Vec<_> = versions
+        .list()
+        .iter()
+        .map(|v| serde_json::json!({"name": v.name, "model": v.engine.run_id, "weight": v.weight}))
+        .collect();
     json_response(&serde_json::json!({
+        "versions": list,
         "status": "ok",
         "model": e.run_id,
         "kind": e.kind,
@@ -940,8 +1068,21 @@ async fn healthz(State(app): State<Shared>) -> Response {
 }
 
 async fn metrics(State(app): State<Shared>) -> Response {
-    let e = app.engine();
-    let mut text = app.metrics.render(&e.run_id, &e.kind, e.index_len(), &e.index_params);
+    let versions = app.versions();
+    let views: Vec<VersionView<'_>> = versions
+        .list()
+        .iter()
+        .map(|v| VersionView {
+            name: &v.name,
+            run_id: &v.engine.run_id,
+            kind: &v.engine.kind,
+            index_items: v.engine.index_len(),
+            index_params: &v.engine.index_params,
+            weight: v.weight,
+            stats: &v.stats,
+        })
+        .collect();
+    let mut text = app.metrics.render(&views);
     let limit = app.limits.max_in_flight;
     let busy = limit.saturating_sub(app.in_flight.available_permits());
     let max = app.conn.max_connections;
@@ -981,6 +1122,8 @@ async fn openapi() -> Response {
 struct ReloadRequest {
     /// Another run directory to serve; default: the current one (re-read from disk).
     run: Option<PathBuf>,
+    /// The version to reload; default: the only one, or every one when `run` is not given.
+    version: Option<String>,
 }
 
 /// No body means "reload the current run".
@@ -991,66 +1134,243 @@ fn parse_reload(body: Result<Bytes, BytesRejection>) -> Result<ReloadRequest, Ap
     }
 }
 
+impl From<VersionError> for ApiError {
+    fn from(e: VersionError) -> Self {
+        let status = match e {
+            VersionError::Unknown(_) => StatusCode::NOT_FOUND,
+            VersionError::Refused(_) => StatusCode::CONFLICT,
+        };
+        ApiError { status, message: e.to_string() }
+    }
+}
+
 async fn admin_reload(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
     let req = match parse_reload(body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
     let t = Instant::now();
-    match reload(&app, req.run).await {
-        Ok((old, new)) => json_response(&serde_json::json!({
-            "previous": old, "model": new, "took_ms": t.elapsed().as_secs_f64() * 1e3
-        })),
-        Err(e) => ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: format!("reload failed, still serving the previous model: {e}"),
+    let _one_at_a_time = app.admin_lock.lock().await;
+    let versions = app.versions();
+    let names: Vec<String> = match (&req.version, &req.run) {
+        (Some(n), _) => match versions.get(n) {
+            Some(v) => vec![v.name.clone()],
+            None => return ApiError::from(VersionError::Unknown(format!("no version {n:?}"))).into_response(),
+        },
+        (None, _) if versions.list().len() == 1 => vec![versions.list()[0].name.clone()],
+        (None, None) => versions.list().iter().map(|v| v.name.clone()).collect(),
+        (None, Some(_)) => {
+            return ApiError::bad("several versions are served: say which one to reload (`version`)").into_response()
         }
-        .into_response(),
+    };
+    let mut reloaded = Vec::new();
+    for name in &names {
+        match reload(&app, name, req.run.clone()).await {
+            Ok((old, new)) => reloaded.push(serde_json::json!({"version": name, "previous": old, "model": new})),
+            Err(e) => {
+                return ApiError {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    message: format!("reload of version {name:?} failed, still serving its previous model: {e}"),
+                }
+                .into_response()
+            }
+        }
     }
+    let mut out = reloaded[0].clone();
+    out["took_ms"] = (t.elapsed().as_secs_f64() * 1e3).into();
+    if reloaded.len() > 1 {
+        out["reloaded"] = reloaded.into();
+    }
+    json_response(&out)
 }
 
-/// Loads a run and swaps it in: requests that already hold the old engine finish on it, later
-/// ones get the new one. On failure the old engine keeps serving.
-async fn reload(app: &App, run: Option<PathBuf>) -> Result<(String, String), ServeError> {
-    let _one_at_a_time = app.reload_lock.lock().await;
-    let current = app.engine();
+/// Loads a run for one version and swaps it in: requests that already hold the old engine
+/// finish on it, later ones get the new one. On failure the old engine keeps serving. Callers
+/// hold `admin_lock`.
+async fn reload(app: &App, name: &str, run: Option<PathBuf>) -> Result<(String, String), ServeError> {
+    let current = match app.versions().get(name) {
+        Some(v) => v.engine.clone(),
+        None => return Err(ServeError::BadRequest(format!("no version {name:?}"))),
+    };
     let dir = run.unwrap_or_else(|| current.run_dir.clone());
-    let index = app.index_override.as_ref().filter(|(r, _)| *r == dir).map(|(_, i)| i.clone());
-    let sources = Sources { index, channels: app.channels.clone(), effort: app.effort };
-    let result = load_engine(&dir, app.data_dir.clone(), sources, Some(&*app.store)).await;
+    let result = load_engine(&dir, app.data_dir.clone(), app.sources(&dir), Some(&*app.store)).await;
     let engine = match result {
         Ok(e) => e,
         Err(e) => {
             app.metrics.reload_failures.fetch_add(1, Relaxed);
-            tracing::error!(run = %dir.display(), "reload failed: {e}");
+            tracing::error!(version = name, run = %dir.display(), "reload failed: {e}");
             return Err(e);
         }
     };
     let new_id = engine.run_id.clone();
-    *app.engine.write().unwrap_or_else(|e| e.into_inner()) = engine.clone();
-    // Items published while the new engine loaded went to the old one and to the store: read
-    // the store again now that every later change goes to the new engine.
-    if let Err(e) = apply_live_changes(&engine, &*app.store).await {
-        tracing::warn!("reloaded, but re-reading the live catalogue failed (a later reload repairs it): {e}");
-    }
+    let next = app.versions().with_engine(name, engine.clone()).map_err(|e| ServeError::Internal(e.to_string()))?;
+    app.set_versions(next);
+    catch_up_live(app, &engine).await;
     app.metrics.reloads.fetch_add(1, Relaxed);
-    tracing::info!(previous = %current.run_id, model = %new_id, "reloaded");
+    tracing::info!(version = name, previous = %current.run_id, model = %new_id, "reloaded");
     let previous = current.run_id.clone();
-    // Requests that took the old engine before the swap finish within the request timeout; wait
-    // for them, so the old engine is freed here and its pages trimmed now, not freed later on a
-    // request's thread and kept by the allocator until the next reload.
+    retire(app, current).await?;
+    Ok((previous, new_id))
+}
+
+/// Items published while a new engine loaded went to the engines then serving and to the
+/// store: read the store again now that every later change reaches the new engine.
+async fn catch_up_live(app: &App, engine: &Arc<Engine>) {
+    if let Err(e) = apply_live_changes(engine, &*app.store).await {
+        tracing::warn!("swapped in, but re-reading the live catalogue failed (a reload repairs it): {e}");
+    }
+}
+
+/// Frees an engine that is no longer served. Requests that took it before the swap finish
+/// within the request timeout; wait for them, so it is freed here and its pages trimmed now,
+/// not freed later on a request's thread and kept by the allocator until the next reload.
+async fn retire(app: &App, old: Arc<Engine>) -> Result<(), ServeError> {
     let deadline = Instant::now() + app.limits.timeout + Duration::from_millis(100);
-    while Arc::strong_count(&current) > 1 && Instant::now() < deadline {
+    while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Freeing and trimming take milliseconds: off the async workers, where they would stall the
     // requests queued on them.
     in_background(move || {
-        drop(current);
+        drop(old);
         trim_heap();
     })
-    .await?;
-    Ok((previous, new_id))
+    .await
+}
+
+/// `GET /admin/versions`: the served versions, their runs and weights.
+async fn list_versions(State(app): State<Shared>) -> Response {
+    json_response(&versions_json(&app.versions()))
+}
+
+fn versions_json(versions: &Versions) -> serde_json::Value {
+    let list: Vec<_> = versions
+        .list()
+        .iter()
+        .map(|v| {
+            serde_json::json!({
+                "name": v.name, "model": v.engine.run_id, "run": v.engine.run_dir, "kind": v.engine.kind,
+                "index": v.engine.index_params, "index_items": v.engine.index_len(), "weight": v.weight,
+            })
+        })
+        .collect();
+    serde_json::json!({"versions": list, "weights": weights_json(versions.weights())})
+}
+
+fn weights_json(w: impl IntoIterator<Item = (String, u32)>) -> serde_json::Value {
+    w.into_iter().map(|(n, w)| (n, serde_json::Value::from(w))).collect::<serde_json::Map<_, _>>().into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddVersion {
+    name: String,
+    run: PathBuf,
+}
+
+/// `POST /admin/versions`: loads a run as a new version, with no traffic until
+/// `/admin/traffic` gives it some.
+async fn add_version(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: AddVersion = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let t = Instant::now();
+    let _one_at_a_time = app.admin_lock.lock().await;
+    // Refuse a bad or taken name before spending the load on it.
+    if let Err(e) = crate::versions::check_name(&req.name) {
+        return ApiError::bad(e.to_string()).into_response();
+    }
+    if app.versions().get(&req.name).is_some() {
+        return ApiError::from(VersionError::Refused(format!(
+            "version {:?} exists; reload it with POST /admin/reload, or remove it first",
+            req.name
+        )))
+        .into_response();
+    }
+    let engine = match load_engine(&req.run, app.data_dir.clone(), app.sources(&req.run), Some(&*app.store)).await {
+        Ok(e) => e,
+        Err(e) => {
+            return ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                message: format!("cannot load {}: {e}", req.run.display()),
+            }
+            .into_response()
+        }
+    };
+    let next = match app.versions().with_added(req.name.clone(), engine.clone()) {
+        Ok(n) => n,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    app.set_versions(next);
+    catch_up_live(&app, &engine).await;
+    tracing::info!(version = %req.name, model = %engine.run_id, "version added");
+    let mut out = versions_json(&app.versions());
+    out["took_ms"] = (t.elapsed().as_secs_f64() * 1e3).into();
+    json_response(&out)
+}
+
+/// `DELETE /admin/versions/{name}`: removes a drained version once its requests have finished.
+async fn remove_version(State(app): State<Shared>, UrlPath(name): UrlPath<String>) -> Response {
+    let _one_at_a_time = app.admin_lock.lock().await;
+    let (next, removed) = match app.versions().without(&name) {
+        Ok(r) => r,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    if next.list().is_empty() {
+        return ApiError::from(VersionError::Refused("the last version cannot be removed".into())).into_response();
+    }
+    app.set_versions(next);
+    tracing::info!(version = %name, model = %removed.engine.run_id, "version removed");
+    let model = removed.engine.run_id.clone();
+    if let Err(e) = retire(&app, removed.engine).await {
+        return ApiError::from(e).into_response();
+    }
+    let mut out = versions_json(&app.versions());
+    out["removed"] = serde_json::json!({"version": name, "model": model});
+    json_response(&out)
+}
+
+/// `GET /admin/traffic`.
+async fn get_traffic(State(app): State<Shared>) -> Response {
+    let v = app.versions();
+    json_response(&serde_json::json!({
+        "weights": weights_json(v.weights()),
+        "previous": v.previous_weights().map(|p| weights_json(p.iter().cloned())),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrafficRequest {
+    weights: BTreeMap<String, u32>,
+}
+
+/// `POST /admin/traffic`: new weights; versions not named get none.
+async fn set_traffic(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: TrafficRequest = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    change_traffic(&app, |v| v.with_weights(&req.weights)).await
+}
+
+/// `POST /admin/rollback`: back to the weights before the last change.
+async fn rollback(State(app): State<Shared>) -> Response {
+    change_traffic(&app, Versions::rolled_back).await
+}
+
+async fn change_traffic(app: &App, change: impl FnOnce(&Versions) -> Result<Versions, VersionError>) -> Response {
+    let _one_at_a_time = app.admin_lock.lock().await;
+    let next = match change(&app.versions()) {
+        Ok(n) => n,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let weights = next.weights();
+    tracing::info!("traffic: {}", crate::versions::format_weights(weights.clone()));
+    let previous = next.previous_weights().map(|p| weights_json(p.iter().cloned()));
+    app.set_versions(next);
+    json_response(&serde_json::json!({"weights": weights_json(weights), "previous": previous}))
 }
 
 /// Loading a run reads and drops its whole dataset on a blocking-pool thread; glibc keeps such
@@ -1067,7 +1387,10 @@ async fn reload_on_sighup(app: Shared) {
     };
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading");
-        let _ = reload(&app, None).await;
+        let _one_at_a_time = app.admin_lock.lock().await;
+        for v in app.versions().list() {
+            let _ = reload(&app, &v.name, None).await;
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod http;
 pub mod live;
 pub mod loadgen;
 pub mod metrics;
+pub mod versions;
 
 pub use engine::{Engine, Source};
 pub use http::{serve, Limits, ServeOptions};

@@ -25,6 +25,52 @@ impl Histogram {
     }
 }
 
+impl Histogram {
+    fn render(&self, out: &mut String, name: &str, label: &str) {
+        let mut cum = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cum += self.counts[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{label},le=\"{b}\"}} {cum}");
+        }
+        cum += self.counts[BUCKETS.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{label},le=\"+Inf\"}} {cum}");
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{label}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{label}}} {cum}");
+    }
+}
+
+/// Recalls one served version answered, by status class, and their latency.
+#[derive(Default)]
+pub struct VersionStats {
+    /// 2xx, 4xx, 5xx.
+    by_class: [AtomicU64; 3],
+    latency: Histogram,
+}
+
+impl VersionStats {
+    pub fn record(&self, status: u16, took: Duration) {
+        let class = match status {
+            ..=399 => 0,
+            400..=499 => 1,
+            _ => 2,
+        };
+        self.by_class[class].fetch_add(1, Relaxed);
+        self.latency.observe(took);
+    }
+}
+
+/// What `/metrics` shows of one served version.
+pub struct VersionView<'a> {
+    pub name: &'a str,
+    pub run_id: &'a str,
+    pub kind: &'a str,
+    pub index_items: usize,
+    pub index_params: &'a str,
+    pub weight: u32,
+    pub stats: &'a VersionStats,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     /// (route, status) → count.
@@ -56,8 +102,8 @@ impl Metrics {
         hist.observe(took);
     }
 
-    /// The text exposition; `gauges` adds per-engine values (index size, model id).
-    pub fn render(&self, run_id: &str, kind: &str, index_items: usize, index_params: &str) -> String {
+    /// The text exposition, with the served versions' own series.
+    pub fn render(&self, versions: &[VersionView<'_>]) -> String {
         let mut out = String::new();
         out.push_str("# HELP needle_requests_total HTTP requests by route and status code.\n");
         out.push_str("# TYPE needle_requests_total counter\n");
@@ -75,17 +121,7 @@ impl Metrics {
         out.push_str("# TYPE needle_request_duration_seconds histogram\n");
         if let Ok(m) = self.latency.lock() {
             for (route, h) in m.iter() {
-                let mut cum = 0;
-                for (i, b) in BUCKETS.iter().enumerate() {
-                    cum += h.counts[i].load(Relaxed);
-                    let _ =
-                        writeln!(out, "needle_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {cum}");
-                }
-                cum += h.counts[BUCKETS.len()].load(Relaxed);
-                let _ = writeln!(out, "needle_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {cum}");
-                let sum = h.sum_micros.load(Relaxed) as f64 / 1e6;
-                let _ = writeln!(out, "needle_request_duration_seconds_sum{{route=\"{route}\"}} {sum}");
-                let _ = writeln!(out, "needle_request_duration_seconds_count{{route=\"{route}\"}} {cum}");
+                h.render(&mut out, "needle_request_duration_seconds", &format!("route=\"{route}\""));
             }
         }
         let counters = [
@@ -117,10 +153,49 @@ impl Metrics {
             let _ = writeln!(out, "# HELP process_open_fds Open file descriptors.");
             let _ = writeln!(out, "# TYPE process_open_fds gauge\nprocess_open_fds {fds}");
         }
-        let _ = writeln!(out, "# HELP needle_index_items Items in the serving index.\n# TYPE needle_index_items gauge");
-        let _ = writeln!(out, "needle_index_items {index_items}");
-        let _ = writeln!(out, "# HELP needle_model_info The model being served.\n# TYPE needle_model_info gauge");
-        let _ = writeln!(out, "needle_model_info{{run=\"{run_id}\",kind=\"{kind}\",index=\"{index_params}\"}} 1");
+        let _ = writeln!(
+            out,
+            "# HELP needle_index_items Items in the serving index, by version.\n# TYPE needle_index_items gauge"
+        );
+        for v in versions {
+            let _ = writeln!(out, "needle_index_items{{version=\"{}\"}} {}", v.name, v.index_items);
+        }
+        let _ = writeln!(out, "# HELP needle_model_info The models being served.\n# TYPE needle_model_info gauge");
+        for v in versions {
+            let _ = writeln!(
+                out,
+                "needle_model_info{{version=\"{}\",run=\"{}\",kind=\"{}\",index=\"{}\"}} 1",
+                v.name, v.run_id, v.kind, v.index_params
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP needle_traffic_weight Each version's share of recall traffic, relative to the others (0: drained).\n# TYPE needle_traffic_weight gauge"
+        );
+        for v in versions {
+            let _ = writeln!(out, "needle_traffic_weight{{version=\"{}\"}} {}", v.name, v.weight);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP needle_version_recalls_total Recalls answered by each version, by status class.\n# TYPE needle_version_recalls_total counter"
+        );
+        for v in versions {
+            for (i, class) in ["2xx", "4xx", "5xx"].iter().enumerate() {
+                let n = v.stats.by_class[i].load(Relaxed);
+                let _ = writeln!(out, "needle_version_recalls_total{{version=\"{}\",class=\"{class}\"}} {n}", v.name);
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP needle_version_recall_duration_seconds Recall latency by version.\n# TYPE needle_version_recall_duration_seconds histogram"
+        );
+        for v in versions {
+            v.stats.latency.render(
+                &mut out,
+                "needle_version_recall_duration_seconds",
+                &format!("version=\"{}\"", v.name),
+            );
+        }
         out
     }
 }
@@ -149,7 +224,19 @@ mod tests {
         }
         m.record("recall", 400, Duration::from_micros(50));
         m.record("recall", 503, Duration::from_micros(50));
-        let text = m.render("r:1", "youtubednn", 10, "exact");
+        let stats = VersionStats::default();
+        stats.record(200, Duration::from_micros(700));
+        stats.record(503, Duration::from_micros(90));
+        let view = VersionView {
+            name: "a",
+            run_id: "r:1",
+            kind: "youtubednn",
+            index_items: 10,
+            index_params: "exact",
+            weight: 9,
+            stats: &stats,
+        };
+        let text = m.render(&[view]);
         assert!(text.contains("needle_requests_total{route=\"recall\",status=\"200\"} 6"), "{text}");
         assert!(text.contains("needle_request_errors_total 1"), "{text}");
         assert!(text.contains("le=\"0.0005\"} 3\n"), "{text}");
@@ -157,6 +244,16 @@ mod tests {
         assert!(text.contains("le=\"2\"} 7\n"), "{text}");
         assert!(text.contains("le=\"+Inf\"} 8\n"), "{text}");
         assert!(text.contains("needle_request_duration_seconds_count{route=\"recall\"} 8"), "{text}");
-        assert!(text.contains("needle_index_items 10"), "{text}");
+        assert!(text.contains("needle_index_items{version=\"a\"} 10"), "{text}");
+        assert!(text.contains("needle_traffic_weight{version=\"a\"} 9"), "{text}");
+        assert!(text.contains("needle_version_recalls_total{version=\"a\",class=\"5xx\"} 1"), "{text}");
+        assert!(
+            text.contains("needle_version_recall_duration_seconds_bucket{version=\"a\",le=\"0.0005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("needle_version_recall_duration_seconds_bucket{version=\"a\",le=\"0.001\"} 2\n"),
+            "{text}"
+        );
     }
 }

@@ -124,6 +124,17 @@ pub struct ServeArgs {
     /// Let anyone who reaches the port post events and reload models.
     #[arg(long)]
     pub no_admin_auth: bool,
+    /// The version name `--run` is served as (default: the run directory's name).
+    #[arg(long, value_name = "NAME")]
+    pub version_name: Option<String>,
+    /// Serve another run side by side as version NAME (repeatable); it gets traffic only from
+    /// `--traffic` or `POST /admin/traffic`.
+    #[arg(long, value_name = "NAME=RUN")]
+    pub add_version: Vec<String>,
+    /// Traffic weights by version, e.g. `youtubednn=90,canary=10`; users are split by a stable
+    /// hash of their id (default: all to `--run`).
+    #[arg(long, value_name = "NAME=W,...", value_parser = needle_serve::versions::parse_weights)]
+    pub traffic: Option<std::collections::BTreeMap<String, u32>>,
 }
 
 /// The variable a token may also come from, so that it stays out of shell history and `ps`.
@@ -177,7 +188,18 @@ pub fn serve(f: ServeArgs, threads: Option<usize>) -> Result<()> {
     init_logs(&f.log_level)?;
     let store: StoreSpec = f.store.parse()?;
     let auth = admin_auth(&f)?;
+    let versions = f
+        .add_version
+        .iter()
+        .map(|v| match v.split_once('=') {
+            Some((name, run)) if !name.is_empty() && !run.is_empty() => Ok((name.to_owned(), PathBuf::from(run))),
+            _ => bail!("--add-version {v:?} is not NAME=RUN"),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let opts = ServeOptions {
+        name: f.version_name,
+        versions,
+        traffic: f.traffic,
         limits: Limits {
             max_k: f.max_k,
             max_history: f.max_history,

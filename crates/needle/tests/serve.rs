@@ -250,7 +250,7 @@ fn serving_answers_recalls_events_and_rejects_bad_input() {
         "needle_requests_total{route=\"recall\",status=\"413\"}",
         "needle_request_duration_seconds_bucket{route=\"recall\",le=\"+Inf\"}",
         "needle_events_total 17",
-        "needle_model_info{run=\"yt:",
+        "needle_model_info{version=\"yt\",run=\"yt:",
         "process_resident_memory_bytes",
         "process_open_fds",
         "needle_compute_queue 0",
@@ -332,7 +332,7 @@ fn reloads_swap_models_without_failing_requests() {
     }
     assert!(models[0].starts_with("pop:") && models[1] == yt_id && models[2].starts_with("pop:"), "{models:?}");
     // A run that cannot load leaves the current one serving.
-    post(&a, "/admin/reload", &json!({"run": "runs/missing"})).rejects(500, "still serving the previous model");
+    post(&a, "/admin/reload", &json!({"run": "runs/missing"})).rejects(500, "still serving its previous model");
     assert_eq!(http(&a, "GET", "/healthz", b"", "").json()["model"], models[2]);
     // SIGHUP re-reads the current run.
     srv.signal("HUP");
@@ -998,4 +998,131 @@ quota = 1
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("needs a run with item vectors"), "{err}");
+}
+
+/// The version each of `users` is answered by (a k = 1 recall each, on four client threads).
+fn versions_of(addr: &str, users: std::ops::Range<usize>) -> Vec<String> {
+    let chunk = users.len().div_ceil(4);
+    let threads: Vec<_> = users
+        .collect::<Vec<_>>()
+        .chunks(chunk)
+        .map(|c| {
+            let (a, c) = (addr.to_owned(), c.to_vec());
+            std::thread::spawn(move || {
+                c.iter()
+                    .map(|u| {
+                        let r = post(&a, "/v1/recall", &json!({"user_id": format!("user{u}"), "k": 1}));
+                        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                        r.json()["version"].as_str().unwrap().to_owned()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+}
+
+#[test]
+fn versions_side_by_side_split_users_stably_and_roll_back_under_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    trained(dir);
+    let srv = Server::start(dir, &["--run", "runs/yt", "--add-version", "pop=runs/pop"]);
+    let a = srv.addr.clone();
+    let h = http(&a, "GET", "/healthz", b"", "").json();
+    let names: Vec<&str> = h["versions"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["yt", "pop"], "{h}");
+    // A version added at start-up has no traffic until it is given some.
+    assert!(versions_of(&a, 0..200).iter().all(|v| v == "yt"));
+    // One call, and the admin token, set the split.
+    assert_eq!(http(&a, "POST", "/admin/traffic", br#"{"weights":{"yt":90,"pop":10}}"#, "").status, 401);
+    let r = post(&a, "/admin/traffic", &json!({"weights": {"yt": 90, "pop": 10}}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["previous"], json!({"yt": 1, "pop": 0}));
+
+    let split = versions_of(&a, 0..10_000);
+    let on_pop = split.iter().filter(|v| *v == "pop").count();
+    eprintln!("{on_pop} of 10,000 users on the 10% version");
+    assert!((800..=1_200).contains(&on_pop), "{on_pop} of 10,000 users on the 10% version");
+    // Stable per user: asked again, every user gets the same version.
+    assert_eq!(versions_of(&a, 0..2_000), split[..2_000]);
+    // The answer is the version's own model.
+    let v = post(&a, "/v1/recall", &json!({"user_id": "u3", "k": 5, "version": "pop"})).json();
+    assert!(v["model"].as_str().unwrap().starts_with("pop:") && v["version"] == "pop", "{v}");
+    post(&a, "/v1/recall", &json!({"user_id": "u3", "version": "nope"})).rejects(400, "no version \"nope\"");
+    let text = metrics_text(&a);
+    let count = |version: &str| -> u64 {
+        let key = format!("needle_version_recalls_total{{version=\"{version}\",class=\"2xx\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&key)).unwrap_or_else(|| panic!("{text}")).parse().unwrap()
+    };
+    let pop_again = split[..2_000].iter().filter(|v| *v == "pop").count();
+    assert_eq!(count("pop") as usize, on_pop + pop_again + 1, "{text}");
+    assert_eq!(count("yt") as usize, 200 + 10_000 - on_pop + 2_000 - pop_again, "{text}");
+    assert!(text.contains("needle_traffic_weight{version=\"pop\"} 10"), "{text}");
+    assert!(text.contains("needle_model_info{version=\"pop\",run=\"pop:"), "{text}");
+
+    // Rollback under load: recalls keep flowing on other threads; none may fail.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|c| {
+            let (a, stop) = (a.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut n, mut failed) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = post(&a, "/v1/recall", &json!({"user_id": format!("user{}", n * 3 + c), "k": 10}));
+                    if r.status != 200 || ids(&r.json()).len() != 10 {
+                        failed.push(String::from_utf8_lossy(&r.body).into_owned());
+                    }
+                    n += 1;
+                }
+                (n, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let r = post(&a, "/admin/rollback", &json!({}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["weights"], json!({"yt": 1, "pop": 0}));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (n, failed) = c.join().unwrap();
+        assert!(failed.is_empty(), "{} failed during the rollback, e.g. {}", failed.len(), failed[0]);
+        total += n;
+    }
+    assert!(total > 20, "{total}");
+    assert!(versions_of(&a, 0..1_000).iter().all(|v| v == "yt"));
+    // A second rollback rolls forward, and users return to the versions they had.
+    assert_eq!(post(&a, "/admin/rollback", &json!({})).status, 200);
+    assert_eq!(versions_of(&a, 0..1_000), split[..1_000]);
+
+    // Bad changes are refused and change nothing.
+    post(&a, "/admin/traffic", &json!({"weights": {"nope": 1}})).rejects(404, "no version \"nope\"");
+    post(&a, "/admin/traffic", &json!({"weights": {"yt": 0}})).rejects(409, "some version traffic");
+    post(&a, "/admin/reload", &json!({"run": "runs/pop"})).rejects(400, "say which one");
+    post(&a, "/admin/versions", &json!({"name": "pop", "run": "runs/pop"})).rejects(409, "exists");
+    post(&a, "/admin/versions", &json!({"name": "b", "run": "runs/missing"})).rejects(422, "cannot load");
+    post(&a, "/admin/versions", &json!({"name": "a b", "run": "runs/pop"})).rejects(400, "version name");
+    let del = |name: &str| http(&a, "DELETE", &format!("/admin/versions/{name}"), b"", &bearer(TOKEN));
+    del("pop").rejects(409, "drain it first");
+    del("nope").rejects(404, "no version");
+    let t = http(&a, "GET", "/admin/traffic", b"", &bearer(TOKEN)).json();
+    assert_eq!(t["weights"], json!({"yt": 90, "pop": 10}), "{t}");
+
+    // Drain, then remove; a new version loads next to the served one and reloads alone.
+    assert_eq!(post(&a, "/admin/traffic", &json!({"weights": {"yt": 1}})).status, 200);
+    let r = del("pop");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["weights"], json!({"yt": 1}));
+    let r = post(&a, "/admin/versions", &json!({"name": "canary", "run": "runs/pop"}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["weights"], json!({"yt": 1, "canary": 0}));
+    let r = post(&a, "/admin/reload", &json!({"version": "canary", "run": "runs/yt"}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = post(&a, "/v1/recall", &json!({"user_id": "u3", "k": 5, "version": "canary"})).json();
+    assert!(v["model"].as_str().unwrap().starts_with("yt:"), "{v}");
+    let list = http(&a, "GET", "/admin/versions", b"", &bearer(TOKEN)).json();
+    assert_eq!(list["versions"].as_array().unwrap().len(), 2, "{list}");
+    del("yt").rejects(409, "drain it first");
 }
