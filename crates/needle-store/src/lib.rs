@@ -3,7 +3,8 @@
 //! last. Two stores implement one trait:
 //!
 //! - [`EmbeddedStore`]: a single redb file, the default; no server to run.
-//! - [`RedisStore`]: a Redis server, the usual production cache shared by many serving processes.
+//! - [`RedisStore`]: a Redis server or a Redis Cluster, the usual production cache shared by many
+//!   serving processes.
 //!
 //! Keys are the dataset's raw ids (strings), so a store outlives any one model: a retrained run
 //! maps them to its own rows.
@@ -29,7 +30,7 @@ pub enum StoreError {
     Redis { url: String, source: redis::RedisError },
     #[error("stored value for {key} is not valid: {message}")]
     Corrupt { key: String, message: String },
-    #[error("bad store address {0:?}: expected `embedded`, a path to a .redb file, or redis://HOST:PORT")]
+    #[error("bad store address {0:?}: expected `embedded`, a path to a .redb file, redis://HOST:PORT, or redis+cluster://HOST:PORT,HOST:PORT,...")]
     BadSpec(String),
 }
 
@@ -124,6 +125,25 @@ pub trait Store: Send + Sync {
     /// half-replaced records.
     fn loaded_tag(&self) -> StoreFuture<'_, Option<String>>;
     fn set_loaded_tag<'a>(&'a self, tag: &'a str) -> StoreFuture<'a, ()>;
+
+    /// How many catalogue changes (upserts and deletes) have been recorded: a server compares
+    /// it with the count it last applied to notice changes other servers made. A store only one
+    /// process can open (the embedded file) has no other writers, and answers 0.
+    fn change_count(&self) -> StoreFuture<'_, u64> {
+        Box::pin(async { Ok(0) })
+    }
+
+    /// Tells every other process on this store about a change (Redis pub/sub); nothing to do
+    /// for a store only one process can open.
+    fn announce<'a>(&'a self, _message: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The announcements of other processes, from now on (`None`: no other process can share
+    /// this store). Delivery is best effort; [`Store::change_count`] is the safety net.
+    fn subscribe(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        None
+    }
 }
 
 /// Where a store lives, as given on the command line.
@@ -141,6 +161,9 @@ impl FromStr for StoreSpec {
         if s == "embedded" {
             Ok(StoreSpec::DefaultEmbedded)
         } else if s.starts_with("redis://") || s.starts_with("rediss://") || s.starts_with("redis+unix://") {
+            Ok(StoreSpec::Redis(s.to_owned()))
+        } else if s.starts_with("redis+cluster://") {
+            redis_store::cluster_nodes(s).ok_or_else(|| StoreError::BadSpec(s.to_owned()))?;
             Ok(StoreSpec::Redis(s.to_owned()))
         } else if let Some(p) = s.strip_prefix("embedded:") {
             Ok(StoreSpec::Embedded(p.into()))

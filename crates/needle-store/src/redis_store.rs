@@ -3,46 +3,176 @@
 //! trip). One multiplexed connection carries every request's commands, so concurrent requests
 //! pipeline on the wire without a pool; when Redis goes away, calls fail fast and the connection
 //! is re-established in the background, so serving recovers when Redis comes back.
+//!
+//! The same code runs against Redis Cluster (`redis+cluster://HOST:PORT,HOST:PORT,…`). Keys are
+//! laid out for it: a user's profile and history share the hash tag `{u:ID}`, so the pipelined
+//! read and the MULTI of an event go to one shard; the catalogue's change sets and counters share
+//! `{catalogue}`; item details spread over every shard, and MGET/MSET are split by slot by the
+//! cluster client, which also follows MOVED/ASK redirects and re-reads the slot map after a
+//! failover. No command crosses slots inside a pipeline or a MULTI, so nothing needs a
+//! cross-slot transaction: where two writes go to different shards, their order keeps every
+//! intermediate state valid (details before the live mark; the deletion mark before details go).
 
 use crate::{ItemDetails, ItemRecord, LiveChanges, Result, Store, StoreError, StoreFuture, UserProfile, UserRecord};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::StreamExt;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 use std::time::Duration;
 
 const ITEM: &str = "needle:item:";
-const USER: &str = "needle:user:";
-const HIST: &str = "needle:hist:";
-const TAG: &str = "needle:loaded";
+/// The loaded-data tag. Its name changed with the key layout, so a Redis filled by an older
+/// layout reads as empty and is filled again rather than half-read.
+const TAG: &str = "needle:{catalogue}:loaded:v2";
 /// Set of the ids of items published while serving.
-const LIVE: &str = "needle:live";
+const LIVE: &str = "needle:{catalogue}:live";
 /// Set of the ids of items deleted while serving.
-const DELETED: &str = "needle:deleted";
+const DELETED: &str = "needle:{catalogue}:deleted";
+/// Counts catalogue changes, so a server can tell cheaply whether it missed one.
+const SEQ: &str = "needle:{catalogue}:seq";
+/// The pub/sub channel on which servers announce catalogue changes to each other.
+pub const CHANGES_CHANNEL: &str = "needle:changes";
 /// Commands per pipeline while loading.
 const LOAD_BATCH: usize = 2_000;
+/// Users whose keys are written at once while loading (each user is one pipeline to its shard).
+const LOAD_USERS_IN_FLIGHT: usize = 256;
+
+fn profile_key(user: &str) -> String {
+    format!("needle:{{u:{user}}}:profile")
+}
+
+fn history_key(user: &str) -> String {
+    format!("needle:{{u:{user}}}:hist")
+}
+
+/// One Redis server or a cluster, behind the connection trait the commands run on.
+#[derive(Clone)]
+enum Con {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for Con {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Con::Single(c) => c.req_packed_command(cmd),
+            Con::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Con::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Con::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Con::Single(c) => c.get_db(),
+            Con::Cluster(c) => c.get_db(),
+        }
+    }
+}
 
 pub struct RedisStore {
     url: String,
-    con: ConnectionManager,
+    /// Where to subscribe to change announcements (every node of a cluster relays them).
+    nodes: Vec<String>,
+    con: Con,
+}
+
+/// `redis+cluster://h1:p1,h2:p2` → the node URLs `redis://h1:p1`, `redis://h2:p2`.
+pub fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let rest = url.strip_prefix("redis+cluster://")?;
+    let nodes: Vec<String> = rest
+        .trim_end_matches('/')
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| format!("redis://{n}"))
+        .collect();
+    (!nodes.is_empty()).then_some(nodes)
 }
 
 impl RedisStore {
+    /// `redis://…` for one server, `redis+cluster://HOST:PORT,…` (any reachable nodes) for a
+    /// cluster.
     pub async fn connect(url: &str) -> Result<Self> {
         let fail = |source| StoreError::Redis { url: url.to_owned(), source };
-        let client = redis::Client::open(url).map_err(fail)?;
         // Short timeouts and few retries: a request waiting on a dead Redis should fail within
         // its own time budget, not queue behind reconnection attempts.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(200));
-        let mut con = ConnectionManager::new_with_config(client, config).await.map_err(fail)?;
+        let (con, nodes) = match cluster_nodes(url) {
+            Some(nodes) => {
+                let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(Duration::from_millis(500))
+                    .response_timeout(Duration::from_secs(1))
+                    .retries(3)
+                    .min_retry_wait(10)
+                    .max_retry_wait(200)
+                    .build()
+                    .map_err(fail)?;
+                (Con::Cluster(client.get_async_connection().await.map_err(fail)?), nodes)
+            }
+            None => {
+                let client = redis::Client::open(url).map_err(fail)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_millis(500)))
+                    .set_response_timeout(Some(Duration::from_secs(1)))
+                    .set_number_of_retries(2)
+                    .set_min_delay(Duration::from_millis(10))
+                    .set_max_delay(Duration::from_millis(200));
+                let con = ConnectionManager::new_with_config(client, config).await.map_err(fail)?;
+                (Con::Single(con), vec![url.to_owned()])
+            }
+        };
+        let mut con = con;
         redis::cmd("PING").query_async::<String>(&mut con).await.map_err(fail)?;
-        Ok(RedisStore { url: url.to_owned(), con })
+        Ok(RedisStore { url: url.to_owned(), nodes, con })
     }
 
     fn err(&self, source: redis::RedisError) -> StoreError {
         StoreError::Redis { url: self.url.clone(), source }
+    }
+
+    /// Writes one user's profile and history (one shard, one pipeline).
+    async fn load_user(&self, u: &UserRecord, max_history: usize) -> Result<()> {
+        let json = serde_json::to_vec(&u.profile.features).map_err(|e| corrupt(u.id.clone(), e))?;
+        let hist = history_key(&u.id);
+        let mut p = redis::pipe();
+        p.cmd("SET").arg(profile_key(&u.id)).arg(json).ignore();
+        p.cmd("DEL").arg(&hist).ignore();
+        let recent = crate::newest(&u.profile.history, max_history);
+        if !recent.is_empty() {
+            p.cmd("RPUSH").arg(&hist).arg(recent).ignore();
+        }
+        let mut con = self.con.clone();
+        p.query_async::<()>(&mut con).await.map_err(|e| self.err(e))
+    }
+
+    /// Marks catalogue changes in the `{catalogue}` shard, all at once, and counts them.
+    async fn mark(&self, add_to: &str, remove_from: &str, ids: &[&str]) -> Result<()> {
+        let mut con = self.con.clone();
+        redis::pipe()
+            .atomic()
+            .cmd("SADD")
+            .arg(add_to)
+            .arg(ids)
+            .ignore()
+            .cmd("SREM")
+            .arg(remove_from)
+            .arg(ids)
+            .ignore()
+            .cmd("INCR")
+            .arg(SEQ)
+            .ignore()
+            .query_async::<()>(&mut con)
+            .await
+            .map_err(|e| self.err(e))
     }
 }
 
@@ -75,15 +205,16 @@ impl Store for RedisStore {
         Box::pin(async move {
             let mut con = self.con.clone();
             let start = -(max_history.max(1) as i64);
+            let (profile, hist) = (profile_key(id), history_key(id));
             let (features, history, exists): (Option<Vec<u8>>, Vec<String>, i64) = redis::pipe()
                 .cmd("GET")
-                .arg(format!("{USER}{id}"))
+                .arg(&profile)
                 .cmd("LRANGE")
-                .arg(format!("{HIST}{id}"))
+                .arg(&hist)
                 .arg(start)
                 .arg(-1)
                 .cmd("EXISTS")
-                .arg(format!("{HIST}{id}"))
+                .arg(&hist)
                 .query_async(&mut con)
                 .await
                 .map_err(|e| self.err(e))?;
@@ -91,7 +222,7 @@ impl Store for RedisStore {
                 return Ok(None);
             }
             let features = match features {
-                Some(b) => serde_json::from_slice(&b).map_err(|e| corrupt(format!("{USER}{id}"), e))?,
+                Some(b) => serde_json::from_slice(&b).map_err(|e| corrupt(profile, e))?,
                 None => Default::default(),
             };
             let history = if max_history == 0 { Vec::new() } else { history };
@@ -102,7 +233,7 @@ impl Store for RedisStore {
     fn append_event<'a>(&'a self, user: &'a str, item: &'a str, max_history: usize) -> StoreFuture<'a, usize> {
         Box::pin(async move {
             let mut con = self.con.clone();
-            let key = format!("{HIST}{user}");
+            let key = history_key(user);
             // MULTI/EXEC so that a concurrent reader never sees the list over its bound.
             let (_, len): ((), usize) = redis::pipe()
                 .atomic()
@@ -135,28 +266,20 @@ impl Store for RedisStore {
             redis::cmd("DEL").arg(TAG).query_async::<()>(&mut con).await.map_err(|e| self.err(e))?;
             let mut done = 0;
             for chunk in items.chunks(LOAD_BATCH) {
-                let mut p = redis::pipe();
+                let mut mset = redis::cmd("MSET");
                 for it in chunk {
                     let json = serde_json::to_vec(&it.details).map_err(|e| corrupt(it.id.clone(), e))?;
-                    p.cmd("SET").arg(format!("{ITEM}{}", it.id)).arg(json).ignore();
+                    mset.arg(format!("{ITEM}{}", it.id)).arg(json);
                 }
-                p.query_async::<()>(&mut con).await.map_err(|e| self.err(e))?;
+                mset.query_async::<()>(&mut con).await.map_err(|e| self.err(e))?;
                 done += chunk.len();
                 progress(done);
             }
-            for chunk in users.chunks(LOAD_BATCH / 4) {
-                let mut p = redis::pipe();
-                for u in chunk {
-                    let json = serde_json::to_vec(&u.profile.features).map_err(|e| corrupt(u.id.clone(), e))?;
-                    p.cmd("SET").arg(format!("{USER}{}", u.id)).arg(json).ignore();
-                    let key = format!("{HIST}{}", u.id);
-                    p.cmd("DEL").arg(&key).ignore();
-                    let recent = crate::newest(&u.profile.history, max_history);
-                    if !recent.is_empty() {
-                        p.cmd("RPUSH").arg(&key).arg(recent).ignore();
-                    }
-                }
-                p.query_async::<()>(&mut con).await.map_err(|e| self.err(e))?;
+            // One pipeline per user (its keys share a shard), many in flight on the one
+            // multiplexed connection.
+            for chunk in users.chunks(LOAD_USERS_IN_FLIGHT) {
+                let writes: Vec<_> = chunk.iter().map(|u| self.load_user(u, max_history)).collect();
+                futures_util::future::try_join_all(writes).await?;
                 done += chunk.len();
                 progress(done);
             }
@@ -169,17 +292,16 @@ impl Store for RedisStore {
             if items.is_empty() {
                 return Ok(());
             }
-            let mut p = redis::pipe();
-            p.atomic();
+            // Details first: once an item is marked live, its details are there to read.
+            let mut mset = redis::cmd("MSET");
             for it in items {
                 let json = serde_json::to_vec(&it.details).map_err(|e| corrupt(it.id.clone(), e))?;
-                p.cmd("SET").arg(format!("{ITEM}{}", it.id)).arg(json).ignore();
+                mset.arg(format!("{ITEM}{}", it.id)).arg(json);
             }
-            let ids: Vec<&str> = items.iter().map(|it| it.id.as_str()).collect();
-            p.cmd("SADD").arg(LIVE).arg(&ids).ignore();
-            p.cmd("SREM").arg(DELETED).arg(&ids).ignore();
             let mut con = self.con.clone();
-            p.query_async::<()>(&mut con).await.map_err(|e| self.err(e))
+            mset.query_async::<()>(&mut con).await.map_err(|e| self.err(e))?;
+            let ids: Vec<&str> = items.iter().map(|it| it.id.as_str()).collect();
+            self.mark(LIVE, DELETED, &ids).await
         })
     }
 
@@ -188,24 +310,12 @@ impl Store for RedisStore {
             if ids.is_empty() {
                 return Ok(0);
             }
+            // The deletion mark first: from then on no server applies the item, whatever
+            // happens to its details.
+            self.mark(DELETED, LIVE, ids).await?;
             let keys: Vec<String> = ids.iter().map(|id| format!("{ITEM}{id}")).collect();
             let mut con = self.con.clone();
-            let (had,): (usize,) = redis::pipe()
-                .atomic()
-                .cmd("DEL")
-                .arg(&keys)
-                .cmd("SREM")
-                .arg(LIVE)
-                .arg(ids)
-                .ignore()
-                .cmd("SADD")
-                .arg(DELETED)
-                .arg(ids)
-                .ignore()
-                .query_async(&mut con)
-                .await
-                .map_err(|e| self.err(e))?;
-            Ok(had)
+            redis::cmd("DEL").arg(&keys).query_async(&mut con).await.map_err(|e| self.err(e))
         })
     }
 
@@ -238,6 +348,32 @@ impl Store for RedisStore {
         })
     }
 
+    fn change_count(&self) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let mut con = self.con.clone();
+            let n: Option<u64> = redis::cmd("GET").arg(SEQ).query_async(&mut con).await.map_err(|e| self.err(e))?;
+            Ok(n.unwrap_or(0))
+        })
+    }
+
+    fn announce<'a>(&'a self, message: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut con = self.con.clone();
+            redis::cmd("PUBLISH")
+                .arg(CHANGES_CHANNEL)
+                .arg(message)
+                .query_async::<()>(&mut con)
+                .await
+                .map_err(|e| self.err(e))
+        })
+    }
+
+    fn subscribe(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(relay_announcements(self.nodes.clone(), tx));
+        Some(rx)
+    }
+
     fn loaded_tag(&self) -> StoreFuture<'_, Option<String>> {
         Box::pin(async move {
             let mut con = self.con.clone();
@@ -250,6 +386,39 @@ impl Store for RedisStore {
             let mut con = self.con.clone();
             redis::cmd("SET").arg(TAG).arg(tag).query_async(&mut con).await.map_err(|e| self.err(e))
         })
+    }
+}
+
+/// Forwards the change announcements of one node (any node of a cluster relays every
+/// PUBLISH) until the receiver goes; when the node goes away, tries the others in turn. Missed
+/// announcements are the periodic re-sync's job.
+async fn relay_announcements(nodes: Vec<String>, tx: tokio::sync::mpsc::Sender<String>) {
+    let mut at = 0;
+    let mut failures = 0u32;
+    while !tx.is_closed() {
+        let node = &nodes[at % nodes.len()];
+        let subscribed = async {
+            let client = redis::Client::open(node.as_str())?;
+            let mut ps = client.get_async_pubsub().await?;
+            ps.subscribe(CHANGES_CHANNEL).await?;
+            Ok::<_, redis::RedisError>(ps)
+        };
+        match tokio::time::timeout(Duration::from_secs(2), subscribed).await {
+            Ok(Ok(ps)) => {
+                failures = 0;
+                let mut messages = ps.into_on_message();
+                while let Some(msg) = messages.next().await {
+                    let Ok(text) = msg.get_payload::<String>() else { continue };
+                    if tx.send(text).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            _ => failures += 1,
+        }
+        at += 1;
+        let wait = Duration::from_millis((50u64 << failures.min(5)).min(2_000));
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -291,6 +460,119 @@ pub mod testing {
                 let _ = c.wait();
             }
             self.child = None;
+        }
+    }
+
+    /// A Redis Cluster for tests: masters, each with `replicas` replicas, on loopback ports.
+    pub struct TestCluster {
+        /// `redis+cluster://127.0.0.1:P1,…`.
+        pub url: String,
+        /// Every node's port, masters first.
+        pub ports: Vec<u16>,
+        children: Vec<Option<Child>>,
+        _dir: Option<tempfile::TempDir>,
+    }
+
+    impl Drop for TestCluster {
+        fn drop(&mut self) {
+            for c in self.children.iter_mut().flatten() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// The shared cluster `NEEDLE_TEST_REDIS_CLUSTER` names (CI starts one), else a private
+    /// one of 3 masters; `None` without `redis-server` and `redis-cli`.
+    pub fn cluster() -> Option<TestCluster> {
+        if let Ok(url) = std::env::var("NEEDLE_TEST_REDIS_CLUSTER") {
+            return Some(TestCluster { url, ports: Vec::new(), children: Vec::new(), _dir: None });
+        }
+        private_cluster(3, 0)
+    }
+
+    /// A private cluster (the caller may kill its nodes).
+    pub fn private_cluster(masters: usize, replicas: usize) -> Option<TestCluster> {
+        let n = masters * (1 + replicas);
+        let listeners: Vec<_> = (0..n).filter_map(|_| std::net::TcpListener::bind("127.0.0.1:0").ok()).collect();
+        let ports: Vec<u16> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.port()).collect();
+        drop(listeners);
+        if ports.len() != n {
+            return None;
+        }
+        let dir = tempfile::tempdir().ok()?;
+        let mut cluster = TestCluster {
+            url: format!(
+                "redis+cluster://{}",
+                ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+            ),
+            ports: ports.clone(),
+            children: Vec::new(),
+            _dir: None,
+        };
+        for &port in &ports {
+            let p = port.to_string();
+            let child = Command::new("redis-server")
+                .args(["--port", &p, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file", &format!("nodes-{p}.conf")])
+                .args(["--cluster-node-timeout", "1000"])
+                .current_dir(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            cluster.children.push(Some(child));
+        }
+        cluster._dir = Some(dir);
+        for &port in &ports {
+            let up = (0..200).any(|_| {
+                let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+                if !ok {
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                ok
+            });
+            if !up {
+                return None;
+            }
+        }
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .ok()?;
+        if !created.success() {
+            return None;
+        }
+        // Every node must agree that all slots are served before a client can rely on it.
+        for &port in &ports {
+            let ok = (0..400).any(|_| {
+                let out = Command::new("redis-cli").args(["-p", &port.to_string(), "cluster", "info"]).output();
+                let ok = out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"));
+                if !ok {
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                ok
+            });
+            if !ok {
+                return None;
+            }
+        }
+        Some(cluster)
+    }
+
+    impl TestCluster {
+        /// Kills the node on `port` as a crash would (SIGKILL).
+        pub fn kill(&mut self, port: u16) {
+            if let Some(i) = self.ports.iter().position(|&p| p == port) {
+                if let Some(mut c) = self.children[i].take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
         }
     }
 
@@ -364,6 +646,57 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn redis_cluster_store_behaves_like_a_store() {
+        let Some(cluster) = testing::cluster() else {
+            eprintln!("SKIPPED: no redis-server/redis-cli on PATH and NEEDLE_TEST_REDIS_CLUSTER is not set");
+            return;
+        };
+        let s = RedisStore::connect(&cluster.url).await.unwrap();
+        let mut con = s.con.clone();
+        // FLUSHALL goes to every master.
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await.unwrap();
+        crate::conformance::check(&s).await;
+        // The keys really spread over the shards: each master holds some items.
+        if !cluster.ports.is_empty() {
+            for port in &cluster.ports[..3] {
+                let c = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+                let mut node = c.get_multiplexed_async_connection().await.unwrap();
+                let n: usize = redis::cmd("DBSIZE").query_async(&mut node).await.unwrap();
+                assert!(n > 50, "node {port} holds {n} keys");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn changes_are_counted_and_announced_to_other_processes() {
+        let Some(server) = testing::start(2) else {
+            eprintln!("SKIPPED: no redis-server binary on PATH and NEEDLE_TEST_REDIS is not set");
+            return;
+        };
+        let (a, b) = (RedisStore::connect(&server.url).await.unwrap(), RedisStore::connect(&server.url).await.unwrap());
+        let mut con = a.con.clone();
+        let _: () = redis::cmd("FLUSHDB").query_async(&mut con).await.unwrap();
+        let mut rx = b.subscribe().expect("Redis relays announcements");
+        let before = b.change_count().await.unwrap();
+        let item = ItemRecord { id: "x".into(), details: ItemDetails::default() };
+        a.upsert_items(&[item]).await.unwrap();
+        a.delete_items(&["y"]).await.unwrap();
+        assert_eq!(b.change_count().await.unwrap(), before + 2);
+        // The subscription may take a moment to be in place: announce until one arrives.
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                a.announce("hello").await.unwrap();
+                if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+                    return m;
+                }
+            }
+        })
+        .await
+        .expect("an announcement arrives");
+        assert_eq!(got, "hello");
     }
 
     #[tokio::test]
