@@ -85,6 +85,9 @@ pub struct ServeOptions {
     pub versions: Vec<(String, PathBuf)>,
     /// The traffic weights by version name (default: all to `run`).
     pub traffic: Option<BTreeMap<String, u32>>,
+    /// With a store other servers share (Redis): how often to check for catalogue changes
+    /// whose announcement this server missed.
+    pub resync_every: Duration,
 }
 
 /// The embedded store's file inside a run directory.
@@ -114,6 +117,10 @@ struct App {
     seq: AtomicU64,
     /// Spreads recalls that name no user over the versions.
     anonymous: AtomicU64,
+    /// This process among the servers sharing a store, so it can skip its own announcements.
+    instance: String,
+    /// The store's change count this server's engines reflect.
+    applied_changes: AtomicU64,
 }
 
 impl App {
@@ -177,6 +184,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         .await
         .map_err(|e| ServeError::Load(format!("cannot listen on {}: {e}", opts.addr)))?;
     let store = needle_store::open(&opts.store, &opts.run.join(EMBEDDED_STORE_FILE)).await?;
+    // Read before the engines load the store's changes: a change landing in between makes the
+    // count differ, and the next re-sync applies it.
+    let change_count = store.change_count().await?;
     let name = match &opts.name {
         Some(n) => n.clone(),
         None => default_version_name(&opts.run),
@@ -232,7 +242,16 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         boot: std::process::id() ^ (t0.elapsed().subsec_nanos()),
         seq: AtomicU64::new(0),
         anonymous: AtomicU64::new(0),
+        instance: format!(
+            "{}-{:x}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+        ),
+        applied_changes: AtomicU64::new(change_count),
     });
+    if let Some(rx) = app.store.subscribe() {
+        tokio::spawn(follow_store(app.clone(), rx, opts.resync_every));
+    }
     trim_heap();
     tokio::spawn(reload_on_sighup(app.clone()));
     let router = router(app);
@@ -941,14 +960,14 @@ async fn publish(app: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Re
         let first = prepared.into_iter().find_map(Result::err).expect("one version at least");
         return Err(first.into());
     }
-    app.store_write(app.store.upsert_items(&records)).await?;
+    let count = app.store_write(app.store.upsert_items(&records)).await?;
     let now = app.versions();
     let unchanged = now.list().len() == before.list().len()
         && now.list().iter().zip(before.list()).all(|(a, b)| Arc::ptr_eq(&a.engine, &b.engine));
     let prepared = if unchanged {
         prepared
     } else {
-        prepare_all(now.list().iter().map(|v| v.engine.clone()).collect(), records).await?
+        prepare_all(now.list().iter().map(|v| v.engine.clone()).collect(), records.clone()).await?
     };
     let mut n = 0;
     let mut refused = serde_json::Map::new();
@@ -964,6 +983,8 @@ async fn publish(app: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Re
         }
     }
     app.metrics.items_published.fetch_add(n as u64, Relaxed);
+    let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    announce(app, count, &ids, &[]).await;
     let mut out = serde_json::json!({
         "upserted": n, "model": now.primary().engine.run_id, "took_ms": (t.elapsed().as_secs_f64() * 1e6).round() / 1e3
     });
@@ -971,6 +992,121 @@ async fn publish(app: &Shared, body: Result<Bytes, BytesRejection>) -> Result<Re
         out["refused_by"] = refused.into();
     }
     Ok(json_response(&out))
+}
+
+/// What a server tells the others sharing its store after a catalogue change.
+#[derive(Serialize, Deserialize)]
+struct Announcement {
+    origin: String,
+    /// The store's change count right after the change.
+    count: u64,
+    #[serde(default)]
+    upserted: Vec<String>,
+    #[serde(default)]
+    deleted: Vec<String>,
+}
+
+/// Marks a change this server made (the write that brought the store to `count`) as applied,
+/// when it was the very next change; then tells the other servers. A failed announcement
+/// costs them only the wait for their next re-sync.
+async fn announce(app: &App, count: u64, upserted: &[&str], deleted: &[&str]) {
+    if count == 0 {
+        return;
+    }
+    let _ = app.applied_changes.compare_exchange(count - 1, count, Relaxed, Relaxed);
+    let msg = Announcement {
+        origin: app.instance.clone(),
+        count,
+        upserted: upserted.iter().map(|s| (*s).to_owned()).collect(),
+        deleted: deleted.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    let Ok(text) = serde_json::to_string(&msg) else { return };
+    match tokio::time::timeout(app.limits.timeout, app.store.announce(&text)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("could not announce a catalogue change (other servers re-sync later): {e}"),
+        Err(_) => tracing::warn!("announcing a catalogue change timed out (other servers re-sync later)"),
+    }
+}
+
+/// Keeps this server's catalogue in step with the other servers on its store: applies their
+/// announced changes as they come, and every `every` compares the store's change count with
+/// the one applied, re-reading every change when they differ (a missed announcement, a
+/// restart of the pub/sub connection, a Redis failover).
+async fn follow_store(app: Shared, mut rx: tokio::sync::mpsc::Receiver<String>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut open = true;
+    loop {
+        tokio::select! {
+            msg = rx.recv(), if open => match msg {
+                Some(text) => apply_announcement(&app, &text).await,
+                None => open = false,
+            },
+            _ = tick.tick() => resync(&app).await,
+        }
+    }
+}
+
+async fn apply_announcement(app: &App, text: &str) {
+    let Ok(msg) = serde_json::from_str::<Announcement>(text) else {
+        tracing::warn!("ignored a malformed catalogue announcement");
+        return;
+    };
+    if msg.origin == app.instance {
+        return;
+    }
+    let refs: Vec<&str> = msg.upserted.iter().map(String::as_str).collect();
+    let details = match app.store.items(&refs).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!("could not read announced items (the next re-sync applies them): {e}");
+            return;
+        }
+    };
+    // An item gone from the store by now was deleted since; its own announcement follows.
+    let upserted: Vec<ItemRecord> = msg
+        .upserted
+        .into_iter()
+        .zip(details)
+        .filter_map(|(id, d)| d.map(|details| ItemRecord { id, details }))
+        .collect();
+    let changes = needle_store::LiveChanges { upserted, deleted: msg.deleted };
+    let versions = app.versions();
+    let applied = in_background(move || {
+        for v in versions.list() {
+            v.engine.apply_changes(changes.clone());
+        }
+    })
+    .await;
+    if applied.is_ok() {
+        app.metrics.changes_followed.fetch_add(1, Relaxed);
+        let _ = app.applied_changes.compare_exchange(msg.count - 1, msg.count, Relaxed, Relaxed);
+    }
+}
+
+async fn resync(app: &App) {
+    let count = match app.store.change_count().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!("re-sync skipped: {e}");
+            return;
+        }
+    };
+    if count == app.applied_changes.load(Relaxed) {
+        return;
+    }
+    // Under the admin lock, so that no engine is swapped in between reading and applying.
+    let _one_at_a_time = app.admin_lock.lock().await;
+    let t = Instant::now();
+    for v in app.versions().list() {
+        if let Err(e) = apply_live_changes(&v.engine, &*app.store).await {
+            tracing::warn!("re-sync failed (retried at the next one): {e}");
+            return;
+        }
+    }
+    app.applied_changes.store(count, Relaxed);
+    app.metrics.resyncs.fetch_add(1, Relaxed);
+    tracing::info!("re-synced the live catalogue to change {count} in {:.2}s", t.elapsed().as_secs_f64());
 }
 
 /// Each engine's vectors for the items (or why it cannot make them), off the async workers.
@@ -987,14 +1123,15 @@ async fn delete_item(State(app): State<Shared>, UrlPath(id): UrlPath<String>) ->
     }
     let known = app.versions().list().iter().any(|v| v.engine.has_item(&id));
     let ids = [id.as_str()];
-    let had_details = match app.store_write(app.store.delete_items(&ids)).await {
-        Ok(n) => n > 0,
+    let (had_details, count) = match app.store_write(app.store.delete_items(&ids)).await {
+        Ok((n, count)) => (n > 0, count),
         Err(e) => return e.into_response(),
     };
     // As for publishing: the engines found after the store write are the ones to change.
     for v in app.versions().list() {
         v.engine.delete(&id);
     }
+    announce(&app, count, &[], &ids).await;
     if !known && !had_details {
         return ApiError { status: StatusCode::NOT_FOUND, message: format!("no item {id:?}") }.into_response();
     }

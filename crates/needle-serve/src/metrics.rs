@@ -84,6 +84,10 @@ pub struct Metrics {
     pub events: AtomicU64,
     pub items_published: AtomicU64,
     pub items_deleted: AtomicU64,
+    /// Catalogue changes announced by other servers and applied here.
+    pub changes_followed: AtomicU64,
+    /// Full re-reads of the store's catalogue changes after a missed announcement.
+    pub resyncs: AtomicU64,
     /// Requests turned away with 503 because `max_in_flight` were being handled.
     pub shed: AtomicU64,
 }
@@ -134,6 +138,8 @@ impl Metrics {
             ("needle_events_total", "Events appended to user histories.", &self.events),
             ("needle_items_published_total", "Items published or updated through POST /v1/items.", &self.items_published),
             ("needle_items_deleted_total", "Items deleted through DELETE /v1/items.", &self.items_deleted),
+            ("needle_changes_followed_total", "Catalogue changes announced by other servers on the store and applied here.", &self.changes_followed),
+            ("needle_resyncs_total", "Full re-reads of the store's catalogue changes after a missed announcement.", &self.resyncs),
             ("needle_reloads_total", "Successful model reloads.", &self.reloads),
             ("needle_shed_total", "Requests turned away (503) over capacity: --max-in-flight in flight, or a compute queue longer than --max-queue-wait.", &self.shed),
             (

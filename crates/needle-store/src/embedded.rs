@@ -222,7 +222,7 @@ impl Store for EmbeddedStore {
         })
     }
 
-    fn upsert_items<'a>(&'a self, items: &'a [ItemRecord]) -> StoreFuture<'a, ()> {
+    fn upsert_items<'a>(&'a self, items: &'a [ItemRecord]) -> StoreFuture<'a, u64> {
         let records: Vec<(String, Vec<u8>)> = items.iter().map(|it| (it.id.clone(), to_json(&it.details))).collect();
         Box::pin(self.write_blocking(move |tx| {
             let (mut t, mut live, mut deleted) = (tx.open_table(ITEMS)?, tx.open_table(LIVE)?, tx.open_table(DELETED)?);
@@ -231,11 +231,11 @@ impl Store for EmbeddedStore {
                 live.insert(id.as_str(), ())?;
                 deleted.remove(id.as_str())?;
             }
-            Ok(())
+            Ok(0)
         }))
     }
 
-    fn delete_items<'a>(&'a self, ids: &'a [&'a str]) -> StoreFuture<'a, usize> {
+    fn delete_items<'a>(&'a self, ids: &'a [&'a str]) -> StoreFuture<'a, (usize, u64)> {
         let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
         Box::pin(self.write_blocking(move |tx| {
             let (mut t, mut live, mut deleted) = (tx.open_table(ITEMS)?, tx.open_table(LIVE)?, tx.open_table(DELETED)?);
@@ -245,7 +245,7 @@ impl Store for EmbeddedStore {
                 live.remove(id.as_str())?;
                 deleted.insert(id.as_str(), ())?;
             }
-            Ok(had)
+            Ok((had, 0))
         }))
     }
 

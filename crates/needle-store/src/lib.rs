@@ -109,12 +109,14 @@ pub trait Store: Send + Sync {
 
     /// Writes items published while serving: their details, and a mark that they came live,
     /// so that an engine loaded later (a restart, a reload, another server) applies them again.
-    /// An upsert cancels an earlier deletion of the same id. All or nothing.
-    fn upsert_items<'a>(&'a self, items: &'a [ItemRecord]) -> StoreFuture<'a, ()>;
+    /// An upsert cancels an earlier deletion of the same id. Returns the store's
+    /// [`Store::change_count`] right after this write.
+    fn upsert_items<'a>(&'a self, items: &'a [ItemRecord]) -> StoreFuture<'a, u64>;
 
     /// Removes items: their details and live marks go, and a deletion mark stays, so a trained
-    /// item stays removed across restarts. Returns how many of them had details. All or nothing.
-    fn delete_items<'a>(&'a self, ids: &'a [&'a str]) -> StoreFuture<'a, usize>;
+    /// item stays removed across restarts. Returns how many of them had details, and the
+    /// store's [`Store::change_count`] right after this write.
+    fn delete_items<'a>(&'a self, ids: &'a [&'a str]) -> StoreFuture<'a, (usize, u64)>;
 
     /// Every live upsert (with its current details) and deletion recorded so far.
     fn live_changes(&self) -> StoreFuture<'_, LiveChanges>;
@@ -283,7 +285,7 @@ pub(crate) mod conformance {
         };
         store.upsert_items(std::slice::from_ref(&fresh)).await.unwrap();
         assert_eq!(store.items(&["new-1"]).await.unwrap()[0].as_ref(), Some(&fresh.details));
-        assert_eq!(store.delete_items(&["i3", "ghost"]).await.unwrap(), 1);
+        assert_eq!(store.delete_items(&["i3", "ghost"]).await.unwrap().0, 1);
         assert_eq!(store.items(&["i3"]).await.unwrap()[0], None);
         let changes = store.live_changes().await.unwrap();
         assert_eq!(changes.upserted.len(), 1);
@@ -293,7 +295,7 @@ pub(crate) mod conformance {
         deleted.sort();
         assert_eq!(deleted, vec!["ghost", "i3"]);
         // Deleting a live item removes its live mark; upserting a deleted one clears the deletion.
-        assert_eq!(store.delete_items(&["new-1"]).await.unwrap(), 1);
+        assert_eq!(store.delete_items(&["new-1"]).await.unwrap().0, 1);
         let again = ItemRecord { id: "i3".into(), details: items[3].details.clone() };
         store.upsert_items(&[again]).await.unwrap();
         let changes = store.live_changes().await.unwrap();

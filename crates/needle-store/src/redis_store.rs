@@ -7,9 +7,9 @@
 //! The same code runs against Redis Cluster (`redis+cluster://HOST:PORT,HOST:PORT,…`). Keys are
 //! laid out for it: a user's profile and history share the hash tag `{u:ID}`, so the pipelined
 //! read and the MULTI of an event go to one shard; the catalogue's change sets and counters share
-//! `{catalogue}`; item details spread over every shard, and MGET/MSET are split by slot by the
-//! cluster client, which also follows MOVED/ASK redirects and re-reads the slot map after a
-//! failover. No command crosses slots inside a pipeline or a MULTI, so nothing needs a
+//! `{catalogue}`; item details spread over every shard and are read and written one key per
+//! command, all in flight at once. The cluster client follows MOVED/ASK redirects and re-reads
+//! the slot map after a failover. No command crosses slots inside a pipeline or a MULTI, so nothing needs a
 //! cross-slot transaction: where two writes go to different shards, their order keeps every
 //! intermediate state valid (details before the live mark; the deletion mark before details go).
 
@@ -139,6 +139,59 @@ impl RedisStore {
         StoreError::Redis { url: self.url.clone(), source }
     }
 
+    /// The values of many keys. One server: one MGET. A cluster: one GET per key, each routed
+    /// to its shard and all in flight at once; the cluster client's own splitting of a
+    /// multi-slot MGET failed to put the replies back together after a failover (redis-rs
+    /// 1.8.1: every MGET over two slots failed until restart), and single-key commands have no
+    /// replies to recombine.
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
+        let mut con = self.con.clone();
+        match &self.con {
+            Con::Single(_) => redis::cmd("MGET").arg(keys).query_async(&mut con).await.map_err(|e| self.err(e)),
+            Con::Cluster(c) => {
+                let gets = keys.iter().map(|k| {
+                    let mut c = c.clone();
+                    async move { redis::cmd("GET").arg(k).query_async::<Option<Vec<u8>>>(&mut c).await }
+                });
+                futures_util::future::try_join_all(gets).await.map_err(|e| self.err(e))
+            }
+        }
+    }
+
+    /// Sets many keys (MSET, or one SET per key on a cluster, as for [`Self::get_many`]).
+    async fn set_many(&self, pairs: &[(String, Vec<u8>)]) -> Result<()> {
+        match &self.con {
+            Con::Single(c) => {
+                let mut mset = redis::cmd("MSET");
+                for (k, v) in pairs {
+                    mset.arg(k).arg(v);
+                }
+                mset.query_async::<()>(&mut c.clone()).await.map_err(|e| self.err(e))
+            }
+            Con::Cluster(c) => {
+                let sets = pairs.iter().map(|(k, v)| {
+                    let mut c = c.clone();
+                    async move { redis::cmd("SET").arg(k).arg(v).query_async::<()>(&mut c).await }
+                });
+                futures_util::future::try_join_all(sets).await.map(drop).map_err(|e| self.err(e))
+            }
+        }
+    }
+
+    /// Deletes many keys; returns how many existed (as for [`Self::get_many`]).
+    async fn del_many(&self, keys: &[String]) -> Result<usize> {
+        match &self.con {
+            Con::Single(c) => redis::cmd("DEL").arg(keys).query_async(&mut c.clone()).await.map_err(|e| self.err(e)),
+            Con::Cluster(c) => {
+                let dels = keys.iter().map(|k| {
+                    let mut c = c.clone();
+                    async move { redis::cmd("DEL").arg(k).query_async::<usize>(&mut c).await }
+                });
+                Ok(futures_util::future::try_join_all(dels).await.map_err(|e| self.err(e))?.into_iter().sum())
+            }
+        }
+    }
+
     /// Writes one user's profile and history (one shard, one pipeline).
     async fn load_user(&self, u: &UserRecord, max_history: usize) -> Result<()> {
         let json = serde_json::to_vec(&u.profile.features).map_err(|e| corrupt(u.id.clone(), e))?;
@@ -154,10 +207,11 @@ impl RedisStore {
         p.query_async::<()>(&mut con).await.map_err(|e| self.err(e))
     }
 
-    /// Marks catalogue changes in the `{catalogue}` shard, all at once, and counts them.
-    async fn mark(&self, add_to: &str, remove_from: &str, ids: &[&str]) -> Result<()> {
+    /// Marks catalogue changes in the `{catalogue}` shard, all at once, and counts them;
+    /// returns the new count.
+    async fn mark(&self, add_to: &str, remove_from: &str, ids: &[&str]) -> Result<u64> {
         let mut con = self.con.clone();
-        redis::pipe()
+        let (count,): (u64,) = redis::pipe()
             .atomic()
             .cmd("SADD")
             .arg(add_to)
@@ -169,11 +223,21 @@ impl RedisStore {
             .ignore()
             .cmd("INCR")
             .arg(SEQ)
-            .ignore()
-            .query_async::<()>(&mut con)
+            .query_async(&mut con)
             .await
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        Ok(count)
     }
+}
+
+/// Items as (key, JSON details) pairs.
+fn item_pairs(items: &[ItemRecord]) -> Result<Vec<(String, Vec<u8>)>> {
+    items
+        .iter()
+        .map(|it| {
+            Ok((format!("{ITEM}{}", it.id), serde_json::to_vec(&it.details).map_err(|e| corrupt(it.id.clone(), e))?))
+        })
+        .collect()
 }
 
 fn corrupt(key: String, e: serde_json::Error) -> StoreError {
@@ -191,9 +255,7 @@ impl Store for RedisStore {
                 return Ok(Vec::new());
             }
             let keys: Vec<String> = ids.iter().map(|id| format!("{ITEM}{id}")).collect();
-            let mut con = self.con.clone();
-            let raw: Vec<Option<Vec<u8>>> =
-                redis::cmd("MGET").arg(&keys).query_async(&mut con).await.map_err(|e| self.err(e))?;
+            let raw = self.get_many(&keys).await?;
             raw.into_iter()
                 .zip(keys)
                 .map(|(v, key)| v.map(|b| serde_json::from_slice(&b).map_err(|e| corrupt(key, e))).transpose())
@@ -266,12 +328,7 @@ impl Store for RedisStore {
             redis::cmd("DEL").arg(TAG).query_async::<()>(&mut con).await.map_err(|e| self.err(e))?;
             let mut done = 0;
             for chunk in items.chunks(LOAD_BATCH) {
-                let mut mset = redis::cmd("MSET");
-                for it in chunk {
-                    let json = serde_json::to_vec(&it.details).map_err(|e| corrupt(it.id.clone(), e))?;
-                    mset.arg(format!("{ITEM}{}", it.id)).arg(json);
-                }
-                mset.query_async::<()>(&mut con).await.map_err(|e| self.err(e))?;
+                self.set_many(&item_pairs(chunk)?).await?;
                 done += chunk.len();
                 progress(done);
             }
@@ -287,35 +344,28 @@ impl Store for RedisStore {
         })
     }
 
-    fn upsert_items<'a>(&'a self, items: &'a [ItemRecord]) -> StoreFuture<'a, ()> {
+    fn upsert_items<'a>(&'a self, items: &'a [ItemRecord]) -> StoreFuture<'a, u64> {
         Box::pin(async move {
             if items.is_empty() {
-                return Ok(());
+                return self.change_count().await;
             }
             // Details first: once an item is marked live, its details are there to read.
-            let mut mset = redis::cmd("MSET");
-            for it in items {
-                let json = serde_json::to_vec(&it.details).map_err(|e| corrupt(it.id.clone(), e))?;
-                mset.arg(format!("{ITEM}{}", it.id)).arg(json);
-            }
-            let mut con = self.con.clone();
-            mset.query_async::<()>(&mut con).await.map_err(|e| self.err(e))?;
+            self.set_many(&item_pairs(items)?).await?;
             let ids: Vec<&str> = items.iter().map(|it| it.id.as_str()).collect();
             self.mark(LIVE, DELETED, &ids).await
         })
     }
 
-    fn delete_items<'a>(&'a self, ids: &'a [&'a str]) -> StoreFuture<'a, usize> {
+    fn delete_items<'a>(&'a self, ids: &'a [&'a str]) -> StoreFuture<'a, (usize, u64)> {
         Box::pin(async move {
             if ids.is_empty() {
-                return Ok(0);
+                return Ok((0, self.change_count().await?));
             }
             // The deletion mark first: from then on no server applies the item, whatever
             // happens to its details.
-            self.mark(DELETED, LIVE, ids).await?;
+            let count = self.mark(DELETED, LIVE, ids).await?;
             let keys: Vec<String> = ids.iter().map(|id| format!("{ITEM}{id}")).collect();
-            let mut con = self.con.clone();
-            redis::cmd("DEL").arg(&keys).query_async(&mut con).await.map_err(|e| self.err(e))
+            Ok((self.del_many(&keys).await?, count))
         })
     }
 
@@ -515,7 +565,8 @@ pub mod testing {
             let child = Command::new("redis-server")
                 .args(["--port", &p, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .args(["--cluster-enabled", "yes", "--cluster-config-file", &format!("nodes-{p}.conf")])
-                .args(["--cluster-node-timeout", "1000"])
+                // Fast failure detection, and a replica that promotes itself however stale.
+                .args(["--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0"])
                 .current_dir(dir.path())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -547,11 +598,22 @@ pub mod testing {
         if !created.success() {
             return None;
         }
-        // Every node must agree that all slots are served before a client can rely on it.
+        // Every node must agree that all slots are served, and every replica must have synced
+        // with its master (so that it can take over), before a test relies on the cluster.
         for &port in &ports {
             let ok = (0..400).any(|_| {
-                let out = Command::new("redis-cli").args(["-p", &port.to_string(), "cluster", "info"]).output();
-                let ok = out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"));
+                let p = port.to_string();
+                let info = |args: &[&str]| {
+                    Command::new("redis-cli")
+                        .args(["-p", &p])
+                        .args(args)
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .unwrap_or_default()
+                };
+                let repl = info(&["info", "replication"]);
+                let synced = !repl.contains("role:slave") || repl.contains("master_link_status:up");
+                let ok = synced && info(&["cluster", "info"]).contains("cluster_state:ok");
                 if !ok {
                     std::thread::sleep(std::time::Duration::from_millis(25));
                 }
@@ -682,8 +744,8 @@ mod tests {
         let mut rx = b.subscribe().expect("Redis relays announcements");
         let before = b.change_count().await.unwrap();
         let item = ItemRecord { id: "x".into(), details: ItemDetails::default() };
-        a.upsert_items(&[item]).await.unwrap();
-        a.delete_items(&["y"]).await.unwrap();
+        assert_eq!(a.upsert_items(&[item]).await.unwrap(), before + 1);
+        assert_eq!(a.delete_items(&["y"]).await.unwrap(), (0, before + 2));
         assert_eq!(b.change_count().await.unwrap(), before + 2);
         // The subscription may take a moment to be in place: announce until one arrives.
         let got = tokio::time::timeout(Duration::from_secs(10), async {

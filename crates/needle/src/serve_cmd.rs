@@ -135,6 +135,10 @@ pub struct ServeArgs {
     /// hash of their id (default: all to `--run`).
     #[arg(long, value_name = "NAME=W,...", value_parser = needle_serve::versions::parse_weights)]
     pub traffic: Option<std::collections::BTreeMap<String, u32>>,
+    /// With Redis shared by several servers: how often to check for catalogue changes whose
+    /// pub/sub announcement this server missed (e.g. 5s, 500ms).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub resync_every: Duration,
 }
 
 /// The variable a token may also come from, so that it stays out of shell history and `ps`.
@@ -200,6 +204,7 @@ pub fn serve(f: ServeArgs, threads: Option<usize>) -> Result<()> {
         name: f.version_name,
         versions,
         traffic: f.traffic,
+        resync_every: f.resync_every,
         limits: Limits {
             max_k: f.max_k,
             max_history: f.max_history,

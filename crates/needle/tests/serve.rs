@@ -1126,3 +1126,161 @@ fn versions_side_by_side_split_users_stably_and_roll_back_under_load() {
     assert_eq!(list["versions"].as_array().unwrap().len(), 2, "{list}");
     del("yt").rejects(409, "drain it first");
 }
+
+/// A small log whose items carry features, and a tower that embeds new items from them:
+/// `runs/cold`, with `data/items.csv` (id, category, price band).
+fn trained_with_item_features(dir: &Path) {
+    let synth = ["data", "synth", "--users", "800", "--items", "400", "--events", "16000", "--csv"];
+    ok(&needle(&[&synth[..], &["--cold-items", "0.1", "--out", "data", "--quiet"]].concat(), dir));
+    let shipped = include_str!("../../../configs/synth/youtubednn-cold.toml");
+    let model = shipped.replace("../../data/synth-cold/schema.toml", "data/schema.toml");
+    std::fs::write(dir.join("cold.toml"), model).unwrap();
+    ok(&needle(&["--threads", "2", "train", "--config", "cold.toml", "--out", "runs/cold", "--quiet"], dir));
+}
+
+/// Polls until `done` holds, for at most `limit`; returns how long it took.
+fn within(limit: Duration, what: &str, mut done: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.elapsed()
+}
+
+#[test]
+fn two_servers_on_one_redis_cluster_see_each_others_events_and_catalogue_changes() {
+    let Some(cluster) = needle_store::testing::cluster() else {
+        eprintln!("SKIPPED: no redis-server/redis-cli on PATH and NEEDLE_TEST_REDIS_CLUSTER is not set");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    trained_with_item_features(dir);
+    let url = cluster.url.as_str();
+    ok(&needle(&["store", "load", "--run", "runs/cold", "--store", url], dir));
+    let args = ["--run", "runs/cold", "--store", url, "--resync-every", "300ms"];
+    let (one, two) = (Server::start(dir, &args), Server::start(dir, &args));
+    let (a, b) = (one.addr.as_str(), two.addr.as_str());
+
+    // An event posted to one server changes the next recall from the other.
+    let user = format!("new-{}-{}", std::process::id(), now_nanos());
+    let anon = post(b, "/v1/recall", &json!({"user_id": user, "k": 5})).json();
+    assert_eq!(anon["known_user"], false, "{anon}");
+    let items = csv_rows(&dir.join("data/items.csv"));
+    assert_eq!(post(a, "/v1/events", &json!({"user_id": user, "item_id": items[0][0]})).status, 200);
+    let v = post(b, "/v1/recall", &json!({"user_id": user, "k": 5})).json();
+    assert_eq!((v["known_user"].as_bool(), v["source"].as_str()), (Some(true), Some("model")), "{v}");
+
+    // An item published on one server is recalled by the other, through the announcement.
+    let category = items[0][1].clone();
+    let fresh = format!("fresh-{}", now_nanos());
+    let body = json!({"items": [{"id": fresh, "title": "Fresh", "category": category, "price_band": items[0][2]}]});
+    let r = post(a, "/v1/items", &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let ask = json!({"user_id": user, "k": 400, "filter": {"category": category}, "exclude_seen": false});
+    let took = within(Duration::from_secs(5), "the other server recalls the published item", || {
+        ids(&post(b, "/v1/recall", &ask).json()).contains(&fresh)
+    });
+    eprintln!("published on one server, recalled by the other after {took:?}");
+    assert!(metrics_text(b).contains("needle_changes_followed_total 1\n"), "{}", metrics_text(b));
+    // Deleted on the other one: gone from both.
+    let r = http(b, "DELETE", &format!("/v1/items/{fresh}"), b"", &bearer(TOKEN));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    within(Duration::from_secs(5), "the delete reaches the first server", || {
+        !ids(&post(a, "/v1/recall", &ask).json()).contains(&fresh)
+    });
+    assert!(!ids(&post(b, "/v1/recall", &ask).json()).contains(&fresh));
+
+    // A change nobody announced (written to the store directly) is found by the re-sync.
+    let quiet = format!("quiet-{}", now_nanos());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use needle_store::Store;
+        let s = needle_store::RedisStore::connect(url).await.unwrap();
+        let details = needle_store::ItemDetails {
+            title: Some("Quiet".into()),
+            attributes: [
+                ("category".to_owned(), vec![category.clone()]),
+                ("price_band".to_owned(), vec![items[0][2].clone()]),
+            ]
+            .into(),
+        };
+        s.upsert_items(&[needle_store::ItemRecord { id: quiet.clone(), details }]).await.unwrap();
+    });
+    for srv in [a, b] {
+        within(Duration::from_secs(5), "the re-sync applies an unannounced change", || {
+            ids(&post(srv, "/v1/recall", &ask).json()).contains(&quiet)
+        });
+        assert!(!metrics_text(srv).contains("needle_resyncs_total 0\n"));
+    }
+}
+
+#[test]
+fn a_redis_cluster_master_killed_under_load_fails_requests_only_for_the_failover() {
+    let Some(mut cluster) = needle_store::testing::private_cluster(3, 1) else {
+        eprintln!("SKIPPED: no redis-server/redis-cli on PATH");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    trained(dir);
+    let url = cluster.url.clone();
+    ok(&needle(&["store", "load", "--run", "runs/yt", "--store", &url], dir));
+    let srv = Server::start(dir, &["--run", "runs/yt", "--store", &url]);
+    let a = srv.addr.clone();
+    let master = *cluster
+        .ports
+        .iter()
+        .find(|p| {
+            let out = Command::new("redis-cli").args(["-p", &p.to_string(), "role"]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).starts_with("master")
+        })
+        .unwrap();
+
+    // Recalls of known users (every one reads a user's shard and item details on all shards).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let (a, stop) = (a.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut log = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = post(&a, "/v1/recall", &json!({"user_id": format!("u{}", n % 300), "k": 10}));
+                log.push((Instant::now(), r.status));
+                n += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            log
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    cluster.kill(master);
+    // Recovered: a full second of answers after the kill without a failure.
+    let recovered = within(Duration::from_secs(30), "serving recovers after the failover", || {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(1) {
+            if post(&a, "/v1/recall", &json!({"user_id": "u7", "k": 10})).status != 200 {
+                return false;
+            }
+        }
+        true
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let log = client.join().unwrap();
+    let failed: Vec<&(Instant, u16)> = log.iter().filter(|(_, s)| *s != 200).collect();
+    assert!(failed.iter().all(|(_, s)| *s == 503), "failures other than 503: {failed:?}");
+    let window = match (failed.first(), failed.last()) {
+        (Some(f), Some(l)) => l.0.duration_since(f.0),
+        _ => Duration::ZERO,
+    };
+    assert!(failed.iter().all(|(t, _)| *t >= killed), "requests failed before the kill");
+    eprintln!(
+        "{} requests, {} failed (all 503) over {window:?} after the kill; serving again after {recovered:?}",
+        log.len(),
+        failed.len()
+    );
+    assert!(log.iter().filter(|(t, s)| *t > killed + recovered && *s == 200).count() > 0);
+}
