@@ -287,6 +287,10 @@ fn request_json() -> Seeds {
             br#"{"items": [{"id": "new-1", "title": "New", "genres": ["Comedy", "Drama"], "year": 1999}, {"id": 7}]}"#,
         ),
         seed("bad-items-duplicate", 3, br#"{"items": [{"id": "a"}, {"id": "a"}]}"#),
+        seed("traffic", 4, br#"{"weights": {"youtubednn": 90, "canary": 10}}"#),
+        seed("bad-traffic-negative", 4, br#"{"weights": {"a": -1}}"#),
+        seed("version-add", 5, br#"{"name": "canary", "run": "runs/youtubednn-reg"}"#),
+        seed("bad-version-no-run", 5, br#"{"name": "canary"}"#),
     ]
 }
 

@@ -47,12 +47,13 @@ pub fn store_records(data: &[u8]) -> bool {
 }
 
 /// Routes with a JSON body, in selector order.
-pub const ROUTES: [&str; 4] = ["/v1/recall", "/v1/events", "/admin/reload", "/v1/items"];
+pub const ROUTES: [&str; 6] =
+    ["/v1/recall", "/v1/events", "/admin/reload", "/v1/items", "/admin/traffic", "/admin/versions"];
 
 /// Request bodies as the server's handlers parse and check them before the model or the store is
 /// consulted (`needle_serve::http::check_request_body`), under the default limits.
 ///
-/// Selector modulo 4 picks the route from [`ROUTES`].
+/// The selector modulo 6 picks the route from [`ROUTES`].
 pub fn request_json(data: &[u8]) -> bool {
     let (sel, body) = selector(data);
     let route = ROUTES[usize::from(sel) % ROUTES.len()];
