@@ -6,7 +6,8 @@
 #      single Redis, 2,000 requests/s each;
 #   3. the cluster run again with per-second rows, one master killed (SIGKILL) 10 s in.
 # Usage: NEEDLE_DATA_DIR=... bench/scaleout.sh [RUN] [CANARY_RUN] [DURATION]
-#        (defaults: runs/youtubednn runs/youtubednn-reg 30s)
+#        (defaults: runs/youtubednn runs/youtubednn-reg 30s); ONLY=cluster runs parts 2 and 3
+#        on the cluster alone.
 # Needs redis-server and redis-cli (Debian: apt-get install redis-server). Logs: /tmp/needle-scaleout.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +49,14 @@ admin() { # args: method, path
     curl -s -X "$1" "http://$ADDR$2" -H "authorization: Bearer $TOKEN"
 }
 
+redis_node() { # args: port, extra flags
+    local port=$1; shift
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes --dir "$WORK" \
+        --pidfile "$WORK/$port.pid" --logfile "$WORK/$port.log" "$@" > /dev/null
+    for _ in $(seq 50); do redis-cli -p "$port" ping > /dev/null 2>&1 && return; sleep 0.1; done
+}
+
+if [ "${ONLY:-}" != cluster ]; then
 # 1. Versions side by side, rolled back and forth under load.
 name=$(basename "$RUN")
 start_server --add-version "canary=$CANARY" --traffic "$name=90,canary=10"
@@ -60,17 +69,12 @@ echo; echo "recalls by version:"; curl -s "http://$ADDR/metrics" | grep '^needle
 stop_server
 
 # 2. One Redis against a Redis Cluster.
-redis_node() { # args: port, extra flags
-    local port=$1; shift
-    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes --dir "$WORK" \
-        --pidfile "$WORK/$port.pid" --logfile "$WORK/$port.log" "$@" > /dev/null
-    for _ in $(seq 50); do redis-cli -p "$port" ping > /dev/null 2>&1 && return; sleep 0.1; done
-}
 redis_node 6390
 "$NEEDLE" store load --run "$RUN" --store redis://127.0.0.1:6390
 start_server --store redis://127.0.0.1:6390
 load "one Redis 7.0.15"
 stop_server
+fi
 
 PORTS="7481 7482 7483 7484 7485 7486"
 for p in $PORTS; do

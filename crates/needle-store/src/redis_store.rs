@@ -7,8 +7,8 @@
 //! The same code runs against Redis Cluster (`redis+cluster://HOST:PORT,HOST:PORT,…`). Keys are
 //! laid out for it: a user's profile and history share the hash tag `{u:ID}`, so the pipelined
 //! read and the MULTI of an event go to one shard; the catalogue's change sets and counters share
-//! `{catalogue}`; item details spread over every shard and are read and written one key per
-//! command, all in flight at once. The cluster client follows MOVED/ASK redirects and re-reads
+//! `{catalogue}`; item details spread over 16 hash-tag buckets, so a recall reads its k items
+//! with at most 16 single-slot MGETs, all in flight at once. The cluster client follows MOVED/ASK redirects and re-reads
 //! the slot map after a failover. No command crosses slots inside a pipeline or a MULTI, so nothing needs a
 //! cross-slot transaction: where two writes go to different shards, their order keeps every
 //! intermediate state valid (details before the live mark; the deletion mark before details go).
@@ -19,7 +19,10 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use std::time::Duration;
 
-const ITEM: &str = "needle:item:";
+/// Item details are spread over this many hash-tag buckets: a cluster then serves a recall's
+/// k item reads with at most this many commands (one MGET per bucket), where one key per
+/// command cost 100 commands per recall and capped a 2-core server at 1,277 recalls/s.
+const ITEM_BUCKETS: u64 = 16;
 /// The loaded-data tag. Its name changed with the key layout, so a Redis filled by an older
 /// layout reads as empty and is filled again rather than half-read.
 const TAG: &str = "needle:{catalogue}:loaded:v2";
@@ -35,6 +38,34 @@ pub const CHANGES_CHANNEL: &str = "needle:changes";
 const LOAD_BATCH: usize = 2_000;
 /// Users whose keys are written at once while loading (each user is one pipeline to its shard).
 const LOAD_USERS_IN_FLIGHT: usize = 256;
+
+/// `needle:item:{iB}:ID`, B the id's bucket.
+fn item_key(id: &str) -> String {
+    format!("needle:item:{{i{}}}:{id}", item_bucket(id))
+}
+
+fn item_bucket(id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in id.as_bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h ^ (h >> 29)) % ITEM_BUCKETS
+}
+
+/// The bucket of an item key (the digits between `{i` and `}`).
+fn bucket_of(key: &str) -> u64 {
+    key.split_once("{i").and_then(|(_, r)| r.split_once('}')).and_then(|(b, _)| b.parse().ok()).unwrap_or(0)
+}
+
+/// Groups key positions by bucket: the commands a cluster gets.
+fn by_bucket<'k>(keys: impl Iterator<Item = &'k str>) -> Vec<Vec<usize>> {
+    let mut groups = vec![Vec::new(); ITEM_BUCKETS as usize];
+    for (i, k) in keys.enumerate() {
+        groups[bucket_of(k) as usize].push(i);
+    }
+    groups.retain(|g| !g.is_empty());
+    groups
+}
 
 fn profile_key(user: &str) -> String {
     format!("needle:{{u:{user}}}:profile")
@@ -83,7 +114,41 @@ pub struct RedisStore {
     url: String,
     /// Where to subscribe to change announcements (every node of a cluster relays them).
     nodes: Vec<String>,
-    con: Con,
+    con: std::sync::Arc<std::sync::RwLock<Con>>,
+    /// With a cluster: what rebuilds the connection when it stops recovering by itself.
+    healer: Option<std::sync::Arc<Healer>>,
+}
+
+/// Replaces a cluster connection that keeps failing with a fresh one. After a master was killed
+/// under load, the client's own connection kept timing out on the dead node's slots long after
+/// a replica had taken them over (every call failed for the rest of a 30 s run), while a new
+/// connection reads the current slot map from a live node and works at once.
+struct Healer {
+    client: redis::cluster::ClusterClient,
+    /// When the last rebuild started (ms since `epoch`); at most one a second.
+    last: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+}
+
+impl Healer {
+    fn heal(self: &std::sync::Arc<Self>, con: &std::sync::Arc<std::sync::RwLock<Con>>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.epoch.elapsed().as_millis() as u64 + 1_000;
+        let last = self.last.load(Relaxed);
+        if now < last + 1_000 || self.last.compare_exchange(last, now, Relaxed, Relaxed).is_err() {
+            return;
+        }
+        let (me, con) = (self.clone(), con.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(2), me.client.get_async_connection()).await {
+                    Ok(Ok(fresh)) => *con.write().unwrap_or_else(|e| e.into_inner()) = Con::Cluster(fresh),
+                    Ok(Err(e)) => tracing::warn!("redis cluster: reconnecting failed (retried on the next error): {e}"),
+                    Err(_) => tracing::warn!("redis cluster: reconnecting timed out (retried on the next error)"),
+                }
+            });
+        }
+    }
 }
 
 /// `redis+cluster://h1:p1,h2:p2` → the node URLs `redis://h1:p1`, `redis://h2:p2`.
@@ -106,6 +171,7 @@ impl RedisStore {
         let fail = |source| StoreError::Redis { url: url.to_owned(), source };
         // Short timeouts and few retries: a request waiting on a dead Redis should fail within
         // its own time budget, not queue behind reconnection attempts.
+        let mut healer = None;
         let (con, nodes) = match cluster_nodes(url) {
             Some(nodes) => {
                 let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
@@ -116,7 +182,10 @@ impl RedisStore {
                     .max_retry_wait(200)
                     .build()
                     .map_err(fail)?;
-                (Con::Cluster(client.get_async_connection().await.map_err(fail)?), nodes)
+                let con = client.get_async_connection().await.map_err(fail)?;
+                let epoch = std::time::Instant::now();
+                healer = Some(std::sync::Arc::new(Healer { client, last: 0.into(), epoch }));
+                (Con::Cluster(con), nodes)
             }
             None => {
                 let client = redis::Client::open(url).map_err(fail)?;
@@ -132,64 +201,88 @@ impl RedisStore {
         };
         let mut con = con;
         redis::cmd("PING").query_async::<String>(&mut con).await.map_err(fail)?;
-        Ok(RedisStore { url: url.to_owned(), nodes, con })
+        Ok(RedisStore { url: url.to_owned(), nodes, con: std::sync::Arc::new(std::sync::RwLock::new(con)), healer })
+    }
+
+    /// The connection to send on (a cheap handle to a shared multiplexed connection).
+    fn con(&self) -> Con {
+        self.con.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn err(&self, source: redis::RedisError) -> StoreError {
+        let transient = source.is_timeout()
+            || source.is_io_error()
+            || source.is_connection_dropped()
+            || source.is_connection_refusal()
+            || source.is_cluster_error();
+        if let (Some(h), true) = (&self.healer, transient) {
+            h.heal(&self.con);
+        }
         StoreError::Redis { url: self.url.clone(), source }
     }
 
-    /// The values of many keys. One server: one MGET. A cluster: one GET per key, each routed
-    /// to its shard and all in flight at once; the cluster client's own splitting of a
-    /// multi-slot MGET failed to put the replies back together after a failover (redis-rs
-    /// 1.8.1: every MGET over two slots failed until restart), and single-key commands have no
-    /// replies to recombine.
+    /// The values of many item keys. One server: one MGET. A cluster: one MGET per bucket, all in
+    /// flight at once, each to the one slot its bucket hashes to. (The cluster client can split a
+    /// multi-slot MGET itself, but its recombination of the replies failed after a failover and
+    /// kept failing, with redis-rs 1.8.1.)
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
-        let mut con = self.con.clone();
-        match &self.con {
+        let mut con = self.con();
+        match self.con() {
             Con::Single(_) => redis::cmd("MGET").arg(keys).query_async(&mut con).await.map_err(|e| self.err(e)),
             Con::Cluster(c) => {
-                let gets = keys.iter().map(|k| {
+                let groups = by_bucket(keys.iter().map(String::as_str));
+                let gets = groups.iter().map(|g| {
                     let mut c = c.clone();
-                    async move { redis::cmd("GET").arg(k).query_async::<Option<Vec<u8>>>(&mut c).await }
+                    let mut mget = redis::cmd("MGET");
+                    for &i in g {
+                        mget.arg(&keys[i]);
+                    }
+                    async move { mget.query_async::<Vec<Option<Vec<u8>>>>(&mut c).await }
                 });
-                futures_util::future::try_join_all(gets).await.map_err(|e| self.err(e))
-            }
-        }
-    }
-
-    /// Sets many keys (MSET, or one SET per key on a cluster, as for [`Self::get_many`]).
-    async fn set_many(&self, pairs: &[(String, Vec<u8>)]) -> Result<()> {
-        match &self.con {
-            Con::Single(c) => {
-                let mut mset = redis::cmd("MSET");
-                for (k, v) in pairs {
-                    mset.arg(k).arg(v);
+                let replies = futures_util::future::try_join_all(gets).await.map_err(|e| self.err(e))?;
+                let mut out = vec![None; keys.len()];
+                for (g, values) in groups.iter().zip(replies) {
+                    for (&i, v) in g.iter().zip(values) {
+                        out[i] = v;
+                    }
                 }
-                mset.query_async::<()>(&mut c.clone()).await.map_err(|e| self.err(e))
-            }
-            Con::Cluster(c) => {
-                let sets = pairs.iter().map(|(k, v)| {
-                    let mut c = c.clone();
-                    async move { redis::cmd("SET").arg(k).arg(v).query_async::<()>(&mut c).await }
-                });
-                futures_util::future::try_join_all(sets).await.map(drop).map_err(|e| self.err(e))
+                Ok(out)
             }
         }
     }
 
-    /// Deletes many keys; returns how many existed (as for [`Self::get_many`]).
-    async fn del_many(&self, keys: &[String]) -> Result<usize> {
-        match &self.con {
-            Con::Single(c) => redis::cmd("DEL").arg(keys).query_async(&mut c.clone()).await.map_err(|e| self.err(e)),
-            Con::Cluster(c) => {
-                let dels = keys.iter().map(|k| {
-                    let mut c = c.clone();
-                    async move { redis::cmd("DEL").arg(k).query_async::<usize>(&mut c).await }
-                });
-                Ok(futures_util::future::try_join_all(dels).await.map_err(|e| self.err(e))?.into_iter().sum())
+    /// Sets many item keys (one MSET, or one per bucket on a cluster, as for [`Self::get_many`]).
+    async fn set_many(&self, pairs: &[(String, Vec<u8>)]) -> Result<()> {
+        let groups = match self.con() {
+            Con::Single(_) => vec![(0..pairs.len()).collect()],
+            Con::Cluster(_) => by_bucket(pairs.iter().map(|(k, _)| k.as_str())),
+        };
+        let sets = groups.iter().map(|g| {
+            let mut c = self.con();
+            let mut mset = redis::cmd("MSET");
+            for &i in g {
+                mset.arg(&pairs[i].0).arg(&pairs[i].1);
             }
-        }
+            async move { mset.query_async::<()>(&mut c).await }
+        });
+        futures_util::future::try_join_all(sets).await.map(drop).map_err(|e| self.err(e))
+    }
+
+    /// Deletes many item keys; returns how many existed (as for [`Self::set_many`]).
+    async fn del_many(&self, keys: &[String]) -> Result<usize> {
+        let groups = match self.con() {
+            Con::Single(_) => vec![(0..keys.len()).collect()],
+            Con::Cluster(_) => by_bucket(keys.iter().map(String::as_str)),
+        };
+        let dels = groups.iter().map(|g| {
+            let mut c = self.con();
+            let mut del = redis::cmd("DEL");
+            for &i in g {
+                del.arg(&keys[i]);
+            }
+            async move { del.query_async::<usize>(&mut c).await }
+        });
+        Ok(futures_util::future::try_join_all(dels).await.map_err(|e| self.err(e))?.into_iter().sum())
     }
 
     /// Writes one user's profile and history (one shard, one pipeline).
@@ -203,14 +296,14 @@ impl RedisStore {
         if !recent.is_empty() {
             p.cmd("RPUSH").arg(&hist).arg(recent).ignore();
         }
-        let mut con = self.con.clone();
+        let mut con = self.con();
         p.query_async::<()>(&mut con).await.map_err(|e| self.err(e))
     }
 
     /// Marks catalogue changes in the `{catalogue}` shard, all at once, and counts them;
     /// returns the new count.
     async fn mark(&self, add_to: &str, remove_from: &str, ids: &[&str]) -> Result<u64> {
-        let mut con = self.con.clone();
+        let mut con = self.con();
         let (count,): (u64,) = redis::pipe()
             .atomic()
             .cmd("SADD")
@@ -234,9 +327,7 @@ impl RedisStore {
 fn item_pairs(items: &[ItemRecord]) -> Result<Vec<(String, Vec<u8>)>> {
     items
         .iter()
-        .map(|it| {
-            Ok((format!("{ITEM}{}", it.id), serde_json::to_vec(&it.details).map_err(|e| corrupt(it.id.clone(), e))?))
-        })
+        .map(|it| Ok((item_key(&it.id), serde_json::to_vec(&it.details).map_err(|e| corrupt(it.id.clone(), e))?)))
         .collect()
 }
 
@@ -254,7 +345,7 @@ impl Store for RedisStore {
             if ids.is_empty() {
                 return Ok(Vec::new());
             }
-            let keys: Vec<String> = ids.iter().map(|id| format!("{ITEM}{id}")).collect();
+            let keys: Vec<String> = ids.iter().map(|id| item_key(id)).collect();
             let raw = self.get_many(&keys).await?;
             raw.into_iter()
                 .zip(keys)
@@ -265,7 +356,7 @@ impl Store for RedisStore {
 
     fn user<'a>(&'a self, id: &'a str, max_history: usize) -> StoreFuture<'a, Option<UserProfile>> {
         Box::pin(async move {
-            let mut con = self.con.clone();
+            let mut con = self.con();
             let start = -(max_history.max(1) as i64);
             let (profile, hist) = (profile_key(id), history_key(id));
             let (features, history, exists): (Option<Vec<u8>>, Vec<String>, i64) = redis::pipe()
@@ -294,7 +385,7 @@ impl Store for RedisStore {
 
     fn append_event<'a>(&'a self, user: &'a str, item: &'a str, max_history: usize) -> StoreFuture<'a, usize> {
         Box::pin(async move {
-            let mut con = self.con.clone();
+            let mut con = self.con();
             let key = history_key(user);
             // MULTI/EXEC so that a concurrent reader never sees the list over its bound.
             let (_, len): ((), usize) = redis::pipe()
@@ -324,7 +415,7 @@ impl Store for RedisStore {
         progress: &'a (dyn Fn(usize) + Send + Sync),
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut con = self.con.clone();
+            let mut con = self.con();
             redis::cmd("DEL").arg(TAG).query_async::<()>(&mut con).await.map_err(|e| self.err(e))?;
             let mut done = 0;
             for chunk in items.chunks(LOAD_BATCH) {
@@ -364,14 +455,14 @@ impl Store for RedisStore {
             // The deletion mark first: from then on no server applies the item, whatever
             // happens to its details.
             let count = self.mark(DELETED, LIVE, ids).await?;
-            let keys: Vec<String> = ids.iter().map(|id| format!("{ITEM}{id}")).collect();
+            let keys: Vec<String> = ids.iter().map(|id| item_key(id)).collect();
             Ok((self.del_many(&keys).await?, count))
         })
     }
 
     fn live_changes(&self) -> StoreFuture<'_, LiveChanges> {
         Box::pin(async move {
-            let mut con = self.con.clone();
+            let mut con = self.con();
             let (mut live, mut deleted): (Vec<String>, Vec<String>) = redis::pipe()
                 .cmd("SMEMBERS")
                 .arg(LIVE)
@@ -400,7 +491,7 @@ impl Store for RedisStore {
 
     fn change_count(&self) -> StoreFuture<'_, u64> {
         Box::pin(async move {
-            let mut con = self.con.clone();
+            let mut con = self.con();
             let n: Option<u64> = redis::cmd("GET").arg(SEQ).query_async(&mut con).await.map_err(|e| self.err(e))?;
             Ok(n.unwrap_or(0))
         })
@@ -408,7 +499,7 @@ impl Store for RedisStore {
 
     fn announce<'a>(&'a self, message: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut con = self.con.clone();
+            let mut con = self.con();
             redis::cmd("PUBLISH")
                 .arg(CHANGES_CHANNEL)
                 .arg(message)
@@ -426,14 +517,14 @@ impl Store for RedisStore {
 
     fn loaded_tag(&self) -> StoreFuture<'_, Option<String>> {
         Box::pin(async move {
-            let mut con = self.con.clone();
+            let mut con = self.con();
             redis::cmd("GET").arg(TAG).query_async(&mut con).await.map_err(|e| self.err(e))
         })
     }
 
     fn set_loaded_tag<'a>(&'a self, tag: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut con = self.con.clone();
+            let mut con = self.con();
             redis::cmd("SET").arg(TAG).arg(tag).query_async(&mut con).await.map_err(|e| self.err(e))
         })
     }
@@ -674,7 +765,7 @@ mod tests {
             return;
         };
         let s = RedisStore::connect(&server.url).await.unwrap();
-        let mut con = s.con.clone();
+        let mut con = s.con();
         let _: () = redis::cmd("FLUSHDB").query_async(&mut con).await.unwrap();
         crate::conformance::check(&s).await;
     }
@@ -717,7 +808,7 @@ mod tests {
             return;
         };
         let s = RedisStore::connect(&cluster.url).await.unwrap();
-        let mut con = s.con.clone();
+        let mut con = s.con();
         // FLUSHALL goes to every master.
         let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await.unwrap();
         crate::conformance::check(&s).await;
@@ -739,7 +830,7 @@ mod tests {
             return;
         };
         let (a, b) = (RedisStore::connect(&server.url).await.unwrap(), RedisStore::connect(&server.url).await.unwrap());
-        let mut con = a.con.clone();
+        let mut con = a.con();
         let _: () = redis::cmd("FLUSHDB").query_async(&mut con).await.unwrap();
         let mut rx = b.subscribe().expect("Redis relays announcements");
         let before = b.change_count().await.unwrap();
@@ -759,6 +850,25 @@ mod tests {
         .await
         .expect("an announcement arrives");
         assert_eq!(got, "hello");
+    }
+
+    #[test]
+    fn item_keys_carry_their_bucket_as_the_hash_tag() {
+        let mut seen = [0usize; ITEM_BUCKETS as usize];
+        for id in (0..1600).map(|i| format!("{i}")).chain(["a{i3}b".to_owned(), "}{".to_owned(), String::new()]) {
+            let key = item_key(&id);
+            // Redis hashes the first `{…}`: the bucket, whatever the id holds.
+            let tag = key.split_once('{').unwrap().1.split_once('}').unwrap().0;
+            assert_eq!(tag, format!("i{}", item_bucket(&id)), "{key}");
+            assert_eq!(bucket_of(&key), item_bucket(&id));
+            seen[item_bucket(&id) as usize] += 1;
+        }
+        // Sequential ids fill every bucket about evenly (100 each).
+        assert!(seen.iter().all(|&n| (60..=140).contains(&n)), "{seen:?}");
+        let keys = [item_key("1"), item_key("2"), item_key("1")];
+        let groups = by_bucket(keys.iter().map(String::as_str));
+        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 3);
+        assert!(groups.iter().any(|g| g.contains(&0) && g.contains(&2)));
     }
 
     #[tokio::test]
