@@ -195,6 +195,7 @@ fn build_template(kind: ModelKind) -> RunTemplate {
             ("item_feat.genres".into(), &genres),
         ],
         item_counts: &ITEM_COUNTS,
+        item_first_seen: &[],
         model: &model,
     };
     if let Err(e) = write_run(dir.path(), &mut info, &contents) {

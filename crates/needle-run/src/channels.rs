@@ -2,7 +2,8 @@
 //!
 //! A production recall stage rarely trusts one model. Each channel proposes its own ranked
 //! candidates — a two-tower run, an item-to-item run (transitions, item-CF), the items nearest
-//! the user's newest items in a run's item-vector space, plain popularity — and a merge rule
+//! the user's newest items in a run's item-vector space, plain popularity, the catalogue's
+//! newest items — and a merge rule
 //! makes one de-duplicated list out of them, remembering which channels found each item.
 //!
 //! The channel file (TOML) is read by `needle eval --channels` (offline, over the test
@@ -27,6 +28,11 @@
 //! [[channel]]
 //! name = "popular"
 //! kind = "popularity"      # training counts of the first channel's run
+//! quota = 10
+//!
+//! [[channel]]
+//! name = "fresh"
+//! kind = "newest"          # items published while serving, then by first training event
 //! quota = 10
 //! ```
 
@@ -63,6 +69,9 @@ pub enum ChannelKind {
     Similar,
     /// The most trained-on items.
     Popularity,
+    /// The catalogue's newest items: those published while serving (newest first), then the
+    /// trained items by the time of their first training event, latest first.
+    Newest,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -133,10 +142,10 @@ impl ChannelsConfig {
                 ChannelKind::Run | ChannelKind::Similar if c.run.is_none() => {
                     return Err(format!("channel `{}` ({:?}) needs `run = \"DIR\"`", c.name, c.kind));
                 }
-                ChannelKind::Popularity if c.run.is_some() => {
+                ChannelKind::Popularity | ChannelKind::Newest if c.run.is_some() => {
                     return Err(format!(
-                        "channel `{}`: popularity reads the first run's counts and takes no `run`",
-                        c.name
+                        "channel `{}`: {:?} reads the first run's item counts and takes no `run`",
+                        c.name, c.kind
                     ));
                 }
                 ChannelKind::Similar if c.recent == 0 => {

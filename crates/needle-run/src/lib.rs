@@ -5,7 +5,8 @@
 //!   model.toml          config, tower shapes, vocabulary sizes, data fingerprint, training summary
 //!   model.safetensors   parameters (the neighbour lists of transitions and item-CF)
 //!   vocab/*.tsv         raw id ↔ row for items, users and every categorical feature
-//!   item_counts.tsv     training events per item row (popularity, the fallback for unknown users)
+//!   item_counts.tsv     per item row: training events (popularity, the fallback for unknown
+//!                       users) and the time of its first training event (the `newest` channel)
 //!   train_log.jsonl     one line per epoch
 //! ```
 //!
@@ -169,6 +170,8 @@ pub struct RunContents<'a> {
     pub vocabs: Vec<(String, &'a Vocab)>,
     /// Training events per item row (row 0 = padding).
     pub item_counts: &'a [u64],
+    /// Each item row's first training event, Unix seconds (0 without one).
+    pub item_first_seen: &'a [i64],
     pub model: &'a Model,
 }
 
@@ -184,8 +187,14 @@ pub fn write_run(dir: &Path, info: &mut RunInfo, contents: &RunContents<'_>) -> 
     for (name, vocab) in &contents.vocabs {
         vocab.save(&dir.join("vocab").join(format!("{name}.tsv")))?;
     }
-    let counts: String =
-        contents.item_counts.iter().enumerate().skip(1).map(|(row, c)| format!("{row}\t{c}\n")).collect();
+    let first = |row: usize| contents.item_first_seen.get(row).copied().unwrap_or(0);
+    let counts: String = contents
+        .item_counts
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(row, c)| format!("{row}\t{c}\t{}\n", first(row)))
+        .collect();
     let counts_path = dir.join(ITEM_COUNTS_FILE);
     std::fs::write(&counts_path, counts).map_err(io(&counts_path))?;
     let ckpt = dir.join(WEIGHTS_FILE);
@@ -264,6 +273,9 @@ pub struct ServingRun {
     pub user_feature_vocabs: Vec<Vocab>,
     /// Training events per item row (row 0 = padding).
     pub item_counts: Vec<u64>,
+    /// Each item row's first training event (Unix seconds, 0 without one); `None` for runs
+    /// saved before the file carried it.
+    pub item_first_seen: Option<Vec<i64>>,
     /// The item features the item tower reads, in its order, and their value vocabularies;
     /// empty for towers that read item ids only.
     pub item_feature_names: Vec<String>,
@@ -271,8 +283,9 @@ pub struct ServingRun {
     pub model: Model,
 }
 
-/// Reads `item_counts.tsv` for an item vocabulary of `rows` rows (padding included).
-fn read_item_counts(dir: &Path, rows: usize) -> Result<Vec<u64>, RunError> {
+/// Reads `item_counts.tsv` for an item vocabulary of `rows` rows (padding included): the
+/// counts, and the first-event times when every line has them.
+fn read_item_counts(dir: &Path, rows: usize) -> Result<(Vec<u64>, Option<Vec<i64>>), RunError> {
     let counts_path = dir.join(ITEM_COUNTS_FILE);
     let text = std::fs::read_to_string(&counts_path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => RunError::Invalid(format!(
@@ -282,13 +295,28 @@ fn read_item_counts(dir: &Path, rows: usize) -> Result<Vec<u64>, RunError> {
         _ => io(&counts_path)(e),
     })?;
     let mut item_counts = vec![0u64; rows];
+    let mut first_seen = Some(vec![0i64; rows]);
     for (i, line) in text.lines().enumerate() {
-        let bad = || RunError::Invalid(format!("{}:{}: expected `row<TAB>count`", counts_path.display(), i + 1));
-        let (row, count) = line.split_once('\t').ok_or_else(bad)?;
+        let bad = || {
+            RunError::Invalid(format!("{}:{}: expected `row<TAB>count[<TAB>first time]`", counts_path.display(), i + 1))
+        };
+        let mut fields = line.split('\t');
+        let (Some(row), Some(count)) = (fields.next(), fields.next()) else { return Err(bad()) };
         let row: usize = row.parse().map_err(|_| bad())?;
         *item_counts.get_mut(row).ok_or_else(bad)? = count.parse().map_err(|_| bad())?;
+        match fields.next() {
+            Some(t) => {
+                if let Some(f) = first_seen.as_mut() {
+                    f[row] = t.parse().map_err(|_| bad())?;
+                }
+            }
+            None => first_seen = None,
+        }
+        if fields.next().is_some() {
+            return Err(bad());
+        }
     }
-    Ok(item_counts)
+    Ok((item_counts, first_seen))
 }
 
 /// Loads a run for serving from its directory alone: manifest, vocabularies, item counts and
@@ -296,7 +324,7 @@ fn read_item_counts(dir: &Path, rows: usize) -> Result<Vec<u64>, RunError> {
 pub fn load_for_serving(dir: &Path) -> Result<ServingRun, RunError> {
     let info = read_info(dir)?;
     let items = read_vocab(dir, "items")?;
-    let item_counts = read_item_counts(dir, items.len())?;
+    let (item_counts, item_first_seen) = read_item_counts(dir, items.len())?;
     let user_feature_names = info.config.model.read_user_features().to_vec();
     let (tables, _) = declared_shapes(&info);
     let user_feature_vocabs = read_feature_vocabs(dir, "user_feat", &user_feature_names, &tables)?;
@@ -320,6 +348,7 @@ pub fn load_for_serving(dir: &Path) -> Result<ServingRun, RunError> {
         user_feature_names,
         user_feature_vocabs,
         item_counts,
+        item_first_seen,
         item_feature_names,
         item_feature_vocabs,
         model,
@@ -516,4 +545,26 @@ fn read_bags(
         bags.push(b);
     }
     Ok(bags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_counts_carry_first_event_times_and_older_files_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(ITEM_COUNTS_FILE);
+        std::fs::write(&path, "1\t5\t1000\n2\t0\t0\n3\t2\t900\n").unwrap();
+        let (counts, first) = read_item_counts(dir.path(), 4).unwrap();
+        assert_eq!((counts, first), (vec![0, 5, 0, 2], Some(vec![0, 1000, 0, 900])));
+        // Written before the times: counts only, and no `newest` order.
+        std::fs::write(&path, "1\t5\n2\t0\n3\t2\n").unwrap();
+        assert_eq!(read_item_counts(dir.path(), 4).unwrap(), (vec![0, 5, 0, 2], None));
+        for bad in ["1\t5\tsoon\n", "1\t5\t1\t2\n", "9\t1\t1\n", "1\n"] {
+            std::fs::write(&path, bad).unwrap();
+            let e = read_item_counts(dir.path(), 4).unwrap_err().to_string();
+            assert!(e.contains("expected `row<TAB>count[<TAB>first time]`"), "{bad:?}: {e}");
+        }
+    }
 }

@@ -40,6 +40,9 @@ pub struct Engine {
     pub index_params: String,
     /// Item rows by training count, most popular first.
     popular: Vec<(u32, f32)>,
+    /// Item rows with training events by the time of their first one (Unix seconds), latest
+    /// first; `None` for runs saved without those times.
+    newest: Option<Vec<(u32, f32)>>,
     /// Newest history items the user tower reads.
     pub max_seq_len: usize,
     /// What request filters select on; empty until [`Engine::set_attributes`].
@@ -161,6 +164,18 @@ impl Engine {
         let mut popular: Vec<(u32, f32)> =
             run.item_counts.iter().enumerate().skip(1).map(|(row, &c)| (row as u32, c as f32)).collect();
         popular.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        // Sorted on the exact times; the f32 score is only what a client sees.
+        let newest = run.item_first_seen.as_ref().map(|first| {
+            let mut rows: Vec<(u32, i64)> = first
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter(|&(row, &t)| t != 0 || run.item_counts[row] > 0)
+                .map(|(row, &t)| (row as u32, t))
+                .collect();
+            rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            rows.into_iter().map(|(row, t)| (row, t as f32)).collect()
+        });
         let mut engine = Engine {
             run_id: format!("{name}:{:08x}", checksum >> 32),
             run_dir: dir,
@@ -173,6 +188,7 @@ impl Engine {
             feature_vocabs: run.user_feature_vocabs,
             index,
             popular,
+            newest,
             attributes: Attributes::default(),
             item_vecs: std::sync::OnceLock::new(),
             channels: None,
@@ -306,6 +322,13 @@ impl Engine {
                     c.name
                 )));
             }
+            if c.kind == ChannelKind::Newest && self.newest.is_none() {
+                return Err(ServeError::Load(format!(
+                    "channel `{}`: {} was saved without its items' first-event times (item_counts.tsv has two columns); train it again to serve a `newest` channel",
+                    c.name,
+                    self.run_dir.display()
+                )));
+            }
         }
         self.channels = Some(ChannelSet { cfg, engines });
         Ok(())
@@ -423,6 +446,7 @@ impl Engine {
                     items
                 }
                 ChannelKind::Popularity => self.popular_items(k, &keep),
+                ChannelKind::Newest => self.newest_items(k, &keep),
             };
             lists.push(items);
         }
@@ -440,6 +464,24 @@ impl Engine {
     /// The `k` most trained-on items `keep` passes.
     fn popular_items(&self, k: usize, keep: &Keep<'_>) -> Vec<(u32, f32)> {
         self.popular.iter().copied().filter(|&(id, _)| keep.test(id)).take(k).collect()
+    }
+
+    /// The `k` newest items `keep` passes: published while serving, then by first training event.
+    fn newest_items(&self, k: usize, keep: &Keep<'_>) -> Vec<(u32, f32)> {
+        let mut out = Vec::with_capacity(k);
+        // Published rows are in no allowed list (built from the index's attributes); the
+        // filter is checked on their own details.
+        for (row, t) in keep.live.newest_first() {
+            if out.len() == k {
+                return out;
+            }
+            if keep.admits(row, false) {
+                out.push((row, t));
+            }
+        }
+        let trained = self.newest.as_deref().unwrap_or_default();
+        out.extend(trained.iter().copied().filter(|&(row, _)| keep.test(row)).take(k - out.len()));
+        out
     }
 
     /// This run's own recall for a user whose history is `rows`: the user tower searching the

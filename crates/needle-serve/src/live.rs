@@ -27,6 +27,8 @@ pub struct LiveState {
     new_rows: HashMap<String, u32>,
     /// Raw id of each row from `first_new_row` on (`None` once deleted); rows are never reused.
     new_raw: Vec<Option<String>>,
+    /// When each such row was first published (Unix seconds): the `newest` channel's score.
+    new_since: Vec<f64>,
     segment: Segment,
     /// Index rows deleted: no channel returns them.
     deleted: HashSet<u32>,
@@ -123,6 +125,19 @@ impl LiveState {
         self.new_rows.get(raw).copied()
     }
 
+    /// Rows of the items published that the model was not trained on, the most recently first
+    /// published first, with that time (Unix seconds). An update keeps an item's place.
+    pub fn newest_first(&self) -> impl Iterator<Item = (u32, f32)> + '_ {
+        let base = self.first_new_row;
+        self.new_raw
+            .iter()
+            .zip(&self.new_since)
+            .enumerate()
+            .rev()
+            .filter(|(_, (raw, _))| raw.is_some())
+            .map(move |(i, (_, &t))| (base + i as u32, t as f32))
+    }
+
     /// The raw id of a row given to a new item.
     pub fn new_raw(&self, row: u32) -> Option<&str> {
         let i = row.checked_sub(self.first_new_row)? as usize;
@@ -148,6 +163,8 @@ impl LiveState {
                 None => {
                     let r = self.first_new_row + self.new_raw.len() as u32;
                     self.new_raw.push(Some(item.id.clone()));
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                    self.new_since.push(now.map_or(0.0, |d| d.as_secs_f64()));
                     self.new_rows.insert(item.id, r);
                     r
                 }

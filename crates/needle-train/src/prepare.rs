@@ -54,6 +54,17 @@ impl Prepared {
         self.item_counts.len()
     }
 
+    /// Each item row's first training event, Unix seconds (0 for rows without one).
+    pub fn item_first_seen(&self) -> Vec<i64> {
+        let mut first = vec![i64::MAX; self.n_item_rows()];
+        for (&row, &t) in self.train.items.iter().zip(&self.train_ts) {
+            let f = &mut first[row as usize];
+            *f = (*f).min(t);
+        }
+        first.iter_mut().filter(|f| **f == i64::MAX).for_each(|f| *f = 0);
+        first
+    }
+
     /// Item rows `0..warm_rows()` have training events (or are padding); the rest are cold.
     pub fn warm_rows(&self) -> usize {
         self.item_counts.len() - self.cold_rows

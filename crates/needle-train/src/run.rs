@@ -58,7 +58,13 @@ pub fn save_run(
         },
         config: cfg.clone(),
     };
-    let contents = RunContents { vocabs: vocab_files(p), item_counts: &p.item_counts, model: &t.model };
+    let first_seen = p.item_first_seen();
+    let contents = RunContents {
+        vocabs: vocab_files(p),
+        item_counts: &p.item_counts,
+        item_first_seen: &first_seen,
+        model: &t.model,
+    };
     write_run(dir, &mut info, &contents)?;
     Ok(info)
 }

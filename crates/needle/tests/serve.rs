@@ -1284,3 +1284,69 @@ fn a_redis_cluster_master_killed_under_load_fails_requests_only_for_the_failover
     );
     assert!(log.iter().filter(|(t, s)| *t > killed + recovered && *s == 200).count() > 0);
 }
+
+#[test]
+fn a_newest_channel_serves_published_items_first_then_the_latest_trained_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    trained_with_item_features(dir);
+    // Each item's first training event, counted here from the log: leave-last-out keeps each
+    // user's last two events (time order; the generator's times increase per user) out of
+    // training.
+    let mut by_user: std::collections::BTreeMap<String, Vec<(i64, String)>> = Default::default();
+    for e in csv_rows(&dir.join("data/events.csv")) {
+        by_user.entry(e[0].clone()).or_default().push((e[2].parse().unwrap(), e[1].clone()));
+    }
+    let mut first: std::collections::HashMap<String, i64> = Default::default();
+    for events in by_user.values_mut() {
+        events.sort_by_key(|e| e.0);
+        for (t, item) in &events[..events.len() - 2] {
+            let f = first.entry(item.clone()).or_insert(*t);
+            *f = (*f).min(*t);
+        }
+    }
+    let vocab: std::collections::HashMap<u32, String> = std::fs::read_to_string(dir.join("runs/cold/vocab/items.tsv"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (row, raw) = l.split_once('\t').unwrap();
+            (row.parse().unwrap(), raw.to_owned())
+        })
+        .collect();
+    let mut trained: Vec<(i64, u32)> = Vec::new();
+    for line in std::fs::read_to_string(dir.join("runs/cold/item_counts.tsv")).unwrap().lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        let (row, count, t): (u32, u64, i64) = (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap());
+        if count > 0 {
+            assert_eq!(Some(&t), first.get(&vocab[&row]), "first event of item {}", vocab[&row]);
+            trained.push((t, row));
+        }
+    }
+    assert_eq!(trained.len(), first.len());
+    trained.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let expected: Vec<&str> = trained.iter().map(|(_, r)| vocab[r].as_str()).collect();
+
+    // Weighted so that the newest channel's order decides the mix.
+    let channels = "merge = \"rrf\"\n[[channel]]\nname = \"model\"\nkind = \"run\"\nrun = \"runs/cold\"\nquota = 1\n\
+                    [[channel]]\nname = \"fresh\"\nkind = \"newest\"\nquota = 1000\n";
+    std::fs::write(dir.join("channels.toml"), channels).unwrap();
+    let table = ok(&needle(&["eval", "--channels", "channels.toml", "--k", "10"], dir));
+    assert!(table.lines().any(|l| l.starts_with("| fresh |")), "{table}");
+    let srv = Server::start(dir, &["--run", "runs/cold", "--channels", "channels.toml"]);
+    let ask = json!({"user_id": "u0", "k": 20, "exclude_seen": false});
+    let got = ids(&post(&srv.addr, "/v1/recall", &ask).json());
+    assert_eq!(got, expected[..20], "the newest trained items, latest first");
+
+    // Published items come first, the latest first; deleted ones go.
+    let item = |id: &str| json!({"id": id, "title": id, "category": "cat1", "price_band": "p1"});
+    assert_eq!(post(&srv.addr, "/v1/items", &json!({"items": [item("new-a")]})).status, 200);
+    assert_eq!(post(&srv.addr, "/v1/items", &json!({"items": [item("new-b")]})).status, 200);
+    let v = post(&srv.addr, "/v1/recall", &ask).json();
+    assert_eq!(ids(&v)[..3], ["new-b", "new-a", expected[0]], "{v}");
+    assert!(v["items"][0]["channels"].as_array().unwrap().contains(&json!("fresh")), "{v}");
+    // Under a filter the published items are judged on their own attributes.
+    let v = post(&srv.addr, "/v1/recall", &json!({"user_id": "u0", "k": 5, "filter": {"category": "cat2"}})).json();
+    assert!(!ids(&v).iter().any(|i| i.starts_with("new-")), "{v}");
+    assert_eq!(http(&srv.addr, "DELETE", "/v1/items/new-b", b"", &bearer(TOKEN)).status, 200);
+    assert_eq!(ids(&post(&srv.addr, "/v1/recall", &ask).json())[..2], ["new-a", expected[0]]);
+}
