@@ -167,3 +167,14 @@ mod tests {
         assert_eq!(c.run(|| 3).await.unwrap(), 3);
     }
 }
+
+/// Lowers the calling thread's CPU priority (nice 10): background work (loading a model,
+/// compacting published items) then takes the cycles requests leave over, not theirs.
+pub fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority with the calling thread's id changes only that thread's scheduling.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}

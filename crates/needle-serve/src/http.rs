@@ -88,6 +88,9 @@ pub struct ServeOptions {
     /// With a store other servers share (Redis): how often to check for catalogue changes
     /// whose announcement this server missed.
     pub resync_every: Duration,
+    /// Published items the exact-scan segment holds before a background compaction seals them
+    /// into a graph (0: never).
+    pub compact_live_at: usize,
 }
 
 /// The embedded store's file inside a run directory.
@@ -109,6 +112,7 @@ struct App {
     index_override: Option<(PathBuf, PathBuf)>,
     channels: Option<PathBuf>,
     effort: Option<usize>,
+    compact_live_at: usize,
     /// Held by every change to the served versions (reloads, adds, removals, weights), so
     /// that no change is built on a snapshot another change has replaced.
     admin_lock: tokio::sync::Mutex<()>,
@@ -146,7 +150,7 @@ impl App {
     /// The sources a run is loaded with (the index override belongs to one run only).
     fn sources(&self, dir: &Path) -> Sources {
         let index = self.index_override.as_ref().filter(|(r, _)| same_dir(r, dir)).map(|(_, i)| i.clone());
-        Sources { index, channels: self.channels.clone(), effort: self.effort }
+        Sources { index, channels: self.channels.clone(), effort: self.effort, compact_at: self.compact_live_at }
     }
 
     /// A failed store call: counted, and answered 503 (the request was fine; try again).
@@ -192,7 +196,12 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         None => default_version_name(&opts.run),
     };
     crate::versions::check_name(&name).map_err(|e| ServeError::Load(e.to_string()))?;
-    let sources = Sources { index: opts.index.clone(), channels: opts.channels.clone(), effort: opts.effort };
+    let sources = Sources {
+        index: opts.index.clone(),
+        channels: opts.channels.clone(),
+        effort: opts.effort,
+        compact_at: opts.compact_live_at,
+    };
     let engine = load_engine(&opts.run, opts.data_dir.clone(), sources, Some(&*store)).await?;
     tracing::info!(
         version = %name,
@@ -206,7 +215,8 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let mut versions = Versions::single(name, engine);
     for (name, dir) in &opts.versions {
         let index = opts.index.clone().filter(|_| same_dir(dir, &opts.run));
-        let sources = Sources { index, channels: opts.channels.clone(), effort: opts.effort };
+        let sources =
+            Sources { index, channels: opts.channels.clone(), effort: opts.effort, compact_at: opts.compact_live_at };
         let engine = load_engine(dir, opts.data_dir.clone(), sources, Some(&*store))
             .await
             .map_err(|e| ServeError::Load(format!("version {name:?} ({}): {e}", dir.display())))?;
@@ -237,6 +247,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         index_override: opts.index.clone().map(|i| (opts.run.clone(), i)),
         channels: opts.channels.clone(),
         effort: opts.effort,
+        compact_live_at: opts.compact_live_at,
         admin_lock: tokio::sync::Mutex::new(()),
         started: Instant::now(),
         boot: std::process::id() ^ (t0.elapsed().subsec_nanos()),
@@ -281,6 +292,8 @@ struct Sources {
     channels: Option<PathBuf>,
     /// A search effort instead of the index's built one.
     effort: Option<usize>,
+    /// Published items that start a compaction (0: never).
+    compact_at: usize,
 }
 
 /// Loads a run into an engine on the blocking pool, from the run directory alone. With a store
@@ -292,7 +305,7 @@ async fn load_engine(
     sources: Sources,
     store: Option<&dyn Store>,
 ) -> Result<Arc<Engine>, ServeError> {
-    let Sources { index, channels, effort } = sources;
+    let Sources { index, channels, effort, compact_at } = sources;
     // `None`: no store; `Some(None)`: a store that holds nothing yet, or whose last load was cut
     // short (loads are idempotent, so loading again repairs it).
     let tag = match store {
@@ -351,6 +364,7 @@ async fn load_engine(
     if let Some(e) = effort {
         engine.set_search_effort(e);
     }
+    engine.set_compact_at(compact_at);
     if let Some(path) = channels {
         let main = run.to_owned();
         engine = in_background(move || -> Result<Engine, ServeError> {
@@ -421,20 +435,11 @@ async fn in_background<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static
     std::thread::Builder::new()
         .name("needle-background".into())
         .spawn(move || {
-            lower_priority();
+            crate::compute::lower_priority();
             let _ = tx.send(f());
         })
         .map_err(|e| ServeError::Internal(format!("cannot start a background thread: {e}")))?;
     rx.await.map_err(|_| ServeError::Internal("a background task ended without an answer".into()))
-}
-
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority with the calling thread's id changes only that thread's scheduling.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
-    }
 }
 
 fn router(app: Shared) -> Router {
@@ -1198,6 +1203,7 @@ async fn healthz(State(app): State<Shared>) -> Response {
         "index": e.index_params,
         "index_items": e.index_len(),
         "live_items": live_items,
+        "sealed_items": e.live_sealed(),
         "deleted_items": deleted_items,
         "store": app.store.describe(),
         "uptime_s": app.started.elapsed().as_secs_f64(),

@@ -139,6 +139,10 @@ pub struct ServeArgs {
     /// pub/sub announcement this server missed (e.g. 5s, 500ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub resync_every: Duration,
+    /// Items published while serving are scanned exactly until this many have gathered; then a
+    /// background thread compacts them into a graph of their own (0 = never).
+    #[arg(long, default_value_t = needle_serve::engine::DEFAULT_COMPACT_AT)]
+    pub compact_live_at: usize,
 }
 
 /// The variable a token may also come from, so that it stays out of shell history and `ps`.
@@ -205,6 +209,7 @@ pub fn serve(f: ServeArgs, threads: Option<usize>) -> Result<()> {
         versions,
         traffic: f.traffic,
         resync_every: f.resync_every,
+        compact_live_at: f.compact_live_at,
         limits: Limits {
             max_k: f.max_k,
             max_history: f.max_history,
