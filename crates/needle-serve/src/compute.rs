@@ -111,6 +111,17 @@ impl Compute {
     }
 }
 
+/// Lowers the calling thread's CPU priority (nice 10): background work (loading a model,
+/// compacting published items) then takes the cycles requests leave over, not theirs.
+pub fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority with the calling thread's id changes only that thread's scheduling.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,16 +176,5 @@ mod tests {
         let c = Compute::new(1, Duration::ZERO).unwrap();
         assert!(c.run(|| panic!("boom")).await.is_err());
         assert_eq!(c.run(|| 3).await.unwrap(), 3);
-    }
-}
-
-/// Lowers the calling thread's CPU priority (nice 10): background work (loading a model,
-/// compacting published items) then takes the cycles requests leave over, not theirs.
-pub fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority with the calling thread's id changes only that thread's scheduling.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
 }

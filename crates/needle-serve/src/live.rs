@@ -538,11 +538,11 @@ mod tests {
             let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             v.into_iter().map(|x| x / n).collect()
         };
-        let genre = |i: usize| if i % 3 == 0 { "Drama" } else { "Comedy" };
+        let genre = |i: usize| if i.is_multiple_of(3) { "Drama" } else { "Comedy" };
         let mut live = LiveState::new(1000, DIM);
         // What should be published: id → (row, vector, genre).
         let mut truth: HashMap<String, (u32, Vec<f32>, &str)> = HashMap::new();
-        let mut publish = |live: &mut LiveState, truth: &mut HashMap<_, _>, i: usize, v: Vec<f32>| {
+        let publish = |live: &mut LiveState, truth: &mut HashMap<_, _>, i: usize, v: Vec<f32>| {
             let id = format!("n{i}");
             live.upsert(Prepared { id: id.clone(), row: None, vector: Some(v.clone()), details: details(genre(i)) });
             truth.insert(id.clone(), (live.new_row(&id).unwrap(), v, genre(i)));
