@@ -124,11 +124,48 @@ impl Segment {
 pub struct Sealed {
     seg: Segment,
     index: Box<dyn needle_index::Index>,
+    /// Attribute value id → the positions whose entry has it, ascending: a filtered search
+    /// scores only the entries one of its conditions lets through.
+    postings: HashMap<u32, Vec<u32>>,
     /// Rows updated or deleted since this was built: their entries here are out of date.
     stale: HashSet<u32>,
 }
 
 impl Sealed {
+    /// Scores the entries that meet the compiled filter `c`, found through the postings of its
+    /// most selective condition; whether any went into `best`.
+    fn scan_filtered(
+        &self,
+        query: &[f32],
+        k: usize,
+        c: &[Vec<u32>],
+        keep: &dyn Fn(u32) -> bool,
+        best: &mut BinaryHeap<Reverse<Ranked>>,
+    ) -> bool {
+        let size = |cond: &Vec<u32>| cond.iter().map(|v| self.postings.get(v).map_or(0, Vec::len)).sum::<usize>();
+        let Some(narrowest) = c.iter().min_by_key(|cond| size(cond)) else { return false };
+        let mut cands: Vec<u32> = narrowest.iter().filter_map(|v| self.postings.get(v)).flatten().copied().collect();
+        if narrowest.len() > 1 {
+            // An entry with several of the condition's values is listed once per value.
+            cands.sort_unstable();
+            cands.dedup();
+        }
+        let (dim, dot) = (self.seg.dim, needle_index::kernels::dot_fn());
+        let mut entered = false;
+        for p in cands {
+            let p = p as usize;
+            let row = self.seg.rows[p];
+            let cand = Ranked(dot(query, &self.seg.vectors[p * dim..(p + 1) * dim]), row);
+            if best.len() == k && best.peek().is_some_and(|w| cand <= w.0) {
+                continue;
+            }
+            if !self.stale.contains(&row) && filter::matches_ids(c, &self.seg.value_ids[p]) && keep(row) {
+                entered |= offer(best, k, cand);
+            }
+        }
+        entered
+    }
+
     /// The entry of `row`, unless it went stale.
     fn pos(&self, row: u32) -> Option<usize> {
         self.seg.pos.get(&row).copied().filter(|_| !self.stale.contains(&row))
@@ -153,7 +190,13 @@ impl Snapshot {
         let ids: Vec<u32> = (0..self.seg.rows.len() as u32).collect();
         let params = needle_index::IndexParams::Hnsw(needle_index::HnswParams::default());
         let index = needle_index::build(&params, &ids, &self.seg.vectors, self.seg.dim)?;
-        Ok(Sealed { seg: self.seg, index, stale: HashSet::new() })
+        let mut postings: HashMap<u32, Vec<u32>> = HashMap::new();
+        for (p, values) in self.seg.value_ids.iter().enumerate() {
+            for &v in values {
+                postings.entry(v).or_default().push(p as u32);
+            }
+        }
+        Ok(Sealed { seg: self.seg, index, postings, stale: HashSet::new() })
     }
 
     pub fn len(&self) -> usize {
@@ -378,8 +421,8 @@ impl LiveState {
         if let Some(s) = &self.sealed {
             entered |= match &compiled {
                 // Under a filter the graph would have to walk past every item that fails it:
-                // the sealed items are scanned exactly instead, as the segment is.
-                Some(c) => scan(&s.seg, query, k, Some(c), keep, Some(&s.stale), &mut best),
+                // the entries one condition lets through are scored exactly instead.
+                Some(c) => s.scan_filtered(query, k, c, keep, &mut best),
                 None => {
                     let mut found = Vec::with_capacity(k);
                     let pass = |p: u32| {
