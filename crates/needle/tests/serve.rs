@@ -601,8 +601,12 @@ fn items_without_events_or_published_live_are_recalled_when_their_features_fit()
     assert_eq!(http(&srv.addr, "DELETE", "/v1/items/live-1", b"", "").status, 401);
     assert_eq!(http(&srv.addr, "DELETE", "/v1/items/no-such-item", b"", &bearer(TOKEN)).status, 404);
     // A restart (kill -9) keeps both changes: the store holds them and the new engine applies them.
+    // Compacting at one published item, the item is then searched through the sealed graph.
     drop(srv);
-    let srv = Server::start(dir, &["--run", "runs/yt"]);
+    let srv = Server::start(dir, &["--run", "runs/yt", "--compact-live-at", "1"]);
+    within(Duration::from_secs(10), "the published item is compacted", || {
+        http(&srv.addr, "GET", "/healthz", b"", "").json()["sealed_items"] == 1
+    });
     let after = recalled(&srv);
     assert!(after.contains(&"live-1".to_owned()) && !after.contains(&gone), "{after:?}");
     // Deleted, the published item never comes back, not after a restart either.
@@ -1332,7 +1336,8 @@ fn a_newest_channel_serves_published_items_first_then_the_latest_trained_ones() 
     std::fs::write(dir.join("channels.toml"), channels).unwrap();
     let table = ok(&needle(&["eval", "--channels", "channels.toml", "--k", "10"], dir));
     assert!(table.lines().any(|l| l.starts_with("| fresh |")), "{table}");
-    let srv = Server::start(dir, &["--run", "runs/cold", "--channels", "channels.toml"]);
+    // Compacting at two published items, so the answers below also come through the sealed graph.
+    let srv = Server::start(dir, &["--run", "runs/cold", "--channels", "channels.toml", "--compact-live-at", "2"]);
     let ask = json!({"user_id": "u0", "k": 20, "exclude_seen": false});
     let got = ids(&post(&srv.addr, "/v1/recall", &ask).json());
     assert_eq!(got, expected[..20], "the newest trained items, latest first");
@@ -1341,8 +1346,19 @@ fn a_newest_channel_serves_published_items_first_then_the_latest_trained_ones() 
     let item = |id: &str| json!({"id": id, "title": id, "category": "cat1", "price_band": "p1"});
     assert_eq!(post(&srv.addr, "/v1/items", &json!({"items": [item("new-a")]})).status, 200);
     assert_eq!(post(&srv.addr, "/v1/items", &json!({"items": [item("new-b")]})).status, 200);
+    within(Duration::from_secs(10), "the two published items are compacted", || {
+        http(&srv.addr, "GET", "/healthz", b"", "").json()["sealed_items"] == 2
+    });
     let v = post(&srv.addr, "/v1/recall", &ask).json();
     assert_eq!(ids(&v)[..3], ["new-b", "new-a", expected[0]], "{v}");
+    // Sealed items answer filters from their own attributes.
+    let v = post(
+        &srv.addr,
+        "/v1/recall",
+        &json!({"user_id": "u0", "k": 400, "exclude_seen": false, "filter": {"category": "cat1"}}),
+    )
+    .json();
+    assert!(ids(&v).contains(&"new-a".to_owned()), "{v}");
     assert!(v["items"][0]["channels"].as_array().unwrap().contains(&json!("fresh")), "{v}");
     // Under a filter the published items are judged on their own attributes.
     let v = post(&srv.addr, "/v1/recall", &json!({"user_id": "u0", "k": 5, "filter": {"category": "cat2"}})).json();
