@@ -97,6 +97,9 @@ pub struct LoadReport {
     pub shed: u64,
     /// Well-formed requests that got neither a 200 nor a 503 (or whose connection failed).
     pub failed: u64,
+    /// Paced requests scheduled within the run that were never sent: each connection waits for
+    /// its previous answer, so a server that answers too slowly leaves them behind.
+    pub unsent: u64,
     /// Latencies of well-formed requests answered 200, in microseconds, sorted.
     pub latencies_us: Vec<u32>,
     /// Requests scheduled during the surge, when there is one.
@@ -410,7 +413,12 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
                     }
                 }
             }
-            out
+            let mut unsent = 0u64;
+            while schedule(&opts, n).is_some_and(|at| at < opts.duration) {
+                unsent += 1;
+                n += opts.concurrency;
+            }
+            (out, unsent)
         }));
     }
     let reloads = {
@@ -518,7 +526,9 @@ pub async fn run(opts: LoadOptions) -> std::io::Result<LoadReport> {
     };
     let mut outcomes = Vec::new();
     for w in workers {
-        outcomes.extend(w.await.map_err(std::io::Error::other)?);
+        let (out, unsent) = w.await.map_err(std::io::Error::other)?;
+        outcomes.extend(out);
+        report.unsent += unsent;
     }
     report.seconds = start.elapsed().as_secs_f64();
     if let Some(a) = attack {

@@ -476,6 +476,12 @@ pub fn bench_serve(f: BenchServeFlags) -> Result<()> {
     if let (Some(a), Some(b)) = (r.rss_start, r.rss_end) {
         println!("server resident memory: {:.1} MB before, {:.1} MB after", a as f64 / 1e6, b as f64 / 1e6);
     }
+    if r.unsent > 0 {
+        println!(
+            "{} requests scheduled within the run were never sent: the server answered too slowly for {} connections to keep the rate",
+            r.unsent, f.concurrency
+        );
+    }
     if r.failed > 0 {
         bail!("{} well-formed requests failed", r.failed);
     }
