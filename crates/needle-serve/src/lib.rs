@@ -1,9 +1,11 @@
 //! The online half of needle: an HTTP server that computes the user's vector in real time, searches
 //! the item index and fills in item details from a store.
 //!
-//! [`engine`] holds one loaded run; [`http`] is the axum application around it, with hot reload,
-//! limits, metrics and structured logs; [`loadgen`] is the load generator behind
-//! `needle bench serve`.
+//! [`engine`] holds one loaded run and [`live`] the items published and deleted while serving;
+//! [`versions`] routes users over several engines served side by side; [`http`] is the axum
+//! application around them, with hot reload, limits, metrics, structured logs and the
+//! following of other servers' catalogue changes on a shared store; [`loadgen`] is the load
+//! generator behind `needle bench serve`.
 
 pub mod auth;
 pub mod compute;
