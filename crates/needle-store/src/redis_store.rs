@@ -52,16 +52,11 @@ fn item_bucket(id: &str) -> u64 {
     (h ^ (h >> 29)) % ITEM_BUCKETS
 }
 
-/// The bucket of an item key (the digits between `{i` and `}`).
-fn bucket_of(key: &str) -> u64 {
-    key.split_once("{i").and_then(|(_, r)| r.split_once('}')).and_then(|(b, _)| b.parse().ok()).unwrap_or(0)
-}
-
-/// Groups key positions by bucket: the commands a cluster gets.
-fn by_bucket<'k>(keys: impl Iterator<Item = &'k str>) -> Vec<Vec<usize>> {
+/// Groups the positions of item ids by bucket: the commands a cluster gets.
+fn by_bucket(ids: &[&str]) -> Vec<Vec<usize>> {
     let mut groups = vec![Vec::new(); ITEM_BUCKETS as usize];
-    for (i, k) in keys.enumerate() {
-        groups[bucket_of(k) as usize].push(i);
+    for (i, id) in ids.iter().enumerate() {
+        groups[item_bucket(id) as usize].push(i);
     }
     groups.retain(|g| !g.is_empty());
     groups
@@ -172,7 +167,7 @@ impl RedisStore {
         // Short timeouts and few retries: a request waiting on a dead Redis should fail within
         // its own time budget, not queue behind reconnection attempts.
         let mut healer = None;
-        let (con, nodes) = match cluster_nodes(url) {
+        let (mut con, nodes) = match cluster_nodes(url) {
             Some(nodes) => {
                 let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
                     .connection_timeout(Duration::from_millis(500))
@@ -199,7 +194,6 @@ impl RedisStore {
                 (Con::Single(con), vec![url.to_owned()])
             }
         };
-        let mut con = con;
         redis::cmd("PING").query_async::<String>(&mut con).await.map_err(fail)?;
         Ok(RedisStore { url: url.to_owned(), nodes, con: std::sync::Arc::new(std::sync::RwLock::new(con)), healer })
     }
@@ -221,68 +215,69 @@ impl RedisStore {
         StoreError::Redis { url: self.url.clone(), source }
     }
 
-    /// The values of many item keys. One server: one MGET. A cluster: one MGET per bucket, all in
-    /// flight at once, each to the one slot its bucket hashes to. (The cluster client can split a
-    /// multi-slot MGET itself, but its recombination of the replies failed after a failover and
-    /// kept failing, with redis-rs 1.8.1.)
-    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
-        let mut con = self.con();
-        match self.con() {
-            Con::Single(_) => redis::cmd("MGET").arg(keys).query_async(&mut con).await.map_err(|e| self.err(e)),
-            Con::Cluster(c) => {
-                let groups = by_bucket(keys.iter().map(String::as_str));
-                let gets = groups.iter().map(|g| {
-                    let mut c = c.clone();
-                    let mut mget = redis::cmd("MGET");
-                    for &i in g {
-                        mget.arg(&keys[i]);
-                    }
-                    async move { mget.query_async::<Vec<Option<Vec<u8>>>>(&mut c).await }
-                });
-                let replies = futures_util::future::try_join_all(gets).await.map_err(|e| self.err(e))?;
-                let mut out = vec![None; keys.len()];
-                for (g, values) in groups.iter().zip(replies) {
-                    for (&i, v) in g.iter().zip(values) {
-                        out[i] = v;
-                    }
+    /// Runs command `name` over the item keys of `ids`, `arg` adding the arguments of id `i`:
+    /// as one command on one server; on a cluster as one per bucket (one slot each), all in
+    /// flight at once. Each reply comes with the positions of the ids it covers. (The cluster
+    /// client can split a multi-slot MGET itself, but its recombination of the replies failed
+    /// after a failover and kept failing, with redis-rs 1.8.1.)
+    async fn per_bucket<T: redis::FromRedisValue + Send>(
+        &self,
+        ids: &[&str],
+        name: &str,
+        arg: impl Fn(&mut Cmd, usize),
+    ) -> Result<Vec<(Vec<usize>, T)>> {
+        let groups = match self.con() {
+            Con::Single(_) => vec![(0..ids.len()).collect()],
+            Con::Cluster(_) => by_bucket(ids),
+        };
+        let calls: Vec<_> = groups
+            .iter()
+            .map(|g| {
+                let (mut c, mut cmd) = (self.con(), redis::cmd(name));
+                for &i in g {
+                    arg(&mut cmd, i);
                 }
-                Ok(out)
+                async move { cmd.query_async::<T>(&mut c).await }
+            })
+            .collect();
+        let replies = futures_util::future::try_join_all(calls).await.map_err(|e| self.err(e))?;
+        Ok(groups.into_iter().zip(replies).collect())
+    }
+
+    /// The stored details of each item id, in order (raw JSON).
+    async fn get_many(&self, ids: &[&str]) -> Result<Vec<Option<Vec<u8>>>> {
+        let replies = self.per_bucket::<Vec<Option<Vec<u8>>>>(ids, "MGET", |c, i| {
+            c.arg(item_key(ids[i]));
+        });
+        let mut out = vec![None; ids.len()];
+        for (positions, values) in replies.await? {
+            for (i, v) in positions.into_iter().zip(values) {
+                out[i] = v;
             }
         }
+        Ok(out)
     }
 
-    /// Sets many item keys (one MSET, or one per bucket on a cluster, as for [`Self::get_many`]).
-    async fn set_many(&self, pairs: &[(String, Vec<u8>)]) -> Result<()> {
-        let groups = match self.con() {
-            Con::Single(_) => vec![(0..pairs.len()).collect()],
-            Con::Cluster(_) => by_bucket(pairs.iter().map(|(k, _)| k.as_str())),
-        };
-        let sets = groups.iter().map(|g| {
-            let mut c = self.con();
-            let mut mset = redis::cmd("MSET");
-            for &i in g {
-                mset.arg(&pairs[i].0).arg(&pairs[i].1);
-            }
-            async move { mset.query_async::<()>(&mut c).await }
-        });
-        futures_util::future::try_join_all(sets).await.map(drop).map_err(|e| self.err(e))
+    /// Writes the items' details.
+    async fn set_many(&self, items: &[ItemRecord]) -> Result<()> {
+        let json = items
+            .iter()
+            .map(|it| serde_json::to_vec(&it.details).map_err(|e| corrupt(it.id.clone(), e)))
+            .collect::<Result<Vec<_>>>()?;
+        let ids: Vec<&str> = items.iter().map(|it| it.id.as_str()).collect();
+        self.per_bucket::<()>(&ids, "MSET", |c, i| {
+            c.arg(item_key(ids[i])).arg(&json[i]);
+        })
+        .await
+        .map(drop)
     }
 
-    /// Deletes many item keys; returns how many existed (as for [`Self::set_many`]).
-    async fn del_many(&self, keys: &[String]) -> Result<usize> {
-        let groups = match self.con() {
-            Con::Single(_) => vec![(0..keys.len()).collect()],
-            Con::Cluster(_) => by_bucket(keys.iter().map(String::as_str)),
-        };
-        let dels = groups.iter().map(|g| {
-            let mut c = self.con();
-            let mut del = redis::cmd("DEL");
-            for &i in g {
-                del.arg(&keys[i]);
-            }
-            async move { del.query_async::<usize>(&mut c).await }
+    /// Deletes the items' details; returns how many existed.
+    async fn del_many(&self, ids: &[&str]) -> Result<usize> {
+        let replies = self.per_bucket::<usize>(ids, "DEL", |c, i| {
+            c.arg(item_key(ids[i]));
         });
-        Ok(futures_util::future::try_join_all(dels).await.map_err(|e| self.err(e))?.into_iter().sum())
+        Ok(replies.await?.into_iter().map(|(_, n)| n).sum())
     }
 
     /// Writes one user's profile and history (one shard, one pipeline).
@@ -323,14 +318,6 @@ impl RedisStore {
     }
 }
 
-/// Items as (key, JSON details) pairs.
-fn item_pairs(items: &[ItemRecord]) -> Result<Vec<(String, Vec<u8>)>> {
-    items
-        .iter()
-        .map(|it| Ok((item_key(&it.id), serde_json::to_vec(&it.details).map_err(|e| corrupt(it.id.clone(), e))?)))
-        .collect()
-}
-
 fn corrupt(key: String, e: serde_json::Error) -> StoreError {
     StoreError::Corrupt { key, message: e.to_string() }
 }
@@ -345,11 +332,10 @@ impl Store for RedisStore {
             if ids.is_empty() {
                 return Ok(Vec::new());
             }
-            let keys: Vec<String> = ids.iter().map(|id| item_key(id)).collect();
-            let raw = self.get_many(&keys).await?;
+            let raw = self.get_many(ids).await?;
             raw.into_iter()
-                .zip(keys)
-                .map(|(v, key)| v.map(|b| serde_json::from_slice(&b).map_err(|e| corrupt(key, e))).transpose())
+                .zip(ids)
+                .map(|(v, id)| v.map(|b| serde_json::from_slice(&b).map_err(|e| corrupt(item_key(id), e))).transpose())
                 .collect()
         })
     }
@@ -419,7 +405,7 @@ impl Store for RedisStore {
             redis::cmd("DEL").arg(TAG).query_async::<()>(&mut con).await.map_err(|e| self.err(e))?;
             let mut done = 0;
             for chunk in items.chunks(LOAD_BATCH) {
-                self.set_many(&item_pairs(chunk)?).await?;
+                self.set_many(chunk).await?;
                 done += chunk.len();
                 progress(done);
             }
@@ -441,7 +427,7 @@ impl Store for RedisStore {
                 return self.change_count().await;
             }
             // Details first: once an item is marked live, its details are there to read.
-            self.set_many(&item_pairs(items)?).await?;
+            self.set_many(items).await?;
             let ids: Vec<&str> = items.iter().map(|it| it.id.as_str()).collect();
             self.mark(LIVE, DELETED, &ids).await
         })
@@ -455,8 +441,7 @@ impl Store for RedisStore {
             // The deletion mark first: from then on no server applies the item, whatever
             // happens to its details.
             let count = self.mark(DELETED, LIVE, ids).await?;
-            let keys: Vec<String> = ids.iter().map(|id| item_key(id)).collect();
-            Ok((self.del_many(&keys).await?, count))
+            Ok((self.del_many(ids).await?, count))
         })
     }
 
@@ -860,13 +845,12 @@ mod tests {
             // Redis hashes the first `{…}`: the bucket, whatever the id holds.
             let tag = key.split_once('{').unwrap().1.split_once('}').unwrap().0;
             assert_eq!(tag, format!("i{}", item_bucket(&id)), "{key}");
-            assert_eq!(bucket_of(&key), item_bucket(&id));
+            assert!(key.ends_with(&format!("}}:{id}")), "{key}");
             seen[item_bucket(&id) as usize] += 1;
         }
         // Sequential ids fill every bucket about evenly (100 each).
         assert!(seen.iter().all(|&n| (60..=140).contains(&n)), "{seen:?}");
-        let keys = [item_key("1"), item_key("2"), item_key("1")];
-        let groups = by_bucket(keys.iter().map(String::as_str));
+        let groups = by_bucket(&["1", "2", "1"]);
         assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 3);
         assert!(groups.iter().any(|g| g.contains(&0) && g.contains(&2)));
     }
