@@ -147,10 +147,9 @@ impl App {
         *self.versions.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v);
     }
 
-    /// The sources a run is loaded with (the index override belongs to one run only).
+    /// The sources a run is loaded with.
     fn sources(&self, dir: &Path) -> Sources {
-        let index = self.index_override.as_ref().filter(|(r, _)| same_dir(r, dir)).map(|(_, i)| i.clone());
-        Sources { index, channels: self.channels.clone(), effort: self.effort, compact_at: self.compact_live_at }
+        Sources::for_run(dir, self.index_override.as_ref(), &self.channels, self.effort, self.compact_live_at)
     }
 
     /// A failed store call: counted, and answered 503 (the request was fine; try again).
@@ -196,13 +195,10 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         None => default_version_name(&opts.run),
     };
     crate::versions::check_name(&name).map_err(|e| ServeError::Load(e.to_string()))?;
-    let sources = Sources {
-        index: opts.index.clone(),
-        channels: opts.channels.clone(),
-        effort: opts.effort,
-        compact_at: opts.compact_live_at,
-    };
-    let engine = load_engine(&opts.run, opts.data_dir.clone(), sources, Some(&*store)).await?;
+    let index_override = opts.index.clone().map(|i| (opts.run.clone(), i));
+    let sources_of =
+        |dir: &Path| Sources::for_run(dir, index_override.as_ref(), &opts.channels, opts.effort, opts.compact_live_at);
+    let engine = load_engine(&opts.run, opts.data_dir.clone(), sources_of(&opts.run), Some(&*store)).await?;
     tracing::info!(
         version = %name,
         model = %engine.run_id,
@@ -214,10 +210,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     );
     let mut versions = Versions::single(name, engine);
     for (name, dir) in &opts.versions {
-        let index = opts.index.clone().filter(|_| same_dir(dir, &opts.run));
-        let sources =
-            Sources { index, channels: opts.channels.clone(), effort: opts.effort, compact_at: opts.compact_live_at };
-        let engine = load_engine(dir, opts.data_dir.clone(), sources, Some(&*store))
+        let engine = load_engine(dir, opts.data_dir.clone(), sources_of(dir), Some(&*store))
             .await
             .map_err(|e| ServeError::Load(format!("version {name:?} ({}): {e}", dir.display())))?;
         tracing::info!(version = %name, model = %engine.run_id, "loaded");
@@ -244,7 +237,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         conn: opts.conn,
         auth: opts.auth.clone(),
         data_dir: opts.data_dir.clone(),
-        index_override: opts.index.clone().map(|i| (opts.run.clone(), i)),
+        index_override,
         channels: opts.channels.clone(),
         effort: opts.effort,
         compact_live_at: opts.compact_live_at,
@@ -294,6 +287,21 @@ struct Sources {
     effort: Option<usize>,
     /// Published items that start a compaction (0: never).
     compact_at: usize,
+}
+
+impl Sources {
+    /// What the run in `dir` is loaded with: `index_override` is (the run it belongs to, the
+    /// index file), and applies to that run only.
+    fn for_run(
+        dir: &Path,
+        index_override: Option<&(PathBuf, PathBuf)>,
+        channels: &Option<PathBuf>,
+        effort: Option<usize>,
+        compact_at: usize,
+    ) -> Sources {
+        let index = index_override.filter(|(r, _)| same_dir(r, dir)).map(|(_, i)| i.clone());
+        Sources { index, channels: channels.clone(), effort, compact_at }
+    }
 }
 
 /// Loads a run into an engine on the blocking pool, from the run directory alone. With a store
@@ -398,27 +406,29 @@ async fn load_engine(
     }
     let engine = Arc::new(engine);
     if let Some(store) = store {
-        apply_live_changes(&engine, store).await?;
+        apply_live_changes(vec![engine.clone()], store).await?;
     }
     Ok(engine)
 }
 
 /// Applies the catalogue changes the store recorded (items published and deleted while
-/// serving) to an engine.
-async fn apply_live_changes(engine: &Arc<Engine>, store: &dyn Store) -> Result<(), ServeError> {
+/// serving) to engines, read from the store once for all of them.
+async fn apply_live_changes(engines: Vec<Arc<Engine>>, store: &dyn Store) -> Result<(), ServeError> {
     let changes = store.live_changes().await?;
     if changes.upserted.is_empty() && changes.deleted.is_empty() {
         return Ok(());
     }
     let t = Instant::now();
     let (n_up, n_del) = (changes.upserted.len(), changes.deleted.len());
-    let e = engine.clone();
-    let refused = in_background(move || e.apply_changes(changes)).await?;
-    tracing::info!(
-        "applied the store's live catalogue: {} published ({refused} this model cannot embed), {n_del} deleted ({:.2}s)",
-        n_up - refused,
-        t.elapsed().as_secs_f64()
-    );
+    let refused =
+        in_background(move || engines.iter().map(|e| e.apply_changes(changes.clone())).collect::<Vec<_>>()).await?;
+    for refused in refused {
+        tracing::info!(
+            "applied the store's live catalogue: {} published ({refused} this model cannot embed), {n_del} deleted ({:.2}s)",
+            n_up - refused,
+            t.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }
 
@@ -1103,11 +1113,10 @@ async fn resync(app: &App) {
     // Under the admin lock, so that no engine is swapped in between reading and applying.
     let _one_at_a_time = app.admin_lock.lock().await;
     let t = Instant::now();
-    for v in app.versions().list() {
-        if let Err(e) = apply_live_changes(&v.engine, &*app.store).await {
-            tracing::warn!("re-sync failed (retried at the next one): {e}");
-            return;
-        }
+    let engines = app.versions().list().iter().map(|v| v.engine.clone()).collect();
+    if let Err(e) = apply_live_changes(engines, &*app.store).await {
+        tracing::warn!("re-sync failed (retried at the next one): {e}");
+        return;
     }
     app.applied_changes.store(count, Relaxed);
     app.metrics.resyncs.fetch_add(1, Relaxed);
@@ -1359,7 +1368,7 @@ async fn reload(app: &App, name: &str, run: Option<PathBuf>) -> Result<(String, 
 /// Items published while a new engine loaded went to the engines then serving and to the
 /// store: read the store again now that every later change reaches the new engine.
 async fn catch_up_live(app: &App, engine: &Arc<Engine>) {
-    if let Err(e) = apply_live_changes(engine, &*app.store).await {
+    if let Err(e) = apply_live_changes(vec![engine.clone()], &*app.store).await {
         tracing::warn!("swapped in, but re-reading the live catalogue failed (a reload repairs it): {e}");
     }
 }
@@ -1460,9 +1469,6 @@ async fn remove_version(State(app): State<Shared>, UrlPath(name): UrlPath<String
         Ok(r) => r,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    if next.list().is_empty() {
-        return ApiError::from(VersionError::Refused("the last version cannot be removed".into())).into_response();
-    }
     app.set_versions(next);
     tracing::info!(version = %name, model = %removed.engine.run_id, "version removed");
     let model = removed.engine.run_id.clone();
@@ -1476,11 +1482,15 @@ async fn remove_version(State(app): State<Shared>, UrlPath(name): UrlPath<String
 
 /// `GET /admin/traffic`.
 async fn get_traffic(State(app): State<Shared>) -> Response {
-    let v = app.versions();
-    json_response(&serde_json::json!({
+    json_response(&traffic_json(&app.versions()))
+}
+
+/// The weights, and the ones a rollback returns to.
+fn traffic_json(v: &Versions) -> serde_json::Value {
+    serde_json::json!({
         "weights": weights_json(v.weights()),
         "previous": v.previous_weights().map(|p| weights_json(p.iter().cloned())),
-    }))
+    })
 }
 
 #[derive(Deserialize)]
@@ -1509,11 +1519,10 @@ async fn change_traffic(app: &App, change: impl FnOnce(&Versions) -> Result<Vers
         Ok(n) => n,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let weights = next.weights();
-    tracing::info!("traffic: {}", crate::versions::format_weights(weights.clone()));
-    let previous = next.previous_weights().map(|p| weights_json(p.iter().cloned()));
+    tracing::info!("traffic: {}", crate::versions::format_weights(next.weights()));
+    let out = traffic_json(&next);
     app.set_versions(next);
-    json_response(&serde_json::json!({"weights": weights_json(weights), "previous": previous}))
+    json_response(&out)
 }
 
 /// Loading a run reads and drops its whole dataset on a blocking-pool thread; glibc keeps such

@@ -417,7 +417,7 @@ impl LiveState {
         while best.len() > k {
             best.pop();
         }
-        let mut entered = scan(&self.segment, query, k, compiled.as_deref(), keep, None, &mut best);
+        let mut entered = scan(&self.segment, query, k, compiled.as_deref(), keep, &mut best);
         if let Some(s) = &self.sealed {
             entered |= match &compiled {
                 // Under a filter the graph would have to walk past every item that fails it:
@@ -459,15 +459,14 @@ fn offer(best: &mut BinaryHeap<Reverse<Ranked>>, k: usize, cand: Ranked) -> bool
     true
 }
 
-/// Scores every entry of `seg` against `query` and offers the ones `keep`, the compiled filter
-/// and `stale` let through; whether any went in.
+/// Scores every entry of `seg` against `query` and offers the ones `keep` and the compiled
+/// filter let through; whether any went in.
 fn scan(
     seg: &Segment,
     query: &[f32],
     k: usize,
     compiled: Option<&[Vec<u32>]>,
     keep: &dyn Fn(u32) -> bool,
-    stale: Option<&HashSet<u32>>,
     best: &mut BinaryHeap<Reverse<Ranked>>,
 ) -> bool {
     if seg.rows.is_empty() {
@@ -481,10 +480,7 @@ fn scan(
         if best.len() == k && best.peek().is_some_and(|w| cand <= w.0) {
             continue;
         }
-        let passes = keep(row)
-            && compiled.is_none_or(|c| filter::matches_ids(c, &seg.value_ids[p]))
-            && stale.is_none_or(|st| !st.contains(&row));
-        if passes {
+        if keep(row) && compiled.is_none_or(|c| filter::matches_ids(c, &seg.value_ids[p])) {
             entered |= offer(best, k, cand);
         }
     }

@@ -23,9 +23,8 @@ impl Histogram {
         self.counts[slot].fetch_add(1, Relaxed);
         self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
     }
-}
 
-impl Histogram {
+    /// Writes the series of histogram `name` (buckets, sum, count) with `label`.
     fn render(&self, out: &mut String, name: &str, label: &str) {
         let mut cum = 0;
         for (i, b) in BUCKETS.iter().enumerate() {

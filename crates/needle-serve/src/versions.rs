@@ -179,7 +179,8 @@ impl Versions {
         Ok(next)
     }
 
-    /// Without a drained version; returns the removed one.
+    /// Without a drained version; returns the removed one. Some version always has traffic, so
+    /// the last one can never be drained, and never removed.
     pub fn without(&self, name: &str) -> Result<(Versions, Version), VersionError> {
         let Some(at) = self.list.iter().position(|v| v.name == name) else {
             return Err(VersionError::Unknown(format!("no version {name:?}; serving: {}", self.names())));

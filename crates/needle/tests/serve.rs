@@ -135,6 +135,48 @@ fn now_nanos() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
+/// Three client threads sending recalls of k = 10 until stopped, request `i` for user `user(i)`;
+/// every answer must be a 200 with 10 items.
+struct RecallLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<std::thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl RecallLoad {
+    fn start(addr: &str, user: fn(usize) -> String) -> RecallLoad {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = (0..3)
+            .map(|c| {
+                let (a, stop) = (addr.to_owned(), stop.clone());
+                std::thread::spawn(move || {
+                    let (mut n, mut failed) = (0, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let r = post(&a, "/v1/recall", &json!({"user_id": user(n * 3 + c), "k": 10}));
+                        if r.status != 200 || ids(&r.json()).len() != 10 {
+                            failed.push(String::from_utf8_lossy(&r.body).into_owned());
+                        }
+                        n += 1;
+                    }
+                    (n, failed)
+                })
+            })
+            .collect();
+        RecallLoad { stop, clients }
+    }
+
+    /// Stops the clients: how many requests they sent, and the bodies of those that failed.
+    fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut total, mut failed) = (0, Vec::new());
+        for c in self.clients {
+            let (n, f) = c.join().unwrap();
+            total += n;
+            failed.extend(f);
+        }
+        (total, failed)
+    }
+}
+
 fn user_log(dir: &Path, user: &str) -> Vec<String> {
     let log = std::fs::read_to_string(dir.join("log.csv")).unwrap();
     log.lines()
@@ -307,23 +349,7 @@ fn reloads_swap_models_without_failing_requests() {
     assert!(out.contains("reloads: 1 ok, 0 failed; malformed requests: 12 sent, 12 answered 4xx"), "{out}");
 
     // Recalls keep flowing on other threads while the model is swapped back and forth.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (0..3)
-        .map(|c| {
-            let (a, stop) = (a.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let (mut n, mut failed) = (0, Vec::new());
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let r = post(&a, "/v1/recall", &json!({"user_id": format!("u{}", (n * 3 + c) % 300), "k": 10}));
-                    if r.status != 200 || ids(&r.json()).len() != 10 {
-                        failed.push(String::from_utf8_lossy(&r.body).into_owned());
-                    }
-                    n += 1;
-                }
-                (n, failed)
-            })
-        })
-        .collect();
+    let load = RecallLoad::start(&a, |i| format!("u{}", i % 300));
     let mut models = Vec::new();
     for run in ["runs/pop", "runs/yt", "runs/pop"] {
         let r = post(&a, "/admin/reload", &json!({"run": run}));
@@ -345,13 +371,8 @@ fn reloads_swap_models_without_failing_requests() {
         assert!(t.elapsed() < Duration::from_secs(30), "SIGHUP did not reload:\n{text}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut total = 0;
-    for c in clients {
-        let (n, failed) = c.join().unwrap();
-        assert!(failed.is_empty(), "{} failed during reloads, e.g. {}", failed.len(), failed[0]);
-        total += n;
-    }
+    let (total, failed) = load.stop();
+    assert!(failed.is_empty(), "{} failed during reloads, e.g. {}", failed.len(), failed[0]);
     assert!(total > 0);
     // A multi-interest model: every interest searches, the lists merge by score without duplicates.
     assert_eq!(post(&a, "/admin/reload", &json!({"run": "runs/mind"})).status, 200);
@@ -1066,35 +1087,14 @@ fn versions_side_by_side_split_users_stably_and_roll_back_under_load() {
     assert!(text.contains("needle_model_info{version=\"pop\",run=\"pop:"), "{text}");
 
     // Rollback under load: recalls keep flowing on other threads; none may fail.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (0..3)
-        .map(|c| {
-            let (a, stop) = (a.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let (mut n, mut failed) = (0, Vec::new());
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let r = post(&a, "/v1/recall", &json!({"user_id": format!("user{}", n * 3 + c), "k": 10}));
-                    if r.status != 200 || ids(&r.json()).len() != 10 {
-                        failed.push(String::from_utf8_lossy(&r.body).into_owned());
-                    }
-                    n += 1;
-                }
-                (n, failed)
-            })
-        })
-        .collect();
+    let load = RecallLoad::start(&a, |i| format!("user{i}"));
     std::thread::sleep(Duration::from_millis(300));
     let r = post(&a, "/admin/rollback", &json!({}));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["weights"], json!({"yt": 1, "pop": 0}));
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut total = 0;
-    for c in clients {
-        let (n, failed) = c.join().unwrap();
-        assert!(failed.is_empty(), "{} failed during the rollback, e.g. {}", failed.len(), failed[0]);
-        total += n;
-    }
+    let (total, failed) = load.stop();
+    assert!(failed.is_empty(), "{} failed during the rollback, e.g. {}", failed.len(), failed[0]);
     assert!(total > 20, "{total}");
     assert!(versions_of(&a, 0..1_000).iter().all(|v| v == "yt"));
     // A second rollback rolls forward, and users return to the versions they had.
