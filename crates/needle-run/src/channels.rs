@@ -40,6 +40,15 @@ use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+/// The order of a `newest` channel over trained items: the rows with training events, latest
+/// first event first, lower row first among equals. `needle eval` and `needle serve` both
+/// rank by it.
+pub fn newest_rows(first_seen: &[i64], item_counts: &[u64]) -> Vec<u32> {
+    let mut rows: Vec<u32> = (1..first_seen.len()).filter(|&r| item_counts[r] > 0).map(|r| r as u32).collect();
+    rows.sort_by(|&a, &b| first_seen[b as usize].cmp(&first_seen[a as usize]).then(a.cmp(&b)));
+    rows
+}
+
 /// At most this many channels (each item's finders are a bit set).
 pub const MAX_CHANNELS: usize = 64;
 
@@ -360,5 +369,13 @@ mod tests {
         assert!(e.contains("at least one channel must name a run"), "{e}");
         let e = bad("[[channel]]\nname = \"a\"\nkind = \"vectors\"\nrun = \"r\"\nquota = 1").unwrap_err();
         assert!(e.contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn newest_rows_put_the_latest_first_event_first_and_skip_untrained_rows() {
+        // Row 0 is padding; row 3 has no training event; rows 1 and 4 tie.
+        let first = [0, 500, 900, 0, 500];
+        let counts = [0, 2, 1, 0, 7];
+        assert_eq!(newest_rows(&first, &counts), vec![2, 1, 4]);
     }
 }

@@ -166,17 +166,10 @@ impl Engine {
         let mut popular: Vec<(u32, f32)> =
             run.item_counts.iter().enumerate().skip(1).map(|(row, &c)| (row as u32, c as f32)).collect();
         popular.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        // Sorted on the exact times; the f32 score is only what a client sees.
+        // Ordered on the exact times; the f32 score is only what a client sees.
         let newest = run.item_first_seen.as_ref().map(|first| {
-            let mut rows: Vec<(u32, i64)> = first
-                .iter()
-                .enumerate()
-                .skip(1)
-                .filter(|&(row, &t)| t != 0 || run.item_counts[row] > 0)
-                .map(|(row, &t)| (row as u32, t))
-                .collect();
-            rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            rows.into_iter().map(|(row, t)| (row, t as f32)).collect()
+            let rows = needle_run::channels::newest_rows(first, &run.item_counts);
+            rows.into_iter().map(|row| (row, first[row as usize] as f32)).collect()
         });
         let mut engine = Engine {
             run_id: format!("{name}:{:08x}", checksum >> 32),

@@ -80,12 +80,10 @@ pub fn eval_channels(
             ChannelKind::Newest => {
                 // The base run's items ranked by first training event, through the same
                 // retrieval: the score is the rank (exact, where Unix seconds in f32 are not).
-                let first = p.item_first_seen();
-                let mut rows: Vec<usize> = (1..first.len()).filter(|&r| p.item_counts[r] > 0).collect();
-                rows.sort_by_key(|&r| (first[r], std::cmp::Reverse(r)));
-                let mut rank = vec![0f32; first.len()];
+                let rows = needle_run::channels::newest_rows(&p.item_first_seen(), &p.item_counts);
+                let mut rank = vec![0f32; p.item_counts.len()];
                 for (i, &r) in rows.iter().enumerate() {
-                    rank[r] = (i + 1) as f32;
+                    rank[r as usize] = (rows.len() - i) as f32;
                 }
                 let (ids, scores) =
                     recall_top_k(&needle_run::Model::Popularity { counts: rank }, p, &users, stage, kmax, false);
