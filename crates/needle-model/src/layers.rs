@@ -150,40 +150,113 @@ pub struct SoftmaxGrads<'a> {
     pub shared: &'a mut [f32],
 }
 
+/// Logit values held at once: the `[rows × candidates]` matrix is computed, turned into
+/// gradients and consumed by its two products one block of rows at a time, so it stays in cache
+/// (4 MiB) instead of streaming through memory three times.
+const LOGIT_BLOCK_VALUES: usize = 1 << 20;
+/// Fewer rows than this make the products too thin to run at speed.
+const MIN_BLOCK_ROWS: usize = 64;
+
 /// Softmax cross-entropy with the positive as the label; returns the mean loss and fills `g`.
 pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScratch) -> f32 {
+    let s = x.shared_corr.len();
+    let block = if s == 0 { usize::MAX } else { (LOGIT_BLOCK_VALUES / s).max(MIN_BLOCK_ROWS) };
+    softmax_loss_in_blocks(x, g, scratch, block)
+}
+
+/// [`softmax_loss`] over blocks of `block` rows.
+fn softmax_loss_in_blocks(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScratch, block: usize) -> f32 {
     let d = x.d;
     let b = x.pos_corr.len();
     let s = x.shared_corr.len();
     let nr = x.n_row;
-    let inv_t = 1.0 / x.temperature;
-    scratch.logits.resize(b * s, 0.0);
+    let block = block.clamp(1, b.max(1));
+    scratch.logits.resize(block * s, 0.0);
     scratch.row_logits.resize(b * nr, 0.0);
     scratch.row_scale.resize(b, 0.0);
-    if s > 0 {
-        matmul(b, d, s, x.user, Layout::Normal, x.shared, Layout::Transposed, &mut scratch.logits, false);
+    if b == 0 {
+        g.shared.fill(0.0);
     }
-    let chunk = ROWS_PER_TASK.min(b.max(1));
-    let n_chunks = b.div_ceil(chunk);
-    let lg_parts = split_rows(&mut scratch.logits, s * chunk, n_chunks);
-    let rl_parts = split_rows(&mut scratch.row_logits, nr * chunk, n_chunks);
-    let gu_parts = split_rows(&mut *g.user, d * chunk, n_chunks);
-    let gp_parts = split_rows(&mut *g.pos, d * chunk, n_chunks);
-    let gn_parts = split_rows(&mut *g.row_negs, nr * d * chunk, n_chunks);
-    let loss_sum: f64 = lg_parts
+    let mut loss_sum = 0.0f64;
+    for r0 in (0..b).step_by(block) {
+        let r1 = (r0 + block).min(b);
+        let rb = r1 - r0;
+        let SoftmaxScratch { logits, row_logits, row_scale, user_scaled, user_grad } = scratch;
+        let logits = &mut logits[..rb * s];
+        let user = &x.user[r0 * d..r1 * d];
+        if s > 0 {
+            matmul(rb, d, s, user, Layout::Normal, x.shared, Layout::Transposed, logits, false);
+        }
+        let rows = BlockRows {
+            logits,
+            row_logits: &mut row_logits[r0 * nr..r1 * nr],
+            row_scale: &mut row_scale[r0..r1],
+            user: &mut g.user[r0 * d..r1 * d],
+            pos: &mut g.pos[r0 * d..r1 * d],
+            row_negs: &mut g.row_negs[r0 * nr * d..r1 * nr * d],
+        };
+        loss_sum += softmax_rows(x, r0, b, rows);
+        if s > 0 {
+            // The shared part of dL/du and all of dL/dshared come from two products over the
+            // `exp(logit − max)` matrix held in `logits`; each row's factor to a gradient goes on
+            // the narrow side of the product (`[rows×d]`), never through the `[rows×s]` matrix again.
+            let row_scale = &row_scale[r0..r1];
+            user_grad.resize(rb * d, 0.0);
+            matmul(rb, s, d, logits, Layout::Normal, x.shared, Layout::Normal, user_grad, false);
+            for ((gu, eg), &f) in
+                g.user[r0 * d..r1 * d].chunks_exact_mut(d).zip(user_grad.chunks_exact(d)).zip(row_scale.iter())
+            {
+                gu.iter_mut().zip(eg).for_each(|(a, e)| *a += f * e);
+            }
+            user_scaled.clear();
+            user_scaled
+                .extend(user.chunks_exact(d).zip(row_scale.iter()).flat_map(|(u, &f)| u.iter().map(move |v| v * f)));
+            matmul(s, rb, d, logits, Layout::Transposed, user_scaled, Layout::Normal, g.shared, r0 > 0);
+        }
+    }
+    (loss_sum / b.max(1) as f64) as f32
+}
+
+/// One block's slices of the buffers [`softmax_rows`] fills, rows `r0..r0 + row_scale.len()`.
+struct BlockRows<'a> {
+    logits: &'a mut [f32],
+    row_logits: &'a mut [f32],
+    row_scale: &'a mut [f32],
+    user: &'a mut [f32],
+    pos: &'a mut [f32],
+    row_negs: &'a mut [f32],
+}
+
+/// The per-row part of [`softmax_loss`] for the block of rows starting at `r0` (of `b` in the
+/// batch): logits into `exp(logit − max)`, the loss, and the gradients that need no product.
+fn softmax_rows(x: &SoftmaxInputs, r0: usize, b: usize, out: BlockRows) -> f64 {
+    let d = x.d;
+    let s = x.shared_corr.len();
+    let nr = x.n_row;
+    let inv_t = 1.0 / x.temperature;
+    let rows_in_block = out.row_scale.len();
+    // Every thread gets a share of even a small block.
+    let chunk = ROWS_PER_TASK.min(rows_in_block.div_ceil(rayon::current_num_threads())).max(1);
+    let n_chunks = rows_in_block.div_ceil(chunk);
+    let lg_parts = split_rows(out.logits, s * chunk, n_chunks);
+    let rl_parts = split_rows(out.row_logits, nr * chunk, n_chunks);
+    let gu_parts = split_rows(out.user, d * chunk, n_chunks);
+    let gp_parts = split_rows(out.pos, d * chunk, n_chunks);
+    let gn_parts = split_rows(out.row_negs, nr * d * chunk, n_chunks);
+    lg_parts
         .into_par_iter()
         .zip(rl_parts)
-        .zip(scratch.row_scale.par_chunks_mut(chunk))
+        .zip(out.row_scale.par_chunks_mut(chunk))
         .zip(gu_parts)
         .zip(gp_parts)
         .zip(gn_parts)
         .enumerate()
         .map(|(ci, (((((lg, rl), pl), gu), gp), gn))| {
-            let r0 = ci * chunk;
+            let c0 = r0 + ci * chunk;
             let rows = pl.len();
             let mut loss = 0.0f64;
             for k in 0..rows {
-                let r = r0 + k;
+                let r = c0 + k;
                 let u = &x.user[r * d..(r + 1) * d];
                 let p = &x.pos[r * d..(r + 1) * d];
                 let pos_logit = dot(u, p) * inv_t - x.pos_corr[r];
@@ -229,24 +302,7 @@ pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScr
             }
             loss
         })
-        .sum();
-    if s > 0 {
-        // The shared part of dL/du and all of dL/dshared come from two products over the
-        // `exp(logit − max)` matrix held in `logits`; each row's factor to a gradient goes on the
-        // narrow side of the product (`[b×d]`), never through the `[b×s]` matrix again.
-        let SoftmaxScratch { logits, row_scale, user_scaled, user_grad, .. } = scratch;
-        user_grad.resize(b * d, 0.0);
-        matmul(b, s, d, logits, Layout::Normal, x.shared, Layout::Normal, user_grad, false);
-        for ((gu, eg), &f) in g.user.chunks_exact_mut(d).zip(user_grad.chunks_exact(d)).zip(row_scale.iter()) {
-            gu.iter_mut().zip(eg).for_each(|(a, e)| *a += f * e);
-        }
-        user_scaled.clear();
-        user_scaled.extend(
-            x.user[..b * d].chunks_exact(d).zip(row_scale.iter()).flat_map(|(u, &f)| u.iter().map(move |v| v * f)),
-        );
-        matmul(s, b, d, logits, Layout::Transposed, user_scaled, Layout::Normal, g.shared, false);
-    }
-    (loss_sum / b.max(1) as f64) as f32
+        .sum()
 }
 
 /// Turns a row of raw shared-candidate products into logits, `v·inv_t − corr`, with the row's
@@ -437,6 +493,55 @@ mod tests {
         assert!(gn[(nr) * d..(nr + 1) * d].iter().all(|v| *v == 0.0));
         let nn = negs.clone();
         assert_close(&gs, &numeric_grad(&mut shared, &mut |s| run(&uu, &pp, &nn, s, false).0 as f64), "shared");
+    }
+
+    #[test]
+    fn softmax_in_row_blocks_equals_one_block() {
+        // 150 rows in blocks of 64 (two whole blocks and a short one) against all rows at once.
+        let (b, d, nr, s) = (150, 8, 1, 40);
+        let mut rng = Rng::new(5);
+        let user = rand_vec(&mut rng, b * d);
+        let pos = rand_vec(&mut rng, b * d);
+        let negs = rand_vec(&mut rng, b * nr * d);
+        let shared = rand_vec(&mut rng, s * d);
+        let pos_corr = rand_vec(&mut rng, b);
+        let row_corr = rand_vec(&mut rng, b * nr);
+        let shared_corr = rand_vec(&mut rng, s);
+        let pos_ids: Vec<u32> = (0..b as u32).map(|r| r % s as u32).collect();
+        let row_ids: Vec<u32> = (0..(b * nr) as u32).map(|r| 1000 + r).collect();
+        let shared_ids: Vec<u32> = (0..s as u32).collect();
+        let x = SoftmaxInputs {
+            user: &user,
+            pos: &pos,
+            pos_corr: &pos_corr,
+            pos_ids: &pos_ids,
+            row_negs: &negs,
+            row_corr: &row_corr,
+            row_ids: &row_ids,
+            n_row: nr,
+            shared: &shared,
+            shared_corr: &shared_corr,
+            shared_ids: &shared_ids,
+            temperature: 0.2,
+            d,
+        };
+        let run = |block: usize| {
+            let (mut gu, mut gp, mut gn) = (vec![0.0; b * d], vec![0.0; b * d], vec![0.0; b * nr * d]);
+            let mut gs = vec![f32::NAN; s * d];
+            let grads = SoftmaxGrads { user: &mut gu, pos: &mut gp, row_negs: &mut gn, shared: &mut gs };
+            let l = softmax_loss_in_blocks(&x, grads, &mut SoftmaxScratch::default(), block);
+            (l, [gu, gp, gn, gs])
+        };
+        let (l1, one) = run(b);
+        let (l3, blocks) = run(64);
+        assert!((l1 - l3).abs() <= 1e-5 * l1.abs(), "loss {l1} vs {l3}");
+        for (name, (a, w)) in ["user", "pos", "negs", "shared"].iter().zip(blocks.iter().zip(&one)) {
+            let scale = w.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+            assert!(scale > 0.0, "{name}: all zero");
+            for (i, (a, w)) in a.iter().zip(w).enumerate() {
+                assert!((a - w).abs() <= 1e-5 * scale, "{name}[{i}]: {a} in blocks vs {w} at once");
+            }
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 use crate::layers::{linear_backward, linear_forward, relu_backward, relu_forward};
 use crate::rng::Rng;
+use rayon::prelude::*;
 
 /// One fully connected layer, `w` stored `[in × out]`.
 #[derive(Clone, Debug)]
@@ -46,19 +47,23 @@ pub struct MlpActs {
 pub(crate) fn fill_mask(mask: &mut Vec<f32>, len: usize, rate: f32, seed: u64, layer: u64) {
     let keep = 1.0 - rate;
     let threshold = (f64::from(keep) * (1u64 << 32) as f64) as u64;
-    mask.clear();
-    mask.extend((0..len as u64).map(|i| {
-        let mut z = seed ^ layer.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        if (z >> 32) < threshold {
-            1.0 / keep
-        } else {
-            0.0
+    let base = seed ^ layer.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    mask.resize(len, 0.0);
+    // Each unit's value depends on its index alone, so the chunks can be filled in any order.
+    mask.par_chunks_mut(MASK_CHUNK).enumerate().for_each(|(c, chunk)| {
+        let i0 = (c * MASK_CHUNK) as u64;
+        for (i, m) in (i0..).zip(chunk.iter_mut()) {
+            let mut z = base ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            *m = if (z >> 32) < threshold { 1.0 / keep } else { 0.0 };
         }
-    }));
+    });
 }
+
+/// Units per parallel task of [`fill_mask`].
+const MASK_CHUNK: usize = 1 << 14;
 
 impl Mlp {
     /// Layers `input → widths[0] → … → widths[last]`, He-uniform weights, zero biases.
