@@ -160,7 +160,7 @@ const MIN_BLOCK_ROWS: usize = 64;
 /// Softmax cross-entropy with the positive as the label; returns the mean loss and fills `g`.
 pub fn softmax_loss(x: &SoftmaxInputs, g: SoftmaxGrads, scratch: &mut SoftmaxScratch) -> f32 {
     let s = x.shared_corr.len();
-    let block = if s == 0 { usize::MAX } else { (LOGIT_BLOCK_VALUES / s).max(MIN_BLOCK_ROWS) };
+    let block = LOGIT_BLOCK_VALUES.checked_div(s).map_or(usize::MAX, |r| r.max(MIN_BLOCK_ROWS));
     softmax_loss_in_blocks(x, g, scratch, block)
 }
 
