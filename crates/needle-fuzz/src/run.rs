@@ -119,7 +119,16 @@ fn tiny_model(kind: ModelKind, bags: Vec<ItemBags>) -> Result<Model, String> {
             &mut rng,
         )?)),
         ModelKind::Sequential => Model::Seq(Box::new(SeqTwoTower::new(
-            SeqSpec { items: ITEM_ROWS, dim: 4, max_seq_len: 3, blocks: 1, heads: 2, ffn: 5, item_hash: None },
+            SeqSpec {
+                items: ITEM_ROWS,
+                dim: 4,
+                max_seq_len: 3,
+                blocks: 1,
+                heads: 2,
+                ffn: 5,
+                item_hash: None,
+                block: Default::default(),
+            },
             &mut rng,
         )?)),
         ModelKind::Popularity => Model::Popularity { counts: ITEM_COUNTS.iter().map(|&c| c as f32).collect() },

@@ -12,7 +12,7 @@
 //! user, from its newest token.
 
 use crate::embedding::{Embedding, RowHash};
-use crate::fastexp::exp_shifted_sum;
+use crate::fastexp::{exp_approx, exp_shifted_sum};
 use crate::layers::{
     dot, l2norm_backward, l2norm_forward, linear_backward, linear_forward, relu_backward, relu_forward,
 };
@@ -20,6 +20,20 @@ use crate::mlp::fill_mask;
 use crate::rng::Rng;
 use crate::tower::{Grads, NamedTensor, Tower, UserBatch};
 use rayon::prelude::*;
+
+/// What each block of the tower computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockKind {
+    /// Softmax attention, then a ReLU feed-forward layer, each a pre-norm residual branch.
+    #[default]
+    Transformer,
+    /// HSTU's gated block, one pre-norm residual branch: a single projection to `U, V, Q, K`
+    /// through SiLU; pointwise attention `SiLU(QKᵀ/√dh) / max_seq_len` (no softmax) over the
+    /// earlier tokens; the layer-normalised attention output gated by `U`, then projected back.
+    /// It has no feed-forward layer (`ffn` is unused).
+    Hstu,
+}
 
 /// Shapes of a sequential model.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -34,6 +48,9 @@ pub struct SeqSpec {
     /// Inner width of each block's feed-forward layer.
     pub ffn: usize,
     pub item_hash: Option<RowHash>,
+    /// Runs written before the block kind existed are transformers.
+    #[serde(default)]
+    pub block: BlockKind,
 }
 
 impl SeqSpec {
@@ -77,6 +94,19 @@ const BLOCK_NAMES: [&str; PER_BLOCK] = [
     "ffn2.bias",
 ];
 
+/// Dense tensors of one HSTU block, in [`SeqTwoTower::dense`] order.
+const H_LN1_G: usize = 0;
+const H_LN1_B: usize = 1;
+const H_W_UVQK: usize = 2;
+const H_B_UVQK: usize = 3;
+const H_LN2_G: usize = 4;
+const H_LN2_B: usize = 5;
+const H_W_O: usize = 6;
+const H_B_O: usize = 7;
+const HSTU_PER_BLOCK: usize = 8;
+const HSTU_BLOCK_NAMES: [&str; HSTU_PER_BLOCK] =
+    ["ln1.g", "ln1.b", "uvqk.weight", "uvqk.bias", "attn_norm.g", "attn_norm.b", "out.weight", "out.bias"];
+
 #[derive(Clone, Debug)]
 pub struct SeqTwoTower {
     pub spec: SeqSpec,
@@ -106,6 +136,17 @@ impl SeqTwoTower {
         // the identity.
         let out_scale = s / (2.0 * spec.blocks.max(1) as f32).sqrt();
         for _ in 0..spec.blocks {
+            if spec.block == BlockKind::Hstu {
+                dense.push(vec![1.0; d]);
+                dense.push(vec![0.0; d]);
+                dense.push(normal_vec(d * 4 * d, s, rng));
+                dense.push(vec![0.0; 4 * d]);
+                dense.push(vec![1.0; d]);
+                dense.push(vec![0.0; d]);
+                dense.push(normal_vec(d * d, out_scale, rng));
+                dense.push(vec![0.0; d]);
+                continue;
+            }
             dense.push(vec![1.0; d]);
             dense.push(vec![0.0; d]);
             dense.push(normal_vec(d * 3 * d, s, rng));
@@ -124,8 +165,15 @@ impl SeqTwoTower {
         Ok(SeqTwoTower { spec, items, dense })
     }
 
+    fn per_block(&self) -> usize {
+        match self.spec.block {
+            BlockKind::Transformer => PER_BLOCK,
+            BlockKind::Hstu => HSTU_PER_BLOCK,
+        }
+    }
+
     fn block(&self, l: usize, i: usize) -> &[f32] {
-        &self.dense[1 + l * PER_BLOCK + i]
+        &self.dense[1 + l * self.per_block() + i]
     }
 
     fn final_ln(&self) -> (&[f32], &[f32]) {
@@ -143,6 +191,8 @@ struct BlockActs {
     qkv: Vec<f32>,
     /// Attention probabilities, per sequence and head `[n × n]` (zero above the diagonal).
     probs: Vec<f32>,
+    /// HSTU: the attention scores before the SiLU, laid out as `probs`.
+    scores: Vec<f32>,
     ctx: Vec<f32>,
     attn_mask: Vec<f32>,
     /// The stream after the attention residual.
@@ -434,11 +484,149 @@ fn newest_attention(qkv: &[f32], ctx: &mut [f32], off: &[usize], d: usize, heads
     });
 }
 
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp_approx(-x))
+}
+
+#[inline(always)]
+fn silu(x: f32) -> f32 {
+    x * sigmoid(x)
+}
+
+/// `d(x·σ(x))/dx = σ(x)·(1 + x·(1 − σ(x)))`.
+#[inline(always)]
+fn silu_grad(x: f32) -> f32 {
+    let s = sigmoid(x);
+    s * (1.0 + x * (1.0 - s))
+}
+
+/// Values per rayon task in the element-wise kernels.
+const VALUES_PER_TASK: usize = 1 << 14;
+
+/// `y = SiLU(x)`.
+fn silu_forward(y: &mut Vec<f32>, x: &[f32]) {
+    y.resize(x.len(), 0.0);
+    y.par_chunks_mut(VALUES_PER_TASK).zip(x.par_chunks(VALUES_PER_TASK)).for_each(|(y, x)| {
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y = silu(x));
+    });
+}
+
+/// `d *= SiLU'(x)`.
+fn silu_backward(d: &mut [f32], x: &[f32]) {
+    d.par_chunks_mut(VALUES_PER_TASK).zip(x.par_chunks(VALUES_PER_TASK)).for_each(|(d, x)| {
+        d.iter_mut().zip(x).for_each(|(d, &x)| *d *= silu_grad(x));
+    });
+}
+
+/// HSTU's attention over every sequence, reading `V, Q, K` from the `[T × 4d]` rows
+/// `U | V | Q | K` of `act`: `S = QKᵀ/√dh`, `P = SiLU(S) · inv_len` on and below the diagonal
+/// (0 above), `ctx = P·V`. Keeps `S` and `P`, laid out as in [`attention_forward`].
+#[allow(clippy::too_many_arguments)]
+fn hstu_attention_forward(
+    act: &[f32],
+    scores: &mut [f32],
+    probs: &mut [f32],
+    ctx: &mut [f32],
+    off: &[usize],
+    poff: &[usize],
+    d: usize,
+    heads: usize,
+    inv_len: f32,
+) {
+    let dh = d / heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let (sp, pp, cp) = (Shared(scores.as_mut_ptr()), Shared(probs.as_mut_ptr()), Shared(ctx.as_mut_ptr()));
+    let ap = act.as_ptr() as usize;
+    (0..off.len() - 1).into_par_iter().for_each(|s| {
+        let (t0, n) = (off[s], off[s + 1] - off[s]);
+        let row = (ap as *const f32).wrapping_add(t0 * 4 * d);
+        for h in 0..heads {
+            let at = poff[s] * heads + h * n * n;
+            // SAFETY: sequence `s` owns token rows t0..t0+n of ctx and its own score and
+            // probability blocks; act is read only. Every view lies inside its buffer.
+            unsafe {
+                let (vh, qh, kh) = (row.add(d + h * dh), row.add(2 * d + h * dh), row.add(3 * d + h * dh));
+                gemm(n, dh, n, scale, qh, 4 * d, 1, kh, 1, 4 * d, 0.0, sp.at(at), n);
+                let sc = std::slice::from_raw_parts(sp.at(at), n * n);
+                let pr = std::slice::from_raw_parts_mut(pp.at(at), n * n);
+                for (i, (srow, prow)) in sc.chunks_exact(n).zip(pr.chunks_exact_mut(n)).enumerate() {
+                    let (seen, future) = prow.split_at_mut(i + 1);
+                    seen.iter_mut().zip(srow).for_each(|(p, &x)| *p = silu(x) * inv_len);
+                    future.fill(0.0);
+                }
+                gemm(n, n, dh, 1.0, pp.at(at), n, 1, vh, 4 * d, 1, 0.0, cp.at(t0 * d + h * dh), d);
+            }
+        }
+    });
+}
+
+/// Gradients of [`hstu_attention_forward`]: the `V, Q, K` columns of `dact` from `dctx` (the
+/// `U` columns are left as they are); `scratch` holds one `[n × n]` block per sequence.
+#[allow(clippy::too_many_arguments)]
+fn hstu_attention_backward(
+    dact: &mut [f32],
+    scratch: &mut [f32],
+    dctx: &[f32],
+    act: &[f32],
+    scores: &[f32],
+    probs: &[f32],
+    off: &[usize],
+    poff: &[usize],
+    d: usize,
+    heads: usize,
+    inv_len: f32,
+) {
+    let dh = d / heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let (gp, xp) = (Shared(dact.as_mut_ptr()), Shared(scratch.as_mut_ptr()));
+    let (ap, sp, pp, dcp) =
+        (act.as_ptr() as usize, scores.as_ptr() as usize, probs.as_ptr() as usize, dctx.as_ptr() as usize);
+    (0..off.len() - 1).into_par_iter().for_each(|s| {
+        let (t0, n) = (off[s], off[s + 1] - off[s]);
+        let row = (ap as *const f32).wrapping_add(t0 * 4 * d);
+        let drow = gp.at(t0 * 4 * d);
+        let ds = xp.at(poff[s]);
+        for h in 0..heads {
+            let at = poff[s] * heads + h * n * n;
+            // SAFETY: as in the forward pass: sequence `s` writes only its own rows of dact and
+            // its own scratch block; the rest is read only.
+            unsafe {
+                let p = (pp as *const f32).add(at);
+                let sc = std::slice::from_raw_parts((sp as *const f32).add(at), n * n);
+                let dout = (dcp as *const f32).add(t0 * d + h * dh);
+                let (vh, qh, kh) = (row.add(d + h * dh), row.add(2 * d + h * dh), row.add(3 * d + h * dh));
+                // dP = dO·Vᵀ, then dS = dP ⊙ SiLU'(S) · inv_len / √dh on and below the diagonal.
+                gemm(n, dh, n, 1.0, dout, d, 1, vh, 1, 4 * d, 0.0, ds, n);
+                let dsm = std::slice::from_raw_parts_mut(ds, n * n);
+                for (i, (dr, sr)) in dsm.chunks_exact_mut(n).zip(sc.chunks_exact(n)).enumerate() {
+                    let (seen, future) = dr.split_at_mut(i + 1);
+                    seen.iter_mut().zip(sr).for_each(|(g, &x)| *g *= silu_grad(x) * inv_len * scale);
+                    future.fill(0.0);
+                }
+                // dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q
+                gemm(n, n, dh, 1.0, p, 1, n, dout, d, 1, 0.0, drow.add(d + h * dh), 4 * d);
+                gemm(n, n, dh, 1.0, ds, n, 1, kh, 4 * d, 1, 0.0, drow.add(2 * d + h * dh), 4 * d);
+                gemm(n, n, dh, 1.0, ds, 1, n, qh, 4 * d, 1, 0.0, drow.add(3 * d + h * dh), 4 * d);
+            }
+        }
+    });
+}
+
 /// The gradients of tensor `i` and of the one after it (a weight and its bias, a norm's gain and
 /// its shift), borrowed together.
 fn grad_pair(grads: &mut [Vec<f32>], i: usize) -> (&mut [f32], &mut [f32]) {
     let (a, b) = grads[i..].split_at_mut(1);
     (&mut a[0], &mut b[0])
+}
+
+/// The dropout mask of a block's branch output (`layer` numbers it), empty when dropout is off.
+fn hidden_mask(mask: &mut Vec<f32>, len: usize, drop: crate::mlp::Dropout, layer: u64) {
+    if drop.hidden > 0.0 {
+        fill_mask(mask, len, drop.hidden, drop.seed, layer);
+    } else {
+        mask.clear();
+    }
 }
 
 fn apply_mask(x: &mut [f32], mask: &[f32]) {
@@ -514,10 +702,54 @@ impl SeqTwoTower {
             a.emb_mask.clear();
         }
         let p_total = a.poff[batch.n] * heads;
+        let inv_len = 1.0 / self.spec.max_seq_len as f32;
+        // Only a transformer's last block has a per-user shortcut; an HSTU tower computes every
+        // token and the newest ones are picked below.
+        let newest_only = newest_only && self.spec.block == BlockKind::Transformer;
         for bi in 0..self.spec.blocks {
             let (done, rest) = a.blocks.split_at_mut(bi + 1);
             let b = &mut done[bi];
             let g = |i| self.block(bi, i);
+            if self.spec.block == BlockKind::Hstu {
+                ln_forward(&mut b.ln1, &b.x, g(H_LN1_G), g(H_LN1_B), d);
+                b.qkv.resize(t * 4 * d, 0.0);
+                linear_forward(&mut b.qkv, &b.ln1.out, g(H_W_UVQK), g(H_B_UVQK), t, d, 4 * d);
+                silu_forward(&mut b.hidden, &b.qkv);
+                b.scores.resize(p_total, 0.0);
+                b.probs.resize(p_total, 0.0);
+                b.ctx.resize(t * d, 0.0);
+                let (off, poff) = (&a.off, &a.poff);
+                hstu_attention_forward(
+                    &b.hidden,
+                    &mut b.scores,
+                    &mut b.probs,
+                    &mut b.ctx,
+                    off,
+                    poff,
+                    d,
+                    heads,
+                    inv_len,
+                );
+                ln_forward(&mut b.ln2, &b.ctx, g(H_LN2_G), g(H_LN2_B), d);
+                // The normalised attention output gated by U, the first `d` columns of each row.
+                b.mid.clear();
+                b.mid.extend(
+                    b.ln2
+                        .out
+                        .chunks_exact(d)
+                        .zip(b.hidden.chunks_exact(4 * d))
+                        .flat_map(|(y, u)| y.iter().zip(&u[..d]).map(|(y, u)| y * u)),
+                );
+                a.dtmp.resize(t * d, 0.0);
+                linear_forward(&mut a.dtmp, &b.mid, g(H_W_O), g(H_B_O), t, d, d);
+                hidden_mask(&mut b.attn_mask, t * d, drop, 1 + 2 * bi as u64);
+                let next = match rest.first_mut() {
+                    Some(nb) => &mut nb.x,
+                    None => &mut a.last,
+                };
+                residual(next, &b.x, &a.dtmp, &b.attn_mask);
+                continue;
+            }
             ln_forward(&mut b.ln1, &b.x, g(LN1_G), g(LN1_B), d);
             b.qkv.resize(t * 3 * d, 0.0);
             linear_forward(&mut b.qkv, &b.ln1.out, g(W_QKV), g(B_QKV), t, d, 3 * d);
@@ -548,22 +780,14 @@ impl SeqTwoTower {
             // The projected attention output goes to `mid` first, then the residual is added.
             a.dtmp.resize(t * d, 0.0);
             linear_forward(&mut a.dtmp, &b.ctx, g(W_O), g(B_O), t, d, d);
-            if drop.hidden > 0.0 {
-                fill_mask(&mut b.attn_mask, t * d, drop.hidden, drop.seed, 1 + 2 * bi as u64);
-            } else {
-                b.attn_mask.clear();
-            }
+            hidden_mask(&mut b.attn_mask, t * d, drop, 1 + 2 * bi as u64);
             residual(&mut b.mid, &b.x, &a.dtmp, &b.attn_mask);
             ln_forward(&mut b.ln2, &b.mid, g(LN2_G), g(LN2_B), d);
             b.hidden.resize(t * f, 0.0);
             linear_forward(&mut b.hidden, &b.ln2.out, g(W_1), g(B_1), t, d, f);
             relu_forward(&mut b.hidden);
             linear_forward(&mut a.dtmp, &b.hidden, g(W_2), g(B_2), t, f, d);
-            if drop.hidden > 0.0 {
-                fill_mask(&mut b.ffn_mask, t * d, drop.hidden, drop.seed, 2 + 2 * bi as u64);
-            } else {
-                b.ffn_mask.clear();
-            }
+            hidden_mask(&mut b.ffn_mask, t * d, drop, 2 + 2 * bi as u64);
             let next = match rest.first_mut() {
                 Some(nb) => &mut nb.x,
                 None => &mut a.last,
@@ -641,6 +865,7 @@ impl Tower for SeqTwoTower {
             }
         }
         let nd = self.dense.len();
+        let inv_len = 1.0 / self.spec.max_seq_len as f32;
         let (gf, _) = self.final_ln();
         a.dx.resize(t * d, 0.0);
         let (dg, db) = grad_pair(&mut grads.dense, nd - 2);
@@ -649,8 +874,59 @@ impl Tower for SeqTwoTower {
         for bi in (0..self.spec.blocks).rev() {
             let b = &a.blocks[bi];
             let g = |i| self.block(bi, i);
-            let base = 1 + bi * PER_BLOCK;
-            let gd = &mut grads.dense[base..base + PER_BLOCK];
+            let per = self.per_block();
+            let base = 1 + bi * per;
+            let gd = &mut grads.dense[base..base + per];
+            if self.spec.block == BlockKind::Hstu {
+                // a.dx is dL/d(block output); its residual part is kept in dmid.
+                a.dmid.clear();
+                a.dmid.extend_from_slice(&a.dx);
+                a.dtmp.clear();
+                a.dtmp.extend_from_slice(&a.dx);
+                apply_mask(&mut a.dtmp, &b.attn_mask);
+                a.dctx.resize(t * d, 0.0);
+                let (g0, g1) = grad_pair(gd, H_W_O);
+                linear_backward(Some(&mut a.dctx), g0, g1, &a.dtmp, &b.mid, g(H_W_O), t, d, d);
+                // Through the gate: dU = d(gated) ⊙ norm(AV) into the U columns, and
+                // d(norm(AV)) = d(gated) ⊙ U into dtmp.
+                a.dqkv.resize(t * 4 * d, 0.0);
+                for (((dq, dt), (dg, y)), act) in a
+                    .dqkv
+                    .chunks_exact_mut(4 * d)
+                    .zip(a.dtmp.chunks_exact_mut(d))
+                    .zip(a.dctx.chunks_exact(d).zip(b.ln2.out.chunks_exact(d)))
+                    .zip(b.hidden.chunks_exact(4 * d))
+                {
+                    for c in 0..d {
+                        dq[c] = dg[c] * y[c];
+                        dt[c] = dg[c] * act[c];
+                    }
+                }
+                let (g0, g1) = grad_pair(gd, H_LN2_G);
+                ln_backward(&mut a.dctx, &a.dtmp, &b.ln2, g(H_LN2_G), g0, g1, d);
+                let (off, poff) = (&a.off, &a.poff);
+                a.dprobs.resize(poff[batch.n], 0.0);
+                hstu_attention_backward(
+                    &mut a.dqkv,
+                    &mut a.dprobs,
+                    &a.dctx,
+                    &b.hidden,
+                    &b.scores,
+                    &b.probs,
+                    off,
+                    poff,
+                    d,
+                    heads,
+                    inv_len,
+                );
+                silu_backward(&mut a.dqkv, &b.qkv);
+                let (g0, g1) = grad_pair(gd, H_W_UVQK);
+                linear_backward(Some(&mut a.dtmp), g0, g1, &a.dqkv, &b.ln1.out, g(H_W_UVQK), t, d, 4 * d);
+                let (g0, g1) = grad_pair(gd, H_LN1_G);
+                ln_backward(&mut a.dx, &a.dtmp, &b.ln1, g(H_LN1_G), g0, g1, d);
+                a.dx.iter_mut().zip(&a.dmid).for_each(|(x, m)| *x += m);
+                continue;
+            }
             // Feed-forward branch: a.dx is dL/d(block output).
             a.dtmp.clear();
             a.dtmp.extend_from_slice(&a.dx);
@@ -740,6 +1016,14 @@ impl Tower for SeqTwoTower {
         let mut out = vec![crate::tower::table_tensor("items".into(), &self.items)];
         out.push(("positions".into(), vec![self.spec.max_seq_len, d], &self.dense[0][..]));
         for bi in 0..self.spec.blocks {
+            if self.spec.block == BlockKind::Hstu {
+                let shapes: [Vec<usize>; HSTU_PER_BLOCK] =
+                    [vec![d], vec![d], vec![d, 4 * d], vec![4 * d], vec![d], vec![d], vec![d, d], vec![d]];
+                for (i, shape) in shapes.into_iter().enumerate() {
+                    out.push((format!("block{bi}.{}", HSTU_BLOCK_NAMES[i]), shape, self.block(bi, i)));
+                }
+                continue;
+            }
             let shapes: [Vec<usize>; PER_BLOCK] = [
                 vec![d],
                 vec![d],
@@ -770,7 +1054,11 @@ mod tests {
     use super::*;
 
     fn tiny(blocks: usize, heads: usize, seed: u64) -> (SeqTwoTower, UserBatch) {
-        let spec = SeqSpec { items: 7, dim: 8, max_seq_len: 5, blocks, heads, ffn: 6, item_hash: None };
+        tiny_of(BlockKind::Transformer, blocks, heads, seed)
+    }
+
+    fn tiny_of(block: BlockKind, blocks: usize, heads: usize, seed: u64) -> (SeqTwoTower, UserBatch) {
+        let spec = SeqSpec { items: 7, dim: 8, max_seq_len: 5, blocks, heads, ffn: 6, item_hash: None, block };
         let mut rng = Rng::new(seed);
         let mut model = SeqTwoTower::new(spec, &mut rng).unwrap();
         // Trained positions are not zero: give them values so their gradients are checked.
@@ -802,23 +1090,46 @@ mod tests {
     }
 
     #[test]
+    fn hstu_gradients_match_finite_differences_at_the_last_and_every_position_with_dropout() {
+        for (blocks, heads) in [(1, 1), (2, 2)] {
+            let (mut model, batch) = tiny_of(BlockKind::Hstu, blocks, heads, 4);
+            crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1], 3e-3, 2e-2);
+        }
+        let (mut model, mut batch) = tiny_of(BlockKind::Hstu, 2, 2, 6);
+        batch.all_positions = true;
+        crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 3e-3, 2e-2);
+        batch.dropout = crate::mlp::Dropout { input: 0.2, hidden: 0.3, seed: 11 };
+        crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 3e-3, 2e-2);
+    }
+
+    #[test]
     fn inference_gives_the_training_forward_outputs() {
-        for blocks in [0, 1, 2] {
-            let (model, batch) = tiny(blocks, 2, 5);
+        for (kind, blocks) in [0, 1, 2]
+            .map(|b| (BlockKind::Transformer, b))
+            .into_iter()
+            .chain([(BlockKind::Hstu, 1), (BlockKind::Hstu, 2)])
+        {
+            let (model, batch) = tiny_of(kind, blocks, 2, 5);
             let (mut a, mut b) = (SeqActs::default(), SeqActs::default());
             model.user_forward(&batch, &mut a);
             model.user_infer(&batch, &mut b);
             let (x, y) = (model.user_out(&a), model.user_out(&b));
             assert_eq!(x.len(), y.len());
             for (p, q) in x.iter().zip(y) {
-                assert!((p - q).abs() < 1e-5, "{blocks} blocks: {p} vs {q}");
+                assert!((p - q).abs() < 1e-5, "{kind:?}, {blocks} blocks: {p} vs {q}");
             }
         }
     }
 
     #[test]
     fn a_position_sees_only_the_items_before_it() {
-        let (model, mut batch) = tiny(2, 2, 5);
+        for kind in [BlockKind::Transformer, BlockKind::Hstu] {
+            a_position_sees_only_the_items_before_it_in(kind);
+        }
+    }
+
+    fn a_position_sees_only_the_items_before_it_in(kind: BlockKind) {
+        let (model, mut batch) = tiny_of(kind, 2, 2, 5);
         batch.all_positions = true;
         let mut a = SeqActs::default();
         model.user_forward(&batch, &mut a);

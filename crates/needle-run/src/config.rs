@@ -189,6 +189,9 @@ pub struct ModelConfig {
     pub blocks: usize,
     pub heads: usize,
     pub ffn: usize,
+    /// Sequential: what a block computes, `"transformer"` (softmax attention and a feed-forward
+    /// layer) or `"hstu"` (HSTU's gated pointwise attention, no feed-forward layer).
+    pub block: needle_model::seq::BlockKind,
 }
 
 impl ModelConfig {
@@ -232,6 +235,7 @@ impl Default for ModelConfig {
             blocks: 2,
             heads: 1,
             ffn: 0,
+            block: Default::default(),
         }
     }
 }
@@ -526,6 +530,26 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_shipped_config_parses_and_validates() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut seen = 0;
+        for ds in std::fs::read_dir(&root).unwrap() {
+            let ds = ds.unwrap().path();
+            for f in std::fs::read_dir(&ds).unwrap() {
+                let f = f.unwrap().path();
+                if f.extension().is_none_or(|e| e != "toml") || f.file_name().is_some_and(|n| n == "channels.toml") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&f).unwrap();
+                let cfg: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+                cfg.validate().unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 20, "only {seen} configs found under {}", root.display());
+    }
 
     #[test]
     fn auto_loss_is_the_full_softmax_on_small_catalogues_and_sampled_on_large_ones() {

@@ -195,6 +195,7 @@ pub fn seq_spec(cfg: &Config, p: &Prepared) -> SeqSpec {
         heads: m.heads,
         ffn: if m.ffn == 0 { m.dim } else { m.ffn },
         item_hash: p.item_hash,
+        block: m.block,
     }
 }
 

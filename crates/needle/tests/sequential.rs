@@ -75,18 +75,26 @@ fn a_planted_successor_is_learned_by_the_sequential_model_and_not_by_mean_poolin
         "[model]\nkind = \"sequential\"\ndim = 32\nmax_seq_len = 30\nblocks = 1\nheads = 2\nuser_features = []\n\
          [train]\nepochs = 30\nbatch_size = 16\nlr = 0.005\nembedding_lr = 0.005\ntemperature = 0.1\npatience = 0\n",
     );
+    // The same model with HSTU's gated blocks.
+    write_config(
+        dir,
+        "hstu.toml",
+        "[model]\nkind = \"sequential\"\nblock = \"hstu\"\ndim = 32\nmax_seq_len = 30\nblocks = 1\nheads = 2\nuser_features = []\n\
+         [train]\nepochs = 30\nbatch_size = 16\nlr = 0.005\nembedding_lr = 0.005\ntemperature = 0.1\npatience = 0\n",
+    );
     write_config(
         dir,
         "mean.toml",
         "[model]\nkind = \"youtubednn\"\ndim = 32\nhidden = [64]\nmax_seq_len = 30\nuser_features = []\nexample_age = false\n\
          [train]\nepochs = 40\nbatch_size = 64\nlr = 0.005\nembedding_lr = 0.005\ntemperature = 0.1\npatience = 0\n",
     );
-    for run in ["seq", "mean"] {
+    for run in ["seq", "hstu", "mean"] {
         ok(&needle(&["train", "--config", &format!("{run}.toml"), "--out", &format!("runs/{run}"), "--quiet"], dir));
         ok(&needle(&["eval", "--run", &format!("runs/{run}"), "--k", "1,10"], dir));
     }
-    let (seq, mean) = (hit_rate(dir, "seq", 1), hit_rate(dir, "mean", 1));
-    eprintln!("HR@1: sequential {seq}, mean-pooled YouTubeDNN {mean}");
+    let (seq, hstu, mean) = (hit_rate(dir, "seq", 1), hit_rate(dir, "hstu", 1), hit_rate(dir, "mean", 1));
+    eprintln!("HR@1: sequential {seq}, sequential with HSTU blocks {hstu}, mean-pooled YouTubeDNN {mean}");
     assert!(seq >= 0.9, "sequential HR@1 {seq}");
+    assert!(hstu >= 0.9, "sequential (HSTU blocks) HR@1 {hstu}");
     assert!(mean < 0.5 * seq, "mean-pooled YouTubeDNN HR@1 {mean} against sequential {seq}");
 }
