@@ -13,11 +13,11 @@ NEEDLE=target/release/needle
 cargo build --release -q -p needle
 for ds in $DATASETS; do
     runs=()
-    configs="pop transitions itemcf youtubednn-recent"
+    configs="pop transitions itemcf youtubednn-recent sequential"
     if [ "$ds" = synth ]; then
         # The default synthetic log (the generator of results/scale.md at its default size).
         [ -f data/synth/schema.toml ] || "$NEEDLE" data synth --out data/synth --quiet
-        configs="pop transitions itemcf youtubednn youtubednn-reg dssm-reg fm-reg mind-reg"
+        configs="pop transitions itemcf youtubednn youtubednn-reg dssm-reg fm-reg mind-reg sequential"
     fi
     for cfg in $configs; do
         [ -f "configs/$ds/$cfg.toml" ] || continue
