@@ -128,6 +128,7 @@ fn tiny_model(kind: ModelKind, bags: Vec<ItemBags>) -> Result<Model, String> {
                 ffn: 5,
                 item_hash: None,
                 block: Default::default(),
+                time_buckets: 0,
             },
             &mut rng,
         )?)),

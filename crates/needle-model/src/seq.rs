@@ -51,6 +51,19 @@ pub struct SeqSpec {
     /// Runs written before the block kind existed are transformers.
     #[serde(default)]
     pub block: BlockKind,
+    /// Buckets of the time gap between a token's event and the one before it, each a learned
+    /// vector added to the token (0 = no time signal; see [`gap_bucket`]).
+    #[serde(default)]
+    pub time_buckets: usize,
+}
+
+/// The time bucket of a token whose event came `gap` seconds after the one before it in its
+/// window: `1 + ⌊log2(1 + gap)⌋`, capped at `buckets − 1`. Bucket 0 is the window's first token,
+/// which has no earlier event to measure from, at serving time as in training.
+pub fn gap_bucket(gap: i64, buckets: usize) -> u32 {
+    let g = gap.max(0) as u64;
+    let log = 63 - g.saturating_add(1).leading_zeros() as usize;
+    (1 + log).min(buckets.saturating_sub(1)) as u32
 }
 
 impl SeqSpec {
@@ -60,6 +73,9 @@ impl SeqSpec {
         }
         if !self.dim.is_multiple_of(self.heads) {
             return Err(format!("[model] dim ({}) must be a multiple of heads ({})", self.dim, self.heads));
+        }
+        if self.time_buckets == 1 {
+            return Err("[model] time_buckets must be 0 (off) or at least 2".into());
         }
         Ok(())
     }
@@ -132,6 +148,10 @@ impl SeqTwoTower {
         // Positions start at zero: a position no training window reaches (a history longer than
         // any seen in training) then adds nothing instead of noise.
         let mut dense = vec![vec![0.0; spec.max_seq_len * d]];
+        if spec.time_buckets > 0 {
+            // Zero like the positions: a bucket no training token reached adds nothing.
+            dense.push(vec![0.0; spec.time_buckets * d]);
+        }
         // Projections into the residual stream start smaller, so that a deep stack begins near
         // the identity.
         let out_scale = s / (2.0 * spec.blocks.max(1) as f32).sqrt();
@@ -172,8 +192,16 @@ impl SeqTwoTower {
         }
     }
 
+    /// Index in `dense` of the time-gap table, when the tower has one.
+    const TIME: usize = 1;
+
+    /// Index in `dense` of block 0's first tensor: after the positions and the time-gap table.
+    fn first_block(&self) -> usize {
+        1 + usize::from(self.spec.time_buckets > 0)
+    }
+
     fn block(&self, l: usize, i: usize) -> &[f32] {
-        &self.dense[1 + l * self.per_block() + i]
+        &self.dense[self.first_block() + l * self.per_block() + i]
     }
 
     fn final_ln(&self) -> (&[f32], &[f32]) {
@@ -219,6 +247,8 @@ pub struct SeqActs {
     /// Offsets of each sequence's `[n × n]` attention block (one head), `n + 1` values.
     poff: Vec<usize>,
     ids: Vec<u32>,
+    /// Each token's time bucket (empty without a time signal).
+    time_ids: Vec<u32>,
     emb_mask: Vec<f32>,
     blocks: Vec<BlockActs>,
     /// The stream after the last block.
@@ -666,6 +696,8 @@ impl SeqTwoTower {
         a.off.push(0);
         a.poff.push(0);
         a.ids.clear();
+        a.time_ids.clear();
+        let tb = self.spec.time_buckets;
         for u in 0..batch.n {
             let n = self.tokens(batch, u);
             let len = (batch.hist_len[u] as usize).min(n);
@@ -673,6 +705,12 @@ impl SeqTwoTower {
             let hist = &batch.hist[u * l..u * l + batch.hist_len[u] as usize];
             a.ids.extend_from_slice(&hist[hist.len() - len..]);
             a.ids.resize(a.ids.len() + n - len, 0);
+            if tb > 0 {
+                let ts = &batch.hist_ts[u * l + hist.len() - len..u * l + hist.len()];
+                a.time_ids.push(0);
+                a.time_ids.extend(ts.windows(2).map(|w| gap_bucket(w[1] - w[0], tb)));
+                a.time_ids.resize(a.ids.len(), 0);
+            }
             a.off.push(a.off[u] + n);
             a.poff.push(a.poff[u] + n * n);
         }
@@ -692,6 +730,10 @@ impl SeqTwoTower {
                 let p = &self.dense[0][j * d..(j + 1) * d];
                 for c in 0..d {
                     row[c] = e[c] + p[c];
+                }
+                if tb > 0 {
+                    let tg = &self.dense[Self::TIME][a.time_ids[tok] as usize * d..][..d];
+                    row.iter_mut().zip(tg).for_each(|(r, v)| *r += v);
                 }
             }
         }
@@ -828,6 +870,9 @@ impl Tower for SeqTwoTower {
     fn n_user_features(&self) -> usize {
         0
     }
+    fn reads_event_times(&self) -> bool {
+        self.spec.time_buckets > 0
+    }
     fn max_users_per_batch(&self) -> usize {
         // About 16k tokens: every block keeps a dozen [tokens × dim] buffers and the
         // attention probabilities grow with the square of each window.
@@ -875,7 +920,7 @@ impl Tower for SeqTwoTower {
             let b = &a.blocks[bi];
             let g = |i| self.block(bi, i);
             let per = self.per_block();
-            let base = 1 + bi * per;
+            let base = self.first_block() + bi * per;
             let gd = &mut grads.dense[base..base + per];
             if self.spec.block == BlockKind::Hstu {
                 // a.dx is dL/d(block output); its residual part is kept in dmid.
@@ -968,6 +1013,12 @@ impl Tower for SeqTwoTower {
                 dpos[j * d..(j + 1) * d].iter_mut().zip(g).for_each(|(p, v)| *p += v);
             }
         }
+        if self.spec.time_buckets > 0 {
+            let dtime = &mut grads.dense[Self::TIME];
+            for (g, &b) in a.dx.chunks_exact(d).zip(&a.time_ids) {
+                dtime[b as usize * d..(b as usize + 1) * d].iter_mut().zip(g).for_each(|(t, v)| *t += v);
+            }
+        }
     }
 
     fn item_forward(&self, ids: &[u32], a: &mut SeqItemActs) {
@@ -1015,6 +1066,9 @@ impl Tower for SeqTwoTower {
         let (d, f) = (self.spec.dim, self.spec.ffn);
         let mut out = vec![crate::tower::table_tensor("items".into(), &self.items)];
         out.push(("positions".into(), vec![self.spec.max_seq_len, d], &self.dense[0][..]));
+        if self.spec.time_buckets > 0 {
+            out.push(("time_gaps".into(), vec![self.spec.time_buckets, d], &self.dense[Self::TIME][..]));
+        }
         for bi in 0..self.spec.blocks {
             if self.spec.block == BlockKind::Hstu {
                 let shapes: [Vec<usize>; HSTU_PER_BLOCK] =
@@ -1058,7 +1112,17 @@ mod tests {
     }
 
     fn tiny_of(block: BlockKind, blocks: usize, heads: usize, seed: u64) -> (SeqTwoTower, UserBatch) {
-        let spec = SeqSpec { items: 7, dim: 8, max_seq_len: 5, blocks, heads, ffn: 6, item_hash: None, block };
+        let spec = SeqSpec {
+            items: 7,
+            dim: 8,
+            max_seq_len: 5,
+            blocks,
+            heads,
+            ffn: 6,
+            item_hash: None,
+            block,
+            time_buckets: 0,
+        };
         let mut rng = Rng::new(seed);
         let mut model = SeqTwoTower::new(spec, &mut rng).unwrap();
         // Trained positions are not zero: give them values so their gradients are checked.
@@ -1100,6 +1164,48 @@ mod tests {
         crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 3e-3, 2e-2);
         batch.dropout = crate::mlp::Dropout { input: 0.2, hidden: 0.3, seed: 11 };
         crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 3e-3, 2e-2);
+    }
+
+    #[test]
+    fn gap_buckets_grow_with_the_log_of_the_gap_and_stop_at_the_last() {
+        let got: Vec<u32> = [-5, 0, 1, 2, 3, 7, 8, 1 << 20, i64::MAX].iter().map(|&g| gap_bucket(g, 16)).collect();
+        assert_eq!(got, vec![1, 1, 2, 2, 3, 4, 4, 15, 15]);
+        assert_eq!(gap_bucket(100, 2), 1);
+    }
+
+    #[test]
+    fn time_gap_gradients_match_finite_differences_and_gaps_change_the_output() {
+        let (_, mut batch) = tiny(2, 2, 4);
+        let spec = SeqSpec {
+            items: 7,
+            dim: 8,
+            max_seq_len: 5,
+            blocks: 2,
+            heads: 2,
+            ffn: 6,
+            item_hash: None,
+            block: BlockKind::Transformer,
+            time_buckets: 6,
+        };
+        let mut rng = Rng::new(9);
+        let mut model = SeqTwoTower::new(spec, &mut rng).unwrap();
+        assert!(model.reads_event_times());
+        model.dense[0] = normal_vec(model.dense[0].len(), 0.5, &mut rng);
+        model.dense[SeqTwoTower::TIME] = normal_vec(model.dense[SeqTwoTower::TIME].len(), 0.5, &mut rng);
+        // User 0: gaps of 0, 3 and 100 s (buckets 1, 3 and 7 capped at 5); user 1: 1 s (bucket 2).
+        batch.hist_ts[..4].copy_from_slice(&[1000, 1000, 1003, 1103]);
+        batch.hist_ts[5..7].copy_from_slice(&[50, 51]);
+        batch.all_positions = true;
+        crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 3e-3, 2e-2);
+        let mut a = SeqActs::default();
+        model.user_forward(&batch, &mut a);
+        assert_eq!(a.time_ids, vec![0, 1, 3, 5, 0, 2, 0]);
+        let before = model.user_out(&a).to_vec();
+        batch.hist_ts[3] = 1004;
+        model.user_forward(&batch, &mut a);
+        let after = model.user_out(&a).to_vec();
+        assert_eq!(&before[..3 * 8], &after[..3 * 8], "earlier positions do not see a later gap");
+        assert_ne!(&before[3 * 8..4 * 8], &after[3 * 8..4 * 8], "the newest gap moves the newest output");
     }
 
     #[test]

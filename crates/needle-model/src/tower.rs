@@ -11,6 +11,9 @@ pub struct UserBatch {
     /// `[n × max_seq_len]` item rows, newest last; only the first `hist_len[b]` count.
     pub hist: Vec<u32>,
     pub hist_len: Vec<u32>,
+    /// `[n × max_seq_len]` event times (Unix seconds) parallel to `hist`, filled only for a
+    /// tower that [reads them](Tower::reads_event_times); zeros otherwise.
+    pub hist_ts: Vec<i64>,
     /// `[n × user_features]` feature value rows (0 = unknown).
     pub feats: Vec<u32>,
     /// Example age in [0, 1]; 0 at serving time.
@@ -30,6 +33,8 @@ impl UserBatch {
         self.hist.resize(n * max_seq_len, 0);
         self.hist_len.clear();
         self.hist_len.resize(n, 0);
+        self.hist_ts.clear();
+        self.hist_ts.resize(n * max_seq_len, 0);
         self.feats.clear();
         self.feats.resize(n * n_feats, 0);
         self.age.clear();
@@ -103,6 +108,10 @@ pub trait Tower: Send + Sync {
         usize::MAX
     }
     fn n_user_features(&self) -> usize;
+    /// Whether the user tower reads the times of the history events (`UserBatch::hist_ts`).
+    fn reads_event_times(&self) -> bool {
+        false
+    }
 
     fn user_forward(&self, batch: &UserBatch, acts: &mut Self::UserActs);
     /// [`Tower::user_forward`] when no backward pass follows (evaluation, serving), so a tower

@@ -192,6 +192,10 @@ pub struct ModelConfig {
     /// Sequential: what a block computes, `"transformer"` (softmax attention and a feed-forward
     /// layer) or `"hstu"` (HSTU's gated pointwise attention, no feed-forward layer).
     pub block: needle_model::seq::BlockKind,
+    /// Sequential: buckets of the log2 time gap between a history event and the one before it,
+    /// each a learned vector added to the event's token (0 = off). `needle serve` cannot serve
+    /// such a model: the store keeps no event times.
+    pub time_buckets: usize,
 }
 
 impl ModelConfig {
@@ -236,6 +240,7 @@ impl Default for ModelConfig {
             heads: 1,
             ffn: 0,
             block: Default::default(),
+            time_buckets: 0,
         }
     }
 }
@@ -522,6 +527,12 @@ impl Config {
         }
         if m.kind == ModelKind::Dssm && m.out_dim == 0 {
             return Err("[model] out_dim must be > 0".into());
+        }
+        if m.time_buckets > 0 && m.kind != ModelKind::Sequential {
+            return Err("[model] time_buckets applies to the sequential kind only".into());
+        }
+        if m.time_buckets == 1 {
+            return Err("[model] time_buckets must be 0 (off) or at least 2".into());
         }
         Ok(())
     }

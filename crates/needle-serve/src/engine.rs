@@ -117,6 +117,14 @@ impl Engine {
             .filter_map(|f| std::fs::read(dir.join(f)).ok())
             .fold(needle_data::FNV1A64_OFFSET, |h, bytes| needle_data::fnv1a64(h, &bytes));
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+        if run.info.config.model.time_buckets > 0 {
+            return Err(ServeError::Load(format!(
+                "{}: its sequential model reads the time gaps between history events ([model] time_buckets = {}), \
+                 and the store keeps no event times; serve a run trained without time_buckets",
+                dir.display(),
+                run.info.config.model.time_buckets
+            )));
+        }
         let model = run.model;
         let index_path = index.map(Path::to_owned).unwrap_or_else(|| dir.join(needle_index::RUN_INDEX_FILE));
         let index: Option<Box<dyn Index>> = if let Some(n) = model.neighbors() {

@@ -73,16 +73,24 @@ fn tower_user_vectors<T: Tower>(m: &T, p: &Prepared, users: &[usize], stage: Sta
     let mut out = Vec::with_capacity(users.len() * w);
     let (mut batch, mut acts) = (UserBatch::default(), T::UserActs::default());
     for chunk in users.chunks(USER_CHUNK.min(m.max_users_per_batch())) {
-        fill_user_batch(m.max_seq_len(), m.n_user_features(), p, chunk, stage, &mut batch);
+        fill_user_batch(m.max_seq_len(), m.n_user_features(), m.reads_event_times(), p, chunk, stage, &mut batch);
         m.user_infer(&batch, &mut acts);
         out.extend_from_slice(&m.user_out(&acts)[..chunk.len() * w]);
     }
     out
 }
 
-/// Fills `batch` with the newest `max_seq_len` known items of each user and their features;
-/// example age is 0, as at serving time.
-pub fn fill_user_batch(l: usize, nf: usize, p: &Prepared, users: &[usize], stage: Stage, batch: &mut UserBatch) {
+/// Fills `batch` with the newest `max_seq_len` known items of each user (and their times, with
+/// `times`) and their features; example age is 0, as at serving time.
+pub fn fill_user_batch(
+    l: usize,
+    nf: usize,
+    times: bool,
+    p: &Prepared,
+    users: &[usize],
+    stage: Stage,
+    batch: &mut UserBatch,
+) {
     batch.reset(users.len(), l, nf);
     for (b, &u) in users.iter().enumerate() {
         let known = p.train.get(u).len() + if stage == Stage::Test { p.valid.get(u).len() } else { 0 };
@@ -93,6 +101,11 @@ pub fn fill_user_batch(l: usize, nf: usize, p: &Prepared, users: &[usize], stage
             n += 1;
         }
         batch.hist_len[b] = n as u32;
+        if times {
+            for (slot, ts) in batch.hist_ts[b * l..(b + 1) * l].iter_mut().zip(p.history_ts(u, stage).skip(skip)) {
+                *slot = ts;
+            }
+        }
         batch.feats[b * nf..(b + 1) * nf].copy_from_slice(&p.user_feats[u * nf..(u + 1) * nf]);
     }
 }

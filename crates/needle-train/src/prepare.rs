@@ -27,6 +27,8 @@ pub struct Prepared {
     pub train_ts: Vec<i64>,
     /// Validation and test targets as item rows (0 when the item never occurs in training).
     pub valid: Lists,
+    /// The validation targets' timestamps (a test history ends with the validation target).
+    pub valid_ts: Vec<i64>,
     pub test: Lists,
     /// Training events per item row; zero for the last `cold_rows` rows.
     pub item_counts: Vec<u64>,
@@ -75,6 +77,17 @@ impl Prepared {
     pub fn history(&self, user: usize, stage: Stage) -> impl Iterator<Item = u32> + '_ {
         let extra: &[u32] = if stage == Stage::Test { self.valid.get(user) } else { &[] };
         self.train.get(user).iter().chain(extra).copied()
+    }
+
+    /// The timestamps of [`Prepared::history`], parallel to it.
+    pub fn history_ts(&self, user: usize, stage: Stage) -> impl Iterator<Item = i64> + '_ {
+        let train = &self.train_ts[self.train.offsets[user] as usize..self.train.offsets[user + 1] as usize];
+        let extra: &[i64] = if stage == Stage::Test {
+            &self.valid_ts[self.valid.offsets[user] as usize..self.valid.offsets[user + 1] as usize]
+        } else {
+            &[]
+        };
+        train.iter().chain(extra).copied()
     }
 
     pub fn targets(&self, stage: Stage) -> &Lists {
@@ -274,6 +287,7 @@ pub fn prepare(ds: &Dataset, split: &Split, cfg: &Config) -> Result<Prepared, Tr
         l
     };
     let valid = map_targets(&split.valid);
+    let valid_ts = (0..n_users).flat_map(|u| split.valid.ts_of(u).iter().copied()).collect();
     let test = map_targets(&split.test);
     let mut item_counts = vec![0u64; items.len()];
     for &r in &train.items {
@@ -291,6 +305,7 @@ pub fn prepare(ds: &Dataset, split: &Split, cfg: &Config) -> Result<Prepared, Tr
         train,
         train_ts,
         valid,
+        valid_ts,
         test,
         item_counts,
         cold_rows,

@@ -196,6 +196,7 @@ pub fn seq_spec(cfg: &Config, p: &Prepared) -> SeqSpec {
         ffn: if m.ffn == 0 { m.dim } else { m.ffn },
         item_hash: p.item_hash,
         block: m.block,
+        time_buckets: m.time_buckets,
     }
 }
 
@@ -355,6 +356,7 @@ pub struct Assembler<'a> {
     age_span: f32,
     max_seq_len: usize,
     n_user_features: usize,
+    times: bool,
 }
 
 impl<'a> Assembler<'a> {
@@ -373,6 +375,7 @@ impl<'a> Assembler<'a> {
             age_span: (p.train_max_ts - p.train_min_ts).max(1) as f32,
             max_seq_len: model.max_seq_len(),
             n_user_features: model.n_user_features(),
+            times: model.reads_event_times(),
         })
     }
 
@@ -396,6 +399,10 @@ impl<'a> Assembler<'a> {
             let pos = smp.pos as usize;
             let h = &seq[pos.saturating_sub(l)..pos];
             s.users.hist[i * l..i * l + h.len()].copy_from_slice(h);
+            if self.times {
+                let at = p.train.offsets[u] as usize + pos - h.len();
+                s.users.hist_ts[i * l..i * l + h.len()].copy_from_slice(&p.train_ts[at..at + h.len()]);
+            }
             if all {
                 // Every position of the window predicts the item after it.
                 s.pos_ids.extend_from_slice(&seq[pos + 1 - h.len()..pos]);

@@ -159,6 +159,7 @@ fn synthetic(rows: usize, active: usize, users: usize, rng: &mut Rng) -> Prepare
         train,
         train_ts: ts,
         valid: empty.clone(),
+        valid_ts: Vec::new(),
         test: empty,
         item_counts: counts,
         cold_rows: 0,

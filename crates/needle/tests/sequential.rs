@@ -98,3 +98,94 @@ fn a_planted_successor_is_learned_by_the_sequential_model_and_not_by_mean_poolin
     assert!(hstu >= 0.9, "sequential (HSTU blocks) HR@1 {hstu}");
     assert!(mean < 0.5 * seq, "mean-pooled YouTubeDNN HR@1 {mean} against sequential {seq}");
 }
+
+/// A log where the item after `x` depends on how long the user paused before `x`: after a pause
+/// of a second it is `fast[x]`, after a day `slow[x]`. Only a tower that reads the time gaps can
+/// tell the two apart; the item order alone gives each successor half the time.
+fn pause_log(dir: &Path) {
+    let (items, users) = (60usize, 500usize);
+    let mut state = 4242u64;
+    let mut next = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let perm = |next: &mut dyn FnMut(usize) -> usize| {
+        let mut p: Vec<usize> = (0..items).collect();
+        for i in (1..items).rev() {
+            p.swap(i, next(i + 1));
+        }
+        p
+    };
+    let (fast, slow) = (perm(&mut next), perm(&mut next));
+    let mut csv = String::from("user,item,ts\n");
+    for u in 0..users {
+        let len = 10 + next(10);
+        let seq = loop {
+            let (mut items_seq, mut times) = (vec![next(items)], vec![1_000_000i64]);
+            let mut used = vec![false; items];
+            used[items_seq[0]] = true;
+            while items_seq.len() < len {
+                let n = items_seq.len();
+                let cur = items_seq[n - 1];
+                let paused = times[n - 1] - times.get(n.wrapping_sub(2)).copied().unwrap_or(times[n - 1]) > 60;
+                let mut pick = if next(3) != 0 {
+                    if paused {
+                        slow[cur]
+                    } else {
+                        fast[cur]
+                    }
+                } else {
+                    next(items)
+                };
+                while used[pick] {
+                    pick = next(items);
+                }
+                used[pick] = true;
+                items_seq.push(pick);
+                times.push(times[n - 1] + if next(2) == 0 { 1 } else { 86_400 });
+            }
+            // The test target follows the rule from the second-to-last event.
+            let n = items_seq.len();
+            let paused = times[n - 2] - times[n - 3] > 60;
+            let target = if paused { slow[items_seq[n - 2]] } else { fast[items_seq[n - 2]] };
+            if !items_seq[..n - 1].contains(&target) {
+                items_seq[n - 1] = target;
+                break items_seq.into_iter().zip(times).collect::<Vec<_>>();
+            }
+        };
+        for (item, ts) in seq {
+            csv.push_str(&format!("u{u},i{item},{ts}\n"));
+        }
+    }
+    std::fs::write(dir.join("log.csv"), csv).unwrap();
+    let schema = "name = \"pauses\"\n[interactions]\npath = \"log.csv\"\nheader = true\nuser = \"user\"\nitem = \"item\"\ntimestamp = \"ts\"\n";
+    std::fs::write(dir.join("schema.toml"), schema).unwrap();
+}
+
+#[test]
+fn time_gap_buckets_learn_what_a_pause_means_and_such_a_run_is_refused_by_serve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    pause_log(dir);
+    let model =
+        "[model]\nkind = \"sequential\"\ndim = 32\nmax_seq_len = 30\nblocks = 1\nheads = 2\nuser_features = []\n";
+    let train =
+        "[train]\nepochs = 30\nbatch_size = 16\nlr = 0.005\nembedding_lr = 0.005\ntemperature = 0.1\npatience = 0\n";
+    write_config(dir, "plain.toml", &format!("{model}{train}"));
+    write_config(dir, "timed.toml", &format!("{model}time_buckets = 24\n{train}"));
+    for run in ["plain", "timed"] {
+        ok(&needle(&["train", "--config", &format!("{run}.toml"), "--out", &format!("runs/{run}"), "--quiet"], dir));
+        ok(&needle(&["eval", "--run", &format!("runs/{run}"), "--k", "1,10"], dir));
+    }
+    let (plain, timed) = (hit_rate(dir, "plain", 1), hit_rate(dir, "timed", 1));
+    eprintln!("HR@1: without time gaps {plain}, with time gaps {timed}");
+    assert!(timed >= 0.8, "with time gaps HR@1 {timed}");
+    assert!(plain <= timed - 0.2, "without time gaps HR@1 {plain} against {timed}");
+    // Offline recall reads the times from the log; the store has none to give.
+    let out = needle(&["serve", "--run", "runs/timed", "--addr", "127.0.0.1:0"], dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("time_buckets"), "{err}");
+}
