@@ -659,6 +659,13 @@ fn hidden_mask(mask: &mut Vec<f32>, len: usize, drop: crate::mlp::Dropout, layer
     }
 }
 
+/// `dst = mask ⊙ src` (a copy when the mask is empty).
+fn masked_copy(dst: &mut Vec<f32>, src: &[f32], mask: &[f32]) {
+    dst.clear();
+    dst.extend_from_slice(src);
+    apply_mask(dst, mask);
+}
+
 fn apply_mask(x: &mut [f32], mask: &[f32]) {
     if !mask.is_empty() {
         x.iter_mut().zip(mask).for_each(|(v, m)| *v *= m);
@@ -923,12 +930,8 @@ impl Tower for SeqTwoTower {
             let base = self.first_block() + bi * per;
             let gd = &mut grads.dense[base..base + per];
             if self.spec.block == BlockKind::Hstu {
-                // a.dx is dL/d(block output); its residual part is kept in dmid.
-                a.dmid.clear();
-                a.dmid.extend_from_slice(&a.dx);
-                a.dtmp.clear();
-                a.dtmp.extend_from_slice(&a.dx);
-                apply_mask(&mut a.dtmp, &b.attn_mask);
+                // a.dx is dL/d(block output), and stays so (the residual part) until the end.
+                masked_copy(&mut a.dtmp, &a.dx, &b.attn_mask);
                 a.dctx.resize(t * d, 0.0);
                 let (g0, g1) = grad_pair(gd, H_W_O);
                 linear_backward(Some(&mut a.dctx), g0, g1, &a.dtmp, &b.mid, g(H_W_O), t, d, d);
@@ -968,14 +971,13 @@ impl Tower for SeqTwoTower {
                 let (g0, g1) = grad_pair(gd, H_W_UVQK);
                 linear_backward(Some(&mut a.dtmp), g0, g1, &a.dqkv, &b.ln1.out, g(H_W_UVQK), t, d, 4 * d);
                 let (g0, g1) = grad_pair(gd, H_LN1_G);
-                ln_backward(&mut a.dx, &a.dtmp, &b.ln1, g(H_LN1_G), g0, g1, d);
+                a.dmid.resize(t * d, 0.0);
+                ln_backward(&mut a.dmid, &a.dtmp, &b.ln1, g(H_LN1_G), g0, g1, d);
                 a.dx.iter_mut().zip(&a.dmid).for_each(|(x, m)| *x += m);
                 continue;
             }
             // Feed-forward branch: a.dx is dL/d(block output).
-            a.dtmp.clear();
-            a.dtmp.extend_from_slice(&a.dx);
-            apply_mask(&mut a.dtmp, &b.ffn_mask);
+            masked_copy(&mut a.dtmp, &a.dx, &b.ffn_mask);
             a.dhidden.resize(t * f, 0.0);
             let (g0, g1) = grad_pair(gd, W_2);
             linear_backward(Some(&mut a.dhidden), g0, g1, &a.dtmp, &b.hidden, g(W_2), t, f, d);
@@ -987,9 +989,7 @@ impl Tower for SeqTwoTower {
             ln_backward(&mut a.dmid, &a.dtmp, &b.ln2, g(LN2_G), g0, g1, d);
             a.dmid.iter_mut().zip(&a.dx).for_each(|(m, x)| *m += x);
             // Attention branch: a.dmid is dL/d(mid).
-            a.dtmp.clear();
-            a.dtmp.extend_from_slice(&a.dmid);
-            apply_mask(&mut a.dtmp, &b.attn_mask);
+            masked_copy(&mut a.dtmp, &a.dmid, &b.attn_mask);
             a.dctx.resize(t * d, 0.0);
             let (g0, g1) = grad_pair(gd, W_O);
             linear_backward(Some(&mut a.dctx), g0, g1, &a.dtmp, &b.ctx, g(W_O), t, d, d);

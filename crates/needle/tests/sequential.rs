@@ -5,23 +5,31 @@
 
 mod common;
 
-use common::{needle, ok, write_config};
+use common::{draws, needle, ok, write_config};
 use std::path::Path;
+
+/// A random permutation of `0..n`, so item names carry no order.
+fn permutation(n: usize, next: &mut impl FnMut(usize) -> usize) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        p.swap(i, next(i + 1));
+    }
+    p
+}
+
+/// Writes `csv` (user, item, ts) as `log.csv` with the schema that reads it.
+fn write_log(dir: &Path, name: &str, csv: &str) {
+    std::fs::write(dir.join("log.csv"), csv).unwrap();
+    let schema = format!(
+        "name = \"{name}\"\n[interactions]\npath = \"log.csv\"\nheader = true\nuser = \"user\"\nitem = \"item\"\ntimestamp = \"ts\"\n"
+    );
+    std::fs::write(dir.join("schema.toml"), schema).unwrap();
+}
 
 fn successor_log(dir: &Path) {
     let (items, users) = (100usize, 400usize);
-    let mut state = 777u64;
-    let mut next = move |n: usize| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % n as u64) as usize
-    };
-    // succ = a random permutation, so item names carry no order.
-    let mut succ: Vec<usize> = (0..items).collect();
-    for i in (1..items).rev() {
-        succ.swap(i, next(i + 1));
-    }
+    let mut next = draws(777);
+    let succ = permutation(items, &mut next);
     let mut csv = String::from("user,item,ts\n");
     for u in 0..users {
         let len = 12 + next(13);
@@ -54,9 +62,7 @@ fn successor_log(dir: &Path) {
             csv.push_str(&format!("u{u},i{item},{}\n", 1_000_000 + u * 1000 + t));
         }
     }
-    std::fs::write(dir.join("log.csv"), csv).unwrap();
-    let schema = "name = \"successors\"\n[interactions]\npath = \"log.csv\"\nheader = true\nuser = \"user\"\nitem = \"item\"\ntimestamp = \"ts\"\n";
-    std::fs::write(dir.join("schema.toml"), schema).unwrap();
+    write_log(dir, "successors", &csv);
 }
 
 fn hit_rate(dir: &Path, run: &str, k: usize) -> f64 {
@@ -104,21 +110,8 @@ fn a_planted_successor_is_learned_by_the_sequential_model_and_not_by_mean_poolin
 /// tell the two apart; the item order alone gives each successor half the time.
 fn pause_log(dir: &Path) {
     let (items, users) = (60usize, 500usize);
-    let mut state = 4242u64;
-    let mut next = move |n: usize| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % n as u64) as usize
-    };
-    let perm = |next: &mut dyn FnMut(usize) -> usize| {
-        let mut p: Vec<usize> = (0..items).collect();
-        for i in (1..items).rev() {
-            p.swap(i, next(i + 1));
-        }
-        p
-    };
-    let (fast, slow) = (perm(&mut next), perm(&mut next));
+    let mut next = draws(4242);
+    let (fast, slow) = (permutation(items, &mut next), permutation(items, &mut next));
     let mut csv = String::from("user,item,ts\n");
     for u in 0..users {
         let len = 10 + next(10);
@@ -159,9 +152,7 @@ fn pause_log(dir: &Path) {
             csv.push_str(&format!("u{u},i{item},{ts}\n"));
         }
     }
-    std::fs::write(dir.join("log.csv"), csv).unwrap();
-    let schema = "name = \"pauses\"\n[interactions]\npath = \"log.csv\"\nheader = true\nuser = \"user\"\nitem = \"item\"\ntimestamp = \"ts\"\n";
-    std::fs::write(dir.join("schema.toml"), schema).unwrap();
+    write_log(dir, "pauses", &csv);
 }
 
 #[test]

@@ -18,30 +18,35 @@ pub fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Seeded draws below `n` (xorshift), so a generated log is the same on every run.
+pub fn draws(seed: u64) -> impl FnMut(usize) -> usize {
+    let mut state = seed;
+    move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    }
+}
+
 /// A log with planted structure: users belong to one of `clusters` taste groups and walk
 /// through their group's items in order, with 15% of events on a few globally hot items.
 /// Popularity can only find the hot items; a model that learns the groups and the order can
 /// find the next item.
 pub fn planted_log(dir: &Path) -> PathBuf {
     let (users, clusters, per_cluster, hot) = (300usize, 8usize, 25usize, 5usize);
-    let mut state = 12345u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = draws(12345);
     let mut csv = String::from("user,item,ts,country\n");
     for u in 0..users {
         let c = u % clusters;
-        let len = 15 + (next() % 20) as usize;
-        let mut pos = (next() % per_cluster as u64) as usize;
-        let country = ["de", "fr", "cn"][(next() % 3) as usize];
+        let len = 15 + next(20);
+        let mut pos = next(per_cluster);
+        let country = ["de", "fr", "cn"][next(3)];
         for t in 0..len {
-            let item = if next() % 100 < 15 {
-                format!("hot{}", next() % hot as u64)
+            let item = if next(100) < 15 {
+                format!("hot{}", next(hot))
             } else {
-                pos = (pos + 1 + (next() % 2) as usize) % per_cluster;
+                pos = (pos + 1 + next(2)) % per_cluster;
                 format!("c{c}_{pos}")
             };
             csv.push_str(&format!("u{u},{item},{},{country}\n", 1_000_000 + u * 1000 + t));
