@@ -393,6 +393,9 @@ pub struct TrainParams {
     pub lr_schedule: LrSchedule,
     /// Optimizer steps over which the learning rates rise linearly from 0.
     pub warmup_steps: usize,
+    /// Epochs the learning-rate schedule spans (0 = `epochs`). A run cut short of its schedule
+    /// (a tune winner trained to its best epoch) keeps the rates it was chosen with.
+    pub schedule_epochs: usize,
 }
 
 impl Default for TrainParams {
@@ -421,6 +424,18 @@ impl Default for TrainParams {
             item_id_dropout: 0.0,
             lr_schedule: LrSchedule::Constant,
             warmup_steps: 0,
+            schedule_epochs: 0,
+        }
+    }
+}
+
+impl TrainParams {
+    /// Epochs the learning-rate schedule spans.
+    pub fn schedule_span(&self) -> usize {
+        if self.schedule_epochs == 0 {
+            self.epochs
+        } else {
+            self.schedule_epochs
         }
     }
 }
@@ -478,6 +493,12 @@ impl Config {
         }
         if !(t.temperature > 0.0 && t.temperature.is_finite()) {
             return Err("[train] temperature must be a positive number".into());
+        }
+        if t.schedule_epochs > 0 && t.schedule_epochs < t.epochs {
+            return Err(format!(
+                "[train] schedule_epochs ({}) cannot be below epochs ({}): the rates would stay at the schedule's end",
+                t.schedule_epochs, t.epochs
+            ));
         }
         if !(t.lr > 0.0 && t.embedding_lr > 0.0) {
             return Err("[train] lr and embedding_lr must be > 0".into());

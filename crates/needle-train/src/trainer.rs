@@ -1052,7 +1052,7 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
         }
         plan.check()?;
         let mut trainer = Trainer::new(cfg, p, model)?;
-        trainer.set_total_steps((samples.len().div_ceil(t.batch_size.max(1)) * t.epochs) as u64);
+        trainer.set_total_steps((samples.len().div_ceil(t.batch_size.max(1)) * t.schedule_span()) as u64);
         let valid_subset: Option<Vec<usize>> = (t.valid_users > 0).then(|| {
             let mut users: Vec<usize> = (0..p.n_users()).filter(|&u| !p.valid.get(u).is_empty()).collect();
             root.fork(3).shuffle(&mut users);

@@ -246,10 +246,26 @@ const MAX_BUDGET_TRIALS: usize = 1000;
 
 /// What the tuner reports as it goes.
 pub trait TuneObserver {
-    /// The number of trials and the rungs, once known.
-    fn planned(&mut self, trials: usize, rungs: &[(usize, usize)]) -> Result<(), TrainError>;
+    /// The number of trials and the rungs, once known; `short` when the budget is too small for a
+    /// search.
+    fn planned(&mut self, trials: usize, rungs: &[(usize, usize)], short: Option<&BudgetShort>)
+        -> Result<(), TrainError>;
     /// A newly trained and validated epoch (not called for epochs replayed from the log).
     fn epoch(&mut self, rec: &TrialEpoch, best: (f64, usize)) -> Result<(), TrainError>;
+}
+
+/// Fewer trials than this (when the space has them) are not much of a search.
+const SEARCH_TRIALS: usize = 3;
+
+/// A budget that fits fewer than [`SEARCH_TRIALS`] trials, priced by the first epoch.
+#[derive(Clone, Debug)]
+pub struct BudgetShort {
+    /// Seconds the first epoch took.
+    pub epoch_secs: f64,
+    /// Trials a search would plan.
+    pub trials: usize,
+    /// The budget, in seconds, those trials need.
+    pub needed_secs: f64,
 }
 
 /// Runs the tune. `resumed` is what an earlier run of the same tune logged (empty for a new
@@ -309,6 +325,7 @@ pub fn tune(
 
     // Without a trial count, the first epoch of trial 0 prices an epoch and sets how many
     // trials fit in 90% of the budget.
+    let mut short = None;
     let n = match wanted {
         Some(n) => n.clamp(1, all.len()),
         None => {
@@ -316,14 +333,24 @@ pub fn tune(
             advance(&all, p, &mut states, 0, 1, metric, budget, start, &mut epoch_secs, &mut out_of_time, obs)?;
             let per_epoch = mean(&epoch_secs).max(1e-3);
             let room = budget.as_secs_f64() * 0.9 - start.elapsed().as_secs_f64();
-            (1..=all.len())
+            let n = (1..=all.len())
                 .rev()
                 .find(|&n| rung_epochs(&rungs(n, max_epochs, eta, min_epochs)) as f64 * per_epoch <= room)
-                .unwrap_or(1)
+                .unwrap_or(1);
+            let search = SEARCH_TRIALS.min(all.len());
+            if n < search {
+                let epochs = rung_epochs(&rungs(search, max_epochs, eta, min_epochs));
+                short = Some(BudgetShort {
+                    epoch_secs: per_epoch,
+                    trials: search,
+                    needed_secs: (epochs as f64 * per_epoch + start.elapsed().as_secs_f64()) / 0.9,
+                });
+            }
+            n
         }
     };
     let plan = rungs(n, max_epochs, eta, min_epochs);
-    obs.planned(n, &plan)?;
+    obs.planned(n, &plan, short.as_ref())?;
     let mut alive: Vec<usize> = (0..n).collect();
     let mut out_of_time = false;
     'rungs: for (ri, &(_, epochs)) in plan.iter().enumerate() {
@@ -368,6 +395,9 @@ pub fn tune(
     let (w, best_epoch) = (winner.trial, winner.best_epoch);
 
     let mut best_config = all[w].config.clone();
+    // The winner's rates followed a schedule over the full epochs; stopping at the best epoch
+    // must not squeeze it.
+    best_config.train.schedule_epochs = best_config.train.schedule_span();
     best_config.train.epochs = best_epoch;
     best_config.train.patience = 0;
     // A live session holds the best epoch's model; otherwise (a resumed tune whose winner

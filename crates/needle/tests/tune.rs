@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 /// The shared small YouTubeDNN with 6 epochs (the rungs below are asserted) and a space.
 fn tuned() -> String {
-    format!("{}{TUNE_SPACE}", YOUTUBEDNN.replace("epochs = 12", "epochs = 6"))
+    format!("{}{TUNE_SPACE}", YOUTUBEDNN.replace("epochs = 12", "epochs = 6\nlr_schedule = \"cosine\""))
 }
 
 const TUNE_SPACE: &str = r#"[tune]
@@ -63,7 +63,10 @@ fn tune_ranks_trials_and_its_best_config_trains_to_the_same_validation_figure() 
     assert!(dir.join("runs/t/metrics.json").exists());
     ok(&needle(&["eval", "--run", "runs/t"], dir));
 
-    // The best config trains, as written, to the validation figure the tune reported.
+    // The best config trains, as written, to the validation figure the tune reported, along the
+    // schedule the winner was chosen with.
+    let best_toml = std::fs::read_to_string(dir.join("runs/t/best.toml")).unwrap();
+    assert!(best_toml.contains("schedule_epochs = 6"), "{best_toml}");
     let best = ndcg(&rows[0]);
     ok(&needle(&["train", "--config", "runs/t/best.toml", "--out", "runs/again", "--quiet"], dir));
     let again = best_valid_ndcg(&dir.join("runs/again"));
@@ -74,6 +77,40 @@ fn tune_ranks_trials_and_its_best_config_trains_to_the_same_validation_figure() 
     let out = needle(&["tune", "--config", "plain.toml", "--budget", "1m", "--out", "runs/p"], dir);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no [tune] section"));
+}
+
+fn valid_ndcgs(run: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(run.join("train_log.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["valid_ndcg10"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_run_cut_short_of_its_schedule_follows_the_full_schedules_rates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    planted_log(dir);
+    let cosine = YOUTUBEDNN.replace("epochs = 12", "epochs = 6\nlr_schedule = \"cosine\"");
+    write_config(dir, "full.toml", &cosine);
+    write_config(dir, "cut.toml", &cosine.replace("epochs = 6", "epochs = 3\nschedule_epochs = 6"));
+    write_config(dir, "short.toml", &cosine.replace("epochs = 6", "epochs = 3"));
+    for name in ["full", "cut", "short"] {
+        let args = ["--threads", "2", "train", "--config", &format!("{name}.toml"), "--out", name, "--quiet"];
+        ok(&needle(&args, dir));
+    }
+    let (full, cut, short) =
+        (valid_ndcgs(&dir.join("full")), valid_ndcgs(&dir.join("cut")), valid_ndcgs(&dir.join("short")));
+    assert_eq!(full.len(), 6);
+    assert_eq!(cut, full[..3], "the first three epochs of the full schedule");
+    // A cosine over 3 epochs falls faster: the second epoch already differs.
+    assert_ne!(short[1], full[1], "{short:?} {full:?}");
+
+    // A schedule shorter than the run is refused.
+    write_config(dir, "bad.toml", &cosine.replace("epochs = 6", "epochs = 6\nschedule_epochs = 4"));
+    let out = needle(&["train", "--config", "bad.toml", "--out", "bad"], dir);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("schedule_epochs (4) cannot be below epochs (6)"));
 }
 
 #[test]
@@ -114,6 +151,20 @@ fn an_interrupted_tune_resumes_from_its_log_to_the_same_result() {
         best("runs/whole").lines().skip(2).collect::<Vec<_>>(),
         best("runs/resumed").lines().skip(2).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn a_budget_that_fits_one_trial_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    planted_log(dir);
+    // 5,000 epochs of at least a millisecond each cannot fit 2 seconds even once.
+    write_config(dir, "t.toml", &format!("{}{TUNE_SPACE}", YOUTUBEDNN.replace("epochs = 12", "epochs = 5000")));
+    let out = needle(&["--threads", "2", "tune", "--config", "t.toml", "--budget", "2s", "--out", "runs/t"], dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("so the budget fits 1 trial: not a search; 3 trials need about --budget"), "{stderr}");
+    assert!(stderr.contains("1 trial; rungs (trials × epochs): 1×5000"), "{stderr}");
 }
 
 #[test]
