@@ -248,8 +248,12 @@ const MAX_BUDGET_TRIALS: usize = 1000;
 pub trait TuneObserver {
     /// The number of trials and the rungs, once known; `short` when the budget is too small for a
     /// search.
-    fn planned(&mut self, trials: usize, rungs: &[(usize, usize)], short: Option<&BudgetShort>)
-        -> Result<(), TrainError>;
+    fn planned(
+        &mut self,
+        trials: usize,
+        rungs: &[(usize, usize)],
+        short: Option<&BudgetShort>,
+    ) -> Result<(), TrainError>;
     /// A newly trained and validated epoch (not called for epochs replayed from the log).
     fn epoch(&mut self, rec: &TrialEpoch, best: (f64, usize)) -> Result<(), TrainError>;
 }
