@@ -67,21 +67,20 @@ impl TuneObserver for Shown {
     ) -> Result<(), needle_train::TrainError> {
         let plan: Vec<String> = rungs.iter().map(|(n, e)| format!("{n}×{e}")).collect();
         self.bar.set_length(tune::rung_epochs(rungs) as u64);
+        let noun = if trials == 1 { "trial" } else { "trials" };
         // Printed around the bar, also when stderr is not a terminal and the bar is hidden.
         if let Some(s) = short {
             self.bar.suspend(|| {
                 eprintln!(
-                    "warning: an epoch takes about {:.0} s, so the budget fits {trials} trial{}: not a search; \
+                    "warning: an epoch takes about {:.0} s, so the budget fits {trials} {noun}: not a search; \
                      {} trials need about --budget {}m, or train fewer [train] epochs",
                     s.epoch_secs,
-                    if trials == 1 { "" } else { "s" },
                     s.trials,
                     (s.needed_secs / 60.0).ceil()
                 )
             });
         }
         if !self.quiet {
-            let noun = if trials == 1 { "trial" } else { "trials" };
             self.bar.suspend(|| eprintln!("{trials} {noun}; rungs (trials × epochs): {}", plan.join(", ")));
         }
         self.append(&LogLine::Plan { planned_trials: trials })

@@ -32,11 +32,15 @@ fn board(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn best_valid_ndcg(run: &Path) -> f64 {
+fn valid_ndcgs(run: &Path) -> Vec<f64> {
     let text = std::fs::read_to_string(run.join("train_log.jsonl")).unwrap();
     text.lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["valid_ndcg10"].as_f64().unwrap())
-        .fold(f64::NEG_INFINITY, f64::max)
+        .collect()
+}
+
+fn best_valid_ndcg(run: &Path) -> f64 {
+    valid_ndcgs(run).into_iter().fold(f64::NEG_INFINITY, f64::max)
 }
 
 #[test]
@@ -77,13 +81,6 @@ fn tune_ranks_trials_and_its_best_config_trains_to_the_same_validation_figure() 
     let out = needle(&["tune", "--config", "plain.toml", "--budget", "1m", "--out", "runs/p"], dir);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no [tune] section"));
-}
-
-fn valid_ndcgs(run: &Path) -> Vec<f64> {
-    let text = std::fs::read_to_string(run.join("train_log.jsonl")).unwrap();
-    text.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["valid_ndcg10"].as_f64().unwrap())
-        .collect()
 }
 
 #[test]
