@@ -909,6 +909,17 @@ pub fn neighbor_spec(cfg: &Config, p: &Prepared) -> Result<NeighborSpec, TrainEr
     })
 }
 
+/// The seeded sample of validation users `[train] valid_users` asks for (`None`: all of them).
+fn valid_subset(cfg: &Config, p: &Prepared, root: &Rng) -> Option<Vec<usize>> {
+    let n = cfg.train.valid_users;
+    (n > 0).then(|| {
+        let mut users: Vec<usize> = (0..p.n_users()).filter(|&u| !p.valid.get(u).is_empty()).collect();
+        root.fork(3).shuffle(&mut users);
+        users.truncate(n);
+        users
+    })
+}
+
 /// Trains the configured model; `show_progress` draws a progress bar on stderr.
 pub fn train(
     cfg: &Config,
@@ -933,7 +944,8 @@ pub fn train(
             let secs = start.elapsed().as_secs_f64();
             let model = Model::Neighbors(n);
             let vbar = users_bar("validation", show_progress);
-            let r = evaluate(&model, p, Stage::Valid, &[10], false, None, &mut users_progress(&vbar));
+            let subset = valid_subset(cfg, p, &root);
+            let r = evaluate(&model, p, Stage::Valid, &[10], false, subset.as_deref(), &mut users_progress(&vbar));
             vbar.finish_and_clear();
             let events = p.train.items.len();
             let rec = EpochLog::new(1, 0.0, &r, secs, events);
@@ -1053,12 +1065,7 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
         plan.check()?;
         let mut trainer = Trainer::new(cfg, p, model)?;
         trainer.set_total_steps((samples.len().div_ceil(t.batch_size.max(1)) * t.schedule_span()) as u64);
-        let valid_subset: Option<Vec<usize>> = (t.valid_users > 0).then(|| {
-            let mut users: Vec<usize> = (0..p.n_users()).filter(|&u| !p.valid.get(u).is_empty()).collect();
-            root.fork(3).shuffle(&mut users);
-            users.truncate(t.valid_users);
-            users
-        });
+        let valid_subset = valid_subset(cfg, p, &root);
         Ok(Session {
             cfg,
             p,

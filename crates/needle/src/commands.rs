@@ -257,7 +257,8 @@ pub fn load_prepared(
         p.items.len() - 1,
         p.users.len() - 1
     );
-    if cfg.train.loss == needle_train::config::LossKind::Auto {
+    // The counted kinds take no training steps, so they have no loss to report.
+    if cfg.train.loss == needle_train::config::LossKind::Auto && !cfg.model.kind.is_counted() {
         eprintln!(
             "loss: {} (auto: {} item rows, the full softmax up to {})",
             cfg.train.loss.resolve(p.n_item_rows()).name(),

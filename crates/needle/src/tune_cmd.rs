@@ -167,7 +167,7 @@ pub fn tune(a: TuneArgs<'_>) -> Result<()> {
     outcome.best_config.train.threads = threads;
     shown.bar.finish_and_clear();
     if outcome.out_of_time {
-        eprintln!("the budget ended before the last rung; the winner is the best trial validated so far");
+        eprintln!("the budget ended before the last rung finished; the winner is the best trial validated so far");
     }
     write_board(a.out, &outcome, a.budget)?;
     let best_path = a.out.join(BEST_FILE);

@@ -182,3 +182,24 @@ fn item_to_item_runs_refuse_what_needs_vectors() {
     let out = needle(&["train", "--config", "bad.toml", "--out", "runs/bad"], dir);
     assert!(String::from_utf8_lossy(&out.stderr).contains("window applies to transitions and itemcf only"));
 }
+
+#[test]
+fn counted_validation_scores_the_sample_valid_users_asks_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    planted_log(dir);
+    let body = "[model]\nkind = \"transitions\"\nrecent = 3\n";
+    write_config(dir, "all.toml", body);
+    write_config(dir, "one.toml", &format!("{body}[train]\nvalid_users = 1\n"));
+    let valid_hr = |run: &str| -> f64 {
+        ok(&needle(&["train", "--config", &format!("{run}.toml"), "--out", &format!("runs/{run}"), "--quiet"], dir));
+        let text = std::fs::read_to_string(dir.join("runs").join(run).join("train_log.jsonl")).unwrap();
+        let line = text.lines().next().expect("one validation record");
+        serde_json::from_str::<serde_json::Value>(line).unwrap()["valid_hr10"].as_f64().unwrap()
+    };
+    // Over every user the hit rate is a fraction; over a sample of one it is all or nothing.
+    let all = valid_hr("all");
+    assert!(all > 0.0 && all < 1.0, "validation HR@10 over all users: {all}");
+    let one = valid_hr("one");
+    assert!(one == 0.0 || one == 1.0, "validation HR@10 over one user: {one}");
+}
