@@ -23,6 +23,7 @@ pub fn eval_channels(
     ks: &[usize],
     eval_users: Option<usize>,
     stage: Stage,
+    metrics: Option<&Path>,
 ) -> Result<()> {
     if ks.is_empty() || ks.contains(&0) {
         bail!("--k needs positive cut-offs, e.g. --k 10,50,100");
@@ -132,6 +133,16 @@ pub fn eval_channels(
         n_items
     );
     print!("{}", channel_table(&reports, ks));
+    if let Some(out) = metrics {
+        let rows: Vec<serde_json::Value> =
+            reports.iter().map(|(name, r)| serde_json::json!({"channel": name, "metrics": r.to_json()})).collect();
+        let doc = serde_json::json!({
+            "channels": path.display().to_string(),
+            "stage": if stage == Stage::Test { "test" } else { "validation" },
+            "rows": rows,
+        });
+        crate::commands::write_replacing(out, &(serde_json::to_string_pretty(&doc)? + "\n"))?;
+    }
     Ok(())
 }
 

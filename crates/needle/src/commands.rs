@@ -8,7 +8,7 @@ use needle_train::prepare::prepare;
 use needle_train::run::{append_log, load_run, save_run};
 use needle_train::{trainer, Config, Stage};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 /// Sizes the global thread pool once; 0 means all cores.
@@ -208,12 +208,18 @@ pub(crate) fn eval_users_of(p: &needle_train::Prepared, n: Option<usize>, seed: 
 }
 
 fn write_metrics(dir: &Path, report: &needle_eval::Report) -> Result<()> {
-    let path = dir.join("metrics.json");
-    let text = serde_json::to_string_pretty(&report.to_json())?;
-    std::fs::write(&path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
-    let curve = dir.join("hit_curve.json");
-    std::fs::write(&curve, serde_json::to_string(&report.hit_curve)? + "\n")
-        .with_context(|| format!("cannot write {}", curve.display()))
+    write_replacing(&dir.join("metrics.json"), &(serde_json::to_string_pretty(&report.to_json())? + "\n"))?;
+    write_replacing(&dir.join("hit_curve.json"), &(serde_json::to_string(&report.hit_curve)? + "\n"))
+}
+
+/// Writes `text` to a temporary file beside `path`, then renames it over `path`, so a reader
+/// never sees half a file.
+pub(crate) fn write_replacing(path: &Path, text: &str) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
 }
 
 /// Loads a config's data, prepares it for the model and keeps only what a run records of the
@@ -390,9 +396,7 @@ pub fn eval(
     if ann {
         let report = crate::index_cmd::eval_ann(&r, ks, keep_seen, eval_users)?;
         crate::index_cmd::print_report(&format!("{} through its ANN index, test, full corpus", run.display()), &report);
-        let path = run.join("metrics_ann.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&report.to_json())? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_replacing(&run.join("metrics_ann.json"), &(serde_json::to_string_pretty(&report.to_json())? + "\n"))?;
         return Ok(());
     }
     let users = eval_users_of(&r.prepared, eval_users, r.info.config.train.seed);

@@ -83,6 +83,10 @@ enum Cmd {
         /// the test targets.
         #[arg(long, requires = "channels")]
         valid: bool,
+        /// With --channels: also write every row's metrics (HR, recall, NDCG, precision, MRR at
+        /// each K) to this JSON file.
+        #[arg(long, requires = "channels")]
+        metrics: Option<PathBuf>,
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Keep the user's known items in the ranking (by default they are excluded).
@@ -404,7 +408,7 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
             threads: cli.threads,
         }),
-        Cmd::Eval { run, channels, valid, data_dir, keep_seen, k, ann, eval_users } => {
+        Cmd::Eval { run, channels, valid, metrics, data_dir, keep_seen, k, ann, eval_users } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             match (run, channels) {
                 (_, Some(file)) => {
@@ -417,6 +421,7 @@ fn run(cli: Cli) -> Result<()> {
                         &k,
                         eval_users,
                         if valid { needle_train::Stage::Valid } else { needle_train::Stage::Test },
+                        metrics.as_deref(),
                     )
                 }
                 (Some(run), None) => commands::eval(&run, data_dir.as_deref(), keep_seen, &k, ann, eval_users),

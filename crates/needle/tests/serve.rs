@@ -964,7 +964,7 @@ quota = 1
     std::fs::write(dir.join("channels.toml"), channels).unwrap();
 
     // Offline: each channel alone is scored as its run is by `needle eval`, then the mix.
-    let table = ok(&needle(&["eval", "--channels", "channels.toml", "--k", "5,10"], dir));
+    let table = ok(&needle(&["eval", "--channels", "channels.toml", "--k", "5,10", "--metrics", "mix.json"], dir));
     let row = |name: &str| -> Vec<f64> {
         let line = table.lines().find(|l| l.starts_with(&format!("| {name} |"))).unwrap_or_else(|| panic!("{table}"));
         line.split('|').filter_map(|c| c.trim().parse().ok()).collect()
@@ -982,6 +982,20 @@ quota = 1
     }
     let mix = row("mix (quota)");
     assert_eq!(mix.len(), 4, "{table}");
+    // The metrics file holds the table's rows, in its order, with every metric.
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("mix.json")).unwrap()).unwrap();
+    assert_eq!(doc["stage"], "test");
+    let rows = doc["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["channel"].as_str().unwrap()).collect();
+    let printed: Vec<&str> = table.lines().skip(3).filter_map(|l| l.split('|').nth(1)).map(str::trim).collect();
+    assert_eq!(names, printed, "{table}");
+    for r in rows {
+        let m = &r["metrics"];
+        let shown = row(r["channel"].as_str().unwrap());
+        assert!((m["hit_rate@10"].as_f64().unwrap() - shown[1]).abs() < 1e-4, "{r} against {table}");
+        assert!((m["ndcg@5"].as_f64().unwrap() - shown[2]).abs() < 1e-4, "{r} against {table}");
+        assert!(m["mrr@10"].as_f64().is_some() && m["users"].as_u64().unwrap() > 0, "{r}");
+    }
     assert!(mix.iter().all(|v| (0.0..=1.0).contains(v)), "{table}");
     assert!(mix[1] >= mix[0], "HR@10 below HR@5: {table}");
 
