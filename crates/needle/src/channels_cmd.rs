@@ -124,11 +124,12 @@ pub fn eval_channels(
     let rule = format!("{:?}", cfg.merge).to_lowercase();
     reports.push((format!("mix ({rule})"), needle_eval::score(&mixed_ids, kmax, &t, ks, n_items)));
 
+    let stage_name = if stage == Stage::Test { "test" } else { "validation" };
     println!(
         "{}: {} channels, {}, full corpus, known items excluded, {} users, {} items",
         path.display(),
         cfg.channels.len(),
-        if stage == Stage::Test { "test" } else { "validation" },
+        stage_name,
         users.len(),
         n_items
     );
@@ -138,7 +139,7 @@ pub fn eval_channels(
             reports.iter().map(|(name, r)| serde_json::json!({"channel": name, "metrics": r.to_json()})).collect();
         let doc = serde_json::json!({
             "channels": path.display().to_string(),
-            "stage": if stage == Stage::Test { "test" } else { "validation" },
+            "stage": stage_name,
             "rows": rows,
         });
         crate::commands::write_replacing(out, &(serde_json::to_string_pretty(&doc)? + "\n"))?;

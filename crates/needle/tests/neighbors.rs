@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{needle, ok, planted_log, write_config};
+use common::{needle, ok, planted_log, train_log, write_config};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -193,9 +193,7 @@ fn counted_validation_scores_the_sample_valid_users_asks_for() {
     write_config(dir, "one.toml", &format!("{body}[train]\nvalid_users = 1\n"));
     let valid_hr = |run: &str| -> f64 {
         ok(&needle(&["train", "--config", &format!("{run}.toml"), "--out", &format!("runs/{run}"), "--quiet"], dir));
-        let text = std::fs::read_to_string(dir.join("runs").join(run).join("train_log.jsonl")).unwrap();
-        let line = text.lines().next().expect("one validation record");
-        serde_json::from_str::<serde_json::Value>(line).unwrap()["valid_hr10"].as_f64().unwrap()
+        train_log(&dir.join("runs").join(run))[0]["valid_hr10"].as_f64().unwrap()
     };
     // Over every user the hit rate is a fraction; over a sample of one it is all or nothing.
     let all = valid_hr("all");

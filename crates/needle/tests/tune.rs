@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{needle, ok, planted_log, write_config, YOUTUBEDNN};
+use common::{needle, ok, planted_log, train_log, write_config, YOUTUBEDNN};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,10 +33,7 @@ fn board(dir: &Path) -> Vec<String> {
 }
 
 fn valid_ndcgs(run: &Path) -> Vec<f64> {
-    let text = std::fs::read_to_string(run.join("train_log.jsonl")).unwrap();
-    text.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["valid_ndcg10"].as_f64().unwrap())
-        .collect()
+    train_log(run).iter().map(|r| r["valid_ndcg10"].as_f64().unwrap()).collect()
 }
 
 fn best_valid_ndcg(run: &Path) -> f64 {
@@ -180,7 +177,6 @@ fn counted_kinds_tune_in_one_pass_per_trial() {
     assert!(rows.windows(2).all(|w| hr(&w[0]) >= hr(&w[1])), "{rows:?}");
     // Its best config trains to the same validation figure.
     ok(&needle(&["train", "--config", "runs/tr/best.toml", "--out", "runs/again", "--quiet"], dir));
-    let text = std::fs::read_to_string(dir.join("runs/again/train_log.jsonl")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let v = &train_log(&dir.join("runs/again"))[0];
     assert!((v["valid_hr10"].as_f64().unwrap() - hr(&rows[0])).abs() < 5e-5, "{v} vs {}", rows[0]);
 }

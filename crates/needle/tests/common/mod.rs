@@ -91,3 +91,9 @@ temperature = 0.1
 patience = 0
 seed = 7
 "#;
+
+/// The validation records of a run's `train_log.jsonl`, one per epoch, oldest first.
+pub fn train_log(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("train_log.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
