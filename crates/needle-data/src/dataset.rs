@@ -116,14 +116,7 @@ pub struct Dataset {
     pub source_fingerprint: Option<String>,
 }
 
-/// Start value of an FNV-1a 64 hash (its offset basis).
-pub const FNV1A64_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-/// Folds `bytes` into the FNV-1a 64 hash `h`; start from [`FNV1A64_OFFSET`]. Identifies data
-/// and run files; not for adversarial input.
-pub fn fnv1a64(h: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
-}
+pub use needle_core::hash::{fnv1a64, FNV1A64_OFFSET};
 
 /// Folds one event into a [`Dataset::fingerprint`] hash; loaders that stream call it per
 /// accepted row, while the raw ids are at hand, instead of chasing them afterwards.

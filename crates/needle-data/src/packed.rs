@@ -281,10 +281,10 @@ impl<W: Write> SectionWriter<W> {
 pub fn write(ds: &Dataset, seqs: &Sequences, source_id: &str, dir: &Path) -> Result<PackedInfo> {
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     let path = dir.join(DATASET_FILE);
-    let tmp = dir.join(format!("{DATASET_FILE}.tmp"));
-    let file = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
+    let tmp = needle_core::file::tmp_path(&path);
+    let out = needle_core::file::AtomicFile::create(&path).map_err(|e| DataError::io(&tmp, e))?;
     let mut w = SectionWriter {
-        out: std::io::BufWriter::with_capacity(1 << 20, file),
+        out,
         pos: 0,
         sections: Vec::new(),
         path: tmp.clone(),
@@ -354,7 +354,8 @@ pub fn write(ds: &Dataset, seqs: &Sequences, source_id: &str, dir: &Path) -> Res
     w.raw(meta.as_bytes())?;
     let file_len = w.pos;
 
-    let mut file = w.out.into_inner().map_err(|e| DataError::io(&tmp, e.into_error()))?;
+    let mut out = w.out;
+    let file = out.file_mut().map_err(|e| DataError::io(&tmp, e))?;
     let mut header = [0u8; HEADER_LEN];
     header[..8].copy_from_slice(MAGIC);
     header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -366,9 +367,7 @@ pub fn write(ds: &Dataset, seqs: &Sequences, source_id: &str, dir: &Path) -> Res
     header[48..56].copy_from_slice(&head_sum.to_le_bytes());
     use std::io::{Seek, SeekFrom};
     file.seek(SeekFrom::Start(0)).and_then(|_| file.write_all(&header)).map_err(|e| DataError::io(&tmp, e))?;
-    file.sync_all().map_err(|e| DataError::io(&tmp, e))?;
-    drop(file);
-    std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))?;
+    out.commit().map_err(|e| DataError::io(&path, e))?;
     Ok(info)
 }
 

@@ -216,7 +216,7 @@ enum TableOut {
 
 impl Table {
     fn create(path: &Path, format: crate::csv::FileFormat, columns: &[(&str, Kind)]) -> Result<Table> {
-        let tmp = path.with_extension("tmp");
+        let tmp = needle_core::file::tmp_path(path);
         let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         let out = match format {
             crate::csv::FileFormat::Csv => {
@@ -338,7 +338,7 @@ impl Table {
                 writer.close().map_err(|e| DataError::Parquet { path: self.tmp.clone(), reason: e.to_string() })?;
             }
         }
-        std::fs::rename(&self.tmp, &self.path).map_err(io(&self.path))?;
+        needle_core::file::persist(&self.path).map_err(io(&self.path))?;
         Ok(self.path)
     }
 }
@@ -543,9 +543,7 @@ column = "age_band"
         spec.users, spec.items, spec.events, spec.seed, spec.cold_items
     );
     // The schema goes last: a folder with a schema holds a complete log.
-    let tmp = schema_path.with_extension("tmp");
-    std::fs::write(&tmp, schema).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &schema_path).map_err(io(&schema_path))?;
+    needle_core::file::write_atomic(&schema_path, schema.as_bytes()).map_err(io(&schema_path))?;
     Ok(SynthReport { events: written, schema: schema_path, files: vec![events_path, items_path, users_path] })
 }
 

@@ -55,14 +55,7 @@ pub fn index(data: &[u8]) -> bool {
 }
 
 /// FNV-1a over 64-bit little-endian words, the index file checksum.
-fn fnv_words(mut h: u64, bytes: &[u8]) -> u64 {
-    for w in bytes.chunks_exact(8) {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(w);
-        h = (h ^ u64::from_le_bytes(a)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
+use needle_core::hash::fnv1a64_words as fnv_words;
 
 /// The file with its payload length and checksum recomputed from its bytes, so that mutations
 /// reach the section decoding; left as it is when the payload is not whole 8-byte words.

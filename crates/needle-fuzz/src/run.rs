@@ -310,7 +310,7 @@ fn use_model(m: &Model, features: &[u32], history: &[u32]) {
     let (rows, vectors) = m.indexed_items();
     assert_eq!(vectors.len(), rows.len() * d);
     for (f, h) in [(features, history), (&[][..], &[][..])] {
-        assert_eq!(m.user_vector(f, h).len(), m.interests() * d);
+        assert_eq!(m.user_vector(&needle_model::tower::UserEvents::new(h, f)).len(), m.interests() * d);
     }
     if let Some(n) = m.neighbors() {
         // Popularity fills what the neighbours leave, so a list is short only when the

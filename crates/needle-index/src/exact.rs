@@ -1,8 +1,8 @@
 //! Exact search: every query scores every vector. The reference for recall, and the kernel IVF
 //! reuses for its lists.
 //!
-//! One query at a time streams the vectors through a four-rows-at-once dot kernel, which is
-//! memory-bound. A batch instead multiplies blocks of queries by tiles of vectors (a cache-sized
+//! One query at a time streams the vectors through the canonical dot kernel, which is
+//! memory-bound, so its scores and order are those of evaluation's exact top-K. A batch instead multiplies blocks of queries by tiles of vectors (a cache-sized
 //! GEMM), so each vector tile is read from memory once per block of queries rather than once per
 //! query; top-K selection then scans each tile's scores against the heap threshold, which after
 //! the first tiles rejects almost everything with one comparison.
@@ -67,6 +67,21 @@ impl ExactIndex {
                     top.push(score, id);
                     thr = top.threshold();
                 }
+            }
+        }
+    }
+
+    /// [`ExactIndex::scan_into`] scoring each row with the canonical `dot`, whose bits do not
+    /// depend on the row's position in a block: the reference search of a single query then
+    /// scores and orders exactly as evaluation (`needle_core::topk::top_k`) does.
+    fn scan_canonical<F: Fn(u32) -> bool>(q: &[f32], ids: &[u32], rows: &[f32], dim: usize, keep: &F, top: &mut TopK) {
+        let dot = crate::kernels::dot_fn();
+        let mut thr = top.threshold();
+        for (&id, row) in ids.iter().zip(rows.chunks_exact(dim)) {
+            let score = dot(q, row);
+            if score >= thr && keep(id) {
+                top.push(score, id);
+                thr = top.threshold();
             }
         }
     }
@@ -162,8 +177,8 @@ impl Index for ExactIndex {
         let mut top = TopK::new(k);
         let rows = self.rows.as_slice();
         match opts.keep {
-            None => Self::scan_into(query, &self.ids, rows, self.dim, &|_| true, &mut top),
-            Some(keep) => Self::scan_into(query, &self.ids, rows, self.dim, &keep, &mut top),
+            None => Self::scan_canonical(query, &self.ids, rows, self.dim, &|_| true, &mut top),
+            Some(keep) => Self::scan_canonical(query, &self.ids, rows, self.dim, &keep, &mut top),
         }
         top.drain_sorted(out);
         Ok(())

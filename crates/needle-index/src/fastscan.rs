@@ -231,7 +231,7 @@ pub fn unpack_block(block: &[u8], nvec: usize, msub: usize, codes: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use needle_model::rng::Rng;
+    use needle_core::rng::Rng;
 
     #[test]
     fn sq8_scan_matches_the_reference_at_awkward_widths() {

@@ -23,8 +23,9 @@
 use crate::error::{IndexError, Result};
 use crate::kernels::Rows;
 use crate::IndexKind;
+use needle_core::file::AtomicFile;
 use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,24 +45,17 @@ pub(crate) struct Header {
     pub params: [u64; 4],
 }
 
-/// FNV-1a over 64-bit words: one xor and one multiply per 8 bytes. Each step is a bijection of
-/// the state for a fixed word, so changing any single word always changes the result.
+/// The running checksum of an index file: FNV-1a over 64-bit words (`needle_core::hash`).
 #[derive(Clone, Copy)]
 struct Fnv64(u64);
 
 impl Fnv64 {
     fn new() -> Self {
-        Fnv64(0xcbf2_9ce4_8422_2325)
+        Fnv64(needle_core::hash::FNV1A64_OFFSET)
     }
 
     fn words(&mut self, bytes: &[u8]) {
-        debug_assert_eq!(bytes.len() % 8, 0);
-        let mut h = self.0;
-        for w in bytes.chunks_exact(8) {
-            let w = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-            h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        self.0 = h;
+        self.0 = needle_core::hash::fnv1a64_words(self.0, bytes);
     }
 }
 
@@ -91,7 +85,7 @@ fn header_bytes(h: &Header, payload_len: u64) -> [u8; 72] {
 
 /// Streams sections to the file, hashing as it goes.
 pub(crate) struct Writer {
-    out: BufWriter<File>,
+    out: AtomicFile,
     hash: Fnv64,
     len: u64,
     buf: Vec<u8>,
@@ -152,34 +146,22 @@ impl Writer {
 /// Writes an index file atomically: `payload` fills the sections, then the header and checksum
 /// are written and the temporary file is renamed over `path`.
 pub(crate) fn save(path: &Path, header: &Header, payload: impl FnOnce(&mut Writer) -> Result<()>) -> Result<()> {
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let file = File::create(&tmp).map_err(|e| IndexError::Io { path: tmp.clone(), source: e })?;
-    let mut w = Writer {
-        out: BufWriter::with_capacity(1 << 20, file),
-        hash: Fnv64::new(),
-        len: 0,
-        buf: Vec::new(),
-        path: tmp.clone(),
-    };
-    let result = (|| {
-        w.out.write_all(&[0u8; HEADER_LEN]).map_err(|e| w.io(e))?;
-        payload(&mut w)?;
-        let head = header_bytes(header, w.len);
-        let mut hash = w.hash;
-        hash.words(&head);
-        w.out.seek(SeekFrom::Start(0)).map_err(|e| w.io(e))?;
-        w.out.write_all(&head).map_err(|e| w.io(e))?;
-        w.out.write_all(&hash.0.to_le_bytes()).map_err(|e| w.io(e))?;
-        let file = w.out.into_inner().map_err(|e| IndexError::Io { path: tmp.clone(), source: e.into_error() })?;
-        file.sync_all().map_err(|e| IndexError::Io { path: tmp.clone(), source: e })
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|e| IndexError::Io { path: path.to_owned(), source: e })
+    let tmp = needle_core::file::tmp_path(path);
+    let out = AtomicFile::create(path).map_err(|e| IndexError::Io { path: tmp.clone(), source: e })?;
+    let mut w = Writer { out, hash: Fnv64::new(), len: 0, buf: Vec::new(), path: tmp.clone() };
+    w.out.write_all(&[0u8; HEADER_LEN]).map_err(|e| w.io(e))?;
+    payload(&mut w)?;
+    let head = header_bytes(header, w.len);
+    let mut hash = w.hash;
+    hash.words(&head);
+    let file = w.out.file_mut().map_err(|e| IndexError::Io { path: tmp.clone(), source: e })?;
+    (|| {
+        file.seek(SeekFrom::Start(0))?;
+        file.write_all(&head)?;
+        file.write_all(&hash.0.to_le_bytes())
+    })()
+    .map_err(|e| IndexError::Io { path: tmp.clone(), source: e })?;
+    w.out.commit().map_err(|e| IndexError::Io { path: path.to_owned(), source: e })
 }
 
 /// The bytes of an index file, read onto the heap or mapped from disk. Arrays of a loaded index

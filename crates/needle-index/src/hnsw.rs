@@ -19,7 +19,7 @@ use crate::format::{self, Backing, Header, Reader, Writer};
 use crate::idmap::LazyIdMap;
 use crate::kernels::{dot_fn, prefetch, DotFn, Rows};
 use crate::{check_add, check_query, HnswParams, Index, IndexError, IndexKind, IndexParams, Result, SearchOptions};
-use needle_model::rng::Rng;
+use needle_core::rng::Rng;
 use rayon::prelude::*;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};

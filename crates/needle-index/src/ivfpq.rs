@@ -29,7 +29,7 @@ use crate::{
     check_add, check_query, HnswParams, Index, IndexError, IndexKind, IndexParams, IvfPqParams, NoProgress, Progress,
     Refine, Result, Scan, SearchOptions,
 };
-use needle_model::rng::Rng;
+use needle_core::rng::Rng;
 use rayon::prelude::*;
 use std::path::Path;
 use std::sync::Arc;

@@ -7,7 +7,7 @@
 //! centroids but multiply the build time.
 
 use crate::kernels::gemm_nt;
-use needle_model::rng::Rng;
+use needle_core::rng::Rng;
 use rayon::prelude::*;
 
 /// Training points per centroid; 64 keeps a 1M-vector, 4,000-list build to seconds per

@@ -5,9 +5,10 @@
 
 use crate::error::{IndexError, Result};
 use crate::synth;
-use needle_model::rng::Rng;
+use needle_core::file::AtomicFile;
+use needle_core::rng::Rng;
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Rows of `dim` floats, readable in any order and from many threads.
@@ -180,7 +181,7 @@ impl VectorSource for NpyFile {
 /// Writes a `[rows, dim]` float32 `.npy` file row block by row block, through a temporary file
 /// renamed into place by [`NpyWriter::finish`].
 pub struct NpyWriter {
-    out: BufWriter<File>,
+    out: AtomicFile,
     tmp: PathBuf,
     path: PathBuf,
     remaining: usize,
@@ -208,11 +209,9 @@ impl NpyWriter {
         let unpadded = 10 + header.len() + 1;
         header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
         header.push('\n');
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
+        let tmp = needle_core::file::tmp_path(path);
         let io = |e| IndexError::Io { path: tmp.clone(), source: e };
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io)?);
+        let mut out = AtomicFile::create(path).map_err(io)?;
         out.write_all(b"\x93NUMPY\x01\x00").map_err(io)?;
         out.write_all(&(header.len() as u16).to_le_bytes()).map_err(io)?;
         out.write_all(header.as_bytes()).map_err(io)?;
@@ -234,13 +233,10 @@ impl NpyWriter {
     /// Checks every row was written, flushes and renames the file into place.
     pub fn finish(self) -> Result<()> {
         if self.remaining != 0 {
-            let _ = std::fs::remove_file(&self.tmp);
+            // Dropping the writer removes the temporary file.
             return Err(npy_error(&self.path, format!("{} values short of the shape", self.remaining)));
         }
-        let io = |e| IndexError::Io { path: self.tmp.clone(), source: e };
-        let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| IndexError::Io { path: self.path.clone(), source: e })
+        self.out.commit().map_err(|e| IndexError::Io { path: self.path.clone(), source: e })
     }
 }
 

@@ -1,7 +1,7 @@
 //! A documented generator of clustered unit vectors, so benchmarks and tests need no data files
 //! and anyone can regenerate exactly the same set from its parameters.
 
-use needle_model::rng::Rng;
+use needle_core::rng::Rng;
 
 /// `n` unit vectors of dimension `dim` (row-major), drawn around `clusters` random centres.
 ///

@@ -1,11 +1,11 @@
 //! Behaviour of the four indexes on small generated data: correctness against brute force,
 //! recall, filtering, incremental adds, persistence, and refusal of bad input and damaged files.
 
+use needle_core::rng::Rng;
 use needle_index::{
     build, load, open, recall_at_k, synthetic_clustered, Allowed, ExactIndex, HnswIndex, HnswParams, Index, IndexError,
     IndexKind, IndexParams, IvfIndex, IvfParams, IvfPqIndex, IvfPqParams, Refine, Scan, SearchOptions, Verify,
 };
-use needle_model::rng::Rng;
 use std::path::Path;
 
 fn brute_force(data: &[f32], dim: usize, q: &[f32], k: usize, keep: impl Fn(u32) -> bool) -> Vec<(u32, f32)> {

@@ -41,9 +41,9 @@ fn write_tensors(owned: &[(String, Dtype, Vec<usize>, Vec<u8>)], path: &Path) ->
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(path, e.to_string()))?;
     // Write to a temporary name first so an interrupted save never leaves a torn checkpoint.
-    let tmp = path.with_extension("safetensors.tmp");
+    let tmp = needle_core::file::tmp_path(path);
     safetensors::tensor::serialize_to_file(views, None, &tmp).map_err(|e| bad(path, e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::Io { path: path.to_owned(), source: e })
+    needle_core::file::persist(path).map_err(|e| ModelError::Io { path: path.to_owned(), source: e })
 }
 
 /// A checkpoint file read into memory.

@@ -10,14 +10,15 @@ pub mod deep;
 pub mod embedding;
 pub mod fastexp;
 pub mod fm;
-pub mod gemm;
 pub mod layers;
 pub mod mind;
 pub mod mlp;
 pub mod neighbors;
-pub mod rng;
 pub mod seq;
 pub mod tower;
+
+/// The generator and matrix product live in `needle-core`, shared with indexing and evaluation.
+pub use needle_core::{gemm, rng};
 
 use std::path::PathBuf;
 

@@ -19,6 +19,7 @@ use crate::layers::{
 use crate::mlp::fill_mask;
 use crate::rng::Rng;
 use crate::tower::{Grads, NamedTensor, Tower, UserBatch};
+use needle_core::gemm::gemm_strided as gemm;
 use rayon::prelude::*;
 
 /// What each block of the tower computes.
@@ -333,45 +334,6 @@ fn ln_backward(dx: &mut [f32], dy: &[f32], a: &LnActs, g: &[f32], dg: &mut [f32]
             dg[j] += dyr[j] * h[j];
             db[j] += dyr[j];
         }
-    }
-}
-
-/// `C = alpha · A·B (+ C when beta = 1)` over strided views, on the calling thread (the
-/// attention kernels run one task per sequence).
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: *const f32,
-    rsa: usize,
-    csa: usize,
-    b: *const f32,
-    rsb: usize,
-    csb: usize,
-    beta: f32,
-    c: *mut f32,
-    rsc: usize,
-) {
-    // SAFETY: the caller guarantees every strided view lies inside its buffer.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a,
-            rsa as isize,
-            csa as isize,
-            b,
-            rsb as isize,
-            csb as isize,
-            beta,
-            c,
-            rsc as isize,
-            1,
-        );
     }
 }
 

@@ -4,10 +4,73 @@
 
 use crate::embedding::{Embedding, SparseGrad};
 
+/// One user's events as every user tower reads them, in training, in offline evaluation and
+/// recall, in channels and in serving: [`UserBatch::set_user`] turns them into the tower's input,
+/// and nothing else does, so a served answer and an offline one see the same window.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UserEvents<'a> {
+    /// Item rows, oldest first, in up to two consecutive parts (say, the training events and a
+    /// held-out one after them). Row 0 is an item the model has no row for (first seen after
+    /// training, or cut from the table); it is left out of the window, as a server leaves out
+    /// an id it does not know.
+    pub items: [&'a [u32]; 2],
+    /// Event times (Unix seconds) parallel to `items`; a part may be empty when times are not
+    /// known, and its window slots then hold 0.
+    pub times: [&'a [i64]; 2],
+    /// Feature value rows in the model's user-feature order (0 = unknown); missing trailing
+    /// values read as 0.
+    pub features: &'a [u32],
+}
+
+impl<'a> UserEvents<'a> {
+    /// Events without times, in one part.
+    pub fn new(items: &'a [u32], features: &'a [u32]) -> Self {
+        UserEvents { items: [items, &[]], times: [&[], &[]], features }
+    }
+
+    fn item(&self, i: usize) -> u32 {
+        let a = self.items[0];
+        if i < a.len() {
+            a[i]
+        } else {
+            self.items[1][i - a.len()]
+        }
+    }
+
+    fn time(&self, i: usize) -> i64 {
+        let n0 = self.items[0].len();
+        let (part, j) = if i < n0 { (self.times[0], i) } else { (self.times[1], i - n0) };
+        part.get(j).copied().unwrap_or(0)
+    }
+
+    /// Where the window of the newest `max_seq_len` known items starts, and how many it holds.
+    pub fn window(&self, max_seq_len: usize) -> (usize, usize) {
+        let total = self.items[0].len() + self.items[1].len();
+        let (mut start, mut n) = (total, 0);
+        while start > 0 && n < max_seq_len {
+            start -= 1;
+            if self.item(start) != 0 {
+                n += 1;
+            }
+        }
+        (start, n)
+    }
+
+    /// The known items of the window, oldest first (row 0 left out), for towers that read no
+    /// batch (item-to-item models).
+    pub fn known_items(&self, max_seq_len: usize) -> impl Iterator<Item = u32> + '_ {
+        let (start, _) = self.window(max_seq_len);
+        let total = self.items[0].len() + self.items[1].len();
+        (start..total).map(|i| self.item(i)).filter(|&r| r != 0)
+    }
+}
+
 /// A batch of users as contiguous buffers: histories padded to `max_seq_len`.
 #[derive(Clone, Debug, Default)]
 pub struct UserBatch {
     pub n: usize,
+    /// Slots per user in `hist` and `hist_ts`.
+    pub max_seq_len: usize,
     /// `[n × max_seq_len]` item rows, newest last; only the first `hist_len[b]` count.
     pub hist: Vec<u32>,
     pub hist_len: Vec<u32>,
@@ -29,6 +92,7 @@ impl UserBatch {
     /// Empties the batch, keeping its buffers, and sizes it for `n` users.
     pub fn reset(&mut self, n: usize, max_seq_len: usize, n_feats: usize) {
         self.n = n;
+        self.max_seq_len = max_seq_len;
         self.hist.clear();
         self.hist.resize(n * max_seq_len, 0);
         self.hist_len.clear();
@@ -41,6 +105,35 @@ impl UserBatch {
         self.age.resize(n, 0.0);
         self.dropout = crate::mlp::Dropout::default();
         self.all_positions = false;
+    }
+
+    /// Writes user `b`'s input from `events`: the window of the newest `max_seq_len` items the
+    /// model knows, oldest first, with their times, and the user's features. Returns the
+    /// window's length. Example age is left to the caller (training sets it; it is 0 at
+    /// evaluation and serving time).
+    pub fn set_user(&mut self, b: usize, events: &UserEvents<'_>) -> usize {
+        let l = self.max_seq_len;
+        let (start, n) = events.window(l);
+        let total = events.items[0].len() + events.items[1].len();
+        let (hist, ts) = (&mut self.hist[b * l..(b + 1) * l], &mut self.hist_ts[b * l..(b + 1) * l]);
+        let mut slot = 0;
+        for i in start..total {
+            let item = events.item(i);
+            if item != 0 {
+                hist[slot] = item;
+                ts[slot] = events.time(i);
+                slot += 1;
+            }
+        }
+        hist[n..].fill(0);
+        ts[n..].fill(0);
+        self.hist_len[b] = n as u32;
+        let nf = self.feats.len().checked_div(self.n).unwrap_or(0);
+        let feats = &mut self.feats[b * nf..(b + 1) * nf];
+        let given = nf.min(events.features.len());
+        feats[..given].copy_from_slice(&events.features[..given]);
+        feats[given..].fill(0);
+        n
     }
 }
 
@@ -261,5 +354,32 @@ pub(crate) mod testing {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_user_window_keeps_the_newest_known_items_across_parts() {
+        let mut b = UserBatch::default();
+        b.reset(2, 3, 2);
+        // Training part then a held-out part; row 0 (unknown) is left out wherever it stands.
+        let events =
+            UserEvents { items: [&[5, 6, 0, 7], &[0, 8]], times: [&[50, 60, 65, 70], &[75, 80]], features: &[9] };
+        assert_eq!(b.set_user(1, &events), 3);
+        assert_eq!(&b.hist[3..6], &[6, 7, 8]);
+        assert_eq!(&b.hist_ts[3..6], &[60, 70, 80]);
+        assert_eq!(&b.feats[2..4], &[9, 0], "missing trailing features read as unknown");
+        assert_eq!(events.known_items(usize::MAX).collect::<Vec<_>>(), vec![5, 6, 7, 8]);
+        // A shorter history pads after the window, and times may be unknown.
+        let short = UserEvents::new(&[0, 4], &[1, 2]);
+        assert_eq!(b.set_user(0, &short), 1);
+        assert_eq!((&b.hist[..3], &b.hist_ts[..3], b.hist_len[0]), (&[4, 0, 0][..], &[0, 0, 0][..], 1));
+        // Reusing a slot clears what the previous user left in it.
+        assert_eq!(b.set_user(1, &UserEvents::new(&[3], &[])), 1);
+        assert_eq!(&b.hist[3..6], &[3, 0, 0]);
+        assert_eq!(&b.hist_ts[3..6], &[0, 0, 0]);
     }
 }

@@ -223,9 +223,7 @@ pub fn write_run(dir: &Path, info: &mut RunInfo, contents: &RunContents<'_>) -> 
         Model::Popularity { .. } => {}
     }
     let text = toml::to_string_pretty(&*info).map_err(|e| RunError::Invalid(e.to_string()))?;
-    let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
-    std::fs::write(&tmp, text).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &manifest).map_err(io(&manifest))
+    needle_core::file::write_atomic(&manifest, text.as_bytes()).map_err(io(&manifest))
 }
 
 /// Reads and checks `dir/model.toml`.

@@ -6,7 +6,7 @@ use needle_model::fm::FmTwoTower;
 use needle_model::mind::MindTwoTower;
 use needle_model::neighbors::ItemNeighbors;
 use needle_model::seq::SeqTwoTower;
-use needle_model::tower::{Tower, UserBatch};
+use needle_model::tower::{Tower, UserBatch, UserEvents};
 
 pub enum Model {
     /// Score = training count; expressed as a 1-d two-tower model (user vector `[1]`, item
@@ -98,10 +98,16 @@ impl Model {
         with_tower!(self, m => one_item_vector(m.as_ref(), row), pop counts => vec![counts.get(row as usize).copied().unwrap_or(0.0)], nb _n => Vec::new())
     }
 
-    /// The `interests × dim` vectors of one user given feature value rows (in the model's user
-    /// feature order; 0 = unknown) and item rows, oldest first; only the newest `max_seq_len` count.
-    pub fn user_vector(&self, features: &[u32], history: &[u32]) -> Vec<f32> {
-        with_tower!(self, m => one_user_vector(m.as_ref(), features, history), pop _c => vec![1.0], nb _n => Vec::new())
+    /// The `interests × dim` vectors of one user from their events, through the one user window
+    /// ([`UserBatch::set_user`]) that training and evaluation use.
+    pub fn user_vector(&self, events: &UserEvents<'_>) -> Vec<f32> {
+        with_tower!(self, m => one_user_vector(m.as_ref(), events), pop _c => vec![1.0], nb _n => Vec::new())
+    }
+
+    /// Newest history items the user tower reads: the model's own length, the one every reader
+    /// of the run uses. Item-to-item and popularity models read the whole history.
+    pub fn max_seq_len(&self) -> Option<usize> {
+        with_tower!(self, m => Some(m.max_seq_len()), pop _c => None, nb _n => None)
     }
 }
 
@@ -111,15 +117,10 @@ fn one_item_vector<T: Tower>(m: &T, row: u32) -> Vec<f32> {
     m.item_out(&acts).to_vec()
 }
 
-fn one_user_vector<T: Tower>(m: &T, features: &[u32], history: &[u32]) -> Vec<f32> {
-    let (l, nf) = (m.max_seq_len(), m.n_user_features());
+fn one_user_vector<T: Tower>(m: &T, events: &UserEvents<'_>) -> Vec<f32> {
     let mut batch = UserBatch::default();
-    batch.reset(1, l, nf);
-    let recent = &history[history.len().saturating_sub(l)..];
-    batch.hist[..recent.len()].copy_from_slice(recent);
-    batch.hist_len[0] = recent.len() as u32;
-    let n = nf.min(features.len());
-    batch.feats[..n].copy_from_slice(&features[..n]);
+    batch.reset(1, m.max_seq_len(), m.n_user_features());
+    batch.set_user(0, events);
     let mut acts = T::UserActs::default();
     m.user_infer(&batch, &mut acts);
     m.user_out(&acts)[..m.interests() * m.out_dim()].to_vec()

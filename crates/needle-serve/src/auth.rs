@@ -68,16 +68,10 @@ impl AdminToken {
         let token = random_hex(32).map_err(|source| AuthError::Write { path: path.to_owned(), source })?;
         let write = || -> std::io::Result<()> {
             use std::io::Write;
-            let tmp = path.with_extension("tmp");
-            let mut opts = std::fs::OpenOptions::new();
-            opts.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-            let mut f = opts.open(&tmp)?;
+            let mut f = needle_core::file::AtomicFile::create_private(path)?;
             f.write_all(token.as_bytes())?;
             f.write_all(b"\n")?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
+            f.commit()
         };
         write().map_err(|source| AuthError::Write { path: path.to_owned(), source })?;
         AdminToken::new(&token)

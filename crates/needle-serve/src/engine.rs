@@ -11,6 +11,7 @@ use needle_data::Dataset;
 use needle_data::Vocab;
 use needle_index::{Allowed, Index, IndexParams};
 use needle_model::neighbors::Scratch;
+use needle_model::tower::UserEvents;
 use needle_run::channels::{mix, ChannelKind, ChannelsConfig, MixScratch};
 use needle_run::{merge_interests, Model, RunInfo, ServingRun, USER_ID_FEATURE};
 use needle_store::{ItemDetails, ItemRecord, LiveChanges, Store, UserProfile, UserRecord};
@@ -126,6 +127,9 @@ impl Engine {
             )));
         }
         let model = run.model;
+        // The run's own length, as training and evaluation read it; the config's copy is what
+        // training started from.
+        let model_max_seq_len = model.max_seq_len().unwrap_or(run.info.config.model.max_seq_len);
         let index_path = index.map(Path::to_owned).unwrap_or_else(|| dir.join(needle_index::RUN_INDEX_FILE));
         let index: Option<Box<dyn Index>> = if let Some(n) = model.neighbors() {
             if index.is_some() {
@@ -183,7 +187,7 @@ impl Engine {
             run_id: format!("{name}:{:08x}", checksum >> 32),
             run_dir: dir,
             kind: format!("{:?}", run.info.kind).to_lowercase(),
-            max_seq_len: run.info.config.model.max_seq_len,
+            max_seq_len: model_max_seq_len,
             index_params,
             model,
             items: run.items,
@@ -561,7 +565,7 @@ impl Engine {
             NEIGHBOR_SCRATCH.with_borrow_mut(|scratch| n.recall(rows, k, &|id| keep.test(id), scratch, &mut items));
             return Ok((items, Source::Model));
         }
-        let uv = self.model.user_vector(&feats, rows);
+        let uv = self.model.user_vector(&UserEvents::new(rows, &feats));
         Ok((self.search(&uv, k, keep)?, Source::Model))
     }
 

@@ -64,16 +64,7 @@ pub fn check_name(name: &str) -> Result<(), VersionError> {
 /// The routing hash of a user id: FNV-1a over the bytes, then a 64-bit finalizer, so that ids
 /// differing only in their last characters (`u1`, `u2`, …) still spread over the whole range.
 pub fn user_hash(id: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in id {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
+    needle_core::hash::fmix64(needle_core::hash::fnv1a64(needle_core::hash::FNV1A64_OFFSET, id))
 }
 
 impl Versions {

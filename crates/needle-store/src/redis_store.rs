@@ -45,10 +45,7 @@ fn item_key(id: &str) -> String {
 }
 
 fn item_bucket(id: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in id.as_bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let h = needle_core::hash::fnv1a64(needle_core::hash::FNV1A64_OFFSET, id.as_bytes());
     (h ^ (h >> 29)) % ITEM_BUCKETS
 }
 

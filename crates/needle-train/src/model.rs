@@ -80,8 +80,9 @@ fn tower_user_vectors<T: Tower>(m: &T, p: &Prepared, users: &[usize], stage: Sta
     out
 }
 
-/// Fills `batch` with the newest `max_seq_len` known items of each user (and their times, with
-/// `times`) and their features; example age is 0, as at serving time.
+/// Fills `batch` with each user's known events for `stage` through the one user window
+/// ([`UserBatch::set_user`]); event times only for a tower that reads them (`times`). Example
+/// age is 0, as at serving time.
 pub fn fill_user_batch(
     l: usize,
     nf: usize,
@@ -93,20 +94,11 @@ pub fn fill_user_batch(
 ) {
     batch.reset(users.len(), l, nf);
     for (b, &u) in users.iter().enumerate() {
-        let known = p.train.get(u).len() + if stage == Stage::Test { p.valid.get(u).len() } else { 0 };
-        let skip = known.saturating_sub(l);
-        let mut n = 0;
-        for (slot, item) in batch.hist[b * l..(b + 1) * l].iter_mut().zip(p.history(u, stage).skip(skip)) {
-            *slot = item;
-            n += 1;
+        let mut events = p.events(u, stage);
+        if !times {
+            events.times = [&[], &[]];
         }
-        batch.hist_len[b] = n as u32;
-        if times {
-            for (slot, ts) in batch.hist_ts[b * l..(b + 1) * l].iter_mut().zip(p.history_ts(u, stage).skip(skip)) {
-                *slot = ts;
-            }
-        }
-        batch.feats[b * nf..(b + 1) * nf].copy_from_slice(&p.user_feats[u * nf..(u + 1) * nf]);
+        batch.set_user(b, &events);
     }
 }
 
@@ -172,10 +164,10 @@ fn neighbor_recall(
         || (Scratch::default(), Vec::new(), Vec::new(), Vec::new()),
         |(scratch, history, seen, out), ((ids, scores), &u)| {
             history.clear();
-            history.extend(p.history(u, stage));
+            history.extend(p.events(u, stage).known_items(usize::MAX));
             seen.clear();
             if !keep_seen {
-                seen.extend_from_slice(history);
+                seen.extend(p.history(u, stage));
                 seen.sort_unstable();
             }
             n.recall(history, k, &|r| seen.binary_search(&r).is_err(), scratch, out);

@@ -8,6 +8,7 @@ use needle_data::{Dataset, Split, Vocab};
 use needle_eval::Lists;
 use needle_model::deep::ItemBags;
 use needle_model::embedding::RowHash;
+use needle_model::tower::UserEvents;
 
 pub use needle_run::USER_ID_FEATURE;
 
@@ -77,6 +78,24 @@ impl Prepared {
     pub fn history(&self, user: usize, stage: Stage) -> impl Iterator<Item = u32> + '_ {
         let extra: &[u32] = if stage == Stage::Test { self.valid.get(user) } else { &[] };
         self.train.get(user).iter().chain(extra).copied()
+    }
+
+    /// The user's known events for `stage` ([`Prepared::history`] with times and features) as
+    /// the user window reads them.
+    pub fn events(&self, user: usize, stage: Stage) -> UserEvents<'_> {
+        let (train, valid) = (&self.train, &self.valid);
+        let train_ts = &self.train_ts[train.offsets[user] as usize..train.offsets[user + 1] as usize];
+        let (extra, extra_ts): (&[u32], &[i64]) = if stage == Stage::Test {
+            (valid.get(user), &self.valid_ts[valid.offsets[user] as usize..valid.offsets[user + 1] as usize])
+        } else {
+            (&[], &[])
+        };
+        let nf = self.user_feature_names.len();
+        UserEvents {
+            items: [train.get(user), extra],
+            times: [train_ts, extra_ts],
+            features: &self.user_feats[user * nf..(user + 1) * nf],
+        }
     }
 
     /// The timestamps of [`Prepared::history`], parallel to it.

@@ -20,7 +20,7 @@ use needle_model::mlp::Dropout;
 use needle_model::neighbors::{ItemNeighbors, NeighborKind, NeighborSpec};
 use needle_model::rng::Rng;
 use needle_model::seq::{SeqSpec, SeqTwoTower};
-use needle_model::tower::{Grads, Tower, UserBatch, ID_DROPPED};
+use needle_model::tower::{Grads, Tower, UserBatch, UserEvents, ID_DROPPED};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -397,19 +397,22 @@ impl<'a> Assembler<'a> {
             let u = smp.user as usize;
             let seq = p.train.get(u);
             let pos = smp.pos as usize;
-            let h = &seq[pos.saturating_sub(l)..pos];
-            s.users.hist[i * l..i * l + h.len()].copy_from_slice(h);
-            if self.times {
-                let at = p.train.offsets[u] as usize + pos - h.len();
-                s.users.hist_ts[i * l..i * l + h.len()].copy_from_slice(&p.train_ts[at..at + h.len()]);
-            }
+            let first = p.train.offsets[u] as usize;
+            let times: &[i64] = if self.times { &p.train_ts[first..first + pos] } else { &[] };
+            let events = UserEvents {
+                items: [&seq[..pos], &[]],
+                times: [times, &[]],
+                features: &p.user_feats[u * nf..(u + 1) * nf],
+            };
+            let n = s.users.set_user(i, &events);
             if all {
-                // Every position of the window predicts the item after it.
-                s.pos_ids.extend_from_slice(&seq[pos + 1 - h.len()..pos]);
+                // Every position of the window predicts the item after it. Training sequences
+                // hold known rows only (`prepare` drops cut-off items), so the window is the
+                // last `n` events before `pos`.
+                debug_assert!(seq[pos - n..pos].iter().all(|&r| r != 0));
+                s.pos_ids.extend_from_slice(&seq[pos + 1 - n..pos]);
             }
-            s.users.hist_len[i] = h.len() as u32;
-            s.users.feats[i * nf..(i + 1) * nf].copy_from_slice(&p.user_feats[u * nf..(u + 1) * nf]);
-            let ts = p.train_ts[p.train.offsets[u] as usize + pos];
+            let ts = p.train_ts[first + pos];
             s.users.age[i] = (p.train_max_ts - ts) as f32 / self.age_span;
             s.pos_ids.push(seq[pos]);
         }

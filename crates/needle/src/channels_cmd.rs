@@ -183,7 +183,8 @@ fn similar(r: &LoadedRun, users: &[usize], stage: Stage, recent: usize, k: usize
     let (mut queries, mut exclude) = (Vec::with_capacity(users.len() * recent * d), Lists::new());
     let mut empty = Vec::new();
     for (row, &u) in users.iter().enumerate() {
-        let hist: Vec<u32> = p.history(u, stage).collect();
+        // Items the model knows, as a server sees the same history (the user window's rule).
+        let hist: Vec<u32> = p.events(u, stage).known_items(usize::MAX).collect();
         if hist.is_empty() {
             empty.push(row);
         }

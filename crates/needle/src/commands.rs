@@ -8,7 +8,7 @@ use needle_train::prepare::prepare;
 use needle_train::run::{append_log, load_run, save_run};
 use needle_train::{trainer, Config, Stage};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
 /// Sizes the global thread pool once; 0 means all cores.
@@ -212,14 +212,9 @@ fn write_metrics(dir: &Path, report: &needle_eval::Report) -> Result<()> {
     write_replacing(&dir.join("hit_curve.json"), &(serde_json::to_string(&report.hit_curve)? + "\n"))
 }
 
-/// Writes `text` to a temporary file beside `path`, then renames it over `path`, so a reader
-/// never sees half a file.
+/// Writes `text` over `path` atomically (`needle_core::file`): a reader never sees half a file.
 pub(crate) fn write_replacing(path: &Path, text: &str) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+    Ok(needle_core::file::write_atomic(path, text.as_bytes())?)
 }
 
 /// Loads a config's data, prepares it for the model and keeps only what a run records of the

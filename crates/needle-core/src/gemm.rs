@@ -105,6 +105,78 @@ pub fn matmul(
     });
 }
 
+/// `c[m×n] = a[m×k] · b[n×k]ᵀ` on the calling thread (callers parallelise over blocks, so the
+/// product itself must not fork).
+pub fn gemm_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "gemm_nt shape mismatch");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the assert bounds every element the strides reach: A is m×k row-major, B is read as
+    // its transpose (row stride 1, column stride k), C is m×n row-major.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// `C = alpha · A·B (+ C when beta = 1)` over strided views, on the calling thread (the
+/// attention kernels run one task per sequence).
+///
+/// # Safety
+/// Every element the strides reach in `a` (`m × k`), `b` (`k × n`) and `c` (`m × n`) must lie
+/// inside its allocation, and `c` must not overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_strided(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    rsb: usize,
+    csb: usize,
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+) {
+    // SAFETY: the caller guarantees every strided view lies inside its buffer.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a,
+            rsa as isize,
+            csa as isize,
+            b,
+            rsb as isize,
+            csb as isize,
+            beta,
+            c,
+            rsc as isize,
+            1,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
