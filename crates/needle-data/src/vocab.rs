@@ -1,7 +1,6 @@
 //! Raw-id vocabularies saved next to trained models, so a model can map the ids a user
 //! types (or a serving system sends) to its embedding rows, independent of the dataset.
 
-use std::io::Write;
 use std::path::Path;
 
 use crate::error::{DataError, Result};
@@ -97,8 +96,7 @@ impl Vocab {
             out.push_str(raw);
             out.push('\n');
         }
-        let mut f = std::fs::File::create(path).map_err(|e| DataError::io(path, e))?;
-        f.write_all(out.as_bytes()).and_then(|()| f.flush()).map_err(|e| DataError::io(path, e))
+        needle_core::file::write_atomic(path, out.as_bytes()).map_err(|e| DataError::io(path, e))
     }
 
     /// Reads a file written by [`Vocab::save`]. Indices must be exactly 1, 2, 3, ... in order

@@ -409,7 +409,14 @@ pub fn eval(
     write_metrics(run, &report)
 }
 
-pub fn recall(run: &Path, data_dir: Option<&Path>, users: &str, k: usize, keep_seen: bool) -> Result<()> {
+pub fn recall(
+    run: &Path,
+    data_dir: Option<&Path>,
+    users: &str,
+    k: usize,
+    keep_seen: bool,
+    show_scores: bool,
+) -> Result<()> {
     if k == 0 {
         bail!("--k must be at least 1");
     }
@@ -432,18 +439,23 @@ pub fn recall(run: &Path, data_dir: Option<&Path>, users: &str, k: usize, keep_s
             .collect::<Result<_>>()?
     };
     // The user's known history is train + validation; the test target is never an input.
-    let (ids, _) = recall_top_k(&r.model, p, &selected, Stage::Test, k, keep_seen);
+    let (ids, scores) = recall_top_k(&r.model, p, &selected, Stage::Test, k, keep_seen);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     for (row, &u) in selected.iter().enumerate() {
         write!(out, "{}\t", p.user_raw[u])?;
         let mut first = true;
-        for &it in ids[row * k..(row + 1) * k].iter().take_while(|&&i| i != u32::MAX) {
+        let span = row * k..(row + 1) * k;
+        for (&it, &s) in ids[span.clone()].iter().zip(&scores[span]).take_while(|(&i, _)| i != u32::MAX) {
             if !first {
                 out.write_all(b",")?;
             }
             first = false;
             out.write_all(p.items.raw(it).unwrap_or("?").as_bytes())?;
+            if show_scores {
+                // Rust's shortest round-trip form: the exact f32 the ranking used.
+                write!(out, ":{s}")?;
+            }
         }
         out.write_all(b"\n")?;
     }

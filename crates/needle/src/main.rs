@@ -133,6 +133,9 @@ enum Cmd {
         /// Keep the user's known items in the ranking.
         #[arg(long)]
         keep_seen: bool,
+        /// Print each item's score after it (`item:score`), as `/v1/recall` returns it.
+        #[arg(long)]
+        scores: bool,
     },
     /// Print a markdown table of several evaluated runs (quality at K = 10/50/100, time, memory);
     /// with --chart also draw their HR@K curves into a PNG.
@@ -480,9 +483,9 @@ fn run(cli: Cli) -> Result<()> {
             commands::init_threads(cli.threads.unwrap_or(0))?;
             index_cmd::eval(&run, data_dir.as_deref(), &k, effort)
         }
-        Cmd::Recall { run, data_dir, users, k, keep_seen } => {
+        Cmd::Recall { run, data_dir, users, k, keep_seen, scores } => {
             commands::init_threads(cli.threads.unwrap_or(0))?;
-            commands::recall(&run, data_dir.as_deref(), &users, k, keep_seen)
+            commands::recall(&run, data_dir.as_deref(), &users, k, keep_seen, scores)
         }
         Cmd::Report { runs, chart } => {
             let tables = report::render(&runs)?;
