@@ -187,6 +187,9 @@ const EVAL_CHUNK: usize = 2048;
 /// Above this many items, evaluation scores a sample of users unless told otherwise: one user
 /// then costs a pass over the whole corpus, and 10,000 users give HR@10 to about ±0.01.
 pub const SAMPLE_ABOVE_ITEMS: usize = 100_000;
+/// The seed of the test-user sample unless told otherwise: the same for every run of a
+/// dataset, whatever its training seed, so that runs compare on the same users.
+pub const DEFAULT_EVAL_SEED: u64 = 42;
 /// Users scored by default on catalogues above [`SAMPLE_ABOVE_ITEMS`].
 pub const DEFAULT_EVAL_USERS: usize = 10_000;
 

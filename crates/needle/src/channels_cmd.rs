@@ -50,7 +50,7 @@ pub fn eval_channels(
     }
     let base = &runs[0];
     let p = &base.prepared;
-    let users = crate::commands::eval_users_of(p, eval_users, base.info.config.train.seed);
+    let users = crate::commands::eval_users_of(p, eval_users);
     let targets = p.targets(stage);
     let users: Vec<usize> = users.into_iter().filter(|&u| !targets.get(u).is_empty()).collect();
     let mut t = Lists::new();
@@ -135,8 +135,10 @@ pub fn eval_channels(
     );
     print!("{}", channel_table(&reports, ks));
     if let Some(out) = metrics {
-        let rows: Vec<serde_json::Value> =
-            reports.iter().map(|(name, r)| serde_json::json!({"channel": name, "metrics": r.to_json()})).collect();
+        let rows: Vec<serde_json::Value> = reports
+            .iter()
+            .map(|(name, r)| serde_json::json!({"channel": name, "metrics": crate::commands::metrics_json(r)}))
+            .collect();
         let doc = serde_json::json!({
             "channels": path.display().to_string(),
             "stage": stage_name,

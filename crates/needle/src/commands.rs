@@ -197,18 +197,38 @@ pub fn load_data_shown(
     Ok((ds, split))
 }
 
+static EVAL_SEED: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(needle_train::model::DEFAULT_EVAL_SEED);
+
+/// Sets the seed of the test-user sample (`--eval-seed`) for this process.
+pub fn set_eval_seed(seed: u64) {
+    EVAL_SEED.store(seed, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The seed of the test-user sample (`--eval-seed`).
+pub(crate) fn eval_seed() -> u64 {
+    EVAL_SEED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The test users to score, saying so when it is a sample.
-pub(crate) fn eval_users_of(p: &needle_train::Prepared, n: Option<usize>, seed: u64) -> Vec<usize> {
+pub(crate) fn eval_users_of(p: &needle_train::Prepared, n: Option<usize>) -> Vec<usize> {
     let all = p.test.items.len();
-    let users = needle_train::model::eval_users(p, Stage::Test, n, seed);
+    let users = needle_train::model::eval_users(p, Stage::Test, n, eval_seed());
     if users.len() < all {
         eprintln!("evaluating a seeded sample of {} of the {all} test users (--eval-users)", users.len());
     }
     users
 }
 
+/// A report as metrics JSON, with the seed of the user sample it was scored on.
+pub(crate) fn metrics_json(report: &needle_eval::Report) -> serde_json::Value {
+    let mut v = report.to_json();
+    v["eval_seed"] = eval_seed().into();
+    v
+}
+
 fn write_metrics(dir: &Path, report: &needle_eval::Report) -> Result<()> {
-    write_replacing(&dir.join("metrics.json"), &(serde_json::to_string_pretty(&report.to_json())? + "\n"))?;
+    write_replacing(&dir.join("metrics.json"), &(serde_json::to_string_pretty(&metrics_json(report))? + "\n"))?;
     write_replacing(&dir.join("hit_curve.json"), &(serde_json::to_string(&report.hit_curve)? + "\n"))
 }
 
@@ -355,19 +375,13 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
         info.training.peak_rss_mb.map_or("n/a".into(), |m| format!("{m:.0} MB")),
         out.display()
     );
-    test_once(out, &trained.model, &p, cfg.train.seed, quiet)
+    test_once(out, &trained.model, &p, quiet)
 }
 
 /// Evaluates a just-trained model on the test targets (over the default user sample), prints
 /// the table and writes `metrics.json`.
-pub fn test_once(
-    out: &Path,
-    model: &needle_train::Model,
-    p: &needle_train::Prepared,
-    seed: u64,
-    quiet: bool,
-) -> Result<()> {
-    let users = eval_users_of(p, None, seed);
+pub fn test_once(out: &Path, model: &needle_train::Model, p: &needle_train::Prepared, quiet: bool) -> Result<()> {
+    let users = eval_users_of(p, None);
     let bar = trainer::users_bar("test", !quiet);
     let report =
         evaluate(model, p, Stage::Test, &[10, 50, 100], false, Some(&users), &mut trainer::users_progress(&bar));
@@ -391,10 +405,13 @@ pub fn eval(
     if ann {
         let report = crate::index_cmd::eval_ann(&r, ks, keep_seen, eval_users)?;
         crate::index_cmd::print_report(&format!("{} through its ANN index, test, full corpus", run.display()), &report);
-        write_replacing(&run.join("metrics_ann.json"), &(serde_json::to_string_pretty(&report.to_json())? + "\n"))?;
+        write_replacing(
+            &run.join("metrics_ann.json"),
+            &(serde_json::to_string_pretty(&metrics_json(&report))? + "\n"),
+        )?;
         return Ok(());
     }
-    let users = eval_users_of(&r.prepared, eval_users, r.info.config.train.seed);
+    let users = eval_users_of(&r.prepared, eval_users);
     let bar = trainer::users_bar("test", true);
     let report =
         evaluate(&r.model, &r.prepared, Stage::Test, ks, keep_seen, Some(&users), &mut trainer::users_progress(&bar));

@@ -283,7 +283,7 @@ fn test_users(p: &Prepared) -> Vec<usize> {
 
 /// The users `needle eval --ann` scores: the same sample as the exact evaluation.
 fn sampled_test_users(r: &LoadedRun, n: Option<usize>) -> Vec<usize> {
-    needle_train::model::eval_users(&r.prepared, Stage::Test, n, r.info.config.train.seed)
+    needle_train::model::eval_users(&r.prepared, Stage::Test, n, crate::commands::eval_seed())
 }
 
 pub fn eval(run: &Path, data_dir: Option<&Path>, ks: &[usize], effort: Option<usize>) -> Result<()> {

@@ -22,6 +22,11 @@ struct Cli {
     /// Worker threads (default: the config's `train.threads`, else all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Seed of the user sample that test evaluation scores on large catalogues (`--eval-users`,
+    /// or 10,000 users above 100,000 items): fixed, so runs of one dataset are scored on the
+    /// same users whatever their training seed. Recorded in metrics.json.
+    #[arg(long, global = true, default_value_t = needle_train::model::DEFAULT_EVAL_SEED)]
+    eval_seed: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -395,6 +400,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    commands::set_eval_seed(cli.eval_seed);
     match cli.cmd {
         Cmd::Train { config, data_dir, out, download, force, skip_bad_rows, quiet } => commands::train(
             &config,

@@ -190,7 +190,7 @@ pub fn tune(a: TuneArgs<'_>) -> Result<()> {
         best_path.display()
     );
     save_run(a.out, &outcome.best_config, &ds, &p, &outcome.trained, threads)?;
-    test_once(a.out, &outcome.trained.model, &p, outcome.best_config.train.seed, a.quiet)
+    test_once(a.out, &outcome.trained.model, &p, a.quiet)
 }
 
 /// `tune.md`: the leaderboard, best first.

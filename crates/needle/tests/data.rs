@@ -124,6 +124,12 @@ fn synthetic_log_is_learnable_and_configs_resolve_from_their_folder() {
     let first = metric(&dir.join("runs/yt"), "ndcg@10");
     ok(&needle(&["eval", "--run", "runs/yt", "--eval-users", "500"], dir));
     assert_eq!(metric(&dir.join("runs/yt"), "ndcg@10"), first);
+    assert_eq!(metric(&dir.join("runs/yt"), "eval_seed"), 42.0, "the default sample seed is recorded");
+    // The sample has its own seed: another one scores other users (so another figure), and it
+    // is recorded with the metrics.
+    ok(&needle(&["--eval-seed", "7", "eval", "--run", "runs/yt", "--eval-users", "500"], dir));
+    assert_eq!(metric(&dir.join("runs/yt"), "eval_seed"), 7.0);
+    assert_ne!(metric(&dir.join("runs/yt"), "ndcg@10"), first, "seed 7 draws another sample");
     let info = ok(&needle(&["data", "info", "data/synth/schema.ndb"], dir));
     assert!(info.contains("events       60000") && info.contains("checksums    ok"), "{info}");
     // Parquet and CSV give the same events, ids and fingerprint.
