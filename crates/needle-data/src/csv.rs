@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{Dataset, Event, FeatureBuilder, LoadOptions, Parts};
+use crate::dataset::{Event, FeatureBuilder, LoadOptions, Parts};
 use crate::error::{DataError, Result};
 use crate::text::{parse_f32, parse_i64, read_file, show, LineReader, RowSink};
 
@@ -302,39 +302,30 @@ fn apply_features(specs: &mut [FeatureSpec], entity: usize, fields: &Fields<'_>)
     }
 }
 
-/// Loads the interaction log described by the schema at `schema_path`.
+/// Reads a text (CSV/TSV) interaction log described by `schema` into parts: the events and the
+/// features its rows carry. The file is read through a fixed buffer, so memory grows with the
+/// ids and events kept, not the file; `progress` gets `(bytes read, file length)`.
 ///
 /// Every row must have the header's field count (or, without a header, the first row's).
 /// Empty user/item ids, non-integer timestamps, non-numeric ratings and invalid UTF-8 make a
 /// row bad (error, or skipped with `skip_bad_rows`).
-pub fn load_csv(schema_path: &Path, opts: &LoadOptions) -> Result<Dataset> {
-    load_csv_with(schema_path, opts, &mut |_, _| {})
-}
-
-/// [`load_csv`] that reports `(bytes read, file length)` as it streams the log; the file is
-/// read through a fixed buffer, so memory grows with the ids and events kept, not the file.
-pub fn load_csv_with(schema_path: &Path, opts: &LoadOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<Dataset> {
-    let schema = Schema::from_path(schema_path)?;
-    let base = schema_path.parent().unwrap_or(Path::new(""));
-    let data_path = base.join(&schema.interactions.path);
-    let name = schema.name.clone().unwrap_or_else(|| {
-        schema_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "csv".to_owned())
-    });
+pub(crate) fn read_log(
+    schema: &Schema,
+    schema_path: &Path,
+    data_path: &Path,
+    opts: &LoadOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Parts> {
     let ix = &schema.interactions;
-    if FileFormat::of(ix.format, &data_path) == FileFormat::Parquet {
-        let mut parts = crate::parquet_log::read_log(&schema, schema_path, &data_path, opts, progress)?;
-        load_tables(&schema, schema_path, opts, &mut parts)?;
-        return Ok(parts.finish(&name));
-    }
     let delim = ix.delimiter.as_str();
-    let mut reader = LineReader::open(&data_path)?;
-    let Head { header, first_row, n_fields } = read_head(&mut reader, ix.header, delim, schema_path, &data_path)?;
+    let mut reader = LineReader::open(data_path)?;
+    let Head { header, first_row, n_fields } = read_head(&mut reader, ix.header, delim, schema_path, data_path)?;
     let h = header.as_deref();
-    let col = |c: &Column| resolve(c, h, n_fields, schema_path, &data_path);
+    let col = |c: &Column| resolve(c, h, n_fields, schema_path, data_path);
     let (uc, ic, tc) = (col(&ix.user)?, col(&ix.item)?, col(&ix.timestamp)?);
     let rc = ix.rating.as_ref().map(col).transpose()?;
-    let ufeats = feature_specs(&schema.user_features, h, n_fields, schema_path, &data_path)?;
-    let ifeats = feature_specs(&schema.item_features, h, n_fields, schema_path, &data_path)?;
+    let ufeats = feature_specs(&schema.user_features, h, n_fields, schema_path, data_path)?;
+    let ifeats = feature_specs(&schema.item_features, h, n_fields, schema_path, data_path)?;
     let mut rows = RowParser {
         n_fields,
         cols: (uc, ic, tc, rc),
@@ -342,7 +333,7 @@ pub fn load_csv_with(schema_path: &Path, opts: &LoadOptions, progress: &mut dyn 
         ufeats,
         ifeats,
         parts: Parts { fingerprint: Some(crate::dataset::FNV1A64_OFFSET), ..Parts::new() },
-        sink: RowSink::new(&data_path, opts.skip_bad_rows),
+        sink: RowSink::new(data_path, opts.skip_bad_rows),
         spans: Vec::new(),
         delim,
         shown_delim: delim.escape_debug().to_string(),
@@ -362,23 +353,10 @@ pub fn load_csv_with(schema_path: &Path, opts: &LoadOptions, progress: &mut dyn 
     rows.events.flush(&mut rows.parts)?;
     progress(reader.consumed(), reader.len);
     let RowParser { mut parts, sink, ufeats, ifeats, .. } = rows;
-    sink.finish(&mut parts.report);
+    sink.finish(&mut parts.report.skipped);
     parts.user_features = ufeats.into_iter().map(|s| s.builder).collect();
     parts.item_features = ifeats.into_iter().map(|s| s.builder).collect();
-    load_tables(&schema, schema_path, opts, &mut parts)?;
-    Ok(parts.finish(&name))
-}
-
-fn load_tables(schema: &Schema, schema_path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Result<()> {
-    for (table, side) in [(&schema.items, Side::Items), (&schema.users, Side::Users)] {
-        let Some(t) = table else { continue };
-        let path = schema_path.parent().unwrap_or(Path::new("")).join(&t.path);
-        match FileFormat::of(t.format, &path) {
-            FileFormat::Csv => load_table(t, side, schema_path, opts, parts)?,
-            FileFormat::Parquet => crate::parquet_log::read_table(t, side, schema_path, &path, opts, parts)?,
-        }
-    }
-    Ok(())
+    Ok(parts)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -398,7 +376,7 @@ impl Side {
 
     /// Records a table's skipped rows and hands its features to the dataset.
     pub(crate) fn finish(self, parts: &mut Parts, sink: RowSink, specs: Vec<FeatureSpec>) {
-        sink.finish(&mut parts.report);
+        sink.finish(&mut parts.report.skipped);
         let builders = specs.into_iter().map(|s| s.builder);
         match self {
             Side::Items => parts.item_features.extend(builders),
@@ -407,9 +385,15 @@ impl Side {
     }
 }
 
-/// Reads a catalogue or user table into `parts`: ids not in the log get new keys after the
+/// Reads a text catalogue or user table into `parts`: ids not in the log get new keys after the
 /// log's, features and titles go to the entity (first row wins).
-fn load_table(t: &EntityTable, side: Side, schema_path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Result<()> {
+pub(crate) fn read_table(
+    t: &EntityTable,
+    side: Side,
+    schema_path: &Path,
+    opts: &LoadOptions,
+    parts: &mut Parts,
+) -> Result<()> {
     let path = schema_path.parent().unwrap_or(Path::new("")).join(&t.path);
     let delim = t.delimiter.as_str();
     let mut reader = LineReader::open(&path)?;

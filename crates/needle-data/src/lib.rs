@@ -8,6 +8,7 @@ pub mod csv;
 pub mod dataset;
 pub mod download;
 pub mod error;
+pub mod log;
 pub mod movielens;
 pub mod packed;
 mod parquet_log;
@@ -17,12 +18,11 @@ pub mod synth;
 mod text;
 pub mod vocab;
 
-pub use crate::csv::{
-    load_csv, load_csv_with, Column, EntityTable, FeatureColumn, FileFormat, InteractionsSchema, Schema,
-};
+pub use crate::csv::{Column, EntityTable, FeatureColumn, FileFormat, InteractionsSchema, Schema};
 pub use crate::dataset::{fnv1a64, Dataset, Event, Feature, LoadOptions, LoadReport, FNV1A64_OFFSET};
 pub use crate::download::{download, extract_zip, verify_md5};
 pub use crate::error::{DataError, Result};
+pub use crate::log::{load_csv, load_csv_with};
 pub use crate::movielens::{load_ml100k, load_ml1m};
 pub use crate::packed::{Packed, PackedInfo};
 pub use crate::source::{load, load_cached, resolve_data_dir, source_id, Cached, DatasetName, DatasetSource};

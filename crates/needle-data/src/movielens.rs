@@ -116,7 +116,7 @@ fn load_ratings(path: &Path, delim: &[u8], opts: &LoadOptions, parts: &mut Parts
         parts.events.push(Event { user, item, ts });
         parts.ratings.push(rating);
     }
-    sink.finish(&mut parts.report);
+    sink.finish(&mut parts.report.skipped);
     Ok(())
 }
 
@@ -187,7 +187,7 @@ fn load_users(path: &Path, layout: &UserLayout, opts: &LoadOptions, parts: &mut 
             f.set(u, [v]);
         }
     }
-    sink.finish(&mut parts.report);
+    sink.finish(&mut parts.report.skipped);
     parts.user_features = feats;
     Ok(())
 }
@@ -217,7 +217,7 @@ fn load_ml1m_movies(path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Resul
         year.set(item as usize, year_from_title(&title));
         set_title(&mut parts.item_titles, item, title);
     }
-    sink.finish(&mut parts.report);
+    sink.finish(&mut parts.report.skipped);
     parts.item_features = vec![genres, year];
     Ok(())
 }
@@ -279,7 +279,7 @@ fn load_ml100k_genres(path: &Path, opts: &LoadOptions, parts: &mut Parts) -> Res
             slot.get_or_insert(name);
         }
     }
-    sink.finish(&mut parts.report);
+    sink.finish(&mut parts.report.skipped);
     Ok(by_index.into_iter().enumerate().map(|(i, n)| n.unwrap_or_else(|| format!("genre{i}"))).collect())
 }
 
@@ -327,7 +327,7 @@ fn load_ml100k_items(path: &Path, genre_names: &[String], opts: &LoadOptions, pa
         year.set(item as usize, year_from_title(&title).or_else(|| year_from_date(&date)));
         set_title(&mut parts.item_titles, item, title);
     }
-    sink.finish(&mut parts.report);
+    sink.finish(&mut parts.report.skipped);
     parts.item_features = vec![genres, year];
     Ok(())
 }

@@ -389,7 +389,7 @@ pub(crate) fn read_log(
         Ok(())
     })?;
     events.flush(&mut parts)?;
-    sink.finish(&mut parts.report);
+    sink.finish(&mut parts.report.skipped);
     parts.user_features = ufeats.into_iter().map(|s| s.builder).collect();
     parts.item_features = ifeats.into_iter().map(|s| s.builder).collect();
     Ok(parts)
@@ -454,73 +454,4 @@ pub(crate) fn read_table(
     })?;
     side.finish(parts, sink, specs);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use arrow_array::{Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
-    use arrow_schema::{Field, Schema as ArrowSchema};
-
-    fn write(path: &Path, columns: Vec<(&str, ArrayRef)>) {
-        let fields: Vec<Field> = columns.iter().map(|(n, a)| Field::new(*n, a.data_type().clone(), true)).collect();
-        let schema = Arc::new(ArrowSchema::new(fields));
-        let batch = RecordBatch::try_new(schema.clone(), columns.into_iter().map(|c| c.1).collect()).unwrap();
-        let mut w = parquet::arrow::ArrowWriter::try_new(File::create(path).unwrap(), schema, None).unwrap();
-        w.write(&batch).unwrap();
-        w.close().unwrap();
-    }
-
-    const SCHEMA: &str = r#"
-[interactions]
-path = "log.parquet"
-user = "user"
-item = "item"
-timestamp = "ts"
-rating = "rating"
-[[user_features]]
-column = "country"
-"#;
-
-    #[test]
-    fn types_nulls_and_timestamps() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path();
-        write(
-            &p.join("log.parquet"),
-            vec![
-                ("user", Arc::new(StringArray::from(vec![Some("u1"), Some("u2"), None, Some("u1")])) as ArrayRef),
-                ("item", Arc::new(Int64Array::from(vec![10, 20, 30, 20])) as ArrayRef),
-                ("ts", Arc::new(TimestampMillisecondArray::from(vec![5_000, 6_999, 7_000, 8_000])) as ArrayRef),
-                ("rating", Arc::new(Float64Array::from(vec![Some(4.5), None, Some(1.0), Some(2.0)])) as ArrayRef),
-                ("country", Arc::new(StringArray::from(vec!["de", "fr", "it", "es"])) as ArrayRef),
-            ],
-        );
-        std::fs::write(p.join("s.toml"), SCHEMA).unwrap();
-        let strict = crate::dataset::LoadOptions { skip_bad_rows: false };
-        let err = crate::csv::load_csv(&p.join("s.toml"), &strict).unwrap_err().to_string();
-        assert!(err.contains("log.parquet: column \"user\", row group 0, row 2: null id"), "{err}");
-        let lenient = crate::dataset::LoadOptions { skip_bad_rows: true };
-        let ds = crate::csv::load_csv(&p.join("s.toml"), &lenient).unwrap();
-        assert_eq!(ds.user_ids, vec!["u1", "u2"]);
-        assert_eq!(ds.item_ids, vec!["10", "20"]);
-        assert_eq!(ds.events.iter().map(|e| e.ts).collect::<Vec<_>>(), vec![5, 6, 8]);
-        assert_eq!((ds.rating(0), ds.rating(1)), (Some(4.5), None));
-        assert_eq!(ds.report.skipped_total(), 1);
-        assert_eq!(ds.user_feature("country").unwrap().values_of(0).collect::<Vec<_>>(), vec!["de"]);
-
-        // A float column can never hold ids.
-        write(
-            &p.join("log.parquet"),
-            vec![
-                ("user", Arc::new(Float64Array::from(vec![1.5])) as ArrayRef),
-                ("item", Arc::new(Int64Array::from(vec![10])) as ArrayRef),
-                ("ts", Arc::new(Int64Array::from(vec![1])) as ArrayRef),
-                ("rating", Arc::new(Float64Array::from(vec![1.0])) as ArrayRef),
-                ("country", Arc::new(StringArray::from(vec!["de"])) as ArrayRef),
-            ],
-        );
-        let err = crate::csv::load_csv(&p.join("s.toml"), &lenient).unwrap_err().to_string();
-        assert!(err.contains("column \"user\"") && err.contains("Float64"), "{err}");
-    }
 }

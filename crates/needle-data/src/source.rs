@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::csv::load_csv_with;
 use crate::dataset::{Dataset, LoadOptions};
 use crate::error::Result;
+use crate::log::load_csv_with;
 use crate::movielens::{load_ml100k, load_ml1m, missing};
 
 /// Built-in datasets. Serialized as "ml-1m" / "ml-100k" so configs read naturally

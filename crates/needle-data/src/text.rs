@@ -297,11 +297,11 @@ impl RowSink {
         }
     }
 
-    /// Records the skip count in the report; files without skips are left out so the
-    /// report stays short.
-    pub(crate) fn finish(self, report: &mut crate::dataset::LoadReport) {
+    /// Records the skip count in a load report's `(file, skipped rows)` list; files without
+    /// skips are left out so the report stays short.
+    pub(crate) fn finish(self, skipped: &mut Vec<(std::path::PathBuf, usize)>) {
         if self.skipped > 0 {
-            report.skipped.push((self.path, self.skipped));
+            skipped.push((self.path, self.skipped));
         }
     }
 }

@@ -97,22 +97,8 @@ impl DeepSpec {
     }
 }
 
-/// Item → values of one pooled item feature, as CSR over item rows.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ItemBags {
-    pub offsets: Vec<u32>,
-    pub keys: Vec<u32>,
-}
-
-impl ItemBags {
-    pub fn of(&self, item: u32) -> &[u32] {
-        let i = item as usize;
-        match (self.offsets.get(i), self.offsets.get(i + 1)) {
-            (Some(&a), Some(&b)) if a <= b && (b as usize) <= self.keys.len() => &self.keys[a as usize..b as usize],
-            _ => &[],
-        }
-    }
-}
+/// Item → feature-value bags are shared by every tower that reads item features.
+pub use crate::tower::ItemBags;
 
 #[derive(Clone, Debug)]
 pub struct DeepTwoTower {
@@ -620,7 +606,7 @@ mod tests {
             let (mut model, mut batch, items) = tiny(history, hidden, 5);
             let mut plain = UserActs::default();
             model.user_forward(&batch, &mut plain);
-            batch.dropout = crate::mlp::Dropout { input: 0.3, hidden: 0.4, seed: 99 };
+            batch.dropout = crate::tower::Dropout { input: 0.3, hidden: 0.4, seed: 99 };
             let mut dropped = UserActs::default();
             model.user_forward(&batch, &mut dropped);
             assert!(model.user_out(&plain) != model.user_out(&dropped));

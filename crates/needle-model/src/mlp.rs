@@ -2,6 +2,7 @@
 
 use crate::layers::{linear_backward, linear_forward, relu_backward, relu_forward};
 use crate::rng::Rng;
+use crate::tower::{Dropout, NamedTensor};
 use rayon::prelude::*;
 
 /// One fully connected layer, `w` stored `[in × out]`.
@@ -16,17 +17,6 @@ pub struct Dense {
 #[derive(Clone, Debug)]
 pub struct Mlp {
     pub layers: Vec<Dense>,
-}
-
-/// Dropout rates of one forward pass (0 = off) and the seed its masks derive from; the default
-/// is off, as at evaluation and serving time.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Dropout {
-    /// Share of the input features zeroed.
-    pub input: f32,
-    /// Share of every hidden layer's units zeroed (after the ReLU).
-    pub hidden: f32,
-    pub seed: u64,
 }
 
 /// Activations kept for the backward pass.
@@ -96,7 +86,7 @@ impl Mlp {
         self.layers.iter_mut().flat_map(|l| [&mut l.w, &mut l.b])
     }
 
-    pub fn tensors<'a>(&'a self, prefix: &str) -> Vec<crate::tower::NamedTensor<'a>> {
+    pub fn tensors<'a>(&'a self, prefix: &str) -> Vec<NamedTensor<'a>> {
         let mut t = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
             t.push((format!("{prefix}.{i}.weight"), vec![l.inp, l.out], &l.w[..]));

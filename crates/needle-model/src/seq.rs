@@ -613,7 +613,7 @@ fn grad_pair(grads: &mut [Vec<f32>], i: usize) -> (&mut [f32], &mut [f32]) {
 }
 
 /// The dropout mask of a block's branch output (`layer` numbers it), empty when dropout is off.
-fn hidden_mask(mask: &mut Vec<f32>, len: usize, drop: crate::mlp::Dropout, layer: u64) {
+fn hidden_mask(mask: &mut Vec<f32>, len: usize, drop: crate::tower::Dropout, layer: u64) {
     if drop.hidden > 0.0 {
         fill_mask(mask, len, drop.hidden, drop.seed, layer);
     } else {
@@ -1111,7 +1111,7 @@ mod tests {
         let (mut model, mut batch) = tiny(2, 2, 6);
         batch.all_positions = true;
         crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 3e-3, 2e-2);
-        batch.dropout = crate::mlp::Dropout { input: 0.2, hidden: 0.3, seed: 11 };
+        batch.dropout = crate::tower::Dropout { input: 0.2, hidden: 0.3, seed: 11 };
         crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 3e-3, 2e-2);
     }
 
@@ -1124,7 +1124,7 @@ mod tests {
         let (mut model, mut batch) = tiny_of(BlockKind::Hstu, 2, 2, 6);
         batch.all_positions = true;
         crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 3e-3, 2e-2);
-        batch.dropout = crate::mlp::Dropout { input: 0.2, hidden: 0.3, seed: 11 };
+        batch.dropout = crate::tower::Dropout { input: 0.2, hidden: 0.3, seed: 11 };
         crate::tower::testing::check_gradients(&mut model, &batch, &[2, 5, 1, 6], 3e-3, 2e-2);
     }
 

@@ -65,6 +65,17 @@ impl<'a> UserEvents<'a> {
     }
 }
 
+/// Dropout rates of one forward pass (0 = off) and the seed its masks derive from; the default
+/// is off, as at evaluation and serving time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Dropout {
+    /// Share of the input features zeroed.
+    pub input: f32,
+    /// Share of every hidden layer's units zeroed (after the ReLU).
+    pub hidden: f32,
+    pub seed: u64,
+}
+
 /// A batch of users as contiguous buffers: histories padded to `max_seq_len`.
 #[derive(Clone, Debug, Default)]
 pub struct UserBatch {
@@ -82,7 +93,7 @@ pub struct UserBatch {
     /// Example age in [0, 1]; 0 at serving time.
     pub age: Vec<f32>,
     /// Dropout in the user tower's MLP: set by training, off after [`UserBatch::reset`].
-    pub dropout: crate::mlp::Dropout,
+    pub dropout: Dropout,
     /// Sequential towers: one output per history position (the prediction of the item after
     /// it) instead of one per user. Set by training; off after [`UserBatch::reset`].
     pub all_positions: bool,
@@ -103,7 +114,7 @@ impl UserBatch {
         self.feats.resize(n * n_feats, 0);
         self.age.clear();
         self.age.resize(n, 0.0);
-        self.dropout = crate::mlp::Dropout::default();
+        self.dropout = Dropout::default();
         self.all_positions = false;
     }
 
@@ -134,6 +145,23 @@ impl UserBatch {
         feats[..given].copy_from_slice(&events.features[..given]);
         feats[given..].fill(0);
         n
+    }
+}
+
+/// Item → values of one pooled item feature, as CSR over item rows.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ItemBags {
+    pub offsets: Vec<u32>,
+    pub keys: Vec<u32>,
+}
+
+impl ItemBags {
+    pub fn of(&self, item: u32) -> &[u32] {
+        let i = item as usize;
+        match (self.offsets.get(i), self.offsets.get(i + 1)) {
+            (Some(&a), Some(&b)) if a <= b && (b as usize) <= self.keys.len() => &self.keys[a as usize..b as usize],
+            _ => &[],
+        }
     }
 }
 
@@ -280,7 +308,7 @@ pub(crate) mod testing {
     /// [`Tower::item_vector_of`] given each item's own id row and feature bags gives the vector
     /// `item_forward` gives for that row, and without the id row the vector of the row with
     /// [`ID_DROPPED`].
-    pub fn check_item_vector_of<T: Tower>(m: &T, bags: &[crate::deep::ItemBags]) {
+    pub fn check_item_vector_of<T: Tower>(m: &T, bags: &[ItemBags]) {
         let forward = |id: u32| {
             let mut acts = T::ItemActs::default();
             m.item_forward(&[id], &mut acts);

@@ -16,10 +16,10 @@ use needle_model::layers::{
     SoftmaxScratch,
 };
 use needle_model::mind::{MindSpec, MindTwoTower};
-use needle_model::mlp::Dropout;
 use needle_model::neighbors::{ItemNeighbors, NeighborKind, NeighborSpec};
 use needle_model::rng::Rng;
 use needle_model::seq::{SeqSpec, SeqTwoTower};
+use needle_model::tower::Dropout;
 use needle_model::tower::{Grads, Tower, UserBatch, UserEvents, ID_DROPPED};
 use serde::Serialize;
 use std::time::Instant;

@@ -50,7 +50,7 @@ pub fn eval_channels(
     }
     let base = &runs[0];
     let p = &base.prepared;
-    let users = crate::commands::eval_users_of(p, eval_users);
+    let users = crate::metrics::eval_users_of(p, eval_users);
     let targets = p.targets(stage);
     let users: Vec<usize> = users.into_iter().filter(|&u| !targets.get(u).is_empty()).collect();
     let mut t = Lists::new();
@@ -59,7 +59,7 @@ pub fn eval_channels(
     }
     let n_items = p.items.len() - 1;
 
-    let bar = crate::commands::count_bar(cfg.channels.len() as u64, "channels");
+    let bar = crate::progress::count_bar(cfg.channels.len() as u64, "channels");
     let mut ranked: Vec<Ranked> = Vec::with_capacity(cfg.channels.len());
     for c in &cfg.channels {
         bar.set_message(c.name.clone());
@@ -137,14 +137,14 @@ pub fn eval_channels(
     if let Some(out) = metrics {
         let rows: Vec<serde_json::Value> = reports
             .iter()
-            .map(|(name, r)| serde_json::json!({"channel": name, "metrics": crate::commands::metrics_json(r)}))
+            .map(|(name, r)| serde_json::json!({"channel": name, "metrics": crate::metrics::metrics_json(r)}))
             .collect();
         let doc = serde_json::json!({
             "channels": path.display().to_string(),
             "stage": stage_name,
             "rows": rows,
         });
-        crate::commands::write_replacing(out, &(serde_json::to_string_pretty(&doc)? + "\n"))?;
+        crate::metrics::write_replacing(out, &(serde_json::to_string_pretty(&doc)? + "\n"))?;
     }
     Ok(())
 }

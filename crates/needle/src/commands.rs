@@ -1,5 +1,7 @@
 //! The subcommands: thin glue over the library crates, with errors phrased for people.
 
+use crate::metrics::{eval_users_of, metrics_json, write_metrics, write_replacing};
+use crate::progress::bytes_bar;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use needle_data::DatasetName;
@@ -38,140 +40,6 @@ pub fn read_config_str(text: &str, origin: &str) -> Result<Config> {
     Ok(cfg)
 }
 
-/// A progress bar over bytes with rate and ETA, for parsing and ingesting logs.
-pub fn bytes_bar(quiet: bool, msg: &str) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    for_logs(
-        ProgressBar::new(0)
-            .with_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            )
-            .with_message(msg.to_owned()),
-    )
-}
-
-/// A progress bar over `len` steps with ETA.
-pub fn count_bar(len: u64, msg: &str) -> ProgressBar {
-    for_logs(
-        ProgressBar::new(len)
-            .with_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ETA {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            )
-            .with_message(msg.to_owned()),
-    )
-}
-
-/// How often a bar whose stderr is not a terminal prints its state as a line.
-const LOG_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// On a terminal, `bar` as it is. Otherwise (a log file, a CI job, `nohup`), where a bar would
-/// draw nothing at all, it prints its state as a plain line every 30 seconds, so long work
-/// still shows its progress and ETA; work shorter than that prints nothing.
-pub fn for_logs(bar: ProgressBar) -> ProgressBar {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::term_like(Box::new(LogLines::default())));
-    }
-    bar
-}
-
-/// A draw target that keeps the line being drawn and writes it out at most every `every`, the
-/// first time once that long has passed.
-struct LogLines {
-    every: std::time::Duration,
-    /// When a line was last written (or the bar started), the line being drawn, and where to.
-    state: std::sync::Mutex<(std::time::Instant, String, Box<dyn Write + Send>)>,
-}
-
-impl std::fmt::Debug for LogLines {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogLines").field("every", &self.every).finish()
-    }
-}
-
-impl LogLines {
-    fn new(every: std::time::Duration, out: Box<dyn Write + Send>) -> LogLines {
-        LogLines { every, state: std::sync::Mutex::new((std::time::Instant::now(), String::new(), out)) }
-    }
-}
-
-impl Default for LogLines {
-    fn default() -> Self {
-        LogLines::new(LOG_LINE_EVERY, Box::new(std::io::stderr()))
-    }
-}
-
-impl indicatif::TermLike for LogLines {
-    fn width(&self) -> u16 {
-        120
-    }
-    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn write_line(&self, s: &str) -> std::io::Result<()> {
-        self.write_str(s)
-    }
-    fn write_str(&self, s: &str) -> std::io::Result<()> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1.push_str(s);
-        Ok(())
-    }
-    fn clear_line(&self) -> std::io::Result<()> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1.clear();
-        Ok(())
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (last, line, out) = &mut *st;
-        if last.elapsed() >= self.every && !line.trim().is_empty() {
-            writeln!(out, "{}", line.trim_end())?;
-            *last = std::time::Instant::now();
-        }
-        Ok(())
-    }
-}
-
-/// An index build's stages as a sequence of progress bars with ETA.
-#[derive(Default)]
-pub struct BarProgress(std::sync::Mutex<Option<ProgressBar>>);
-
-impl BarProgress {
-    /// Finishes the last bar.
-    pub fn finish(&self) {
-        if let Some(bar) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            bar.finish();
-        }
-    }
-}
-
-impl needle_index::Progress for BarProgress {
-    fn stage(&self, name: &str, total: u64) {
-        let mut cur = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(bar) = cur.take() {
-            bar.finish();
-        }
-        *cur = Some(count_bar(total, name));
-    }
-
-    fn advance(&self, n: u64) {
-        if let Some(bar) = &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
-            bar.inc(n);
-        }
-    }
-}
-
 /// Loads and splits a config's data through its binary dataset, with a progress bar while a
 /// text source is parsed, and says where the dataset came from.
 pub fn load_data_shown(
@@ -195,46 +63,6 @@ pub fn load_data_shown(
         }
     }
     Ok((ds, split))
-}
-
-static EVAL_SEED: std::sync::atomic::AtomicU64 =
-    std::sync::atomic::AtomicU64::new(needle_train::model::DEFAULT_EVAL_SEED);
-
-/// Sets the seed of the test-user sample (`--eval-seed`) for this process.
-pub fn set_eval_seed(seed: u64) {
-    EVAL_SEED.store(seed, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// The seed of the test-user sample (`--eval-seed`).
-pub(crate) fn eval_seed() -> u64 {
-    EVAL_SEED.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// The test users to score, saying so when it is a sample.
-pub(crate) fn eval_users_of(p: &needle_train::Prepared, n: Option<usize>) -> Vec<usize> {
-    let all = p.test.items.len();
-    let users = needle_train::model::eval_users(p, Stage::Test, n, eval_seed());
-    if users.len() < all {
-        eprintln!("evaluating a seeded sample of {} of the {all} test users (--eval-users)", users.len());
-    }
-    users
-}
-
-/// A report as metrics JSON, with the seed of the user sample it was scored on.
-pub(crate) fn metrics_json(report: &needle_eval::Report) -> serde_json::Value {
-    let mut v = report.to_json();
-    v["eval_seed"] = eval_seed().into();
-    v
-}
-
-fn write_metrics(dir: &Path, report: &needle_eval::Report) -> Result<()> {
-    write_replacing(&dir.join("metrics.json"), &(serde_json::to_string_pretty(&metrics_json(report))? + "\n"))?;
-    write_replacing(&dir.join("hit_curve.json"), &(serde_json::to_string(&report.hit_curve)? + "\n"))
-}
-
-/// Writes `text` over `path` atomically (`needle_core::file`): a reader never sees half a file.
-pub(crate) fn write_replacing(path: &Path, text: &str) -> Result<()> {
-    Ok(needle_core::file::write_atomic(path, text.as_bytes())?)
 }
 
 /// Loads a config's data, prepares it for the model and keeps only what a run records of the
@@ -498,50 +326,4 @@ pub fn download(name: &str, to: &Path) -> Result<()> {
     bar.finish_and_clear();
     eprintln!("{name}: checksum verified, extracted to {}", dir.display());
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use indicatif::TermLike;
-    use std::sync::{Arc, Mutex};
-
-    /// A writer the test can read back.
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn a_bar_in_a_log_prints_whole_lines_only_once_its_interval_has_passed() {
-        let out = Shared::default();
-        let quiet = LogLines::new(std::time::Duration::from_secs(3600), Box::new(out.clone()));
-        quiet.write_str("build [====] 5/10 ETA 3s").unwrap();
-        quiet.flush().unwrap();
-        assert!(out.0.lock().unwrap().is_empty(), "short work must print nothing");
-
-        let out = Shared::default();
-        let bar = ProgressBar::with_draw_target(
-            Some(10),
-            indicatif::ProgressDrawTarget::term_like(Box::new(LogLines::new(
-                std::time::Duration::ZERO,
-                Box::new(out.clone()),
-            ))),
-        )
-        .with_style(ProgressStyle::with_template("{msg} {pos}/{len}").unwrap())
-        .with_message("assign");
-        bar.set_position(4);
-        bar.finish();
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-        assert!(text.lines().any(|l| l == "assign 10/10"), "{text:?}");
-        assert!(text.lines().all(|l| l.starts_with("assign ")), "{text:?}");
-    }
 }

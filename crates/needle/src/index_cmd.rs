@@ -143,7 +143,7 @@ pub fn build(
 /// kinds read them whole.
 fn build_over(params: &IndexParams, src: &dyn VectorSource, ids: Option<&[u32]>) -> Result<Box<dyn Index>> {
     if let IndexParams::IvfPq(p) = params {
-        let progress = crate::commands::BarProgress::default();
+        let progress = crate::progress::BarProgress::default();
         let ix = needle_index::IvfPqIndex::build_from(p, src, ids, &progress)?;
         progress.finish();
         return Ok(Box::new(ix));
@@ -283,7 +283,7 @@ fn test_users(p: &Prepared) -> Vec<usize> {
 
 /// The users `needle eval --ann` scores: the same sample as the exact evaluation.
 fn sampled_test_users(r: &LoadedRun, n: Option<usize>) -> Vec<usize> {
-    needle_train::model::eval_users(&r.prepared, Stage::Test, n, crate::commands::eval_seed())
+    needle_train::model::eval_users(&r.prepared, Stage::Test, n, crate::metrics::eval_seed())
 }
 
 pub fn eval(run: &Path, data_dir: Option<&Path>, ks: &[usize], effort: Option<usize>) -> Result<()> {

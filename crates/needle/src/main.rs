@@ -8,6 +8,8 @@ mod commands;
 mod crash;
 mod data_cmd;
 mod index_cmd;
+mod metrics;
+mod progress;
 mod report;
 mod serve_cmd;
 mod tune_cmd;
@@ -400,7 +402,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    commands::set_eval_seed(cli.eval_seed);
+    metrics::set_eval_seed(cli.eval_seed);
     match cli.cmd {
         Cmd::Train { config, data_dir, out, download, force, skip_bad_rows, quiet } => commands::train(
             &config,

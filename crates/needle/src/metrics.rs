@@ -1,0 +1,46 @@
+//! Test metrics as needle writes them: the seeded user sample they are scored on and the
+//! metrics files of a run.
+
+use anyhow::Result;
+use needle_train::Stage;
+use std::path::Path;
+
+static EVAL_SEED: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(needle_train::model::DEFAULT_EVAL_SEED);
+
+/// Sets the seed of the test-user sample (`--eval-seed`) for this process.
+pub fn set_eval_seed(seed: u64) {
+    EVAL_SEED.store(seed, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The seed of the test-user sample (`--eval-seed`).
+pub(crate) fn eval_seed() -> u64 {
+    EVAL_SEED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The test users to score, saying so when it is a sample.
+pub(crate) fn eval_users_of(p: &needle_train::Prepared, n: Option<usize>) -> Vec<usize> {
+    let all = p.test.items.len();
+    let users = needle_train::model::eval_users(p, Stage::Test, n, eval_seed());
+    if users.len() < all {
+        eprintln!("evaluating a seeded sample of {} of the {all} test users (--eval-users)", users.len());
+    }
+    users
+}
+
+/// A report as metrics JSON, with the seed of the user sample it was scored on.
+pub(crate) fn metrics_json(report: &needle_eval::Report) -> serde_json::Value {
+    let mut v = report.to_json();
+    v["eval_seed"] = eval_seed().into();
+    v
+}
+
+pub(crate) fn write_metrics(dir: &Path, report: &needle_eval::Report) -> Result<()> {
+    write_replacing(&dir.join("metrics.json"), &(serde_json::to_string_pretty(&metrics_json(report))? + "\n"))?;
+    write_replacing(&dir.join("hit_curve.json"), &(serde_json::to_string(&report.hit_curve)? + "\n"))
+}
+
+/// Writes `text` over `path` atomically (`needle_core::file`): a reader never sees half a file.
+pub(crate) fn write_replacing(path: &Path, text: &str) -> Result<()> {
+    Ok(needle_core::file::write_atomic(path, text.as_bytes())?)
+}
