@@ -6,6 +6,7 @@
 
 pub use needle_run::config;
 pub mod model;
+pub mod observe;
 pub mod optim;
 pub mod prepare;
 pub mod run;
@@ -34,4 +35,6 @@ pub enum TrainError {
     Run(#[from] needle_run::RunError),
     #[error("training diverged (non-finite loss) in epoch {epoch} at step {step}; lower the learning rate or raise the temperature")]
     Diverged { epoch: usize, step: usize },
+    #[error("training was stopped before its first epoch ended; nothing to save")]
+    Cancelled,
 }

@@ -3,11 +3,11 @@
 
 use crate::config::{Config, LossKind, ModelKind, SelectMetric, SparseOptimizer, TrainParams};
 use crate::model::{evaluate, InPlace, Model};
+use crate::observe::{self, Observer, Unit};
 use crate::optim::{DenseAdam, SparseState};
 use crate::prepare::{Prepared, Stage};
 use crate::sampler::AliasSampler;
 use crate::TrainError;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use needle_model::deep::{CategoricalSpec, DeepSpec, DeepTwoTower, HistoryMode};
 use needle_model::embedding::Embedding;
 use needle_model::fm::{FmSpec, FmTwoTower};
@@ -21,34 +21,9 @@ use needle_model::rng::Rng;
 use needle_model::seq::{SeqSpec, SeqTwoTower};
 use needle_model::tower::Dropout;
 use needle_model::tower::{Grads, Tower, UserBatch, UserEvents, ID_DROPPED};
-use serde::Serialize;
 use std::time::Instant;
 
-/// One epoch's record, written to `train_log.jsonl`.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
-pub struct EpochLog {
-    pub epoch: usize,
-    pub loss: f64,
-    pub valid_hr10: f64,
-    pub valid_ndcg10: f64,
-    pub seconds: f64,
-    pub samples_per_sec: f64,
-}
-
-impl EpochLog {
-    /// The record of an epoch from its mean loss, its validation report, and its training time
-    /// over this many targets.
-    fn new(epoch: usize, loss: f64, valid: &needle_eval::Report, seconds: f64, targets: usize) -> Self {
-        EpochLog {
-            epoch,
-            loss,
-            valid_hr10: valid.get(10).map_or(0.0, |a| a.hit_rate),
-            valid_ndcg10: valid.get(10).map_or(0.0, |a| a.ndcg),
-            seconds,
-            samples_per_sec: targets as f64 / seconds.max(1e-9),
-        }
-    }
-}
+pub use crate::observe::EpochLog;
 
 /// What a finished training run reports.
 pub struct Trained {
@@ -58,6 +33,28 @@ pub struct Trained {
     pub seconds: f64,
     pub samples_per_sec: f64,
     pub samples_per_epoch: usize,
+    /// Training was stopped by its observer before its last epoch; `model` is the best epoch
+    /// validated until then.
+    pub stopped: bool,
+}
+
+/// Forwards progress and stop requests but not epoch records: a counted model's one pass,
+/// whose record its session returns instead.
+struct Quiet<'a>(&'a mut dyn Observer);
+
+impl Observer for Quiet<'_> {
+    fn begin(&mut self, name: &str, unit: Unit, total: u64) {
+        self.0.begin(name, unit, total)
+    }
+    fn progress(&mut self, done: u64, status: &str) {
+        self.0.progress(done, status)
+    }
+    fn end(&mut self) {
+        self.0.end()
+    }
+    fn should_stop(&self) -> bool {
+        self.0.should_stop()
+    }
 }
 
 /// A training sample: predict the item at `pos` of `user`'s training history from the items before it.
@@ -829,38 +826,6 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn progress_bar(len: u64, show: bool) -> ProgressBar {
-    let target = if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
-    let bar = ProgressBar::with_draw_target(Some(len), target);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} samples  {msg}  ETA {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    bar
-}
-
-/// A progress bar over users being scored (validation, test evaluation), drawn on stderr when `show`.
-pub fn users_bar(prefix: &str, show: bool) -> ProgressBar {
-    let target = if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
-    let bar = ProgressBar::with_draw_target(None, target);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} users  {per_sec}  ETA {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(prefix.to_owned());
-    bar
-}
-
-/// The `(users scored, users)` progress callback of [`evaluate`], drawn on a [`users_bar`].
-pub fn users_progress(bar: &ProgressBar) -> impl FnMut(usize, usize) + '_ {
-    |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    }
-}
-
 /// Builds an untrained model of the configured kind; the id rows of cold items start (and,
 /// since no step touches them, stay) at zero.
 pub fn build_model(cfg: &Config, p: &Prepared, rng: &mut Rng) -> Result<Model, TrainError> {
@@ -923,13 +888,10 @@ fn valid_subset(cfg: &Config, p: &Prepared, root: &Rng) -> Option<Vec<usize>> {
     })
 }
 
-/// Trains the configured model; `show_progress` draws a progress bar on stderr.
-pub fn train(
-    cfg: &Config,
-    p: &Prepared,
-    show_progress: bool,
-    log: &mut dyn FnMut(&EpochLog),
-) -> Result<Trained, TrainError> {
+/// Trains the configured model, reporting to `obs` (progress, and each epoch's record) and
+/// stopping early when it asks: then the best epoch validated so far is returned, with
+/// [`Trained::stopped`] set, or [`TrainError::Cancelled`] when no epoch had ended.
+pub fn train(cfg: &Config, p: &Prepared, obs: &mut dyn Observer) -> Result<Trained, TrainError> {
     let root = Rng::new(cfg.train.seed);
     let start = Instant::now();
     match build_model(cfg, p, &mut root.fork(2))? {
@@ -940,19 +902,21 @@ pub fn train(
             seconds: 0.0,
             samples_per_sec: 0.0,
             samples_per_epoch: p.train.items.len(),
+            stopped: false,
         }),
         Model::Neighbors(n) => {
             // Counted in one pass: the "epoch" is that pass, and its validation figure is what
             // a tuner compares.
             let secs = start.elapsed().as_secs_f64();
             let model = Model::Neighbors(n);
-            let vbar = users_bar("validation", show_progress);
             let subset = valid_subset(cfg, p, &root);
-            let r = evaluate(&model, p, Stage::Valid, &[10], false, subset.as_deref(), &mut users_progress(&vbar));
-            vbar.finish_and_clear();
+            let n_users = subset.as_ref().map_or_else(|| p.valid.len(), Vec::len);
+            obs.begin("validation", Unit::Users, n_users as u64);
+            let r = evaluate(&model, p, Stage::Valid, &[10], false, subset.as_deref(), &mut observe::users(obs));
+            obs.end();
             let events = p.train.items.len();
             let rec = EpochLog::new(1, 0.0, &r, secs, events);
-            log(&rec);
+            obs.epoch(&rec);
             Ok(Trained {
                 model,
                 epochs: vec![rec],
@@ -960,12 +924,22 @@ pub fn train(
                 seconds: secs,
                 samples_per_sec: events as f64 / secs.max(1e-9),
                 samples_per_epoch: events,
+                stopped: false,
             })
         }
         tower => {
             let mut session = tower_session(cfg, p, tower, true)?;
-            while let Some(rec) = session.epoch(show_progress)? {
-                log(&rec);
+            loop {
+                match session.epoch(obs) {
+                    Ok(Some(rec)) => obs.epoch(&rec),
+                    Ok(None) => break,
+                    Err(TrainError::Cancelled) if session.has_best() => {
+                        let mut t = session.finish()?;
+                        t.stopped = true;
+                        return Ok(t);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             session.finish()
         }
@@ -1006,11 +980,14 @@ pub struct Session<'a, T: Tower + Clone> {
 
 /// The session behind a model of any kind, as a tuner holds it.
 pub trait AnySession {
-    /// Trains and validates one more epoch; `None` once the epochs are spent or early stopping
-    /// has ended the run.
-    fn epoch(&mut self, show_progress: bool) -> Result<Option<EpochLog>, TrainError>;
+    /// Trains and validates one more epoch, reporting to `obs`; `None` once the epochs are
+    /// spent or early stopping has ended the run; [`TrainError::Cancelled`] when `obs` asked
+    /// to stop during it (the epoch is then lost, the best one before it kept).
+    fn epoch(&mut self, obs: &mut dyn Observer) -> Result<Option<EpochLog>, TrainError>;
     /// No epoch is left to train.
     fn is_done(&self) -> bool;
+    /// An epoch has been validated, so [`AnySession::finish`] has a best one to return.
+    fn has_best(&self) -> bool;
     /// The model of the best epoch and what its training reports.
     fn finish(self: Box<Self>) -> Result<Trained, TrainError>;
 }
@@ -1024,11 +1001,12 @@ struct Counted<'a> {
 }
 
 impl AnySession for Counted<'_> {
-    fn epoch(&mut self, show_progress: bool) -> Result<Option<EpochLog>, TrainError> {
+    fn epoch(&mut self, obs: &mut dyn Observer) -> Result<Option<EpochLog>, TrainError> {
         if self.trained.is_some() {
             return Ok(None);
         }
-        let t = train(self.cfg, self.p, show_progress, &mut |_| {})?;
+        // The pass reports its one epoch to a silent observer; the caller gets it returned.
+        let t = train(self.cfg, self.p, &mut Quiet(obs))?;
         let rec = t.epochs.first().cloned();
         self.trained = Some(t);
         Ok(rec)
@@ -1036,10 +1014,13 @@ impl AnySession for Counted<'_> {
     fn is_done(&self) -> bool {
         self.trained.is_some()
     }
+    fn has_best(&self) -> bool {
+        self.trained.is_some()
+    }
     fn finish(self: Box<Self>) -> Result<Trained, TrainError> {
         match self.trained {
             Some(t) => Ok(t),
-            None => train(self.cfg, self.p, false, &mut |_| {}),
+            None => train(self.cfg, self.p, &mut crate::observe::Silent),
         }
     }
 }
@@ -1091,7 +1072,7 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
     }
 
     /// See [`AnySession::epoch`].
-    pub fn epoch(&mut self, show_progress: bool) -> Result<Option<EpochLog>, TrainError> {
+    pub fn epoch(&mut self, obs: &mut dyn Observer) -> Result<Option<EpochLog>, TrainError> {
         if self.done {
             return Ok(None);
         }
@@ -1100,31 +1081,38 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
         let epoch = self.epochs.len() + 1;
         let mut rng = self.root.fork(100 + epoch as u64);
         rng.shuffle(&mut self.order);
-        let bar = progress_bar(self.order.len() as u64, show_progress);
-        bar.set_prefix(format!("epoch {epoch}/{}", t.epochs));
-        let (mut loss_sum, mut steps) = (0.0f64, 0usize);
+        obs.begin(&format!("epoch {epoch}/{}", t.epochs), Unit::Samples, self.order.len() as u64);
+        let (mut loss_sum, mut steps, mut done) = (0.0f64, 0usize, 0u64);
         let mut ema = f64::NAN;
-        self.trainer.epoch(&self.order, t.batch_size, &mut rng, |i, n, loss| {
+        let mut status = String::new();
+        let stepped = self.trainer.epoch(&self.order, t.batch_size, &mut rng, |i, n, loss| {
             let loss = f64::from(loss);
             if !loss.is_finite() {
                 return Err(TrainError::Diverged { epoch, step: i });
             }
             loss_sum += loss;
             steps += 1;
+            done += n as u64;
             ema = if ema.is_nan() { loss } else { 0.98 * ema + 0.02 * loss };
-            bar.inc(n as u64);
+            status.clear();
             if i % 20 == 0 {
-                let rate = bar.position() as f64 / start.elapsed().as_secs_f64().max(1e-9);
-                bar.set_message(format!("loss {ema:.4}  {rate:.0} samples/s"));
+                let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                status = format!("loss {ema:.4}  {rate:.0} samples/s");
+            }
+            obs.progress(done, &status);
+            if obs.should_stop() {
+                return Err(TrainError::Cancelled);
             }
             Ok(())
-        })?;
+        });
+        obs.end();
+        stepped?;
         let secs = start.elapsed().as_secs_f64();
-        bar.finish_and_clear();
         self.trainer.release_buffers();
         self.train_secs += secs;
         self.trained_samples += self.targets;
-        let vbar = users_bar(&format!("validation {epoch}/{}", t.epochs), show_progress);
+        let n_users = self.valid_subset.as_ref().map_or_else(|| p.valid.len(), Vec::len);
+        obs.begin(&format!("validation {epoch}/{}", t.epochs), Unit::Users, n_users as u64);
         // Scored in place: at 10^7 items a copy of the tables is gigabytes.
         let r = evaluate(
             &InPlace(self.trainer.model()),
@@ -1133,9 +1121,9 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
             &[10],
             false,
             self.valid_subset.as_deref(),
-            &mut users_progress(&vbar),
+            &mut observe::users(obs),
         );
-        vbar.finish_and_clear();
+        obs.end();
         let rec = EpochLog::new(epoch, loss_sum / steps.max(1) as f64, &r, secs, self.targets);
         let score = selected(t.select, &rec);
         if score > self.best_score {
@@ -1175,16 +1163,20 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
             seconds: self.seconds,
             samples_per_sec: self.trained_samples as f64 / self.train_secs.max(1e-9),
             samples_per_epoch,
+            stopped: false,
         }
     }
 }
 
 impl<T: Tower + Clone> AnySession for Session<'_, T> {
-    fn epoch(&mut self, show_progress: bool) -> Result<Option<EpochLog>, TrainError> {
-        Session::epoch(self, show_progress)
+    fn epoch(&mut self, obs: &mut dyn Observer) -> Result<Option<EpochLog>, TrainError> {
+        Session::epoch(self, obs)
     }
     fn is_done(&self) -> bool {
         self.done
+    }
+    fn has_best(&self) -> bool {
+        self.best_epoch > 0
     }
     fn finish(self: Box<Self>) -> Result<Trained, TrainError> {
         Ok(Session::finish(*self))

@@ -410,7 +410,7 @@ pub fn tune(
         Some(s) if states[w].ran >= best_epoch => s.finish()?,
         _ => {
             let mut s = session(&best_config, p)?;
-            while s.epoch(false)?.is_some() {}
+            while s.epoch(&mut crate::observe::Silent)?.is_some() {}
             s.finish()?
         }
     };
@@ -462,7 +462,7 @@ fn advance<'a>(
                 slot.insert(session(&all[i].config, p)?)
             }
         };
-        let Some(rec) = s.epoch(false)? else {
+        let Some(rec) = s.epoch(&mut crate::observe::Silent)? else {
             st.done = true;
             return Ok(());
         };

@@ -1,7 +1,6 @@
 //! `needle export`, `needle index build|eval` and `needle eval --ann`: the offline side from a
 //! trained run to a searchable item index, and how faithful that index is.
 
-use crate::ann::write_npy_f32;
 use anyhow::{bail, Context, Result};
 use needle_eval::{format_table, score, Lists};
 use needle_index::VectorSource;
@@ -10,7 +9,6 @@ use needle_train::model::{merge_interests, Model};
 use needle_train::run::{load_run, LoadedRun};
 use needle_train::{Prepared, Stage};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -44,55 +42,14 @@ fn item_rows(model: &Model) -> Result<(Vec<u32>, Vec<f32>, usize)> {
     Ok((ids, vecs, model.dim()))
 }
 
-fn write_tsv(path: &Path, header: &str, rows: impl Iterator<Item = String>) -> Result<()> {
-    let f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut w = std::io::BufWriter::new(f);
-    writeln!(w, "{header}")?;
-    for r in rows {
-        writeln!(w, "{r}")?;
-    }
-    w.flush().with_context(|| format!("cannot write {}", path.display()))
-}
-
 pub fn export(run: &Path, data_dir: Option<&Path>, out: &Path) -> Result<()> {
-    let r = load_run(run, data_dir)?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let items = &r.prepared.items;
-    if let Some(n) = r.model.neighbors() {
-        let rows = (1..n.item_rows() as u32).flat_map(|a| {
-            n.neighbors_of(a)
-                .map(move |(b, w)| format!("{}\t{}\t{w}", items.raw(a).unwrap_or(""), items.raw(b).unwrap_or("")))
-        });
-        let path = out.join("item_neighbors.tsv");
-        write_tsv(&path, "item_id\tneighbor_id\tweight", rows)?;
-        eprintln!(
-            "exported the neighbour lists of {} items ({} pairs, best first) to {}",
-            n.item_rows() - 1,
-            n.parts().1.len(),
-            path.display()
-        );
-        return Ok(());
+    let r = needle_api::Run::open(run, data_dir)?;
+    let e = r.export(out)?;
+    if e.dim == 0 {
+        eprintln!("exported the neighbour lists of {} items (best first) to {}", e.items, e.files[0].display());
+    } else {
+        eprintln!("exported {} items and {} users (dim {}) to {}", e.items, e.users, e.dim, out.display());
     }
-    let (ids, vecs, d) = item_rows(&r.model)?;
-    write_npy_f32(&out.join("item_embeddings.npy"), &vecs, &[ids.len(), d])?;
-    write_tsv(
-        &out.join("items.tsv"),
-        "row\titem_id",
-        ids.iter().enumerate().map(|(i, &row)| format!("{i}\t{}", items.raw(row).unwrap_or(""))),
-    )?;
-    // Every known user, from the known history (train + validation).
-    let users: Vec<usize> = (0..r.prepared.n_users()).collect();
-    let uv = needle_train::model::user_vectors(&r.model, &r.prepared, &users, Stage::Test);
-    let ni = r.model.interests();
-    // Multi-interest models export `[users, K, dim]`.
-    let shape = if ni > 1 { vec![users.len(), ni, d] } else { vec![users.len(), d] };
-    write_npy_f32(&out.join("user_embeddings.npy"), &uv, &shape)?;
-    write_tsv(
-        &out.join("users.tsv"),
-        "row\tuser_id",
-        users.iter().map(|&u| format!("{u}\t{}", r.prepared.user_raw[u])),
-    )?;
-    eprintln!("exported {} items and {} users (dim {d}) to {}", ids.len(), users.len(), out.display());
     Ok(())
 }
 
@@ -358,8 +315,7 @@ pub fn eval_ann(
     let mut ids = vec![u32::MAX; users.len() * ni * kmax];
     let mut scores = vec![f32::NEG_INFINITY; users.len() * ni * kmax];
     let mut buf = Vec::new();
-    let bar = needle_train::trainer::users_bar("test through the index", true);
-    bar.set_length(users.len() as u64);
+    let bar = crate::progress::count_bar(users.len() as u64, "test through the index");
     // Each interest vector is one query; a multi-interest user's lists merge by score below.
     for (q_i, q) in uv.chunks_exact(d).enumerate() {
         if q_i % (ni * 256) == 0 {

@@ -138,6 +138,86 @@ impl needle_index::Progress for BarProgress {
     }
 }
 
+/// Set by the first Ctrl-C while training: training stops after its current step and saves the
+/// best epoch so far. A second Ctrl-C ends the process at once.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    // Only async-signal-safe work here: an atomic swap, and `_exit` on the second press.
+    if STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        // SAFETY: `_exit` is async-signal-safe and ends the process without running handlers.
+        unsafe { libc::_exit(130) };
+    }
+}
+
+/// From now on, Ctrl-C asks training to stop cleanly (see [`STOP`]).
+pub fn stop_on_interrupt() {
+    #[cfg(unix)]
+    // SAFETY: installs a handler that touches only an atomic and `_exit`.
+    unsafe {
+        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
+    }
+}
+
+/// Training's and evaluation's progress as bars on stderr (hidden with `quiet`), each epoch as
+/// a line, and Ctrl-C as a request to stop.
+pub struct Bars {
+    quiet: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl Bars {
+    pub fn new(quiet: bool) -> Bars {
+        Bars { quiet, bar: None }
+    }
+}
+
+impl needle_api::Observer for Bars {
+    fn begin(&mut self, name: &str, unit: needle_api::Unit, total: u64) {
+        let template = match unit {
+            needle_api::Unit::Samples => "{prefix} [{bar:30}] {pos}/{len} samples  {msg}  ETA {eta}",
+            needle_api::Unit::Users => "{prefix} [{bar:30}] {pos}/{len} users  {per_sec}  ETA {eta}",
+        };
+        let bar = if self.quiet { ProgressBar::hidden() } else { for_logs(ProgressBar::new(total)) };
+        bar.set_length(total);
+        bar.set_style(
+            ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(name.to_owned());
+        if let Some(old) = self.bar.replace(bar) {
+            old.finish_and_clear();
+        }
+    }
+
+    fn progress(&mut self, done: u64, status: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+            if !status.is_empty() {
+                bar.set_message(status.to_owned());
+            }
+        }
+    }
+
+    fn end(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn epoch(&mut self, rec: &needle_api::EpochLog) {
+        eprintln!(
+            "epoch {:>3}  loss {:.4}  valid HR@10 {:.4}  NDCG@10 {:.4}  {:.1}s  {:.0} samples/s",
+            rec.epoch, rec.loss, rec.valid_hr10, rec.valid_ndcg10, rec.seconds, rec.samples_per_sec
+        );
+    }
+
+    fn should_stop(&self) -> bool {
+        STOP.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

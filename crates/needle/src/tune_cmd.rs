@@ -135,7 +135,7 @@ pub fn tune(a: TuneArgs<'_>) -> Result<()> {
     std::fs::create_dir_all(a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
     let log_path = a.out.join(LOG_FILE);
     let logged = read_log(&log_path)?;
-    let (ds, p) = load_prepared(&cfg, a.data_dir, a.quiet, threads)?;
+    let needle_api::Data { dataset: ds, prepared: p, .. } = load_prepared(&cfg, a.data_dir, a.quiet, threads)?;
     // A cut-short last line is rewritten whole: the log is truncated to its complete lines.
     let complete: String =
         logged.iter().map(|r| serde_json::to_string(r).map(|s| s + "\n")).collect::<Result<_, _>>()?;

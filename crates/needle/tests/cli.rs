@@ -151,3 +151,41 @@ fn bad_input_gives_clear_errors() {
     let err = String::from_utf8_lossy(&needle(&["recall", "--run", "r", "--users", "nobody"], dir).stderr).into_owned();
     assert!(err.contains("unknown user id `nobody`"), "{err}");
 }
+
+#[test]
+fn ctrl_c_stops_training_cleanly_and_keeps_the_best_epoch() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    planted_log(dir);
+    write_config(dir, "yt.toml", &YOUTUBEDNN.replace("epochs = 12", "epochs = 100000"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_needle"))
+        .args(["--threads", "2", "train", "--config", "yt.toml", "--out", "runs/yt"])
+        .current_dir(dir)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    // Wait for two epochs, then press Ctrl-C once.
+    let mut epochs = 0;
+    while epochs < 2 {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "training ended early:\n{seen}");
+        epochs += usize::from(line.starts_with("epoch "));
+        seen.push_str(&line);
+    }
+    let st = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit {status:?}:\n{seen}{rest}");
+    assert!(rest.contains("stopped after"), "{rest}");
+    // A whole run: its manifest, its test metrics, and it evaluates.
+    let info = std::fs::read_to_string(dir.join("runs/yt/model.toml")).unwrap();
+    assert!(info.contains("best_epoch"), "{info}");
+    assert!(metric(&dir.join("runs/yt"), "hit_rate@10") > 0.0);
+    ok(&needle(&["eval", "--run", "runs/yt"], dir));
+}

@@ -20,6 +20,7 @@ const FLOORS: &[(&str, u32)] = &[
     ("needle-run", 3),
     ("needle-train", 4),
     ("needle-serve", 4),
+    ("needle-api", 5),
     ("needle-fuzz", 5),
     ("needle", 6),
 ];

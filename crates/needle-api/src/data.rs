@@ -1,0 +1,121 @@
+//! A config's data, loaded, split by time and prepared for its model.
+
+use crate::{Error, Result};
+use needle_run::config::{LossKind, FULL_SOFTMAX_MAX_ITEMS};
+use needle_run::Config;
+use needle_train::Prepared;
+use std::path::Path;
+
+/// The prepared data of a config: vocabularies and histories from training events only, the
+/// held-out targets, and what a run records of the dataset (its name and fingerprint).
+pub struct Data {
+    /// The dataset's name and fingerprint; the raw events are dropped once prepared (at 10^8
+    /// events they are gigabytes that training never reads).
+    pub dataset: needle_data::Dataset,
+    pub prepared: Prepared,
+    /// Where the events came from: `read the binary dataset …`, `ingested into …`.
+    pub source: String,
+    /// What a person should know about this data and config, one line each: sizes, the loss
+    /// chosen, hashed and cold items, items that cannot be recalled and why.
+    pub notes: Vec<String>,
+}
+
+impl Data {
+    /// Loads and prepares `cfg`'s data (through the binary dataset, ingested on first use);
+    /// `progress` gets `(bytes, total)` while a text source is parsed.
+    pub fn load(cfg: &Config, data_dir: Option<&Path>, progress: &mut dyn FnMut(u64, u64)) -> Result<Data> {
+        let (mut ds, split, cached) = needle_run::load_data_with(cfg, data_dir, progress)?;
+        let source = match cached {
+            needle_data::Cached::Hit(dir) => format!("read the binary dataset {}", dir.display()),
+            needle_data::Cached::Built { dir, reason } => {
+                format!("ingested into the binary dataset {} ({reason})", dir.display())
+            }
+            needle_data::Cached::Unwritable { dir, reason } => {
+                format!("could not write the binary dataset {} ({reason}); parsed the source", dir.display())
+            }
+        };
+        let mut notes = vec![format!(
+            "data: {} — {} events, {} users, {} items{}",
+            ds.name,
+            ds.events.len(),
+            ds.user_ids.len(),
+            ds.item_ids.len(),
+            match ds.report.skipped_total() {
+                0 => String::new(),
+                n => format!(", {n} bad rows skipped"),
+            }
+        )];
+        let p = needle_train::prepare::prepare(&ds, &split, cfg)?;
+        drop(split);
+        let slim = needle_data::Dataset {
+            name: std::mem::take(&mut ds.name),
+            source_fingerprint: Some(ds.fingerprint()),
+            report: std::mem::take(&mut ds.report),
+            ..Default::default()
+        };
+        drop(ds);
+        needle_run::trim_heap();
+        notes.push(format!(
+            "split: {} train events, {} validation and {} test targets; {} items and {} users in the vocabulary",
+            p.train.items.len(),
+            p.valid.items.len(),
+            p.test.items.len(),
+            p.items.len() - 1,
+            p.users.len() - 1
+        ));
+        notes.extend(model_notes(cfg, &p));
+        Ok(Data { dataset: slim, prepared: p, source, notes })
+    }
+}
+
+/// What the config makes of this data: the loss it resolves to, hashing, cold items.
+fn model_notes(cfg: &Config, p: &Prepared) -> Vec<String> {
+    let mut notes = Vec::new();
+    // The counted kinds take no training steps, so they have no loss to report.
+    if cfg.train.loss == LossKind::Auto && !cfg.model.kind.is_counted() {
+        notes.push(format!(
+            "loss: {} (auto: {} item rows, the full softmax up to {FULL_SOFTMAX_MAX_ITEMS})",
+            cfg.train.loss.resolve(p.n_item_rows()).name(),
+            p.n_item_rows(),
+        ));
+    }
+    if let Some(h) = p.item_hash {
+        notes.push(format!(
+            "hashed tail: {} items beyond the {} most frequent share {} id rows",
+            h.first_cold - h.own,
+            h.own - 1,
+            h.buckets
+        ));
+    }
+    if p.cold_rows > 0 {
+        notes.push(format!(
+            "cold items: {} items without a training event are embedded from their features alone",
+            p.cold_rows
+        ));
+    }
+    if p.unembedded_items > 0 {
+        let why = if cfg.model.kind.is_counted() {
+            "this model counts training events, and they have none".to_owned()
+        } else if cfg.model.item_features.is_empty() {
+            "this model's item tower reads item ids only; list [model] item_features to embed them".to_owned()
+        } else if cfg.model.cold_items == Some(false) {
+            "[model] cold_items = false".to_owned()
+        } else if cfg.model.cold_items.is_none() && cfg.train.item_id_dropout == 0.0 {
+            "train with [train] item_id_dropout = 0.1 (or set [model] cold_items = true) to embed them from their features"
+                .to_owned()
+        } else {
+            "none of their feature values occurs on a trained item".to_owned()
+        };
+        notes.push(format!(
+            "note: {} items without a training event get no vector and cannot be recalled ({why})",
+            p.unembedded_items
+        ));
+    }
+    notes
+}
+
+impl From<String> for Error {
+    fn from(s: String) -> Self {
+        Error::Invalid(s)
+    }
+}
