@@ -74,6 +74,18 @@ fn train_reopen_evaluate_recall_and_export() {
         assert_eq!(dot, score, "{id}");
     }
 
+    // The manifest names its tower in one table; a manifest of the layout before it (one
+    // top-level table per family) still loads.
+    let manifest = std::fs::read_to_string(out.join("model.toml")).unwrap();
+    assert!(manifest.contains("[tower.seq]"), "{manifest}");
+    std::fs::write(out.join("model.toml"), manifest.replace("[tower.seq", "[seq")).unwrap();
+    let old = Run::open(&out, None).unwrap();
+    assert_eq!(old.recall_users(&["u7"], 5, false).unwrap().items(0), top.items(0));
+    std::fs::write(out.join("model.toml"), manifest.replace("kind = \"sequential\"", "kind = \"fm\"")).unwrap();
+    let err = Run::open(&out, None).err().unwrap().to_string();
+    assert!(err.contains("cannot hold a seq tower"), "{err}");
+    std::fs::write(out.join("model.toml"), &manifest).unwrap();
+
     let e = run.export(&dir.join("export")).unwrap();
     assert_eq!((e.items, e.users, e.dim), (iv.ids.len(), 120, 16));
     let npy = std::fs::read(dir.join("export/item_embeddings.npy")).unwrap();

@@ -168,11 +168,8 @@ fn build_template(kind: ModelKind) -> RunTemplate {
         data_fingerprint: "00112233445566778899aabb".into(),
         items: items.len() - 1,
         users: users.len() - 1,
-        deep: None,
-        fm: None,
-        mind: None,
-        neighbors: None,
-        seq: None,
+        // Filled in by `write_run` from the model it saves.
+        tower: needle_run::TowerSpec::Popularity,
         training: TrainingSummary {
             epochs_run: 1,
             best_epoch: 1,

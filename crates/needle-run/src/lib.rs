@@ -18,16 +18,16 @@ pub mod config;
 pub mod model;
 
 pub use config::Config;
-pub use model::{merge_interests, Model};
+use model::declared_shapes;
+pub use model::{load_model, merge_interests, Model, TowerSpec};
 
 use config::ModelKind;
 use needle_data::{Dataset, LoadOptions, Split, SplitStrategy, Vocab};
-use needle_model::checkpoint::{save, save_neighbors, Checkpoint};
-use needle_model::deep::{CategoricalSpec, DeepSpec, DeepTwoTower, ItemBags};
-use needle_model::fm::{FmSpec, FmTwoTower};
-use needle_model::mind::{MindSpec, MindTwoTower};
+use needle_model::deep::DeepSpec;
+use needle_model::fm::FmSpec;
+use needle_model::mind::MindSpec;
 use needle_model::neighbors::NeighborSpec;
-use needle_model::seq::{SeqSpec, SeqTwoTower};
+use needle_model::seq::SeqSpec;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -38,8 +38,8 @@ pub const RUN_FORMAT: u32 = 1;
 pub const USER_ID_FEATURE: &str = "user_id";
 
 const ITEM_COUNTS_FILE: &str = "item_counts.tsv";
-const MANIFEST_FILE: &str = "model.toml";
-const WEIGHTS_FILE: &str = "model.safetensors";
+pub(crate) const MANIFEST_FILE: &str = "model.toml";
+pub(crate) const WEIGHTS_FILE: &str = "model.safetensors";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -70,6 +70,7 @@ pub struct TrainingSummary {
 
 /// The contents of `model.toml`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(try_from = "ManifestFields")]
 pub struct RunInfo {
     pub format: u32,
     pub kind: ModelKind,
@@ -77,18 +78,62 @@ pub struct RunInfo {
     pub data_fingerprint: String,
     pub items: usize,
     pub users: usize,
-    /// Shapes of a YouTubeDNN or DSSM model.
-    pub deep: Option<DeepSpec>,
-    /// Shapes of an FM model.
-    pub fm: Option<FmSpec>,
-    /// Shapes of a MIND model.
-    pub mind: Option<MindSpec>,
-    /// Shape and scoring rule of a transitions or item-CF model.
-    pub neighbors: Option<NeighborSpec>,
-    /// Shapes of a sequential model.
-    pub seq: Option<SeqSpec>,
+    /// The tower and its shapes (`[tower.deep]`, `[tower.seq]`, …).
+    pub tower: TowerSpec,
     pub training: TrainingSummary,
     pub config: Config,
+}
+
+/// `model.toml` as written, including the layout before `[tower]`, when each family's shapes
+/// had a table of its own at the top level (`[deep]`, `[seq]`, …): such runs still load.
+#[derive(Deserialize)]
+struct ManifestFields {
+    format: u32,
+    kind: ModelKind,
+    dataset: String,
+    data_fingerprint: String,
+    items: usize,
+    users: usize,
+    tower: Option<TowerSpec>,
+    deep: Option<DeepSpec>,
+    fm: Option<FmSpec>,
+    mind: Option<MindSpec>,
+    neighbors: Option<NeighborSpec>,
+    seq: Option<SeqSpec>,
+    training: TrainingSummary,
+    config: Config,
+}
+
+impl TryFrom<ManifestFields> for RunInfo {
+    type Error = String;
+
+    fn try_from(m: ManifestFields) -> Result<Self, String> {
+        let legacy = [
+            m.deep.map(TowerSpec::Deep),
+            m.fm.map(TowerSpec::Fm),
+            m.mind.map(TowerSpec::Mind),
+            m.neighbors.map(TowerSpec::Neighbors),
+            m.seq.map(TowerSpec::Seq),
+        ];
+        let mut found = m.tower.into_iter().chain(legacy.into_iter().flatten());
+        let tower = match (found.next(), found.next()) {
+            (Some(t), None) => t,
+            (None, None) if m.kind == ModelKind::Popularity => TowerSpec::Popularity,
+            (None, None) => return Err(format!("a {:?} run needs its tower's shapes ([tower])", m.kind)),
+            (_, Some(_)) => return Err("the manifest describes more than one tower".into()),
+        };
+        Ok(RunInfo {
+            format: m.format,
+            kind: m.kind,
+            dataset: m.dataset,
+            data_fingerprint: m.data_fingerprint,
+            items: m.items,
+            users: m.users,
+            tower,
+            training: m.training,
+            config: m.config,
+        })
+    }
 }
 
 /// Serves allocations of 1 MiB and more from their own mappings, returned to the OS when freed.
@@ -198,30 +243,7 @@ pub fn write_run(dir: &Path, info: &mut RunInfo, contents: &RunContents<'_>) -> 
     let counts_path = dir.join(ITEM_COUNTS_FILE);
     std::fs::write(&counts_path, counts).map_err(io(&counts_path))?;
     let ckpt = dir.join(WEIGHTS_FILE);
-    (info.deep, info.fm, info.mind, info.neighbors, info.seq) = (None, None, None, None, None);
-    match contents.model {
-        Model::Deep(m) => {
-            save(m.as_ref(), &ckpt)?;
-            info.deep = Some(m.spec.clone());
-        }
-        Model::Fm(m) => {
-            save(m.as_ref(), &ckpt)?;
-            info.fm = Some(m.spec.clone());
-        }
-        Model::Mind(m) => {
-            save(m.as_ref(), &ckpt)?;
-            info.mind = Some(m.spec.clone());
-        }
-        Model::Seq(m) => {
-            save(m.as_ref(), &ckpt)?;
-            info.seq = Some(m.spec.clone());
-        }
-        Model::Neighbors(n) => {
-            save_neighbors(n, &ckpt)?;
-            info.neighbors = Some(n.spec.clone());
-        }
-        Model::Popularity { .. } => {}
-    }
+    info.tower = model::save_model(contents.model, &ckpt)?;
     let text = toml::to_string_pretty(&*info).map_err(|e| RunError::Invalid(e.to_string()))?;
     needle_core::file::write_atomic(&manifest, text.as_bytes()).map_err(io(&manifest))
 }
@@ -379,170 +401,6 @@ fn read_feature_vocabs(
             Ok(vocab)
         })
         .collect()
-}
-
-/// Widths and lengths past this are not a recall model but a damaged manifest (and a tower built
-/// from them would allocate terabytes before the checkpoint could be compared).
-const MAX_WIDTH: usize = 1 << 14;
-
-/// The tables a manifest declares, `(name, rows, width)`, and every other size it gives.
-fn declared_shapes(info: &RunInfo) -> (Vec<(String, usize, usize)>, Vec<usize>) {
-    let item_rows =
-        |items: usize, hash: Option<needle_model::embedding::RowHash>| hash.map_or(items, |h| h.table_rows());
-    let feats = |fs: &[CategoricalSpec], prefix: &str| {
-        fs.iter().map(|f| (format!("{prefix}.{}", f.name), f.rows, f.dim)).collect::<Vec<_>>()
-    };
-    let (mut tables, mut sizes) = (Vec::new(), Vec::new());
-    if let Some(d) = &info.deep {
-        tables.push(("item_emb".to_owned(), item_rows(d.items, d.item_hash), d.dim));
-        tables.extend(feats(&d.user_features, "user_feat"));
-        tables.extend(feats(&d.item_features, "item_feat"));
-        sizes.extend([d.dim, d.out_dim, d.recent, d.max_seq_len]);
-        sizes.extend(d.hidden.iter().chain(d.item_hidden.iter().flatten()));
-    }
-    if let Some(f) = &info.fm {
-        tables.push(("item_v".to_owned(), item_rows(f.items, f.item_hash), f.k));
-        tables.extend(feats(&f.user_features, "user_feat"));
-        tables.extend(feats(&f.item_features, "item_feat"));
-        sizes.extend([f.k, f.max_seq_len]);
-    }
-    if let Some(m) = &info.mind {
-        tables.push(("item_emb".to_owned(), item_rows(m.items, m.item_hash), m.dim));
-        tables.extend(feats(&m.user_features, "user_feat"));
-        tables.extend(feats(&m.item_features, "item_feat"));
-        sizes.extend([m.dim, m.interests, m.routing_iters, m.max_seq_len]);
-        sizes.extend(&m.hidden);
-    }
-    if let Some(s) = &info.seq {
-        tables.push(("items".to_owned(), item_rows(s.items, s.item_hash), s.dim));
-        sizes.extend([s.dim, s.ffn, s.max_seq_len, s.blocks, s.heads]);
-    }
-    (tables, sizes)
-}
-
-/// Hidden widths followed by the output width, for each MLP a manifest declares.
-fn dense_chains(info: &RunInfo) -> Vec<Vec<usize>> {
-    let mut chains = Vec::new();
-    if let Some(d) = &info.deep {
-        chains.push(d.hidden.iter().copied().chain([d.out_dim]).collect());
-        if let Some(h) = &d.item_hidden {
-            chains.push(h.iter().copied().chain([d.out_dim]).collect());
-        }
-    }
-    if let Some(m) = &info.mind {
-        chains.push(m.hidden.iter().copied().chain([m.out_dim()]).collect());
-    }
-    chains
-}
-
-/// Refuses a manifest whose shapes cannot belong to the checkpoint beside it, before anything
-/// is allocated from them: every table it declares is saved in the checkpoint, so together they
-/// cannot be larger than the file.
-fn check_declared_shapes(info: &RunInfo, weights: &Path) -> Result<(), RunError> {
-    let (tables, sizes) = declared_shapes(info);
-    let bad =
-        |why: String| RunError::Invalid(format!("{}: {why}; the run is damaged, train it again", weights.display()));
-    if let Some(s) = sizes.iter().chain(tables.iter().map(|t| &t.2)).find(|&&s| s > MAX_WIDTH) {
-        return Err(bad(format!("model.toml declares a width or length of {s}")));
-    }
-    let file = std::fs::metadata(weights).map_err(io(weights))?.len() as u128;
-    let mut floats: u128 = tables.iter().map(|(_, rows, width)| *rows as u128 * *width as u128).sum();
-    // The dense layers between hidden widths are saved too.
-    for chain in dense_chains(info) {
-        floats += chain.windows(2).map(|w| w[0] as u128 * w[1] as u128).sum::<u128>();
-    }
-    if floats * 4 > file {
-        return Err(bad(format!(
-            "model.toml declares tables of {floats} parameters, more than the {file}-byte checkpoint holds"
-        )));
-    }
-    Ok(())
-}
-
-/// Rebuilds the model of a run from its manifest and checkpoint.
-pub fn load_model(info: &RunInfo, dir: &Path, item_counts: &[u64]) -> Result<Model, RunError> {
-    let path = dir.join(MANIFEST_FILE);
-    let weights = dir.join(WEIGHTS_FILE);
-    if !info.kind.is_counted() {
-        check_declared_shapes(info, &weights)?;
-    }
-    let missing =
-        |table: &str| RunError::Invalid(format!("{}: {:?} run without a [{table}] table", path.display(), info.kind));
-    Ok(match info.kind {
-        ModelKind::Popularity => Model::Popularity { counts: item_counts.iter().map(|&c| c as f32).collect() },
-        ModelKind::Youtubednn | ModelKind::Dssm => {
-            let spec = info.deep.clone().ok_or_else(|| missing("deep"))?;
-            let ckpt = Checkpoint::read(&weights)?;
-            let bags = read_bags(&ckpt, &spec.item_features, spec.items, &weights)?;
-            let mut m =
-                DeepTwoTower::new(spec, bags, &mut needle_model::rng::Rng::new(0)).map_err(RunError::Invalid)?;
-            ckpt.fill(&mut m)?;
-            Model::Deep(Box::new(m))
-        }
-        ModelKind::Fm => {
-            let spec = info.fm.clone().ok_or_else(|| missing("fm"))?;
-            let ckpt = Checkpoint::read(&weights)?;
-            let bags = read_bags(&ckpt, &spec.item_features, spec.items, &weights)?;
-            let mut m = FmTwoTower::new(spec, bags, &mut needle_model::rng::Rng::new(0)).map_err(RunError::Invalid)?;
-            ckpt.fill(&mut m)?;
-            Model::Fm(Box::new(m))
-        }
-        ModelKind::Mind => {
-            let spec = info.mind.clone().ok_or_else(|| missing("mind"))?;
-            let ckpt = Checkpoint::read(&weights)?;
-            let bags = read_bags(&ckpt, &spec.item_features, spec.items, &weights)?;
-            let mut m =
-                MindTwoTower::new(spec, bags, &mut needle_model::rng::Rng::new(0)).map_err(RunError::Invalid)?;
-            ckpt.fill(&mut m)?;
-            Model::Mind(Box::new(m))
-        }
-        ModelKind::Sequential => {
-            let spec = info.seq.clone().ok_or_else(|| missing("seq"))?;
-            let ckpt = Checkpoint::read(&weights)?;
-            let mut m = SeqTwoTower::new(spec, &mut needle_model::rng::Rng::new(0)).map_err(RunError::Invalid)?;
-            ckpt.fill(&mut m)?;
-            Model::Seq(Box::new(m))
-        }
-        ModelKind::Transitions | ModelKind::Itemcf => {
-            let spec = info.neighbors.clone().ok_or_else(|| missing("neighbors"))?;
-            if info.kind.neighbor_kind() != Some(spec.kind) || spec.items != item_counts.len() {
-                return Err(RunError::Invalid(format!(
-                    "{}: the [neighbors] table ({:?} over {} item rows) does not belong to a {:?} run over {} item rows",
-                    path.display(),
-                    spec.kind,
-                    spec.items,
-                    info.kind,
-                    item_counts.len()
-                )));
-            }
-            Model::Neighbors(Box::new(Checkpoint::read(&weights)?.neighbors(spec, item_counts.to_vec())?))
-        }
-    })
-}
-
-/// Reads and checks the item → feature-value bags saved with a model.
-fn read_bags(
-    ckpt: &Checkpoint,
-    features: &[CategoricalSpec],
-    items: usize,
-    path: &Path,
-) -> Result<Vec<ItemBags>, RunError> {
-    let mut bags = Vec::with_capacity(features.len());
-    for f in features {
-        let b = ItemBags {
-            offsets: ckpt.u32_tensor(&format!("item_bags.{}.offsets", f.name))?,
-            keys: ckpt.u32_tensor(&format!("item_bags.{}.keys", f.name))?,
-        };
-        let consistent = b.offsets.len() == items + 1
-            && b.offsets.windows(2).all(|w| w[0] <= w[1])
-            && b.offsets.last().copied() == Some(b.keys.len() as u32)
-            && b.keys.iter().all(|&k| (k as usize) < f.rows);
-        if !consistent {
-            return Err(RunError::Invalid(format!("{}: item_bags.{} are inconsistent", path.display(), f.name)));
-        }
-        bags.push(b);
-    }
-    Ok(bags)
 }
 
 #[cfg(test)]

@@ -1,12 +1,17 @@
 //! The trained model behind one run, and the user/item vectors that evaluation, recall and
 //! serving search with.
 
-use needle_model::deep::DeepTwoTower;
-use needle_model::fm::FmTwoTower;
-use needle_model::mind::MindTwoTower;
-use needle_model::neighbors::ItemNeighbors;
-use needle_model::seq::SeqTwoTower;
+use crate::config::ModelKind;
+use crate::{io, RunError, RunInfo};
+use needle_model::checkpoint::{save, save_neighbors, Checkpoint};
+use needle_model::deep::{CategoricalSpec, DeepSpec, DeepTwoTower, ItemBags};
+use needle_model::fm::{FmSpec, FmTwoTower};
+use needle_model::mind::{MindSpec, MindTwoTower};
+use needle_model::neighbors::{ItemNeighbors, NeighborSpec};
+use needle_model::seq::{SeqSpec, SeqTwoTower};
 use needle_model::tower::{Tower, UserBatch, UserEvents};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 pub enum Model {
     /// Score = training count; expressed as a 1-d two-tower model (user vector `[1]`, item
@@ -150,6 +155,245 @@ pub fn merge_interests(ids: &[u32], scores: &[f32], users: usize, ni: usize, k: 
         }
     }
     (out_ids, out_scores)
+}
+
+/// The tower a run holds and its shapes, one variant per family of models: the `[tower]`
+/// table of `model.toml`. Everything kind-specific about reading and writing a run is in this
+/// file: [`Model`], [`TowerSpec`], [`load_model`] and [`save_model`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TowerSpec {
+    /// Training counts; no parameters.
+    Popularity,
+    /// YouTubeDNN and DSSM.
+    Deep(DeepSpec),
+    Fm(FmSpec),
+    Mind(MindSpec),
+    Seq(SeqSpec),
+    /// Transitions and item-CF.
+    Neighbors(NeighborSpec),
+}
+
+impl TowerSpec {
+    /// The family's name, as in `model.toml`.
+    pub fn family(&self) -> &'static str {
+        match self {
+            TowerSpec::Popularity => "popularity",
+            TowerSpec::Deep(_) => "deep",
+            TowerSpec::Fm(_) => "fm",
+            TowerSpec::Mind(_) => "mind",
+            TowerSpec::Seq(_) => "seq",
+            TowerSpec::Neighbors(_) => "neighbors",
+        }
+    }
+
+    /// Whether a run of `kind` holds this family of tower.
+    pub fn fits(&self, kind: ModelKind) -> bool {
+        matches!(
+            (kind, self),
+            (ModelKind::Popularity, TowerSpec::Popularity)
+                | (ModelKind::Youtubednn | ModelKind::Dssm, TowerSpec::Deep(_))
+                | (ModelKind::Fm, TowerSpec::Fm(_))
+                | (ModelKind::Mind, TowerSpec::Mind(_))
+                | (ModelKind::Sequential, TowerSpec::Seq(_))
+                | (ModelKind::Transitions | ModelKind::Itemcf, TowerSpec::Neighbors(_))
+        )
+    }
+}
+
+/// Widths and lengths past this are not a recall model but a damaged manifest (and a tower built
+/// from them would allocate terabytes before the checkpoint could be compared).
+const MAX_WIDTH: usize = 1 << 14;
+
+/// The tables a manifest declares, `(name, rows, width)`, and every other size it gives.
+pub(crate) fn declared_shapes(info: &RunInfo) -> (Vec<(String, usize, usize)>, Vec<usize>) {
+    let item_rows =
+        |items: usize, hash: Option<needle_model::embedding::RowHash>| hash.map_or(items, |h| h.table_rows());
+    let feats = |fs: &[CategoricalSpec], prefix: &str| {
+        fs.iter().map(|f| (format!("{prefix}.{}", f.name), f.rows, f.dim)).collect::<Vec<_>>()
+    };
+    let (mut tables, mut sizes) = (Vec::new(), Vec::new());
+    match &info.tower {
+        TowerSpec::Deep(d) => {
+            tables.push(("item_emb".to_owned(), item_rows(d.items, d.item_hash), d.dim));
+            tables.extend(feats(&d.user_features, "user_feat"));
+            tables.extend(feats(&d.item_features, "item_feat"));
+            sizes.extend([d.dim, d.out_dim, d.recent, d.max_seq_len]);
+            sizes.extend(d.hidden.iter().chain(d.item_hidden.iter().flatten()));
+        }
+        TowerSpec::Fm(f) => {
+            tables.push(("item_v".to_owned(), item_rows(f.items, f.item_hash), f.k));
+            tables.extend(feats(&f.user_features, "user_feat"));
+            tables.extend(feats(&f.item_features, "item_feat"));
+            sizes.extend([f.k, f.max_seq_len]);
+        }
+        TowerSpec::Mind(m) => {
+            tables.push(("item_emb".to_owned(), item_rows(m.items, m.item_hash), m.dim));
+            tables.extend(feats(&m.user_features, "user_feat"));
+            tables.extend(feats(&m.item_features, "item_feat"));
+            sizes.extend([m.dim, m.interests, m.routing_iters, m.max_seq_len]);
+            sizes.extend(&m.hidden);
+        }
+        TowerSpec::Seq(s) => {
+            tables.push(("items".to_owned(), item_rows(s.items, s.item_hash), s.dim));
+            sizes.extend([s.dim, s.ffn, s.max_seq_len, s.blocks, s.heads]);
+        }
+        TowerSpec::Popularity | TowerSpec::Neighbors(_) => {}
+    }
+    (tables, sizes)
+}
+
+/// Hidden widths followed by the output width, for each MLP a manifest declares.
+fn dense_chains(info: &RunInfo) -> Vec<Vec<usize>> {
+    match &info.tower {
+        TowerSpec::Deep(d) => {
+            let mut chains = vec![d.hidden.iter().copied().chain([d.out_dim]).collect()];
+            if let Some(h) = &d.item_hidden {
+                chains.push(h.iter().copied().chain([d.out_dim]).collect());
+            }
+            chains
+        }
+        TowerSpec::Mind(m) => vec![m.hidden.iter().copied().chain([m.out_dim()]).collect()],
+        _ => Vec::new(),
+    }
+}
+
+/// Refuses a manifest whose shapes cannot belong to the checkpoint beside it, before anything
+/// is allocated from them: every table it declares is saved in the checkpoint, so together they
+/// cannot be larger than the file.
+fn check_declared_shapes(info: &RunInfo, weights: &Path) -> Result<(), RunError> {
+    let (tables, sizes) = declared_shapes(info);
+    let bad =
+        |why: String| RunError::Invalid(format!("{}: {why}; the run is damaged, train it again", weights.display()));
+    if let Some(s) = sizes.iter().chain(tables.iter().map(|t| &t.2)).find(|&&s| s > MAX_WIDTH) {
+        return Err(bad(format!("model.toml declares a width or length of {s}")));
+    }
+    let file = std::fs::metadata(weights).map_err(io(weights))?.len() as u128;
+    let mut floats: u128 = tables.iter().map(|(_, rows, width)| *rows as u128 * *width as u128).sum();
+    // The dense layers between hidden widths are saved too.
+    for chain in dense_chains(info) {
+        floats += chain.windows(2).map(|w| w[0] as u128 * w[1] as u128).sum::<u128>();
+    }
+    if floats * 4 > file {
+        return Err(bad(format!(
+            "model.toml declares tables of {floats} parameters, more than the {file}-byte checkpoint holds"
+        )));
+    }
+    Ok(())
+}
+
+/// Rebuilds the model of a run from its manifest and checkpoint.
+pub fn load_model(info: &RunInfo, dir: &Path, item_counts: &[u64]) -> Result<Model, RunError> {
+    let path = dir.join(crate::MANIFEST_FILE);
+    let weights = dir.join(crate::WEIGHTS_FILE);
+    if !info.tower.fits(info.kind) {
+        return Err(RunError::Invalid(format!(
+            "{}: a {:?} run cannot hold a {} tower",
+            path.display(),
+            info.kind,
+            info.tower.family()
+        )));
+    }
+    if !info.kind.is_counted() {
+        check_declared_shapes(info, &weights)?;
+    }
+    let rng = &mut needle_model::rng::Rng::new(0);
+    Ok(match info.tower.clone() {
+        TowerSpec::Popularity => Model::Popularity { counts: item_counts.iter().map(|&c| c as f32).collect() },
+        TowerSpec::Deep(spec) => {
+            let ckpt = Checkpoint::read(&weights)?;
+            let bags = read_bags(&ckpt, &spec.item_features, spec.items, &weights)?;
+            let mut m = DeepTwoTower::new(spec, bags, rng).map_err(RunError::Invalid)?;
+            ckpt.fill(&mut m)?;
+            Model::Deep(Box::new(m))
+        }
+        TowerSpec::Fm(spec) => {
+            let ckpt = Checkpoint::read(&weights)?;
+            let bags = read_bags(&ckpt, &spec.item_features, spec.items, &weights)?;
+            let mut m = FmTwoTower::new(spec, bags, rng).map_err(RunError::Invalid)?;
+            ckpt.fill(&mut m)?;
+            Model::Fm(Box::new(m))
+        }
+        TowerSpec::Mind(spec) => {
+            let ckpt = Checkpoint::read(&weights)?;
+            let bags = read_bags(&ckpt, &spec.item_features, spec.items, &weights)?;
+            let mut m = MindTwoTower::new(spec, bags, rng).map_err(RunError::Invalid)?;
+            ckpt.fill(&mut m)?;
+            Model::Mind(Box::new(m))
+        }
+        TowerSpec::Seq(spec) => {
+            let ckpt = Checkpoint::read(&weights)?;
+            let mut m = SeqTwoTower::new(spec, rng).map_err(RunError::Invalid)?;
+            ckpt.fill(&mut m)?;
+            Model::Seq(Box::new(m))
+        }
+        TowerSpec::Neighbors(spec) => {
+            if info.kind.neighbor_kind() != Some(spec.kind) || spec.items != item_counts.len() {
+                return Err(RunError::Invalid(format!(
+                    "{}: the neighbour lists ({:?} over {} item rows) do not belong to a {:?} run over {} item rows",
+                    path.display(),
+                    spec.kind,
+                    spec.items,
+                    info.kind,
+                    item_counts.len()
+                )));
+            }
+            Model::Neighbors(Box::new(Checkpoint::read(&weights)?.neighbors(spec, item_counts.to_vec())?))
+        }
+    })
+}
+
+/// Saves a model's parameters to `ckpt` (popularity has none) and returns its tower's shapes
+/// for the manifest.
+pub(crate) fn save_model(model: &Model, ckpt: &Path) -> Result<TowerSpec, RunError> {
+    Ok(match model {
+        Model::Popularity { .. } => TowerSpec::Popularity,
+        Model::Deep(m) => {
+            save(m.as_ref(), ckpt)?;
+            TowerSpec::Deep(m.spec.clone())
+        }
+        Model::Fm(m) => {
+            save(m.as_ref(), ckpt)?;
+            TowerSpec::Fm(m.spec.clone())
+        }
+        Model::Mind(m) => {
+            save(m.as_ref(), ckpt)?;
+            TowerSpec::Mind(m.spec.clone())
+        }
+        Model::Seq(m) => {
+            save(m.as_ref(), ckpt)?;
+            TowerSpec::Seq(m.spec.clone())
+        }
+        Model::Neighbors(n) => {
+            save_neighbors(n, ckpt)?;
+            TowerSpec::Neighbors(n.spec.clone())
+        }
+    })
+}
+
+/// Reads and checks the item → feature-value bags saved with a model.
+fn read_bags(
+    ckpt: &Checkpoint,
+    features: &[CategoricalSpec],
+    items: usize,
+    path: &Path,
+) -> Result<Vec<ItemBags>, RunError> {
+    let mut bags = Vec::with_capacity(features.len());
+    for f in features {
+        let b = ItemBags {
+            offsets: ckpt.u32_tensor(&format!("item_bags.{}.offsets", f.name))?,
+            keys: ckpt.u32_tensor(&format!("item_bags.{}.keys", f.name))?,
+        };
+        let consistent = b.offsets.len() == items + 1
+            && b.offsets.windows(2).all(|w| w[0] <= w[1])
+            && b.offsets.last().copied() == Some(b.keys.len() as u32)
+            && b.keys.iter().all(|&k| (k as usize) < f.rows);
+        if !consistent {
+            return Err(RunError::Invalid(format!("{}: item_bags.{} are inconsistent", path.display(), f.name)));
+        }
+        bags.push(b);
+    }
+    Ok(bags)
 }
 
 #[cfg(test)]

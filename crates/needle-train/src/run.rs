@@ -42,11 +42,8 @@ pub fn save_run(
         data_fingerprint: ds.fingerprint(),
         items: p.items.len() - 1,
         users: p.users.len() - 1,
-        deep: None,
-        fm: None,
-        mind: None,
-        neighbors: None,
-        seq: None,
+        // Filled in by `write_run` from the model it saves.
+        tower: needle_run::TowerSpec::Popularity,
         training: TrainingSummary {
             epochs_run: t.epochs.len(),
             best_epoch: t.best_epoch,
