@@ -2,12 +2,16 @@
 //! the item index and fills in item details from a store.
 //!
 //! [`engine`] holds one loaded run and [`live`] the items published and deleted while serving;
-//! [`versions`] routes users over several engines served side by side; [`http`] is the axum
-//! application around them, with hot reload, limits, metrics, structured logs and the
-//! following of other servers' catalogue changes on a shared store; [`loadgen`] is the load
-//! generator behind `needle bench serve`.
+//! [`versions`] routes users over several engines served side by side; [`http`] starts the
+//! axum application around them and routes its requests: `app` holds the shared state and
+//! (re)loads runs into it, `middleware` wraps every request (ids, logs, shedding, the admin
+//! token), and `recall_api`, `catalog_api` and `admin_api` answer the routes, with `reply` for
+//! the JSON answers they share. [`loadgen`] is the load generator behind `needle bench serve`.
 
+mod admin_api;
+mod app;
 pub mod auth;
+mod catalog_api;
 pub mod compute;
 pub mod conn;
 pub mod engine;
@@ -16,6 +20,9 @@ pub mod http;
 pub mod live;
 pub mod loadgen;
 pub mod metrics;
+mod middleware;
+mod recall_api;
+mod reply;
 pub mod versions;
 
 pub use engine::{Engine, Source};
