@@ -3,12 +3,12 @@
 
 use crate::auth::AdminAuth;
 use crate::engine::{Engine, StoreContents};
-use crate::filter::Attributes;
 use crate::metrics::Metrics;
 use crate::reply::ApiError;
 use crate::versions::Versions;
 use crate::ServeError;
 use axum::http::StatusCode;
+use needle_catalog::filter::Attributes;
 use needle_run::channels::ChannelsConfig;
 use needle_store::{Store, StoreSpec};
 use std::collections::BTreeMap;

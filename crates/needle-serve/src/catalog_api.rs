@@ -3,7 +3,6 @@
 
 use crate::app::{apply_live_changes, in_background, App, Shared};
 use crate::engine::Engine;
-use crate::live::Prepared;
 use crate::reply::{json_response, parse_body, ApiError, Id};
 use crate::ServeError;
 use axum::body::Bytes;
@@ -11,6 +10,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use needle_catalog::live::Prepared;
 use needle_store::{ItemDetails, ItemRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

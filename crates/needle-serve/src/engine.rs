@@ -4,9 +4,9 @@
 //! Everything here is synchronous CPU work of well under a millisecond per request at ML-1M
 //! scale, so handlers call it inline.
 
-use crate::filter::{Attributes, Filter};
-use crate::live::{LiveState, Prepared};
 use crate::ServeError;
+use needle_catalog::filter::{Attributes, Filter};
+use needle_catalog::live::{LiveState, Prepared};
 use needle_data::Dataset;
 use needle_data::Vocab;
 use needle_index::{Allowed, Index, IndexParams};
@@ -301,7 +301,7 @@ impl Engine {
 
     /// Builds the graph over `snap` on a thread of its own at a lower priority and swaps it in;
     /// searches go on over the segment meanwhile.
-    fn compact_in_background(&self, snap: crate::live::Snapshot) {
+    fn compact_in_background(&self, snap: needle_catalog::live::Snapshot) {
         let live = self.live.clone();
         let n = snap.len();
         let spawned = std::thread::Builder::new().name("needle-compact".into()).spawn(move || {

@@ -1,7 +1,8 @@
 //! The online half of needle: an HTTP server that computes the user's vector in real time, searches
 //! the item index and fills in item details from a store.
 //!
-//! [`engine`] holds one loaded run and [`live`] the items published and deleted while serving;
+//! [`engine`] holds one loaded run, with the items published and deleted while serving kept by
+//! `needle-catalog` beside its index;
 //! [`versions`] routes users over several engines served side by side; [`http`] starts the
 //! axum application around them and routes its requests: `app` holds the shared state and
 //! (re)loads runs into it, `middleware` wraps every request (ids, logs, shedding, the admin
@@ -15,9 +16,7 @@ mod catalog_api;
 pub mod compute;
 pub mod conn;
 pub mod engine;
-pub mod filter;
 pub mod http;
-pub mod live;
 pub mod loadgen;
 pub mod metrics;
 mod middleware;

@@ -2,7 +2,6 @@
 
 use crate::app::{App, Limits, Shared};
 use crate::engine::{Restrict, Source, UserInput};
-use crate::filter::Filter;
 use crate::reply::{json_response, parse_body, ApiError, Id};
 use crate::versions::Version;
 use crate::ServeError;
@@ -11,6 +10,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use needle_catalog::filter::Filter;
 use needle_store::ItemDetails;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -18,6 +18,7 @@ const FLOORS: &[(&str, u32)] = &[
     ("needle-index", 2),
     ("needle-eval", 2),
     ("needle-run", 3),
+    ("needle-catalog", 3),
     ("needle-train", 4),
     ("needle-serve", 4),
     ("needle-api", 5),
