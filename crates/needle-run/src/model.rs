@@ -108,12 +108,6 @@ impl Model {
     pub fn user_vector(&self, events: &UserEvents<'_>) -> Vec<f32> {
         with_tower!(self, m => one_user_vector(m.as_ref(), events), pop _c => vec![1.0], nb _n => Vec::new())
     }
-
-    /// Newest history items the user tower reads: the model's own length, the one every reader
-    /// of the run uses. Item-to-item and popularity models read the whole history.
-    pub fn max_seq_len(&self) -> Option<usize> {
-        with_tower!(self, m => Some(m.max_seq_len()), pop _c => None, nb _n => None)
-    }
 }
 
 fn one_item_vector<T: Tower>(m: &T, row: u32) -> Vec<f32> {
@@ -184,6 +178,19 @@ impl TowerSpec {
             TowerSpec::Mind(_) => "mind",
             TowerSpec::Seq(_) => "seq",
             TowerSpec::Neighbors(_) => "neighbors",
+        }
+    }
+
+    /// Newest history items the tower reads: the run's one length, which training, evaluation,
+    /// the store and the server all use (`None` for popularity, which reads no history).
+    pub fn max_seq_len(&self) -> Option<usize> {
+        match self {
+            TowerSpec::Popularity => None,
+            TowerSpec::Deep(s) => Some(s.max_seq_len),
+            TowerSpec::Fm(s) => Some(s.max_seq_len),
+            TowerSpec::Mind(s) => Some(s.max_seq_len),
+            TowerSpec::Seq(s) => Some(s.max_seq_len),
+            TowerSpec::Neighbors(s) => Some(s.max_seq_len),
         }
     }
 

@@ -129,7 +129,7 @@ impl Engine {
         let model = run.model;
         // The run's own length, as training and evaluation read it; the config's copy is what
         // training started from.
-        let model_max_seq_len = model.max_seq_len().unwrap_or(run.info.config.model.max_seq_len);
+        let model_max_seq_len = run.info.tower.max_seq_len().unwrap_or(run.info.config.model.max_seq_len);
         let index_path = index.map(Path::to_owned).unwrap_or_else(|| dir.join(needle_index::RUN_INDEX_FILE));
         let index: Option<Box<dyn Index>> = if let Some(n) = model.neighbors() {
             if index.is_some() {
@@ -690,7 +690,7 @@ impl StoreContents {
         Ok(StoreContents {
             items,
             users,
-            max_history: info.config.model.max_seq_len,
+            max_history: info.tower.max_seq_len().unwrap_or(info.config.model.max_seq_len),
             fingerprint: info.data_fingerprint.clone(),
         })
     }
