@@ -1,6 +1,7 @@
 //! Non-cryptographic hashes: FNV-1a over bytes (identities of data and runs, store buckets),
-//! FNV-1a over 64-bit words (file checksums), and a 64-bit finaliser that spreads the bits of
-//! either before they are reduced to a bucket.
+//! FNV-1a over 64-bit words (the checksum of index files of format 1), a 64-bit finaliser that
+//! spreads the bits of either before they are reduced to a bucket, and [`Checksum`], the
+//! checksum every file format of needle writes.
 //!
 //! None of these resist a chosen input; they find accidents (a changed file, a different log).
 
@@ -33,6 +34,85 @@ pub fn fmix64(mut h: u64) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^ (h >> 33)
+}
+
+/// The checksum of needle's files (the binary dataset, index files): 64 bits over 8-byte words
+/// in four independent lanes, so it runs at memory speed; detects torn writes and flipped
+/// bytes, not an adversary.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    let mut c = Checksum::new();
+    c.update(bytes);
+    c.finish()
+}
+
+const P: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// [`checksum`] over data that arrives in pieces.
+pub struct Checksum {
+    lanes: [u64; 4],
+    pending: [u8; 32],
+    n_pending: usize,
+    len: u64,
+}
+
+impl Default for Checksum {
+    fn default() -> Self {
+        Checksum::new()
+    }
+}
+
+impl Checksum {
+    pub fn new() -> Checksum {
+        Checksum {
+            lanes: [0x243f_6a88_85a3_08d3, 0x1319_8a2e_0370_7344, 0xa409_3822_299f_31d0, 0x082e_fa98_ec4e_6c89],
+            pending: [0; 32],
+            n_pending: 0,
+            len: 0,
+        }
+    }
+
+    fn block(&mut self, b: &[u8]) {
+        for (lane, w) in self.lanes.iter_mut().zip(b.chunks_exact(8)) {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(w);
+            *lane = (*lane ^ u64::from_le_bytes(a)).wrapping_mul(P).rotate_left(29);
+        }
+    }
+
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        self.len += bytes.len() as u64;
+        if self.n_pending > 0 {
+            let take = (32 - self.n_pending).min(bytes.len());
+            let (head, rest) = bytes.split_at(take);
+            self.pending[self.n_pending..self.n_pending + take].copy_from_slice(head);
+            self.n_pending += take;
+            bytes = rest;
+            if self.n_pending < 32 {
+                return;
+            }
+            let p = self.pending;
+            self.block(&p);
+            self.n_pending = 0;
+        }
+        let mut blocks = bytes.chunks_exact(32);
+        for b in &mut blocks {
+            self.block(b);
+        }
+        let rem = blocks.remainder();
+        self.pending[..rem.len()].copy_from_slice(rem);
+        self.n_pending = rem.len();
+    }
+
+    pub fn finish(&self) -> u64 {
+        let mut h = self.len.wrapping_mul(P);
+        for lane in self.lanes {
+            h = (h ^ lane).wrapping_mul(P).rotate_left(31);
+        }
+        for &byte in &self.pending[..self.n_pending] {
+            h = (h ^ u64::from(byte)).wrapping_mul(P);
+        }
+        h ^ (h >> 29)
+    }
 }
 
 #[cfg(test)]

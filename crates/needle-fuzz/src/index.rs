@@ -54,9 +54,6 @@ pub fn index(data: &[u8]) -> bool {
     true
 }
 
-/// FNV-1a over 64-bit little-endian words, the index file checksum.
-use needle_core::hash::fnv1a64_words as fnv_words;
-
 /// The file with its payload length and checksum recomputed from its bytes, so that mutations
 /// reach the section decoding; left as it is when the payload is not whole 8-byte words.
 pub fn reseal_index(body: &[u8]) -> Vec<u8> {
@@ -66,7 +63,8 @@ pub fn reseal_index(body: &[u8]) -> Vec<u8> {
     }
     let payload = (out.len() - HEADER) as u64;
     out[64..72].copy_from_slice(&payload.to_le_bytes());
-    let h = fnv_words(fnv_words(0xcbf2_9ce4_8422_2325, &out[HEADER..]), &out[..72]);
-    out[72..80].copy_from_slice(&h.to_le_bytes());
+    if let Some(h) = needle_index::image_checksum(&out) {
+        out[72..80].copy_from_slice(&h.to_le_bytes());
+    }
     out
 }

@@ -10,7 +10,8 @@
 //!     24     8  vector count
 //!     32    32  four u64 parameters (meaning depends on kind)
 //!     64     8  payload length in bytes
-//!     72     8  checksum: FNV-1a over 64-bit LE words of the payload, then of header bytes 0..72
+//!     72     8  checksum (`needle_core::hash::Checksum`) of the payload, then of header bytes 0..72
+//!               (format 1, still read: FNV-1a over 64-bit LE words)
 //!     80        payload: sections of [u64 element count][elements LE][zero padding to 8 bytes]
 //! ```
 //!
@@ -24,6 +25,7 @@ use crate::error::{IndexError, Result};
 use crate::kernels::Rows;
 use crate::IndexKind;
 use needle_core::file::AtomicFile;
+use needle_core::hash::Checksum;
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::marker::PhantomData;
@@ -31,8 +33,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub(crate) const MAGIC: [u8; 8] = *b"NEEDLEIX";
-/// Bumped whenever the payload layout of any kind changes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever the layout of any kind or the checksum changes. Format 1 (the same layout,
+/// checksummed with FNV-1a over words) is still read.
+pub const FORMAT_VERSION: u32 = 2;
 pub(crate) const HEADER_LEN: usize = 80;
 const METRIC_INNER_PRODUCT: u32 = 1;
 
@@ -43,20 +46,6 @@ pub(crate) struct Header {
     pub dim: u32,
     pub count: u64,
     pub params: [u64; 4],
-}
-
-/// The running checksum of an index file: FNV-1a over 64-bit words (`needle_core::hash`).
-#[derive(Clone, Copy)]
-struct Fnv64(u64);
-
-impl Fnv64 {
-    fn new() -> Self {
-        Fnv64(needle_core::hash::FNV1A64_OFFSET)
-    }
-
-    fn words(&mut self, bytes: &[u8]) {
-        self.0 = needle_core::hash::fnv1a64_words(self.0, bytes);
-    }
 }
 
 fn kind_code(k: IndexKind) -> u32 {
@@ -86,7 +75,7 @@ fn header_bytes(h: &Header, payload_len: u64) -> [u8; 72] {
 /// Streams sections to the file, hashing as it goes.
 pub(crate) struct Writer {
     out: AtomicFile,
-    hash: Fnv64,
+    hash: Checksum,
     len: u64,
     buf: Vec<u8>,
     path: PathBuf,
@@ -98,7 +87,7 @@ impl Writer {
     }
 
     fn raw(&mut self, bytes: &[u8]) -> Result<()> {
-        self.hash.words(bytes);
+        self.hash.update(bytes);
         self.len += bytes.len() as u64;
         self.out.write_all(bytes).map_err(|e| IndexError::Io { path: self.path.clone(), source: e })
     }
@@ -148,17 +137,17 @@ impl Writer {
 pub(crate) fn save(path: &Path, header: &Header, payload: impl FnOnce(&mut Writer) -> Result<()>) -> Result<()> {
     let tmp = needle_core::file::tmp_path(path);
     let out = AtomicFile::create(path).map_err(|e| IndexError::Io { path: tmp.clone(), source: e })?;
-    let mut w = Writer { out, hash: Fnv64::new(), len: 0, buf: Vec::new(), path: tmp.clone() };
+    let mut w = Writer { out, hash: Checksum::new(), len: 0, buf: Vec::new(), path: tmp.clone() };
     w.out.write_all(&[0u8; HEADER_LEN]).map_err(|e| w.io(e))?;
     payload(&mut w)?;
     let head = header_bytes(header, w.len);
-    let mut hash = w.hash;
-    hash.words(&head);
+    let mut hash = std::mem::take(&mut w.hash);
+    hash.update(&head[..72]);
     let file = w.out.file_mut().map_err(|e| IndexError::Io { path: tmp.clone(), source: e })?;
     (|| {
         file.seek(SeekFrom::Start(0))?;
         file.write_all(&head)?;
-        file.write_all(&hash.0.to_le_bytes())
+        file.write_all(&hash.finish().to_le_bytes())
     })()
     .map_err(|e| IndexError::Io { path: tmp.clone(), source: e })?;
     w.out.commit().map_err(|e| IndexError::Io { path: path.to_owned(), source: e })
@@ -211,7 +200,7 @@ fn check_image(bytes: &[u8], path: &Path, verify: Verify) -> Result<Header> {
         u64::from_le_bytes(b)
     };
     let version = u32_at(8);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != 1 {
         return Err(IndexError::UnsupportedVersion {
             path: path.to_owned(),
             found: version,
@@ -228,7 +217,7 @@ fn check_image(bytes: &[u8], path: &Path, verify: Verify) -> Result<Header> {
     }
     if verify == Verify::Full {
         let stored = u64_at(72);
-        let computed = checksum(bytes);
+        let computed = image_checksum(bytes).unwrap_or_default();
         if computed != stored {
             return Err(IndexError::Checksum { path: path.to_owned(), stored, computed });
         }
@@ -255,12 +244,21 @@ fn check_image(bytes: &[u8], path: &Path, verify: Verify) -> Result<Header> {
     Ok(header)
 }
 
-/// The checksum of a whole file image: payload words, then header bytes 0..72.
-fn checksum(bytes: &[u8]) -> u64 {
-    let mut hash = Fnv64::new();
-    hash.words(&bytes[HEADER_LEN..]);
-    hash.words(&bytes[..72]);
-    hash.0
+/// The checksum a whole file image should carry, by its format version (bytes 8..12): of the
+/// payload, then of header bytes 0..72. `None` for an image too short to have a header.
+pub fn image_checksum(bytes: &[u8]) -> Option<u64> {
+    if bytes.len() < HEADER_LEN {
+        return None;
+    }
+    let (head, payload) = bytes.split_at(HEADER_LEN);
+    if head[8..12] == 1u32.to_le_bytes() {
+        let h = needle_core::hash::fnv1a64_words(needle_core::hash::FNV1A64_OFFSET, payload);
+        return Some(needle_core::hash::fnv1a64_words(h, &head[..72]));
+    }
+    let mut c = Checksum::new();
+    c.update(payload);
+    c.update(&head[..72]);
+    Some(c.finish())
 }
 
 /// Reads a whole index file in one read and checks magic, version, length and checksum.
@@ -456,6 +454,6 @@ impl<'a> Reader<'a> {
 /// whose checksum is right (what a buggy writer or a malicious file would produce).
 #[cfg(test)]
 pub(crate) fn reseal(bytes: &mut [u8]) {
-    let h = checksum(bytes);
+    let h = image_checksum(bytes).unwrap_or_default();
     bytes[72..80].copy_from_slice(&h.to_le_bytes());
 }

@@ -35,7 +35,7 @@ mod synth;
 
 pub use error::{IndexError, Result};
 pub use exact::ExactIndex;
-pub use format::{Verify, FORMAT_VERSION};
+pub use format::{image_checksum, Verify, FORMAT_VERSION};
 pub use hnsw::HnswIndex;
 pub use ivf::IvfIndex;
 pub use ivfpq::{IvfPqIndex, COARSE_GRAPH_MIN_LISTS, MAX_DEFAULT_LISTS};

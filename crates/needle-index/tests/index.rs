@@ -340,10 +340,21 @@ fn truncated_or_flipped_files_are_errors() {
                 }
             }
         }
-        let mut v2 = good.clone();
-        v2[8] = 2;
-        std::fs::write(&broken, &v2).unwrap();
-        assert!(matches!(load(&broken), Err(IndexError::UnsupportedVersion { found: 2, .. })));
+        let mut v3 = good.clone();
+        v3[8] = 3;
+        std::fs::write(&broken, &v3).unwrap();
+        assert!(matches!(load(&broken), Err(IndexError::UnsupportedVersion { found: 3, .. })));
+        // A file of format 1 (the same layout, the older checksum) still loads and searches alike.
+        let mut v1 = good.clone();
+        v1[8] = 1;
+        let h = needle_index::image_checksum(&v1).unwrap();
+        v1[72..80].copy_from_slice(&h.to_le_bytes());
+        assert_ne!(v1[72..80], good[72..80], "format 1 has another checksum");
+        std::fs::write(&broken, &v1).unwrap();
+        let old = load(&broken).unwrap_or_else(|e| panic!("{params}: format 1 does not load: {e}"));
+        let fresh = load(&path).unwrap();
+        let q = vec![0.5; fresh.dim() * 3];
+        assert_eq!(old.search_batch(&q, 5).unwrap(), fresh.search_batch(&q, 5).unwrap());
     }
     assert!(matches!(load(&dir.path().join("missing.idx")), Err(IndexError::Io { .. })));
 }
