@@ -37,6 +37,9 @@ impl Observer for Logged<'_> {
     fn end(&mut self) {
         self.inner.end()
     }
+    fn note(&mut self, line: &str) {
+        self.inner.note(line)
+    }
     fn epoch(&mut self, rec: &EpochLog) {
         if let Err(e) = needle_train::run::append_log(self.dir, rec) {
             self.err.get_or_insert(e.into());

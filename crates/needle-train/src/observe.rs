@@ -21,6 +21,8 @@ pub trait Observer {
     fn progress(&mut self, _done: u64, _status: &str) {}
     /// The current work is finished.
     fn end(&mut self) {}
+    /// A line a person should see before training starts (the memory plan).
+    fn note(&mut self, _line: &str) {}
     /// An epoch ended, with its loss and validation figures.
     fn epoch(&mut self, _rec: &EpochLog) {}
     /// Polled between training steps: `true` stops training after the current step, keeping

@@ -52,6 +52,9 @@ impl Observer for Quiet<'_> {
     fn end(&mut self) {
         self.0.end()
     }
+    fn note(&mut self, line: &str) {
+        self.0.note(line)
+    }
     fn should_stop(&self) -> bool {
         self.0.should_stop()
     }
@@ -928,7 +931,7 @@ pub fn train(cfg: &Config, p: &Prepared, obs: &mut dyn Observer) -> Result<Train
             })
         }
         tower => {
-            let mut session = tower_session(cfg, p, tower, true)?;
+            let mut session = tower_session(cfg, p, tower, obs)?;
             loop {
                 match session.epoch(obs) {
                     Ok(Some(rec)) => obs.epoch(&rec),
@@ -1026,13 +1029,13 @@ impl AnySession for Counted<'_> {
 }
 
 impl<'a, T: Tower + Clone> Session<'a, T> {
-    /// `show_plan` prints the memory plan (a tuner's many sessions keep quiet).
+    /// `obs` is told the memory plan (a tuner's many sessions pass a silent one).
     pub fn new(
         cfg: &'a Config,
         p: &'a Prepared,
         mut model: T,
         wrap: fn(T) -> Model,
-        show_plan: bool,
+        obs: &mut dyn Observer,
     ) -> Result<Self, TrainError> {
         let start = Instant::now();
         let t = &cfg.train;
@@ -1043,9 +1046,7 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
             return Err(TrainError::Data("no training samples: every user has fewer than 2 training events".into()));
         }
         let plan = MemoryPlan::of(cfg, &mut model, p.n_item_rows());
-        if show_plan {
-            eprintln!("{plan}");
-        }
+        obs.note(&plan.to_string());
         plan.check()?;
         let mut trainer = Trainer::new(cfg, p, model)?;
         trainer.set_total_steps((samples.len().div_ceil(t.batch_size.max(1)) * t.schedule_span()) as u64);
@@ -1190,22 +1191,22 @@ pub fn session<'a>(cfg: &'a Config, p: &'a Prepared) -> Result<Box<dyn AnySessio
         return Ok(Box::new(Counted { cfg, p, trained: None }));
     }
     let root = Rng::new(cfg.train.seed);
-    tower_session(cfg, p, build_model(cfg, p, &mut root.fork(2))?, false)
+    tower_session(cfg, p, build_model(cfg, p, &mut root.fork(2))?, &mut observe::Silent)
 }
 
-/// The session training `model`, a freshly built model of the configured kind; `show_plan`
-/// prints the memory plan (a tuner's many sessions keep quiet).
+/// The session training `model`, a freshly built model of the configured kind; `obs` is told
+/// its memory plan (a tuner's many sessions keep quiet).
 fn tower_session<'a>(
     cfg: &'a Config,
     p: &'a Prepared,
     model: Model,
-    show_plan: bool,
+    obs: &mut dyn Observer,
 ) -> Result<Box<dyn AnySession + 'a>, TrainError> {
     Ok(match model {
-        Model::Deep(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Deep(Box::new(m)), show_plan)?),
-        Model::Fm(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Fm(Box::new(m)), show_plan)?),
-        Model::Mind(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Mind(Box::new(m)), show_plan)?),
-        Model::Seq(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Seq(Box::new(m)), show_plan)?),
+        Model::Deep(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Deep(Box::new(m)), obs)?),
+        Model::Fm(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Fm(Box::new(m)), obs)?),
+        Model::Mind(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Mind(Box::new(m)), obs)?),
+        Model::Seq(m) => Box::new(Session::new(cfg, p, *m, |m| Model::Seq(Box::new(m)), obs)?),
         Model::Popularity { .. } | Model::Neighbors(_) => Box::new(Counted { cfg, p, trained: None }),
     })
 }

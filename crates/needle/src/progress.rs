@@ -206,6 +206,10 @@ impl needle_api::Observer for Bars {
         }
     }
 
+    fn note(&mut self, line: &str) {
+        eprintln!("{line}");
+    }
+
     fn epoch(&mut self, rec: &needle_api::EpochLog) {
         eprintln!(
             "epoch {:>3}  loss {:.4}  valid HR@10 {:.4}  NDCG@10 {:.4}  {:.1}s  {:.0} samples/s",
