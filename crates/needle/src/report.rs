@@ -3,7 +3,8 @@
 //! each run's HR@K curve.
 
 use anyhow::{anyhow, ensure, Context, Result};
-use needle_train::run::RunInfo;
+use needle_train::config::ModelKind;
+use needle_train::run::TrainingSummary;
 use plotters::prelude::*;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,14 +16,22 @@ const METRICS: [(&str, &str); 5] =
 
 struct Row {
     name: String,
-    info: RunInfo,
+    info: Summary,
     metrics: serde_json::Value,
+}
+
+/// What a report reads of a run's manifest: the kind and the training summary (the tower's
+/// shapes and the config are not needed, and may be absent from a manifest written by hand).
+#[derive(serde::Deserialize)]
+struct Summary {
+    kind: ModelKind,
+    training: TrainingSummary,
 }
 
 fn read_run(dir: &Path) -> Result<Row> {
     let info_path = dir.join("model.toml");
     let text = std::fs::read_to_string(&info_path).with_context(|| format!("cannot read {}", info_path.display()))?;
-    let info: RunInfo =
+    let info: Summary =
         toml::from_str(&text).with_context(|| format!("{} is not a run manifest", info_path.display()))?;
     let m_path = dir.join("metrics.json");
     let text = std::fs::read_to_string(&m_path).with_context(|| {
