@@ -44,7 +44,7 @@ const KINDS: &[(&str, &str)] = &[
     ("itemcf", "[model]\nkind = \"itemcf\"\nrecent = 3\nwindow = 3\nneighbors = 50\nmax_seq_len = 10\n"),
 ];
 
-const TRAIN: &str = "[train]\nepochs = 3\nbatch_size = 64\nlr = 0.005\nembedding_lr = 0.01\ntemperature = 0.1\npatience = 0\nseed = 7\nthreads = 2\n";
+const TRAIN: &str = "[train]\nepochs = 1\nbatch_size = 64\nlr = 0.005\nembedding_lr = 0.01\ntemperature = 0.1\npatience = 0\nseed = 7\nthreads = 2\n";
 
 /// `user → [(item, score)]` from `needle recall --scores`.
 fn offline(dir: &Path, run: &str, extra: &[&str]) -> HashMap<String, Vec<(String, f32)>> {
@@ -193,14 +193,14 @@ fn served_recalls_equal_offline_recalls_on_movielens_100k() {
         ("dssm", "[model]\nkind = \"dssm\"\ndim = 32\nhidden = [64]\nitem_hidden = [64]\nout_dim = 32\nuser_features = [\"user_id\", \"gender\", \"age\", \"occupation\", \"zip\"]\nitem_features = [\"genres\", \"year\"]\nhistory = true\nmax_seq_len = 50\nrecent = 3\n"),
         ("fm", "[model]\nkind = \"fm\"\ndim = 16\nuser_features = [\"user_id\", \"gender\", \"age\", \"occupation\", \"zip\"]\nitem_features = [\"genres\"]\nhistory = true\nmax_seq_len = 10\n"),
         ("mind", "[model]\nkind = \"mind\"\ndim = 32\nhidden = [64]\nuser_features = [\"gender\", \"age\", \"occupation\", \"zip\"]\ninterests = 2\nmax_seq_len = 50\n"),
-        ("sequential", "[model]\nkind = \"sequential\"\ndim = 32\nmax_seq_len = 50\nblocks = 1\nheads = 1\nffn = 32\nuser_features = []\n"),
-        ("hstu", "[model]\nkind = \"sequential\"\nblock = \"hstu\"\ndim = 32\nmax_seq_len = 50\nblocks = 1\nheads = 1\nuser_features = []\n"),
+        ("sequential", "[model]\nkind = \"sequential\"\ndim = 16\nmax_seq_len = 50\nblocks = 1\nheads = 1\nffn = 16\nuser_features = []\n"),
+        ("hstu", "[model]\nkind = \"sequential\"\nblock = \"hstu\"\ndim = 16\nmax_seq_len = 50\nblocks = 1\nheads = 1\nuser_features = []\n"),
         ("transitions", "[model]\nkind = \"transitions\"\nrecent = 3\nmax_seq_len = 50\n"),
         ("itemcf", "[model]\nkind = \"itemcf\"\nrecent = 5\nwindow = 5\nneighbors = 200\nmax_seq_len = 50\n"),
     ];
     for (name, model) in ml_kinds {
         let config = format!(
-            "[data]\ndataset = \"ml-100k\"\nsplit = \"leave-last-out\"\n{model}[train]\nepochs = 2\nbatch_size = 256\nloss = \"full\"\nlr = 0.002\nembedding_lr = 0.005\ntemperature = 0.1\npatience = 0\nseed = 42\nthreads = 2\n"
+            "[data]\ndataset = \"ml-100k\"\nsplit = \"leave-last-out\"\n{model}[train]\nepochs = 1\nbatch_size = 256\nloss = \"full\"\nlr = 0.002\nembedding_lr = 0.005\ntemperature = 0.1\npatience = 0\nseed = 42\nthreads = 2\n"
         );
         let n = check_kind(dir, name, &config, &events, &["--data-dir", &root]);
         assert_eq!(n, 943, "{name}: every user is compared");
