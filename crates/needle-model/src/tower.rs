@@ -37,10 +37,16 @@ impl<'a> UserEvents<'a> {
         }
     }
 
+    /// The time of event `i`; 0 when its part's times are not given (or do not match it).
     fn time(&self, i: usize) -> i64 {
         let n0 = self.items[0].len();
-        let (part, j) = if i < n0 { (self.times[0], i) } else { (self.times[1], i - n0) };
-        part.get(j).copied().unwrap_or(0)
+        let (p, j) = if i < n0 { (0, i) } else { (1, i - n0) };
+        let times = self.times[p];
+        if times.len() == self.items[p].len() {
+            times[j]
+        } else {
+            0
+        }
     }
 
     /// Where the window of the newest `max_seq_len` known items starts, and how many it holds.
@@ -124,18 +130,39 @@ impl UserBatch {
     /// evaluation and serving time).
     pub fn set_user(&mut self, b: usize, events: &UserEvents<'_>) -> usize {
         let l = self.max_seq_len;
-        let (start, n) = events.window(l);
-        let total = events.items[0].len() + events.items[1].len();
         let (hist, ts) = (&mut self.hist[b * l..(b + 1) * l], &mut self.hist_ts[b * l..(b + 1) * l]);
-        let mut slot = 0;
-        for i in start..total {
-            let item = events.item(i);
-            if item != 0 {
-                hist[slot] = item;
-                ts[slot] = events.time(i);
-                slot += 1;
+        // The common case, every training window: the newest `l` items are all known, so the
+        // window is the tails of the two parts, copied whole.
+        let [first, second] = events.items;
+        let take = l.min(first.len() + second.len());
+        let from_second = take.min(second.len());
+        let tails = [&first[first.len() - (take - from_second)..], &second[second.len() - from_second..]];
+        let n = if tails.iter().all(|t| !t.contains(&0)) {
+            let mut at = 0;
+            for (part, tail) in tails.iter().enumerate() {
+                hist[at..at + tail.len()].copy_from_slice(tail);
+                let times = events.times[part];
+                if times.len() == events.items[part].len() {
+                    ts[at..at + tail.len()].copy_from_slice(&times[times.len() - tail.len()..]);
+                } else {
+                    ts[at..at + tail.len()].fill(0);
+                }
+                at += tail.len();
             }
-        }
+            take
+        } else {
+            let (start, n) = events.window(l);
+            let mut slot = 0;
+            for i in start..first.len() + second.len() {
+                let item = events.item(i);
+                if item != 0 {
+                    hist[slot] = item;
+                    ts[slot] = events.time(i);
+                    slot += 1;
+                }
+            }
+            n
+        };
         hist[n..].fill(0);
         ts[n..].fill(0);
         self.hist_len[b] = n as u32;
@@ -405,6 +432,10 @@ mod tests {
         let short = UserEvents::new(&[0, 4], &[1, 2]);
         assert_eq!(b.set_user(0, &short), 1);
         assert_eq!((&b.hist[..3], &b.hist_ts[..3], b.hist_len[0]), (&[4, 0, 0][..], &[0, 0, 0][..], 1));
+        // Every newest item known: the window is the parts' tails, with their times.
+        let known = UserEvents { items: [&[1, 2, 3], &[4]], times: [&[10, 20, 30], &[40]], features: &[] };
+        assert_eq!(b.set_user(1, &known), 3);
+        assert_eq!((&b.hist[3..6], &b.hist_ts[3..6]), (&[2, 3, 4][..], &[20, 30, 40][..]));
         // Reusing a slot clears what the previous user left in it.
         assert_eq!(b.set_user(1, &UserEvents::new(&[3], &[])), 1);
         assert_eq!(&b.hist[3..6], &[3, 0, 0]);
