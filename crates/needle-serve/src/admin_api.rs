@@ -196,7 +196,15 @@ pub(crate) async fn add_version(State(app): State<Shared>, body: Result<Bytes, B
         )))
         .into_response();
     }
-    let engine = match load_engine(&req.run, app.data_dir.clone(), app.sources(&req.run), Some(&*app.store)).await {
+    let engine = match load_engine(
+        &req.run,
+        app.data_dir.clone(),
+        app.sources(&req.run),
+        Some(&*app.store),
+        app.limits.seen_history,
+    )
+    .await
+    {
         Ok(e) => e,
         Err(e) => {
             return ApiError {

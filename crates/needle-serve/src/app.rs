@@ -38,6 +38,9 @@ pub struct Limits {
     pub max_queue_wait: Duration,
     /// Threads that run user towers and index searches (0: one per core).
     pub compute_threads: usize,
+    /// Items of each user's history the store keeps, when more than the model's window: a
+    /// recall leaves out as seen only what the store kept (0: the window, `max_seq_len`).
+    pub seen_history: usize,
 }
 
 impl Default for Limits {
@@ -50,6 +53,7 @@ impl Default for Limits {
             max_in_flight: 256,
             max_queue_wait: Duration::from_millis(5),
             compute_threads: 0,
+            seen_history: 0,
         }
     }
 }
@@ -205,6 +209,7 @@ pub(crate) async fn load_engine(
     data_dir: Option<PathBuf>,
     sources: Sources,
     store: Option<&dyn Store>,
+    seen_history: usize,
 ) -> Result<Arc<Engine>, ServeError> {
     let Sources { index, channels, effort, compact_at } = sources;
     // `None`: no store; `Some(None)`: a store that holds nothing yet, or whose last load was cut
@@ -217,7 +222,14 @@ pub(crate) async fn load_engine(
     let dir = run.to_owned();
     let blocking = move || -> Result<_, ServeError> {
         let served = needle_run::load_for_serving(&dir)?;
-        let contents = if empty_store { Some(StoreContents::of_run(&served.info, data_dir.as_deref())?) } else { None };
+        let contents = match empty_store {
+            true => {
+                let mut c = StoreContents::of_run(&served.info, data_dir.as_deref())?;
+                c.max_history = c.max_history.max(seen_history);
+                Some(c)
+            }
+            false => None,
+        };
         Ok((served, contents))
     };
     let (served, contents) = in_background(blocking).await??;
@@ -354,7 +366,8 @@ pub(crate) async fn reload(app: &App, name: &str, run: Option<PathBuf>) -> Resul
         None => return Err(ServeError::BadRequest(format!("no version {name:?}"))),
     };
     let dir = run.unwrap_or_else(|| current.run_dir.clone());
-    let result = load_engine(&dir, app.data_dir.clone(), app.sources(&dir), Some(&*app.store)).await;
+    let result =
+        load_engine(&dir, app.data_dir.clone(), app.sources(&dir), Some(&*app.store), app.limits.seen_history).await;
     let engine = match result {
         Ok(e) => e,
         Err(e) => {

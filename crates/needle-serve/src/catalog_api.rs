@@ -318,7 +318,14 @@ pub(crate) async fn events(State(app): State<Shared>, body: Result<Bytes, BytesR
         ))
         .into_response();
     }
-    match app.store_write(app.store.append_event(&ev.user_id.0, &ev.item_id.0, versions.max_seq_len())).await {
+    match app
+        .store_write(app.store.append_event(
+            &ev.user_id.0,
+            &ev.item_id.0,
+            versions.max_seq_len().max(app.limits.seen_history),
+        ))
+        .await
+    {
         Ok(len) => {
             app.metrics.events.fetch_add(1, Relaxed);
             tracing::debug!(user = %ev.user_id.0, item = %ev.item_id.0, ts = ev.ts, "event");

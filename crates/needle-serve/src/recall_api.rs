@@ -148,7 +148,9 @@ pub(crate) async fn do_recall(
     let mut features: BTreeMap<String, String> = BTreeMap::new();
     let user_id = req.user_id.map(|i| i.0);
     let profile = match &user_id {
-        Some(id) => app.store.user(id, engine.max_seq_len).await.map_err(|e| app.store_error(e))?,
+        Some(id) => {
+            app.store.user(id, engine.max_seq_len.max(app.limits.seen_history)).await.map_err(|e| app.store_error(e))?
+        }
         None => None,
     };
     let known_user = profile.is_some();

@@ -82,6 +82,11 @@ pub struct ServeArgs {
     /// Longest history a request may send.
     #[arg(long, default_value_t = 1000)]
     pub max_history: usize,
+    /// Items of each user's history the store keeps when more than the model reads
+    /// (`max_seq_len`): a recall leaves out as seen only what was kept, so this many of a user's
+    /// newest items are never recalled again (0: the model's window). Costs store memory per user.
+    #[arg(long, default_value_t = 0)]
+    pub seen_history: usize,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 65536)]
     pub max_body_bytes: usize,
@@ -213,6 +218,7 @@ pub fn serve(f: ServeArgs, threads: Option<usize>) -> Result<()> {
         limits: Limits {
             max_k: f.max_k,
             max_history: f.max_history,
+            seen_history: f.seen_history,
             max_body_bytes: f.max_body_bytes,
             timeout: f.timeout,
             max_in_flight: f.max_in_flight,
