@@ -708,7 +708,12 @@ impl StoreContents {
         store: &dyn Store,
         progress: &(dyn Fn(usize) + Send + Sync),
     ) -> Result<(), needle_store::StoreError> {
-        store.load(&self.items, &self.users, self.max_history, progress).await?;
+        store
+            .load(
+                needle_store::Records { items: &self.items, users: &self.users, max_history: self.max_history },
+                progress,
+            )
+            .await?;
         store.set_loaded_tag(&self.fingerprint).await
     }
 }

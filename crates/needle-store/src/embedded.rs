@@ -3,8 +3,8 @@
 //! request threads free while the file syncs.
 
 use crate::{
-    newest, truncate_front, ItemDetails, ItemRecord, LiveChanges, Result, Store, StoreError, StoreFuture, UserProfile,
-    UserRecord,
+    newest, truncate_front, ItemDetails, ItemRecord, LiveChanges, Progress, Records, Result, Store, StoreError,
+    StoreFuture, UserProfile,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
@@ -181,13 +181,8 @@ impl Store for EmbeddedStore {
         }))
     }
 
-    fn load<'a>(
-        &'a self,
-        items: &'a [ItemRecord],
-        users: &'a [UserRecord],
-        max_history: usize,
-        progress: &'a (dyn Fn(usize) + Send + Sync),
-    ) -> StoreFuture<'a, ()> {
+    fn load<'a>(&'a self, records: Records<'a>, progress: Progress<'a>) -> StoreFuture<'a, ()> {
+        let Records { items, users, max_history } = records;
         Box::pin(async move {
             self.write(|tx| {
                 tx.open_table(META)?.remove("loaded")?;

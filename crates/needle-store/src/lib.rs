@@ -82,6 +82,18 @@ pub struct LiveChanges {
 /// A boxed future, so that [`Store`] can be used as a trait object.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
+/// What [`Store::load`] writes: every item's details and every user's profile, each history cut
+/// to its newest `max_history` items.
+#[derive(Clone, Copy)]
+pub struct Records<'a> {
+    pub items: &'a [ItemRecord],
+    pub users: &'a [UserRecord],
+    pub max_history: usize,
+}
+
+/// Told how many records a long write has done.
+pub type Progress<'a> = &'a (dyn Fn(usize) + Send + Sync);
+
 /// Item details and user state for online recall.
 pub trait Store: Send + Sync {
     /// `embedded:PATH` or the Redis URL, for logs and `/healthz`.
@@ -99,13 +111,7 @@ pub trait Store: Send + Sync {
 
     /// Replaces the stored items and users with these (other keys are left alone), in batches.
     /// `progress` is told how many records are done.
-    fn load<'a>(
-        &'a self,
-        items: &'a [ItemRecord],
-        users: &'a [UserRecord],
-        max_history: usize,
-        progress: &'a (dyn Fn(usize) + Send + Sync),
-    ) -> StoreFuture<'a, ()>;
+    fn load<'a>(&'a self, records: Records<'a>, progress: Progress<'a>) -> StoreFuture<'a, ()>;
 
     /// Writes items published while serving: their details, and a mark that they came live,
     /// so that an engine loaded later (a restart, a reload, another server) applies them again.
@@ -234,12 +240,12 @@ pub(crate) mod conformance {
         let progress = |n: usize| {
             done.store(n, std::sync::atomic::Ordering::Relaxed);
         };
-        store.load(&items, &users, 4, &progress).await.unwrap();
+        store.load(Records { items: &items, users: &users, max_history: 4 }, &progress).await.unwrap();
         assert_eq!(done.load(std::sync::atomic::Ordering::Relaxed), items.len() + users.len());
         store.set_loaded_tag("fp1").await.unwrap();
         assert_eq!(store.loaded_tag().await.unwrap().as_deref(), Some("fp1"));
         // A load in progress (or cut short) is never covered by the previous load's tag.
-        store.load(&items[..1], &[], 4, &|_| {}).await.unwrap();
+        store.load(Records { items: &items[..1], users: &[], max_history: 4 }, &|_| {}).await.unwrap();
         assert_eq!(store.loaded_tag().await.unwrap(), None);
         store.set_loaded_tag("fp1").await.unwrap();
 
@@ -269,7 +275,7 @@ pub(crate) mod conformance {
         // A second load replaces what the first wrote for the same keys.
         let mut users2 = users.clone();
         users2[6].profile.history = vec!["i7".to_owned()];
-        store.load(&items, &users2, 4, &|_| {}).await.unwrap();
+        store.load(Records { items: &items, users: &users2, max_history: 4 }, &|_| {}).await.unwrap();
         assert_eq!(store.user("u6", 10).await.unwrap().unwrap().history, vec!["i7"]);
         assert_eq!(store.loaded_tag().await.unwrap(), None);
         store.set_loaded_tag("fp1").await.unwrap();

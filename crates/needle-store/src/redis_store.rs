@@ -13,7 +13,10 @@
 //! cross-slot transaction: where two writes go to different shards, their order keeps every
 //! intermediate state valid (details before the live mark; the deletion mark before details go).
 
-use crate::{ItemDetails, ItemRecord, LiveChanges, Result, Store, StoreError, StoreFuture, UserProfile, UserRecord};
+use crate::{
+    ItemDetails, ItemRecord, LiveChanges, Progress, Records, Result, Store, StoreError, StoreFuture, UserProfile,
+    UserRecord,
+};
 use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
@@ -390,13 +393,8 @@ impl Store for RedisStore {
         })
     }
 
-    fn load<'a>(
-        &'a self,
-        items: &'a [ItemRecord],
-        users: &'a [UserRecord],
-        max_history: usize,
-        progress: &'a (dyn Fn(usize) + Send + Sync),
-    ) -> StoreFuture<'a, ()> {
+    fn load<'a>(&'a self, records: Records<'a>, progress: Progress<'a>) -> StoreFuture<'a, ()> {
+        let Records { items, users, max_history } = records;
         Box::pin(async move {
             let mut con = self.con();
             redis::cmd("DEL").arg(TAG).query_async::<()>(&mut con).await.map_err(|e| self.err(e))?;
@@ -763,7 +761,7 @@ mod tests {
         };
         let s = RedisStore::connect(&server.url).await.unwrap();
         let (items, users) = crate::conformance::sample();
-        s.load(&items, &users, 4, &|_| {}).await.unwrap();
+        s.load(Records { items: &items, users: &users, max_history: 4 }, &|_| {}).await.unwrap();
         assert!(s.items(&["i1"]).await.unwrap()[0].is_some());
         server.kill();
         let err = s.items(&["i1"]).await.expect_err("Redis is down");
