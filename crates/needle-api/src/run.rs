@@ -168,7 +168,8 @@ impl Run {
         if let Some(&bad) = users.iter().find(|&&u| u >= p.n_users()) {
             return Err(Error::Invalid(format!("user position {bad} is past the {} users", p.n_users())));
         }
-        let (rows, scores) = needle_train::model::recall(&self.loaded.model, p, users, Stage::Test, k, keep_seen);
+        let q = needle_train::model::Query { users, stage: Stage::Test, k, keep_seen };
+        let (rows, scores) = needle_train::model::recall(&self.loaded.model, p, &q);
         Ok(Ranked { k, rows, scores, ids: self.items.clone() })
     }
 

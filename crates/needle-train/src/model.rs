@@ -102,31 +102,27 @@ pub fn fill_user_batch(
     }
 }
 
-/// Exact top-K over the full corpus for `users`, excluding their known items unless `keep_seen`.
+/// Whose top-K a recall computes: known users (dataset positions) from their known history for
+/// `stage`, `k` items each, their known items left out unless `keep_seen`.
+#[derive(Clone, Copy, Debug)]
+pub struct Query<'a> {
+    pub users: &'a [usize],
+    pub stage: Stage,
+    pub k: usize,
+    pub keep_seen: bool,
+}
+
+/// Exact top-K over the full corpus for the query's users, `[users × k]` item rows and scores.
 /// With several interests per user, each interest searches and the lists merge by score.
-pub fn recall(
-    model: &Model,
-    p: &Prepared,
-    users: &[usize],
-    stage: Stage,
-    k: usize,
-    keep_seen: bool,
-) -> (Vec<u32>, Vec<f32>) {
-    recall_against(model, &model.item_vectors(), p, users, stage, k, keep_seen)
+pub fn recall(model: &Model, p: &Prepared, q: &Query<'_>) -> (Vec<u32>, Vec<f32>) {
+    recall_against(model, &model.item_vectors(), p, q)
 }
 
 /// [`recall`] against item vectors computed once by the caller.
-fn recall_against<S: Scorer + ?Sized>(
-    model: &S,
-    iv: &[f32],
-    p: &Prepared,
-    users: &[usize],
-    stage: Stage,
-    k: usize,
-    keep_seen: bool,
-) -> (Vec<u32>, Vec<f32>) {
+fn recall_against<S: Scorer + ?Sized>(model: &S, iv: &[f32], p: &Prepared, q: &Query<'_>) -> (Vec<u32>, Vec<f32>) {
+    let &Query { users, stage, k, keep_seen } = q;
     if let Some(n) = model.neighbors() {
-        return neighbor_recall(n, p, users, stage, k, keep_seen);
+        return neighbor_recall(n, p, q);
     }
     let uv = model.user_vectors(p, users, stage);
     let ni = model.interests();
@@ -147,14 +143,8 @@ fn recall_against<S: Scorer + ?Sized>(
 }
 
 /// [`recall_against`] for an item-to-item model: each user's history scores its neighbours.
-fn neighbor_recall(
-    n: &ItemNeighbors,
-    p: &Prepared,
-    users: &[usize],
-    stage: Stage,
-    k: usize,
-    keep_seen: bool,
-) -> (Vec<u32>, Vec<f32>) {
+fn neighbor_recall(n: &ItemNeighbors, p: &Prepared, q: &Query<'_>) -> (Vec<u32>, Vec<f32>) {
+    let &Query { users, stage, k, keep_seen } = q;
     let mut ids = vec![u32::MAX; users.len() * k];
     let mut scores = vec![f32::NEG_INFINITY; users.len() * k];
     if k == 0 {
@@ -232,7 +222,8 @@ pub fn evaluate<S: Scorer + ?Sized>(
     let iv = model.item_vectors();
     let mut ranked = Vec::with_capacity(users.len() * kmax);
     for chunk in users.chunks(EVAL_CHUNK) {
-        ranked.extend(recall_against(model, &iv, p, chunk, stage, kmax, keep_seen).0);
+        let q = Query { users: chunk, stage, k: kmax, keep_seen };
+        ranked.extend(recall_against(model, &iv, p, &q).0);
         progress(ranked.len() / kmax, users.len());
     }
     let mut t = Lists::new();

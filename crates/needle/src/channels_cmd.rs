@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use needle_eval::{Lists, Report};
 use needle_run::channels::{mix, ChannelKind, ChannelsConfig, MixScratch, Mixed};
-use needle_train::model::recall as recall_top_k;
+use needle_train::model::{recall as recall_top_k, Query};
 use needle_train::run::{load_run, LoadedRun};
 use needle_train::Stage;
 use std::path::{Path, PathBuf};
@@ -67,7 +67,8 @@ pub fn eval_channels(
         ranked.push(match c.kind {
             ChannelKind::Run => {
                 let r = run(c.run.as_ref().expect("validated"));
-                let (ids, scores) = recall_top_k(&r.model, &r.prepared, &users, stage, kmax, false);
+                let (ids, scores) =
+                    recall_top_k(&r.model, &r.prepared, &Query { users: &users, stage, k: kmax, keep_seen: false });
                 Ranked { ids, scores }
             }
             ChannelKind::Similar => similar(run(c.run.as_ref().expect("validated")), &users, stage, c.recent, kmax)?,
@@ -75,7 +76,8 @@ pub fn eval_channels(
                 // The base run's training counts, through the retrieval a popularity run uses.
                 let counts =
                     needle_run::Model::Popularity { counts: p.item_counts.iter().map(|&c| c as f32).collect() };
-                let (ids, scores) = recall_top_k(&counts, p, &users, stage, kmax, false);
+                let (ids, scores) =
+                    recall_top_k(&counts, p, &Query { users: &users, stage, k: kmax, keep_seen: false });
                 Ranked { ids, scores }
             }
             ChannelKind::Newest => {
@@ -86,8 +88,11 @@ pub fn eval_channels(
                 for (i, &r) in rows.iter().enumerate() {
                     rank[r as usize] = (rows.len() - i) as f32;
                 }
-                let (ids, scores) =
-                    recall_top_k(&needle_run::Model::Popularity { counts: rank }, p, &users, stage, kmax, false);
+                let (ids, scores) = recall_top_k(
+                    &needle_run::Model::Popularity { counts: rank },
+                    p,
+                    &Query { users: &users, stage, k: kmax, keep_seen: false },
+                );
                 Ranked { ids, scores }
             }
         });
