@@ -255,14 +255,7 @@ fn csv_dir(schema: &str, events: &[u8]) -> tempfile::TempDir {
 
 const SHOP: &str = r#"
 name = "shop"
-[interactions]
-path = "events.csv"
-delimiter = ";"
-header = true
-user = "user_id"
-item = "item_id"
-timestamp = "ts"
-rating = "rating"
+interactions = { path = "events.csv", delimiter = ";", header = true, user = "user_id", item = "item_id", timestamp = "ts", rating = "rating" }
 [[user_features]]
 column = "age"
 [[user_features]]
@@ -305,12 +298,7 @@ fn csv_header_names_and_multi_features() {
 #[test]
 fn csv_indices_without_header() {
     let schema = r#"
-[interactions]
-path = "events.csv"
-delimiter = "::"
-user = 1
-item = 0
-timestamp = 2
+interactions = { path = "events.csv", delimiter = "::", user = 1, item = 0, timestamp = 2 }
 [[item_features]]
 column = 3
 "#;
@@ -479,23 +467,8 @@ fn catalogue_and_user_tables_add_entities_features_and_titles() {
         d.path(),
         "s.toml",
         br#"
-[interactions]
-path = "events.csv"
-header = true
-user = "user"
-item = "item"
-timestamp = "ts"
-[items]
-path = "items.tsv"
-delimiter = "\t"
-header = true
-id = "sku"
-title = "name"
-[[items.features]]
-column = "cat"
-[[items.features]]
-column = "tags"
-separator = "|"
+interactions = { path = "events.csv", header = true, user = "user", item = "item", timestamp = "ts" }
+items = { path = "items.tsv", delimiter = "\t", header = true, id = "sku", title = "name", features = [{ column = "cat" }, { column = "tags", separator = "|" }] }
 [users]
 path = "users.csv"
 id = 0

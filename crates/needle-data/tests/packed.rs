@@ -8,17 +8,9 @@ use std::path::Path;
 
 const SCHEMA: &str = r#"
 name = "shop"
-[interactions]
-path = "events.csv"
-header = true
-user = "user"
-item = "item"
-timestamp = "ts"
-[[user_features]]
-column = "country"
-[[item_features]]
-column = "tags"
-separator = "|"
+interactions = { path = "events.csv", header = true, user = "user", item = "item", timestamp = "ts" }
+user_features = [{ column = "country" }]
+item_features = [{ column = "tags", separator = "|" }]
 "#;
 
 /// A log with ties in time, users seen out of order and a timestamp span that fits 32 bits.

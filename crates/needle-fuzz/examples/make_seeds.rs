@@ -149,17 +149,9 @@ fn movielens() -> Seeds {
 }
 
 const SHOP_SCHEMA: &str = r#"name = "shop"
-[interactions]
-path = "events.csv"
-header = true
-user = "user"
-item = "item"
-timestamp = "ts"
-[[user_features]]
-column = "country"
-[[item_features]]
-column = "tags"
-separator = "|"
+interactions = { path = "events.csv", header = true, user = "user", item = "item", timestamp = "ts" }
+user_features = [{ column = "country" }]
+item_features = [{ column = "tags", separator = "|" }]
 [items]
 path = "items.csv"
 header = true

@@ -57,12 +57,7 @@ pub fn planted_log(dir: &Path) -> PathBuf {
     std::fs::write(dir.join("log.csv"), csv).unwrap();
     let schema = r#"
 name = "planted"
-[interactions]
-path = "log.csv"
-header = true
-user = "user"
-item = "item"
-timestamp = "ts"
+interactions = { path = "log.csv", header = true, user = "user", item = "item", timestamp = "ts" }
 [[user_features]]
 column = "country"
 "#;
