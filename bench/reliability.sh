@@ -22,16 +22,9 @@ ADDR=127.0.0.1:8094
 EXACT_INDEX=${EXACT_INDEX:-/tmp/needle-exact-200k.bin}
 cargo build --release -q -p needle
 
-start_server() { # args: extra serve flags
-    "$NEEDLE" serve --run "$RUN" --addr "$ADDR" --log-level error "$@" > /tmp/needle-reliability.out 2>> /tmp/needle-reliability.log &
-    SERVER=$!
-    for _ in $(seq 600); do grep -q listening /tmp/needle-reliability.out 2>/dev/null && return; sleep 0.1; done
-    echo "server did not start" >&2; exit 1
-}
-stop_server() {
-    kill -TERM "$SERVER"
-    wait "$SERVER" && echo "(server exited cleanly on SIGTERM)"
-}
+SERVER_OUT=/tmp/needle-reliability.out SERVER_LOG=/tmp/needle-reliability.log SERVER_LOG_LEVEL=error
+# shellcheck source=bench/server.sh
+. bench/server.sh
 load() { # args: extra bench flags
     "$NEEDLE" bench serve --run "$RUN" --addr "$ADDR" --k 100 "$@"
 }

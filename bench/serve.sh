@@ -15,16 +15,9 @@ ADDR=127.0.0.1:8090
 BIG_INDEX=${BIG_INDEX:-/tmp/needle-serve-1m.bin}
 cargo build --release -q -p needle
 
-start_server() { # args: extra serve flags
-    "$NEEDLE" serve --run "$RUN" --addr "$ADDR" --log-level warn "$@" > /tmp/needle-serve.out 2>> /tmp/needle-serve.log &
-    SERVER=$!
-    for _ in $(seq 600); do grep -q listening /tmp/needle-serve.out 2>/dev/null && return; sleep 0.1; done
-    echo "server did not start" >&2; exit 1
-}
-stop_server() {
-    kill -TERM "$SERVER"
-    wait "$SERVER" && echo "(server exited cleanly on SIGTERM)"
-}
+SERVER_OUT=/tmp/needle-serve.out SERVER_LOG=/tmp/needle-serve.log SERVER_LOG_LEVEL=warn
+# shellcheck source=bench/server.sh
+. bench/server.sh
 load() { # args: title, extra bench flags
     local title=$1; shift
     echo; echo "### $title"; echo
