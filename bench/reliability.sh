@@ -17,10 +17,8 @@ cd "$(dirname "$0")/.."
 RUN=${1:?usage: bench/reliability.sh RUN [attack|surge|soak|crash ...]}
 shift
 STEPS=${*:-attack surge soak crash}
-NEEDLE=target/release/needle
 ADDR=127.0.0.1:8094
 EXACT_INDEX=${EXACT_INDEX:-/tmp/needle-exact-200k.bin}
-cargo build --release -q -p needle
 
 SERVER_OUT=/tmp/needle-reliability.out SERVER_LOG=/tmp/needle-reliability.log SERVER_LOG_LEVEL=error
 # shellcheck source=bench/server.sh

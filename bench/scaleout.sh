@@ -14,11 +14,9 @@ cd "$(dirname "$0")/.."
 RUN=${1:-runs/youtubednn}
 CANARY=${2:-runs/youtubednn-reg}
 DUR=${3:-30s}
-NEEDLE=target/release/needle
 ADDR=127.0.0.1:8090
 TOKEN=scaleout-bench-token-0123456789
 WORK=$(mktemp -d /tmp/needle-scaleout.XXXXXX)
-cargo build --release -q -p needle
 echo "$TOKEN" > "$WORK/token"
 export NEEDLE_ADMIN_TOKEN=$TOKEN
 
@@ -29,17 +27,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start_server() { # args: extra serve flags
-    "$NEEDLE" serve --run "$RUN" --addr "$ADDR" --log-level warn "$@" > "$WORK/serve.out" 2>> /tmp/needle-scaleout.log &
-    SERVER=$!
-    for _ in $(seq 600); do grep -q listening "$WORK/serve.out" 2>/dev/null && return; sleep 0.1; done
-    echo "server did not start" >&2; exit 1
-}
-stop_server() {
-    kill -TERM "$SERVER"
-    wait "$SERVER" && echo "(server exited cleanly on SIGTERM)"
-    SERVER=
-}
+SERVER_OUT="$WORK/serve.out" SERVER_LOG=/tmp/needle-scaleout.log SERVER_LOG_LEVEL=warn
+# shellcheck source=bench/server.sh
+. bench/server.sh
 load() { # args: title, extra bench flags
     local title=$1; shift
     echo; echo "### $title"; echo

@@ -10,10 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/youtubednn}
 DUR=${2:-30s}
-NEEDLE=target/release/needle
 ADDR=127.0.0.1:8090
 BIG_INDEX=${BIG_INDEX:-/tmp/needle-serve-1m.bin}
-cargo build --release -q -p needle
 
 SERVER_OUT=/tmp/needle-serve.out SERVER_LOG=/tmp/needle-serve.log SERVER_LOG_LEVEL=warn
 # shellcheck source=bench/server.sh
