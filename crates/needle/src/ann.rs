@@ -194,23 +194,25 @@ fn run_table(base: &[f32], queries: &[f32], dim: usize) -> Result<()> {
         IndexParams::Hnsw(p) => (0, p.ef_search),
         IndexParams::Exact => (0, 0),
     };
-    for nprobe in NPROBES.into_iter().filter(|&p| p <= nlist) {
-        ivf.set_search_effort(nprobe);
-        let (got, qps_single) = single_thread(&ivf, queries, dim, nq)?;
-        let (_, qps_batch) = batched(&ivf, queries)?;
+    let row = |name: &str, params: String, build_s: f64, ix: &dyn Index| -> Result<()> {
+        let (got, qps_single) = single_thread(ix, queries, dim, nq)?;
+        let (_, qps_batch) = batched(ix, queries)?;
         print_row(&Row {
-            index: "ivf-flat".into(),
-            params: format!(
-                "nlist={nlist} nprobe={nprobe}{}",
-                if nprobe == default_nprobe { " (default)" } else { "" }
-            ),
-            build_s: ivf_build,
-            memory_mb: ivf.memory_bytes() as f64 / 1e6,
+            index: name.into(),
+            params,
+            build_s,
+            memory_mb: ix.memory_bytes() as f64 / 1e6,
             recall10: recall_at_k(&truth, &got, 10),
             recall100: recall_at_k(&truth, &got, K),
             qps_single,
             qps_batch,
         });
+        Ok(())
+    };
+    for nprobe in NPROBES.into_iter().filter(|&p| p <= nlist) {
+        ivf.set_search_effort(nprobe);
+        let default = if nprobe == default_nprobe { " (default)" } else { "" };
+        row("ivf-flat", format!("nlist={nlist} nprobe={nprobe}{default}"), ivf_build, &ivf)?;
     }
     drop(ivf);
 
@@ -228,26 +230,16 @@ fn run_table(base: &[f32], queries: &[f32], dim: usize) -> Result<()> {
     for (nprobe, rerank) in sweep {
         ivfpq.set_search_effort(nprobe);
         ivfpq.set_rerank(rerank);
-        let (got, qps_single) = single_thread(&ivfpq, queries, dim, nq)?;
-        let (_, qps_batch) = batched(&ivfpq, queries)?;
         let default = nprobe == built.nprobe && rerank == built.rerank;
-        print_row(&Row {
-            index: "ivf-pq".into(),
-            params: format!(
-                "nlist={} m={}x4 refine={} rerank={} nprobe={nprobe}{}",
-                built.nlist,
-                built.m,
-                built.refine,
-                if rerank == 0 { format!("auto ({})", ivfpq.candidates(K)) } else { rerank.to_string() },
-                if default { " (default)" } else { "" }
-            ),
-            build_s: ivfpq_build,
-            memory_mb: ivfpq.memory_bytes() as f64 / 1e6,
-            recall10: recall_at_k(&truth, &got, 10),
-            recall100: recall_at_k(&truth, &got, K),
-            qps_single,
-            qps_batch,
-        });
+        let params = format!(
+            "nlist={} m={}x4 refine={} rerank={} nprobe={nprobe}{}",
+            built.nlist,
+            built.m,
+            built.refine,
+            if rerank == 0 { format!("auto ({})", ivfpq.candidates(K)) } else { rerank.to_string() },
+            if default { " (default)" } else { "" }
+        );
+        row("ivf-pq", params, ivfpq_build, &ivfpq)?;
     }
     drop(ivfpq);
 
@@ -258,23 +250,13 @@ fn run_table(base: &[f32], queries: &[f32], dim: usize) -> Result<()> {
     let hnsw_build = t.elapsed().as_secs_f64();
     for ef in EFS {
         hnsw.set_search_effort(ef);
-        let (got, qps_single) = single_thread(&hnsw, queries, dim, nq)?;
-        let (_, qps_batch) = batched(&hnsw, queries)?;
-        print_row(&Row {
-            index: "hnsw".into(),
-            params: format!(
-                "m={} ef_construction={} ef_search={ef}{}",
-                hp.m,
-                hp.ef_construction,
-                if ef == default_ef { " (default)" } else { "" }
-            ),
-            build_s: hnsw_build,
-            memory_mb: hnsw.memory_bytes() as f64 / 1e6,
-            recall10: recall_at_k(&truth, &got, 10),
-            recall100: recall_at_k(&truth, &got, K),
-            qps_single,
-            qps_batch,
-        });
+        let default = if ef == default_ef { " (default)" } else { "" };
+        row(
+            "hnsw",
+            format!("m={} ef_construction={} ef_search={ef}{default}", hp.m, hp.ef_construction),
+            hnsw_build,
+            &hnsw,
+        )?;
     }
 
     println!(
