@@ -353,15 +353,7 @@ impl Tower for DeepTwoTower {
     fn out_dim(&self) -> usize {
         self.spec.out_dim
     }
-    fn item_rows(&self) -> usize {
-        self.spec.items
-    }
-    fn max_seq_len(&self) -> usize {
-        self.spec.max_seq_len
-    }
-    fn n_user_features(&self) -> usize {
-        self.spec.user_features.len()
-    }
+    crate::tower::spec_shapes!();
 
     fn user_forward(&self, batch: &UserBatch, acts: &mut UserActs) {
         let n = batch.n;

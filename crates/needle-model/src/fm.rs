@@ -133,15 +133,7 @@ impl Tower for FmTwoTower {
     fn out_dim(&self) -> usize {
         self.spec.k + 1
     }
-    fn item_rows(&self) -> usize {
-        self.spec.items
-    }
-    fn max_seq_len(&self) -> usize {
-        self.spec.max_seq_len
-    }
-    fn n_user_features(&self) -> usize {
-        self.spec.user_features.len()
-    }
+    crate::tower::spec_shapes!();
 
     fn user_forward(&self, batch: &UserBatch, acts: &mut UserActs) {
         let (k, d, l, nf) = (self.spec.k, self.spec.k + 1, self.spec.max_seq_len, self.user_v.len());

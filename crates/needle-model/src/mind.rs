@@ -221,15 +221,7 @@ impl Tower for MindTwoTower {
     fn active_interests<'a>(&self, acts: &'a UserActs) -> Option<&'a [usize]> {
         Some(&acts.active)
     }
-    fn item_rows(&self) -> usize {
-        self.spec.items
-    }
-    fn max_seq_len(&self) -> usize {
-        self.spec.max_seq_len
-    }
-    fn n_user_features(&self) -> usize {
-        self.spec.user_features.len()
-    }
+    crate::tower::spec_shapes!();
 
     fn user_forward(&self, batch: &UserBatch, acts: &mut UserActs) {
         let (n, k, l, d) = (batch.n, self.spec.interests, self.spec.max_seq_len, self.spec.dim);

@@ -225,6 +225,23 @@ impl Grads {
     }
 }
 
+/// The [`Tower`] methods that read a tower's `spec` fields `items`, `max_seq_len` and
+/// `user_features` (YouTubeDNN/DSSM, FM and MIND keep their shapes under those names).
+macro_rules! spec_shapes {
+    () => {
+        fn item_rows(&self) -> usize {
+            self.spec.items
+        }
+        fn max_seq_len(&self) -> usize {
+            self.spec.max_seq_len
+        }
+        fn n_user_features(&self) -> usize {
+            self.spec.user_features.len()
+        }
+    };
+}
+pub(crate) use spec_shapes;
+
 /// A named parameter tensor, for checkpoints.
 pub type NamedTensor<'a> = (String, Vec<usize>, &'a [f32]);
 
