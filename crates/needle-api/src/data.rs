@@ -1,6 +1,6 @@
 //! A config's data, loaded, split by time and prepared for its model.
 
-use crate::{Error, Result};
+use crate::Result;
 use needle_run::config::{LossKind, FULL_SOFTMAX_MAX_ITEMS};
 use needle_run::Config;
 use needle_train::Prepared;
@@ -112,10 +112,4 @@ fn model_notes(cfg: &Config, p: &Prepared) -> Vec<String> {
         ));
     }
     notes
-}
-
-impl From<String> for Error {
-    fn from(s: String) -> Self {
-        Error::Invalid(s)
-    }
 }

@@ -60,11 +60,6 @@ impl AtomicFile {
         Ok(out.get_mut())
     }
 
-    /// The target path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Flushes, syncs to disk and renames the file over its target.
     pub fn commit(mut self) -> io::Result<()> {
         let out = self.out.take().ok_or_else(|| io::Error::other("file already committed"))?;

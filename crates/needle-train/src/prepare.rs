@@ -98,17 +98,6 @@ impl Prepared {
         }
     }
 
-    /// The timestamps of [`Prepared::history`], parallel to it.
-    pub fn history_ts(&self, user: usize, stage: Stage) -> impl Iterator<Item = i64> + '_ {
-        let train = &self.train_ts[self.train.offsets[user] as usize..self.train.offsets[user + 1] as usize];
-        let extra: &[i64] = if stage == Stage::Test {
-            &self.valid_ts[self.valid.offsets[user] as usize..self.valid.offsets[user + 1] as usize]
-        } else {
-            &[]
-        };
-        train.iter().chain(extra).copied()
-    }
-
     pub fn targets(&self, stage: Stage) -> &Lists {
         match stage {
             Stage::Valid => &self.valid,
