@@ -35,7 +35,7 @@ pub use needle_run::config::ModelKind;
 pub use needle_run::{Config, RunInfo};
 pub use needle_train::observe::{EpochLog, Observer, Silent, Unit};
 pub use needle_train::Stage;
-pub use run::{metrics_json, EvalOptions, Exported, Ranked, Run, Vectors};
+pub use run::{metrics_json, write_metrics, EvalOptions, Exported, Ranked, Run, Vectors};
 pub use train::{train, write_test_metrics, Trained};
 
 use std::path::{Path, PathBuf};

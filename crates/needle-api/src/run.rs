@@ -324,7 +324,7 @@ fn write_tsv(path: &Path, header: &str, rows: impl Iterator<Item = String>) -> R
 
 /// Writes `metrics.json` (every metric at every cut-off, and the sample's seed) and
 /// `hit_curve.json` (HR@1..K) into a run directory.
-pub(crate) fn write_metrics(dir: &Path, report: &Report, eval_seed: u64) -> Result<()> {
+pub fn write_metrics(dir: &Path, report: &Report, eval_seed: u64) -> Result<()> {
     let path = dir.join("metrics.json");
     let text =
         serde_json::to_string_pretty(&metrics_json(report, eval_seed)).map_err(|e| Error::Invalid(e.to_string()))?;

@@ -28,16 +28,14 @@ pub(crate) fn eval_users_of(p: &needle_train::Prepared, n: Option<usize>) -> Vec
     users
 }
 
-/// A report as metrics JSON, with the seed of the user sample it was scored on.
+/// A report as metrics JSON, with the seed of this process's user sample.
 pub(crate) fn metrics_json(report: &needle_eval::Report) -> serde_json::Value {
-    let mut v = report.to_json();
-    v["eval_seed"] = eval_seed().into();
-    v
+    needle_api::metrics_json(report, eval_seed())
 }
 
+/// Writes a run's `metrics.json` and `hit_curve.json` (`needle_api::write_metrics`).
 pub(crate) fn write_metrics(dir: &Path, report: &needle_eval::Report) -> Result<()> {
-    write_replacing(&dir.join("metrics.json"), &(serde_json::to_string_pretty(&metrics_json(report))? + "\n"))?;
-    write_replacing(&dir.join("hit_curve.json"), &(serde_json::to_string(&report.hit_curve)? + "\n"))
+    Ok(needle_api::write_metrics(dir, report, eval_seed())?)
 }
 
 /// Writes `text` over `path` atomically (`needle_core::file`): a reader never sees half a file.
