@@ -7,7 +7,7 @@ use needle_index::NpyWriter;
 use needle_model::neighbors::Scratch;
 use needle_model::tower::UserEvents;
 use needle_run::{merge_interests, Model, RunInfo};
-use needle_train::observe::{Observer, Unit};
+use needle_train::observe::{self, Observer, Unit};
 use needle_train::run::LoadedRun;
 use needle_train::{Prepared, Stage};
 use std::collections::HashMap;
@@ -144,20 +144,7 @@ impl Run {
         if ks.is_empty() || ks.contains(&0) {
             return Err(Error::Invalid("cut-offs must be positive, e.g. 10,50,100".into()));
         }
-        let p = &self.loaded.prepared;
-        let users = needle_train::model::eval_users(p, stage, opts.users, opts.seed);
-        obs.begin(if stage == Stage::Test { "test" } else { "validation" }, Unit::Users, users.len() as u64);
-        let report = needle_train::model::evaluate(
-            &self.loaded.model,
-            p,
-            stage,
-            ks,
-            opts.keep_seen,
-            Some(&users),
-            &mut |done, _| obs.progress(done as u64, ""),
-        );
-        obs.end();
-        Ok(report)
+        Ok(score(&self.loaded.model, &self.loaded.prepared, stage, ks, opts, obs))
     }
 
     /// The top `k` items for known users (dataset positions, see [`Run::users`]) from their
@@ -294,6 +281,24 @@ impl Run {
             dim: d,
         })
     }
+}
+
+/// Scores `stage`'s held-out targets of `model` over the user sample `opts` names, reporting
+/// the users scored to `obs`.
+pub(crate) fn score(
+    model: &Model,
+    p: &Prepared,
+    stage: Stage,
+    ks: &[usize],
+    opts: &EvalOptions,
+    obs: &mut dyn Observer,
+) -> Report {
+    let users = needle_train::model::eval_users(p, stage, opts.users, opts.seed);
+    obs.begin(if stage == Stage::Test { "test" } else { "validation" }, Unit::Users, users.len() as u64);
+    let report =
+        needle_train::model::evaluate(model, p, stage, ks, opts.keep_seen, Some(&users), &mut observe::users(obs));
+    obs.end();
+    report
 }
 
 fn check_k(k: usize) -> Result<()> {

@@ -85,13 +85,8 @@ pub fn write_test_metrics(
     eval_seed: u64,
     obs: &mut dyn Observer,
 ) -> Result<Report> {
-    let users = needle_train::model::eval_users(p, Stage::Test, None, eval_seed);
-    obs.begin("test", Unit::Users, users.len() as u64);
-    let test =
-        needle_train::model::evaluate(model, p, Stage::Test, &[10, 50, 100], false, Some(&users), &mut |done, _| {
-            obs.progress(done as u64, "")
-        });
-    obs.end();
+    let opts = crate::EvalOptions { keep_seen: false, users: None, seed: eval_seed };
+    let test = crate::run::score(model, p, Stage::Test, &[10, 50, 100], &opts, obs);
     crate::run::write_metrics(out, &test, eval_seed)?;
     Ok(test)
 }

@@ -38,7 +38,7 @@ pub struct Silent;
 impl Observer for Silent {}
 
 /// An [`Observer::progress`] callback of `needle_train::model::evaluate` (`(users scored, users)`).
-pub(crate) fn users(obs: &mut dyn Observer) -> impl FnMut(usize, usize) + '_ {
+pub fn users(obs: &mut dyn Observer) -> impl FnMut(usize, usize) + '_ {
     move |done, _| obs.progress(done as u64, "")
 }
 
