@@ -1,6 +1,6 @@
 //! The subcommands: thin glue over the library crates, with errors phrased for people.
 
-use crate::metrics::{eval_seed, eval_users_of, metrics_json, write_metrics, write_replacing};
+use crate::metrics::{eval_seed, metrics_json, say_sample, write_metrics, write_replacing};
 use crate::progress::{bytes_bar, Bars};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -127,8 +127,8 @@ pub fn eval(
         return Ok(());
     }
     let opts = needle_api::EvalOptions { keep_seen, users: eval_users, seed: eval_seed() };
-    say_sample(&r, eval_users);
     let report = r.evaluate(Stage::Test, ks, &opts, &mut Bars::new(false))?;
+    say_sample(report.users, r.prepared());
     println!(
         "{} ({:?}), test, full corpus, known items {}:\n{}",
         run.display(),
@@ -137,11 +137,6 @@ pub fn eval(
         needle_eval::format_table(&report)
     );
     write_metrics(run, &report)
-}
-
-/// Says so when the test users scored are a sample.
-fn say_sample(r: &needle_api::Run, n: Option<usize>) {
-    eval_users_of(r.prepared(), n);
 }
 
 pub fn recall(

@@ -20,12 +20,17 @@ pub(crate) fn eval_seed() -> u64 {
 
 /// The test users to score, saying so when it is a sample.
 pub(crate) fn eval_users_of(p: &needle_train::Prepared, n: Option<usize>) -> Vec<usize> {
-    let all = p.test.items.len();
     let users = needle_train::model::eval_users(p, Stage::Test, n, eval_seed());
-    if users.len() < all {
-        eprintln!("evaluating a seeded sample of {} of the {all} test users (--eval-users)", users.len());
-    }
+    say_sample(users.len(), p);
     users
+}
+
+/// Says so when the `scored` test users are a sample of them.
+pub(crate) fn say_sample(scored: usize, p: &needle_train::Prepared) {
+    let all = p.test.items.len();
+    if scored < all {
+        eprintln!("evaluating a seeded sample of {scored} of the {all} test users (--eval-users)");
+    }
 }
 
 /// A report as metrics JSON, with the seed of this process's user sample.
