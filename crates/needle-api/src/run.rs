@@ -34,14 +34,14 @@ impl Default for EvalOptions {
 
 /// Ranked lists, `k` per query, best first: item rows and scores, padded with `u32::MAX` and
 /// `-inf` where fewer than `k` items qualify.
-pub struct Ranked {
+pub struct Ranked<'a> {
     pub k: usize,
     pub rows: Vec<u32>,
     pub scores: Vec<f32>,
-    ids: std::sync::Arc<needle_data::Vocab>,
+    ids: &'a needle_data::Vocab,
 }
 
-impl Ranked {
+impl Ranked<'_> {
     /// Number of lists.
     pub fn len(&self) -> usize {
         self.rows.len().checked_div(self.k).unwrap_or(0)
@@ -83,8 +83,8 @@ pub struct Exported {
 /// A trained run loaded with the data it was trained on (checked by fingerprint).
 pub struct Run {
     loaded: LoadedRun,
-    items: std::sync::Arc<needle_data::Vocab>,
-    user_index: HashMap<String, usize>,
+    /// Raw user id → dataset position, built on the first lookup by raw id.
+    user_index: std::sync::OnceLock<HashMap<String, usize>>,
 }
 
 impl Run {
@@ -92,9 +92,7 @@ impl Run {
     /// says); refuses data other than what the run was trained on.
     pub fn open(dir: &Path, data_dir: Option<&Path>) -> Result<Run> {
         let loaded = needle_train::run::load_run(dir, data_dir)?;
-        let items = std::sync::Arc::new(loaded.prepared.items.clone());
-        let user_index = loaded.prepared.user_raw.iter().enumerate().map(|(i, s)| (s.clone(), i)).collect();
-        Ok(Run { loaded, items, user_index })
+        Ok(Run { loaded, user_index: std::sync::OnceLock::new() })
     }
 
     pub fn dir(&self) -> &Path {
@@ -130,9 +128,12 @@ impl Run {
 
     /// The dataset positions of raw user ids; an unknown id is an error naming it.
     pub fn users(&self, raw: &[&str]) -> Result<Vec<usize>> {
+        let index = self
+            .user_index
+            .get_or_init(|| self.loaded.prepared.user_raw.iter().enumerate().map(|(i, s)| (s.clone(), i)).collect());
         raw.iter()
             .map(|r| {
-                self.user_index.get(*r).copied().ok_or_else(|| {
+                index.get(*r).copied().ok_or_else(|| {
                     Error::Invalid(format!("unknown user id `{r}` (not in dataset {})", self.loaded.dataset.name))
                 })
             })
@@ -149,7 +150,7 @@ impl Run {
 
     /// The top `k` items for known users (dataset positions, see [`Run::users`]) from their
     /// known history (training and validation events), as `needle recall` prints them.
-    pub fn recall(&self, users: &[usize], k: usize, keep_seen: bool) -> Result<Ranked> {
+    pub fn recall(&self, users: &[usize], k: usize, keep_seen: bool) -> Result<Ranked<'_>> {
         check_k(k)?;
         let p = &self.loaded.prepared;
         if let Some(&bad) = users.iter().find(|&&u| u >= p.n_users()) {
@@ -157,23 +158,23 @@ impl Run {
         }
         let q = needle_train::model::Query { users, stage: Stage::Test, k, keep_seen };
         let (rows, scores) = needle_train::model::recall(&self.loaded.model, p, &q);
-        Ok(Ranked { k, rows, scores, ids: self.items.clone() })
+        Ok(Ranked { k, rows, scores, ids: &self.loaded.prepared.items })
     }
 
     /// [`Run::recall`] by raw user ids.
-    pub fn recall_users(&self, users: &[&str], k: usize, keep_seen: bool) -> Result<Ranked> {
+    pub fn recall_users(&self, users: &[&str], k: usize, keep_seen: bool) -> Result<Ranked<'_>> {
         self.recall(&self.users(users)?, k, keep_seen)
     }
 
     /// Item rows of a history of raw item ids, oldest first; ids the model has no row for are
     /// left out, as a server leaves them out.
     fn history_rows(&self, history: &[&str]) -> Vec<u32> {
-        history.iter().filter_map(|raw| self.items.get(raw)).collect()
+        history.iter().filter_map(|raw| self.loaded.prepared.items.get(raw)).collect()
     }
 
     /// The top `k` items for explicit histories of raw item ids (oldest first), as a new user
     /// with no features would get them; the history's items are left out unless `keep_seen`.
-    pub fn recall_histories(&self, histories: &[Vec<&str>], k: usize, keep_seen: bool) -> Result<Ranked> {
+    pub fn recall_histories(&self, histories: &[Vec<&str>], k: usize, keep_seen: bool) -> Result<Ranked<'_>> {
         check_k(k)?;
         let model = &self.loaded.model;
         let rows: Vec<Vec<u32>> = histories.iter().map(|h| self.history_rows(h)).collect();
@@ -190,7 +191,7 @@ impl Run {
                     out_scores[q * k + j] = s;
                 }
             }
-            return Ok(Ranked { k, rows: out_rows, scores: out_scores, ids: self.items.clone() });
+            return Ok(Ranked { k, rows: out_rows, scores: out_scores, ids: &self.loaded.prepared.items });
         }
         let uv = self.history_vectors_of(&rows);
         let ni = model.interests();
@@ -202,7 +203,7 @@ impl Run {
         }
         let (r, s) = needle_core::topk::top_k(&uv, &model.item_vectors(), model.dim(), k, Some(&exclude));
         let (rows, scores) = if ni > 1 { merge_interests(&r, &s, n, ni, k) } else { (r, s) };
-        Ok(Ranked { k, rows, scores, ids: self.items.clone() })
+        Ok(Ranked { k, rows, scores, ids: &self.loaded.prepared.items })
     }
 
     fn history_vectors_of(&self, rows: &[Vec<u32>]) -> Vec<f32> {
@@ -224,7 +225,7 @@ impl Run {
     pub fn item_vectors(&self) -> Result<Vectors> {
         self.has_vectors()?;
         let (rows, data) = self.loaded.model.indexed_items();
-        let ids = rows.iter().map(|&r| self.items.raw(r).unwrap_or("").to_owned()).collect();
+        let ids = rows.iter().map(|&r| self.loaded.prepared.items.raw(r).unwrap_or("").to_owned()).collect();
         Ok(Vectors { ids, per_id: 1, dim: self.loaded.model.dim(), data })
     }
 
