@@ -201,7 +201,7 @@ pub(crate) async fn add_version(State(app): State<Shared>, body: Result<Bytes, B
         app.data_dir.clone(),
         app.sources(&req.run),
         Some(&*app.store),
-        app.limits.seen_history,
+        &app.limits,
     )
     .await
     {

@@ -43,6 +43,13 @@ pub struct Limits {
     pub seen_history: usize,
 }
 
+impl Limits {
+    /// Items of a user's history the store keeps for a model that reads the newest `window`.
+    pub fn history_kept(&self, window: usize) -> usize {
+        window.max(self.seen_history)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -209,7 +216,7 @@ pub(crate) async fn load_engine(
     data_dir: Option<PathBuf>,
     sources: Sources,
     store: Option<&dyn Store>,
-    seen_history: usize,
+    limits: &Limits,
 ) -> Result<Arc<Engine>, ServeError> {
     let Sources { index, channels, effort, compact_at } = sources;
     // `None`: no store; `Some(None)`: a store that holds nothing yet, or whose last load was cut
@@ -222,17 +229,13 @@ pub(crate) async fn load_engine(
     let dir = run.to_owned();
     let blocking = move || -> Result<_, ServeError> {
         let served = needle_run::load_for_serving(&dir)?;
-        let contents = match empty_store {
-            true => {
-                let mut c = StoreContents::of_run(&served.info, data_dir.as_deref())?;
-                c.max_history = c.max_history.max(seen_history);
-                Some(c)
-            }
-            false => None,
-        };
+        let contents = if empty_store { Some(StoreContents::of_run(&served.info, data_dir.as_deref())?) } else { None };
         Ok((served, contents))
     };
-    let (served, contents) = in_background(blocking).await??;
+    let (served, mut contents) = in_background(blocking).await??;
+    if let Some(c) = contents.as_mut() {
+        c.max_history = limits.history_kept(c.max_history);
+    }
     if let Some(store) = store {
         let fp = &served.info.data_fingerprint;
         if let Some(c) = contents {
@@ -366,8 +369,7 @@ pub(crate) async fn reload(app: &App, name: &str, run: Option<PathBuf>) -> Resul
         None => return Err(ServeError::BadRequest(format!("no version {name:?}"))),
     };
     let dir = run.unwrap_or_else(|| current.run_dir.clone());
-    let result =
-        load_engine(&dir, app.data_dir.clone(), app.sources(&dir), Some(&*app.store), app.limits.seen_history).await;
+    let result = load_engine(&dir, app.data_dir.clone(), app.sources(&dir), Some(&*app.store), &app.limits).await;
     let engine = match result {
         Ok(e) => e,
         Err(e) => {

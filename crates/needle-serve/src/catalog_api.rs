@@ -322,7 +322,7 @@ pub(crate) async fn events(State(app): State<Shared>, body: Result<Bytes, BytesR
         .store_write(app.store.append_event(
             &ev.user_id.0,
             &ev.item_id.0,
-            versions.max_seq_len().max(app.limits.seen_history),
+            app.limits.history_kept(versions.max_seq_len()),
         ))
         .await
     {

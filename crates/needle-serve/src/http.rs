@@ -56,8 +56,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let sources_of =
         |dir: &Path| Sources::for_run(dir, index_override.as_ref(), &opts.channels, opts.effort, opts.compact_live_at);
     let engine =
-        load_engine(&opts.run, opts.data_dir.clone(), sources_of(&opts.run), Some(&*store), opts.limits.seen_history)
-            .await?;
+        load_engine(&opts.run, opts.data_dir.clone(), sources_of(&opts.run), Some(&*store), &opts.limits).await?;
     tracing::info!(
         version = %name,
         model = %engine.run_id,
@@ -69,7 +68,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     );
     let mut versions = Versions::single(name, engine);
     for (name, dir) in &opts.versions {
-        let engine = load_engine(dir, opts.data_dir.clone(), sources_of(dir), Some(&*store), opts.limits.seen_history)
+        let engine = load_engine(dir, opts.data_dir.clone(), sources_of(dir), Some(&*store), &opts.limits)
             .await
             .map_err(|e| ServeError::Load(format!("version {name:?} ({}): {e}", dir.display())))?;
         tracing::info!(version = %name, model = %engine.run_id, "loaded");

@@ -149,7 +149,7 @@ pub(crate) async fn do_recall(
     let user_id = req.user_id.map(|i| i.0);
     let profile = match &user_id {
         Some(id) => {
-            app.store.user(id, engine.max_seq_len.max(app.limits.seen_history)).await.map_err(|e| app.store_error(e))?
+            app.store.user(id, app.limits.history_kept(engine.max_seq_len)).await.map_err(|e| app.store_error(e))?
         }
         None => None,
     };
