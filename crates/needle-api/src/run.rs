@@ -4,9 +4,8 @@ use crate::{io, Error, Result};
 use needle_core::Lists;
 use needle_eval::Report;
 use needle_index::NpyWriter;
-use needle_model::neighbors::Scratch;
 use needle_model::tower::UserEvents;
-use needle_run::{merge_interests, Model, RunInfo};
+use needle_run::{Model, RunInfo};
 use needle_train::observe::{self, Observer, Unit};
 use needle_train::run::LoadedRun;
 use needle_train::{Prepared, Stage};
@@ -179,30 +178,24 @@ impl Run {
         let model = &self.loaded.model;
         let rows: Vec<Vec<u32>> = histories.iter().map(|h| self.history_rows(h)).collect();
         let n = rows.len();
-        if let Some(nb) = model.neighbors() {
-            let (mut out_rows, mut out_scores) = (vec![u32::MAX; n * k], vec![f32::NEG_INFINITY; n * k]);
-            let (mut scratch, mut out) = (Scratch::default(), Vec::new());
-            for (q, h) in rows.iter().enumerate() {
-                let mut seen = if keep_seen { Vec::new() } else { h.clone() };
-                seen.sort_unstable();
-                nb.recall(h, k, &|r| seen.binary_search(&r).is_err(), &mut scratch, &mut out);
-                for (j, &(r, s)) in out.iter().enumerate() {
-                    out_rows[q * k + j] = r;
-                    out_scores[q * k + j] = s;
+        let (rows, scores) = match model.neighbors() {
+            Some(nb) => needle_train::model::rank_neighbors(nb, n, k, |i, history, seen| {
+                history.extend_from_slice(&rows[i]);
+                if !keep_seen {
+                    seen.extend_from_slice(&rows[i]);
                 }
+            }),
+            None => {
+                let uv = self.history_vectors_of(&rows);
+                let seen = (!keep_seen).then(|| {
+                    let mut l = Lists::new();
+                    rows.iter().for_each(|h| l.push(h.iter().copied()));
+                    l
+                });
+                let iv = model.item_vectors();
+                needle_train::model::rank_vectors(&uv, &iv, model.dim(), model.interests(), k, seen.as_ref())
             }
-            return Ok(Ranked { k, rows: out_rows, scores: out_scores, ids: &self.loaded.prepared.items });
-        }
-        let uv = self.history_vectors_of(&rows);
-        let ni = model.interests();
-        let mut exclude = Lists::new();
-        for h in &rows {
-            for _ in 0..ni {
-                exclude.push(if keep_seen { &[][..] } else { &h[..] }.iter().copied());
-            }
-        }
-        let (r, s) = needle_core::topk::top_k(&uv, &model.item_vectors(), model.dim(), k, Some(&exclude));
-        let (rows, scores) = if ni > 1 { merge_interests(&r, &s, n, ni, k) } else { (r, s) };
+        };
         Ok(Ranked { k, rows, scores, ids: &self.loaded.prepared.items })
     }
 

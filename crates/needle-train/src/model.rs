@@ -122,44 +122,73 @@ pub fn recall(model: &Model, p: &Prepared, q: &Query<'_>) -> (Vec<u32>, Vec<f32>
 fn recall_against<S: Scorer + ?Sized>(model: &S, iv: &[f32], p: &Prepared, q: &Query<'_>) -> (Vec<u32>, Vec<f32>) {
     let &Query { users, stage, k, keep_seen } = q;
     if let Some(n) = model.neighbors() {
-        return neighbor_recall(n, p, q);
+        return rank_neighbors(n, users.len(), k, |i, history, seen| {
+            let u = users[i];
+            history.extend(p.events(u, stage).known_items(usize::MAX));
+            if !keep_seen {
+                seen.extend(p.history(u, stage));
+            }
+        });
     }
     let uv = model.user_vectors(p, users, stage);
-    let ni = model.interests();
-    let exclude = (!keep_seen).then(|| {
+    let seen = (!keep_seen).then(|| {
         let mut l = Lists::new();
         for &u in users {
-            for _ in 0..ni {
-                l.push(p.history(u, stage));
+            l.push(p.history(u, stage));
+        }
+        l
+    });
+    rank_vectors(&uv, iv, model.dim(), model.interests(), k, seen.as_ref())
+}
+
+/// Exact top-`k` over the corpus `iv` for users whose vectors are `uv` (`interests` of them per
+/// user, `[users × interests × dim]`), user `i` leaving out the items of `seen`'s list `i`; a
+/// multi-interest user's lists merge by score.
+pub fn rank_vectors(
+    uv: &[f32],
+    iv: &[f32],
+    dim: usize,
+    interests: usize,
+    k: usize,
+    seen: Option<&Lists>,
+) -> (Vec<u32>, Vec<f32>) {
+    if interests == 1 {
+        return top_k(uv, iv, dim, k, seen);
+    }
+    // Every interest of a user searches with the user's list.
+    let per_query = seen.map(|s| {
+        let mut l = Lists::new();
+        for i in 0..s.len() {
+            for _ in 0..interests {
+                l.push(s.get(i).iter().copied());
             }
         }
         l
     });
-    let (ids, scores) = top_k(&uv, iv, model.dim(), k, exclude.as_ref());
-    if ni == 1 {
-        return (ids, scores);
-    }
-    merge_interests(&ids, &scores, users.len(), ni, k)
+    let (ids, scores) = top_k(uv, iv, dim, k, per_query.as_ref());
+    merge_interests(&ids, &scores, uv.len() / (dim * interests).max(1), interests, k)
 }
 
-/// [`recall_against`] for an item-to-item model: each user's history scores its neighbours.
-fn neighbor_recall(n: &ItemNeighbors, p: &Prepared, q: &Query<'_>) -> (Vec<u32>, Vec<f32>) {
-    let &Query { users, stage, k, keep_seen } = q;
-    let mut ids = vec![u32::MAX; users.len() * k];
-    let mut scores = vec![f32::NEG_INFINITY; users.len() * k];
+/// The top `k` of an item-to-item model for `users` users, in parallel: `fill(i, history, seen)`
+/// writes user `i`'s known items (oldest first) and the items to leave out (none: keep all).
+pub fn rank_neighbors(
+    n: &ItemNeighbors,
+    users: usize,
+    k: usize,
+    fill: impl Fn(usize, &mut Vec<u32>, &mut Vec<u32>) + Sync,
+) -> (Vec<u32>, Vec<f32>) {
+    let mut ids = vec![u32::MAX; users * k];
+    let mut scores = vec![f32::NEG_INFINITY; users * k];
     if k == 0 {
         return (ids, scores);
     }
-    ids.par_chunks_mut(k).zip(scores.par_chunks_mut(k)).zip(users.par_iter()).for_each_init(
+    ids.par_chunks_mut(k).zip(scores.par_chunks_mut(k)).enumerate().for_each_init(
         || (Scratch::default(), Vec::new(), Vec::new(), Vec::new()),
-        |(scratch, history, seen, out), ((ids, scores), &u)| {
+        |(scratch, history, seen, out), (i, (ids, scores))| {
             history.clear();
-            history.extend(p.events(u, stage).known_items(usize::MAX));
             seen.clear();
-            if !keep_seen {
-                seen.extend(p.history(u, stage));
-                seen.sort_unstable();
-            }
+            fill(i, history, seen);
+            seen.sort_unstable();
             n.recall(history, k, &|r| seen.binary_search(&r).is_err(), scratch, out);
             for (j, &(r, s)) in out.iter().enumerate() {
                 ids[j] = r;
