@@ -84,6 +84,14 @@ pub struct RunInfo {
     pub config: Config,
 }
 
+impl RunInfo {
+    /// Newest history items the run reads: its tower's own length, which training, evaluation,
+    /// the store and the server all use (the config's value for popularity, which reads none).
+    pub fn max_seq_len(&self) -> usize {
+        self.tower.max_seq_len().unwrap_or(self.config.model.max_seq_len)
+    }
+}
+
 /// `model.toml` as written, including the layout before `[tower]`, when each family's shapes
 /// had a table of its own at the top level (`[deep]`, `[seq]`, …): such runs still load.
 #[derive(Deserialize)]

@@ -127,9 +127,6 @@ impl Engine {
             )));
         }
         let model = run.model;
-        // The run's own length, as training and evaluation read it; the config's copy is what
-        // training started from.
-        let model_max_seq_len = run.info.tower.max_seq_len().unwrap_or(run.info.config.model.max_seq_len);
         let index_path = index.map(Path::to_owned).unwrap_or_else(|| dir.join(needle_index::RUN_INDEX_FILE));
         let index: Option<Box<dyn Index>> = if let Some(n) = model.neighbors() {
             if index.is_some() {
@@ -187,7 +184,7 @@ impl Engine {
             run_id: format!("{name}:{:08x}", checksum >> 32),
             run_dir: dir,
             kind: format!("{:?}", run.info.kind).to_lowercase(),
-            max_seq_len: model_max_seq_len,
+            max_seq_len: run.info.max_seq_len(),
             index_params,
             model,
             items: run.items,
@@ -687,12 +684,7 @@ impl StoreContents {
     /// breaks ties), from the data the run `info` was trained on.
     pub fn of(ds: &Dataset, info: &RunInfo) -> Result<Self, needle_data::DataError> {
         let (items, users) = store_records(ds)?;
-        Ok(StoreContents {
-            items,
-            users,
-            max_history: info.tower.max_seq_len().unwrap_or(info.config.model.max_seq_len),
-            fingerprint: info.data_fingerprint.clone(),
-        })
+        Ok(StoreContents { items, users, max_history: info.max_seq_len(), fingerprint: info.data_fingerprint.clone() })
     }
 
     /// Loads the data of the run in `dir` (refusing data with another fingerprint) and makes its

@@ -19,8 +19,7 @@ use needle_model::mind::{MindSpec, MindTwoTower};
 use needle_model::neighbors::{ItemNeighbors, NeighborKind, NeighborSpec};
 use needle_model::rng::Rng;
 use needle_model::seq::{SeqSpec, SeqTwoTower};
-use needle_model::tower::Dropout;
-use needle_model::tower::{Grads, Tower, UserBatch, UserEvents, ID_DROPPED};
+use needle_model::tower::{Dropout, Grads, Tower, UserBatch, UserEvents, ID_DROPPED};
 use std::time::Instant;
 
 pub use crate::observe::EpochLog;
