@@ -3,10 +3,10 @@
 //!
 //! One query at a time streams the vectors through the canonical dot kernel, which is
 //! memory-bound, so its scores and order are those of evaluation's exact top-K. A batch instead
-//! multiplies blocks of queries by tiles of vectors (a cache-sized
-//! GEMM), so each vector tile is read from memory once per block of queries rather than once per
-//! query; top-K selection then scans each tile's scores against the heap threshold, which after
-//! the first tiles rejects almost everything with one comparison.
+//! multiplies blocks of queries by tiles of vectors (a cache-sized GEMM), so each vector tile is
+//! read from memory once per block of queries rather than once per query; top-K selection then
+//! scans each tile's scores against the heap threshold, which after the first tiles rejects
+//! almost everything with one comparison.
 
 use crate::format::{self, Backing, Header, Reader};
 use crate::idmap::LazyIdMap;
