@@ -1,7 +1,8 @@
 //! A config's data, loaded, split by time and prepared for its model.
 
 use crate::Result;
-use needle_run::config::{LossKind, FULL_SOFTMAX_MAX_ITEMS};
+use needle_data::{Dataset, Split};
+use needle_run::config::{DataConfig, LossKind, FULL_SOFTMAX_MAX_ITEMS};
 use needle_run::Config;
 use needle_train::Prepared;
 use std::path::Path;
@@ -11,7 +12,7 @@ use std::path::Path;
 pub struct Data {
     /// The dataset's name and fingerprint; the raw events are dropped once prepared (at 10^8
     /// events they are gigabytes that training never reads).
-    pub dataset: needle_data::Dataset,
+    pub dataset: Dataset,
     pub prepared: Prepared,
     /// Where the events came from: `read the binary dataset …`, `ingested into …`.
     pub source: String,
@@ -24,16 +25,28 @@ impl Data {
     /// Loads and prepares `cfg`'s data (through the binary dataset, ingested on first use);
     /// `progress` gets `(bytes, total)` while a text source is parsed.
     pub fn load(cfg: &Config, data_dir: Option<&Path>, progress: &mut dyn FnMut(u64, u64)) -> Result<Data> {
-        let (mut ds, split, cached) = needle_run::load_data_with(cfg, data_dir, progress)?;
-        let source = match cached {
-            needle_data::Cached::Hit(dir) => format!("read the binary dataset {}", dir.display()),
-            needle_data::Cached::Built { dir, reason } => {
-                format!("ingested into the binary dataset {} ({reason})", dir.display())
-            }
-            needle_data::Cached::Unwritable { dir, reason } => {
-                format!("could not write the binary dataset {} ({reason}); parsed the source", dir.display())
-            }
-        };
+        let (ds, split, cached) = needle_run::load_data_with(cfg, data_dir, progress)?;
+        Data::prepare(cfg, ds, split, source_of(cached))
+    }
+
+    /// Loads `data` and picks the default config for its size ([`crate::default_config`]); the
+    /// first note says which config was picked and why.
+    pub fn load_default(
+        data: DataConfig,
+        data_dir: Option<&Path>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(Config, Data)> {
+        let (probe, _) = crate::default_config(data.clone(), 0);
+        probe.validate().map_err(crate::Error::Config)?;
+        let (ds, split, cached) = needle_run::load_data_with(&probe, data_dir, progress)?;
+        let (cfg, why) = crate::default_config(data, split.train.total());
+        let mut prepared = Data::prepare(&cfg, ds, split, source_of(cached))?;
+        prepared.notes.insert(0, why);
+        Ok((cfg, prepared))
+    }
+
+    /// Prepares a loaded and split dataset for `cfg`'s model; `source` says where it came from.
+    pub fn prepare(cfg: &Config, mut ds: Dataset, split: Split, source: String) -> Result<Data> {
         let mut notes = vec![format!(
             "data: {} — {} events, {} users, {} items{}",
             ds.name,
@@ -47,7 +60,7 @@ impl Data {
         )];
         let p = needle_train::prepare::prepare(&ds, &split, cfg)?;
         drop(split);
-        let slim = needle_data::Dataset {
+        let slim = Dataset {
             name: std::mem::take(&mut ds.name),
             source_fingerprint: Some(ds.fingerprint()),
             report: std::mem::take(&mut ds.report),
@@ -112,4 +125,30 @@ fn model_notes(cfg: &Config, p: &Prepared) -> Vec<String> {
         ));
     }
     notes
+}
+
+/// Writes `ds` as a binary dataset into `run/data` and returns the `[data]` section that reads
+/// it from there: a run trained on data held in memory (a DataFrame) keeps its data with it, so
+/// it can be opened, evaluated and served like any other.
+pub fn keep_with_run(ds: &Dataset, run: &Path, like: &DataConfig) -> Result<DataConfig> {
+    let dir = run.join(RUN_DATA_DIR);
+    let seqs = needle_data::split::time_ordered(ds)?;
+    needle_data::packed::write(ds, &seqs, &format!("memory:{}", ds.fingerprint()), &dir)?;
+    Ok(DataConfig { dataset: None, schema: None, cache: None, binary: Some(dir), ..like.clone() })
+}
+
+/// Where [`keep_with_run`] puts a run's data, inside the run directory.
+pub const RUN_DATA_DIR: &str = "data";
+
+/// What a load says of where its events came from.
+fn source_of(cached: needle_data::Cached) -> String {
+    match cached {
+        needle_data::Cached::Hit(dir) => format!("read the binary dataset {}", dir.display()),
+        needle_data::Cached::Built { dir, reason } => {
+            format!("ingested into the binary dataset {} ({reason})", dir.display())
+        }
+        needle_data::Cached::Unwritable { dir, reason } => {
+            format!("could not write the binary dataset {} ({reason}); parsed the source", dir.display())
+        }
+    }
 }

@@ -24,10 +24,13 @@
 //! - Indexes over any vectors: `needle_index` re-exported as [`index`].
 
 mod data;
+pub mod defaults;
+pub mod progress;
 mod run;
 mod train;
 
-pub use data::Data;
+pub use data::{keep_with_run, Data, RUN_DATA_DIR};
+pub use defaults::default_config;
 pub use needle_data::{Dataset, DatasetName};
 pub use needle_eval::{AtK, Report};
 pub use needle_index as index;

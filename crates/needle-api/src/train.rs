@@ -70,7 +70,14 @@ pub fn train(cfg: &Config, data: &Data, out: &Path, eval_seed: u64, obs: &mut dy
     }
     let trained = trained?;
     let threads = rayon::current_num_threads();
-    let info = needle_train::run::save_run(out, cfg, &data.dataset, p, &trained, threads)?;
+    // A binary dataset inside the run is named relative to it, so the run can be moved.
+    let mut saved = cfg.clone();
+    if let Some(b) = saved.data.binary.as_mut() {
+        if let Ok(rel) = b.strip_prefix(out) {
+            *b = rel.to_path_buf();
+        }
+    }
+    let info = needle_train::run::save_run(out, &saved, &data.dataset, p, &trained, threads)?;
     let test = write_test_metrics(out, &trained.model, p, eval_seed, obs)?;
     Ok(Trained { info, epochs: trained.epochs, test, stopped: trained.stopped })
 }

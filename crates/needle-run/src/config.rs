@@ -69,6 +69,10 @@ pub struct DataConfig {
     pub dataset: Option<String>,
     /// Or a TOML schema describing a CSV/TSV log (relative to the config file).
     pub schema: Option<PathBuf>,
+    /// Or a binary dataset folder (`dataset.ndb`) that needle wrote: a run trained from a
+    /// DataFrame keeps its data in `RUN/data` and names it so, relative to the run directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<PathBuf>,
     /// Folder of the ingested binary dataset (relative to the config file); default: beside the
     /// schema (`S.toml` → `S.ndb/`), or for MovieLens in the user's cache (`~/.cache/needle/`).
     #[serde(default)]
@@ -81,6 +85,22 @@ pub struct DataConfig {
     pub test_fraction: f64,
     #[serde(default)]
     pub skip_bad_rows: bool,
+}
+
+impl DataConfig {
+    /// Data from one source, split and read with the defaults.
+    pub fn from_source(dataset: Option<String>, schema: Option<PathBuf>, binary: Option<PathBuf>) -> DataConfig {
+        DataConfig {
+            dataset,
+            schema,
+            binary,
+            cache: None,
+            split: default_split(),
+            valid_fraction: default_fraction(),
+            test_fraction: default_fraction(),
+            skip_bad_rows: false,
+        }
+    }
 }
 
 fn default_split() -> SplitKind {
@@ -444,7 +464,7 @@ impl Config {
     /// Makes the config's relative paths relative to `base`, the folder of the config file, so a
     /// config means the same data from whatever folder it is run.
     pub fn resolve_paths(&mut self, base: &std::path::Path) {
-        for p in [&mut self.data.schema, &mut self.data.cache].into_iter().flatten() {
+        for p in [&mut self.data.schema, &mut self.data.cache, &mut self.data.binary].into_iter().flatten() {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -453,8 +473,9 @@ impl Config {
 
     /// Checks the values that the types alone cannot.
     pub fn validate(&self) -> Result<(), String> {
-        if self.data.dataset.is_some() == self.data.schema.is_some() {
-            return Err("[data] needs exactly one of `dataset` (ml-1m, ml-100k) or `schema`".into());
+        let sources = [self.data.dataset.is_some(), self.data.schema.is_some(), self.data.binary.is_some()];
+        if sources.iter().filter(|&&s| s).count() != 1 {
+            return Err("[data] needs exactly one of `dataset` (ml-1m, ml-100k), `schema` or `binary`".into());
         }
         let m = &self.model;
         if m.kind.neighbor_kind().is_some() {

@@ -181,6 +181,11 @@ pub fn load_data_with(
     data_dir: Option<&Path>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(Dataset, Split, needle_data::Cached), RunError> {
+    if let Some(dir) = &cfg.data.binary {
+        let ds = needle_data::Packed::open(dir)?.dataset()?;
+        let split = split_by(cfg, &ds)?;
+        return Ok((ds, split, needle_data::Cached::Hit(dir.clone())));
+    }
     let source = match (&cfg.data.dataset, &cfg.data.schema) {
         (Some(name), None) => {
             // The same parser as `needle data download` and `train --download`, so one spelling
@@ -193,14 +198,19 @@ pub fn load_data_with(
     };
     let opts = LoadOptions { skip_bad_rows: cfg.data.skip_bad_rows };
     let (ds, cached) = needle_data::load_cached(&source, data_dir, &opts, cfg.data.cache.as_deref(), progress)?;
+    let split = split_by(cfg, &ds)?;
+    Ok((ds, split, cached))
+}
+
+/// Splits `ds` as `cfg` says.
+pub fn split_by(cfg: &Config, ds: &Dataset) -> Result<Split, RunError> {
     let strategy = match cfg.data.split {
         config::SplitKind::LeaveLastOut => SplitStrategy::LeaveLastOut,
         config::SplitKind::GlobalTime => {
             SplitStrategy::GlobalTime { valid_fraction: cfg.data.valid_fraction, test_fraction: cfg.data.test_fraction }
         }
     };
-    let split = needle_data::split::split(&ds, &strategy)?;
-    Ok((ds, split, cached))
+    Ok(needle_data::split::split(ds, &strategy)?)
 }
 
 /// Loads the data a run was trained on and refuses any other: the fingerprint of what is found
@@ -274,7 +284,11 @@ pub fn read_info(dir: &Path) -> Result<RunInfo, RunError> {
         )),
         _ => RunError::Io { path: path.clone(), source: e },
     })?;
-    let info: RunInfo = toml::from_str(&text).map_err(|e| RunError::Invalid(format!("{}: {e}", path.display())))?;
+    let mut info: RunInfo = toml::from_str(&text).map_err(|e| RunError::Invalid(format!("{}: {e}", path.display())))?;
+    // A run's own data folder moves with the run.
+    if let Some(b) = info.config.data.binary.as_mut().filter(|b| b.is_relative()) {
+        *b = dir.join(&*b);
+    }
     if info.format != RUN_FORMAT {
         return Err(RunError::Invalid(format!(
             "{}: run format {} is not supported (this build reads format {RUN_FORMAT})",

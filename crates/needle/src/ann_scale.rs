@@ -59,7 +59,7 @@ fn exact_truth(base: &dyn VectorSource, queries: &[f32]) -> Result<Results> {
     let nq = queries.len() / dim;
     let n = base.rows();
     let blocks = n.div_ceil(BLOCK);
-    let bar = crate::progress::count_bar(n as u64, "exact scan");
+    let bar = needle_api::progress::count_bar(n as u64, "exact scan");
     let heaps = (0..blocks)
         .into_par_iter()
         .try_fold(
@@ -279,7 +279,7 @@ pub fn bench_ann_stream(b: &StreamBench<'_>) -> Result<()> {
                 let path: PathBuf = work.join(format!("{name}.idx"));
                 reset_peak_rss();
                 let t0 = Instant::now();
-                let progress = crate::progress::BarProgress::default();
+                let progress = needle_api::progress::BarProgress::default();
                 let ix = IvfPqIndex::build_from(&p, &base, None, &progress)?;
                 progress.finish();
                 let build_s = t0.elapsed().as_secs_f64();

@@ -59,7 +59,7 @@ pub fn eval_channels(
     }
     let n_items = p.items.len() - 1;
 
-    let bar = crate::progress::count_bar(cfg.channels.len() as u64, "channels");
+    let bar = needle_api::progress::count_bar(cfg.channels.len() as u64, "channels");
     let mut ranked: Vec<Ranked> = Vec::with_capacity(cfg.channels.len());
     for c in &cfg.channels {
         bar.set_message(c.name.clone());

@@ -1,13 +1,13 @@
 //! The subcommands: thin glue over the library crates, with errors phrased for people.
 
 use crate::metrics::{eval_seed, metrics_json, say_sample, write_metrics, write_replacing};
-use crate::progress::{bytes_bar, Bars};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use needle_api::progress::{bytes_bar, Bars};
 use needle_data::DatasetName;
 use needle_train::{Config, Stage};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 /// Sizes the global thread pool once; 0 means all cores.
@@ -39,12 +39,16 @@ pub fn load_prepared(cfg: &Config, data_dir: Option<&Path>, quiet: bool, threads
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
+    say_data(&data, threads);
+    Ok(data)
+}
+
+fn say_data(data: &needle_api::Data, threads: usize) {
     eprintln!("data: {}", data.source);
     for note in &data.notes {
         eprintln!("{note}");
     }
     eprintln!("threads: {threads}");
-    Ok(data)
 }
 
 /// Switches of `needle train` that are not part of the config.
@@ -56,17 +60,38 @@ pub struct TrainFlags {
     pub threads: Option<usize>,
 }
 
-pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFlags) -> Result<()> {
+/// What `needle train` trains on: a config, or (the default config for its size) a schema or a
+/// built-in dataset.
+pub struct TrainData {
+    pub config: Option<PathBuf>,
+    pub schema: Option<PathBuf>,
+    pub dataset: Option<String>,
+}
+
+pub fn train(what: TrainData, data_dir: Option<&Path>, out: &Path, flags: TrainFlags) -> Result<()> {
     let TrainFlags { download, force, skip_bad_rows, quiet, threads } = flags;
-    let mut cfg = read_config(config)?;
+    let mut cfg = match &what.config {
+        Some(config) => Some(read_config(config)?),
+        None => None,
+    };
+    let mut data_cfg = match &cfg {
+        Some(c) => c.data.clone(),
+        None => {
+            let schema = what.schema.as_deref().map(std::path::absolute).transpose()?;
+            needle_run::config::DataConfig::from_source(what.dataset.clone(), schema, None)
+        }
+    };
     // Saved into the run, so that eval and recall reload the data the same way.
-    cfg.data.skip_bad_rows |= skip_bad_rows;
-    let threads = init_threads(threads.unwrap_or(cfg.train.threads))?;
+    data_cfg.skip_bad_rows |= skip_bad_rows;
+    if let Some(c) = &mut cfg {
+        c.data = data_cfg.clone();
+    }
+    let threads = init_threads(threads.unwrap_or(cfg.as_ref().map_or(0, |c| c.train.threads)))?;
     if out.join("model.toml").exists() && !force {
         bail!("{} already holds a run; pass --force to replace it", out.display());
     }
     if download {
-        if let Some(name) = &cfg.data.dataset {
+        if let Some(name) = &data_cfg.dataset {
             let name = DatasetName::from_str(name).map_err(anyhow::Error::msg)?;
             let root = needle_data::resolve_data_dir(data_dir);
             if needle_data::source::find_dataset_dir(&name, &root).is_none() {
@@ -74,9 +99,30 @@ pub fn train(config: &Path, data_dir: Option<&Path>, out: &Path, flags: TrainFla
             }
         }
     }
-    let data = load_prepared(&cfg, data_dir, quiet, threads)?;
-    crate::progress::stop_on_interrupt();
-    let trained = needle_api::train(&cfg, &data, out, eval_seed(), &mut Bars::new(quiet))?;
+    let (cfg, data) = match cfg {
+        Some(cfg) => {
+            let data = load_prepared(&cfg, data_dir, quiet, threads)?;
+            (cfg, data)
+        }
+        None => {
+            let bar = bytes_bar(quiet, "parsing");
+            let (cfg, data) = needle_api::Data::load_default(data_cfg, data_dir, &mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            bar.finish_and_clear();
+            say_data(&data, threads);
+            (cfg, data)
+        }
+    };
+    crate::interrupt::stop_on_interrupt();
+    let trained = needle_api::train(
+        &cfg,
+        &data,
+        out,
+        eval_seed(),
+        &mut Bars::new(quiet).stopping_on(crate::interrupt::interrupted),
+    )?;
     let info = &trained.info;
     if trained.stopped {
         eprintln!(

@@ -576,7 +576,7 @@ pub fn bench_crash(paths: &[WritePath], runs: usize, work: &Path, seed: u64) -> 
     for &p in paths {
         let mut rng = Rng::new(seed ^ ((p as u64 + 1) * 0x9e37_79b9));
         let name = p.to_possible_value().map_or_else(String::new, |v| v.get_name().to_owned());
-        let bar = crate::progress::count_bar(runs as u64, &name);
+        let bar = needle_api::progress::count_bar(runs as u64, &name);
         let t = match p {
             WritePath::Train => crash_train(&setup, runs, &mut rng, &bar)?,
             WritePath::Index => crash_index(&setup, runs, &mut rng, &bar)?,

@@ -5,7 +5,7 @@ use needle_data::{DatasetName, DatasetSource, LoadOptions, Packed};
 use std::path::Path;
 use std::time::Instant;
 
-use crate::progress::bytes_bar;
+use needle_api::progress::bytes_bar;
 
 pub fn ingest(
     schema: Option<&Path>,
@@ -96,7 +96,7 @@ pub fn synth(spec: &needle_data::synth::SynthSpec, out: &Path, quiet: bool) -> R
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
     } else {
-        crate::progress::for_logs(
+        needle_api::progress::for_logs(
             indicatif::ProgressBar::new(spec.events).with_style(
                 indicatif::ProgressStyle::with_template(
                     "synth [{bar:30}] {human_pos}/{human_len} events {per_sec} ETA {eta}",

@@ -100,7 +100,7 @@ pub fn build(
 /// kinds read them whole.
 fn build_over(params: &IndexParams, src: &dyn VectorSource, ids: Option<&[u32]>) -> Result<Box<dyn Index>> {
     if let IndexParams::IvfPq(p) = params {
-        let progress = crate::progress::BarProgress::default();
+        let progress = needle_api::progress::BarProgress::default();
         let ix = needle_index::IvfPqIndex::build_from(p, src, ids, &progress)?;
         progress.finish();
         return Ok(Box::new(ix));
@@ -315,7 +315,7 @@ pub fn eval_ann(
     let mut ids = vec![u32::MAX; users.len() * ni * kmax];
     let mut scores = vec![f32::NEG_INFINITY; users.len() * ni * kmax];
     let mut buf = Vec::new();
-    let bar = crate::progress::count_bar(users.len() as u64, "test through the index");
+    let bar = needle_api::progress::count_bar(users.len() as u64, "test through the index");
     // Each interest vector is one query; a multi-interest user's lists merge by score below.
     for (q_i, q) in uv.chunks_exact(d).enumerate() {
         if q_i % (ni * 256) == 0 {

@@ -8,8 +8,8 @@ mod commands;
 mod crash;
 mod data_cmd;
 mod index_cmd;
+mod interrupt;
 mod metrics;
-mod progress;
 mod report;
 mod serve_cmd;
 mod tune_cmd;
@@ -37,8 +37,16 @@ struct Cli {
 enum Cmd {
     /// Train a model from a config and save it as a run directory; ends with a test evaluation.
     Train {
-        #[arg(long)]
-        config: PathBuf,
+        /// The config; without one, needle picks the default for the log's size (and says
+        /// which) and reads the data of --schema or --dataset.
+        #[arg(long, required_unless_present_any = ["schema", "dataset"])]
+        config: Option<PathBuf>,
+        /// Without --config: a schema file describing the log to train on.
+        #[arg(long, conflicts_with_all = ["config", "dataset"])]
+        schema: Option<PathBuf>,
+        /// Without --config: a built-in dataset to train on (ml-1m, ml-100k).
+        #[arg(long, conflicts_with = "config")]
+        dataset: Option<String>,
         /// Folder holding the dataset (or its parent); default: $NEEDLE_DATA_DIR, else ./data.
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -404,12 +412,14 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     metrics::set_eval_seed(cli.eval_seed);
     match cli.cmd {
-        Cmd::Train { config, data_dir, out, download, force, skip_bad_rows, quiet } => commands::train(
-            &config,
-            data_dir.as_deref(),
-            &out,
-            commands::TrainFlags { download, force, skip_bad_rows, quiet, threads: cli.threads },
-        ),
+        Cmd::Train { config, schema, dataset, data_dir, out, download, force, skip_bad_rows, quiet } => {
+            commands::train(
+                commands::TrainData { config, schema, dataset },
+                data_dir.as_deref(),
+                &out,
+                commands::TrainFlags { download, force, skip_bad_rows, quiet, threads: cli.threads },
+            )
+        }
         Cmd::Tune { config, data_dir, budget, trials, out, quiet } => tune_cmd::tune(tune_cmd::TuneArgs {
             config: &config,
             data_dir: data_dir.as_deref(),

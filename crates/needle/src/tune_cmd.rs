@@ -152,7 +152,7 @@ pub fn tune(a: TuneArgs<'_>) -> Result<()> {
     let bar = if a.quiet {
         ProgressBar::hidden()
     } else {
-        crate::progress::for_logs(
+        needle_api::progress::for_logs(
             ProgressBar::new(0).with_style(
                 ProgressStyle::with_template("tune [{bar:30}] {pos}/{len} epochs  {msg}  ETA {eta}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar())

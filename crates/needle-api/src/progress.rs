@@ -138,45 +138,31 @@ impl needle_index::Progress for BarProgress {
     }
 }
 
-/// Set by the first Ctrl-C while training: training stops after its current step and saves the
-/// best epoch so far. A second Ctrl-C ends the process at once.
-static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: libc::c_int) {
-    // Only async-signal-safe work here: an atomic swap, and `_exit` on the second press.
-    if STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
-        // SAFETY: `_exit` is async-signal-safe and ends the process without running handlers.
-        unsafe { libc::_exit(130) };
-    }
-}
-
-/// From now on, Ctrl-C asks training to stop cleanly (see [`STOP`]).
-pub fn stop_on_interrupt() {
-    #[cfg(unix)]
-    // SAFETY: installs a handler that touches only an atomic and `_exit`.
-    unsafe {
-        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
-    }
-}
-
 /// Training's and evaluation's progress as bars on stderr (hidden with `quiet`), each epoch as
-/// a line, and Ctrl-C as a request to stop.
+/// a line, and a stop request (Ctrl-C) from the predicate given to [`Bars::stopping_on`].
 pub struct Bars {
     quiet: bool,
     bar: Option<ProgressBar>,
+    stop: Option<Box<dyn Fn() -> bool>>,
 }
 
 impl Bars {
     pub fn new(quiet: bool) -> Bars {
-        Bars { quiet, bar: None }
+        Bars { quiet, bar: None, stop: None }
+    }
+
+    /// Training asks `stop` between steps and, when it says so, ends after the current step.
+    pub fn stopping_on(mut self, stop: impl Fn() -> bool + 'static) -> Bars {
+        self.stop = Some(Box::new(stop));
+        self
     }
 }
 
-impl needle_api::Observer for Bars {
-    fn begin(&mut self, name: &str, unit: needle_api::Unit, total: u64) {
+impl crate::Observer for Bars {
+    fn begin(&mut self, name: &str, unit: crate::Unit, total: u64) {
         let template = match unit {
-            needle_api::Unit::Samples => "{prefix} [{bar:30}] {pos}/{len} samples  {msg}  ETA {eta}",
-            needle_api::Unit::Users => "{prefix} [{bar:30}] {pos}/{len} users  {per_sec}  ETA {eta}",
+            crate::Unit::Samples => "{prefix} [{bar:30}] {pos}/{len} samples  {msg}  ETA {eta}",
+            crate::Unit::Users => "{prefix} [{bar:30}] {pos}/{len} users  {per_sec}  ETA {eta}",
         };
         let bar = if self.quiet { ProgressBar::hidden() } else { for_logs(ProgressBar::new(total)) };
         bar.set_length(total);
@@ -210,7 +196,7 @@ impl needle_api::Observer for Bars {
         eprintln!("{line}");
     }
 
-    fn epoch(&mut self, rec: &needle_api::EpochLog) {
+    fn epoch(&mut self, rec: &crate::EpochLog) {
         eprintln!(
             "epoch {:>3}  loss {:.4}  valid HR@10 {:.4}  NDCG@10 {:.4}  {:.1}s  {:.0} samples/s",
             rec.epoch, rec.loss, rec.valid_hr10, rec.valid_ndcg10, rec.seconds, rec.samples_per_sec
@@ -218,7 +204,7 @@ impl needle_api::Observer for Bars {
     }
 
     fn should_stop(&self) -> bool {
-        STOP.load(std::sync::atomic::Ordering::SeqCst)
+        self.stop.as_ref().is_some_and(|s| s())
     }
 }
 
