@@ -183,6 +183,7 @@ fn build_template(kind: ModelKind) -> RunTemplate {
             data: DataConfig {
                 dataset: Some("ml-1m".into()),
                 schema: None,
+                binary: None,
                 cache: None,
                 split: SplitKind::LeaveLastOut,
                 valid_fraction: 0.1,
