@@ -152,3 +152,8 @@ fn source_of(cached: needle_data::Cached) -> String {
         }
     }
 }
+
+/// Loads `cfg`'s dataset (through its binary dataset) without splitting or preparing it.
+pub fn load_dataset(cfg: &Config, data_dir: Option<&Path>) -> Result<Dataset> {
+    Ok(needle_run::load_data_with(cfg, data_dir, &mut |_, _| {})?.0)
+}

@@ -29,15 +29,19 @@ pub mod progress;
 mod run;
 mod train;
 
-pub use data::{keep_with_run, Data, RUN_DATA_DIR};
+pub use data::{keep_with_run, load_dataset, Data, RUN_DATA_DIR};
 pub use defaults::default_config;
-pub use needle_data::{Dataset, DatasetName};
+pub use needle_data::{
+    load_frames, Column, Dataset, DatasetName, EntityTable, FeatureColumn, Frame, InteractionsSchema, LoadOptions,
+    Schema,
+};
 pub use needle_eval::{AtK, Report};
 pub use needle_index as index;
+pub use needle_run::config::DataConfig;
 pub use needle_run::config::ModelKind;
 pub use needle_run::{Config, RunInfo};
 pub use needle_train::observe::{EpochLog, Observer, Silent, Unit};
-pub use needle_train::Stage;
+pub use needle_train::{Stage, TrainError};
 pub use run::{metrics_json, write_metrics, EvalOptions, Exported, Ranked, Run, Vectors};
 pub use train::{train, write_test_metrics, Trained};
 

@@ -142,13 +142,20 @@ impl needle_index::Progress for BarProgress {
 /// a line, and a stop request (Ctrl-C) from the predicate given to [`Bars::stopping_on`].
 pub struct Bars {
     quiet: bool,
+    /// Notes and epoch lines are printed too (the bars alone are hidden by `quiet`).
+    lines: bool,
     bar: Option<ProgressBar>,
     stop: Option<Box<dyn Fn() -> bool>>,
 }
 
 impl Bars {
     pub fn new(quiet: bool) -> Bars {
-        Bars { quiet, bar: None, stop: None }
+        Bars { quiet, lines: true, bar: None, stop: None }
+    }
+
+    /// Nothing at all on stderr: no bars, notes or epoch lines.
+    pub fn silent() -> Bars {
+        Bars { quiet: true, lines: false, bar: None, stop: None }
     }
 
     /// Training asks `stop` between steps and, when it says so, ends after the current step.
@@ -193,10 +200,15 @@ impl crate::Observer for Bars {
     }
 
     fn note(&mut self, line: &str) {
-        eprintln!("{line}");
+        if self.lines {
+            eprintln!("{line}");
+        }
     }
 
     fn epoch(&mut self, rec: &crate::EpochLog) {
+        if !self.lines {
+            return;
+        }
         eprintln!(
             "epoch {:>3}  loss {:.4}  valid HR@10 {:.4}  NDCG@10 {:.4}  {:.1}s  {:.0} samples/s",
             rec.epoch, rec.loss, rec.valid_hr10, rec.valid_ndcg10, rec.seconds, rec.samples_per_sec

@@ -199,6 +199,45 @@ impl Run {
         Ok(Ranked { k, rows, scores, ids: &self.loaded.prepared.items })
     }
 
+    /// The `k` items most like each of `items` (raw ids), each item itself left out: by inner
+    /// product of item vectors, or an item-to-item model's neighbour lists. An unknown item is an
+    /// error naming it.
+    pub fn similar_items(&self, items: &[&str], k: usize) -> Result<Ranked<'_>> {
+        check_k(k)?;
+        let vocab = &self.loaded.prepared.items;
+        let rows: Vec<u32> = items
+            .iter()
+            .map(|raw| {
+                vocab.get(raw).ok_or_else(|| {
+                    Error::Invalid(format!("unknown item id `{raw}` (not in dataset {})", self.loaded.dataset.name))
+                })
+            })
+            .collect::<Result<_>>()?;
+        let model = &self.loaded.model;
+        let (rows, scores) = match model.neighbors() {
+            Some(nb) => needle_train::model::rank_neighbors(nb, rows.len(), k, |i, history, seen| {
+                history.push(rows[i]);
+                seen.push(rows[i]);
+            }),
+            None => {
+                let iv = model.item_vectors();
+                let d = model.dim();
+                let queries: Vec<f32> =
+                    rows.iter().flat_map(|&r| iv[r as usize * d..(r as usize + 1) * d].iter().copied()).collect();
+                let mut seen = Lists::new();
+                rows.iter().for_each(|&r| seen.push([r]));
+                needle_train::model::rank_vectors(&queries, &iv, d, 1, k, Some(&seen))
+            }
+        };
+        Ok(Ranked { k, rows, scores, ids: vocab })
+    }
+
+    /// Raw item ids by row (row 0, the padding row, is the empty string).
+    pub fn item_ids(&self) -> Vec<&str> {
+        let v = &self.loaded.prepared.items;
+        (0..v.len() as u32).map(|r| v.raw(r).unwrap_or("")).collect()
+    }
+
     fn history_vectors_of(&self, rows: &[Vec<u32>]) -> Vec<f32> {
         use rayon::prelude::*;
         let model = &self.loaded.model;

@@ -196,9 +196,10 @@ pub fn prepare(ds: &Dataset, split: &Split, cfg: &Config) -> Result<Prepared, Tr
             continue;
         }
         let feat = ds.user_feature(name).ok_or_else(|| {
-            let known: Vec<&str> = ds.user_features.iter().map(|f| f.name.as_str()).collect();
+            let mut known: Vec<String> = ds.user_features.iter().map(|f| format!("`{}`", f.name)).collect();
+            known.push(format!("`{USER_ID_FEATURE}`"));
             TrainError::Config(format!(
-                "user feature `{name}` is not in dataset {} (it has: {}, and `{USER_ID_FEATURE}`)",
+                "user feature `{name}` is not in dataset {} (it has: {}); set [model] user_features",
                 ds.name,
                 known.join(", ")
             ))
@@ -222,11 +223,11 @@ pub fn prepare(ds: &Dataset, split: &Split, cfg: &Config) -> Result<Prepared, Tr
         .iter()
         .map(|name| {
             ds.item_feature(name).ok_or_else(|| {
-                let known: Vec<&str> = ds.item_features.iter().map(|f| f.name.as_str()).collect();
+                let known: Vec<String> = ds.item_features.iter().map(|f| format!("`{}`", f.name)).collect();
+                let known = if known.is_empty() { "none".to_owned() } else { known.join(", ") };
                 TrainError::Config(format!(
-                    "item feature `{name}` is not in dataset {} (it has: {})",
+                    "item feature `{name}` is not in dataset {} (it has: {known}); set [model] item_features",
                     ds.name,
-                    known.join(", ")
                 ))
             })
         })

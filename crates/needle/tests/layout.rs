@@ -24,6 +24,7 @@ const FLOORS: &[(&str, u32)] = &[
     ("needle-api", 5),
     ("needle-fuzz", 5),
     ("needle", 6),
+    ("needle-py", 6),
 ];
 
 /// The `needle-*` crates a manifest lists under `[dependencies]` (not dev-dependencies).
