@@ -28,6 +28,7 @@ pub struct Dataset {
     pub(crate) source: Source,
     pub(crate) ids: IdTypes,
     name: String,
+    fingerprint: String,
     counts: (usize, usize, usize),
     skipped: usize,
 }
@@ -55,6 +56,7 @@ impl Dataset {
     fn of(source: Source, ds: &needle_api::Dataset, ids: IdTypes) -> Dataset {
         Dataset {
             name: ds.name.clone(),
+            fingerprint: ds.fingerprint(),
             counts: (ds.user_ids.len(), ds.item_ids.len(), ds.events.len()),
             skipped: ds.report.skipped_total(),
             source,
@@ -169,6 +171,13 @@ impl Dataset {
     #[getter]
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A hash of the events (user, item, time in order): equal for equal logs, whatever they
+    /// were read from; a run records it and refuses other data.
+    #[getter]
+    fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     #[getter]

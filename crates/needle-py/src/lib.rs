@@ -21,6 +21,8 @@ pub(crate) fn to_py(e: needle_api::Error) -> PyErr {
         E::Train(needle_api::TrainError::Config(_)) => "ConfigError",
         E::Train(needle_api::TrainError::Load(_) | needle_api::TrainError::Data(_)) => "DataError",
         E::Train(needle_api::TrainError::Cancelled) => "Cancelled",
+        E::Train(needle_api::TrainError::Run(_)) => "RunError",
+        E::Train(needle_api::TrainError::Io { .. }) => "FileError",
         E::Train(_) => "TrainError",
         E::Run(_) => "RunError",
         E::Index(_) => "VectorIndexError",

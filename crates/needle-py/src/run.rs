@@ -285,13 +285,14 @@ impl Run {
         let report = py.detach(|| self.inner.evaluate(stage, &ks, &opts, &mut needle_api::Silent)).map_err(to_py)?;
         let d = PyDict::new(py);
         for a in &report.at {
-            d.set_item(format!("hr@{}", a.k), a.hit_rate)?;
+            d.set_item(format!("hit_rate@{}", a.k), a.hit_rate)?;
             d.set_item(format!("recall@{}", a.k), a.recall)?;
             d.set_item(format!("ndcg@{}", a.k), a.ndcg)?;
             d.set_item(format!("precision@{}", a.k), a.precision)?;
             d.set_item(format!("mrr@{}", a.k), a.mrr)?;
         }
         d.set_item("users", report.users)?;
+        d.set_item("items", report.items)?;
         Ok(d)
     }
 

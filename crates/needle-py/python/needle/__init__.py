@@ -114,7 +114,7 @@ def _arrow_table(obj, role: str, columns: Sequence[str]):
 
 
 def _columns_of(obj) -> list:
-    if hasattr(obj, "schema") and hasattr(obj.schema, "names"):
+    if type(obj).__module__.split(".")[0] == "pyarrow":
         return list(obj.schema.names)
     return [str(c) for c in obj.columns]
 
@@ -252,6 +252,11 @@ class Dataset:
     @property
     def name(self) -> str:
         return self._native.name
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the events in order: equal for equal logs, whatever they were read from."""
+        return self._native.fingerprint
 
     @property
     def n_users(self) -> int:
@@ -433,8 +438,8 @@ class Run:
         seed: int = DEFAULT_EVAL_SEED,
     ) -> dict:
         """HR, recall, NDCG, precision and MRR at each cut-off over the full item corpus, on the
-        held-out ``"test"`` or ``"valid"`` targets: ``{"hr@10": ..., "ndcg@10": ..., ...,
-        "users": n}``. Known items are excluded unless `keep_seen`; `users` scores a seeded
+        held-out ``"test"`` or ``"valid"`` targets: ``{"hit_rate@10": ..., "ndcg@10": ...,
+        ..., "users": n}``, keyed as in ``metrics.json``. Known items are excluded unless `keep_seen`; `users` scores a seeded
         sample of that many users (default: all on catalogues up to 100,000 items)."""
         ks = [int(k)] if isinstance(k, (int, np.integer)) else [int(x) for x in k]
         return self._native._evaluate(ks, split, users, keep_seen, int(seed))
@@ -535,8 +540,7 @@ class Run:
 
     def __repr__(self) -> str:
         m = self.metrics
-        at10 = next((a for a in m.get("at", []) if a.get("k") == 10), None)
-        score = f"; test HR@10 {at10['hit_rate']:.4f} NDCG@10 {at10['ndcg']:.4f}" if at10 else ""
+        score = f"; test HR@10 {m['hit_rate@10']:.4f} NDCG@10 {m['ndcg@10']:.4f}" if "hit_rate@10" in m else ""
         stopped = ", stopped early" if self.stopped else ""
         return (
             f"Run({self.kind} on {self._native.dataset}: {len(self._user_ids())} users, "
