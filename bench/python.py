@@ -1,0 +1,98 @@
+"""Benchmarks of the Python package against the `needle` command (results/python.md).
+
+    python bench/python.py ingest [--rows 10000000]
+        A generated events table (int64 user, item and time columns) ingested from pyarrow and
+        from pandas: rows/s and the peak RSS growth against the table's own bytes.
+    python bench/python.py recall --run RUN [--k 100] [--rounds 3]
+        run.recall for every user against `needle recall --users all` on the same run, medians of
+        alternated rounds, each including the opening of the run; and whether the lists agree.
+
+Run with the virtual environment that has the package (`bash .ci/test` makes target/venv).
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import needle
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def ingest(args) -> None:
+    import pyarrow as pa
+
+    rng = np.random.default_rng(42)
+    n = args.rows
+    table = pa.table(
+        {
+            "user_id": rng.integers(0, n // 100, n, dtype=np.int64),
+            "item_id": rng.integers(0, n // 1000, n, dtype=np.int64),
+            "timestamp": np.arange(n, dtype=np.int64),
+        }
+    )
+    base = rss_kb("VmRSS")
+    # VmHWM is the process's peak so far; reset it where the kernel allows (Linux ≥ 4.0).
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    t = time.perf_counter()
+    data = needle.Dataset.from_arrow(table)
+    secs = time.perf_counter() - t
+    peak = rss_kb("VmHWM")
+    mb = table.nbytes / 2**20
+    print(f"| pyarrow table | {n:,} | {secs:.2f} s | {n / secs / 1e6:.1f} M rows/s | {mb:.0f} MB | "
+          f"{(peak - base) / 1024:.0f} MB | {(peak - base) / 1024 / mb:.2f}× |")
+    print(data)
+
+
+def recall(args) -> None:
+    bin_ = os.environ.get("NEEDLE_BIN", str(REPO / "target/release/needle"))
+    py_t, cli_t = [], []
+    for _ in range(args.rounds):
+        t = time.perf_counter()
+        run = needle.Run.open(args.run)
+        ids, scores = run.recall(k=args.k)
+        py_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        out = subprocess.run([bin_, "recall", "--run", args.run, "--users", "all", "--k", str(args.k)],
+                             capture_output=True, text=True, check=True).stdout
+        cli_t.append(time.perf_counter() - t)
+    lines = out.strip().split("\n")
+    same = sum(
+        [str(x) for x in ids[i] if x != -1] == line.split("\t")[1].split(",") for i, line in enumerate(lines)
+    )
+    py_m, cli_m = statistics.median(py_t), statistics.median(cli_t)
+    print(f"| recall, {len(lines)} users, k = {args.k} | {py_m:.2f} s | {cli_m:.2f} s | {py_m / cli_m:.2f} | "
+          f"{same} of {len(lines)} lists equal |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("ingest")
+    a.add_argument("--rows", type=int, default=10_000_000)
+    b = sub.add_parser("recall")
+    b.add_argument("--run", required=True)
+    b.add_argument("--k", type=int, default=100)
+    b.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    {"ingest": ingest, "recall": recall}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
