@@ -28,6 +28,7 @@ pub mod defaults;
 pub mod progress;
 mod run;
 mod train;
+mod tune;
 
 pub use data::{keep_with_run, load_dataset, Data, RUN_DATA_DIR};
 pub use defaults::default_config;
@@ -44,6 +45,7 @@ pub use needle_train::observe::{EpochLog, Observer, Silent, Unit};
 pub use needle_train::{Stage, TrainError};
 pub use run::{metrics_json, write_metrics, EvalOptions, Exported, Ranked, Run, Vectors};
 pub use train::{train, write_test_metrics, Trained};
+pub use tune::{check as tune_check, tune, TuneOptions, Tuned, BEST_FILE, BOARD_FILE, TUNE_LOG_FILE};
 
 use std::path::{Path, PathBuf};
 

@@ -220,6 +220,103 @@ impl crate::Observer for Bars {
     }
 }
 
+/// A tune's progress: one bar over the planned epochs with the best so far, the plan and each
+/// epoch as lines (unless quiet), and a stop request from the predicate given to
+/// [`TuneBar::stopping_on`], which ends the search with [`needle_train::TrainError::Stopped`].
+pub struct TuneBar {
+    bar: ProgressBar,
+    metric: &'static str,
+    best: f64,
+    best_label: String,
+    quiet: bool,
+    stop: Option<Box<dyn Fn() -> bool>>,
+}
+
+impl TuneBar {
+    /// `metric` names what the trials are ranked by (`ndcg@10`).
+    pub fn new(quiet: bool, metric: &'static str) -> TuneBar {
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            for_logs(
+                ProgressBar::new(0).with_style(
+                    ProgressStyle::with_template("tune [{bar:30}] {pos}/{len} epochs  {msg}  ETA {eta}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                ),
+            )
+        };
+        TuneBar { bar, metric, best: f64::NEG_INFINITY, best_label: String::new(), quiet, stop: None }
+    }
+
+    /// The search ends after the epoch during which `stop` says so; the log keeps every
+    /// validated epoch, and tuning the same folder again resumes.
+    pub fn stopping_on(mut self, stop: impl Fn() -> bool + 'static) -> TuneBar {
+        self.stop = Some(Box::new(stop));
+        self
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl needle_train::tune::TuneObserver for TuneBar {
+    fn planned(
+        &mut self,
+        trials: usize,
+        rungs: &[(usize, usize)],
+        short: Option<&needle_train::tune::BudgetShort>,
+    ) -> Result<(), needle_train::TrainError> {
+        let plan: Vec<String> = rungs.iter().map(|(n, e)| format!("{n}×{e}")).collect();
+        self.bar.set_length(needle_train::tune::rung_epochs(rungs) as u64);
+        let noun = if trials == 1 { "trial" } else { "trials" };
+        // Printed around the bar, also when stderr is not a terminal and the bar is hidden.
+        if let Some(s) = short {
+            self.bar.suspend(|| {
+                eprintln!(
+                    "warning: an epoch takes about {:.0} s, so the budget fits {trials} {noun}: not a search; \
+                     {} trials need about --budget {}m, or train fewer [train] epochs",
+                    s.epoch_secs,
+                    s.trials,
+                    (s.needed_secs / 60.0).ceil()
+                )
+            });
+        }
+        if !self.quiet {
+            self.bar.suspend(|| eprintln!("{trials} {noun}; rungs (trials × epochs): {}", plan.join(", ")));
+        }
+        Ok(())
+    }
+
+    fn epoch(
+        &mut self,
+        rec: &needle_train::tune::TrialEpoch,
+        best: (f64, usize),
+    ) -> Result<(), needle_train::TrainError> {
+        if best.0 > self.best {
+            self.best = best.0;
+            self.best_label = format!("trial {} epoch {}", rec.trial, best.1);
+        }
+        self.bar.inc(1);
+        self.bar.set_message(format!("best {} {:.4} ({})", self.metric, self.best, self.best_label));
+        if !self.quiet {
+            self.bar.suspend(|| {
+                eprintln!(
+                    "trial {:>3} epoch {:>3}  valid HR@10 {:.4}  NDCG@10 {:.4}  {:.1}s  {}",
+                    rec.trial, rec.epoch, rec.valid_hr10, rec.valid_ndcg10, rec.seconds, rec.params
+                )
+            });
+        }
+        if self.stop.as_ref().is_some_and(|s| s()) {
+            return Err(needle_train::TrainError::Stopped(
+                "tune stopped; every validated epoch is in tune.jsonl, and tuning the same folder again resumes".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ pub(crate) fn to_py(e: needle_api::Error) -> PyErr {
         E::Data(_) => "DataError",
         E::Train(needle_api::TrainError::Config(_)) => "ConfigError",
         E::Train(needle_api::TrainError::Load(_) | needle_api::TrainError::Data(_)) => "DataError",
-        E::Train(needle_api::TrainError::Cancelled) => "Cancelled",
+        E::Train(needle_api::TrainError::Cancelled | needle_api::TrainError::Stopped(_)) => "Cancelled",
         E::Train(needle_api::TrainError::Run(_)) => "RunError",
         E::Train(needle_api::TrainError::Io { .. }) => "FileError",
         E::Train(_) => "TrainError",
@@ -55,6 +55,7 @@ fn _needle(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<run::Run>()?;
     m.add_class::<index::Index>()?;
     m.add_function(wrap_pyfunction!(run::train, m)?)?;
+    m.add_function(wrap_pyfunction!(run::tune, m)?)?;
     m.add_function(wrap_pyfunction!(run::default_config, m)?)?;
     m.add("DEFAULT_EVAL_SEED", needle_api::DEFAULT_EVAL_SEED)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -76,6 +76,107 @@ pub fn train(
     }
     std::fs::create_dir_all(&out).map_err(|e| crate::raise("FileError", format!("{}: {e}", out.display())))?;
     let out = std::path::absolute(&out).map_err(|e| crate::raise("FileError", format!("{}: {e}", out.display())))?;
+    let (cfg, prepared, data_dir, ids) = load(py, cfg, data, &out, data_dir, quiet)?;
+    let trained = py.detach(|| {
+        let mut obs = observer(quiet);
+        needle_api::train(&cfg, &prepared, &out, eval_seed, &mut obs)
+    });
+    let trained = trained.map_err(to_py)?;
+    if trained.stopped && !quiet {
+        eprintln!(
+            "stopped after {} epochs; saved the best of them (epoch {})",
+            trained.info.training.epochs_run, trained.info.training.best_epoch
+        );
+    }
+    drop(prepared);
+    keep_id_types(&out, ids)?;
+    let run = Run::load(py, &out, data_dir.as_deref())?;
+    Ok((run, trained.stopped))
+}
+
+/// Records beside a run which raw ids were integers, so they go back to Python as integers.
+fn keep_id_types(out: &Path, ids: IdTypes) -> PyResult<()> {
+    if ids.user_int || ids.item_int {
+        let text = serde_json::json!({ "user_int": ids.user_int, "item_int": ids.item_int }).to_string();
+        std::fs::write(out.join(ID_TYPES_FILE), text)
+            .map_err(|e| crate::raise("FileError", format!("{}: {e}", out.display())))?;
+    }
+    Ok(())
+}
+
+/// Tunes into `out`; the `needle.tune` function calls this.
+#[pyfunction]
+#[pyo3(signature = (out, budget_secs, config_path=None, config_json=None, data=None, trials=None, quiet=false,
+    eval_seed=needle_api::DEFAULT_EVAL_SEED, data_dir=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn tune(
+    py: Python<'_>,
+    out: PathBuf,
+    budget_secs: f64,
+    config_path: Option<PathBuf>,
+    config_json: Option<String>,
+    data: Option<&Dataset>,
+    trials: Option<usize>,
+    quiet: bool,
+    eval_seed: u64,
+    data_dir: Option<PathBuf>,
+) -> PyResult<Run> {
+    let origin = config_path.as_ref().map_or("(a dict)".to_owned(), |p| p.display().to_string());
+    let cfg = config(config_path, config_json)?.ok_or_else(|| invalid("tuning needs a config with a [tune] space"))?;
+    if !(budget_secs.is_finite() && budget_secs > 0.0) {
+        return Err(invalid(format!("budget must be a positive number of seconds, not {budget_secs}")));
+    }
+    needle_api::tune_check(&cfg, trials, &out).map_err(to_py)?;
+    std::fs::create_dir_all(&out).map_err(|e| crate::raise("FileError", format!("{}: {e}", out.display())))?;
+    let out = std::path::absolute(&out).map_err(|e| crate::raise("FileError", format!("{}: {e}", out.display())))?;
+    let (cfg, prepared, data_dir, ids) = load(py, Some(cfg), data, &out, data_dir, quiet)?;
+    let metric = cfg.tune.as_ref().map_or("ndcg@10", |t| t.metric.name());
+    let opts = needle_api::TuneOptions {
+        out: &out,
+        budget: Duration::from_secs_f64(budget_secs),
+        trials,
+        threads: rayon::current_num_threads(),
+        eval_seed,
+        origin: &origin,
+    };
+    let tuned = py.detach(|| {
+        // Asked once per epoch: Python's handlers run then, and a Ctrl-C ends the search.
+        let mut bar = needle_api::progress::TuneBar::new(quiet, metric)
+            .stopping_on(|| Python::attach(|py| py.check_signals().is_err()));
+        let mut obs = if quiet { needle_api::progress::Bars::silent() } else { needle_api::progress::Bars::new(false) };
+        let t = needle_api::tune(&cfg, &prepared, &opts, &mut bar, &mut obs);
+        bar.finish();
+        t
+    });
+    let tuned = tuned.map_err(to_py)?;
+    if !quiet {
+        let w = &tuned.board[0];
+        eprintln!(
+            "best: trial {} ({}), validation HR@10 {:.4} NDCG@10 {:.4} at epoch {}; config {}",
+            w.trial,
+            w.params,
+            w.valid_hr10,
+            w.valid_ndcg10,
+            w.best_epoch,
+            tuned.best_path.display()
+        );
+    }
+    drop(prepared);
+    keep_id_types(&out, ids)?;
+    Run::load(py, &out, data_dir.as_deref())
+}
+
+/// Where training reads its data: a config alone, or a dataset (with a config, or the default
+/// for its size); a dataset held in memory is first kept in `out/data`. Says the data's notes
+/// on stderr unless `quiet`.
+fn load(
+    py: Python<'_>,
+    cfg: Option<needle_api::Config>,
+    data: Option<&Dataset>,
+    out: &Path,
+    data_dir: Option<PathBuf>,
+    quiet: bool,
+) -> PyResult<(needle_api::Config, needle_api::Data, Option<PathBuf>, IdTypes)> {
     let mut data_dir = data_dir;
     let mut ids = IdTypes::default();
     let like = cfg.as_ref().map(|c| c.data.clone());
@@ -85,7 +186,7 @@ pub fn train(
             match &d.source {
                 Source::Memory(ds) => {
                     let like = like.unwrap_or_else(|| needle_api::DataConfig::from_source(None, None, None));
-                    py.detach(|| needle_api::keep_with_run(ds, &out, &like)).map_err(to_py)?
+                    py.detach(|| needle_api::keep_with_run(ds, out, &like)).map_err(to_py)?
                 }
                 Source::Config { data, data_dir: dir } => {
                     data_dir = data_dir.or_else(|| dir.clone());
@@ -120,25 +221,7 @@ pub fn train(
             .map_err(to_py)?,
     };
     stderr(&prepared.notes);
-    let trained = py.detach(|| {
-        let mut obs = observer(quiet);
-        needle_api::train(&cfg, &prepared, &out, eval_seed, &mut obs)
-    });
-    let trained = trained.map_err(to_py)?;
-    if trained.stopped && !quiet {
-        eprintln!(
-            "stopped after {} epochs; saved the best of them (epoch {})",
-            trained.info.training.epochs_run, trained.info.training.best_epoch
-        );
-    }
-    drop(prepared);
-    if ids.user_int || ids.item_int {
-        let text = serde_json::json!({ "user_int": ids.user_int, "item_int": ids.item_int }).to_string();
-        std::fs::write(out.join(ID_TYPES_FILE), text)
-            .map_err(|e| crate::raise("FileError", format!("{}: {e}", out.display())))?;
-    }
-    let run = Run::load(py, &out, data_dir.as_deref())?;
-    Ok((run, trained.stopped))
+    Ok((cfg, prepared, data_dir, ids))
 }
 
 /// The default config for a log of `train_events` training events, as a JSON string, and a line

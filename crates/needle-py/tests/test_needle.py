@@ -224,3 +224,28 @@ def test_ctrl_c_stops_training_and_keeps_the_best_epoch(tmp_path):
 
     training = tomllib.loads((tmp_path / "run" / "model.toml").read_text())["training"]
     assert 2 <= training["epochs_run"] < 500 and 1 <= training["best_epoch"] <= training["epochs_run"]
+
+
+def test_tune_searches_and_saves_the_winner(log, tmp_path):
+    df, _ = log
+    cfg = json.loads(json.dumps(SMALL))
+    cfg["train"]["epochs"] = 3
+    cfg["tune"] = {"metric": "ndcg@10", "train": {"lr": [0.001, 0.01]}}
+    run = needle.tune(cfg, needle.Dataset.from_pandas(df), out=tmp_path / "t", budget="2m", trials=2, quiet=True)
+    board = (tmp_path / "t" / "tune.md").read_text()
+    rows = [l for l in board.splitlines() if l.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2 and "train.lr = " in board, board
+    # The winner's config is the trial ranked first, without the search space.
+    first = rows[0].split(" | ")[2]
+    if first.startswith("train.lr = "):
+        assert run.config["train"]["lr"] == float(first.split(" = ")[1])
+    assert run.config.get("tune") is None and run.config["train"]["epochs"] == int(rows[0].split(" | ")[4])
+    assert 0 <= run.metrics["hit_rate@10"] <= 1
+    lines = (tmp_path / "t" / "tune.jsonl").read_text().splitlines()
+    assert len(lines) >= 2 and json.loads(lines[0])
+    with pytest.raises(needle.InvalidArgument, match="already holds a run"):
+        needle.tune(cfg, needle.Dataset.from_pandas(df), out=tmp_path / "t", budget=60, quiet=True)
+    with pytest.raises(needle.ConfigError, match=r"no \[tune\] section"):
+        needle.tune(SMALL, needle.Dataset.from_pandas(df), out=tmp_path / "u", budget=60)
+    with pytest.raises(needle.InvalidArgument, match="duration"):
+        needle.tune(cfg, needle.Dataset.from_pandas(df), out=tmp_path / "v", budget="soon")

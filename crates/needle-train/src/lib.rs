@@ -37,4 +37,8 @@ pub enum TrainError {
     Diverged { epoch: usize, step: usize },
     #[error("training was stopped before its first epoch ended; nothing to save")]
     Cancelled,
+    /// Stopped on request where what was done is kept elsewhere (a tune's log); the message says
+    /// how to go on.
+    #[error("{0}")]
+    Stopped(String),
 }

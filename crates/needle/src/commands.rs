@@ -143,14 +143,6 @@ pub fn train(what: TrainData, data_dir: Option<&Path>, out: &Path, flags: TrainF
     Ok(())
 }
 
-/// Evaluates a just-trained model on the test targets (over the default user sample), prints
-/// the table and writes `metrics.json`.
-pub fn test_once(out: &Path, model: &needle_train::Model, p: &needle_train::Prepared, quiet: bool) -> Result<()> {
-    let report = needle_api::write_test_metrics(out, model, p, eval_seed(), &mut Bars::new(quiet))?;
-    println!("test, full corpus, known items excluded:\n{}", needle_eval::format_table(&report));
-    Ok(())
-}
-
 pub fn eval(
     run: &Path,
     data_dir: Option<&Path>,

@@ -43,6 +43,7 @@ __all__ = [
     "Run",
     "Index",
     "train",
+    "tune",
     "default_config",
     "NeedleError",
     "ConfigError",
@@ -617,3 +618,62 @@ class Index:
 
     def __repr__(self) -> str:
         return repr(self._native)
+
+
+def _seconds(budget: Union[int, float, str]) -> float:
+    """`90`, `"90s"`, `"30m"`, `"2h"` as seconds."""
+    if isinstance(budget, (int, float)):
+        return float(budget)
+    text = str(budget).strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise InvalidArgument(f"budget {budget!r} is not a duration such as 90, '90s', '30m' or '2h'") from None
+
+
+def tune(
+    config: Union[PathLike, Mapping[str, Any]],
+    data: Optional[Dataset] = None,
+    out: Optional[PathLike] = None,
+    *,
+    budget: Union[int, float, str] = "30m",
+    trials: Optional[int] = None,
+    quiet: bool = False,
+    eval_seed: int = DEFAULT_EVAL_SEED,
+    data_dir: Optional[PathLike] = None,
+) -> "Run":
+    """Searches the config's ``[tune]`` space on validation within `budget` (seconds, or
+    ``"90s"``, ``"30m"``, ``"2h"``) by successive halving, and returns the winner as a
+    :class:`Run` in `out`, scored on test once; ``out/tune.md`` is the leaderboard and
+    ``out/best.toml`` the winner's config. Every validated epoch is logged in
+    ``out/tune.jsonl``: after a Ctrl-C (:class:`Cancelled`) or a crash, the same call resumes.
+    `config` and `data` are as for :func:`train`, but a config (with ``[tune]``) is required.
+    """
+    if out is None:
+        out = tempfile.mkdtemp(prefix="needle-tune-")
+        if not quiet:
+            print(f"tune: {out}", file=sys.stderr)
+    path = js = None
+    if isinstance(config, Mapping):
+        js = json.dumps(dict(config))
+    elif isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+    else:
+        raise InvalidArgument(f"config must be a path or a dict with a [tune] section, not {type(config).__name__}")
+    if data is not None and not isinstance(data, Dataset):
+        raise InvalidArgument(f"data must be a needle.Dataset, not {type(data).__name__}")
+    native = _needle.tune(
+        os.fspath(out),
+        _seconds(budget),
+        path,
+        js,
+        None if data is None else data._native,
+        trials,
+        quiet,
+        int(eval_seed),
+        None if data_dir is None else os.fspath(data_dir),
+    )
+    return Run(native)

@@ -85,6 +85,18 @@ def train(
     force: bool = False,
 ) -> Run: ...
 
+def tune(
+    config: Union[PathLike, Mapping[str, Any]],
+    data: Optional[Dataset] = None,
+    out: Optional[PathLike] = None,
+    *,
+    budget: Union[int, float, str] = "30m",
+    trials: Optional[int] = None,
+    quiet: bool = False,
+    eval_seed: int = ...,
+    data_dir: Optional[PathLike] = None,
+) -> Run: ...
+
 class Run:
     """A trained model with its data."""
     stopped: bool
