@@ -1,8 +1,13 @@
 """Benchmarks of the Python package against the `needle` command (results/python.md).
 
     python bench/python.py ingest [--rows 10000000]
-        A generated events table (int64 user, item and time columns) ingested from pyarrow and
-        from pandas: rows/s and the peak RSS growth against the table's own bytes.
+        A generated pyarrow table (int64 user, item and time columns) ingested: rows/s and the
+        peak RSS growth against the table's own bytes.
+    python bench/python.py index --dir DIR [--k 100]
+        needle.Index over DIR/base.npy (HNSW, the default parameters) searched with
+        DIR/queries.npy one query per call (one thread) and batched (all cores): q/s and recall@10/100
+        against exact search, for comparison with `needle bench ann --vectors
+        DIR/base.npy --query-vectors DIR/queries.npy` (DIR from `needle bench ann --write-npy DIR`).
     python bench/python.py recall --run RUN [--k 100] [--rounds 3]
         run.recall for every user against `needle recall --users all` on the same run, medians of
         alternated rounds, each including the opening of the run; and whether the lists agree.
@@ -60,6 +65,29 @@ def ingest(args) -> None:
     print(data)
 
 
+def index(args) -> None:
+    base = np.load(Path(args.dir) / "base.npy")
+    queries = np.load(Path(args.dir) / "queries.npy")
+    k = args.k
+    truth, _ = needle.Index.build(base, kind="exact").search(queries, k)
+    t = time.perf_counter()
+    ix = needle.Index.build(base, kind="hnsw")
+    build = time.perf_counter() - t
+
+    def recall_at(got, n):
+        return np.mean([len(set(got[i, :n]) & set(truth[i, :n])) / n for i in range(len(queries))])
+
+    t = time.perf_counter()
+    got, _ = ix.search(queries, k)
+    batched = len(queries) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for q in queries:
+        ix.search(q, k)
+    single = len(queries) / (time.perf_counter() - t)
+    print(f"| needle.Index {ix.spec} | {build:.1f} s | {recall_at(got, 10):.4f} | {recall_at(got, k):.4f} | "
+          f"{single:.0f} | {batched:.0f} |")
+
+
 def recall(args) -> None:
     bin_ = os.environ.get("NEEDLE_BIN", str(REPO / "target/release/needle"))
     py_t, cli_t = [], []
@@ -86,12 +114,15 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("ingest")
     a.add_argument("--rows", type=int, default=10_000_000)
+    c = sub.add_parser("index")
+    c.add_argument("--dir", required=True)
+    c.add_argument("--k", type=int, default=100)
     b = sub.add_parser("recall")
     b.add_argument("--run", required=True)
     b.add_argument("--k", type=int, default=100)
     b.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    {"ingest": ingest, "recall": recall}[args.cmd](args)
+    {"ingest": ingest, "recall": recall, "index": index}[args.cmd](args)
 
 
 if __name__ == "__main__":
