@@ -1,8 +1,8 @@
 """Benchmarks of the Python package against the `needle` command (results/python.md).
 
-    python bench/python.py ingest [--rows 10000000]
-        A generated pyarrow table (int64 user, item and time columns) ingested: rows/s and the
-        peak RSS growth against the table's own bytes.
+    python bench/python.py ingest [--rows 10000000] [--pandas]
+        A generated pyarrow table (int64 user, item and time columns), or the pandas DataFrame
+        of it, ingested: rows/s and the peak RSS growth against the Arrow table's bytes.
     python bench/python.py index --dir DIR [--k 100]
         needle.Index over DIR/base.npy (HNSW, the default parameters) searched with
         DIR/queries.npy one query per call (one thread) and batched (all cores): q/s and recall@10/100
@@ -49,6 +49,15 @@ def ingest(args) -> None:
             "timestamp": np.arange(n, dtype=np.int64),
         }
     )
+    source = table
+    if args.pandas:
+        source = table.to_pandas()
+        del table
+        import pyarrow as pa  # noqa: F811
+
+        table_bytes = pa.Table.from_pandas(source, preserve_index=False).nbytes
+    else:
+        table_bytes = table.nbytes
     base = rss_kb("VmRSS")
     # VmHWM is the process's peak so far; reset it where the kernel allows (Linux ≥ 4.0).
     try:
@@ -56,11 +65,11 @@ def ingest(args) -> None:
     except OSError:
         pass
     t = time.perf_counter()
-    data = needle.Dataset.from_arrow(table)
+    data = needle.Dataset.from_pandas(source) if args.pandas else needle.Dataset.from_arrow(source)
     secs = time.perf_counter() - t
     peak = rss_kb("VmHWM")
-    mb = table.nbytes / 2**20
-    print(f"| pyarrow table | {n:,} | {secs:.2f} s | {n / secs / 1e6:.1f} M rows/s | {mb:.0f} MB | "
+    mb = table_bytes / 2**20
+    print(f"| {'pandas DataFrame' if args.pandas else 'pyarrow table'} | {n:,} | {secs:.2f} s | {n / secs / 1e6:.1f} M rows/s | {mb:.0f} MB | "
           f"{(peak - base) / 1024:.0f} MB | {(peak - base) / 1024 / mb:.2f}× |")
     print(data)
 
@@ -114,6 +123,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("ingest")
     a.add_argument("--rows", type=int, default=10_000_000)
+    a.add_argument("--pandas", action="store_true")
     c = sub.add_parser("index")
     c.add_argument("--dir", required=True)
     c.add_argument("--k", type=int, default=100)

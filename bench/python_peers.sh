@@ -8,6 +8,8 @@ DATA_DIR="${1:?usage: bash bench/python_peers.sh DATA_DIR [TASK ...]}"
 shift
 VENV=bench/.venv-peers
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check numpy pandas pyarrow scipy implicit lightfm
+"$VENV/bin/pip" install -q --disable-pip-version-check numpy pandas pyarrow scipy implicit setuptools wheel
+# LightFM 1.17's setup.py fails in an isolated build environment; it builds against this one.
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-build-isolation lightfm
 "$VENV/bin/pip" install -q --disable-pip-version-check ./crates/needle-py
 "$VENV/bin/python" bench/python_peers.py "$DATA_DIR" "$@"
