@@ -112,11 +112,57 @@ def lightfm_task(data_dir, r):
     return hr_at_10(list(users), ids, test)
 
 
+def torch_rechub_task(data_dir, r):
+    train, test = split(r)
+    # user code
+    import torch
+    from torch_rechub.basic.features import SequenceFeature, SparseFeature
+    from torch_rechub.models.matching import YoutubeDNN
+    from torch_rechub.trainers import MatchTrainer
+    from torch_rechub.utils.data import MatchDataGenerator, df_to_dict, pad_sequences
+    from torch_rechub.utils.match import gen_model_input, generate_seq_feature_match
+    torch.manual_seed(42)
+    df = train[["user_id", "item_id", "timestamp"]].copy()
+    users, items = np.unique(df.user_id), np.unique(df.item_id)
+    df["user_id"] = np.searchsorted(users, df.user_id) + 1
+    df["item_id"] = np.searchsorted(items, df.item_id) + 1
+    user_profile, item_profile = df[["user_id"]].drop_duplicates(), df[["item_id"]].drop_duplicates()
+    samples, _ = generate_seq_feature_match(df.copy(), "user_id", "item_id", time_col="timestamp",
+                                            item_attribute_cols=[], sample_method=1, mode=2, neg_ratio=3)
+    x = gen_model_input(samples, user_profile, "user_id", item_profile, "item_id", seq_max_len=50)
+    n_u, n_i = len(users) + 1, len(items) + 1
+    user_features = [SparseFeature("user_id", vocab_size=n_u, embed_dim=16),
+                     SequenceFeature("hist_item_id", vocab_size=n_i, embed_dim=16, pooling="mean", shared_with="item_id")]
+    item_features = [SparseFeature("item_id", vocab_size=n_i, embed_dim=16)]
+    neg = [SequenceFeature("neg_items", vocab_size=n_i, embed_dim=16, pooling="concat", shared_with="item_id")]
+    model = YoutubeDNN(user_features, item_features, neg, user_params={"dims": [128, 64, 16]}, temperature=0.02)
+    trainer = MatchTrainer(model, mode=2, optimizer_params={"lr": 1e-4, "weight_decay": 1e-6}, n_epoch=10,
+                           device="cpu", model_path="/tmp/peers-rechub")
+    loader = MatchDataGenerator(x=x, y=np.zeros(len(samples))).generate_dataloader(
+        x, df_to_dict(item_profile), batch_size=2048, num_workers=0)[0]
+    trainer.fit(loader)
+    hist = df.sort_values(["user_id", "timestamp"], kind="stable").groupby("user_id").item_id.apply(list)
+    model.eval()
+    with torch.no_grad():
+        model.mode = "user"
+        uv = model({"user_id": torch.tensor(hist.index.values),
+                    "hist_item_id": torch.tensor(pad_sequences(hist.tolist(), maxlen=50, value=0))}).numpy()
+        model.mode = "item"
+        iv = model({"item_id": torch.arange(1, n_i)}).numpy()
+    scores = uv @ iv.T
+    for row, h in enumerate(hist):
+        scores[row, np.array(h) - 1] = -np.inf
+    ids = items[np.argsort(-scores, axis=1)[:, :100]]
+    # user code
+    return hr_at_10(list(users[hist.index.values - 1]), ids, test)
+
+
 TASKS = {
     "needle": (needle_task, "needle sequential.toml (Python API)"),
     "implicit-als": (implicit_als_task, "implicit ALS, 64 factors, 15 iterations"),
     "implicit-bpr": (implicit_bpr_task, "implicit BPR, 64 factors, 100 iterations"),
     "lightfm": (lightfm_task, "LightFM WARP, 64 components, 30 epochs"),
+    "torch-rechub": (torch_rechub_task, "torch-rechub YoutubeDNN as in its ML-1M example (dims 128-64-16, 10 epochs)"),
 }
 
 
