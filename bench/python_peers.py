@@ -17,6 +17,7 @@ markers.
 
 import inspect
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -112,6 +113,10 @@ def lightfm_task(data_dir, r):
     return hr_at_10(list(users), ids, test)
 
 
+# The example's learning rate; `TORCH_RECHUB_LR=0.001 ...` tries another.
+LR = float(os.environ.get("TORCH_RECHUB_LR", "1e-4"))
+
+
 def torch_rechub_task(data_dir, r):
     train, test = split(r)
     # user code
@@ -122,6 +127,7 @@ def torch_rechub_task(data_dir, r):
     from torch_rechub.utils.data import MatchDataGenerator, df_to_dict, pad_sequences
     from torch_rechub.utils.match import gen_model_input, generate_seq_feature_match
     torch.manual_seed(42)
+    os.makedirs("/tmp/peers-rechub", exist_ok=True)
     df = train[["user_id", "item_id", "timestamp"]].copy()
     users, items = np.unique(df.user_id), np.unique(df.item_id)
     df["user_id"] = np.searchsorted(users, df.user_id) + 1
@@ -136,7 +142,7 @@ def torch_rechub_task(data_dir, r):
     item_features = [SparseFeature("item_id", vocab_size=n_i, embed_dim=16)]
     neg = [SequenceFeature("neg_items", vocab_size=n_i, embed_dim=16, pooling="concat", shared_with="item_id")]
     model = YoutubeDNN(user_features, item_features, neg, user_params={"dims": [128, 64, 16]}, temperature=0.02)
-    trainer = MatchTrainer(model, mode=2, optimizer_params={"lr": 1e-4, "weight_decay": 1e-6}, n_epoch=10,
+    trainer = MatchTrainer(model, mode=2, optimizer_params={"lr": LR, "weight_decay": 1e-6}, n_epoch=10,
                            device="cpu", model_path="/tmp/peers-rechub")
     loader = MatchDataGenerator(x=x, y=np.zeros(len(samples))).generate_dataloader(
         x, df_to_dict(item_profile), batch_size=2048, num_workers=0)[0]
@@ -162,7 +168,7 @@ TASKS = {
     "implicit-als": (implicit_als_task, "implicit ALS, 64 factors, 15 iterations"),
     "implicit-bpr": (implicit_bpr_task, "implicit BPR, 64 factors, 100 iterations"),
     "lightfm": (lightfm_task, "LightFM WARP, 64 components, 30 epochs"),
-    "torch-rechub": (torch_rechub_task, "torch-rechub YoutubeDNN as in its ML-1M example (dims 128-64-16, 10 epochs)"),
+    "torch-rechub": (torch_rechub_task, f"torch-rechub YoutubeDNN as in its ML-1M example (dims 128-64-16, 10 epochs, lr {LR:g})"),
 }
 
 
