@@ -70,7 +70,7 @@ def ingest(args) -> None:
     peak = rss_kb("VmHWM")
     mb = table_bytes / 2**20
     print(f"| {'pandas DataFrame' if args.pandas else 'pyarrow table'} | {n:,} | {secs:.2f} s | {n / secs / 1e6:.1f} M rows/s | {mb:.0f} MB | "
-          f"{(peak - base) / 1024:.0f} MB | {(peak - base) / 1024 / mb:.2f}× |")
+          f"{(peak - base) / 1024:.0f} MB | {(peak - base) / 1024 / mb:.2f}× | {peak / 1024:.0f} MB |")
     print(data)
 
 
