@@ -32,6 +32,22 @@ pub struct Tuned {
     pub resumed_epochs: usize,
 }
 
+impl Tuned {
+    /// One line on the winner: its trial, values, validation figures and where its config is.
+    pub fn summary(&self) -> String {
+        let w = &self.board[0];
+        format!(
+            "best: trial {} ({}), validation HR@10 {:.4} NDCG@10 {:.4} at epoch {}; config {}",
+            w.trial,
+            w.params,
+            w.valid_hr10,
+            w.valid_ndcg10,
+            w.best_epoch,
+            self.best_path.display()
+        )
+    }
+}
+
 /// Where a tune's log ends: complete records, and whether a last line cut short by an
 /// interruption was dropped.
 fn read_log(path: &Path) -> Result<(Vec<LogLine>, bool)> {

@@ -150,16 +150,7 @@ pub fn tune(
     });
     let tuned = tuned.map_err(to_py)?;
     if !quiet {
-        let w = &tuned.board[0];
-        eprintln!(
-            "best: trial {} ({}), validation HR@10 {:.4} NDCG@10 {:.4} at epoch {}; config {}",
-            w.trial,
-            w.params,
-            w.valid_hr10,
-            w.valid_ndcg10,
-            w.best_epoch,
-            tuned.best_path.display()
-        );
+        eprintln!("{}", tuned.summary());
     }
     drop(prepared);
     keep_id_types(&out, ids)?;

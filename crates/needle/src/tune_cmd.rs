@@ -43,16 +43,7 @@ pub fn tune(a: TuneArgs<'_>) -> Result<()> {
     if tuned.out_of_time {
         eprintln!("the budget ended before the last rung finished; the winner is the best trial validated so far");
     }
-    let w = &tuned.board[0];
-    eprintln!(
-        "best: trial {} ({}), validation HR@10 {:.4} NDCG@10 {:.4} at epoch {}; config {}",
-        w.trial,
-        w.params,
-        w.valid_hr10,
-        w.valid_ndcg10,
-        w.best_epoch,
-        tuned.best_path.display()
-    );
+    eprintln!("{}", tuned.summary());
     println!("test, full corpus, known items excluded:\n{}", needle_eval::format_table(&tuned.test));
     Ok(())
 }
