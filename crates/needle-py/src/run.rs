@@ -330,6 +330,11 @@ impl Run {
         serde_json::to_string(&self.inner.info().config).map_err(|e| invalid(e.to_string()))
     }
 
+    /// The run's training summary (epochs run, best epoch, seconds, samples/s, peak RSS) as JSON.
+    fn _training_json(&self) -> PyResult<String> {
+        serde_json::to_string(&self.inner.info().training).map_err(|e| invalid(e.to_string()))
+    }
+
     /// Raw user ids in dataset order.
     fn _user_ids(&self) -> Vec<String> {
         self.inner.user_ids().to_vec()

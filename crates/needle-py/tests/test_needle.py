@@ -220,9 +220,7 @@ def test_ctrl_c_stops_training_and_keeps_the_best_epoch(tmp_path):
     assert out.strip() == "stopped True True", (out, err)
     run = needle.Run.open(tmp_path / "run")
     assert run.config["train"]["epochs"] == 500
-    import tomllib
-
-    training = tomllib.loads((tmp_path / "run" / "model.toml").read_text())["training"]
+    training = run.training
     assert 2 <= training["epochs_run"] < 500 and 1 <= training["best_epoch"] <= training["epochs_run"]
 
 

@@ -381,6 +381,11 @@ class Run:
         return json.loads(self._native._config_json())
 
     @property
+    def training(self) -> dict:
+        """How training went: ``epochs_run``, ``best_epoch``, ``seconds``, ``samples_per_sec``, ..."""
+        return json.loads(self._native._training_json())
+
+    @property
     def metrics(self) -> dict:
         """The test metrics written at the end of training (``metrics.json``)."""
         p = self.path / "metrics.json"
