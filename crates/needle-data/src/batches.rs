@@ -19,7 +19,7 @@ use arrow_array::types::{
 use arrow_array::{Array, ArrayRef};
 use arrow_schema::{DataType, TimeUnit};
 
-use crate::csv::{feature_specs, resolve, Column, EntityTable, EventSink, Schema, Side};
+use crate::csv::{feature_specs, resolve, Column, EntityTable, EventSink, FeatureSpec, Schema, Side};
 use crate::dataset::Parts;
 use crate::error::{DataError, Result};
 use crate::text::RowSink;
@@ -80,6 +80,63 @@ fn check_type(src: &impl Batches, column: usize, role: Role) -> Result<()> {
         row: 0,
         reason: format!("the column holds {data_type}, expected {want}"),
     })
+}
+
+/// Checks a feature column's type: text or integers, or a list of them (a multi-valued feature,
+/// each element one value, as a DataFrame holds genres).
+fn feature_type(src: &impl Batches, f: &mut FeatureSpec) -> Result<()> {
+    let (_, data_type) = src.field(f.col);
+    match &data_type {
+        DataType::List(inner) | DataType::LargeList(inner) => {
+            let ok = matches!(
+                inner.data_type(),
+                DataType::Utf8
+                    | DataType::LargeUtf8
+                    | DataType::Utf8View
+                    | DataType::Int32
+                    | DataType::Int64
+                    | DataType::UInt32
+                    | DataType::UInt64
+            );
+            if !ok {
+                let (name, _) = src.field(f.col);
+                return Err(DataError::BadValue {
+                    path: src.origin().to_path_buf(),
+                    column: name,
+                    row_group: 0,
+                    row: 0,
+                    reason: format!("the column holds {data_type}, expected lists of strings or integers"),
+                });
+            }
+            f.make_multi();
+            Ok(())
+        }
+        _ => check_type(src, f.col, Role::Text),
+    }
+}
+
+/// Sets `entity`'s values of feature `f` from row `i` of `a`, unless it has them already.
+fn feature(f: &mut FeatureSpec, entity: usize, a: &ArrayRef, i: usize, buf: &mut String) {
+    if f.is_set(entity) || a.is_null(i) {
+        return;
+    }
+    let list = match a.data_type() {
+        DataType::List(_) => a.as_list::<i32>().value(i),
+        DataType::LargeList(_) => a.as_list::<i64>().value(i),
+        _ => {
+            if let Some(v) = text(a, i, buf) {
+                f.apply(entity, v);
+            }
+            return;
+        }
+    };
+    let mut values = Vec::with_capacity(list.len());
+    for j in 0..list.len() {
+        if let Some(v) = text(&list, j, buf) {
+            values.push(v.to_owned());
+        }
+    }
+    f.set_values(entity, values.iter().map(String::as_str));
 }
 
 /// Text of row `i` (integers as decimal), `None` when null. `buf` holds formatted integers.
@@ -190,8 +247,8 @@ pub(crate) fn read_log(
     }
     let mut ufeats = feature_specs(&schema.user_features, Some(&names), Some(names.len()), schema_path, path)?;
     let mut ifeats = feature_specs(&schema.item_features, Some(&names), Some(names.len()), schema_path, path)?;
-    for f in ufeats.iter().chain(&ifeats) {
-        check_type(src, f.col, Role::Text)?;
+    for f in ufeats.iter_mut().chain(ifeats.iter_mut()) {
+        feature_type(src, f)?;
     }
     let mut columns = vec![uc, ic, tc];
     columns.extend(rc);
@@ -248,9 +305,7 @@ pub(crate) fn read_log(
                 let n_user = ufeats.len();
                 for (k, f) in ufeats.iter_mut().chain(ifeats.iter_mut()).enumerate() {
                     let entity = if k < n_user { u } else { it } as usize;
-                    if let Some(v) = text(&cols[feat_base + k], i, &mut fbuf) {
-                        f.apply(entity, v);
-                    }
+                    feature(f, entity, &cols[feat_base + k], i, &mut fbuf);
                 }
             }
         }
@@ -283,8 +338,8 @@ pub(crate) fn read_table(
         check_type(src, c, Role::Text)?;
     }
     let mut specs = feature_specs(&t.features, Some(&names), Some(names.len()), schema_path, path)?;
-    for f in &specs {
-        check_type(src, f.col, Role::Text)?;
+    for f in specs.iter_mut() {
+        feature_type(src, f)?;
     }
     let mut columns = vec![id];
     columns.extend(title);
@@ -315,9 +370,7 @@ pub(crate) fn read_table(
                 }
             }
             for (k, f) in specs.iter_mut().enumerate() {
-                if let Some(v) = text(&cols[feat_base + k], i, &mut fbuf) {
-                    f.apply(key as usize, v);
-                }
+                feature(f, key as usize, &cols[feat_base + k], i, &mut fbuf);
             }
         }
         Ok(())

@@ -229,6 +229,23 @@ pub(crate) struct FeatureSpec {
 }
 
 impl FeatureSpec {
+    pub(crate) fn is_set(&self, entity: usize) -> bool {
+        self.builder.is_set(entity)
+    }
+
+    /// Makes the feature multi-valued (a list column), before any value is read.
+    pub(crate) fn make_multi(&mut self) {
+        let name = std::mem::take(&mut self.builder.name);
+        self.builder = FeatureBuilder::new(name, true);
+    }
+
+    /// Sets the entity's values, each one value, unless it already has them.
+    pub(crate) fn set_values<'a>(&mut self, entity: usize, values: impl IntoIterator<Item = &'a str>) {
+        if !self.builder.is_set(entity) {
+            self.builder.set(entity, values.into_iter().map(clean));
+        }
+    }
+
     /// Sets the entity's values from one raw field unless it already has them.
     pub(crate) fn apply(&mut self, entity: usize, raw: &str) {
         if self.builder.is_set(entity) {

@@ -184,7 +184,7 @@ impl Dataset {
 /// CSR. The first assignment of an entity wins, which gives "value of the first row" for
 /// logs and "first line wins" for side tables with duplicate ids.
 pub(crate) struct FeatureBuilder {
-    name: String,
+    pub(crate) name: String,
     multi: bool,
     values: Vec<String>,
     index: FastMap<Box<str>, u32>,

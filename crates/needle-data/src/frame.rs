@@ -190,6 +190,30 @@ mod tests {
         assert_eq!(ds.item_title(3), Some("four"));
         assert_eq!(ds.item_feature("genres").unwrap().values_of(0).collect::<Vec<_>>(), vec!["x", "y"]);
 
+        // A list column is a multi-valued feature, each element one value.
+        let mut genres = arrow_array::builder::ListBuilder::new(arrow_array::builder::StringBuilder::new());
+        for row in [vec!["x", "y"], vec!["y"], vec![]] {
+            row.iter().for_each(|v| genres.values().append_value(v));
+            genres.append(true);
+        }
+        let listed = frame(
+            "items",
+            vec![
+                ("item", Arc::new(Int64Array::from(vec![1, 2, 4])) as ArrayRef),
+                ("title", Arc::new(StringArray::from(vec!["one", "two", "four"])) as ArrayRef),
+                ("genres", Arc::new(genres.finish()) as ArrayRef),
+            ],
+            1,
+        );
+        let mut no_sep = schema("user");
+        no_sep.items.as_mut().unwrap().features[0].separator = None;
+        let ds = load_frames("t", &no_sep, &events, Some(&listed), None, &opts, &mut |_, _| {}).unwrap();
+        let g = ds.item_feature("genres").unwrap();
+        assert!(g.multi);
+        assert_eq!(g.values_of(0).collect::<Vec<_>>(), vec!["x", "y"]);
+        assert_eq!(g.values_of(1).collect::<Vec<_>>(), vec!["y"]);
+        assert_eq!(g.values_of(3).count(), 0);
+
         let err = load_frames("t", &schema("usr"), &events, Some(&items), None, &opts, &mut |_, _| {})
             .unwrap_err()
             .to_string();

@@ -247,3 +247,17 @@ def test_tune_searches_and_saves_the_winner(log, tmp_path):
         needle.tune(SMALL, needle.Dataset.from_pandas(df), out=tmp_path / "u", budget=60)
     with pytest.raises(needle.InvalidArgument, match="duration"):
         needle.tune(cfg, needle.Dataset.from_pandas(df), out=tmp_path / "v", budget="soon")
+
+
+def test_list_columns_are_multi_valued_features(log, tmp_path):
+    df, items = log
+    listed = items.assign(genres=items.genres.str.split("|"))
+    cfg = json.loads(json.dumps(SMALL))
+    cfg["model"]["item_features"] = ["genres"]
+    a = needle.train(cfg, needle.Dataset.from_pandas(df, items=listed, item_title="title"), out=tmp_path / "l", quiet=True)
+    b = needle.train(cfg, needle.Dataset.from_pandas(df, items=items, item_title="title", item_features={"genres": "|"}),
+                     out=tmp_path / "s", quiet=True)
+    # A list column and the same values joined by a separator are one feature.
+    assert a.item_vectors()[1].tobytes() == b.item_vectors()[1].tobytes()
+    with pytest.raises(needle.DataError, match="lists of strings or integers"):
+        needle.Dataset.from_pandas(df, items=items.assign(genres=[[1.5]] * len(items)), item_title="title")

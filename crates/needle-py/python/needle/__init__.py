@@ -214,8 +214,8 @@ class Dataset:
         `user`, `item`, `time` and `rating` name the events' columns. `items` and `users` are
         optional DataFrames keyed by `item_id` / `user_id` (default: the events' column names);
         their other columns are categorical features unless `item_features` / `user_features`
-        lists them (a dict maps a column to the separator of a multi-valued field, e.g.
-        ``{"genres": "|"}``); `item_title` names the items' display title. A missing column is
+        lists them; a list column is multi-valued, and so is a string column given a separator
+        (a dict maps a column to it, e.g. ``{"genres": "|"}``); `item_title` names the items' display title. A missing column is
         a :class:`DataError` that names it and the columns there are. Rows with a null id or
         time are errors unless `skip_bad_rows` (then they are counted in ``skipped_rows``).
         """
