@@ -161,6 +161,12 @@ def test_errors_are_python_exceptions(log, trained, tmp_path):
     assert lenient.skipped_rows == 1 and lenient.n_events == 3599
     with pytest.raises(needle.InvalidArgument):
         needle.Dataset.from_pandas([1, 2, 3])
+    with pytest.raises(needle.DataError, match="no usable rows"):
+        needle.Dataset.from_pandas(df.iloc[:0])
+    with pytest.raises(needle.DataError, match="expected integers, timestamps or strings of digits"):
+        needle.Dataset.from_pandas(df.assign(timestamp=df.timestamp + 0.5))
+    with pytest.raises(needle.DataError, match=r"items: column 'title' not found"):
+        needle.Dataset.from_pandas(df, items=log[1].drop(columns="title"), item_title="title")
     with pytest.raises(needle.ConfigError, match="unknown field"):
         needle.train({"model": {"kind": "youtubednn", "dimm": 3}}, needle.Dataset.from_pandas(df), out=tmp_path / "x")
     with pytest.raises(needle.ConfigError, match="user_features"):
