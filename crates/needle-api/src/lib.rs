@@ -27,6 +27,7 @@ mod data;
 pub mod defaults;
 pub mod progress;
 mod run;
+pub mod tensorboard;
 mod train;
 mod tune;
 

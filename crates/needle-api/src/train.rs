@@ -34,6 +34,9 @@ impl Observer for Logged<'_> {
     fn progress(&mut self, done: u64, status: &str) {
         self.inner.progress(done, status)
     }
+    fn step(&mut self, step: u64, loss: f64, lr: f32) {
+        self.inner.step(step, loss, lr)
+    }
     fn end(&mut self) {
         self.inner.end()
     }

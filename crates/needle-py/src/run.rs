@@ -54,7 +54,8 @@ fn observer(quiet: bool) -> needle_api::progress::Bars {
 /// Trains into `out`; the `needle.train` function calls this.
 #[pyfunction]
 #[pyo3(signature = (out, config_path=None, config_json=None, data=None, quiet=false,
-    eval_seed=needle_api::DEFAULT_EVAL_SEED, data_dir=None, force=false))]
+    eval_seed=needle_api::DEFAULT_EVAL_SEED, data_dir=None, force=false, tensorboard=None,
+    tensorboard_every=needle_api::tensorboard::DEFAULT_EVERY))]
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     py: Python<'_>,
@@ -66,6 +67,8 @@ pub fn train(
     eval_seed: u64,
     data_dir: Option<PathBuf>,
     force: bool,
+    tensorboard: Option<PathBuf>,
+    tensorboard_every: u64,
 ) -> PyResult<(Run, bool)> {
     let cfg = config(config_path, config_json)?;
     if out.join("model.toml").exists() && !force {
@@ -77,9 +80,24 @@ pub fn train(
     std::fs::create_dir_all(&out).map_err(|e| crate::raise("FileError", format!("{}: {e}", out.display())))?;
     let out = std::path::absolute(&out).map_err(|e| crate::raise("FileError", format!("{}: {e}", out.display())))?;
     let (cfg, prepared, data_dir, ids) = load(py, cfg, data, &out, data_dir, quiet)?;
+    let tb_dir = tensorboard.unwrap_or_else(|| out.join(needle_api::tensorboard::RUN_DIR));
     let trained = py.detach(|| {
         let mut obs = observer(quiet);
-        needle_api::train(&cfg, &prepared, &out, eval_seed, &mut obs)
+        match needle_api::tensorboard::EventWriter::replacing(&tb_dir) {
+            Ok(w) => {
+                let mut board = needle_api::tensorboard::Board::new(&mut obs, w, tensorboard_every);
+                if let Ok(text) = toml::to_string_pretty(&cfg) {
+                    board.config(&text);
+                }
+                needle_api::train(&cfg, &prepared, &out, eval_seed, &mut board)
+            }
+            Err(e) => {
+                if !quiet {
+                    eprintln!("warning: cannot write TensorBoard logs to {}: {e}", tb_dir.display());
+                }
+                needle_api::train(&cfg, &prepared, &out, eval_seed, &mut obs)
+            }
+        }
     });
     let trained = trained.map_err(to_py)?;
     if trained.stopped && !quiet {

@@ -267,3 +267,24 @@ def test_list_columns_are_multi_valued_features(log, tmp_path):
     assert a.item_vectors()[1].tobytes() == b.item_vectors()[1].tobytes()
     with pytest.raises(needle.DataError, match="lists of strings or integers"):
         needle.Dataset.from_pandas(df, items=items.assign(genres=[[1.5]] * len(items)), item_title="title")
+
+
+def test_training_writes_tensorboard_logs(trained, tmp_path):
+    from tbparse import SummaryReader
+
+    reader = SummaryReader(str(trained.path / "tb"))
+    scalars = reader.scalars
+    epochs = trained.training["epochs_run"]
+    for tag in ["valid/hr@10", "valid/ndcg@10", "epoch/loss", "epoch/samples_per_sec", "epoch"]:
+        assert (scalars.tag == tag).sum() == epochs, tag
+    log = [json.loads(l) for l in (trained.path / "train_log.jsonl").read_text().splitlines()]
+    ndcg = scalars[scalars.tag == "valid/ndcg@10"].value.tolist()
+    assert ndcg == pytest.approx([r["valid_ndcg10"] for r in log], rel=1e-6)
+    assert "kind = \"youtubednn\"" in reader.text.value.iloc[0]
+    df, _ = generated_log()
+    run = needle.train(SMALL, needle.Dataset.from_pandas(df), out=tmp_path / "tb", quiet=True,
+                       tensorboard=tmp_path / "logs", tensorboard_every=5)
+    s = SummaryReader(str(tmp_path / "logs")).scalars
+    loss = s[s.tag == "train/loss"]
+    assert len(loss) >= 2 and (loss.step % 5 == 0).all() and (loss.value > 0).all()
+    assert (s[s.tag == "train/lr"].value > 0).all()

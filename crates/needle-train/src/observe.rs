@@ -19,6 +19,9 @@ pub trait Observer {
     /// `done` units of the current work are finished; `status` is a short line such as
     /// `loss 0.4321  5000 samples/s` (empty when there is nothing new to say).
     fn progress(&mut self, _done: u64, _status: &str) {}
+    /// Optimizer step `step` (counted from 1 over the whole training) ended with this batch
+    /// loss, taken at learning rate `lr` (the dense layers'; embeddings scale alike).
+    fn step(&mut self, _step: u64, _loss: f64, _lr: f32) {}
     /// The current work is finished.
     fn end(&mut self) {}
     /// A line a person should see before training starts (the memory plan).

@@ -524,6 +524,11 @@ impl<'a, T: Tower> Trainer<'a, T> {
         }
     }
 
+    /// `(optimizer steps taken, steps in the whole training)`: where the learning-rate schedule is.
+    pub fn schedule(&self) -> (u64, u64) {
+        (self.engine.optim.t, self.engine.optim.total_steps)
+    }
+
     /// How many optimizer steps the whole training takes, so the learning-rate schedule can
     /// end there.
     pub fn set_total_steps(&mut self, steps: u64) {
@@ -1085,11 +1090,15 @@ impl<'a, T: Tower + Clone> Session<'a, T> {
         let (mut loss_sum, mut steps, mut done) = (0.0f64, 0usize, 0u64);
         let mut ema = f64::NAN;
         let mut status = String::new();
+        let (t0, total_steps) = self.trainer.schedule();
         let stepped = self.trainer.epoch(&self.order, t.batch_size, &mut rng, |i, n, loss| {
             let loss = f64::from(loss);
             if !loss.is_finite() {
                 return Err(TrainError::Diverged { epoch, step: i });
             }
+            let at = t0 + i as u64;
+            let lr = t.lr * t.lr_schedule.factor(at, total_steps, t.warmup_steps as u64);
+            obs.step(at + 1, loss, lr);
             loss_sum += loss;
             steps += 1;
             done += n as u64;

@@ -66,6 +66,9 @@ pub struct TrainData {
     pub config: Option<PathBuf>,
     pub schema: Option<PathBuf>,
     pub dataset: Option<String>,
+    /// TensorBoard event files' folder (default `OUT/tb`) and steps between curve points.
+    pub tensorboard: Option<PathBuf>,
+    pub tensorboard_every: u64,
 }
 
 pub fn train(what: TrainData, data_dir: Option<&Path>, out: &Path, flags: TrainFlags) -> Result<()> {
@@ -116,13 +119,19 @@ pub fn train(what: TrainData, data_dir: Option<&Path>, out: &Path, flags: TrainF
         }
     };
     crate::interrupt::stop_on_interrupt();
-    let trained = needle_api::train(
-        &cfg,
-        &data,
-        out,
-        eval_seed(),
-        &mut Bars::new(quiet).stopping_on(crate::interrupt::interrupted),
-    )?;
+    let mut bars = Bars::new(quiet).stopping_on(crate::interrupt::interrupted);
+    let tb_dir = what.tensorboard.clone().unwrap_or_else(|| out.join(needle_api::tensorboard::RUN_DIR));
+    let trained = match needle_api::tensorboard::EventWriter::replacing(&tb_dir) {
+        Ok(w) => {
+            let mut board = needle_api::tensorboard::Board::new(&mut bars, w, what.tensorboard_every);
+            board.config(&toml::to_string_pretty(&cfg)?);
+            needle_api::train(&cfg, &data, out, eval_seed(), &mut board)?
+        }
+        Err(e) => {
+            eprintln!("warning: cannot write TensorBoard logs to {}: {e}", tb_dir.display());
+            needle_api::train(&cfg, &data, out, eval_seed(), &mut bars)?
+        }
+    };
     let info = &trained.info;
     if trained.stopped {
         eprintln!(

@@ -65,6 +65,12 @@ enum Cmd {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Folder of the TensorBoard event files (default: OUT/tb); `tensorboard --logdir` reads it.
+        #[arg(long)]
+        tensorboard: Option<PathBuf>,
+        /// Training steps between two points of the TensorBoard curves.
+        #[arg(long, default_value_t = needle_api::tensorboard::DEFAULT_EVERY)]
+        tensorboard_every: u64,
     },
     /// Search the config's [tune] space on validation within a time budget (successive
     /// halving); saves the best as a run in OUT with tune.md, tune.jsonl and best.toml, and
@@ -412,14 +418,24 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     metrics::set_eval_seed(cli.eval_seed);
     match cli.cmd {
-        Cmd::Train { config, schema, dataset, data_dir, out, download, force, skip_bad_rows, quiet } => {
-            commands::train(
-                commands::TrainData { config, schema, dataset },
-                data_dir.as_deref(),
-                &out,
-                commands::TrainFlags { download, force, skip_bad_rows, quiet, threads: cli.threads },
-            )
-        }
+        Cmd::Train {
+            config,
+            schema,
+            dataset,
+            data_dir,
+            out,
+            download,
+            force,
+            skip_bad_rows,
+            quiet,
+            tensorboard,
+            tensorboard_every,
+        } => commands::train(
+            commands::TrainData { config, schema, dataset, tensorboard, tensorboard_every },
+            data_dir.as_deref(),
+            &out,
+            commands::TrainFlags { download, force, skip_bad_rows, quiet, threads: cli.threads },
+        ),
         Cmd::Tune { config, data_dir, budget, trials, out, quiet } => tune_cmd::tune(tune_cmd::TuneArgs {
             config: &config,
             data_dir: data_dir.as_deref(),

@@ -300,6 +300,8 @@ def train(
     eval_seed: int = DEFAULT_EVAL_SEED,
     data_dir: Optional[PathLike] = None,
     force: bool = False,
+    tensorboard: Optional[PathLike] = None,
+    tensorboard_every: int = 50,
 ) -> "Run":
     """Trains a model and returns the saved :class:`Run`.
 
@@ -312,7 +314,9 @@ def train(
 
     Progress bars go to stderr (none with `quiet`). Ctrl-C stops training cleanly: the run of
     the best epoch so far is saved and returned (``run.stopped`` is then True). The test
-    targets are scored once at the end (``run.metrics``).
+    targets are scored once at the end (``run.metrics``). TensorBoard event files go to
+    `tensorboard` (default ``out/tb``): the loss, learning rate and samples/s every
+    `tensorboard_every` steps, each epoch's validation HR@10 and NDCG@10, and the config.
     """
     if out is None:
         out = tempfile.mkdtemp(prefix="needle-run-")
@@ -338,6 +342,8 @@ def train(
         int(eval_seed),
         None if data_dir is None else os.fspath(data_dir),
         force,
+        None if tensorboard is None else os.fspath(tensorboard),
+        int(tensorboard_every),
     )
     return Run(native, stopped=stopped)
 

@@ -83,6 +83,8 @@ def train(
     eval_seed: int = ...,
     data_dir: Optional[PathLike] = None,
     force: bool = False,
+    tensorboard: Optional[PathLike] = None,
+    tensorboard_every: int = 50,
 ) -> Run: ...
 
 def tune(
