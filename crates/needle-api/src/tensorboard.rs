@@ -283,6 +283,55 @@ impl Observer for Board<'_> {
     }
 }
 
+/// Writes a tune's trials to TensorBoard, one run (folder `trial-N`) each, so their validation
+/// curves overlay: HR@10, NDCG@10 and seconds per epoch, and each trial's values as text; hands
+/// every call on to `inner`.
+pub struct TuneBoard<'a> {
+    inner: &'a mut dyn needle_train::tune::TuneObserver,
+    dir: PathBuf,
+    trials: std::collections::HashMap<usize, EventWriter>,
+}
+
+impl<'a> TuneBoard<'a> {
+    /// Trials go to `dir/trial-N`; event files already in `dir` are left to the runs they
+    /// describe (a resumed tune adds to them).
+    pub fn new(inner: &'a mut dyn needle_train::tune::TuneObserver, dir: &Path) -> TuneBoard<'a> {
+        TuneBoard { inner, dir: dir.to_path_buf(), trials: Default::default() }
+    }
+}
+
+impl needle_train::tune::TuneObserver for TuneBoard<'_> {
+    fn planned(
+        &mut self,
+        trials: usize,
+        rungs: &[(usize, usize)],
+        short: Option<&needle_train::tune::BudgetShort>,
+    ) -> Result<(), needle_train::TrainError> {
+        self.inner.planned(trials, rungs, short)
+    }
+
+    fn epoch(
+        &mut self,
+        rec: &needle_train::tune::TrialEpoch,
+        best: (f64, usize),
+    ) -> Result<(), needle_train::TrainError> {
+        let io = |e: std::io::Error| needle_train::TrainError::Io { path: RUN_DIR.into(), source: e };
+        if !self.trials.contains_key(&rec.trial) {
+            let mut w = EventWriter::create(&self.dir.join(format!("trial-{}", rec.trial))).map_err(io)?;
+            w.text("values", 0, &rec.params).map_err(io)?;
+            self.trials.insert(rec.trial, w);
+        }
+        if let Some(w) = self.trials.get_mut(&rec.trial) {
+            let step = rec.epoch as u64;
+            w.scalar("valid/hr@10", step, rec.valid_hr10).map_err(io)?;
+            w.scalar("valid/ndcg@10", step, rec.valid_ndcg10).map_err(io)?;
+            w.scalar("epoch/seconds", step, rec.seconds).map_err(io)?;
+            w.flush().map_err(io)?;
+        }
+        self.inner.epoch(rec, best)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

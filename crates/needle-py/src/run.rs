@@ -162,7 +162,9 @@ pub fn tune(
         let mut bar = needle_api::progress::TuneBar::new(quiet, metric)
             .stopping_on(|| Python::attach(|py| py.check_signals().is_err()));
         let mut obs = if quiet { needle_api::progress::Bars::silent() } else { needle_api::progress::Bars::new(false) };
-        let t = needle_api::tune(&cfg, &prepared, &opts, &mut bar, &mut obs);
+        let tb_dir = out.join(needle_api::tensorboard::RUN_DIR);
+        let mut board = needle_api::tensorboard::TuneBoard::new(&mut bar, &tb_dir);
+        let t = needle_api::tune(&cfg, &prepared, &opts, &mut board, &mut obs);
         bar.finish();
         t
     });

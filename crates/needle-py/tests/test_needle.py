@@ -247,6 +247,14 @@ def test_tune_searches_and_saves_the_winner(log, tmp_path):
     assert 0 <= run.metrics["hit_rate@10"] <= 1
     lines = (tmp_path / "t" / "tune.jsonl").read_text().splitlines()
     assert len(lines) >= 2 and json.loads(lines[0])
+    # One TensorBoard run per trial, its validation curve as in the log.
+    from tbparse import SummaryReader
+
+    epochs = [json.loads(l) for l in lines if '"trial"' in l]
+    for trial in {e["trial"] for e in epochs}:
+        s = SummaryReader(str(tmp_path / "t" / "tb" / f"trial-{trial}")).scalars
+        got = s[s.tag == "valid/ndcg@10"].value.tolist()
+        assert got == pytest.approx([e["valid_ndcg10"] for e in epochs if e["trial"] == trial], rel=1e-6)
     with pytest.raises(needle.InvalidArgument, match="already holds a run"):
         needle.tune(cfg, needle.Dataset.from_pandas(df), out=tmp_path / "t", budget=60, quiet=True)
     with pytest.raises(needle.ConfigError, match=r"no \[tune\] section"):

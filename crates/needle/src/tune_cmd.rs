@@ -37,7 +37,9 @@ pub fn tune(a: TuneArgs<'_>) -> Result<()> {
         eval_seed: eval_seed(),
         origin: &origin,
     };
-    let tuned = needle_api::tune(&cfg, &data, &opts, &mut bar, &mut Bars::new(a.quiet));
+    let tb_dir = a.out.join(needle_api::tensorboard::RUN_DIR);
+    let mut board = needle_api::tensorboard::TuneBoard::new(&mut bar, &tb_dir);
+    let tuned = needle_api::tune(&cfg, &data, &opts, &mut board, &mut Bars::new(a.quiet));
     bar.finish();
     let tuned = tuned?;
     if tuned.out_of_time {
