@@ -80,6 +80,40 @@ pub struct TensorProto {
 #[derive(Clone, PartialEq, Message)]
 pub struct TensorShape {}
 
+/// The hparams plugin's record of a session (`plugin_data.proto`), only its start.
+#[derive(Clone, PartialEq, Message)]
+pub struct HParamsPluginData {
+    #[prost(int32, tag = "1")]
+    pub version: i32,
+    #[prost(message, optional, tag = "3")]
+    pub session_start_info: Option<SessionStartInfo>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct SessionStartInfo {
+    #[prost(btree_map = "string, message", tag = "1")]
+    pub hparams: std::collections::BTreeMap<String, PbValue>,
+    #[prost(double, tag = "5")]
+    pub start_time_secs: f64,
+}
+
+/// `google.protobuf.Value`, the kinds a config holds.
+#[derive(Clone, PartialEq, Message)]
+pub struct PbValue {
+    #[prost(oneof = "PbKind", tags = "2, 3, 4")]
+    pub kind: Option<PbKind>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum PbKind {
+    #[prost(double, tag = "2")]
+    Number(f64),
+    #[prost(string, tag = "3")]
+    Text(String),
+    #[prost(bool, tag = "4")]
+    Bool(bool),
+}
+
 /// TensorFlow's `DT_STRING`.
 const DT_STRING: i32 = 7;
 
@@ -159,9 +193,48 @@ impl EventWriter {
         self.summary(step, Value { tag: tag.into(), metadata: Some(metadata), kind: Some(Kind::Tensor(tensor)) })
     }
 
+    /// The run's hyperparameters for TensorBoard's HParams tab, which compares runs by them.
+    pub fn hparams(&mut self, params: std::collections::BTreeMap<String, PbKind>) -> std::io::Result<()> {
+        let start = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let data = HParamsPluginData {
+            version: 0,
+            session_start_info: Some(SessionStartInfo {
+                hparams: params.into_iter().map(|(k, v)| (k, PbValue { kind: Some(v) })).collect(),
+                start_time_secs: start,
+            }),
+        };
+        let metadata = SummaryMetadata {
+            plugin_data: Some(PluginData { plugin_name: "hparams".into(), content: data.encode_to_vec() }),
+        };
+        self.summary(0, Value { tag: "_hparams_/session_start_info".into(), metadata: Some(metadata), kind: None })
+    }
+
     pub fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
     }
+}
+
+/// A config's `[model]` and `[train]` values as hyperparameters (`model.dim`, `train.lr`, ...):
+/// numbers, strings and booleans; lists as their JSON text.
+pub fn config_hparams(cfg: &crate::Config) -> std::collections::BTreeMap<String, PbKind> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(v) = serde_json::to_value(cfg) else { return out };
+    for section in ["model", "train"] {
+        let Some(fields) = v.get(section).and_then(|s| s.as_object()) else { continue };
+        for (k, v) in fields {
+            let kind = match v {
+                serde_json::Value::Number(n) => n.as_f64().map(PbKind::Number),
+                serde_json::Value::String(s) => Some(PbKind::Text(s.clone())),
+                serde_json::Value::Bool(b) => Some(PbKind::Bool(*b)),
+                serde_json::Value::Array(_) => Some(PbKind::Text(v.to_string())),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                out.insert(format!("{section}.{k}"), kind);
+            }
+        }
+    }
+    out
 }
 
 /// Steps between two points of the training curves unless told otherwise.
@@ -205,10 +278,14 @@ impl<'a> Board<'a> {
         }
     }
 
-    /// Writes the config (as TOML text) at step 0.
-    pub fn config(&mut self, toml: &str) {
-        let text = format!("```toml\n{toml}\n```");
-        self.log(|w| w.text("config", 0, &text));
+    /// Writes the config at step 0: as TOML text, and its model and training values as
+    /// hyperparameters.
+    pub fn config(&mut self, cfg: &crate::Config) {
+        let text = format!("```toml\n{}\n```", toml::to_string_pretty(cfg).unwrap_or_default());
+        self.log(|w| {
+            w.text("config", 0, &text)?;
+            w.hparams(config_hparams(cfg))
+        });
     }
 
     fn log(&mut self, f: impl FnOnce(&mut EventWriter) -> std::io::Result<()>) {
@@ -367,7 +444,8 @@ mod tests {
         let w = EventWriter::create(dir.path()).unwrap();
         let path = w.path().to_owned();
         let mut b = Board::new(&mut quiet, w, 2);
-        b.config("[model]\nkind = \"sequential\"");
+        let cfg = crate::parse_config("[data]\ndataset = \"ml-1m\"\n[model]\nkind = \"sequential\"", "test").unwrap();
+        b.config(&cfg);
         b.begin("epoch 1/1", Unit::Samples, 100);
         for s in 1..=4 {
             b.progress(s * 25, "");
@@ -406,5 +484,13 @@ mod tests {
         let Some(Value { kind: Some(Kind::Tensor(t)), metadata: Some(m), .. }) = text else { panic!("no config text") };
         assert_eq!(m.plugin_data.unwrap().plugin_name, "text");
         assert!(String::from_utf8_lossy(&t.string_val[0]).contains("kind = \"sequential\""));
+        let hp = events.iter().find_map(|e| match &e.what {
+            Some(What::Summary(s)) if s.value[0].tag == "_hparams_/session_start_info" => s.value[0].metadata.clone(),
+            _ => None,
+        });
+        let data = HParamsPluginData::decode(&hp.unwrap().plugin_data.unwrap().content[..]).unwrap();
+        let params = data.session_start_info.unwrap().hparams;
+        assert_eq!(params["model.kind"].kind, Some(PbKind::Text("sequential".into())));
+        assert!(matches!(params["train.lr"].kind, Some(PbKind::Number(_))));
     }
 }

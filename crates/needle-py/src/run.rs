@@ -86,9 +86,7 @@ pub fn train(
         match needle_api::tensorboard::EventWriter::replacing(&tb_dir) {
             Ok(w) => {
                 let mut board = needle_api::tensorboard::Board::new(&mut obs, w, tensorboard_every);
-                if let Ok(text) = toml::to_string_pretty(&cfg) {
-                    board.config(&text);
-                }
+                board.config(&cfg);
                 needle_api::train(&cfg, &prepared, &out, eval_seed, &mut board)
             }
             Err(e) => {

@@ -289,6 +289,8 @@ def test_training_writes_tensorboard_logs(trained, tmp_path):
     ndcg = scalars[scalars.tag == "valid/ndcg@10"].value.tolist()
     assert ndcg == pytest.approx([r["valid_ndcg10"] for r in log], rel=1e-6)
     assert "kind = \"youtubednn\"" in reader.text.value.iloc[0]
+    hp = dict(zip(reader.hparams.tag, reader.hparams.value))
+    assert hp["model.kind"] == "youtubednn" and hp["train.epochs"] == 2 and hp["model.dim"] == 16
     df, _ = generated_log()
     run = needle.train(SMALL, needle.Dataset.from_pandas(df), out=tmp_path / "tb", quiet=True,
                        tensorboard=tmp_path / "logs", tensorboard_every=5)

@@ -124,7 +124,7 @@ pub fn train(what: TrainData, data_dir: Option<&Path>, out: &Path, flags: TrainF
     let trained = match needle_api::tensorboard::EventWriter::replacing(&tb_dir) {
         Ok(w) => {
             let mut board = needle_api::tensorboard::Board::new(&mut bars, w, what.tensorboard_every);
-            board.config(&toml::to_string_pretty(&cfg)?);
+            board.config(&cfg);
             needle_api::train(&cfg, &data, out, eval_seed(), &mut board)?
         }
         Err(e) => {
