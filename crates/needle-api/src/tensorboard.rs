@@ -80,13 +80,55 @@ pub struct TensorProto {
 #[derive(Clone, PartialEq, Message)]
 pub struct TensorShape {}
 
-/// The hparams plugin's record of a session (`plugin_data.proto`), only its start.
+/// The hparams plugin's records (`plugin_data.proto`): the experiment (which values and metrics
+/// the HParams tab lists) and a session's start (its values).
 #[derive(Clone, PartialEq, Message)]
 pub struct HParamsPluginData {
     #[prost(int32, tag = "1")]
     pub version: i32,
-    #[prost(message, optional, tag = "3")]
-    pub session_start_info: Option<SessionStartInfo>,
+    #[prost(oneof = "HParamsData", tags = "2, 3")]
+    pub data: Option<HParamsData>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum HParamsData {
+    #[prost(message, tag = "2")]
+    Experiment(Experiment),
+    #[prost(message, tag = "3")]
+    SessionStartInfo(SessionStartInfo),
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Experiment {
+    #[prost(double, tag = "3")]
+    pub time_created_secs: f64,
+    #[prost(message, repeated, tag = "4")]
+    pub hparam_infos: Vec<HParamInfo>,
+    #[prost(message, repeated, tag = "5")]
+    pub metric_infos: Vec<MetricInfo>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct HParamInfo {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// `DATA_TYPE_STRING` 1, `DATA_TYPE_BOOL` 2, `DATA_TYPE_FLOAT64` 3.
+    #[prost(int32, tag = "4")]
+    pub r#type: i32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct MetricInfo {
+    #[prost(message, optional, tag = "1")]
+    pub name: Option<MetricName>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct MetricName {
+    #[prost(string, tag = "1")]
+    pub group: String,
+    #[prost(string, tag = "2")]
+    pub tag: String,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -193,20 +235,45 @@ impl EventWriter {
         self.summary(step, Value { tag: tag.into(), metadata: Some(metadata), kind: Some(Kind::Tensor(tensor)) })
     }
 
-    /// The run's hyperparameters for TensorBoard's HParams tab, which compares runs by them.
-    pub fn hparams(&mut self, params: std::collections::BTreeMap<String, PbKind>) -> std::io::Result<()> {
-        let start = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-        let data = HParamsPluginData {
-            version: 0,
-            session_start_info: Some(SessionStartInfo {
-                hparams: params.into_iter().map(|(k, v)| (k, PbValue { kind: Some(v) })).collect(),
-                start_time_secs: start,
-            }),
+    /// The run's hyperparameters for TensorBoard's HParams tab, which compares runs by them
+    /// against `metrics` (scalar tags such as `valid/ndcg@10`): the experiment and the session's
+    /// start.
+    pub fn hparams(
+        &mut self,
+        params: std::collections::BTreeMap<String, PbKind>,
+        metrics: &[&str],
+    ) -> std::io::Result<()> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let experiment = Experiment {
+            time_created_secs: now,
+            hparam_infos: params
+                .iter()
+                .map(|(name, v)| HParamInfo {
+                    name: name.clone(),
+                    r#type: match v {
+                        PbKind::Text(_) => 1,
+                        PbKind::Bool(_) => 2,
+                        PbKind::Number(_) => 3,
+                    },
+                })
+                .collect(),
+            metric_infos: metrics
+                .iter()
+                .map(|t| MetricInfo { name: Some(MetricName { group: String::new(), tag: (*t).to_owned() }) })
+                .collect(),
         };
-        let metadata = SummaryMetadata {
-            plugin_data: Some(PluginData { plugin_name: "hparams".into(), content: data.encode_to_vec() }),
+        self.plugin("_hparams_/experiment", HParamsData::Experiment(experiment))?;
+        let start = SessionStartInfo {
+            hparams: params.into_iter().map(|(k, v)| (k, PbValue { kind: Some(v) })).collect(),
+            start_time_secs: now,
         };
-        self.summary(0, Value { tag: "_hparams_/session_start_info".into(), metadata: Some(metadata), kind: None })
+        self.plugin("_hparams_/session_start_info", HParamsData::SessionStartInfo(start))
+    }
+
+    fn plugin(&mut self, tag: &str, data: HParamsData) -> std::io::Result<()> {
+        let content = HParamsPluginData { version: 0, data: Some(data) }.encode_to_vec();
+        let metadata = SummaryMetadata { plugin_data: Some(PluginData { plugin_name: "hparams".into(), content }) };
+        self.summary(0, Value { tag: tag.into(), metadata: Some(metadata), kind: None })
     }
 
     pub fn flush(&mut self) -> std::io::Result<()> {
@@ -284,7 +351,7 @@ impl<'a> Board<'a> {
         let text = format!("```toml\n{}\n```", toml::to_string_pretty(cfg).unwrap_or_default());
         self.log(|w| {
             w.text("config", 0, &text)?;
-            w.hparams(config_hparams(cfg))
+            w.hparams(config_hparams(cfg), &["valid/hr@10", "valid/ndcg@10", "epoch/loss"])
         });
     }
 
@@ -295,6 +362,15 @@ impl<'a> Board<'a> {
                 self.w = None;
                 self.inner.note(&format!("warning: TensorBoard log {path} not written further: {e}"));
             }
+        }
+    }
+}
+
+impl Drop for Board<'_> {
+    /// What the test evaluation added after the last epoch reaches the file too.
+    fn drop(&mut self) {
+        if let Some(w) = self.w.as_mut() {
+            let _ = w.flush();
         }
     }
 }
@@ -489,7 +565,8 @@ mod tests {
             _ => None,
         });
         let data = HParamsPluginData::decode(&hp.unwrap().plugin_data.unwrap().content[..]).unwrap();
-        let params = data.session_start_info.unwrap().hparams;
+        let Some(HParamsData::SessionStartInfo(start)) = data.data else { panic!("no session start") };
+        let params = start.hparams;
         assert_eq!(params["model.kind"].kind, Some(PbKind::Text("sequential".into())));
         assert!(matches!(params["train.lr"].kind, Some(PbKind::Number(_))));
     }
