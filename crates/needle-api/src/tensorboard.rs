@@ -244,6 +244,14 @@ impl EventWriter {
         metrics: &[&str],
     ) -> std::io::Result<()> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        if metrics.is_empty() {
+            // Without an experiment, TensorBoard builds one from the runs' sessions.
+            let start = SessionStartInfo {
+                hparams: params.into_iter().map(|(k, v)| (k, PbValue { kind: Some(v) })).collect(),
+                start_time_secs: now,
+            };
+            return self.plugin("_hparams_/session_start_info", HParamsData::SessionStartInfo(start));
+        }
         let experiment = Experiment {
             time_created_secs: now,
             hparam_infos: params
@@ -436,6 +444,36 @@ impl Observer for Board<'_> {
     }
 }
 
+/// A trial's changed values (`model.dim = 32, train.lr = 0.002`) as hyperparameters; a list
+/// value (`[64, 32]`) stays one text value.
+fn trial_values(params: &str) -> std::collections::BTreeMap<String, PbKind> {
+    let mut pairs: Vec<String> = Vec::new();
+    for part in params.split(", ") {
+        match pairs.last_mut() {
+            Some(last) if !part.contains(" = ") => {
+                last.push_str(", ");
+                last.push_str(part);
+            }
+            _ => pairs.push(part.to_owned()),
+        }
+    }
+    pairs
+        .iter()
+        .filter_map(|p| p.split_once(" = "))
+        .map(|(k, v)| {
+            let kind = match v {
+                "true" => PbKind::Bool(true),
+                "false" => PbKind::Bool(false),
+                _ => match v.parse::<f64>() {
+                    Ok(n) => PbKind::Number(n),
+                    Err(_) => PbKind::Text(v.trim_matches('"').to_owned()),
+                },
+            };
+            (k.to_owned(), kind)
+        })
+        .collect()
+}
+
 /// Writes a tune's trials to TensorBoard, one run (folder `trial-N`) each, so their validation
 /// curves overlay: HR@10, NDCG@10 and seconds per epoch, and each trial's values as text; hands
 /// every call on to `inner`.
@@ -472,6 +510,7 @@ impl needle_train::tune::TuneObserver for TuneBoard<'_> {
         if !self.trials.contains_key(&rec.trial) {
             let mut w = EventWriter::create(&self.dir.join(format!("trial-{}", rec.trial))).map_err(io)?;
             w.text("values", 0, &rec.params).map_err(io)?;
+            w.hparams(trial_values(&rec.params), &[]).map_err(io)?;
             self.trials.insert(rec.trial, w);
         }
         if let Some(w) = self.trials.get_mut(&rec.trial) {
@@ -504,6 +543,18 @@ mod tests {
             at += 16 + n;
         }
         out
+    }
+
+    #[test]
+    fn trial_values_split_on_keys_not_on_list_commas() {
+        let v = trial_values(
+            "model.hidden = [64, 32], train.lr = 0.002, train.loss = \"sampled\", model.cold_items = true",
+        );
+        assert_eq!(v["model.hidden"], PbKind::Text("[64, 32]".into()));
+        assert_eq!(v["train.lr"], PbKind::Number(0.002));
+        assert_eq!(v["train.loss"], PbKind::Text("sampled".into()));
+        assert_eq!(v["model.cold_items"], PbKind::Bool(true));
+        assert!(trial_values("(as written)").is_empty());
     }
 
     /// CRC-32C's check value; the masking is checked end to end by TensorBoard's own reader in

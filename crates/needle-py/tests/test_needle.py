@@ -255,6 +255,9 @@ def test_tune_searches_and_saves_the_winner(log, tmp_path):
         s = SummaryReader(str(tmp_path / "t" / "tb" / f"trial-{trial}")).scalars
         got = s[s.tag == "valid/ndcg@10"].value.tolist()
         assert got == pytest.approx([e["valid_ndcg10"] for e in epochs if e["trial"] == trial], rel=1e-6)
+        if trial > 0:
+            hp = SummaryReader(str(tmp_path / "t" / "tb" / f"trial-{trial}")).hparams
+            assert dict(zip(hp.tag, hp.value))["train.lr"] in (0.001, 0.01)
     with pytest.raises(needle.InvalidArgument, match="already holds a run"):
         needle.tune(cfg, needle.Dataset.from_pandas(df), out=tmp_path / "t", budget=60, quiet=True)
     with pytest.raises(needle.ConfigError, match=r"no \[tune\] section"):
