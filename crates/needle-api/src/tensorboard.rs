@@ -244,33 +244,28 @@ impl EventWriter {
         metrics: &[&str],
     ) -> std::io::Result<()> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-        if metrics.is_empty() {
-            // Without an experiment, TensorBoard builds one from the runs' sessions.
-            let start = SessionStartInfo {
-                hparams: params.into_iter().map(|(k, v)| (k, PbValue { kind: Some(v) })).collect(),
-                start_time_secs: now,
+        // Without metrics no experiment is written: TensorBoard builds one from the sessions.
+        if !metrics.is_empty() {
+            let experiment = Experiment {
+                time_created_secs: now,
+                hparam_infos: params
+                    .iter()
+                    .map(|(name, v)| HParamInfo {
+                        name: name.clone(),
+                        r#type: match v {
+                            PbKind::Text(_) => 1,
+                            PbKind::Bool(_) => 2,
+                            PbKind::Number(_) => 3,
+                        },
+                    })
+                    .collect(),
+                metric_infos: metrics
+                    .iter()
+                    .map(|t| MetricInfo { name: Some(MetricName { group: String::new(), tag: (*t).to_owned() }) })
+                    .collect(),
             };
-            return self.plugin("_hparams_/session_start_info", HParamsData::SessionStartInfo(start));
+            self.plugin("_hparams_/experiment", HParamsData::Experiment(experiment))?;
         }
-        let experiment = Experiment {
-            time_created_secs: now,
-            hparam_infos: params
-                .iter()
-                .map(|(name, v)| HParamInfo {
-                    name: name.clone(),
-                    r#type: match v {
-                        PbKind::Text(_) => 1,
-                        PbKind::Bool(_) => 2,
-                        PbKind::Number(_) => 3,
-                    },
-                })
-                .collect(),
-            metric_infos: metrics
-                .iter()
-                .map(|t| MetricInfo { name: Some(MetricName { group: String::new(), tag: (*t).to_owned() }) })
-                .collect(),
-        };
-        self.plugin("_hparams_/experiment", HParamsData::Experiment(experiment))?;
         let start = SessionStartInfo {
             hparams: params.into_iter().map(|(k, v)| (k, PbValue { kind: Some(v) })).collect(),
             start_time_secs: now,
@@ -320,8 +315,9 @@ pub const RUN_DIR: &str = "tb";
 
 /// Writes training's progress to an event file and hands every call on to `inner`: the mean
 /// loss, the learning rate and samples/s every `every` steps; the epoch's loss, throughput and
-/// validation HR@10 and NDCG@10 at each epoch's end (flushed then). A write that fails is
-/// reported once and logging stops; training goes on.
+/// validation HR@10 and NDCG@10 at each epoch's end (flushed then). A log that cannot be
+/// created, or a write that fails, is reported once as a note and logging stops; training goes
+/// on.
 pub struct Board<'a> {
     inner: &'a mut dyn Observer,
     w: Option<EventWriter>,
@@ -329,7 +325,6 @@ pub struct Board<'a> {
     step: u64,
     loss_sum: f64,
     losses: u64,
-    lr: f32,
     /// Samples done in the current epoch, and when the last point was written with how many.
     done: u64,
     mark: (Instant, u64),
@@ -337,16 +332,23 @@ pub struct Board<'a> {
 }
 
 impl<'a> Board<'a> {
-    /// Logs into `w` every `every` steps (at least 1).
-    pub fn new(inner: &'a mut dyn Observer, w: EventWriter, every: u64) -> Board<'a> {
+    /// Logs into a new event file in `dir` (its older event files removed, see
+    /// [`EventWriter::replacing`]) every `every` steps (at least 1).
+    pub fn new(inner: &'a mut dyn Observer, dir: &Path, every: u64) -> Board<'a> {
+        let w = match EventWriter::replacing(dir) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                inner.note(&format!("warning: cannot write TensorBoard logs to {}: {e}", dir.display()));
+                None
+            }
+        };
         Board {
             inner,
-            w: Some(w),
+            w,
             every: every.max(1),
             step: 0,
             loss_sum: 0.0,
             losses: 0,
-            lr: 0.0,
             done: 0,
             mark: (Instant::now(), 0),
             training: false,
@@ -402,7 +404,6 @@ impl Observer for Board<'_> {
         self.step = step;
         self.loss_sum += loss;
         self.losses += 1;
-        self.lr = lr;
         if step.is_multiple_of(self.every) {
             let mean = self.loss_sum / self.losses as f64;
             let (since, was) = self.mark;
@@ -568,9 +569,8 @@ mod tests {
     fn a_training_writes_curves_epochs_and_its_config() {
         let dir = tempfile::tempdir().unwrap();
         let mut quiet = crate::Silent;
-        let w = EventWriter::create(dir.path()).unwrap();
-        let path = w.path().to_owned();
-        let mut b = Board::new(&mut quiet, w, 2);
+        let mut b = Board::new(&mut quiet, dir.path(), 2);
+        let path = b.w.as_ref().unwrap().path().to_owned();
         let cfg = crate::parse_config("[data]\ndataset = \"ml-1m\"\n[model]\nkind = \"sequential\"", "test").unwrap();
         b.config(&cfg);
         b.begin("epoch 1/1", Unit::Samples, 100);

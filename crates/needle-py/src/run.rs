@@ -83,19 +83,9 @@ pub fn train(
     let tb_dir = tensorboard.unwrap_or_else(|| out.join(needle_api::tensorboard::RUN_DIR));
     let trained = py.detach(|| {
         let mut obs = observer(quiet);
-        match needle_api::tensorboard::EventWriter::replacing(&tb_dir) {
-            Ok(w) => {
-                let mut board = needle_api::tensorboard::Board::new(&mut obs, w, tensorboard_every);
-                board.config(&cfg);
-                needle_api::train(&cfg, &prepared, &out, eval_seed, &mut board)
-            }
-            Err(e) => {
-                if !quiet {
-                    eprintln!("warning: cannot write TensorBoard logs to {}: {e}", tb_dir.display());
-                }
-                needle_api::train(&cfg, &prepared, &out, eval_seed, &mut obs)
-            }
-        }
+        let mut board = needle_api::tensorboard::Board::new(&mut obs, &tb_dir, tensorboard_every);
+        board.config(&cfg);
+        needle_api::train(&cfg, &prepared, &out, eval_seed, &mut board)
     });
     let trained = trained.map_err(to_py)?;
     if trained.stopped && !quiet {

@@ -121,17 +121,9 @@ pub fn train(what: TrainData, data_dir: Option<&Path>, out: &Path, flags: TrainF
     crate::interrupt::stop_on_interrupt();
     let mut bars = Bars::new(quiet).stopping_on(crate::interrupt::interrupted);
     let tb_dir = what.tensorboard.clone().unwrap_or_else(|| out.join(needle_api::tensorboard::RUN_DIR));
-    let trained = match needle_api::tensorboard::EventWriter::replacing(&tb_dir) {
-        Ok(w) => {
-            let mut board = needle_api::tensorboard::Board::new(&mut bars, w, what.tensorboard_every);
-            board.config(&cfg);
-            needle_api::train(&cfg, &data, out, eval_seed(), &mut board)?
-        }
-        Err(e) => {
-            eprintln!("warning: cannot write TensorBoard logs to {}: {e}", tb_dir.display());
-            needle_api::train(&cfg, &data, out, eval_seed(), &mut bars)?
-        }
-    };
+    let mut board = needle_api::tensorboard::Board::new(&mut bars, &tb_dir, what.tensorboard_every);
+    board.config(&cfg);
+    let trained = needle_api::train(&cfg, &data, out, eval_seed(), &mut board)?;
     let info = &trained.info;
     if trained.stopped {
         eprintln!(
