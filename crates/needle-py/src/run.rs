@@ -35,13 +35,32 @@ fn config(path: Option<PathBuf>, json: Option<String>) -> PyResult<Option<needle
     }
 }
 
-/// Training's observer: progress bars on stderr (hidden when quiet) and Ctrl-C, read from
-/// Python's signal handlers at most every 50 ms, as a request to stop.
+/// Progress bars, notes and epoch lines on stderr, or nothing at all when quiet.
+fn bars(quiet: bool) -> needle_api::progress::Bars {
+    if quiet {
+        needle_api::progress::Bars::silent()
+    } else {
+        needle_api::progress::Bars::new(false)
+    }
+}
+
+/// A file error as the library reports it (`needle.FileError`, naming the path).
+fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> PyErr + '_ {
+    move |source| to_py(needle_api::Error::Io { path: path.to_owned(), source })
+}
+
+/// `out` created if missing, as an absolute path (a run names its own data folder by it).
+fn run_dir(out: &Path) -> PyResult<PathBuf> {
+    std::fs::create_dir_all(out).map_err(file_error(out))?;
+    std::path::absolute(out).map_err(file_error(out))
+}
+
+/// Training's observer: [`bars`], and Ctrl-C, read from Python's signal handlers at most every
+/// 50 ms, as a request to stop.
 fn observer(quiet: bool) -> needle_api::progress::Bars {
     let last = Cell::new(Instant::now());
     let stopped = Cell::new(false);
-    let bars = if quiet { needle_api::progress::Bars::silent() } else { needle_api::progress::Bars::new(false) };
-    bars.stopping_on(move || {
+    bars(quiet).stopping_on(move || {
         if !stopped.get() && last.get().elapsed() >= Duration::from_millis(50) {
             last.set(Instant::now());
             // A KeyboardInterrupt raised by the handler is the stop request; it is not re-raised.
@@ -77,8 +96,7 @@ pub fn train(
             format!("{} already holds a run; pass force=True to replace it", out.display()),
         ));
     }
-    std::fs::create_dir_all(&out).map_err(|e| crate::raise("FileError", format!("{}: {e}", out.display())))?;
-    let out = std::path::absolute(&out).map_err(|e| crate::raise("FileError", format!("{}: {e}", out.display())))?;
+    let out = run_dir(&out)?;
     let (cfg, prepared, data_dir, ids) = load(py, cfg, data, &out, data_dir, quiet)?;
     let tb_dir = tensorboard.unwrap_or_else(|| out.join(needle_api::tensorboard::RUN_DIR));
     let trained = py.detach(|| {
@@ -104,8 +122,8 @@ pub fn train(
 fn keep_id_types(out: &Path, ids: IdTypes) -> PyResult<()> {
     if ids.user_int || ids.item_int {
         let text = serde_json::json!({ "user_int": ids.user_int, "item_int": ids.item_int }).to_string();
-        std::fs::write(out.join(ID_TYPES_FILE), text)
-            .map_err(|e| crate::raise("FileError", format!("{}: {e}", out.display())))?;
+        let path = out.join(ID_TYPES_FILE);
+        std::fs::write(&path, text).map_err(file_error(&path))?;
     }
     Ok(())
 }
@@ -133,8 +151,7 @@ pub fn tune(
         return Err(invalid(format!("budget must be a positive number of seconds, not {budget_secs}")));
     }
     needle_api::tune_check(&cfg, trials, &out).map_err(to_py)?;
-    std::fs::create_dir_all(&out).map_err(|e| crate::raise("FileError", format!("{}: {e}", out.display())))?;
-    let out = std::path::absolute(&out).map_err(|e| crate::raise("FileError", format!("{}: {e}", out.display())))?;
+    let out = run_dir(&out)?;
     let (cfg, prepared, data_dir, ids) = load(py, Some(cfg), data, &out, data_dir, quiet)?;
     let metric = cfg.tune.as_ref().map_or("ndcg@10", |t| t.metric.name());
     let opts = needle_api::TuneOptions {
@@ -149,7 +166,7 @@ pub fn tune(
         // Asked once per epoch: Python's handlers run then, and a Ctrl-C ends the search.
         let mut bar = needle_api::progress::TuneBar::new(quiet, metric)
             .stopping_on(|| Python::attach(|py| py.check_signals().is_err()));
-        let mut obs = if quiet { needle_api::progress::Bars::silent() } else { needle_api::progress::Bars::new(false) };
+        let mut obs = bars(quiet);
         let tb_dir = out.join(needle_api::tensorboard::RUN_DIR);
         let mut board = needle_api::tensorboard::TuneBoard::new(&mut bar, &tb_dir);
         let t = needle_api::tune(&cfg, &prepared, &opts, &mut board, &mut obs);
