@@ -291,6 +291,26 @@ def default_config(train_events: int) -> dict:
     return json.loads(text)
 
 
+def _call_args(config, data, out, quiet: bool, what: str, expected: str, none_ok: bool):
+    """What :func:`train` and :func:`tune` hand to the extension: the output folder (a new
+    temporary one, said on stderr, when None), the config as a file path or as JSON, and the
+    dataset's native object."""
+    if out is None:
+        out = tempfile.mkdtemp(prefix=f"needle-{what}-")
+        if not quiet:
+            print(f"{what}: {out}", file=sys.stderr)
+    path = js = None
+    if isinstance(config, Mapping):
+        js = json.dumps(dict(config))
+    elif isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+    elif config is not None or not none_ok:
+        raise InvalidArgument(f"config must be {expected}, not {type(config).__name__}")
+    if data is not None and not isinstance(data, Dataset):
+        raise InvalidArgument(f"data must be a needle.Dataset, not {type(data).__name__}")
+    return os.fspath(out), path, js, None if data is None else data._native
+
+
 def train(
     config: Union[None, PathLike, Mapping[str, Any]] = None,
     data: Optional[Dataset] = None,
@@ -318,26 +338,12 @@ def train(
     `tensorboard` (default ``out/tb``): the loss, learning rate and samples/s every
     `tensorboard_every` steps, each epoch's validation HR@10 and NDCG@10, and the config.
     """
-    if out is None:
-        out = tempfile.mkdtemp(prefix="needle-run-")
-        if not quiet:
-            print(f"run: {out}", file=sys.stderr)
-    path = js = None
-    if config is None:
-        pass
-    elif isinstance(config, Mapping):
-        js = json.dumps(dict(config))
-    elif isinstance(config, (str, os.PathLike)):
-        path = os.fspath(config)
-    else:
-        raise InvalidArgument(f"config must be a path, a dict or None, not {type(config).__name__}")
-    if data is not None and not isinstance(data, Dataset):
-        raise InvalidArgument(f"data must be a needle.Dataset, not {type(data).__name__}")
+    out, path, js, native_data = _call_args(config, data, out, quiet, "run", "a path, a dict or None", True)
     native, stopped = _needle.train(
-        os.fspath(out),
+        out,
         path,
         js,
-        None if data is None else data._native,
+        native_data,
         quiet,
         int(eval_seed),
         None if data_dir is None else os.fspath(data_dir),
@@ -361,6 +367,7 @@ class Run:
         self._native = native
         self.stopped = stopped
         self._items = None
+        self._raw_items = None
         self._users = None
 
     @classmethod
@@ -397,9 +404,15 @@ class Run:
         p = self.path / "metrics.json"
         return json.loads(p.read_text()) if p.exists() else {}
 
+    def _raw_item_ids(self) -> list:
+        """Raw item ids by item row, as the extension holds them (row 0, padding, is "")."""
+        if self._raw_items is None:
+            self._raw_items = self._native._item_ids()
+        return self._raw_items
+
     def _item_ids(self) -> np.ndarray:
         if self._items is None:
-            raw = self._native._item_ids()
+            raw = self._raw_item_ids()
             if self._native.item_ids_are_int:
                 ids = np.array([int(s) if s else -1 for s in raw], dtype=np.int64)
             else:
@@ -503,7 +516,7 @@ class Run:
         if allowed is None and banned is None:
             return self._ids_of(rows), scores
         keep = np.ones(rows.shape, dtype=bool)
-        raw = self._native._item_ids()
+        raw = self._raw_item_ids()
         keep_row = np.array(
             [(allowed is None or r in allowed) and (banned is None or r not in banned) for r in raw], dtype=bool
         )
@@ -663,25 +676,15 @@ def tune(
     ``out/tune.jsonl``: after a Ctrl-C (:class:`Cancelled`) or a crash, the same call resumes.
     `config` and `data` are as for :func:`train`, but a config (with ``[tune]``) is required.
     """
-    if out is None:
-        out = tempfile.mkdtemp(prefix="needle-tune-")
-        if not quiet:
-            print(f"tune: {out}", file=sys.stderr)
-    path = js = None
-    if isinstance(config, Mapping):
-        js = json.dumps(dict(config))
-    elif isinstance(config, (str, os.PathLike)):
-        path = os.fspath(config)
-    else:
-        raise InvalidArgument(f"config must be a path or a dict with a [tune] section, not {type(config).__name__}")
-    if data is not None and not isinstance(data, Dataset):
-        raise InvalidArgument(f"data must be a needle.Dataset, not {type(data).__name__}")
+    out, path, js, native_data = _call_args(
+        config, data, out, quiet, "tune", "a path or a dict with a [tune] section", False
+    )
     native = _needle.tune(
-        os.fspath(out),
+        out,
         _seconds(budget),
         path,
         js,
-        None if data is None else data._native,
+        native_data,
         trials,
         quiet,
         int(eval_seed),
